@@ -1,0 +1,44 @@
+//! `ncclEpCreateGroup` / `ncclEpGroupDestroy`.
+
+use super::guard::{ffi_call, out_ptr, read_req};
+use super::objects;
+use super::types::*;
+use crate::runtime::group::Group;
+
+/// Creates this rank's EP group on `comm` (collective over the communicator).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpCreateGroup(
+    ep_group: *mut ncclEpGroup_t,
+    comm: ncclComm_t,
+    config: *const ncclEpGroupConfig_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpCreateGroup", || {
+        // SAFETY: C contract.
+        let out = unsafe { out_ptr(ep_group, "ep_group") }?;
+        *out = std::ptr::null_mut();
+        // SAFETY: C contract.
+        let cfg = unsafe { read_req(config, "config") }?;
+        crate::ensure_arg!(!comm.is_null(), "comm is NULL");
+        let g = Group::from_comm(comm, &cfg)?;
+        *out = objects::publish_group(g);
+        Ok(())
+    })
+}
+
+/// Destroys a group; all of its handles must be destroyed first.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpGroupDestroy(ep_group: ncclEpGroup_t) -> ncclResult_t {
+    ffi_call("ncclEpGroupDestroy", || {
+        if ep_group.is_null() {
+            return Ok(());
+        }
+        let g = objects::group(ep_group)?;
+        crate::ensure_usage!(
+            g.live_handles == 0,
+            "the group still has {} live handle(s); destroy them with ncclEpHandleDestroy first",
+            g.live_handles
+        );
+        drop(objects::take_group(ep_group)?);
+        Ok(())
+    })
+}

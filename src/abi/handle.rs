@@ -1,0 +1,210 @@
+//! Handle functions: `ncclEpHandleMemSize`, `ncclEpInitHandle`, `ncclEpUpdateHandle`,
+//! `ncclEpCreateHandle`, `ncclEpHandleDestroy`.
+
+use super::enums::{Algorithm, Layout, dtype};
+use super::guard::{ffi_call, out_ptr, read_opt};
+use super::objects;
+use super::tensor::{read_tensor, read_tensor_opt};
+use super::types::*;
+use crate::core::error::Result;
+use crate::core::handle_rules::{HandleParams, check_handle, check_topk_idx, handle_mem_bytes};
+use crate::core::tensor::Dim;
+use crate::runtime::group::Group;
+use crate::runtime::handle::{Handle, HandleMem};
+use std::ffi::c_int;
+
+/// Shared checks of MemSize and InitHandle: group, optional config, layout, top-k.
+///
+/// # Safety
+/// `config` follows the C contract.
+unsafe fn handle_params(
+    g: &Group,
+    layout: ncclEpLayout_t,
+    config: *const ncclEpHandleConfig_t,
+    num_topk: c_int,
+) -> Result<HandleParams> {
+    // SAFETY: C contract.
+    let cfg = unsafe { read_opt(config, "config") }?;
+    let layout =
+        Layout::from_raw(layout).map_err(|v| crate::invalid_arg!("layout is {v}, not an ncclEpLayout_t value"))?;
+    let align = cfg.map_or(0, |c| c.dispatch_output_per_expert_alignment);
+    check_handle(&g.params, layout, num_topk as i64, align)
+}
+
+/// Bytes a caller-owned `handle_mem` tensor needs for this (layout, top-k).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpHandleMemSize(
+    ep_group: ncclEpGroup_t,
+    layout: ncclEpLayout_t,
+    config: *const ncclEpHandleConfig_t,
+    size_out: *mut usize,
+    num_topk: c_int,
+) -> ncclResult_t {
+    ffi_call("ncclEpHandleMemSize", || {
+        let g = objects::group(ep_group)?;
+        // SAFETY: C contract.
+        let out = unsafe { out_ptr(size_out, "size_out") }?;
+        // SAFETY: C contract.
+        let hp = unsafe { handle_params(g, layout, config, num_topk) }?;
+        *out = handle_mem_bytes(&g.params, &hp);
+        Ok(())
+    })
+}
+
+/// The body of InitHandle, shared with CreateHandle.
+///
+/// # Safety
+/// Pointers follow the C contract.
+unsafe fn init_handle(
+    ep_group: ncclEpGroup_t,
+    layout: ncclEpLayout_t,
+    config: *const ncclEpHandleConfig_t,
+    num_topk: c_int,
+    handle_mem: *const ncclEpTensor_t,
+) -> Result<Handle> {
+    let g = objects::group(ep_group)?;
+    // SAFETY: C contract.
+    let hp = unsafe { handle_params(g, layout, config, num_topk) }?;
+    let need = handle_mem_bytes(&g.params, &hp);
+    // SAFETY: C contract.
+    let mem = match unsafe { read_tensor_opt(handle_mem, "handle_mem") }? {
+        Some(t) => {
+            t.expect("handle_mem", &[Dim::AtLeast(need)], &[dtype::UINT8])?;
+            HandleMem::Caller {
+                ptr: t.data,
+                bytes: t.dim(0),
+            }
+        }
+        None => HandleMem::None,
+    };
+    g.live_handles += 1;
+    Ok(Handle {
+        group: ep_group,
+        params: hp,
+        topk_idx: None,
+        mem,
+    })
+}
+
+/// Gives a half-built handle back without leaking the group's handle count.
+fn discard(h: Handle) {
+    if let Ok(g) = objects::group(h.group) {
+        g.live_handles = g.live_handles.saturating_sub(1);
+    }
+}
+
+/// Sets the routing of a handle (the body of UpdateHandle).
+///
+/// # Safety
+/// Pointers follow the C contract.
+unsafe fn update_handle(
+    h: &mut Handle,
+    topk_idx: *const ncclEpTensor_t,
+    layout_info: *const ncclEpLayoutInfo_t,
+    _stream: cudaStream_t,
+) -> Result<()> {
+    let g = objects::group(h.group)?;
+    // SAFETY: C contract.
+    let t = unsafe { read_tensor(topk_idx, "topk_idx") }?;
+    // SAFETY: C contract.
+    let li = unsafe { read_opt(layout_info, "layout_info") }?;
+    check_topk_idx(&g.params, &h.params, &t)?;
+    if g.params.algorithm == Algorithm::LowLatency {
+        crate::ensure_usage!(
+            li.is_none(),
+            "layout_info must be NULL for a LOW_LATENCY handle (its counters come from ncclEpDispatch)"
+        );
+    } else {
+        return Err(g.not_implemented("HIGH_THROUGHPUT routing (ncclEpUpdateHandle)"));
+    }
+    h.topk_idx = Some(t);
+    Ok(())
+}
+
+/// Creates a handle without routing; `ncclEpUpdateHandle` sets it.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpInitHandle(
+    handle: *mut ncclEpHandle_t,
+    ep_group: ncclEpGroup_t,
+    layout: ncclEpLayout_t,
+    config: *const ncclEpHandleConfig_t,
+    num_topk: c_int,
+    handle_mem: *const ncclEpTensor_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpInitHandle", || {
+        // SAFETY: C contract.
+        let out = unsafe { out_ptr(handle, "handle") }?;
+        *out = std::ptr::null_mut();
+        // SAFETY: C contract.
+        let h = unsafe { init_handle(ep_group, layout, config, num_topk, handle_mem) }?;
+        *out = objects::publish_handle(h);
+        Ok(())
+    })
+}
+
+/// Sets or replaces the routing (`topk_idx`) of a handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpUpdateHandle(
+    handle: ncclEpHandle_t,
+    topk_idx: *const ncclEpTensor_t,
+    layout_info: *const ncclEpLayoutInfo_t,
+    stream: cudaStream_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpUpdateHandle", || {
+        let h = objects::handle(handle)?;
+        // SAFETY: C contract.
+        unsafe { update_handle(h, topk_idx, layout_info, stream) }
+    })
+}
+
+/// InitHandle (top-k from `topk_idx`, library-owned metadata) followed by UpdateHandle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpCreateHandle(
+    handle: *mut ncclEpHandle_t,
+    ep_group: ncclEpGroup_t,
+    layout: ncclEpLayout_t,
+    topk_idx: *const ncclEpTensor_t,
+    layout_info: *const ncclEpLayoutInfo_t,
+    config: *const ncclEpHandleConfig_t,
+    stream: cudaStream_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpCreateHandle", || {
+        // SAFETY: C contract.
+        let out = unsafe { out_ptr(handle, "handle") }?;
+        *out = std::ptr::null_mut();
+        objects::group(ep_group)?;
+        // Header checks come before anything is built, so a bad struct leaves *handle NULL.
+        // SAFETY: C contract.
+        let t = unsafe { read_tensor(topk_idx, "topk_idx") }?;
+        // SAFETY: C contract.
+        unsafe { read_opt(layout_info, "layout_info") }?;
+        crate::ensure_arg!(
+            t.ndim() == 2,
+            "topk_idx must be 2-D [tokens, top-k], got {}-D",
+            t.ndim()
+        );
+        let k = c_int::try_from(t.dim(1)).map_err(|_| crate::invalid_arg!("topk_idx has {} columns", t.dim(1)))?;
+        // SAFETY: C contract.
+        let mut h = unsafe { init_handle(ep_group, layout, config, k, std::ptr::null()) }?;
+        // SAFETY: C contract.
+        if let Err(e) = unsafe { update_handle(&mut h, topk_idx, layout_info, stream) } {
+            discard(h);
+            return Err(e);
+        }
+        *out = objects::publish_handle(h);
+        Ok(())
+    })
+}
+
+/// Destroys a handle (its group stays).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpHandleDestroy(handle: ncclEpHandle_t) -> ncclResult_t {
+    ffi_call("ncclEpHandleDestroy", || {
+        if handle.is_null() {
+            return Ok(());
+        }
+        let h = objects::take_handle(handle)?;
+        discard(h.inner);
+        Ok(())
+    })
+}

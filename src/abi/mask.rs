@@ -1,0 +1,82 @@
+//! Fault-tolerance entry points: `ncclEpMaskQuery`, `ncclEpMaskUpdate`, `ncclEpMaskClean`,
+//! `ncclEpGetAsyncError`, `ncclEpErrorClear`.
+
+use super::enums::Algorithm;
+use super::guard::{ffi_call, out_ptr};
+use super::objects;
+use super::types::*;
+use crate::core::error::Result;
+use crate::runtime::group::Group;
+use std::ffi::c_int;
+
+/// The group, if it is a low-latency group with masking enabled.
+fn masked_group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
+    let g = objects::group(p)?;
+    crate::ensure_usage!(
+        g.params.algorithm == Algorithm::LowLatency,
+        "rank masks exist only for LOW_LATENCY groups"
+    );
+    crate::ensure_usage!(g.params.enable_mask, "the group was created with enable_mask = 0");
+    Ok(g)
+}
+
+/// Copies the active-rank mask (1 active, 0 masked) into the device array `mask_status[nranks]`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpMaskQuery(
+    ep_group: ncclEpGroup_t,
+    mask_status: *mut c_int,
+    stream: cudaStream_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpMaskQuery", || {
+        let _ = stream;
+        let g = masked_group(ep_group)?;
+        crate::ensure_arg!(!mask_status.is_null(), "mask_status is NULL");
+        Err(g.not_implemented("ncclEpMaskQuery"))
+    })
+}
+
+/// Sets the active-rank mask from the host array `mask[nranks]`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpMaskUpdate(
+    ep_group: ncclEpGroup_t,
+    mask: *const c_int,
+    stream: cudaStream_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpMaskUpdate", || {
+        let _ = stream;
+        let g = masked_group(ep_group)?;
+        crate::ensure_arg!(!mask.is_null(), "mask is NULL");
+        Err(g.not_implemented("ncclEpMaskUpdate"))
+    })
+}
+
+/// Re-admits every rank and resets the signalling state (collective over the surviving ranks).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpMaskClean(ep_group: ncclEpGroup_t, stream: cudaStream_t) -> ncclResult_t {
+    ffi_call("ncclEpMaskClean", || {
+        let _ = stream;
+        let g = masked_group(ep_group)?;
+        Err(g.not_implemented("ncclEpMaskClean"))
+    })
+}
+
+/// Reads the host-visible asynchronous error flag (1 after a peer timed out and was masked).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out: *mut c_int) -> ncclResult_t {
+    ffi_call("ncclEpGetAsyncError", || {
+        let _g = masked_group(ep_group)?;
+        // SAFETY: C contract.
+        let out = unsafe { out_ptr(error_out, "error_out") }?;
+        *out = 0;
+        Ok(())
+    })
+}
+
+/// Clears the asynchronous error flag.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpErrorClear(ep_group: ncclEpGroup_t) -> ncclResult_t {
+    ffi_call("ncclEpErrorClear", || {
+        let _g = masked_group(ep_group)?;
+        Ok(())
+    })
+}

@@ -1,0 +1,120 @@
+//! `ncclEpDispatch`, `ncclEpCombine`, `ncclEpComplete`: check the C structs, copy the tensor
+//! descriptors, and hand the call to the runtime.
+
+use super::enums::{ExpertIdKind, PassDir};
+use super::guard::{ffi_call, read_opt, read_req};
+use super::objects;
+use super::tensor::{read_tensor, read_tensor_opt};
+use super::types::*;
+use crate::core::error::Result;
+use crate::core::op_args::{CombineArgs, DispatchArgs};
+
+fn pass_dir(v: ncclEpPassDir_t) -> Result<PassDir> {
+    PassDir::from_raw(v).ok_or_else(|| {
+        crate::invalid_arg!(
+            "config->pass_direction is {}, expected NCCL_EP_FWD_PASS (0) or NCCL_EP_BWD_PASS (1)",
+            v.0
+        )
+    })
+}
+
+/// Sends each token to the ranks of its experts (collective).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpDispatch(
+    handle: ncclEpHandle_t,
+    inputs: *const ncclEpDispatchInputs_t,
+    outputs: *const ncclEpDispatchOutputs_t,
+    layout_info: *const ncclEpLayoutInfo_t,
+    config: *const ncclEpDispatchConfig_t,
+    stream: cudaStream_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpDispatch", || {
+        // SAFETY (whole block): every pointer follows the C contract of ncclEpDispatch.
+        unsafe {
+            let i = read_req(inputs, "inputs")?;
+            let o = read_req(outputs, "outputs")?;
+            let li = read_opt(layout_info, "layout_info")?;
+            let cfg = read_opt(config, "config")?;
+            let h = objects::handle(handle)?;
+            let li_t = |f: fn(&ncclEpLayoutInfo_t) -> *mut ncclEpTensor_t, name| match &li {
+                Some(l) => read_tensor_opt(f(l), name),
+                None => Ok(None),
+            };
+            let recv_kind = match &li {
+                Some(l) => ExpertIdKind::from_raw(l.recv_topk_idx_kind).ok_or_else(|| {
+                    crate::invalid_arg!(
+                        "layout_info->recv_topk_idx_kind is {}, expected 0 (AUTO), 1 (LOCAL) or 2 (GLOBAL)",
+                        l.recv_topk_idx_kind.0
+                    )
+                })?,
+                None => ExpertIdKind::Local,
+            };
+            let args = DispatchArgs {
+                tokens: read_tensor(i.tokens, "inputs->tokens")?,
+                in_weights: read_tensor_opt(i.topk_weights, "inputs->topk_weights")?,
+                in_scales: read_tensor_opt(i.scales, "inputs->scales")?,
+                out_tokens: read_tensor(o.tokens, "outputs->tokens")?,
+                out_weights: read_tensor_opt(o.topk_weights, "outputs->topk_weights")?,
+                out_scales: read_tensor_opt(o.scales, "outputs->scales")?,
+                out_topk_idx: read_tensor_opt(o.topk_idx, "outputs->topk_idx")?,
+                expert_counters: li_t(|l| l.expert_counters, "layout_info->expert_counters")?,
+                src_rank_counters: li_t(|l| l.src_rank_counters, "layout_info->src_rank_counters")?,
+                expert_offsets: li_t(|l| l.expert_offsets, "layout_info->expert_offsets")?,
+                recv_total_counter: li_t(|l| l.recv_total_counter, "layout_info->recv_total_counter")?,
+                has_layout_info: li.is_some(),
+                recv_kind,
+                send_only: cfg.is_some_and(|c| c.send_only != 0),
+                round_scales: cfg.is_some_and(|c| c.round_scales != 0),
+                pass: cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?,
+                quant: cfg.map_or(0, |c| c.quant_recipe.0),
+            };
+            crate::runtime::ops::dispatch(h, &args, stream)
+        }
+    })
+}
+
+/// Returns expert outputs to the ranks that own the tokens and reduces them (collective).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpCombine(
+    handle: ncclEpHandle_t,
+    inputs: *const ncclEpCombineInputs_t,
+    outputs: *const ncclEpCombineOutputs_t,
+    config: *const ncclEpCombineConfig_t,
+    stream: cudaStream_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpCombine", || {
+        // SAFETY (whole block): every pointer follows the C contract of ncclEpCombine.
+        unsafe {
+            let i = read_req(inputs, "inputs")?;
+            let o = read_req(outputs, "outputs")?;
+            let cfg = read_opt(config, "config")?;
+            let h = objects::handle(handle)?;
+            let args = CombineArgs {
+                tokens: read_tensor(i.tokens, "inputs->tokens")?,
+                in_weights: read_tensor_opt(i.topk_weights, "inputs->topk_weights")?,
+                in_scales: read_tensor_opt(i.scales, "inputs->scales")?,
+                out_tokens: read_tensor(o.tokens, "outputs->tokens")?,
+                out_weights: read_tensor_opt(o.topk_weights, "outputs->topk_weights")?,
+                send_only: cfg.is_some_and(|c| c.send_only != 0),
+                pass: cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?,
+                quant: cfg.map_or(0, |c| c.quant_recipe.0),
+            };
+            crate::runtime::ops::combine(h, &args, stream)
+        }
+    })
+}
+
+/// Finishes a `send_only` dispatch or combine (a no-op when none is pending).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpComplete(
+    handle: ncclEpHandle_t,
+    config: *const ncclEpCompleteConfig_t,
+    stream: cudaStream_t,
+) -> ncclResult_t {
+    ffi_call("ncclEpComplete", || {
+        // SAFETY: C contract.
+        unsafe { read_opt(config, "config") }?;
+        let h = objects::handle(handle)?;
+        crate::runtime::ops::complete(h, stream)
+    })
+}

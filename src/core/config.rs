@@ -1,0 +1,262 @@
+//! Group configuration: every rule of `ncclEpCreateGroup` that needs no GPU, and the
+//! resolution of AUTO fields, as one pure function.
+
+use crate::abi::enums::{Algorithm, OverflowPolicy};
+use crate::abi::types::ncclEpGroupConfig_t;
+use crate::core::error::Result;
+
+/// Largest LL top-k (upstream v2's bound; our kernels are specialised on K up to this).
+pub const LL_MAX_TOPK: u32 = 32;
+/// Expert ids travel as 16-bit values in LL messages; 0xFFFF is "no expert".
+pub const LL_MAX_EXPERTS: u32 = 0xFFFF;
+/// Default GPU wait bound when neither the config nor the environment sets one.
+pub const DEFAULT_TIMEOUT_NS: u64 = 100_000_000_000;
+
+/// A group's validated parameters with AUTO fields resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupParams {
+    pub algorithm: Algorithm,
+    pub nranks: u32,
+    pub rank: u32,
+    pub num_experts: u32,
+    pub local_experts: u32,
+    /// B: most tokens one rank dispatches in one call.
+    pub max_tokens: u32,
+    /// S: HT receive budget (LL: N·B).
+    pub max_recv_tokens: u32,
+    /// Hb: bytes of the largest token row.
+    pub max_token_bytes: u32,
+    /// 0 = AUTO (sized at the first handle).
+    pub rdma_buffer_size: u64,
+    pub max_num_sms: u32,
+    pub enable_mask: bool,
+    pub timeout_ns: u64,
+    pub overflow: OverflowPolicy,
+    /// 0 = unset.
+    pub num_topk: u32,
+    pub custom_alloc: bool,
+}
+
+/// The environment's say in the configuration (read by the caller, passed in for testability).
+#[derive(Clone, Debug, Default)]
+pub struct EnvOverrides {
+    /// `NCCL_EP_TIMEOUT_MS` when set to a positive number.
+    pub timeout_ms: Option<u64>,
+}
+
+impl EnvOverrides {
+    pub fn from_env() -> Self {
+        let timeout_ms = std::env::var("NCCL_EP_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&v| v > 0);
+        Self { timeout_ms }
+    }
+}
+
+/// Checks a decoded config for a group of `nranks` ranks on a device with `device_sms` SMs.
+/// `rank` and `nranks` come from the communicator; `device_sms` may be 0 when unknown.
+pub fn validate_group_config(
+    c: &ncclEpGroupConfig_t,
+    rank: u32,
+    nranks: u32,
+    device_sms: u32,
+    env: &EnvOverrides,
+) -> Result<GroupParams> {
+    let algorithm = Algorithm::from_raw(c.algorithm).ok_or_else(|| {
+        crate::invalid_arg!(
+            "config->algorithm is {}, expected NCCL_EP_ALGO_LOW_LATENCY (0) or NCCL_EP_ALGO_HIGH_THROUGHPUT (1)",
+            c.algorithm.0
+        )
+    })?;
+    crate::ensure_arg!(nranks >= 1, "the communicator has {nranks} ranks");
+    crate::ensure_arg!(
+        rank < nranks,
+        "rank {rank} is outside the communicator of {nranks} ranks"
+    );
+    crate::ensure_arg!(c.num_experts > 0, "config->num_experts is 0");
+    crate::ensure_arg!(c.max_token_bytes > 0, "config->max_token_bytes is 0");
+    crate::ensure_arg!(
+        c.max_dispatch_tokens_per_rank > 0,
+        "config->max_dispatch_tokens_per_rank is 0 (NCCL_EP_AUTO is not supported for it)"
+    );
+    crate::ensure_arg!(
+        c.max_token_bytes.is_multiple_of(16),
+        "config->max_token_bytes is {}, must be a multiple of 16 (rows move as 16-byte vectors)",
+        c.max_token_bytes
+    );
+    crate::ensure_usage!(
+        c.num_experts.is_multiple_of(nranks),
+        "config->num_experts ({}) must be a multiple of the number of ranks ({nranks})",
+        c.num_experts
+    );
+    crate::ensure_usage!(
+        c.alloc.alloc_fn.is_some() == c.alloc.free_fn.is_some(),
+        "config->alloc: set both alloc_fn and free_fn, or neither"
+    );
+    if c.max_num_sms != 0 && device_sms != 0 {
+        crate::ensure_usage!(
+            c.max_num_sms <= device_sms,
+            "config->max_num_sms ({}) exceeds the device's {device_sms} SMs",
+            c.max_num_sms
+        );
+    }
+    crate::ensure_arg!(
+        c.zero_copy.0 >= 0 && c.zero_copy.0 <= 2,
+        "config->zero_copy is {}, expected 0 (AUTO), 1 (OFF) or 2 (ON)",
+        c.zero_copy.0
+    );
+    let overflow = OverflowPolicy::from_raw(c.overflow_policy).ok_or_else(|| {
+        crate::invalid_arg!(
+            "config->overflow_policy is {}, expected 0 (AUTO), 1 (TRAP) or 2 (DROP)",
+            c.overflow_policy.0
+        )
+    })?;
+    crate::ensure_arg!(
+        c.num_topk <= c.num_experts,
+        "config->num_topk ({}) exceeds config->num_experts ({})",
+        c.num_topk,
+        c.num_experts
+    );
+    let b = c.max_dispatch_tokens_per_rank;
+    let max_recv_tokens = match algorithm {
+        Algorithm::LowLatency => {
+            crate::ensure_arg!(
+                c.num_experts <= LL_MAX_EXPERTS,
+                "config->num_experts ({}) exceeds the low-latency limit of {LL_MAX_EXPERTS}",
+                c.num_experts
+            );
+            let n = (nranks as u64) * (b as u64);
+            crate::ensure_arg!(n <= u32::MAX as u64, "ranks x max_dispatch_tokens_per_rank overflows");
+            n as u32
+        }
+        Algorithm::HighThroughput => {
+            crate::ensure_arg!(
+                c.max_recv_tokens_per_rank == 0 || c.max_recv_tokens_per_rank >= b,
+                "config->max_recv_tokens_per_rank ({}) is below max_dispatch_tokens_per_rank ({b})",
+                c.max_recv_tokens_per_rank
+            );
+            crate::ensure_usage!(
+                !(c.max_recv_tokens_per_rank == 0 && overflow == OverflowPolicy::Drop),
+                "config->overflow_policy DROP needs an explicit max_recv_tokens_per_rank"
+            );
+            c.max_recv_tokens_per_rank
+        }
+    };
+    let timeout_ns = match (env.timeout_ms, c.timeout_ns) {
+        (Some(ms), _) => ms.saturating_mul(1_000_000),
+        (None, 0) => DEFAULT_TIMEOUT_NS,
+        (None, t) => t,
+    };
+    Ok(GroupParams {
+        algorithm,
+        nranks,
+        rank,
+        num_experts: c.num_experts,
+        local_experts: c.num_experts / nranks,
+        max_tokens: b,
+        max_recv_tokens,
+        max_token_bytes: c.max_token_bytes,
+        rdma_buffer_size: c.rdma_buffer_size,
+        max_num_sms: c.max_num_sms,
+        enable_mask: c.enable_mask != 0,
+        timeout_ns,
+        overflow,
+        num_topk: c.num_topk,
+        custom_alloc: c.alloc.alloc_fn.is_some(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::guard::struct_default;
+    use crate::abi::types::*;
+
+    fn ll() -> ncclEpGroupConfig_t {
+        let mut c: ncclEpGroupConfig_t = struct_default();
+        c.version = 2;
+        c.algorithm = ncclEpAlgorithm_t(0);
+        c.num_experts = 256;
+        c.max_dispatch_tokens_per_rank = 128;
+        c.max_token_bytes = 14336;
+        c
+    }
+
+    fn err(c: &ncclEpGroupConfig_t, n: u32) -> (i32, String) {
+        let e = validate_group_config(c, 0, n, 132, &EnvOverrides::default()).unwrap_err();
+        (e.code(), e.msg)
+    }
+
+    #[test]
+    fn accepts_the_anchor_config_and_resolves_auto() {
+        let p = validate_group_config(&ll(), 3, 8, 132, &EnvOverrides::default()).unwrap();
+        assert_eq!(p.local_experts, 32);
+        assert_eq!(p.max_recv_tokens, 8 * 128);
+        assert_eq!(p.timeout_ns, DEFAULT_TIMEOUT_NS);
+        assert_eq!(p.rank, 3);
+    }
+
+    #[test]
+    fn rejects_each_bad_field_with_its_code() {
+        let mut c = ll();
+        c.algorithm = ncclEpAlgorithm_t(7);
+        assert_eq!(err(&c, 8).0, 4);
+        let mut c = ll();
+        c.num_experts = 0;
+        assert_eq!(err(&c, 8).0, 4);
+        let mut c = ll();
+        c.max_token_bytes = 0;
+        assert_eq!(err(&c, 8).0, 4);
+        let mut c = ll();
+        c.max_token_bytes = 100;
+        assert!(err(&c, 8).1.contains("multiple of 16"));
+        let mut c = ll();
+        c.max_dispatch_tokens_per_rank = 0;
+        assert_eq!(err(&c, 8).0, 4);
+        let mut c = ll();
+        c.num_experts = 100;
+        assert_eq!(err(&c, 8).0, 5);
+        let mut c = ll();
+        c.max_num_sms = 200;
+        assert_eq!(err(&c, 8).0, 5);
+        let mut c = ll();
+        c.zero_copy = ncclEpZeroCopyMode_t(3);
+        assert_eq!(err(&c, 8).0, 4);
+        let mut c = ll();
+        c.overflow_policy = ncclEpOverflowPolicy_t(-1);
+        assert_eq!(err(&c, 8).0, 4);
+        let mut c = ll();
+        c.num_topk = 300;
+        assert_eq!(err(&c, 8).0, 4);
+        unsafe extern "C" fn a(_: *mut *mut std::ffi::c_void, _: usize, _: *mut std::ffi::c_void) -> i32 {
+            0
+        }
+        let mut c = ll();
+        c.alloc.alloc_fn = Some(a);
+        assert_eq!(err(&c, 8).0, 5);
+    }
+
+    #[test]
+    fn ht_receive_budget_rules() {
+        let mut c = ll();
+        c.algorithm = ncclEpAlgorithm_t(1);
+        c.max_recv_tokens_per_rank = 64;
+        assert_eq!(err(&c, 8).0, 4);
+        c.max_recv_tokens_per_rank = 0;
+        c.overflow_policy = ncclEpOverflowPolicy_t(2);
+        assert_eq!(err(&c, 8).0, 5);
+        c.max_recv_tokens_per_rank = 4096;
+        assert!(validate_group_config(&c, 0, 8, 132, &EnvOverrides::default()).is_ok());
+    }
+
+    #[test]
+    fn timeout_env_overrides_config() {
+        let mut c = ll();
+        c.timeout_ns = 5_000;
+        let p = validate_group_config(&c, 0, 2, 0, &EnvOverrides::default()).unwrap();
+        assert_eq!(p.timeout_ns, 5_000);
+        let p = validate_group_config(&c, 0, 2, 0, &EnvOverrides { timeout_ms: Some(7) }).unwrap();
+        assert_eq!(p.timeout_ns, 7_000_000);
+    }
+}

@@ -1,0 +1,177 @@
+//! Handle-level rules of `ncclEpHandleMemSize` / `ncclEpInitHandle` / `ncclEpUpdateHandle`
+//! that need no GPU: which (algorithm, layout, top-k, alignment) combinations are valid, and
+//! how the routing tensor must look.
+
+use crate::abi::enums::{Algorithm, Layout, dtype};
+use crate::core::config::{GroupParams, LL_MAX_TOPK};
+use crate::core::error::Result;
+use crate::core::tensor::{Dim, TensorView};
+
+/// A handle's fixed parameters after validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandleParams {
+    pub layout: Layout,
+    pub num_topk: u32,
+    /// HT expert-major zone alignment in rows (1 = none).
+    pub expert_alignment: usize,
+}
+
+/// Checks layout, top-k and the handle config against the group.
+pub fn check_handle(p: &GroupParams, layout: Option<Layout>, num_topk: i64, alignment: usize) -> Result<HandleParams> {
+    let layout = layout.ok_or_else(|| crate::invalid_arg!("layout is NCCL_EP_LAYOUT_UNSET; choose a layout"))?;
+    match p.algorithm {
+        Algorithm::LowLatency => crate::ensure_usage!(
+            matches!(layout, Layout::ExpertMajor | Layout::RankMajor),
+            "layout {} is not available in LOW_LATENCY mode (use EXPERT_MAJOR or RANK_MAJOR)",
+            layout.name()
+        ),
+        Algorithm::HighThroughput => crate::ensure_usage!(
+            matches!(layout, Layout::ExpertMajor | Layout::Flat),
+            "layout {} is not available in HIGH_THROUGHPUT mode (use FLAT or EXPERT_MAJOR)",
+            layout.name()
+        ),
+    }
+    crate::ensure_arg!(num_topk > 0, "num_topk is {num_topk}, must be at least 1");
+    crate::ensure_arg!(
+        num_topk <= p.num_experts as i64,
+        "num_topk ({num_topk}) exceeds the number of experts ({})",
+        p.num_experts
+    );
+    let k = num_topk as u32;
+    match p.algorithm {
+        Algorithm::LowLatency => {
+            crate::ensure_arg!(
+                k <= LL_MAX_TOPK,
+                "num_topk ({k}) exceeds the low-latency limit of {LL_MAX_TOPK}"
+            )
+        }
+        Algorithm::HighThroughput => crate::ensure_usage!(
+            p.num_topk == 0 || k <= p.num_topk,
+            "num_topk ({k}) exceeds the group's config->num_topk ({})",
+            p.num_topk
+        ),
+    }
+    let expert_alignment = alignment.max(1);
+    crate::ensure_arg!(
+        expert_alignment.is_power_of_two(),
+        "config->dispatch_output_per_expert_alignment ({alignment}) must be 0, 1 or a power of two"
+    );
+    Ok(HandleParams {
+        layout,
+        num_topk: k,
+        expert_alignment,
+    })
+}
+
+/// Checks the routing tensor `topk_idx` [T, K] (int32 or int64, T <= B).
+pub fn check_topk_idx(p: &GroupParams, h: &HandleParams, t: &TensorView) -> Result<()> {
+    t.expect(
+        "topk_idx",
+        &[Dim::Any, Dim::Eq(h.num_topk as usize)],
+        &[dtype::INT64, dtype::INT32],
+    )?;
+    crate::ensure_arg!(
+        t.dim(0) <= p.max_tokens as usize,
+        "topk_idx has {} rows, more than max_dispatch_tokens_per_rank ({})",
+        t.dim(0),
+        p.max_tokens
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+    use crate::abi::enums::OverflowPolicy;
+
+    pub fn params(algo: Algorithm) -> GroupParams {
+        GroupParams {
+            algorithm: algo,
+            nranks: 8,
+            rank: 0,
+            num_experts: 256,
+            local_experts: 32,
+            max_tokens: 128,
+            max_recv_tokens: 1024,
+            max_token_bytes: 14336,
+            rdma_buffer_size: 0,
+            max_num_sms: 0,
+            enable_mask: false,
+            timeout_ns: 1,
+            overflow: OverflowPolicy::Trap,
+            num_topk: 0,
+            custom_alloc: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::params;
+    use super::*;
+
+    #[test]
+    fn layout_and_topk_rules() {
+        let ll = params(Algorithm::LowLatency);
+        assert_eq!(check_handle(&ll, None, 8, 0).unwrap_err().code(), 4);
+        assert_eq!(check_handle(&ll, Some(Layout::Flat), 8, 0).unwrap_err().code(), 5);
+        assert_eq!(check_handle(&ll, Some(Layout::RankMajor), 0, 0).unwrap_err().code(), 4);
+        assert_eq!(check_handle(&ll, Some(Layout::RankMajor), 33, 0).unwrap_err().code(), 4);
+        assert!(check_handle(&ll, Some(Layout::ExpertMajor), 32, 0).is_ok());
+        let mut ht = params(Algorithm::HighThroughput);
+        assert_eq!(check_handle(&ht, Some(Layout::RankMajor), 8, 0).unwrap_err().code(), 5);
+        assert_eq!(check_handle(&ht, Some(Layout::Flat), 8, 3).unwrap_err().code(), 4);
+        assert_eq!(
+            check_handle(&ht, Some(Layout::Flat), 8, 64).unwrap().expert_alignment,
+            64
+        );
+        ht.num_topk = 4;
+        assert_eq!(check_handle(&ht, Some(Layout::Flat), 8, 0).unwrap_err().code(), 5);
+    }
+
+    #[test]
+    fn topk_tensor_rules() {
+        let p = params(Algorithm::LowLatency);
+        let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
+        let mk = |s: &[usize], dt| TensorView {
+            dtype: dt,
+            sizes: s.to_vec(),
+            data: 1,
+        };
+        assert!(check_topk_idx(&p, &h, &mk(&[128, 8], dtype::INT64)).is_ok());
+        assert!(check_topk_idx(&p, &h, &mk(&[3, 8], dtype::INT32)).is_ok());
+        assert!(check_topk_idx(&p, &h, &mk(&[129, 8], dtype::INT64)).is_err());
+        assert!(check_topk_idx(&p, &h, &mk(&[4, 7], dtype::INT64)).is_err());
+        assert!(check_topk_idx(&p, &h, &mk(&[4, 8], dtype::FLOAT32)).is_err());
+        assert!(check_topk_idx(&p, &h, &mk(&[4, 8, 1], dtype::INT64)).is_err());
+    }
+}
+
+/// Bytes of the per-handle metadata block (`ncclEpHandleMemSize`): LL keeps, per received
+/// (source rank, slot), the source token id and K destination rows, plus a count per source;
+/// HT keeps a destination slot per (token, rank) and per (received row, k).
+pub fn handle_mem_bytes(p: &GroupParams, h: &HandleParams) -> usize {
+    let align = |x: usize| x.div_ceil(256) * 256;
+    let (n, b, k) = (p.nranks as usize, p.max_tokens as usize, h.num_topk as usize);
+    match p.algorithm {
+        Algorithm::LowLatency => align(4 * n * (1 + (k + 1) * b)),
+        Algorithm::HighThroughput => {
+            let s = p.max_recv_tokens.max(p.max_tokens) as usize;
+            align(4 * b * n) + align(4 * s * (k + 1)) + align(4 * (p.local_experts as usize + 1) * 2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod mem_tests {
+    use super::tests_support::params;
+    use super::*;
+
+    #[test]
+    fn ll_handle_mem_matches_formula() {
+        let p = params(Algorithm::LowLatency);
+        let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
+        // 4 * 8 * (1 + 9 * 128) = 36896 -> 37120 after 256-alignment.
+        assert_eq!(handle_mem_bytes(&p, &h), 37120);
+    }
+}

@@ -1,0 +1,7 @@
+//! The pure core: no GPU, no FFI. Validation rules, buffer planning, and the CPU reference.
+
+pub mod config;
+pub mod error;
+pub mod handle_rules;
+pub mod op_args;
+pub mod tensor;

@@ -1,0 +1,3 @@
+//! How ranks reach each other's memory. Kernels see plain pointers, never the transport.
+
+pub mod nccl;
