@@ -19,7 +19,8 @@ pub unsafe extern "C" fn ncclEpCreateGroup(
         // SAFETY: C contract.
         let cfg = unsafe { read_req(config, "config") }?;
         crate::ensure_arg!(!comm.is_null(), "comm is NULL");
-        let g = Group::from_comm(comm, &cfg)?;
+        // SAFETY: C contract: comm is the caller's live communicator.
+        let g = unsafe { Group::from_comm(comm, &cfg) }?;
         *out = objects::publish_group(g);
         Ok(())
     })

@@ -23,7 +23,10 @@ pub struct Group {
 
 impl Group {
     /// Creates this rank's group on the caller's communicator (collective in later issues).
-    pub fn from_comm(comm: ncclComm_t, cfg: &ncclEpGroupConfig_t) -> Result<Group> {
+    ///
+    /// # Safety
+    /// `comm` is the caller's live communicator.
+    pub unsafe fn from_comm(comm: ncclComm_t, cfg: &ncclEpGroupConfig_t) -> Result<Group> {
         let nccl = crate::transport::nccl::Nccl::get()?;
         // SAFETY: the caller passes its live communicator (C contract of ncclEpCreateGroup).
         let (rank, nranks, device) = unsafe { nccl.comm_info(comm) }?;
