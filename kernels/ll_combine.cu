@@ -1,0 +1,104 @@
+// Low-latency combine (docs/LL.md). Compiled by NVRTC after ll_common.cuh with:
+//   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64).
+// Send: every expert output goes straight into the source rank's combine_recv[token][k].
+// Receive: each token is reduced over its top-k in fp32 and rounded once to bf16.
+
+// Sends the expert outputs of every message this rank received in the matching dispatch.
+__device__ void combine_send(const LlParams& p, u32 epoch) {
+  const int N = p.nranks, K = EP_TOPK;
+  const int* meta = (const int*)p.meta;
+  const int lane = threadIdx.x & 31;
+  const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int gwarps = (gridDim.x * blockDim.x) >> 5;
+  int total = 0;
+  for (int s = 0; s < N; ++s) total += meta[s];
+  for (int m = gwarp; m < total; m += gwarps) {
+    int s = 0, slot = m;
+    while (slot >= meta[s]) slot -= meta[s++];
+    const int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
+    const int token = mrow[0];
+    char* recv = bank_base(p, s, epoch) + p.off_data;
+#if EP_EM
+    // One expert-output row per local top-k entry; k is the position in the source's row.
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) {
+      int row = mrow[1 + k];
+      if (row < 0) continue;
+      warp_copy(recv + ((i64)token * K + k) * p.cmsg, (const char*)p.x + (i64)row * p.row_bytes, p.row_bytes, lane);
+    }
+#else
+    // One pre-reduced row per (source, slot), stored at the first local top-k position.
+    const int j = mrow[1];
+    const char* src = (const char*)p.x + ((i64)s * p.max_tokens + slot) * p.row_bytes;
+    warp_copy(recv + ((i64)token * K + j) * p.cmsg, src, p.row_bytes, lane);
+#endif
+  }
+  sends_done(p);
+  if (blockIdx.x == gridDim.x - 1) {
+    for (int s = threadIdx.x; s < N; s += blockDim.x) {
+      u64* f = (u64*)(bank_base(p, s, epoch) + p.off_cflag) + p.rank;
+      st_release_sys(f, ((u64)(epoch + 1u) << 32) | 1u);
+    }
+  }
+}
+
+// Reduces the received rows of every own token (one warp per token).
+__device__ void combine_recv(const LlParams& p, u32 epoch) {
+  const int N = p.nranks, K = EP_TOPK;
+  const u32 tag = epoch + 1u;
+  const char* bank = bank_base(p, p.rank, epoch);
+  for (int s = threadIdx.x; s < N; s += blockDim.x) wait_flag((const u64*)(bank + p.off_cflag) + s, tag, p);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int gwarps = (gridDim.x * blockDim.x) >> 5;
+  const char* recv = bank + p.off_data;
+  for (int t = gwarp; t < p.num_tokens; t += gwarps) {
+    // Lane k decides whether entry k contributes and with which weight.
+    int e = lane < K ? topk_at(p, t, lane) : -1;
+    float w = 0.f;
+#if EP_EM
+    bool use = e >= 0;
+    if (use) w = ((const float*)p.weights)[(i64)t * K + lane];
+#else
+    int d = e >= 0 ? e / p.local_experts : -100 - lane;
+    u32 same = __match_any_sync(0xffffffffu, d);
+    bool use = e >= 0 && (__ffs(same) - 1) == lane;
+    w = 1.f;
+#endif
+    u32 use_mask = __ballot_sync(0xffffffffu, use);
+    float wk[EP_TOPK];
+#pragma unroll
+    for (int k = 0; k < EP_TOPK; ++k) wk[k] = __shfl_sync(0xffffffffu, w, k);
+    const int n16 = p.row_bytes >> 4;
+    int4* out = (int4*)((char*)p.out + (i64)t * p.row_bytes);
+    for (int c = lane; c < n16; c += 32) {
+      float acc[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+#pragma unroll
+      for (int k = 0; k < EP_TOPK; ++k) {
+        if (!(use_mask & (1u << k))) continue;
+        int4 v = ld_cg((const int4*)(recv + ((i64)t * K + k) * p.cmsg) + c);
+        const unsigned short* h = (const unsigned short*)&v;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = __fmaf_rn(wk[k], bf16_to_f32(h[i]), acc[i]);
+      }
+      int4 o;
+      unsigned short* oh = (unsigned short*)&o;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) oh[i] = f32_to_bf16(acc[i]);
+      out[c] = o;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(512) ll_combine(const LlParams p) {
+  const u32 epoch = ((volatile EpState*)p.state)->epoch;
+  if (p.phases & EP_SEND) {
+    combine_send(p, epoch);
+    __syncthreads();
+  }
+  if (p.phases & EP_RECV) combine_recv(p, epoch);
+  finish_op(p, (p.phases & EP_RECV) != 0);
+}

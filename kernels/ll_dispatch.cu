@@ -1,0 +1,235 @@
+// Low-latency dispatch (docs/LL.md). Compiled by NVRTC after ll_common.cuh with:
+//   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64).
+// One kernel runs the send phase, the receive phase, or both (p.phases).
+//
+// Dynamic shared memory (bytes, see src/runtime/ll_launch.rs):
+//   hist_e[E] + hist_r[N] + per own token: slot[K] + pos[K] + first-mask, + base[L*N].
+
+struct TokenRoute {
+  int pos[EP_TOPK];   // selections of the same expert before this one (this source)
+  int slot[EP_TOPK];  // slot at the destination rank, valid where `first` has the bit
+  u32 first;          // bit k: top-k k is the first of its destination rank
+};
+
+// Header record of one top-k entry (12 bytes, after the int32 token index).
+struct HdrRec {
+  int expert;
+  float weight;
+  int pos;
+};
+
+__device__ __forceinline__ int tokens_per_block(const LlParams& p) {
+  return (p.num_tokens + gridDim.x - 1) / gridDim.x;
+}
+
+// Counts, for the tokens before this block's range, the selections per expert and the tokens
+// per destination rank; then walks the block's own tokens in order to assign pos and slots.
+__device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, TokenRoute* routes, int t0, int t1) {
+  const int L = p.local_experts;
+  for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) hist_e[i] = 0;
+  for (int i = threadIdx.x; i < p.nranks; i += blockDim.x) hist_r[i] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < t0 * EP_TOPK; i += blockDim.x) {
+    int e = topk_at(p, i / EP_TOPK, i % EP_TOPK);
+    if (e >= 0) atomicAdd(&hist_e[e], 1);
+  }
+  for (int t = threadIdx.x; t < t0; t += blockDim.x) {
+    u64 seen = 0;
+    for (int k = 0; k < EP_TOPK; ++k) {
+      int e = topk_at(p, t, k);
+      if (e >= 0) seen |= 1ull << (e / L);
+    }
+    while (seen) {
+      int d = __ffsll((i64)seen) - 1;
+      seen &= seen - 1;
+      atomicAdd(&hist_r[d], 1);
+    }
+  }
+  __syncthreads();
+  // One warp walks the own tokens in order; lane k handles top-k entry k.
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const u32 lt = (1u << lane) - 1u;
+    for (int t = t0; t < t1; ++t) {
+      int e = lane < EP_TOPK ? topk_at(p, t, lane) : -1;
+      int key_e = e >= 0 ? e : -100 - lane;  // unmatched lanes never group together
+      u32 same_e = __match_any_sync(0xffffffffu, key_e);
+      int pos = 0;
+      if (e >= 0) pos = hist_e[e] + __popc(same_e & lt);
+      __syncwarp();
+      if (e >= 0 && (same_e & lt) == 0) hist_e[e] += __popc(same_e);
+      int d = e >= 0 ? e / L : -100 - lane;
+      u32 same_d = __match_any_sync(0xffffffffu, d);
+      int leader = __ffs(same_d) - 1;
+      int slot = 0;
+      if (e >= 0 && leader == lane) slot = atomicAdd(&hist_r[d], 1);
+      slot = __shfl_sync(0xffffffffu, slot, leader);
+      u32 first = __ballot_sync(0xffffffffu, e >= 0 && leader == lane);
+      TokenRoute& r = routes[t - t0];
+      if (lane < EP_TOPK) {
+        r.pos[lane] = pos;
+        r.slot[lane] = slot;
+      }
+      if (lane == 0) r.first = first;
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+}
+
+// Writes one message (header + payload) for token t into rank d's dispatch receive slot.
+__device__ void send_message(const LlParams& p, const TokenRoute& r, int t, int k, u32 epoch, int lane) {
+  int d = topk_at(p, t, k) / p.local_experts;
+  char* msg = bank_base(p, d, epoch) + p.off_data + ((u64)p.rank * p.max_tokens + r.slot[k]) * (u64)p.dmsg;
+  if (lane == 0) *(int*)msg = t;
+  if (lane < EP_TOPK) {
+    HdrRec rec;
+    rec.expert = topk_at(p, t, lane);
+    rec.weight = p.weights ? ((const float*)p.weights)[(i64)t * EP_TOPK + lane] : 0.f;
+    rec.pos = r.pos[lane];
+    HdrRec* dst = (HdrRec*)(msg + 4) + lane;
+    dst->expert = rec.expert;
+    dst->weight = rec.weight;
+    dst->pos = rec.pos;
+  }
+  warp_copy(msg + p.hdr, (const char*)p.x + (i64)t * p.row_bytes, p.row_bytes, lane);
+}
+
+__device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, TokenRoute* routes, u32 epoch) {
+  const int tpb = tokens_per_block(p);
+  const int t0 = min(p.num_tokens, (int)blockIdx.x * tpb), t1 = min(p.num_tokens, t0 + tpb);
+  route_tokens(p, hist_e, hist_r, routes, t0, t1);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  // Work items: (own token, top-k entry that is the first of its destination rank).
+  const int items = (t1 - t0) * EP_TOPK;
+  for (int i = warp; i < items; i += nwarps) {
+    const TokenRoute& r = routes[i / EP_TOPK];
+    int k = i % EP_TOPK;
+    if (r.first & (1u << k)) send_message(p, r, t0 + i / EP_TOPK, k, epoch, lane);
+  }
+  sends_done(p);
+  if (blockIdx.x == gridDim.x - 1) {
+    // hist_e / hist_r now cover every token: publish counts, then the flags (release).
+    const int L = p.local_experts;
+    for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) {
+      int d = i / L, l = i % L;
+      int* ec = (int*)(bank_base(p, d, epoch) + p.off_ecount) + (u64)p.rank * L + l;
+      *ec = hist_e[i];
+    }
+    __threadfence_system();
+    __syncthreads();
+    for (int d = threadIdx.x; d < p.nranks; d += blockDim.x) {
+      u64* f = (u64*)(bank_base(p, d, epoch) + p.off_dflag) + p.rank;
+      st_release_sys(f, ((u64)(epoch + 1u) << 32) | (u32)hist_r[d]);
+    }
+  }
+}
+
+__device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epoch) {
+  const int N = p.nranks, L = p.local_experts, K = EP_TOPK;
+  const u32 tag = epoch + 1u;
+  char* bank = bank_base(p, p.rank, epoch);
+  for (int s = threadIdx.x; s < N; s += blockDim.x) counts[s] = (int)wait_flag((u64*)(bank + p.off_dflag) + s, tag, p);
+  __syncthreads();
+#if EP_EM
+  // base[l*N + s]: rows of expert l taken by sources before s.
+  const int* ecount = (const int*)(bank + p.off_ecount);
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    int acc = 0;
+    for (int s = 0; s < N; ++s) {
+      base[l * N + s] = acc;
+      acc += counts[s] > 0 ? ld_cg_int(ecount + s * L + l) : 0;
+    }
+    if (blockIdx.x == 0) {
+      if (p.out_counters) ((int*)p.out_counters)[l] = acc;
+    }
+  }
+  __syncthreads();
+#endif
+  int* meta = (int*)p.meta;
+  if (blockIdx.x == 0) {
+    for (int s = threadIdx.x; s < N; s += blockDim.x) {
+      meta[s] = counts[s];
+#if EP_EM
+      int m = 0;
+      if (counts[s] > 0)
+        for (int l = 0; l < L; ++l) m += ld_cg_int(ecount + s * L + l);
+      meta[N + s] = m;
+#else
+      meta[N + s] = counts[s];
+      if (p.out_counters) ((int*)p.out_counters)[s] = counts[s];
+#endif
+    }
+  }
+  const int lane = threadIdx.x & 31;
+  const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int gwarps = (gridDim.x * blockDim.x) >> 5;
+  const int lo = p.rank * L;
+#if !EP_EM
+  // Rank-major: every slot row of topk_idx is rewritten, received or not (no stale ids).
+  for (int i = gwarp; i < N * p.max_tokens; i += gwarps) {
+    int s = i / p.max_tokens, slot = i % p.max_tokens;
+    if (slot >= counts[s] && lane < K) ((int*)p.out_topk_idx)[(i64)i * K + lane] = -1;
+  }
+#endif
+  int total = 0;
+  for (int s = 0; s < N; ++s) total += counts[s];
+  for (int m = gwarp; m < total; m += gwarps) {
+    int s = 0, slot = m;
+    while (slot >= counts[s]) slot -= counts[s++];
+    const char* msg = bank + p.off_data + ((u64)s * p.max_tokens + slot) * (u64)p.dmsg;
+    int token = ld_cg_int((const int*)msg);
+    const HdrRec* rec = (const HdrRec*)(msg + 4);
+    int e = lane < K ? ld_cg_int(&rec[lane].expert) : -1;
+    bool local = e >= lo && e < lo + L;
+    int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
+    if (lane == 0) mrow[0] = token;
+#if EP_EM
+    int row = -1;
+    if (local) row = (e - lo) * (N * p.max_tokens) + base[(e - lo) * N + s] + ld_cg_int(&rec[lane].pos);
+    if (lane < K) mrow[1 + lane] = row;
+    u32 rows_mask = __ballot_sync(0xffffffffu, local);
+    int rows[EP_TOPK];
+#pragma unroll
+    for (int k = 0; k < EP_TOPK; ++k) rows[k] = __shfl_sync(0xffffffffu, row, k);
+    const int4* src = (const int4*)(msg + p.hdr);
+    const int n16 = p.row_bytes >> 4;
+    // Read each 16-byte chunk once and store it into every local row of this token.
+    for (int c = lane; c < n16; c += 32) {
+      int4 v = ld_cg(src + c);
+#pragma unroll
+      for (int k = 0; k < EP_TOPK; ++k)
+        if (rows_mask & (1u << k)) ((int4*)((char*)p.out + (i64)rows[k] * p.row_bytes))[c] = v;
+    }
+#else
+    u32 local_mask = __ballot_sync(0xffffffffu, local);
+    if (lane == 0) mrow[1] = local_mask ? __ffs(local_mask) - 1 : 0;
+    i64 orow = (i64)s * p.max_tokens + slot;
+    if (lane < K) {
+      ((int*)p.out_topk_idx)[orow * K + lane] = local ? (p.recv_global ? e : e - lo) : -1;
+      if (p.out_weights) ((float*)p.out_weights)[orow * K + lane] = __int_as_float(ld_cg_int((const int*)&rec[lane].weight));
+    }
+    const int4* src = (const int4*)(msg + p.hdr);
+    int4* dst = (int4*)((char*)p.out + orow * p.row_bytes);
+    for (int c = lane; c < (p.row_bytes >> 4); c += 32) dst[c] = ld_cg(src + c);
+#endif
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) {
+  extern __shared__ int smem[];
+  const u32 epoch = ((volatile EpState*)p.state)->epoch;
+  if (p.phases & EP_SEND) {
+    int* hist_e = smem;
+    int* hist_r = hist_e + p.num_experts;
+    TokenRoute* routes = (TokenRoute*)(hist_r + ((p.nranks + 3) & ~3));
+    dispatch_send(p, hist_e, hist_r, routes, epoch);
+    __syncthreads();
+  }
+  if (p.phases & EP_RECV) {
+    int* counts = smem;
+    int* base = counts + EP_MAX_RANKS;
+    dispatch_recv(p, counts, base, epoch);
+  }
+  finish_op(p, (p.phases & EP_RECV) != 0);
+}
