@@ -39,6 +39,7 @@ struct LlParams {
   int phases;               // 1 send, 2 receive, 3 both
   int recv_global;          // RM: global expert ids in outputs->topk_idx
 };
+static_assert(sizeof(LlParams) == 8 * EP_MAX_RANKS + 16 * 8 + 12 * 4, "LlParams mirrors src/runtime/ll_params.rs");
 
 // Group-owned device state, zeroed at creation. Operations of a group run in stream order.
 struct EpState {

@@ -1,10 +1,74 @@
 //! Our extensions (`ncclEpx*`, declared in `include/nccl_ep_ext.h`).
 
-use std::ffi::c_char;
+use super::types::{ncclEpGroupConfig_t, ncclEpGroup_t, ncclResult_t};
+use std::ffi::{c_char, c_int};
 
 /// The message of the last failed `ncclEp*`/`ncclEpx*` call on this thread ("" if none).
 /// The string stays valid until the next failing call on the same thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn ncclEpxGetLastError() -> *const c_char {
     super::guard::last_error_ptr()
+}
+
+/// Creates `num_ranks` ranks of one EP group inside this process, with no communicator:
+/// `groups[r]` is rank r. `devices[r]` is rank r's CUDA device; `devices == NULL` puts every
+/// rank on the calling thread's current device (device 0 when none is current). Every rank is
+/// then driven like a rank of an NCCL group (each collective call issued once per rank, on a
+/// stream of that rank's device; one thread may drive all ranks). On failure every
+/// `groups[r]` is NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
+    groups: *mut ncclEpGroup_t,
+    num_ranks: c_int,
+    devices: *const c_int,
+    config: *const ncclEpGroupConfig_t,
+) -> ncclResult_t {
+    super::guard::ffi_call("ncclEpxCreateLocalGroups", || {
+        crate::ensure_arg!(!groups.is_null(), "groups is NULL");
+        crate::ensure_arg!(
+            num_ranks >= 1 && num_ranks as usize <= crate::runtime::ll_params::LL_MAX_RANKS,
+            "num_ranks is {num_ranks}, expected 1..={}",
+            crate::runtime::ll_params::LL_MAX_RANKS
+        );
+        let n = num_ranks as usize;
+        // SAFETY: C contract: groups holds num_ranks entries.
+        let out = unsafe { std::slice::from_raw_parts_mut(groups, n) };
+        out.fill(std::ptr::null_mut());
+        // SAFETY: C contract.
+        let cfg = unsafe { super::guard::read_req(config, "config") }?;
+        let devs: Vec<i32> = if devices.is_null() {
+            let d = crate::cuda::context::current_device()?.unwrap_or(0);
+            vec![d; n]
+        } else {
+            // SAFETY: C contract: devices holds num_ranks entries.
+            unsafe { std::slice::from_raw_parts(devices, n) }.to_vec()
+        };
+        let count = crate::cuda::driver::device_count()?;
+        for (r, &d) in devs.iter().enumerate() {
+            crate::ensure_arg!(d >= 0 && d < count, "devices[{r}] is {d}, but there are {count} CUDA devices");
+        }
+        for &a in &devs {
+            for &b in &devs {
+                if a != b {
+                    crate::ensure_usage!(
+                        crate::cuda::driver::can_access_peer(a, b)?,
+                        "device {a} cannot access device {b} directly (no P2P); local groups need P2P between their devices"
+                    );
+                    crate::cuda::context::enable_peer_access(a, b)?;
+                }
+            }
+        }
+        let world = std::sync::Arc::new(crate::transport::local::LocalWorld::new(devs));
+        let mut made = Vec::with_capacity(n);
+        for r in 0..n {
+            match crate::runtime::group::Group::local(&world, r, &cfg) {
+                Ok(g) => made.push(g),
+                Err(e) => return Err(e.context(format_args!("local rank {r}"))),
+            }
+        }
+        for (slot, g) in out.iter_mut().zip(made) {
+            *slot = super::objects::publish_group(g);
+        }
+        Ok(())
+    })
 }

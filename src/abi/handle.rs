@@ -10,6 +10,7 @@ use crate::core::error::Result;
 use crate::core::handle_rules::{HandleParams, check_handle, check_topk_idx, handle_mem_bytes};
 use crate::core::tensor::Dim;
 use crate::runtime::group::Group;
+use crate::runtime::alloc::GroupMem;
 use crate::runtime::handle::{Handle, HandleMem};
 use std::ffi::c_int;
 
@@ -67,23 +68,24 @@ unsafe fn init_handle(
     let hp = unsafe { handle_params(g, layout, config, num_topk) }?;
     let need = handle_mem_bytes(&g.params, &hp);
     // SAFETY: C contract.
-    let mem = match unsafe { read_tensor_opt(handle_mem, "handle_mem") }? {
+    let caller_mem = unsafe { read_tensor_opt(handle_mem, "handle_mem") }?;
+    let mem = match caller_mem {
         Some(t) => {
             t.expect("handle_mem", &[Dim::AtLeast(need)], &[dtype::UINT8])?;
-            HandleMem::Caller {
-                ptr: t.data,
-                bytes: t.dim(0),
-            }
+            crate::ensure_arg!(t.data % 16 == 0, "handle_mem data must be 16-byte aligned");
+            HandleMem::Caller { ptr: t.data, bytes: t.dim(0) }
+        }
+        None if g.params.algorithm == Algorithm::LowLatency => {
+            HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?)
         }
         None => HandleMem::None,
     };
+    if g.params.algorithm == Algorithm::LowLatency {
+        let lay = crate::runtime::ll::layout(g, hp.num_topk)?;
+        crate::runtime::ll::ensure_buffer(g, &lay)?;
+    }
     g.live_handles += 1;
-    Ok(Handle {
-        group: ep_group,
-        params: hp,
-        topk_idx: None,
-        mem,
-    })
+    Ok(Handle { group: ep_group, params: hp, topk_idx: None, mem, dispatched: false })
 }
 
 /// Gives a half-built handle back without leaking the group's handle count.

@@ -147,14 +147,14 @@ mod tests {
     }
 }
 
-/// Bytes of the per-handle metadata block (`ncclEpHandleMemSize`): LL keeps, per received
-/// (source rank, slot), the source token id and K destination rows, plus a count per source;
+/// Bytes of the per-handle metadata block (`ncclEpHandleMemSize`): LL keeps two counts per
+/// source rank and, per received (source rank, slot), the source token id and K destination rows;
 /// HT keeps a destination slot per (token, rank) and per (received row, k).
 pub fn handle_mem_bytes(p: &GroupParams, h: &HandleParams) -> usize {
     let align = |x: usize| x.div_ceil(256) * 256;
     let (n, b, k) = (p.nranks as usize, p.max_tokens as usize, h.num_topk as usize);
     match p.algorithm {
-        Algorithm::LowLatency => align(4 * n * (1 + (k + 1) * b)),
+        Algorithm::LowLatency => align(4 * n * (2 + (k + 1) * b)),
         Algorithm::HighThroughput => {
             let s = p.max_recv_tokens.max(p.max_tokens) as usize;
             align(4 * b * n) + align(4 * s * (k + 1)) + align(4 * (p.local_experts as usize + 1) * 2)
@@ -171,7 +171,7 @@ mod mem_tests {
     fn ll_handle_mem_matches_formula() {
         let p = params(Algorithm::LowLatency);
         let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
-        // 4 * 8 * (1 + 9 * 128) = 36896 -> 37120 after 256-alignment.
+        // 4 * 8 * (2 + 9 * 128) = 36928 -> 37120 after 256-alignment.
         assert_eq!(handle_mem_bytes(&p, &h), 37120);
     }
 }

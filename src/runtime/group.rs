@@ -1,16 +1,21 @@
-//! An EP group: validated parameters, where its ranks live, and (later) its buffers.
+//! An EP group: validated parameters, where its ranks live, and its GPU state.
 
+use crate::abi::enums::Algorithm;
 use crate::abi::types::{ncclComm_t, ncclEpGroupConfig_t};
 use crate::core::config::{EnvOverrides, GroupParams, validate_group_config};
 use crate::core::error::Result;
+use crate::runtime::alloc::CustomAlloc;
+use crate::runtime::ll::{self, LlState};
+use crate::transport::local::LocalWorld;
+use std::sync::Arc;
 
 /// How this rank reaches its peers.
 #[derive(Debug)]
 pub enum Membership {
     /// A rank of the caller's NCCL communicator.
     Nccl { comm: ncclComm_t, nccl_version: i32 },
-    /// Rank `rank` of a local group made by `ncclEpxCreateLocalGroups`.
-    Local,
+    /// A rank of a local group made by `ncclEpxCreateLocalGroups`.
+    Local { world: Arc<LocalWorld> },
 }
 
 pub struct Group {
@@ -19,10 +24,13 @@ pub struct Group {
     pub membership: Membership,
     /// Handles created on this group and not destroyed yet.
     pub live_handles: usize,
+    pub custom_alloc: Option<CustomAlloc>,
+    /// Low-latency GPU state (None for HIGH_THROUGHPUT groups).
+    pub ll: Option<LlState>,
 }
 
 impl Group {
-    /// Creates this rank's group on the caller's communicator (collective in later issues).
+    /// Creates this rank's group on the caller's communicator (collective).
     ///
     /// # Safety
     /// `comm` is the caller's live communicator.
@@ -30,20 +38,51 @@ impl Group {
         let nccl = crate::transport::nccl::Nccl::get()?;
         // SAFETY: the caller passes its live communicator (C contract of ncclEpCreateGroup).
         let (rank, nranks, device) = unsafe { nccl.comm_info(comm) }?;
-        let params = validate_group_config(cfg, rank, nranks, 0, &EnvOverrides::from_env())?;
+        let sms = crate::cuda::driver::sm_count(device)? as u32;
+        let params = validate_group_config(cfg, rank, nranks, sms, &EnvOverrides::from_env())?;
         crate::abi::guard::log_info(format_args!(
             "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}",
             params.num_experts, nccl.version
         ));
-        Ok(Group {
-            params,
-            device,
-            membership: Membership::Nccl {
-                comm,
-                nccl_version: nccl.version,
-            },
-            live_handles: 0,
-        })
+        Self::finish(params, device, Membership::Nccl { comm, nccl_version: nccl.version }, cfg, 1)
+    }
+
+    /// Creates rank `rank` of a local group (no communicator).
+    pub fn local(world: &Arc<LocalWorld>, rank: usize, cfg: &ncclEpGroupConfig_t) -> Result<Group> {
+        let device = world.devices[rank];
+        let sms = crate::cuda::driver::sm_count(device)? as u32;
+        let params = validate_group_config(cfg, rank as u32, world.nranks() as u32, sms, &EnvOverrides::from_env())?;
+        let on_device = world.ranks_on(device);
+        Self::finish(params, device, Membership::Local { world: world.clone() }, cfg, on_device)
+    }
+
+    fn finish(
+        params: GroupParams,
+        device: i32,
+        membership: Membership,
+        cfg: &ncclEpGroupConfig_t,
+        ranks_on_device: usize,
+    ) -> Result<Group> {
+        let custom_alloc = cfg.alloc.alloc_fn.is_some().then_some(CustomAlloc { cfg: cfg.alloc });
+        let mut g = Group { params, device, membership, live_handles: 0, custom_alloc, ll: None };
+        if g.params.algorithm == Algorithm::LowLatency {
+            g.ll = Some(LlState::new(&g, ranks_on_device)?);
+            let explicit = g.params.rdma_buffer_size;
+            if explicit != 0 {
+                // An explicit size is allocated now; handles must fit in it.
+                let lay = ll::layout(&g, 1)?;
+                ll::ensure_buffer(&mut g, &lay)?;
+            }
+        }
+        Ok(g)
+    }
+
+    pub fn ll(&self) -> Result<&LlState> {
+        self.ll.as_ref().ok_or_else(|| crate::invalid_usage!("this is not a LOW_LATENCY group"))
+    }
+
+    pub fn ll_mut(&mut self) -> Result<&mut LlState> {
+        self.ll.as_mut().ok_or_else(|| crate::invalid_usage!("this is not a LOW_LATENCY group"))
     }
 
     /// The error every GPU operation returns until its issue lands.

@@ -1,16 +1,20 @@
-//! A routing handle: layout, top-k and the caller's routing tensor.
+//! A routing handle: layout, top-k, the caller's routing tensor and the metadata block that
+//! dispatch writes and combine reads.
 
 use crate::abi::types::ncclEpGroup_t;
 use crate::core::handle_rules::HandleParams;
 use crate::core::tensor::TensorView;
+use crate::runtime::alloc::GroupMem;
 
 /// Where the handle's metadata block lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum HandleMem {
-    /// Not allocated yet.
+    /// Not needed (HIGH_THROUGHPUT until its issue lands).
     None,
     /// The caller's `handle_mem` tensor (never freed by us).
     Caller { ptr: u64, bytes: usize },
+    /// Allocated for the handle, freed with it.
+    Owned(GroupMem),
 }
 
 pub struct Handle {
@@ -20,4 +24,16 @@ pub struct Handle {
     /// The last routing given to `ncclEpUpdateHandle`/`ncclEpCreateHandle`.
     pub topk_idx: Option<TensorView>,
     pub mem: HandleMem,
+    /// A dispatch ran on this handle, so combine has its metadata.
+    pub dispatched: bool,
+}
+
+impl Handle {
+    pub fn meta_ptr(&self) -> u64 {
+        match &self.mem {
+            HandleMem::None => 0,
+            HandleMem::Caller { ptr, .. } => *ptr,
+            HandleMem::Owned(m) => m.ptr(),
+        }
+    }
 }

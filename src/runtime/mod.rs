@@ -1,5 +1,9 @@
 //! Groups and handles: the objects behind the C handles, tying the pure core to the GPU.
 
+pub mod alloc;
 pub mod group;
 pub mod handle;
+pub mod kernels;
+pub mod ll;
+pub mod ll_params;
 pub mod ops;

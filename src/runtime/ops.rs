@@ -1,21 +1,32 @@
-//! Dispatch, combine and complete: per-mode validation, then the GPU work.
+//! Dispatch, combine and complete: route the call to its mode.
 
+use crate::abi::enums::Algorithm;
 use crate::abi::types::cudaStream_t;
 use crate::core::error::Result;
 use crate::core::op_args::{CombineArgs, DispatchArgs};
 use crate::runtime::handle::Handle;
+use crate::runtime::ll;
 
-pub fn dispatch(h: &mut Handle, _args: &DispatchArgs, _stream: cudaStream_t) -> Result<()> {
+pub fn dispatch(h: &mut Handle, args: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
     let g = crate::abi::objects::group(h.group)?;
-    Err(g.not_implemented("ncclEpDispatch"))
+    match g.params.algorithm {
+        Algorithm::LowLatency => ll::dispatch(g, h, args, stream),
+        Algorithm::HighThroughput => Err(g.not_implemented("ncclEpDispatch")),
+    }
 }
 
-pub fn combine(h: &mut Handle, _args: &CombineArgs, _stream: cudaStream_t) -> Result<()> {
+pub fn combine(h: &mut Handle, args: &CombineArgs, stream: cudaStream_t) -> Result<()> {
     let g = crate::abi::objects::group(h.group)?;
-    Err(g.not_implemented("ncclEpCombine"))
+    match g.params.algorithm {
+        Algorithm::LowLatency => ll::combine(g, h, args, stream),
+        Algorithm::HighThroughput => Err(g.not_implemented("ncclEpCombine")),
+    }
 }
 
-/// Nothing is ever pending until send_only lands, so completing is a no-op.
-pub fn complete(_h: &mut Handle, _stream: cudaStream_t) -> Result<()> {
-    Ok(())
+pub fn complete(h: &mut Handle, stream: cudaStream_t) -> Result<()> {
+    let g = crate::abi::objects::group(h.group)?;
+    match g.params.algorithm {
+        Algorithm::LowLatency => ll::complete(g, h, stream),
+        Algorithm::HighThroughput => Ok(()),
+    }
 }

@@ -1,0 +1,109 @@
+//! Which kernel variant a call needs, its NVRTC source and defines, and its launch.
+
+use crate::abi::enums::Layout;
+use crate::abi::types::cudaStream_t;
+use crate::core::error::Result;
+use crate::cuda::module::{Function, launch};
+use crate::runtime::ll_params::LlParams;
+use std::ffi::c_void;
+
+const LL_COMMON: &str = include_str!("../../kernels/ll_common.cuh");
+const LL_DISPATCH: &str = include_str!("../../kernels/ll_dispatch.cu");
+const LL_COMBINE: &str = include_str!("../../kernels/ll_combine.cu");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LlKind {
+    Dispatch,
+    Combine,
+}
+
+/// One compiled specialisation: the kernel, its top-k, layout and routing-index width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LlKernel {
+    pub kind: LlKind,
+    pub topk: u32,
+    pub expert_major: bool,
+    pub idx64: bool,
+}
+
+impl LlKernel {
+    pub fn dispatch(topk: u32, layout: Layout, idx64: bool) -> Self {
+        Self { kind: LlKind::Dispatch, topk, expert_major: layout == Layout::ExpertMajor, idx64 }
+    }
+    pub fn combine(topk: u32, layout: Layout, idx64: bool) -> Self {
+        Self { kind: LlKind::Combine, topk, expert_major: layout == Layout::ExpertMajor, idx64 }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            LlKind::Dispatch => "ll_dispatch",
+            LlKind::Combine => "ll_combine",
+        }
+    }
+
+    /// The whole translation unit NVRTC compiles (the common header is prepended, so kernels
+    /// need no include path).
+    pub fn source(&self) -> String {
+        let body = match self.kind {
+            LlKind::Dispatch => LL_DISPATCH,
+            LlKind::Combine => LL_COMBINE,
+        };
+        format!("{LL_COMMON}\n{body}")
+    }
+
+    pub fn defines(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("EP_TOPK", self.topk.to_string()),
+            ("EP_EM", (self.expert_major as u32).to_string()),
+            ("EP_IDX64", (self.idx64 as u32).to_string()),
+        ]
+    }
+
+    /// Every variant CI compiles to prove the kernels build (K in 1..=32 both layouts, both widths).
+    pub fn all_variants() -> Vec<LlKernel> {
+        let mut v = Vec::new();
+        for kind in [LlKind::Dispatch, LlKind::Combine] {
+            for topk in 1..=32 {
+                for expert_major in [false, true] {
+                    for idx64 in [false, true] {
+                        v.push(LlKernel { kind, topk, expert_major, idx64 });
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Dynamic shared memory of one launch (bytes).
+    pub fn smem_bytes(&self, p: &LlParams, blocks: u32) -> usize {
+        match self.kind {
+            LlKind::Combine => 0,
+            LlKind::Dispatch => {
+                let tpb = (p.num_tokens.max(0) as usize).div_ceil(blocks.max(1) as usize);
+                let route = 4 * (2 * self.topk as usize + 1);
+                let send = 4 * p.num_experts as usize + 4 * (p.nranks as usize).next_multiple_of(4) + tpb * route;
+                let recv = 4 * 64 + 4 * p.num_experts as usize;
+                send.max(recv)
+            }
+        }
+    }
+
+    fn function(&self, device: i32) -> Result<Function> {
+        crate::cuda::jit::function(device, &self.source(), self.name(), &self.defines())
+    }
+}
+
+/// Compiles (or finds in the cache) and launches one LL kernel on the caller's stream.
+pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cudaStream_t) -> Result<()> {
+    let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
+    let f = k.function(device)?;
+    let smem = k.smem_bytes(p, blocks);
+    if smem > 48 * 1024 {
+        f.set_max_dynamic_smem(smem)?;
+    }
+    let mut arg = *p;
+    let mut args = [&mut arg as *mut LlParams as *mut c_void];
+    // SAFETY: ll_dispatch / ll_combine take one `LlParams` by value; every pointer in it was
+    // validated against the caller's tensors, which must outlive the operation (C contract).
+    unsafe { launch(f, blocks, crate::runtime::ll::LL_THREADS, smem as u32, stream.cast(), &mut args) }
+}
