@@ -3,5 +3,6 @@
 pub mod config;
 pub mod error;
 pub mod handle_rules;
+pub mod ll_layout;
 pub mod op_args;
 pub mod tensor;
