@@ -5,4 +5,5 @@ pub mod error;
 pub mod handle_rules;
 pub mod ll_layout;
 pub mod op_args;
+pub mod reference;
 pub mod tensor;
