@@ -20,6 +20,16 @@ extern "C" {
  */
 const char *ncclEpxGetLastError(void);
 
+/**
+ * Bytes of the per-rank communication buffer a LOW_LATENCY group of `num_ranks` ranks needs
+ * for handles of (`layout`, `num_topk`); needs no GPU and no communicator. Both LL layouts need
+ * the same size. The config is checked as `ncclEpCreateGroup` checks it; its `rdma_buffer_size`
+ * is ignored (an explicit size is compared against this value when a handle is created).
+ * Returns ncclInvalidArgument for a NULL `bytes`, a bad config or top-k, and ncclInvalidUsage
+ * for a layout LL does not offer or a HIGH_THROUGHPUT config.
+ */
+ncclResult_t ncclEpxBufferSize(const ncclEpGroupConfig_t *config, int num_ranks, ncclEpLayout_t layout, int num_topk, size_t *bytes);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

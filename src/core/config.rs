@@ -7,8 +7,8 @@ use crate::core::error::Result;
 
 /// Largest LL top-k (upstream v2's bound; our kernels are specialised on K up to this).
 pub const LL_MAX_TOPK: u32 = 32;
-/// Expert ids travel as 16-bit values in LL messages; 0xFFFF is "no expert".
-pub const LL_MAX_EXPERTS: u32 = 0xFFFF;
+/// The LL dispatch kernel keeps one counter per expert in shared memory (32 KiB at this bound).
+pub const LL_MAX_EXPERTS: u32 = 8192;
 /// Default GPU wait bound when neither the config nor the environment sets one.
 pub const DEFAULT_TIMEOUT_NS: u64 = 100_000_000_000;
 

@@ -154,7 +154,7 @@ pub fn handle_mem_bytes(p: &GroupParams, h: &HandleParams) -> usize {
     let align = |x: usize| x.div_ceil(256) * 256;
     let (n, b, k) = (p.nranks as usize, p.max_tokens as usize, h.num_topk as usize);
     match p.algorithm {
-        Algorithm::LowLatency => align(4 * n * (2 + (k + 1) * b)),
+        Algorithm::LowLatency => crate::core::ll_layout::handle_mem_bytes(p.nranks, p.max_tokens, h.num_topk),
         Algorithm::HighThroughput => {
             let s = p.max_recv_tokens.max(p.max_tokens) as usize;
             align(4 * b * n) + align(4 * s * (k + 1)) + align(4 * (p.local_experts as usize + 1) * 2)

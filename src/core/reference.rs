@@ -1,0 +1,522 @@
+//! The CPU reference of low-latency dispatch and combine (docs/LL.md, "Dispatch" and "Combine"):
+//! the test oracle the GPU kernels are compared against, bit for bit.
+//!
+//! It computes a whole world (all N ranks) at once from every rank's inputs, so it needs no
+//! messages: each rule of docs/LL.md is applied directly. Malformed inputs are test bugs, so
+//! they panic instead of returning errors.
+
+use crate::abi::enums::{ExpertIdKind, Layout};
+
+// ---------------------------------------------------------------------------------------------
+// bf16
+
+/// bf16 bits to f32 (exact; NaN stays NaN with its payload).
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// f32 to bf16 bits, round to nearest, ties to even (what `__float2bfloat16_rn` does). NaN gives
+/// a quiet NaN of the same sign: plain rounding could carry a low-bit payload into infinity.
+pub fn f32_to_bf16_rne(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) as u16) | 0x0040;
+    }
+    let lsb = (bits >> 16) & 1;
+    (bits.wrapping_add(0x7FFF + lsb) >> 16) as u16
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic random numbers (SplitMix64: tiny, no dependency, same stream on every host).
+
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, n) (multiply-shift; the bias is far below what tests can notice).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+    }
+    /// Uniform in [0, 1).
+    pub fn unit_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u32 << 24) as f32
+    }
+    /// True with probability 1/n.
+    pub fn one_in(&mut self, n: usize) -> bool {
+        self.below(n) == 0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+/// The group-wide sizes of one LL call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlShape {
+    /// N.
+    pub nranks: usize,
+    /// E (a multiple of N).
+    pub num_experts: usize,
+    /// B: most tokens a rank dispatches.
+    pub max_tokens: usize,
+    /// H: elements per token.
+    pub hidden: usize,
+    /// K.
+    pub topk: usize,
+}
+
+impl LlShape {
+    /// L = E / N.
+    pub fn local_experts(&self) -> usize {
+        self.num_experts / self.nranks
+    }
+}
+
+/// One rank's dispatch inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlRankInput {
+    /// T <= B.
+    pub num_tokens: usize,
+    /// bf16 bits [T, H].
+    pub tokens: Vec<u16>,
+    /// [T, K]; −1 = no expert, otherwise a global id < E.
+    pub topk_idx: Vec<i64>,
+    /// [T, K] (dispatched with the tokens; rank-major outputs copy them).
+    pub weights: Vec<f32>,
+}
+
+/// Every rank's inputs of one call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlWorld {
+    pub shape: LlShape,
+    pub ranks: Vec<LlRankInput>,
+}
+
+/// How a generated world routes its tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// K distinct experts per token, uniform over all E.
+    Uniform,
+    /// Every token picks only experts of this rank (distinct; −1 where K > L).
+    Skewed { rank: usize },
+    /// Several of a token's K experts live on one rank, and some tokens select one expert twice.
+    SameRankDups,
+}
+
+impl LlWorld {
+    /// Panics unless every input has its documented shape and range.
+    pub fn check(&self) {
+        let s = &self.shape;
+        assert!(s.nranks > 0 && s.num_experts > 0 && s.topk > 0 && s.max_tokens > 0);
+        assert!(s.num_experts.is_multiple_of(s.nranks), "E % N != 0");
+        assert_eq!(self.ranks.len(), s.nranks, "one input per rank");
+        for (r, x) in self.ranks.iter().enumerate() {
+            let t = x.num_tokens;
+            assert!(t <= s.max_tokens, "rank {r}: {t} tokens > B");
+            assert_eq!(x.tokens.len(), t * s.hidden, "rank {r}: tokens shape");
+            assert_eq!(x.topk_idx.len(), t * s.topk, "rank {r}: topk_idx shape");
+            assert_eq!(x.weights.len(), t * s.topk, "rank {r}: weights shape");
+            for &e in &x.topk_idx {
+                assert!(e >= -1 && e < s.num_experts as i64, "rank {r}: expert id {e}");
+            }
+        }
+    }
+
+    /// A random world: T_r uniform in [0, B] (rank 0 always sends B tokens), bf16 tokens in
+    /// [−4, 4), weights in [0, 1), about one selection in eight −1.
+    pub fn random(rng: &mut SplitMix64, shape: LlShape, routing: Routing) -> Self {
+        let ranks = (0..shape.nranks)
+            .map(|r| {
+                let t = if r == 0 {
+                    shape.max_tokens
+                } else {
+                    rng.below(shape.max_tokens + 1)
+                };
+                let tokens = (0..t * shape.hidden)
+                    .map(|_| f32_to_bf16_rne(rng.unit_f32() * 8.0 - 4.0))
+                    .collect();
+                let weights = (0..t * shape.topk).map(|_| rng.unit_f32()).collect();
+                LlRankInput {
+                    num_tokens: t,
+                    tokens,
+                    topk_idx: gen_routing(rng, shape, t, routing),
+                    weights,
+                }
+            })
+            .collect();
+        let w = Self { shape, ranks };
+        w.check();
+        w
+    }
+}
+
+/// `k` distinct values of `0..n` (partial Fisher–Yates).
+fn distinct(rng: &mut SplitMix64, n: usize, k: usize) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..n).collect();
+    for i in 0..k.min(n) {
+        let j = i + rng.below(n - i);
+        all.swap(i, j);
+    }
+    all.truncate(k.min(n));
+    all
+}
+
+/// Routing [T, K] for one rank of a T-token call. Duplicated selections are kept rare enough
+/// that no expert receives more than B selections from one source, so expert-major outputs
+/// (N·B rows per expert) never overflow.
+pub fn gen_routing(rng: &mut SplitMix64, shape: LlShape, t: usize, routing: Routing) -> Vec<i64> {
+    let (n, e, k, l) = (shape.nranks, shape.num_experts, shape.topk, shape.local_experts());
+    let mut sel_count = vec![0usize; e];
+    let mut out = Vec::with_capacity(t * k);
+    for tok in 0..t {
+        let mut row: Vec<i64> = match routing {
+            Routing::Uniform => distinct(rng, e, k).into_iter().map(|x| x as i64).collect(),
+            Routing::Skewed { rank } => {
+                assert!(rank < n);
+                let mut r: Vec<i64> = distinct(rng, l, k).into_iter().map(|x| (rank * l + x) as i64).collect();
+                r.resize(k, -1);
+                r
+            }
+            Routing::SameRankDups => {
+                let rank = rng.below(n);
+                let m = (k / 2).max(2).min(k).min(l);
+                let mut r: Vec<i64> = distinct(rng, l, m).into_iter().map(|x| (rank * l + x) as i64).collect();
+                for x in distinct(rng, e, e) {
+                    if r.len() == k {
+                        break;
+                    }
+                    if !r.contains(&(x as i64)) {
+                        r.push(x as i64);
+                    }
+                }
+                // An exact duplicate, when the per-source bound still holds for the rest of the
+                // call: this token's selections so far plus one, plus one per later token.
+                if k >= 2 && rng.one_in(4) {
+                    let dup = r[0];
+                    if sel_count[dup as usize] + 2 + (t - tok - 1) <= shape.max_tokens {
+                        r[1] = dup;
+                    }
+                }
+                // Shuffle so same-rank and duplicate selections land at any top-k position.
+                let order = distinct(rng, k, k);
+                order.into_iter().map(|i| r[i]).collect()
+            }
+        };
+        for x in row.iter_mut() {
+            if *x >= 0 && rng.one_in(8) {
+                *x = -1;
+            }
+            if *x >= 0 {
+                sel_count[*x as usize] += 1;
+            }
+        }
+        out.extend(row);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing as docs/LL.md defines it
+
+/// Where every selection goes, computed once from the world.
+#[derive(Clone, Debug)]
+pub struct LlRoute {
+    shape: LlShape,
+    /// [s][t]: (destination rank, slot) in order of first appearance in the top-k row.
+    dest: Vec<Vec<Vec<(usize, usize)>>>,
+    /// [s][d]: tokens s sends to d (n_d of the dispatch flag).
+    sent: Vec<Vec<usize>>,
+    /// [s][t·K + k]: earlier selections (t', k') < (t, k) of the same expert by s (−1: none).
+    pos: Vec<Vec<i64>>,
+    /// [d][s][l]: selections s sends to local expert l of d (`expert_count`).
+    expert_count: Vec<Vec<Vec<usize>>>,
+}
+
+impl LlRoute {
+    pub fn new(world: &LlWorld) -> Self {
+        world.check();
+        let sh = world.shape;
+        let (n, l, k) = (sh.nranks, sh.local_experts(), sh.topk);
+        let mut dest = Vec::with_capacity(n);
+        let mut sent = vec![vec![0usize; n]; n];
+        let mut pos = Vec::with_capacity(n);
+        let mut expert_count = vec![vec![vec![0usize; l]; n]; n];
+        for (s, inp) in world.ranks.iter().enumerate() {
+            let mut seen = vec![0usize; sh.num_experts];
+            let mut p = vec![-1i64; inp.num_tokens * k];
+            let mut ds = Vec::with_capacity(inp.num_tokens);
+            for t in 0..inp.num_tokens {
+                let mut row_dest: Vec<(usize, usize)> = Vec::new();
+                for kk in 0..k {
+                    let e = inp.topk_idx[t * k + kk];
+                    if e < 0 {
+                        continue;
+                    }
+                    let e = e as usize;
+                    let d = e / l;
+                    p[t * k + kk] = seen[e] as i64;
+                    seen[e] += 1;
+                    expert_count[d][s][e % l] += 1;
+                    if !row_dest.iter().any(|&(dd, _)| dd == d) {
+                        row_dest.push((d, sent[s][d]));
+                        sent[s][d] += 1;
+                    }
+                }
+                ds.push(row_dest);
+            }
+            dest.push(ds);
+            pos.push(p);
+        }
+        Self {
+            shape: sh,
+            dest,
+            sent,
+            pos,
+            expert_count,
+        }
+    }
+
+    /// (destination rank, slot) pairs of token t of rank s, in first-appearance order.
+    pub fn dests(&self, s: usize, t: usize) -> &[(usize, usize)] {
+        &self.dest[s][t]
+    }
+
+    /// n_d: tokens rank s sends to rank d.
+    pub fn sent(&self, s: usize, d: usize) -> usize {
+        self.sent[s][d]
+    }
+
+    /// `expert_count[s][l]` as rank d receives it.
+    pub fn expert_count(&self, d: usize, s: usize, l: usize) -> usize {
+        self.expert_count[d][s][l]
+    }
+
+    /// The `pos` header field of selection (t, k) of rank s (−1 for no expert).
+    pub fn pos(&self, s: usize, t: usize, k: usize) -> i64 {
+        self.pos[s][t * self.shape.topk + k]
+    }
+
+    /// Expert-major destination of selection (t, k) of rank s: (rank d, local expert l, row),
+    /// row = base[l][s] + pos with base[l][s] = Σ_{s' < s} expert_count[s'][l].
+    pub fn em_row(&self, world: &LlWorld, s: usize, t: usize, k: usize) -> Option<(usize, usize, usize)> {
+        let e = world.ranks[s].topk_idx[t * self.shape.topk + k];
+        if e < 0 {
+            return None;
+        }
+        let l_n = self.shape.local_experts();
+        let (d, l) = (e as usize / l_n, e as usize % l_n);
+        let base: usize = (0..s).map(|s2| self.expert_count[d][s2][l]).sum();
+        Some((d, l, base + self.pos(s, t, k) as usize))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+
+/// Values written into output elements the operation must leave untouched, so that tests can
+/// tell "untouched" from "written".
+#[derive(Clone, Copy, Debug)]
+pub struct LlPoison {
+    pub token: u16,
+    pub weight: f32,
+}
+
+/// One rank's dispatch outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LlDispatchOut {
+    ExpertMajor {
+        /// [L, N·B, H]; rows at or past `expert_counters[l]` hold the poison.
+        tokens: Vec<u16>,
+        /// [L].
+        expert_counters: Vec<i32>,
+    },
+    RankMajor {
+        /// [N, B, H]; row [s][i] is the i-th token source s sent here; rows i >= n_s poison.
+        tokens: Vec<u16>,
+        /// [N, B, K]: local or global id where the expert lives here, else −1 (rows i >= n_s: −1).
+        topk_idx: Vec<i32>,
+        /// [N, B, K]: the source's weights for every k of received rows; other rows poison.
+        topk_weights: Vec<f32>,
+        /// [N]: n_s.
+        src_rank_counters: Vec<i32>,
+    },
+}
+
+impl LlDispatchOut {
+    pub fn tokens(&self) -> &[u16] {
+        match self {
+            Self::ExpertMajor { tokens, .. } | Self::RankMajor { tokens, .. } => tokens,
+        }
+    }
+}
+
+/// Dispatch for every rank at once; element r of the result is rank r's output.
+pub fn ll_dispatch_ref(
+    world: &LlWorld,
+    layout: Layout,
+    recv_kind: ExpertIdKind,
+    poison: LlPoison,
+) -> Vec<LlDispatchOut> {
+    let route = LlRoute::new(world);
+    let sh = world.shape;
+    let (n, b, h, k, l) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk, sh.local_experts());
+    let token = |s: usize, t: usize| &world.ranks[s].tokens[t * h..(t + 1) * h];
+    match layout {
+        Layout::ExpertMajor => {
+            let mut outs: Vec<_> = (0..n)
+                .map(|d| {
+                    let counters: Vec<i32> = (0..l)
+                        .map(|le| (0..n).map(|s| route.expert_count(d, s, le)).sum::<usize>())
+                        .map(|c| {
+                            assert!(
+                                c <= n * b,
+                                "rank {d}: an expert gets {c} rows, more than N*B = {}",
+                                n * b
+                            );
+                            c as i32
+                        })
+                        .collect();
+                    (vec![poison.token; l * n * b * h], counters)
+                })
+                .collect();
+            for s in 0..n {
+                for t in 0..world.ranks[s].num_tokens {
+                    for kk in 0..k {
+                        if let Some((d, le, row)) = route.em_row(world, s, t, kk) {
+                            let at = (le * n * b + row) * h;
+                            outs[d].0[at..at + h].copy_from_slice(token(s, t));
+                        }
+                    }
+                }
+            }
+            outs.into_iter()
+                .map(|(tokens, expert_counters)| LlDispatchOut::ExpertMajor {
+                    tokens,
+                    expert_counters,
+                })
+                .collect()
+        }
+        Layout::RankMajor => (0..n)
+            .map(|d| {
+                let mut tokens = vec![poison.token; n * b * h];
+                let mut topk_idx = vec![-1i32; n * b * k];
+                let mut topk_weights = vec![poison.weight; n * b * k];
+                for (s, inp) in world.ranks.iter().enumerate() {
+                    for t in 0..inp.num_tokens {
+                        let Some(&(_, i)) = route.dests(s, t).iter().find(|&&(dd, _)| dd == d) else {
+                            continue;
+                        };
+                        let row = s * b + i;
+                        tokens[row * h..(row + 1) * h].copy_from_slice(token(s, t));
+                        for kk in 0..k {
+                            let e = inp.topk_idx[t * k + kk];
+                            let here = e >= 0 && e as usize / l == d;
+                            topk_idx[row * k + kk] = match (here, recv_kind) {
+                                (false, _) => -1,
+                                (true, ExpertIdKind::Local) => (e as usize - d * l) as i32,
+                                (true, ExpertIdKind::Global) => e as i32,
+                            };
+                            topk_weights[row * k + kk] = inp.weights[t * k + kk];
+                        }
+                    }
+                }
+                let src_rank_counters = (0..n).map(|s| route.sent(s, d) as i32).collect();
+                LlDispatchOut::RankMajor {
+                    tokens,
+                    topk_idx,
+                    topk_weights,
+                    src_rank_counters,
+                }
+            })
+            .collect(),
+        Layout::Flat => panic!("LOW_LATENCY has no FLAT layout"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine
+
+/// Every rank's combine inputs.
+#[derive(Clone, Copy, Debug)]
+pub enum LlCombineIn<'a> {
+    /// Per rank: expert outputs `x` [L, N·B, H] (rows as dispatch placed them) and the combine
+    /// weights `w` [T, K] of the rank's own tokens.
+    ExpertMajor { x: &'a [Vec<u16>], weights: &'a [Vec<f32>] },
+    /// Per rank: `y` [N, B, H], already reduced over the rank's local experts by the caller.
+    RankMajor { y: &'a [Vec<u16>] },
+}
+
+/// Combine for every rank at once; element r is rank r's output [T_r, H] (bf16 bits).
+/// EM: out[t] = Σ_k w[t][k]·x_row(t,k) over valid k, fused multiply-add in increasing k.
+/// RM: out[t] = Σ y_d[me][slot_d(t)] over the distinct destination ranks d in first-appearance
+/// order. Both accumulate in f32 from +0 and round to bf16 once; no valid expert gives 0.
+pub fn ll_combine_ref(world: &LlWorld, input: LlCombineIn<'_>) -> Vec<Vec<u16>> {
+    let route = LlRoute::new(world);
+    let sh = world.shape;
+    let (n, b, h, k) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk);
+    let l = sh.local_experts();
+    match input {
+        LlCombineIn::ExpertMajor { x, weights } => {
+            assert_eq!(x.len(), n, "one x per rank");
+            assert_eq!(weights.len(), n, "one weight tensor per rank");
+            for (s, ws) in weights.iter().enumerate() {
+                assert_eq!(ws.len(), world.ranks[s].num_tokens * k, "rank {s}: weights shape");
+            }
+            for (d, xd) in x.iter().enumerate() {
+                assert_eq!(xd.len(), l * n * b * h, "rank {d}: x shape");
+            }
+        }
+        LlCombineIn::RankMajor { y } => {
+            assert_eq!(y.len(), n, "one y per rank");
+            for (d, yd) in y.iter().enumerate() {
+                assert_eq!(yd.len(), n * b * h, "rank {d}: y shape");
+            }
+        }
+    }
+    (0..n)
+        .map(|s| {
+            let t_s = world.ranks[s].num_tokens;
+            let mut out = vec![0u16; t_s * h];
+            let mut acc = vec![0f32; h];
+            for t in 0..t_s {
+                acc.fill(0.0);
+                match input {
+                    LlCombineIn::ExpertMajor { x, weights } => {
+                        for kk in 0..k {
+                            let Some((d, le, row)) = route.em_row(world, s, t, kk) else {
+                                continue;
+                            };
+                            let w = weights[s][t * k + kk];
+                            let src = &x[d][(le * n * b + row) * h..][..h];
+                            for (a, &v) in acc.iter_mut().zip(src) {
+                                *a = w.mul_add(bf16_to_f32(v), *a);
+                            }
+                        }
+                    }
+                    LlCombineIn::RankMajor { y } => {
+                        for &(d, slot) in route.dests(s, t) {
+                            let src = &y[d][(s * b + slot) * h..][..h];
+                            for (a, &v) in acc.iter_mut().zip(src) {
+                                *a += bf16_to_f32(v);
+                            }
+                        }
+                    }
+                }
+                for (o, &a) in out[t * h..(t + 1) * h].iter_mut().zip(&acc) {
+                    *o = f32_to_bf16_rne(a);
+                }
+            }
+            out
+        })
+        .collect()
+}

@@ -1,0 +1,100 @@
+//! `ncclEpxBufferSize` through its C entry point: sizes, the struct-size rule and error codes.
+
+use nccl_ep::abi::ext::{ncclEpxBufferSize, ncclEpxGetLastError};
+use nccl_ep::abi::guard::struct_default;
+use nccl_ep::abi::types::*;
+use std::ffi::CStr;
+
+const EM: ncclEpLayout_t = ncclEpLayout_t(1);
+const RM: ncclEpLayout_t = ncclEpLayout_t(2);
+
+fn anchor() -> ncclEpGroupConfig_t {
+    let mut c: ncclEpGroupConfig_t = struct_default();
+    c.version = 2;
+    c.algorithm = ncclEpAlgorithm_t(0);
+    c.num_experts = 256;
+    c.max_dispatch_tokens_per_rank = 128;
+    c.max_token_bytes = 14336;
+    c
+}
+
+fn size(c: *const ncclEpGroupConfig_t, n: i32, layout: ncclEpLayout_t, k: i32) -> Result<usize, (i32, String)> {
+    let mut bytes = usize::MAX;
+    // SAFETY: c is NULL or a live config; bytes is a live usize.
+    let rc = unsafe { ncclEpxBufferSize(c, n, layout, k, &mut bytes) };
+    if rc == 0 {
+        Ok(bytes)
+    } else {
+        assert_eq!(bytes, usize::MAX, "bytes written on failure");
+        // SAFETY: the library returns a NUL-terminated thread-local string.
+        let msg = unsafe { CStr::from_ptr(ncclEpxGetLastError()) }
+            .to_string_lossy()
+            .into_owned();
+        Err((rc, msg))
+    }
+}
+
+#[test]
+fn anchor_config_bytes_for_both_layouts() {
+    let c = anchor();
+    assert_eq!(size(&c, 8, EM, 8), Ok(29_592_064));
+    assert_eq!(size(&c, 8, RM, 8), Ok(29_592_064));
+    assert_eq!(size(&c, 64, EM, 8), Ok(236_720_128));
+}
+
+#[test]
+fn explicit_rdma_buffer_size_does_not_change_the_answer() {
+    let mut c = anchor();
+    c.rdma_buffer_size = 1 << 20;
+    assert_eq!(size(&c, 8, EM, 8), Ok(29_592_064));
+}
+
+#[test]
+fn grows_with_topk() {
+    let c = anchor();
+    let k8 = size(&c, 8, EM, 8).unwrap();
+    let k32 = size(&c, 8, EM, 32).unwrap();
+    assert!(k32 > k8);
+}
+
+#[test]
+fn v1_sized_config_is_accepted() {
+    let mut c = anchor();
+    c.size = 96;
+    assert_eq!(size(&c, 8, RM, 8), Ok(29_592_064));
+    c.size = 95;
+    assert_eq!(size(&c, 8, RM, 8).unwrap_err().0, 4);
+}
+
+#[test]
+fn argument_errors() {
+    let c = anchor();
+    // SAFETY: NULL bytes is what is being tested.
+    assert_eq!(unsafe { ncclEpxBufferSize(&c, 8, EM, 8, std::ptr::null_mut()) }, 4);
+    assert_eq!(size(std::ptr::null(), 8, EM, 8).unwrap_err().0, 4);
+    let mut bad = anchor();
+    bad.magic = 0x1234;
+    let e = size(&bad, 8, EM, 8).unwrap_err();
+    assert_eq!(e.0, 4);
+    assert!(e.1.contains("magic"), "{}", e.1);
+    assert_eq!(size(&c, 0, EM, 8).unwrap_err().0, 4);
+    assert_eq!(size(&c, 8, EM, 0).unwrap_err().0, 4);
+    assert_eq!(size(&c, 8, EM, 33).unwrap_err().0, 4);
+    assert_eq!(size(&c, 8, ncclEpLayout_t(0), 8).unwrap_err().0, 4);
+    assert_eq!(size(&c, 8, ncclEpLayout_t(9), 8).unwrap_err().0, 4);
+    // 256 experts do not split over 7 ranks.
+    assert_eq!(size(&c, 7, EM, 8).unwrap_err().0, 5);
+}
+
+#[test]
+fn usage_errors() {
+    let c = anchor();
+    let e = size(&c, 8, ncclEpLayout_t(3), 8).unwrap_err();
+    assert_eq!(e.0, 5);
+    assert!(e.1.contains("FLAT"), "{}", e.1);
+    let mut ht = anchor();
+    ht.algorithm = ncclEpAlgorithm_t(1);
+    let e = size(&ht, 8, EM, 8).unwrap_err();
+    assert_eq!(e.0, 5);
+    assert!(e.1.contains("HIGH_THROUGHPUT sizes are not available yet"), "{}", e.1);
+}

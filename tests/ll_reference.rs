@@ -1,0 +1,623 @@
+//! The LL CPU reference (src/core/reference.rs) against hand-computed cases and against
+//! independent re-statements of docs/LL.md's rules on random worlds.
+
+use nccl_ep::abi::enums::{ExpertIdKind, Layout};
+use nccl_ep::core::reference::*;
+
+const POISON: LlPoison = LlPoison {
+    token: 0xDEAD,
+    weight: -1234.5,
+};
+
+fn bf(x: f32) -> u16 {
+    f32_to_bf16_rne(x)
+}
+
+// ---- bf16 ------------------------------------------------------------------------------------
+
+#[test]
+fn bf16_rounding_is_nearest_even() {
+    assert_eq!(bf(1.0), 0x3F80);
+    assert_eq!(bf(-1.0), 0xBF80);
+    assert_eq!(bf(0.0), 0x0000);
+    assert_eq!(bf(-0.0), 0x8000);
+    // Exactly halfway: ties go to the even neighbour.
+    assert_eq!(f32_to_bf16_rne(f32::from_bits(0x3F80_8000)), 0x3F80);
+    assert_eq!(f32_to_bf16_rne(f32::from_bits(0x3F81_8000)), 0x3F82);
+    // Past halfway rounds up, below rounds down.
+    assert_eq!(f32_to_bf16_rne(f32::from_bits(0x3F80_8001)), 0x3F81);
+    assert_eq!(f32_to_bf16_rne(f32::from_bits(0x3F80_7FFF)), 0x3F80);
+    // Overflow to infinity, infinity stays.
+    assert_eq!(bf(f32::MAX), 0x7F80);
+    assert_eq!(bf(f32::INFINITY), 0x7F80);
+    assert_eq!(bf(f32::NEG_INFINITY), 0xFF80);
+    // 87.75 is halfway between 87.5 and 88: even gives 88 (0x42B0).
+    assert_eq!(bf(87.75), 0x42B0);
+}
+
+#[test]
+fn bf16_nan_stays_nan() {
+    for bits in [0x7FC0_0000u32, 0x7F80_0001, 0xFF80_0001, 0x7FFF_FFFF] {
+        let b = f32_to_bf16_rne(f32::from_bits(bits));
+        assert!(bf16_to_f32(b).is_nan(), "{bits:#x} -> {b:#x}");
+        assert_eq!(b & 0x8000, ((bits >> 16) as u16) & 0x8000, "sign kept");
+    }
+}
+
+#[test]
+fn bf16_round_trips_every_value() {
+    for b in 0..=u16::MAX {
+        let f = bf16_to_f32(b);
+        if f.is_nan() {
+            assert!(bf16_to_f32(f32_to_bf16_rne(f)).is_nan());
+        } else {
+            assert_eq!(f32_to_bf16_rne(f), b);
+        }
+    }
+}
+
+// ---- the hand-computed world: N=2, E=4 (L=2), B=3, H=8, K=2 ------------------------------------
+
+const H: usize = 8;
+
+/// Token t of rank r holds 100r + 10t + h (all exact in bf16).
+fn tok(r: usize, t: usize) -> Vec<u16> {
+    (0..H).map(|h| bf((100 * r + 10 * t + h) as f32)).collect()
+}
+
+fn tiny() -> LlWorld {
+    let shape = LlShape {
+        nranks: 2,
+        num_experts: 4,
+        max_tokens: 3,
+        hidden: H,
+        topk: 2,
+    };
+    let rank = |r: usize, topk_idx: Vec<i64>, weights: Vec<f32>| LlRankInput {
+        num_tokens: 3,
+        tokens: (0..3).flat_map(|t| tok(r, t)).collect(),
+        topk_idx,
+        weights,
+    };
+    LlWorld {
+        shape,
+        ranks: vec![
+            rank(0, vec![1, 2, 3, -1, 0, 1], vec![0.5, 0.25, 1.0, 2.0, 0.75, 0.125]),
+            // Token 1 selects expert 1 twice; token 2 selects nothing.
+            rank(1, vec![2, 3, 1, 1, -1, -1], vec![0.5, 0.5, 0.25, 0.5, 1.0, 1.0]),
+        ],
+    }
+}
+
+fn poison_row() -> Vec<u16> {
+    vec![POISON.token; H]
+}
+
+/// Row `row` of a [*, H] tensor.
+fn row(v: &[u16], row: usize) -> &[u16] {
+    &v[row * H..(row + 1) * H]
+}
+
+#[test]
+fn tiny_route_positions_and_counts() {
+    let w = tiny();
+    let r = LlRoute::new(&w);
+    assert_eq!(r.dests(0, 0), &[(0, 0), (1, 0)]);
+    assert_eq!(r.dests(0, 1), &[(1, 1)]);
+    assert_eq!(r.dests(0, 2), &[(0, 1)]);
+    assert_eq!(r.dests(1, 1), &[(0, 0)]);
+    assert!(r.dests(1, 2).is_empty());
+    assert_eq!((r.sent(0, 0), r.sent(0, 1), r.sent(1, 0), r.sent(1, 1)), (2, 2, 1, 1));
+    assert_eq!((r.pos(0, 0, 0), r.pos(0, 2, 1), r.pos(0, 1, 1)), (0, 1, -1));
+    assert_eq!((r.pos(1, 1, 0), r.pos(1, 1, 1)), (0, 1));
+    assert_eq!(r.expert_count(0, 1, 1), 2);
+    assert_eq!(r.expert_count(0, 0, 1), 2);
+    // base of expert 1 on rank 0 for source 1 is 2, so the duplicate fills rows 2 and 3.
+    assert_eq!(r.em_row(&w, 1, 1, 1), Some((0, 1, 3)));
+}
+
+#[test]
+fn tiny_expert_major_dispatch() {
+    let out = ll_dispatch_ref(&tiny(), Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+    let nb = 6; // N·B rows per expert
+    let LlDispatchOut::ExpertMajor {
+        tokens,
+        expert_counters,
+    } = &out[0]
+    else {
+        panic!()
+    };
+    assert_eq!(expert_counters, &[1, 4]);
+    assert_eq!(row(tokens, 0), tok(0, 2));
+    let e1 = [tok(0, 0), tok(0, 2), tok(1, 1), tok(1, 1)];
+    for (i, t) in e1.iter().enumerate() {
+        assert_eq!(row(tokens, nb + i), t.as_slice(), "expert 1 row {i}");
+    }
+    for r in (1..nb).chain(nb + 4..2 * nb) {
+        assert_eq!(row(tokens, r), poison_row(), "row {r} untouched");
+    }
+    let LlDispatchOut::ExpertMajor {
+        tokens,
+        expert_counters,
+    } = &out[1]
+    else {
+        panic!()
+    };
+    assert_eq!(expert_counters, &[2, 2]);
+    assert_eq!(row(tokens, 0), tok(0, 0));
+    assert_eq!(row(tokens, 1), tok(1, 0));
+    assert_eq!(row(tokens, nb), tok(0, 1));
+    assert_eq!(row(tokens, nb + 1), tok(1, 0));
+}
+
+#[test]
+fn tiny_rank_major_dispatch() {
+    let w = tiny();
+    let out = ll_dispatch_ref(&w, Layout::RankMajor, ExpertIdKind::Local, POISON);
+    let LlDispatchOut::RankMajor {
+        tokens,
+        topk_idx,
+        topk_weights,
+        src_rank_counters,
+    } = &out[0]
+    else {
+        panic!()
+    };
+    assert_eq!(src_rank_counters, &[2, 1]);
+    assert_eq!(row(tokens, 0), tok(0, 0));
+    assert_eq!(row(tokens, 1), tok(0, 2));
+    assert_eq!(row(tokens, 2), poison_row());
+    assert_eq!(row(tokens, 3), tok(1, 1));
+    assert_eq!(row(tokens, 4), poison_row());
+    assert_eq!(topk_idx, &[1, -1, 0, 1, -1, -1, 1, 1, -1, -1, -1, -1]);
+    let p = POISON.weight;
+    assert_eq!(topk_weights, &[0.5, 0.25, 0.75, 0.125, p, p, 0.25, 0.5, p, p, p, p]);
+
+    let LlDispatchOut::RankMajor {
+        tokens,
+        topk_idx,
+        src_rank_counters,
+        ..
+    } = &out[1]
+    else {
+        panic!()
+    };
+    assert_eq!(src_rank_counters, &[2, 1]);
+    assert_eq!(row(tokens, 0), tok(0, 0));
+    assert_eq!(row(tokens, 1), tok(0, 1));
+    assert_eq!(row(tokens, 3), tok(1, 0));
+    assert_eq!(topk_idx, &[-1, 0, 1, -1, -1, -1, 0, 1, -1, -1, -1, -1]);
+
+    let global = ll_dispatch_ref(&w, Layout::RankMajor, ExpertIdKind::Global, POISON);
+    let LlDispatchOut::RankMajor { topk_idx, .. } = &global[1] else {
+        panic!()
+    };
+    assert_eq!(topk_idx, &[-1, 2, 3, -1, -1, -1, 2, 3, -1, -1, -1, -1]);
+}
+
+/// bf16(c · v) for every element of token (r, t).
+fn scaled(r: usize, t: usize, c: f32) -> Vec<u16> {
+    tok(r, t).iter().map(|&v| bf(c * bf16_to_f32(v))).collect()
+}
+
+#[test]
+fn tiny_combine_both_layouts() {
+    let w = tiny();
+    let em = ll_dispatch_ref(&w, Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+    let x: Vec<Vec<u16>> = em.iter().map(|o| o.tokens().to_vec()).collect();
+    let weights: Vec<Vec<f32>> = w.ranks.iter().map(|r| r.weights.clone()).collect();
+    let out = ll_combine_ref(
+        &w,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &weights,
+        },
+    );
+    assert_eq!(row(&out[0], 0), scaled(0, 0, 0.75));
+    assert_eq!(row(&out[0], 1), tok(0, 1));
+    assert_eq!(row(&out[0], 2), scaled(0, 2, 0.875));
+    assert_eq!(row(&out[1], 0), tok(1, 0));
+    assert_eq!(row(&out[1], 1), scaled(1, 1, 0.75));
+    assert_eq!(row(&out[1], 1)[7], 0x42B0, "0.75 * 117 = 87.75 rounds to even 88");
+    assert_eq!(row(&out[1], 2), vec![0u16; H], "no expert gives 0");
+
+    let rm = ll_dispatch_ref(&w, Layout::RankMajor, ExpertIdKind::Local, POISON);
+    let y: Vec<Vec<u16>> = rm.iter().map(|o| o.tokens().to_vec()).collect();
+    let out = ll_combine_ref(&w, LlCombineIn::RankMajor { y: &y });
+    assert_eq!(row(&out[0], 0), scaled(0, 0, 2.0), "two destination ranks");
+    assert_eq!(row(&out[0], 1), tok(0, 1));
+    assert_eq!(row(&out[0], 2), tok(0, 2), "two experts on one rank count once");
+    assert_eq!(row(&out[1], 0), tok(1, 0));
+    assert_eq!(row(&out[1], 1), tok(1, 1), "a duplicated expert counts once");
+    assert_eq!(row(&out[1], 2), vec![0u16; H]);
+}
+
+/// Expert-major combine fuses each multiply into the add and goes in increasing k: here
+/// 1·(−1) + w·1.0078125 rounds to 0xB64A fused, but to 0xB648 with a rounded product (or with
+/// the terms the other way round).
+#[test]
+fn expert_major_combine_uses_fma_in_k_order() {
+    let w1 = f32::from_bits(0x3F7E_03C6);
+    let world = LlWorld {
+        shape: LlShape {
+            nranks: 1,
+            num_experts: 2,
+            max_tokens: 1,
+            hidden: 1,
+            topk: 2,
+        },
+        ranks: vec![LlRankInput {
+            num_tokens: 1,
+            tokens: vec![0],
+            topk_idx: vec![0, 1],
+            weights: vec![0.0, 0.0],
+        }],
+    };
+    let x = vec![vec![bf(-1.0), bf(1.0078125)]];
+    let weights = vec![vec![1.0, w1]];
+    let out = ll_combine_ref(
+        &world,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &weights,
+        },
+    );
+    assert_eq!(out[0], vec![0xB64A]);
+    assert_eq!(bf(w1 * 1.0078125 - 1.0), 0xB648, "unfused differs");
+}
+
+/// Rank-major combine adds the destination ranks in first-appearance order: (1 + 2^-24) − 1 is
+/// 0 in f32, while rank order (−1 + 2^-24) + 1 would give 2^-24.
+#[test]
+fn rank_major_combine_adds_in_first_appearance_order() {
+    let world = LlWorld {
+        shape: LlShape {
+            nranks: 3,
+            num_experts: 3,
+            max_tokens: 1,
+            hidden: 1,
+            topk: 3,
+        },
+        ranks: vec![
+            LlRankInput {
+                num_tokens: 1,
+                tokens: vec![0],
+                topk_idx: vec![2, 1, 0],
+                weights: vec![0.0; 3],
+            },
+            LlRankInput {
+                num_tokens: 0,
+                tokens: vec![],
+                topk_idx: vec![],
+                weights: vec![],
+            },
+            LlRankInput {
+                num_tokens: 0,
+                tokens: vec![],
+                topk_idx: vec![],
+                weights: vec![],
+            },
+        ],
+    };
+    // y_d [N, B, H]: only row [0][0] (rank 0's token) is read.
+    let tiny = 2f32.powi(-24);
+    let y: Vec<Vec<u16>> = [-1.0, tiny, 1.0].iter().map(|&v| vec![bf(v), 0, 0]).collect();
+    let out = ll_combine_ref(&world, LlCombineIn::RankMajor { y: &y });
+    assert_eq!(out[0], vec![0x0000]);
+    assert_eq!(bf((-1.0 + tiny) + 1.0), bf(tiny), "rank order differs");
+    assert!(out[1].is_empty() && out[2].is_empty());
+}
+
+// ---- random worlds -----------------------------------------------------------------------------
+
+fn shapes() -> Vec<LlShape> {
+    let s = |nranks, num_experts, max_tokens, hidden, topk| LlShape {
+        nranks,
+        num_experts,
+        max_tokens,
+        hidden,
+        topk,
+    };
+    vec![
+        s(1, 4, 5, 8, 2),
+        s(2, 4, 3, 8, 2),
+        s(3, 12, 7, 16, 4),
+        s(4, 16, 9, 8, 8),
+        s(4, 8, 6, 8, 5),
+    ]
+}
+
+fn routings(n: usize) -> Vec<Routing> {
+    vec![Routing::Uniform, Routing::Skewed { rank: n - 1 }, Routing::SameRankDups]
+}
+
+/// Calls f on a spread of random worlds.
+fn for_worlds(mut f: impl FnMut(&LlWorld)) {
+    for (i, shape) in shapes().into_iter().enumerate() {
+        for routing in routings(shape.nranks) {
+            for seed in 0..6u64 {
+                let mut rng = SplitMix64::new(seed * 1000 + i as u64);
+                f(&LlWorld::random(&mut rng, shape, routing));
+            }
+        }
+    }
+}
+
+fn tok_of(w: &LlWorld, s: usize, t: usize) -> &[u16] {
+    let h = w.shape.hidden;
+    &w.ranks[s].tokens[t * h..(t + 1) * h]
+}
+
+#[test]
+fn counters_sum_to_the_selections() {
+    for_worlds(|w| {
+        let sh = w.shape;
+        let em = ll_dispatch_ref(w, Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+        let rm = ll_dispatch_ref(w, Layout::RankMajor, ExpertIdKind::Local, POISON);
+        let selections: usize = w
+            .ranks
+            .iter()
+            .map(|r| r.topk_idx.iter().filter(|&&e| e >= 0).count())
+            .sum();
+        let em_rows: i32 = em
+            .iter()
+            .map(|o| match o {
+                LlDispatchOut::ExpertMajor { expert_counters, .. } => expert_counters.iter().sum::<i32>(),
+                _ => unreachable!(),
+            })
+            .sum();
+        assert_eq!(em_rows as usize, selections);
+        // Each token counts once per distinct destination rank.
+        let mut pairs = 0;
+        for r in &w.ranks {
+            for t in 0..r.num_tokens {
+                let mut ranks: Vec<i64> = r.topk_idx[t * sh.topk..(t + 1) * sh.topk]
+                    .iter()
+                    .filter(|&&e| e >= 0)
+                    .map(|&e| e / sh.local_experts() as i64)
+                    .collect();
+                ranks.sort();
+                ranks.dedup();
+                pairs += ranks.len();
+            }
+        }
+        let rm_rows: i32 = rm
+            .iter()
+            .map(|o| match o {
+                LlDispatchOut::RankMajor { src_rank_counters, .. } => src_rank_counters.iter().sum::<i32>(),
+                _ => unreachable!(),
+            })
+            .sum();
+        assert_eq!(rm_rows as usize, pairs);
+    });
+}
+
+/// Expert-major rows follow (source rank, t, k) order: re-derived by a plain scan.
+#[test]
+fn expert_major_rows_in_source_then_selection_order() {
+    for_worlds(|w| {
+        let sh = w.shape;
+        let (n, l, h, k) = (sh.nranks, sh.local_experts(), sh.hidden, sh.topk);
+        let nb = n * sh.max_tokens;
+        let em = ll_dispatch_ref(w, Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+        for (d, out) in em.iter().enumerate() {
+            let LlDispatchOut::ExpertMajor {
+                tokens,
+                expert_counters,
+            } = out
+            else {
+                panic!()
+            };
+            for le in 0..l {
+                let want: Vec<&[u16]> = (0..n)
+                    .flat_map(|s| (0..w.ranks[s].num_tokens).flat_map(move |t| (0..k).map(move |kk| (s, t, kk))))
+                    .filter(|&(s, t, kk)| w.ranks[s].topk_idx[t * k + kk] == (d * l + le) as i64)
+                    .map(|(s, t, _)| tok_of(w, s, t))
+                    .collect();
+                assert_eq!(expert_counters[le] as usize, want.len());
+                for r in 0..nb {
+                    let got = &tokens[(le * nb + r) * h..][..h];
+                    match want.get(r) {
+                        Some(x) => assert_eq!(got, *x, "rank {d} expert {le} row {r}"),
+                        None => assert!(got.iter().all(|&v| v == POISON.token), "row {r} untouched"),
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Rank-major rows walked in (source, slot, k) order rebuild the expert-major rows exactly.
+#[test]
+fn rank_major_and_expert_major_agree() {
+    for_worlds(|w| {
+        let sh = w.shape;
+        let (n, b, l, h, k) = (sh.nranks, sh.max_tokens, sh.local_experts(), sh.hidden, sh.topk);
+        let em = ll_dispatch_ref(w, Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+        let rm = ll_dispatch_ref(w, Layout::RankMajor, ExpertIdKind::Local, POISON);
+        let rg = ll_dispatch_ref(w, Layout::RankMajor, ExpertIdKind::Global, POISON);
+        for d in 0..n {
+            let LlDispatchOut::ExpertMajor {
+                tokens: et,
+                expert_counters,
+            } = &em[d]
+            else {
+                panic!()
+            };
+            let LlDispatchOut::RankMajor {
+                tokens,
+                topk_idx,
+                topk_weights,
+                src_rank_counters,
+            } = &rm[d]
+            else {
+                panic!()
+            };
+            let LlDispatchOut::RankMajor { topk_idx: gidx, .. } = &rg[d] else {
+                panic!()
+            };
+            let mut per_expert: Vec<Vec<&[u16]>> = vec![Vec::new(); l];
+            for (s, &ns) in src_rank_counters.iter().enumerate() {
+                let ns = ns as usize;
+                for i in 0..b {
+                    let r = s * b + i;
+                    let data = &tokens[r * h..][..h];
+                    let (ids, ws) = (&topk_idx[r * k..][..k], &topk_weights[r * k..][..k]);
+                    if i >= ns {
+                        assert!(data.iter().all(|&v| v == POISON.token), "stale row written");
+                        assert!(ids.iter().all(|&e| e == -1), "stale ids reset");
+                        assert!(ws.iter().all(|&x| x.to_bits() == POISON.weight.to_bits()));
+                        continue;
+                    }
+                    assert!(ids.iter().any(|&e| e >= 0), "a received row has a local expert");
+                    for kk in 0..k {
+                        let e = ids[kk];
+                        assert_eq!(gidx[r * k + kk], if e < 0 { -1 } else { e + (d * l) as i32 });
+                        if e >= 0 {
+                            per_expert[e as usize].push(data);
+                        }
+                    }
+                }
+            }
+            let nb = n * b;
+            for (le, rows) in per_expert.iter().enumerate() {
+                assert_eq!(rows.len(), expert_counters[le] as usize);
+                for (r, data) in rows.iter().enumerate() {
+                    assert_eq!(&et[(le * nb + r) * h..][..h], *data);
+                }
+            }
+        }
+        // Received rank-major rows carry their source token and all K weights, in token order.
+        let route = LlRoute::new(w);
+        for (s, inp) in w.ranks.iter().enumerate() {
+            for t in 0..inp.num_tokens {
+                for &(d, i) in route.dests(s, t) {
+                    let LlDispatchOut::RankMajor {
+                        tokens, topk_weights, ..
+                    } = &rm[d]
+                    else {
+                        panic!()
+                    };
+                    let r = s * b + i;
+                    assert_eq!(&tokens[r * h..][..h], tok_of(w, s, t));
+                    assert_eq!(&topk_weights[r * k..][..k], &inp.weights[t * k..][..k]);
+                }
+            }
+        }
+    });
+}
+
+/// Dispatch, identity experts, combine: EM gives Σ_k w·x (fma in increasing k), RM gives x times
+/// the number of distinct destination ranks (sequential adds).
+#[test]
+fn round_trips() {
+    for_worlds(|w| {
+        let sh = w.shape;
+        let (h, k, l) = (sh.hidden, sh.topk, sh.local_experts());
+        let em = ll_dispatch_ref(w, Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+        let x: Vec<Vec<u16>> = em.iter().map(|o| o.tokens().to_vec()).collect();
+        // Combine weights differ from the dispatched ones on purpose.
+        let cw: Vec<Vec<f32>> = w
+            .ranks
+            .iter()
+            .map(|r| r.weights.iter().map(|v| 1.0 - v).collect())
+            .collect();
+        let out_em = ll_combine_ref(w, LlCombineIn::ExpertMajor { x: &x, weights: &cw });
+        let rm = ll_dispatch_ref(w, Layout::RankMajor, ExpertIdKind::Local, POISON);
+        let y: Vec<Vec<u16>> = rm.iter().map(|o| o.tokens().to_vec()).collect();
+        let out_rm = ll_combine_ref(w, LlCombineIn::RankMajor { y: &y });
+        for (s, inp) in w.ranks.iter().enumerate() {
+            assert_eq!(out_em[s].len(), inp.num_tokens * h);
+            for t in 0..inp.num_tokens {
+                let ids = &inp.topk_idx[t * k..][..k];
+                let mut ranks: Vec<i64> = Vec::new();
+                for &e in ids.iter().filter(|&&e| e >= 0) {
+                    if !ranks.contains(&(e / l as i64)) {
+                        ranks.push(e / l as i64);
+                    }
+                }
+                for (j, &v) in tok_of(w, s, t).iter().enumerate() {
+                    let v = bf16_to_f32(v);
+                    let mut acc = 0f32;
+                    for kk in (0..k).filter(|&kk| ids[kk] >= 0) {
+                        acc = cw[s][t * k + kk].mul_add(v, acc);
+                    }
+                    assert_eq!(out_em[s][t * h + j], bf(acc), "EM rank {s} token {t} elem {j}");
+                    let mut acc = 0f32;
+                    for _ in &ranks {
+                        acc += v;
+                    }
+                    assert_eq!(out_rm[s][t * h + j], bf(acc), "RM rank {s} token {t} elem {j}");
+                }
+            }
+        }
+    });
+}
+
+// ---- generators --------------------------------------------------------------------------------
+
+#[test]
+fn generators_have_their_properties() {
+    let shape = LlShape {
+        nranks: 4,
+        num_experts: 16,
+        max_tokens: 64,
+        hidden: 8,
+        topk: 6,
+    };
+    let (k, l) = (shape.topk, shape.local_experts());
+    let mut rng = SplitMix64::new(7);
+    let mut nones = 0;
+    for _ in 0..4 {
+        let t = 40;
+        let uni = gen_routing(&mut rng, shape, t, Routing::Uniform);
+        let skew = gen_routing(&mut rng, shape, t, Routing::Skewed { rank: 2 });
+        let dups = gen_routing(&mut rng, shape, t, Routing::SameRankDups);
+        let mut dup_tokens = 0;
+        let mut per_expert = vec![0usize; shape.num_experts];
+        for tok in 0..t {
+            let row = |v: &[i64]| v[tok * k..(tok + 1) * k].to_vec();
+            let mut u: Vec<i64> = row(&uni).into_iter().filter(|&e| e >= 0).collect();
+            nones += k - u.len();
+            let before = u.len();
+            u.sort();
+            u.dedup();
+            assert_eq!(u.len(), before, "uniform: distinct experts");
+            assert!(row(&skew).iter().all(|&e| e == -1 || (e as usize) / l == 2));
+            let d: Vec<i64> = row(&dups).into_iter().filter(|&e| e >= 0).collect();
+            let mut dd = d.clone();
+            dd.sort();
+            dd.dedup();
+            dup_tokens += (dd.len() < d.len()) as usize;
+            for &e in &d {
+                per_expert[e as usize] += 1;
+            }
+        }
+        assert!(per_expert.iter().all(|&c| c <= shape.max_tokens));
+        assert!(dup_tokens > 0, "some tokens select one expert twice");
+    }
+    assert!(nones > 0, "some selections are -1");
+}
+
+#[test]
+fn worlds_are_deterministic() {
+    let shape = shapes()[3];
+    let a = LlWorld::random(&mut SplitMix64::new(42), shape, Routing::SameRankDups);
+    let b = LlWorld::random(&mut SplitMix64::new(42), shape, Routing::SameRankDups);
+    assert_eq!(a, b);
+    assert_eq!(SplitMix64::new(1).next_u64(), SplitMix64::new(1).next_u64());
+}
+
+#[test]
+#[should_panic(expected = "expert id")]
+fn out_of_range_expert_panics() {
+    let mut w = tiny();
+    w.ranks[0].topk_idx[0] = 4;
+    ll_dispatch_ref(&w, Layout::RankMajor, ExpertIdKind::Local, POISON);
+}
+
+#[test]
+#[should_panic(expected = "FLAT")]
+fn flat_layout_panics() {
+    ll_dispatch_ref(&tiny(), Layout::Flat, ExpertIdKind::Local, POISON);
+}
