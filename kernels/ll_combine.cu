@@ -60,7 +60,10 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 #if EP_EM
     bool use = e >= 0;
     if (use) w = ((const float*)p.weights)[(i64)t * K + lane];
+    // A duplicate expert reads the row sent for its first occurrence.
+    int src_k = __ffs(__match_any_sync(0xffffffffu, use ? e : -100 - lane)) - 1;
 #else
+    int src_k = lane;
     int d = e >= 0 ? e / p.local_experts : -100 - lane;
     u32 same = __match_any_sync(0xffffffffu, d);
     bool use = e >= 0 && (__ffs(same) - 1) == lane;
@@ -68,8 +71,12 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 #endif
     u32 use_mask = __ballot_sync(0xffffffffu, use);
     float wk[EP_TOPK];
+    int sk[EP_TOPK];
 #pragma unroll
-    for (int k = 0; k < EP_TOPK; ++k) wk[k] = __shfl_sync(0xffffffffu, w, k);
+    for (int k = 0; k < EP_TOPK; ++k) {
+      wk[k] = __shfl_sync(0xffffffffu, w, k);
+      sk[k] = __shfl_sync(0xffffffffu, src_k, k);
+    }
     const int n16 = p.row_bytes >> 4;
     int4* out = (int4*)((char*)p.out + (i64)t * p.row_bytes);
     for (int c = lane; c < n16; c += 32) {
@@ -79,7 +86,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 #pragma unroll
       for (int k = 0; k < EP_TOPK; ++k) {
         if (!(use_mask & (1u << k))) continue;
-        int4 v = ld_cg((const int4*)(recv + ((i64)t * K + k) * p.cmsg) + c);
+        int4 v = ld_cg((const int4*)(recv + ((i64)t * K + sk[k]) * p.cmsg) + c);
         const unsigned short* h = (const unsigned short*)&v;
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] = __fmaf_rn(wk[k], bf16_to_f32(h[i]), acc[i]);

@@ -29,15 +29,16 @@ __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, TokenR
   for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) hist_e[i] = 0;
   for (int i = threadIdx.x; i < p.nranks; i += blockDim.x) hist_r[i] = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < t0 * EP_TOPK; i += blockDim.x) {
-    int e = topk_at(p, i / EP_TOPK, i % EP_TOPK);
-    if (e >= 0) atomicAdd(&hist_e[e], 1);
-  }
+  // Tokens before this block: distinct (token, expert) pairs per expert, tokens per rank.
   for (int t = threadIdx.x; t < t0; t += blockDim.x) {
     u64 seen = 0;
     for (int k = 0; k < EP_TOPK; ++k) {
       int e = topk_at(p, t, k);
-      if (e >= 0) seen |= 1ull << (e / L);
+      if (e < 0) continue;
+      bool dup = false;
+      for (int j = 0; j < k; ++j) dup |= topk_at(p, t, j) == e;
+      if (!dup) atomicAdd(&hist_e[e], 1);
+      seen |= 1ull << (e / L);
     }
     while (seen) {
       int d = __ffsll((i64)seen) - 1;
@@ -54,10 +55,12 @@ __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, TokenR
       int e = lane < EP_TOPK ? topk_at(p, t, lane) : -1;
       int key_e = e >= 0 ? e : -100 - lane;  // unmatched lanes never group together
       u32 same_e = __match_any_sync(0xffffffffu, key_e);
+      // Only the first occurrence of an expert in the row counts (docs/LL.md, duplicates).
+      bool first_e = (same_e & lt) == 0;
       int pos = 0;
-      if (e >= 0) pos = hist_e[e] + __popc(same_e & lt);
+      if (e >= 0 && first_e) pos = hist_e[e];
       __syncwarp();
-      if (e >= 0 && (same_e & lt) == 0) hist_e[e] += __popc(same_e);
+      if (e >= 0 && first_e) hist_e[e] += 1;
       int d = e >= 0 ? e / L : -100 - lane;
       u32 same_d = __match_any_sync(0xffffffffu, d);
       int leader = __ffs(same_d) - 1;
@@ -181,7 +184,15 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
     int token = ld_cg_int((const int*)msg);
     const HdrRec* rec = (const HdrRec*)(msg + 4);
     int e = lane < K ? ld_cg_int(&rec[lane].expert) : -1;
-    bool local = e >= lo && e < lo + L;
+    bool in_range = e >= lo && e < lo + L;
+    u32 same_e = __match_any_sync(0xffffffffu, in_range ? e : -100 - lane);
+#if EP_EM
+    // A duplicate expert in the row is delivered once, at its first occurrence.
+    bool local = in_range && (__ffs(same_e) - 1) == lane;
+#else
+    bool local = in_range;
+    (void)same_e;
+#endif
     int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
     if (lane == 0) mrow[0] = token;
 #if EP_EM

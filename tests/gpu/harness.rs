@@ -1,0 +1,356 @@
+//! GPU test harness: device buffers, tensor descriptors, streams, and one low-latency round
+//! (dispatch then combine) on a set of groups, checked against the CPU reference.
+
+#![allow(dead_code)]
+
+use cudarc::driver::sys;
+use nccl_ep::abi::enums::{ExpertIdKind, Layout, dtype};
+use nccl_ep::abi::guard::struct_default;
+use nccl_ep::abi::ops::{ncclEpCombine, ncclEpComplete, ncclEpDispatch};
+use nccl_ep::abi::types::*;
+use nccl_ep::core::reference::*;
+use nccl_ep::cuda::context::CtxGuard;
+use nccl_ep::cuda::memory::{self, DeviceMem};
+use std::ffi::{CStr, c_void};
+
+pub const POISON_TOKEN: u16 = 0x7fa5; // a NaN pattern no computation produces
+pub const POISON_WEIGHT: f32 = -12345.5;
+pub const POISON_INT: i32 = -777;
+
+pub fn last_error() -> String {
+    // SAFETY: the extension returns a NUL-terminated thread-local string.
+    unsafe { CStr::from_ptr(nccl_ep::abi::ext::ncclEpxGetLastError()) }.to_string_lossy().into_owned()
+}
+
+/// Fails with the library's message when a call does not return ncclSuccess.
+#[macro_export]
+macro_rules! ep_ok {
+    ($call:expr) => {{
+        let r = unsafe { $call };
+        if r != 0 {
+            return Err(format!("{} returned {}: {}", stringify!($call), r, $crate::harness::last_error()));
+        }
+    }};
+}
+
+pub fn cu(r: sys::CUresult, what: &str) -> Result<(), String> {
+    if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(format!("{what}: {r:?}")) }
+}
+
+/// True when a CUDA device can be used (the GPU tests skip otherwise).
+pub fn gpu_present() -> bool {
+    nccl_ep::cuda::driver::driver_available() && nccl_ep::cuda::driver::device_count().unwrap_or(0) > 0
+}
+
+pub struct Stream(pub sys::CUstream);
+
+impl Stream {
+    pub fn new(device: i32) -> Result<Stream, String> {
+        let _g = CtxGuard::enter(device).map_err(|e| e.msg)?;
+        let mut s: sys::CUstream = std::ptr::null_mut();
+        cu(unsafe { sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) }, "cuStreamCreate")?;
+        Ok(Stream(s))
+    }
+    pub fn raw(&self) -> cudaStream_t {
+        self.0.cast()
+    }
+    pub fn sync(&self) -> Result<(), String> {
+        memory::stream_synchronize(self.0).map_err(|e| e.msg)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        unsafe { sys::cuStreamDestroy_v2(self.0) };
+    }
+}
+
+/// A device array plus its tensor descriptor (the descriptor points into this struct).
+pub struct DevTensor {
+    pub mem: DeviceMem,
+    pub sizes: Box<[usize]>,
+    pub desc: Box<ncclEpTensor_t>,
+    pub bytes: usize,
+}
+
+impl DevTensor {
+    pub fn new(device: i32, dt: i32, sizes: &[usize]) -> Result<DevTensor, String> {
+        let elem = dtype::elem_bytes(dt).unwrap();
+        let bytes = sizes.iter().product::<usize>() * elem;
+        let mem = DeviceMem::alloc(device, bytes.max(16)).map_err(|e| e.msg)?;
+        let mut sizes: Box<[usize]> = sizes.into();
+        let desc = Box::new(ncclEpTensor_t {
+            size: 48,
+            magic: 0xCAFE_CAFE,
+            ndim: sizes.len() as u32,
+            datatype: dt,
+            data: mem.ptr() as *mut c_void,
+            win_hdl: std::ptr::null_mut(),
+            win_offset: 0,
+            sizes: sizes.as_mut_ptr(),
+        });
+        Ok(DevTensor { mem, sizes, desc, bytes })
+    }
+    pub fn ptr(&mut self) -> *mut ncclEpTensor_t {
+        &mut *self.desc
+    }
+    pub fn upload<T: Copy>(&self, v: &[T]) -> Result<(), String> {
+        assert_eq!(std::mem::size_of_val(v), self.bytes, "upload size");
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        let _g = CtxGuard::enter(self.mem.device()).map_err(|e| e.msg)?;
+        unsafe { memory::memcpy_htod(self.mem.ptr(), v) }.map_err(|e| e.msg)
+    }
+    pub fn download<T: Copy + Default>(&self) -> Result<Vec<T>, String> {
+        let n = self.bytes / std::mem::size_of::<T>();
+        let mut v = vec![T::default(); n];
+        if n > 0 {
+            let _g = CtxGuard::enter(self.mem.device()).map_err(|e| e.msg)?;
+            unsafe { memory::memcpy_dtoh(&mut v, self.mem.ptr()) }.map_err(|e| e.msg)?;
+        }
+        Ok(v)
+    }
+    /// Fills every element with `v` (outputs are poisoned before each operation).
+    pub fn fill<T: Copy>(&self, v: T) -> Result<(), String> {
+        let n = self.bytes / std::mem::size_of::<T>();
+        self.upload(&vec![v; n])
+    }
+}
+
+/// One test configuration of a low-latency round.
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub nranks: usize,
+    pub local_experts: usize,
+    pub max_tokens: usize,
+    pub hidden: usize,
+    pub topk: usize,
+    /// Tokens per rank: None = random in [0, B] per rank.
+    pub tokens: Option<usize>,
+    pub layout: Layout,
+    pub routing: Routing,
+    pub send_only: bool,
+    pub idx64: bool,
+    pub global_ids: bool,
+    pub seed: u64,
+}
+
+impl Case {
+    pub fn shape(&self) -> LlShape {
+        LlShape {
+            nranks: self.nranks,
+            num_experts: self.nranks * self.local_experts,
+            max_tokens: self.max_tokens,
+            hidden: self.hidden,
+            topk: self.topk,
+        }
+    }
+
+    pub fn group_config(&self) -> ncclEpGroupConfig_t {
+        let mut c: ncclEpGroupConfig_t = struct_default();
+        c.version = 2;
+        c.algorithm = ncclEpAlgorithm_t(0);
+        c.num_experts = (self.nranks * self.local_experts) as u32;
+        c.max_dispatch_tokens_per_rank = self.max_tokens as u32;
+        c.max_token_bytes = (self.hidden * 2) as u32;
+        c.timeout_ns = 20_000_000_000;
+        c
+    }
+
+    /// A world of inputs for this case.
+    pub fn world(&self, rng: &mut SplitMix64) -> LlWorld {
+        let shape = self.shape();
+        let ranks = (0..self.nranks)
+            .map(|_| {
+                let t = self.tokens.unwrap_or_else(|| rng.below(self.max_tokens + 1));
+                LlRankInput {
+                    num_tokens: t,
+                    tokens: (0..t * shape.hidden).map(|_| f32_to_bf16_rne(rng.unit_f32() * 8.0 - 4.0)).collect(),
+                    topk_idx: gen_routing(rng, shape, t, self.routing),
+                    weights: (0..t * shape.topk).map(|_| rng.unit_f32()).collect(),
+                }
+            })
+            .collect();
+        let w = LlWorld { shape, ranks };
+        w.check();
+        w
+    }
+}
+
+/// Device-side tensors of one rank for one round.
+pub struct RankBufs {
+    pub tokens: DevTensor,
+    pub topk: DevTensor,
+    pub weights: DevTensor,
+    pub out: DevTensor,
+    pub counters: DevTensor,
+    pub out_idx: Option<DevTensor>,
+    pub out_w: Option<DevTensor>,
+    pub x: DevTensor,
+    pub comb_w: DevTensor,
+    pub comb_out: DevTensor,
+}
+
+pub fn alloc_rank(c: &Case, device: i32, t: usize) -> Result<RankBufs, String> {
+    let (n, l, b, h, k) = (c.nranks, c.local_experts, c.max_tokens, c.hidden, c.topk);
+    let (out_sizes, x_sizes) = match c.layout {
+        Layout::ExpertMajor => (vec![l, n * b, h], vec![l, n * b, h]),
+        _ => (vec![n, b, h], vec![n, b, h]),
+    };
+    let em = c.layout == Layout::ExpertMajor;
+    Ok(RankBufs {
+        tokens: DevTensor::new(device, dtype::BFLOAT16, &[t, h])?,
+        topk: DevTensor::new(device, if c.idx64 { dtype::INT64 } else { dtype::INT32 }, &[t, k])?,
+        weights: DevTensor::new(device, dtype::FLOAT32, &[t, k])?,
+        out: DevTensor::new(device, dtype::BFLOAT16, &out_sizes)?,
+        counters: DevTensor::new(device, dtype::INT32, &[if em { l } else { n }])?,
+        out_idx: (!em).then(|| DevTensor::new(device, dtype::INT32, &[n, b, k])).transpose()?,
+        out_w: (!em).then(|| DevTensor::new(device, dtype::FLOAT32, &[n, b, k])).transpose()?,
+        x: DevTensor::new(device, dtype::BFLOAT16, &x_sizes)?,
+        comb_w: DevTensor::new(device, dtype::FLOAT32, &[t, k])?,
+        comb_out: DevTensor::new(device, dtype::BFLOAT16, &[t, h])?,
+    })
+}
+
+/// Uploads a rank's dispatch inputs and poisons its outputs.
+pub fn load_inputs(c: &Case, b: &RankBufs, inp: &LlRankInput) -> Result<(), String> {
+    b.tokens.upload(&inp.tokens)?;
+    if c.idx64 {
+        b.topk.upload(&inp.topk_idx)?;
+    } else {
+        b.topk.upload(&inp.topk_idx.iter().map(|&e| e as i32).collect::<Vec<_>>())?;
+    }
+    b.weights.upload(&inp.weights)?;
+    b.out.fill(POISON_TOKEN)?;
+    b.counters.fill(POISON_INT)?;
+    if let Some(t) = &b.out_idx {
+        t.fill(POISON_INT)?;
+    }
+    if let Some(t) = &b.out_w {
+        t.fill(POISON_WEIGHT)?;
+    }
+    b.comb_out.fill(POISON_TOKEN)?;
+    Ok(())
+}
+
+/// Issues rank r's dispatch (and its completion when send_only).
+pub fn dispatch(c: &Case, h: ncclEpHandle_t, b: &mut RankBufs, s: &Stream, send_only: bool) -> Result<(), String> {
+    let mut inp: ncclEpDispatchInputs_t = struct_default();
+    let mut out: ncclEpDispatchOutputs_t = struct_default();
+    let mut li: ncclEpLayoutInfo_t = struct_default();
+    let mut cfg: ncclEpDispatchConfig_t = struct_default();
+    cfg.send_only = send_only as u32;
+    inp.tokens = b.tokens.ptr();
+    out.tokens = b.out.ptr();
+    if c.layout == Layout::ExpertMajor {
+        li.expert_counters = b.counters.ptr();
+    } else {
+        inp.topk_weights = b.weights.ptr();
+        out.topk_idx = b.out_idx.as_mut().unwrap().ptr();
+        out.topk_weights = b.out_w.as_mut().unwrap().ptr();
+        li.src_rank_counters = b.counters.ptr();
+        li.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
+    }
+    ep_ok!(ncclEpDispatch(h, &inp, &out, &li, &cfg, s.raw()));
+    Ok(())
+}
+
+pub fn combine(c: &Case, h: ncclEpHandle_t, b: &mut RankBufs, s: &Stream, send_only: bool) -> Result<(), String> {
+    let mut inp: ncclEpCombineInputs_t = struct_default();
+    let mut out: ncclEpCombineOutputs_t = struct_default();
+    let mut cfg: ncclEpCombineConfig_t = struct_default();
+    cfg.send_only = send_only as u32;
+    inp.tokens = b.x.ptr();
+    out.tokens = b.comb_out.ptr();
+    if c.layout == Layout::ExpertMajor {
+        out.topk_weights = b.comb_w.ptr();
+    }
+    ep_ok!(ncclEpCombine(h, &inp, &out, &cfg, s.raw()));
+    Ok(())
+}
+
+pub fn complete(h: ncclEpHandle_t, s: &Stream) -> Result<(), String> {
+    ep_ok!(ncclEpComplete(h, std::ptr::null(), s.raw()));
+    Ok(())
+}
+
+/// Compares two arrays element by element; reports the first few differences.
+pub fn compare<T: PartialEq + std::fmt::Debug + Copy>(what: &str, got: &[T], want: &[T]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} elements, expected {}", got.len(), want.len()));
+    }
+    let bad: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).take(5).collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let total = (0..got.len()).filter(|&i| got[i] != want[i]).count();
+    let ex: Vec<String> = bad.iter().map(|&i| format!("[{i}] got {:?} want {:?}", got[i], want[i])).collect();
+    Err(format!("{what}: {total} of {} elements differ, e.g. {}", got.len(), ex.join(", ")))
+}
+
+/// bf16 outputs of a combine: exact, or within one bf16 step (1 ulp) of the reference.
+pub fn compare_bf16_close(what: &str, got: &[u16], want: &[u16]) -> Result<(), String> {
+    let far = |a: u16, b: u16| (a as i32 - b as i32).abs() > 1 && !(a & 0x7fff == 0 && b & 0x7fff == 0);
+    let bad: Vec<usize> = (0..got.len().min(want.len())).filter(|&i| far(got[i], want[i])).take(5).collect();
+    if got.len() == want.len() && bad.is_empty() {
+        return Ok(());
+    }
+    let ex: Vec<String> = bad.iter().map(|&i| format!("[{i}] got {:#06x} want {:#06x}", got[i], want[i])).collect();
+    Err(format!("{what}: differs from the reference beyond 1 bf16 ulp: {}", ex.join(", ")))
+}
+
+/// Checks every rank's dispatch outputs against the reference.
+pub fn check_dispatch(c: &Case, world: &LlWorld, bufs: &[RankBufs]) -> Result<(), String> {
+    let kind = if c.global_ids { ExpertIdKind::Global } else { ExpertIdKind::Local };
+    let want = ll_dispatch_ref(world, c.layout, kind, LlPoison { token: POISON_TOKEN, weight: POISON_WEIGHT });
+    for (r, (b, w)) in bufs.iter().zip(&want).enumerate() {
+        compare(&format!("rank {r} dispatch tokens"), &b.out.download::<u16>()?, w.tokens())?;
+        match w {
+            LlDispatchOut::ExpertMajor { expert_counters, .. } => {
+                compare(&format!("rank {r} expert_counters"), &b.counters.download::<i32>()?, expert_counters)?
+            }
+            LlDispatchOut::RankMajor { topk_idx, topk_weights, src_rank_counters, .. } => {
+                compare(&format!("rank {r} src_rank_counters"), &b.counters.download::<i32>()?, src_rank_counters)?;
+                compare(&format!("rank {r} topk_idx"), &b.out_idx.as_ref().unwrap().download::<i32>()?, topk_idx)?;
+                let gw: Vec<u32> = b.out_w.as_ref().unwrap().download::<f32>()?.iter().map(|f| f.to_bits()).collect();
+                let ww: Vec<u32> = topk_weights.iter().map(|f| f.to_bits()).collect();
+                compare(&format!("rank {r} topk_weights"), &gw, &ww)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Random expert outputs (and EM combine weights) for every rank; returns them for the reference.
+pub fn load_combine_inputs(
+    c: &Case,
+    world: &LlWorld,
+    bufs: &[RankBufs],
+    rng: &mut SplitMix64,
+) -> Result<(Vec<Vec<u16>>, Vec<Vec<f32>>), String> {
+    let mut xs = Vec::new();
+    let mut ws = Vec::new();
+    for (b, inp) in bufs.iter().zip(&world.ranks) {
+        let n = b.x.bytes / 2;
+        let x: Vec<u16> = (0..n).map(|_| f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0)).collect();
+        b.x.upload(&x)?;
+        let w: Vec<f32> = (0..inp.num_tokens * c.topk).map(|_| rng.unit_f32()).collect();
+        b.comb_w.upload(&w)?;
+        xs.push(x);
+        ws.push(w);
+    }
+    Ok((xs, ws))
+}
+
+pub fn check_combine(c: &Case, world: &LlWorld, bufs: &[RankBufs], xs: &[Vec<u16>], ws: &[Vec<f32>]) -> Result<(), String> {
+    let input = match c.layout {
+        Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: xs, weights: ws },
+        _ => LlCombineIn::RankMajor { y: xs },
+    };
+    let want = ll_combine_ref(world, input);
+    for (r, (b, w)) in bufs.iter().zip(&want).enumerate() {
+        compare_bf16_close(&format!("rank {r} combine"), &b.comb_out.download::<u16>()?, w)?;
+    }
+    Ok(())
+}

