@@ -241,7 +241,8 @@ mod tests {
                 }
             }
             Err(e) => {
-                assert_eq!(e.kind, ErrorKind::System, "{e}");
+                // System: no libcuda; Cuda: cuInit failed (a driver without a usable GPU).
+                assert!(matches!(e.kind, ErrorKind::System | ErrorKind::Cuda), "{e}");
                 assert!(!e.msg.is_empty());
                 assert_eq!(driver().unwrap_err(), e, "the failure is remembered");
                 assert!(device_count().is_err());

@@ -219,6 +219,12 @@ pub fn compile_with_cache(
     }
 }
 
+/// Empties the in-process CUBIN cache (loaded kernels stay loaded). For tests and for freeing
+/// memory after warm-up; the next [`compile`] goes to the disk cache or NVRTC again.
+pub fn forget_compiled() {
+    memory_cache().lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
 /// `(cache hash, context)` -> loaded module; `(cache hash, context, kernel)` -> function.
 #[derive(Default)]
 struct Loaded {
