@@ -11,12 +11,14 @@
 //! The PyPI wheel `nvidia-cuda-nvrtc` (CUDA 13) ships `nvidia/cu13/lib/libnvrtc.so.13` (soname
 //! `libnvrtc.so.13`) next to `libnvrtc-builtins.so.13.x`, which it finds through its RPATH
 //! `$ORIGIN`. So putting that `lib` directory on `LD_LIBRARY_PATH` is enough; no symlink is needed.
-//! Caveat: an unversioned `libnvrtc.so` anywhere on the search path (a toolkit's `-dev` package)
-//! wins over it because it comes first in the list.
+//! Caveat: an unversioned `libnvrtc.so` anywhere on the search path (a toolkit install, e.g.
+//! `/usr/local/cuda/.../libnvrtc.so` in `ld.so.cache`, as on the GPU image) wins over it because
+//! it comes first in the list; harmless when both are CUDA 13.
 //!
 //! Alternatively `NCCL_EP_NVRTC_LIB=/full/path/libnvrtc.so.13` makes this module `dlopen` that
 //! file first (`RTLD_GLOBAL`); glibc then answers cudarc's `dlopen("libnvrtc.so.13")` with the
-//! already loaded object, matched by soname. That works without touching `LD_LIBRARY_PATH`.
+//! already loaded object, matched by soname (verified). That works without touching
+//! `LD_LIBRARY_PATH`, but, for the same reason as above, not where a `libnvrtc.so` is findable.
 //!
 //! As with the driver, cudarc panics on a missing library or symbol, so [`nvrtc_available`]
 //! checks both before anything is called.
