@@ -3,5 +3,6 @@
 
 pub mod abi;
 pub mod core;
+pub mod cuda;
 pub mod runtime;
 pub mod transport;

@@ -1,0 +1,452 @@
+//! Device memory, pinned host memory, copies and fills on the caller's stream, stream and event
+//! helpers, and CUDA IPC handles.
+//!
+//! Raw functions work in the calling thread's current context (enter a [`CtxGuard`] first); the
+//! owning types [`DeviceMem`] and [`PinnedHostMem`] remember their device and enter its primary
+//! context themselves, including when they free.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+
+use super::context::CtxGuard;
+use super::driver::{CUdeviceptr, CUevent, CUstream, check, driver};
+use crate::core::error::Result;
+
+/// A caller's stream: a `cudaStream_t` received over the C ABI. It is the same type as the
+/// driver's `CUstream`; `0` is the legacy default stream, `0x1`/`0x2` are
+/// `cudaStreamLegacy`/`cudaStreamPerThread`. Never created or destroyed here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Stream(CUstream);
+
+// SAFETY: stream handles may be used from any thread.
+unsafe impl Send for Stream {}
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    /// The legacy default stream (`0`), of whichever context is current.
+    pub const LEGACY_DEFAULT: Stream = Stream(std::ptr::null_mut());
+
+    /// # Safety
+    /// `raw` must be a valid stream (or one of the special handles) for as long as it is used.
+    pub unsafe fn from_raw(raw: *mut c_void) -> Self {
+        Self(raw as CUstream)
+    }
+
+    pub fn raw(&self) -> CUstream {
+        self.0
+    }
+}
+
+/// Shorthand for [`Stream::from_raw`].
+///
+/// # Safety
+/// As [`Stream::from_raw`].
+pub unsafe fn stream_from_raw(raw: *mut c_void) -> Stream {
+    unsafe { Stream::from_raw(raw) }
+}
+
+/// `cuMemAlloc` in the current context.
+pub fn mem_alloc(bytes: usize) -> Result<CUdeviceptr> {
+    driver()?;
+    crate::ensure_arg!(bytes > 0, "device allocation of 0 bytes");
+    let mut p: CUdeviceptr = 0;
+    check(
+        unsafe { sys::cuMemAlloc_v2(&mut p, bytes) },
+        format_args!("cuMemAlloc({bytes} bytes)"),
+    )?;
+    Ok(p)
+}
+
+/// `cuMemFree`.
+///
+/// # Safety
+/// `ptr` must come from [`mem_alloc`] and not be in use by queued work.
+pub unsafe fn mem_free(ptr: CUdeviceptr) -> Result<()> {
+    driver()?;
+    check(unsafe { sys::cuMemFree_v2(ptr) }, format_args!("cuMemFree({ptr:#x})"))
+}
+
+/// Fills `count` bytes with `value`, queued on `stream`.
+///
+/// # Safety
+/// `[dst, dst + count)` must be device memory valid until the stream reaches the fill.
+pub unsafe fn memset_d8_async(dst: CUdeviceptr, value: u8, count: usize, stream: Stream) -> Result<()> {
+    driver()?;
+    check(
+        unsafe { sys::cuMemsetD8Async(dst, value, count, stream.0) },
+        format_args!("cuMemsetD8Async({dst:#x}, {count})"),
+    )
+}
+
+/// Fills `count` 32-bit words with `value`, queued on `stream`. `dst` must be 4-byte aligned.
+///
+/// # Safety
+/// As [`memset_d8_async`], for `4 * count` bytes.
+pub unsafe fn memset_d32_async(dst: CUdeviceptr, value: u32, count: usize, stream: Stream) -> Result<()> {
+    driver()?;
+    crate::ensure_arg!(
+        dst.is_multiple_of(4),
+        "cuMemsetD32Async destination {dst:#x} is not 4-byte aligned"
+    );
+    check(
+        unsafe { sys::cuMemsetD32Async(dst, value, count, stream.0) },
+        format_args!("cuMemsetD32Async({dst:#x}, {count} words)"),
+    )
+}
+
+/// Host to device, queued on `stream`.
+///
+/// # Safety
+/// Both ranges must stay valid until the copy ran; `src` should be pinned for true asynchrony.
+pub unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: *const c_void, bytes: usize, stream: Stream) -> Result<()> {
+    driver()?;
+    check(
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, bytes, stream.0) },
+        format_args!("cuMemcpyHtoDAsync({bytes} bytes)"),
+    )
+}
+
+/// Device to host, queued on `stream`.
+///
+/// # Safety
+/// As [`memcpy_htod_async`].
+pub unsafe fn memcpy_dtoh_async(dst: *mut c_void, src: CUdeviceptr, bytes: usize, stream: Stream) -> Result<()> {
+    driver()?;
+    check(
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst, src, bytes, stream.0) },
+        format_args!("cuMemcpyDtoHAsync({bytes} bytes)"),
+    )
+}
+
+/// Device to device (also peer to peer under unified addressing), queued on `stream`.
+///
+/// # Safety
+/// As [`memcpy_htod_async`].
+pub unsafe fn memcpy_dtod_async(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, stream: Stream) -> Result<()> {
+    driver()?;
+    check(
+        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.0) },
+        format_args!("cuMemcpyDtoDAsync({bytes} bytes)"),
+    )
+}
+
+/// Host to device, returning when done (ordered after the legacy default stream).
+///
+/// # Safety
+/// `dst` must be device memory of at least `src.len()` elements.
+pub unsafe fn memcpy_htod<T: Copy>(dst: CUdeviceptr, src: &[T]) -> Result<()> {
+    driver()?;
+    let bytes = std::mem::size_of_val(src);
+    check(
+        unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), bytes) },
+        format_args!("cuMemcpyHtoD({bytes} bytes)"),
+    )
+}
+
+/// Device to host, returning when done (ordered after the legacy default stream.0).
+///
+/// # Safety
+/// `src` must be device memory of at least `dst.len()` elements, and every bit pattern a valid `T`.
+pub unsafe fn memcpy_dtoh<T: Copy>(dst: &mut [T], src: CUdeviceptr) -> Result<()> {
+    driver()?;
+    let bytes = std::mem::size_of_val(dst);
+    check(
+        unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, bytes) },
+        format_args!("cuMemcpyDtoH({bytes} bytes)"),
+    )
+}
+
+/// Device to device, returning when done.
+///
+/// # Safety
+/// Both must be device ranges of `bytes`.
+pub unsafe fn memcpy_dtod(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> Result<()> {
+    driver()?;
+    check(
+        unsafe { sys::cuMemcpyDtoD_v2(dst, src, bytes) },
+        format_args!("cuMemcpyDtoD({bytes} bytes)"),
+    )
+}
+
+/// Waits for all work queued on `stream`.
+pub fn stream_synchronize(stream: Stream) -> Result<()> {
+    driver()?;
+    check(
+        unsafe { sys::cuStreamSynchronize(stream.0) },
+        format_args!("cuStreamSynchronize({:p})", stream.0),
+    )
+}
+
+/// Where a stream stands with CUDA graph capture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureStatus {
+    None,
+    Active,
+    /// Capture was started but has been invalidated by an error; ending it will fail.
+    Invalidated,
+}
+
+/// `cuStreamIsCapturing`.
+pub fn stream_capture_status(stream: Stream) -> Result<CaptureStatus> {
+    driver()?;
+    let mut s = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    check(
+        unsafe { sys::cuStreamIsCapturing(stream.0, &mut s) },
+        format_args!("cuStreamIsCapturing({:p})", stream.0),
+    )?;
+    Ok(match s {
+        sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => CaptureStatus::None,
+        sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => CaptureStatus::Active,
+        _ => CaptureStatus::Invalidated,
+    })
+}
+
+/// True while `stream` is being captured into a CUDA graph (active or invalidated), i.e. when
+/// nothing may synchronise on it.
+pub fn stream_is_capturing(stream: Stream) -> Result<bool> {
+    Ok(stream_capture_status(stream)? != CaptureStatus::None)
+}
+
+/// A CUDA event created in the current context (timing disabled unless asked).
+#[derive(Debug)]
+pub struct Event {
+    raw: CUevent,
+}
+
+// SAFETY: event handles may be used from any thread.
+unsafe impl Send for Event {}
+unsafe impl Sync for Event {}
+
+impl Event {
+    pub fn new(timing: bool) -> Result<Self> {
+        driver()?;
+        let flags = if timing {
+            0
+        } else {
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+        };
+        let mut raw: CUevent = std::ptr::null_mut();
+        check(unsafe { sys::cuEventCreate(&mut raw, flags) }, "cuEventCreate")?;
+        Ok(Self { raw })
+    }
+
+    pub fn raw(&self) -> CUevent {
+        self.raw
+    }
+
+    pub fn record(&self, stream: Stream) -> Result<()> {
+        check(unsafe { sys::cuEventRecord(self.raw, stream.0) }, "cuEventRecord")
+    }
+
+    /// True once all work before the last record has finished.
+    pub fn query(&self) -> Result<bool> {
+        let r = unsafe { sys::cuEventQuery(self.raw) };
+        if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        check(r, "cuEventQuery").map(|_| true)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        check(unsafe { sys::cuEventSynchronize(self.raw) }, "cuEventSynchronize")
+    }
+
+    /// Makes `stream` wait for this event on the device (`cuStreamWaitEvent`).
+    pub fn wait_on(&self, stream: Stream) -> Result<()> {
+        check(
+            unsafe { sys::cuStreamWaitEvent(stream.0, self.raw, 0) },
+            "cuStreamWaitEvent",
+        )
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        let _ = unsafe { sys::cuEventDestroy_v2(self.raw) };
+    }
+}
+
+/// Device memory owned by this crate, freed on drop in its device's primary context.
+#[derive(Debug)]
+pub struct DeviceMem {
+    ptr: CUdeviceptr,
+    bytes: usize,
+    device: i32,
+}
+
+impl DeviceMem {
+    /// Allocates `bytes` (not cleared) on `device`.
+    pub fn alloc(device: i32, bytes: usize) -> Result<Self> {
+        let _g = CtxGuard::enter(device)?;
+        Ok(Self {
+            ptr: mem_alloc(bytes)?,
+            bytes,
+            device,
+        })
+    }
+    pub fn ptr(&self) -> CUdeviceptr {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+    pub fn device(&self) -> i32 {
+        self.device
+    }
+}
+
+impl Drop for DeviceMem {
+    fn drop(&mut self) {
+        if let Ok(_g) = CtxGuard::enter(self.device) {
+            let _ = unsafe { mem_free(self.ptr) };
+        }
+    }
+}
+
+/// Page-locked host memory mapped into the device address space (`cuMemHostAlloc` with
+/// `DEVICEMAP | PORTABLE`), zeroed. Suited to host-visible flags and counters.
+#[derive(Debug)]
+pub struct PinnedHostMem {
+    host: *mut c_void,
+    dev: CUdeviceptr,
+    bytes: usize,
+    device: i32,
+}
+
+// SAFETY: the allocation is plain memory owned by this value.
+unsafe impl Send for PinnedHostMem {}
+unsafe impl Sync for PinnedHostMem {}
+
+impl PinnedHostMem {
+    pub fn alloc(device: i32, bytes: usize) -> Result<Self> {
+        crate::ensure_arg!(bytes > 0, "pinned host allocation of 0 bytes");
+        let _g = CtxGuard::enter(device)?;
+        let mut host: *mut c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        check(
+            unsafe { sys::cuMemHostAlloc(&mut host, bytes, flags) },
+            format_args!("cuMemHostAlloc({bytes} bytes)"),
+        )?;
+        // Built before the next call so that an error below still frees the allocation.
+        let mut m = Self {
+            host,
+            dev: 0,
+            bytes,
+            device,
+        };
+        check(
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut m.dev, host, 0) },
+            "cuMemHostGetDevicePointer",
+        )?;
+        unsafe { std::ptr::write_bytes(host.cast::<u8>(), 0, bytes) };
+        Ok(m)
+    }
+    pub fn host_ptr(&self) -> *mut c_void {
+        self.host
+    }
+    pub fn device_ptr(&self) -> CUdeviceptr {
+        self.dev
+    }
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+}
+
+impl Drop for PinnedHostMem {
+    fn drop(&mut self) {
+        if let Ok(_g) = CtxGuard::enter(self.device) {
+            let _ = unsafe { sys::cuMemFreeHost(self.host) };
+        }
+    }
+}
+
+/// A `CUipcMemHandle` as its 64 opaque bytes, ready to be sent to another process.
+pub type IpcMemHandle = [u8; 64];
+
+/// `cuIpcGetMemHandle` for the base of a `cuMemAlloc` allocation.
+pub fn ipc_get_mem_handle(ptr: CUdeviceptr) -> Result<IpcMemHandle> {
+    driver()?;
+    let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+    check(
+        unsafe { sys::cuIpcGetMemHandle(&mut h, ptr) },
+        format_args!("cuIpcGetMemHandle({ptr:#x})"),
+    )?;
+    Ok(h.reserved.map(|c| c as u8))
+}
+
+/// `cuIpcOpenMemHandle` (with `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`) into the current context.
+/// Close the mapping with [`ipc_close_mem_handle`].
+pub fn ipc_open_mem_handle(handle: &IpcMemHandle) -> Result<CUdeviceptr> {
+    driver()?;
+    let h = sys::CUipcMemHandle {
+        reserved: handle.map(|b| b as std::ffi::c_char),
+    };
+    let mut p: CUdeviceptr = 0;
+    let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+    check(
+        unsafe { sys::cuIpcOpenMemHandle_v2(&mut p, h, flags) },
+        "cuIpcOpenMemHandle",
+    )?;
+    Ok(p)
+}
+
+/// `cuIpcCloseMemHandle`.
+///
+/// # Safety
+/// `ptr` must come from [`ipc_open_mem_handle`] in the current context, with no work using it.
+pub unsafe fn ipc_close_mem_handle(ptr: CUdeviceptr) -> Result<()> {
+    driver()?;
+    check(
+        unsafe { sys::cuIpcCloseMemHandle(ptr) },
+        format_args!("cuIpcCloseMemHandle({ptr:#x})"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_gpu_everything_is_an_error() {
+        if super::super::driver::device_count().unwrap_or(0) > 0 {
+            return; // covered by the GPU tests
+        }
+        assert!(DeviceMem::alloc(0, 16).is_err());
+        assert!(PinnedHostMem::alloc(0, 16).is_err());
+        assert!(stream_synchronize(Stream::LEGACY_DEFAULT).is_err());
+        assert!(stream_is_capturing(Stream::LEGACY_DEFAULT).is_err());
+        assert!(ipc_get_mem_handle(0).is_err());
+        assert!(Event::new(false).is_err());
+    }
+
+    #[test]
+    fn gpu_round_trip() {
+        if super::super::driver::device_count().unwrap_or(0) == 0 {
+            return;
+        }
+        let m = DeviceMem::alloc(0, 1024).unwrap();
+        let _g = CtxGuard::enter(0).unwrap();
+        let s = Stream::LEGACY_DEFAULT;
+        unsafe { memset_d32_async(m.ptr(), 0xdead_beef, 256, s) }.unwrap();
+        stream_synchronize(s).unwrap();
+        let mut back = vec![0u32; 256];
+        unsafe { memcpy_dtoh(&mut back, m.ptr()) }.unwrap();
+        assert!(back.iter().all(|&v| v == 0xdead_beef));
+        assert!(!stream_is_capturing(s).unwrap());
+        let h = PinnedHostMem::alloc(0, 64).unwrap();
+        assert_ne!(h.device_ptr(), 0);
+        let e = Event::new(false).unwrap();
+        e.record(s).unwrap();
+        e.synchronize().unwrap();
+        assert!(e.query().unwrap());
+        let handle = ipc_get_mem_handle(m.ptr()).unwrap();
+        assert!(handle.iter().any(|&b| b != 0));
+    }
+}

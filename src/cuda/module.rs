@@ -1,0 +1,203 @@
+//! Loading cubins, looking up kernels, their attributes, and launching them on the caller's stream.
+
+use std::ffi::{CString, c_void};
+
+use cudarc::driver::sys;
+
+use super::driver::{CUfunction, CUmodule, check, driver};
+use super::memory::Stream;
+use crate::core::error::Result;
+
+/// A module loaded into a context. Handles are plain values: the JIT cache keeps modules loaded
+/// for the life of the process, so nothing unloads them implicitly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Module {
+    raw: CUmodule,
+}
+
+// SAFETY: module and function handles are usable from any thread once their context is current.
+unsafe impl Send for Module {}
+unsafe impl Sync for Module {}
+
+impl Module {
+    /// `cuModuleLoadData` of a cubin (or fatbin/PTX) image into the current context.
+    pub fn load(image: &[u8]) -> Result<Self> {
+        driver()?;
+        crate::ensure_arg!(!image.is_empty(), "empty module image");
+        // The loader reads the ELF in place; give it 8-byte alignment, and a NUL in case it is PTX.
+        let mut aligned = vec![0u64; image.len().div_ceil(8) + 1];
+        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr().cast::<u8>(), image.len()) };
+        let mut raw: CUmodule = std::ptr::null_mut();
+        check(
+            unsafe { sys::cuModuleLoadData(&mut raw, aligned.as_ptr().cast()) },
+            format_args!("cuModuleLoadData({} bytes)", image.len()),
+        )?;
+        Ok(Self { raw })
+    }
+
+    pub fn raw(&self) -> CUmodule {
+        self.raw
+    }
+
+    /// `cuModuleGetFunction` of an `extern "C"` kernel.
+    pub fn function(&self, name: &str) -> Result<Function> {
+        let c = CString::new(name).map_err(|_| crate::invalid_arg!("kernel name {name:?} contains NUL"))?;
+        let mut raw: CUfunction = std::ptr::null_mut();
+        check(
+            unsafe { sys::cuModuleGetFunction(&mut raw, self.raw, c.as_ptr()) },
+            format_args!("cuModuleGetFunction({name})"),
+        )?;
+        Ok(Function { raw })
+    }
+
+    /// `cuModuleUnload`.
+    ///
+    /// # Safety
+    /// No function of the module may be used afterwards, and its context must be current.
+    pub unsafe fn unload(self) -> Result<()> {
+        check(unsafe { sys::cuModuleUnload(self.raw) }, "cuModuleUnload")
+    }
+}
+
+/// A kernel handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Function {
+    raw: CUfunction,
+}
+
+// SAFETY: see Module.
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+/// Grid or block dimensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dim3 {
+    pub x: u32,
+    pub y: u32,
+    pub z: u32,
+}
+
+impl From<u32> for Dim3 {
+    fn from(x: u32) -> Self {
+        Self { x, y: 1, z: 1 }
+    }
+}
+
+impl From<(u32, u32, u32)> for Dim3 {
+    fn from((x, y, z): (u32, u32, u32)) -> Self {
+        Self { x, y, z }
+    }
+}
+
+impl Function {
+    pub fn raw(&self) -> CUfunction {
+        self.raw
+    }
+
+    /// Any `cuFuncGetAttribute` value.
+    pub fn attribute(&self, attr: sys::CUfunction_attribute) -> Result<i32> {
+        let mut v = 0;
+        check(
+            unsafe { sys::cuFuncGetAttribute(&mut v, attr, self.raw) },
+            format_args!("cuFuncGetAttribute({attr:?})"),
+        )?;
+        Ok(v)
+    }
+
+    /// Allows launches with up to `bytes` of dynamic shared memory
+    /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`); needed above 48 KiB.
+    pub fn set_max_dynamic_smem(&self, bytes: usize) -> Result<()> {
+        let v = i32::try_from(bytes).map_err(|_| crate::invalid_arg!("{bytes} bytes of shared memory"))?;
+        let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        check(
+            unsafe { sys::cuFuncSetAttribute(self.raw, attr, v) },
+            format_args!("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {bytes})"),
+        )
+    }
+
+    /// How many blocks of `block_threads` threads using `dynamic_smem` bytes fit on one SM.
+    pub fn max_active_blocks_per_sm(&self, block_threads: u32, dynamic_smem: usize) -> Result<i32> {
+        let mut n = 0;
+        check(
+            unsafe {
+                sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, self.raw, block_threads as i32, dynamic_smem)
+            },
+            "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+        )?;
+        Ok(n)
+    }
+}
+
+/// Launches `f` on `stream` (`cuLaunchKernel`). `args` holds one pointer per kernel parameter,
+/// each pointing at the argument's value, as CUDA expects.
+///
+/// # Safety
+/// The argument count and types must match the kernel, and everything the kernel touches must
+/// stay valid until it has run.
+pub unsafe fn launch(
+    f: Function,
+    grid: impl Into<Dim3>,
+    block: impl Into<Dim3>,
+    smem: u32,
+    stream: Stream,
+    args: &mut [*mut c_void],
+) -> Result<()> {
+    driver()?;
+    let (g, b) = (grid.into(), block.into());
+    let params = if args.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        args.as_mut_ptr()
+    };
+    check(
+        unsafe {
+            sys::cuLaunchKernel(
+                f.raw,
+                g.x,
+                g.y,
+                g.z,
+                b.x,
+                b.y,
+                b.z,
+                smem,
+                stream.raw(),
+                params,
+                std::ptr::null_mut(),
+            )
+        },
+        format_args!("cuLaunchKernel(grid {g:?}, block {b:?}, smem {smem})"),
+    )
+}
+
+/// As [`launch`], but cooperative (`cuLaunchCooperativeKernel`): all blocks are co-resident, so
+/// grid-wide synchronisation is allowed. The grid must fit the device at once.
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_cooperative(
+    f: Function,
+    grid: impl Into<Dim3>,
+    block: impl Into<Dim3>,
+    smem: u32,
+    stream: Stream,
+    args: &mut [*mut c_void],
+) -> Result<()> {
+    driver()?;
+    let (g, b) = (grid.into(), block.into());
+    let params = if args.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        args.as_mut_ptr()
+    };
+    check(
+        unsafe { sys::cuLaunchCooperativeKernel(f.raw, g.x, g.y, g.z, b.x, b.y, b.z, smem, stream.raw(), params) },
+        format_args!("cuLaunchCooperativeKernel(grid {g:?}, block {b:?}, smem {smem})"),
+    )
+}
+
+/// Builds the `args` array of [`launch`] from references to the argument values:
+/// `kernel_args![&out_ptr, &value]`.
+#[macro_export]
+macro_rules! kernel_args {
+    ($($a:expr),* $(,)?) => { [$( ($a) as *const _ as *mut ::std::ffi::c_void ),*] };
+}

@@ -1,0 +1,281 @@
+//! Proves the NVRTC path without a GPU: every `kernels/*.cu` file compiles to a CUBIN for every
+//! specialisation it registers in `src/cuda/kernels.rs`, for Hopper and (when this NVRTC knows it)
+//! Blackwell.
+//!
+//! NVRTC is found by cudarc's loader (see `src/cuda/nvrtc.rs`): put the directory holding
+//! `libnvrtc.so.13` on `LD_LIBRARY_PATH` (`make test` does, from the nvidia-cuda-nvrtc wheel), or
+//! set `NCCL_EP_NVRTC_LIB` to the file. Without it the NVRTC tests print
+//! "skipped: libnvrtc not found" and pass, unless `NCCL_EP_REQUIRE_NVRTC=1` (CI), which makes a
+//! missing NVRTC a failure.
+
+use std::path::Path;
+use std::time::Instant;
+
+use nccl_ep::cuda::cache::DiskCache;
+use nccl_ep::cuda::jit::{self, Defines, KernelSource, Origin};
+use nccl_ep::cuda::kernels::KERNEL_FILES;
+use nccl_ep::cuda::nvrtc;
+
+/// False (after printing why) when NVRTC is missing and not required; panics when required.
+fn have_nvrtc() -> bool {
+    match nvrtc::ensure_nvrtc() {
+        Ok(()) => true,
+        Err(e) => {
+            let required = std::env::var("NCCL_EP_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+            assert!(!required, "NCCL_EP_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}");
+            eprintln!("skipped: libnvrtc not found ({e})");
+            false
+        }
+    }
+}
+
+fn kernel_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels")
+}
+
+fn cu_files() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(kernel_dir())
+        .expect("kernels/ exists")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cu"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Architectures CI compiles for: what the runtime picks for H100/H200 and, if supported, B200.
+fn archs() -> Vec<String> {
+    let supported = nvrtc::supported_archs().expect("nvrtcGetSupportedArchs");
+    let mut v = vec![jit::arch_for_cc(9, 0)];
+    if supported.contains(&100) {
+        v.push(jit::arch_for_cc(10, 0));
+    } else {
+        eprintln!("note: this NVRTC does not support sm_100; compiling for sm_90a only");
+    }
+    v
+}
+
+#[test]
+fn every_kernel_file_is_registered_and_the_registry_matches_disk() {
+    let registered: Vec<&str> = KERNEL_FILES.iter().map(|k| k.source.name).collect();
+    for f in cu_files() {
+        assert!(
+            registered.contains(&f.as_str()),
+            "kernels/{f} is not registered in src/cuda/kernels.rs"
+        );
+    }
+    for k in KERNEL_FILES {
+        let on_disk = std::fs::read_to_string(kernel_dir().join(k.source.name)).expect("registered file exists");
+        assert_eq!(on_disk, k.source.source, "{}: include_str! out of date", k.source.name);
+        assert!(!(k.variants)().is_empty(), "{} lists no variants", k.source.name);
+    }
+}
+
+#[test]
+fn kernels_are_header_free() {
+    for k in KERNEL_FILES {
+        for (i, line) in k.source.source.lines().enumerate() {
+            assert!(
+                !line.trim_start().starts_with("#include"),
+                "{}:{}: kernels must not include headers (NVRTC gets none): {line}",
+                k.source.name,
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn nvrtc_library_names() {
+    // Documents (in the test log) the names cudarc's loader tries, in order.
+    eprintln!("cudarc tries: {:?}", cudarc::get_lib_name_candidates("nvrtc"));
+    assert!(cudarc::get_lib_name_candidates("nvrtc").contains(&"libnvrtc.so.13".to_string()));
+}
+
+#[test]
+fn every_variant_compiles_for_every_arch() {
+    if !have_nvrtc() {
+        return;
+    }
+    let (major, minor) = nvrtc::version().unwrap();
+    eprintln!("NVRTC {major}.{minor}");
+    let mut n = 0;
+    for arch in archs() {
+        for k in KERNEL_FILES {
+            for defines in (k.variants)() {
+                let opts = jit::build_options(&arch, &defines).unwrap();
+                let t = Instant::now();
+                let out = nvrtc::compile_to_cubin(k.source.source, k.source.name, &opts)
+                    .unwrap_or_else(|e| panic!("{} [{arch}; {defines}]: {e}", k.source.name));
+                eprintln!(
+                    "{} [{arch}; {defines}]: {} bytes in {:.0} ms",
+                    k.source.name,
+                    out.cubin.len(),
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                assert_eq!(&out.cubin[..4], b"\x7fELF", "a CUBIN is an ELF file");
+                n += 1;
+            }
+        }
+    }
+    assert!(n > 0);
+}
+
+#[test]
+fn compile_errors_carry_the_log() {
+    if !have_nvrtc() {
+        return;
+    }
+    let bad = "extern \"C\" __global__ void k(int* p) { *p = undeclared_thing; }";
+    let opts = jit::build_options("sm_90", &Defines::new()).unwrap();
+    let e = nvrtc::compile_to_cubin(bad, "bad.cu", &opts).unwrap_err();
+    assert!(e.msg.contains("NVRTC_ERROR_COMPILATION"), "{e}");
+    assert!(e.msg.contains("undeclared_thing"), "the log is in the message: {e}");
+    assert!(e.msg.contains("bad.cu"), "{e}");
+}
+
+#[test]
+fn jit_uses_the_disk_cache() {
+    if !have_nvrtc() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("nccl_ep-jit-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = DiskCache::at(&dir).unwrap();
+    // A source of its own so the process-wide memory cache cannot answer first.
+    let src = KernelSource {
+        name: "cachetest.cu",
+        source: "extern \"C\" __global__ void ep_cachetest(unsigned* o) { o[threadIdx.x] = VALUE; }",
+    };
+    let d = Defines::new().set("VALUE", 41);
+    let t = Instant::now();
+    let (a, origin) = jit::compile_with_cache(&src, "sm_90a", &d, Some(&cache)).unwrap();
+    let cold = t.elapsed();
+    assert_eq!(origin, Origin::Compiled);
+    assert!(cache.load(src.name, &a.key).is_some(), "stored on disk");
+    let (b, origin) = jit::compile_with_cache(&src, "sm_90a", &d, Some(&cache)).unwrap();
+    assert_eq!(origin, Origin::MemoryCache);
+    assert_eq!(a.image, b.image);
+    // Another define misses both caches.
+    let (c, origin) = jit::compile_with_cache(&src, "sm_90a", &d.clone().set("VALUE", 42), Some(&cache)).unwrap();
+    assert_eq!(origin, Origin::Compiled);
+    assert_ne!(c.key, a.key);
+    // As a new process would: memory cache empty, the disk answers.
+    jit::forget_compiled();
+    let t = Instant::now();
+    let (e, origin) = jit::compile_with_cache(&src, "sm_90a", &d, Some(&cache)).unwrap();
+    let warm = t.elapsed();
+    assert_eq!(origin, Origin::DiskCache);
+    assert_eq!(e.image, a.image);
+    // A corrupt file is ignored and replaced.
+    std::fs::write(cache.path_for(src.name, &a.key), b"junk").unwrap();
+    jit::forget_compiled();
+    let (f, origin) = jit::compile_with_cache(&src, "sm_90a", &d, Some(&cache)).unwrap();
+    assert_eq!(origin, Origin::Compiled);
+    assert_eq!(f.image, a.image, "NVRTC output is deterministic");
+    assert!(cache.load(src.name, &a.key).is_some());
+    eprintln!("disk cache hit: {:.2} ms", warm.as_secs_f64() * 1e3);
+    eprintln!("cold compile of a one-line kernel: {:.0} ms", cold.as_secs_f64() * 1e3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// End to end on a real GPU (skipped without one): JIT the self-test kernel, launch it on the
+/// legacy stream and on a stream of our own (also under graph capture), and check the results.
+#[test]
+fn selftest_kernel_runs_on_a_gpu() {
+    use cudarc::driver::sys;
+    use nccl_ep::cuda::{self, CtxGuard, DeviceMem, Stream, kernels::SELFTEST, memory};
+    if nccl_ep::cuda::device_count().unwrap_or(0) == 0 {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    if !have_nvrtc() {
+        return;
+    }
+    let dev = 0;
+    let (major, minor) = cuda::compute_capability(dev).unwrap();
+    eprintln!("device 0: cc {major}.{minor}, {} SMs", cuda::sm_count(dev).unwrap());
+    let before = nccl_ep::cuda::context::current_context().unwrap();
+    let n: u32 = 1000;
+    let out = DeviceMem::alloc(dev, n as usize * 4).unwrap();
+    for (stride, defines) in [(1u32, Defines::new()), (3, Defines::new().set("EP_SELFTEST_STRIDE", 3))] {
+        let t = Instant::now();
+        let f = cuda::get_function(dev, &SELFTEST, &defines, "ep_selftest").unwrap();
+        eprintln!("get_function [{defines}]: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(
+            nccl_ep::cuda::context::current_context().unwrap(),
+            before,
+            "context restored"
+        );
+        let _g = CtxGuard::enter(dev).unwrap();
+        assert!(f.max_active_blocks_per_sm(256, 0).unwrap() >= 1);
+        f.set_max_dynamic_smem(64 * 1024).unwrap();
+        let (ptr, v) = (out.ptr(), 7u32);
+        let mut args = nccl_ep::kernel_args![&ptr, &v, &n];
+        let s = Stream::LEGACY_DEFAULT;
+        unsafe { memory::memset_d8_async(ptr, 0, n as usize * 4, s) }.unwrap();
+        unsafe { cuda::launch(f, n.div_ceil(256), 256, 0, s, &mut args) }.unwrap();
+        cuda::stream_synchronize(s).unwrap();
+        let mut host = vec![0u32; n as usize];
+        unsafe { memory::memcpy_dtoh(&mut host, ptr) }.unwrap();
+        for (i, &x) in host.iter().enumerate() {
+            assert_eq!(x, 7 + i as u32 * stride, "out[{i}]");
+        }
+        // Cooperative launch of the same kernel.
+        unsafe { cuda::launch_cooperative(f, 4, 256, 0, s, &mut args) }.unwrap();
+        cuda::stream_synchronize(s).unwrap();
+    }
+
+    // A stream of our own: the device check, async copies, and graph capture.
+    let _g = CtxGuard::enter(dev).unwrap();
+    let mut raw: sys::CUstream = std::ptr::null_mut();
+    assert_eq!(unsafe { sys::cuStreamCreate(&mut raw, 1) }, sys::CUresult::CUDA_SUCCESS);
+    let s = unsafe { Stream::from_raw(raw.cast()) };
+    cuda::ensure_stream_on_device(s, dev).unwrap();
+    assert_eq!(cuda::stream_device(s).unwrap(), dev);
+    assert!(cuda::ensure_stream_on_device(s, dev + 1).is_err());
+    let src: Vec<u32> = (0..n).collect();
+    unsafe { memory::memcpy_htod_async(out.ptr(), src.as_ptr().cast(), src.len() * 4, s) }.unwrap();
+    let mut back = vec![0u32; n as usize];
+    unsafe { memory::memcpy_dtoh_async(back.as_mut_ptr().cast(), out.ptr(), back.len() * 4, s) }.unwrap();
+    cuda::stream_synchronize(s).unwrap();
+    assert_eq!(back, src);
+    assert!(!cuda::stream_is_capturing(s).unwrap());
+    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    assert_eq!(
+        unsafe { sys::cuStreamBeginCapture_v2(raw, mode) },
+        sys::CUresult::CUDA_SUCCESS
+    );
+    assert!(cuda::stream_is_capturing(s).unwrap());
+    let f = cuda::get_function(dev, &SELFTEST, &Defines::new(), "ep_selftest").unwrap();
+    let (ptr, v) = (out.ptr(), 1u32);
+    let mut args = nccl_ep::kernel_args![&ptr, &v, &n];
+    unsafe { cuda::launch(f, n.div_ceil(256), 256, 0, s, &mut args) }.unwrap();
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
+        sys::CUresult::CUDA_SUCCESS
+    );
+    assert!(!cuda::stream_is_capturing(s).unwrap());
+    let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+        sys::CUresult::CUDA_SUCCESS
+    );
+    assert_eq!(unsafe { sys::cuGraphLaunch(exec, raw) }, sys::CUresult::CUDA_SUCCESS);
+    cuda::stream_synchronize(s).unwrap();
+    unsafe { memory::memcpy_dtoh(&mut back, out.ptr()) }.unwrap();
+    assert!(back.iter().enumerate().all(|(i, &x)| x == 1 + i as u32));
+    unsafe {
+        sys::cuGraphExecDestroy(exec);
+        sys::cuGraphDestroy(graph);
+        sys::cuStreamDestroy_v2(raw);
+    }
+    // IPC handle of our allocation, pinned mapped host memory.
+    let h = memory::ipc_get_mem_handle(out.ptr()).unwrap();
+    assert!(h.iter().any(|&b| b != 0));
+    let pinned = memory::PinnedHostMem::alloc(dev, 4096).unwrap();
+    unsafe { memory::memset_d32_async(pinned.device_ptr(), 5, 1024, Stream::LEGACY_DEFAULT) }.unwrap();
+    cuda::stream_synchronize(Stream::LEGACY_DEFAULT).unwrap();
+    assert_eq!(unsafe { *pinned.host_ptr().cast::<u32>().add(1023) }, 5);
+}
