@@ -21,6 +21,16 @@ extern "C" {
 const char *ncclEpxGetLastError(void);
 
 /**
+ * Creates `num_ranks` ranks of one EP group inside this process, with no communicator:
+ * `groups[r]` is rank r. `devices[r]` is rank r's CUDA device; `devices == NULL` puts every
+ * rank on the calling thread's current device (device 0 when none is current). Every rank is
+ * then driven like a rank of an NCCL group (each collective call issued once per rank, on a
+ * stream of that rank's device; one thread may drive all ranks). On failure every
+ * `groups[r]` is NULL.
+ */
+ncclResult_t ncclEpxCreateLocalGroups(ncclEpGroup_t *groups, int num_ranks, const int *devices, const ncclEpGroupConfig_t *config);
+
+/**
  * Bytes of the per-rank communication buffer a LOW_LATENCY group of `num_ranks` ranks needs
  * for handles of (`layout`, `num_topk`); needs no GPU and no communicator. Both LL layouts need
  * the same size. The config is checked as `ncclEpCreateGroup` checks it; its `rdma_buffer_size`

@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop, clippy::macro_metavars_in_unsafe)]
 //! Low-latency dispatch and combine on a real GPU, checked against the CPU reference: local
 //! groups of 1, 2, 4 and 8 ranks on one device, one rank on a real NCCL communicator, both
 //! layouts, several top-k, hidden sizes, token counts and routings, send_only, two handles
@@ -192,7 +193,7 @@ fn ll_two_handles_interleaved() {
     let w = World::local(&a).expect("local groups");
     let mut rng = SplitMix64::new(11);
     for _ in 0..4 {
-        let run = || -> Result<(), String> {
+        let mut run = || -> Result<(), String> {
             let (wa, wb) = (a.world(&mut rng.clone()), b.world(&mut SplitMix64::new(rng.next_u64())));
             let mut ba = (0..4).map(|r| alloc_rank(&a, 0, wa.ranks[r].num_tokens)).collect::<Result<Vec<_>, _>>()?;
             let mut bb = (0..4).map(|r| alloc_rank(&b, 0, wb.ranks[r].num_tokens)).collect::<Result<Vec<_>, _>>()?;

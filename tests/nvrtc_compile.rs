@@ -66,7 +66,8 @@ fn every_kernel_file_is_registered_and_the_registry_matches_disk() {
     }
     for k in KERNEL_FILES {
         let on_disk = std::fs::read_to_string(kernel_dir().join(k.source.name)).expect("registered file exists");
-        assert_eq!(on_disk, k.source.source, "{}: include_str! out of date", k.source.name);
+        // A kernel's source may have shared `kernels/*.cuh` text prepended (no include paths).
+        assert!(k.source.source.ends_with(&on_disk), "{}: include_str! out of date", k.source.name);
         assert!(!(k.variants)().is_empty(), "{} lists no variants", k.source.name);
     }
 }

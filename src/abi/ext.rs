@@ -74,6 +74,9 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
         for (slot, g) in out.iter_mut().zip(made) {
             *slot = super::objects::publish_group(g);
         }
+        Ok(())
+    })
+}
 
 /// Bytes of the per-rank communication buffer a LOW_LATENCY group of `num_ranks` ranks needs
 /// for handles of (`layout`, `num_topk`); needs no GPU and no communicator. Both LL layouts need

@@ -180,6 +180,12 @@ pub fn enable_peer_access(device: i32, peer: i32) -> Result<()> {
     )
 }
 
+/// Waits for all work of the current context (used before freeing memory peers may still use).
+pub fn synchronize_current() -> Result<()> {
+    driver()?;
+    check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

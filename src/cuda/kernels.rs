@@ -27,7 +27,8 @@ pub fn selftest_variants() -> Vec<Defines> {
     vec![Defines::new(), Defines::new().set("EP_SELFTEST_STRIDE", 3)]
 }
 
-pub static KERNEL_FILES: &[KernelFile] = &[KernelFile {
-    source: SELFTEST,
-    variants: selftest_variants,
-}];
+pub static KERNEL_FILES: &[KernelFile] = &[
+    KernelFile { source: SELFTEST, variants: selftest_variants },
+    KernelFile { source: crate::runtime::kernels::LL_DISPATCH, variants: crate::runtime::kernels::ll_dispatch_variants },
+    KernelFile { source: crate::runtime::kernels::LL_COMBINE, variants: crate::runtime::kernels::ll_combine_variants },
+];

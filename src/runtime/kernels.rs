@@ -3,13 +3,21 @@
 use crate::abi::enums::Layout;
 use crate::abi::types::cudaStream_t;
 use crate::core::error::Result;
+use crate::cuda::jit::{Defines, KernelSource, get_function};
+use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
 use crate::runtime::ll_params::LlParams;
 use std::ffi::c_void;
 
-const LL_COMMON: &str = include_str!("../../kernels/ll_common.cuh");
-const LL_DISPATCH: &str = include_str!("../../kernels/ll_dispatch.cu");
-const LL_COMBINE: &str = include_str!("../../kernels/ll_combine.cu");
+/// The kernels with the common header prepended, so NVRTC needs no include path.
+pub const LL_DISPATCH: KernelSource = KernelSource {
+    name: "ll_dispatch.cu",
+    source: concat!(include_str!("../../kernels/ll_common.cuh"), "\n", include_str!("../../kernels/ll_dispatch.cu")),
+};
+pub const LL_COMBINE: KernelSource = KernelSource {
+    name: "ll_combine.cu",
+    source: concat!(include_str!("../../kernels/ll_common.cuh"), "\n", include_str!("../../kernels/ll_combine.cu")),
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LlKind {
@@ -41,33 +49,28 @@ impl LlKernel {
         }
     }
 
-    /// The whole translation unit NVRTC compiles (the common header is prepended, so kernels
-    /// need no include path).
-    pub fn source(&self) -> String {
-        let body = match self.kind {
-            LlKind::Dispatch => LL_DISPATCH,
-            LlKind::Combine => LL_COMBINE,
-        };
-        format!("{LL_COMMON}\n{body}")
+    pub fn source(&self) -> &'static KernelSource {
+        match self.kind {
+            LlKind::Dispatch => &LL_DISPATCH,
+            LlKind::Combine => &LL_COMBINE,
+        }
     }
 
-    pub fn defines(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("EP_TOPK", self.topk.to_string()),
-            ("EP_EM", (self.expert_major as u32).to_string()),
-            ("EP_IDX64", (self.idx64 as u32).to_string()),
-        ]
+    pub fn defines(&self) -> Defines {
+        Defines::new()
+            .set("EP_TOPK", self.topk)
+            .set("EP_EM", self.expert_major as u32)
+            .set("EP_IDX64", self.idx64 as u32)
     }
 
-    /// Every variant CI compiles to prove the kernels build (K in 1..=32 both layouts, both widths).
-    pub fn all_variants() -> Vec<LlKernel> {
+    /// Every variant the library may compile for one kernel: K in 1..=32, both layouts,
+    /// both routing-index widths.
+    pub fn variants(kind: LlKind) -> Vec<LlKernel> {
         let mut v = Vec::new();
-        for kind in [LlKind::Dispatch, LlKind::Combine] {
-            for topk in 1..=32 {
-                for expert_major in [false, true] {
-                    for idx64 in [false, true] {
-                        v.push(LlKernel { kind, topk, expert_major, idx64 });
-                    }
+        for topk in 1..=crate::core::config::LL_MAX_TOPK {
+            for expert_major in [false, true] {
+                for idx64 in [false, true] {
+                    v.push(LlKernel { kind, topk, expert_major, idx64 });
                 }
             }
         }
@@ -89,7 +92,7 @@ impl LlKernel {
     }
 
     fn function(&self, device: i32) -> Result<Function> {
-        crate::cuda::jit::function(device, &self.source(), self.name(), &self.defines())
+        get_function(device, self.source(), &self.defines(), self.name())
     }
 }
 
@@ -105,5 +108,18 @@ pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cu
     let mut args = [&mut arg as *mut LlParams as *mut c_void];
     // SAFETY: ll_dispatch / ll_combine take one `LlParams` by value; every pointer in it was
     // validated against the caller's tensors, which must outlive the operation (C contract).
-    unsafe { launch(f, blocks, crate::runtime::ll::LL_THREADS, smem as u32, stream.cast(), &mut args) }
+    unsafe {
+        let stream = Stream::from_raw(stream.cast());
+        launch(f, blocks, crate::runtime::ll::LL_THREADS, smem as u32, stream, &mut args)
+    }
+}
+
+/// Define sets of every dispatch variant (for the NVRTC registry in `cuda::kernels`).
+pub fn ll_dispatch_variants() -> Vec<Defines> {
+    LlKernel::variants(LlKind::Dispatch).iter().map(LlKernel::defines).collect()
+}
+
+/// Define sets of every combine variant.
+pub fn ll_combine_variants() -> Vec<Defines> {
+    LlKernel::variants(LlKind::Combine).iter().map(LlKernel::defines).collect()
 }

@@ -62,8 +62,8 @@ impl LlState {
         );
         let state = GroupMem::alloc(dev, EP_STATE_BYTES, g.custom_alloc)?;
         // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
-        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, std::ptr::null_mut())? };
-        memory::stream_synchronize(std::ptr::null_mut())?;
+        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, memory::Stream::LEGACY_DEFAULT)? };
+        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
         let err = PinnedHostMem::alloc(dev, 4)?;
         let sms = crate::cuda::driver::sm_count(dev)? as u32;
         let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
@@ -115,15 +115,15 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
     let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
     if have > 0 {
         // Growing: nothing of this group may still run on the GPU.
-        crate::cuda::context::synchronize_context()?;
+        crate::cuda::context::synchronize_current()?;
     }
     let ll = g.ll_mut()?;
     ll.buffer = None;
     ll.peers = PeerTable::Local;
     let buf = DeviceMem::alloc(dev, bytes)?;
     // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
-    unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, std::ptr::null_mut())? };
-    memory::stream_synchronize(std::ptr::null_mut())?;
+    unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
+    memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
     let rank = g.params.rank as usize;
     let nranks = g.params.nranks as usize;
     let peers = match &g.membership {

@@ -5,7 +5,7 @@
 
 use crate::abi::types::ncclComm_t;
 use crate::core::error::Result;
-use crate::cuda::memory::{self, DeviceMem, IpcMemHandle};
+use crate::cuda::memory::{self, DeviceMem};
 use crate::transport::nccl::Nccl;
 
 /// What one rank tells the others about its buffer (fixed size, plain bytes over NCCL).
@@ -71,7 +71,7 @@ pub unsafe fn exchange(
         host: host_id(),
         ptr: buf.ptr(),
         bytes: buf.len() as u64,
-        ipc: memory::ipc_get_mem_handle(buf.ptr())?.0,
+        ipc: memory::ipc_get_mem_handle(buf.ptr())?,
     };
     let stage = DeviceMem::alloc(device, RECORD_BYTES * (nranks + 1))?;
     let send = stage.ptr() + (RECORD_BYTES * nranks) as u64;
@@ -80,7 +80,7 @@ pub unsafe fn exchange(
     unsafe {
         memory::memcpy_htod(send, std::slice::from_raw_parts((&mine as *const PeerRecord).cast::<u8>(), RECORD_BYTES))?;
         nccl.all_gather_bytes(send as *const _, stage.ptr() as *mut _, RECORD_BYTES, comm, std::ptr::null_mut())?;
-        memory::stream_synchronize(std::ptr::null_mut())?;
+        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
         memory::memcpy_dtoh(&mut all, stage.ptr())?;
     }
     let mut ptrs = Vec::with_capacity(nranks);
@@ -106,7 +106,7 @@ pub unsafe fn exchange(
             }
             ptrs.push(rec.ptr);
         } else {
-            let p = memory::ipc_open_mem_handle(&IpcMemHandle(rec.ipc)).map_err(|e| {
+            let p = memory::ipc_open_mem_handle(&rec.ipc).map_err(|e| {
                 crate::invalid_usage!(
                     "cannot map rank {r}'s buffer through CUDA IPC ({}); peers that P2P cannot reach need the RDMA transport, which this build does not have yet",
                     e.msg

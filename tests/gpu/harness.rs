@@ -1,7 +1,7 @@
 //! GPU test harness: device buffers, tensor descriptors, streams, and one low-latency round
 //! (dispatch then combine) on a set of groups, checked against the CPU reference.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::macro_metavars_in_unsafe)]
 
 use cudarc::driver::sys;
 use nccl_ep::abi::enums::{ExpertIdKind, Layout, dtype};
@@ -55,7 +55,7 @@ impl Stream {
         self.0.cast()
     }
     pub fn sync(&self) -> Result<(), String> {
-        memory::stream_synchronize(self.0).map_err(|e| e.msg)
+        memory::stream_synchronize(unsafe { memory::Stream::from_raw(self.0.cast()) }).map_err(|e| e.msg)
     }
 }
 
@@ -322,13 +322,16 @@ pub fn check_dispatch(c: &Case, world: &LlWorld, bufs: &[RankBufs]) -> Result<()
     Ok(())
 }
 
+/// Per rank: expert outputs (bf16 bits) and EM combine weights.
+pub type CombineInputs = (Vec<Vec<u16>>, Vec<Vec<f32>>);
+
 /// Random expert outputs (and EM combine weights) for every rank; returns them for the reference.
 pub fn load_combine_inputs(
     c: &Case,
     world: &LlWorld,
     bufs: &[RankBufs],
     rng: &mut SplitMix64,
-) -> Result<(Vec<Vec<u16>>, Vec<Vec<f32>>), String> {
+) -> Result<CombineInputs, String> {
     let mut xs = Vec::new();
     let mut ws = Vec::new();
     for (b, inp) in bufs.iter().zip(&world.ranks) {
