@@ -83,7 +83,7 @@ fn tiny() -> LlWorld {
         shape,
         ranks: vec![
             rank(0, vec![1, 2, 3, -1, 0, 1], vec![0.5, 0.25, 1.0, 2.0, 0.75, 0.125]),
-            // Token 1 selects expert 1 twice; token 2 selects nothing.
+            // Token 1 names expert 1 twice (it reaches it once); token 2 selects nothing.
             rank(1, vec![2, 3, 1, 1, -1, -1], vec![0.5, 0.5, 0.25, 0.5, 1.0, 1.0]),
         ],
     }
@@ -109,11 +109,15 @@ fn tiny_route_positions_and_counts() {
     assert!(r.dests(1, 2).is_empty());
     assert_eq!((r.sent(0, 0), r.sent(0, 1), r.sent(1, 0), r.sent(1, 1)), (2, 2, 1, 1));
     assert_eq!((r.pos(0, 0, 0), r.pos(0, 2, 1), r.pos(0, 1, 1)), (0, 1, -1));
-    assert_eq!((r.pos(1, 1, 0), r.pos(1, 1, 1)), (0, 1));
-    assert_eq!(r.expert_count(0, 1, 1), 2);
+    // The duplicate shares its first occurrence's pos and counts once.
+    assert_eq!((r.pos(1, 1, 0), r.pos(1, 1, 1)), (0, 0));
+    assert_eq!(r.expert_count(0, 1, 1), 1);
     assert_eq!(r.expert_count(0, 0, 1), 2);
-    // base of expert 1 on rank 0 for source 1 is 2, so the duplicate fills rows 2 and 3.
-    assert_eq!(r.em_row(&w, 1, 1, 1), Some((0, 1, 3)));
+    assert_eq!((r.em_first_k(1, 1, 0), r.em_first_k(1, 1, 1)), (Some(0), Some(0)));
+    assert_eq!((r.em_first_k(0, 0, 1), r.em_first_k(0, 1, 1)), (Some(1), None));
+    // base of expert 1 on rank 0 for source 1 is 2: both occurrences name row 2.
+    assert_eq!(r.em_row(&w, 1, 1, 0), Some((0, 1, 2)));
+    assert_eq!(r.em_row(&w, 1, 1, 1), Some((0, 1, 2)));
 }
 
 #[test]
@@ -127,13 +131,13 @@ fn tiny_expert_major_dispatch() {
     else {
         panic!()
     };
-    assert_eq!(expert_counters, &[1, 4]);
+    assert_eq!(expert_counters, &[1, 3], "the duplicate counts once");
     assert_eq!(row(tokens, 0), tok(0, 2));
-    let e1 = [tok(0, 0), tok(0, 2), tok(1, 1), tok(1, 1)];
+    let e1 = [tok(0, 0), tok(0, 2), tok(1, 1)];
     for (i, t) in e1.iter().enumerate() {
         assert_eq!(row(tokens, nb + i), t.as_slice(), "expert 1 row {i}");
     }
-    for r in (1..nb).chain(nb + 4..2 * nb) {
+    for r in (1..nb).chain(nb + 3..2 * nb) {
         assert_eq!(row(tokens, r), poison_row(), "row {r} untouched");
     }
     let LlDispatchOut::ExpertMajor {
@@ -217,7 +221,7 @@ fn tiny_combine_both_layouts() {
     assert_eq!(row(&out[0], 1), tok(0, 1));
     assert_eq!(row(&out[0], 2), scaled(0, 2, 0.875));
     assert_eq!(row(&out[1], 0), tok(1, 0));
-    assert_eq!(row(&out[1], 1), scaled(1, 1, 0.75));
+    assert_eq!(row(&out[1], 1), scaled(1, 1, 0.75), "both weights on the one row");
     assert_eq!(row(&out[1], 1)[7], 0x42B0, "0.75 * 117 = 87.75 rounds to even 88");
     assert_eq!(row(&out[1], 2), vec![0u16; H], "no expert gives 0");
 
@@ -230,6 +234,326 @@ fn tiny_combine_both_layouts() {
     assert_eq!(row(&out[1], 0), tok(1, 0));
     assert_eq!(row(&out[1], 1), tok(1, 1), "a duplicated expert counts once");
     assert_eq!(row(&out[1], 2), vec![0u16; H]);
+}
+
+// ---- duplicate experts in one top-k row: N=2, E=4 (L=2), B=2, H=8, K=3 -------------------------
+
+/// Rank 0: token 0 names expert 1 at k=0 and k=2 around expert 0 (all on rank 0); token 1 names
+/// expert 3 three times. Rank 1: token 0 names expert 2 at k=0 and k=2 around a −1; token 1
+/// names expert 1 at k=0 and k=2 around expert 3 (two destination ranks).
+fn dups() -> LlWorld {
+    let shape = LlShape {
+        nranks: 2,
+        num_experts: 4,
+        max_tokens: 2,
+        hidden: H,
+        topk: 3,
+    };
+    let rank = |r: usize, topk_idx: Vec<i64>, weights: Vec<f32>| LlRankInput {
+        num_tokens: 2,
+        tokens: (0..2).flat_map(|t| tok(r, t)).collect(),
+        topk_idx,
+        weights,
+    };
+    LlWorld {
+        shape,
+        ranks: vec![
+            rank(0, vec![1, 0, 1, 3, 3, 3], vec![0.5, 0.25, 2.0, 0.125, 0.25, 0.5]),
+            rank(1, vec![2, -1, 2, 1, 3, 1], vec![1.0, 1.0, 0.75, 0.5, 1.0, 0.25]),
+        ],
+    }
+}
+
+#[test]
+fn dups_route() {
+    let w = dups();
+    let r = LlRoute::new(&w);
+    assert_eq!(r.dests(0, 0), &[(0, 0)]);
+    assert_eq!(r.dests(0, 1), &[(1, 0)]);
+    assert_eq!(r.dests(1, 0), &[(1, 0)]);
+    assert_eq!(r.dests(1, 1), &[(0, 0), (1, 1)]);
+    assert_eq!((r.sent(0, 0), r.sent(0, 1), r.sent(1, 0), r.sent(1, 1)), (1, 1, 1, 2));
+    // One pair per (token, expert): every count is 0 or 1 here.
+    assert_eq!((r.expert_count(0, 0, 0), r.expert_count(0, 0, 1)), (1, 1));
+    assert_eq!((r.expert_count(1, 0, 0), r.expert_count(1, 0, 1)), (0, 1));
+    assert_eq!((r.expert_count(0, 1, 0), r.expert_count(0, 1, 1)), (0, 1));
+    assert_eq!((r.expert_count(1, 1, 0), r.expert_count(1, 1, 1)), (1, 1));
+    for (s, t) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+        for k in 0..3 {
+            let want_pos = if (s, t, k) == (1, 0, 1) { -1 } else { 0 };
+            assert_eq!(r.pos(s, t, k), want_pos, "pos({s}, {t}, {k})");
+        }
+    }
+    let firsts: Vec<Option<usize>> = [(0, 0), (0, 1), (1, 0), (1, 1)]
+        .iter()
+        .flat_map(|&(s, t)| (0..3).map(move |k| (s, t, k)))
+        .map(|(s, t, k)| r.em_first_k(s, t, k))
+        .collect();
+    let (z, o) = (Some(0), Some(1));
+    assert_eq!(firsts, [z, o, z, z, z, z, z, None, z, z, o, z]);
+    // Every occurrence names the first one's row.
+    assert_eq!(r.em_row(&w, 0, 0, 0), Some((0, 1, 0)));
+    assert_eq!(r.em_row(&w, 0, 0, 2), Some((0, 1, 0)));
+    assert_eq!(r.em_row(&w, 0, 1, 2), Some((1, 1, 0)));
+    assert_eq!(r.em_row(&w, 1, 0, 2), Some((1, 0, 0)));
+    assert_eq!(r.em_row(&w, 1, 1, 2), Some((0, 1, 1)));
+    assert_eq!(r.em_row(&w, 1, 1, 1), Some((1, 1, 1)));
+    assert_eq!(r.em_row(&w, 1, 0, 1), None);
+}
+
+#[test]
+fn dups_expert_major_dispatch() {
+    let out = ll_dispatch_ref(&dups(), Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+    let nb = 4;
+    // [rank][expert] -> rows in order; the rest of the N·B rows stay poison.
+    let want: [[Vec<Vec<u16>>; 2]; 2] = [
+        [vec![tok(0, 0)], vec![tok(0, 0), tok(1, 1)]],
+        [vec![tok(1, 0)], vec![tok(0, 1), tok(1, 1)]],
+    ];
+    for (d, o) in out.iter().enumerate() {
+        let LlDispatchOut::ExpertMajor {
+            tokens,
+            expert_counters,
+        } = o
+        else {
+            panic!()
+        };
+        let counts: Vec<i32> = want[d].iter().map(|v| v.len() as i32).collect();
+        assert_eq!(expert_counters, &counts, "rank {d}: one row per (token, expert)");
+        for (le, rows) in want[d].iter().enumerate() {
+            for i in 0..nb {
+                let got = row(tokens, le * nb + i);
+                match rows.get(i) {
+                    Some(t) => assert_eq!(got, t.as_slice(), "rank {d} expert {le} row {i}"),
+                    None => assert_eq!(got, poison_row(), "rank {d} expert {le} row {i} untouched"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dups_rank_major_dispatch() {
+    let w = dups();
+    let p = POISON.weight;
+    let out = ll_dispatch_ref(&w, Layout::RankMajor, ExpertIdKind::Local, POISON);
+    let LlDispatchOut::RankMajor {
+        tokens,
+        topk_idx,
+        topk_weights,
+        src_rank_counters,
+    } = &out[0]
+    else {
+        panic!()
+    };
+    assert_eq!(src_rank_counters, &[1, 1]);
+    assert_eq!(row(tokens, 0), tok(0, 0));
+    assert_eq!(row(tokens, 1), poison_row());
+    assert_eq!(row(tokens, 2), tok(1, 1));
+    assert_eq!(row(tokens, 3), poison_row());
+    // Every occurrence is listed.
+    assert_eq!(topk_idx, &[1, 0, 1, -1, -1, -1, 1, -1, 1, -1, -1, -1]);
+    assert_eq!(topk_weights, &[0.5, 0.25, 2.0, p, p, p, 0.5, 1.0, 0.25, p, p, p]);
+
+    let LlDispatchOut::RankMajor {
+        tokens,
+        topk_idx,
+        topk_weights,
+        src_rank_counters,
+    } = &out[1]
+    else {
+        panic!()
+    };
+    assert_eq!(src_rank_counters, &[1, 2]);
+    assert_eq!(row(tokens, 0), tok(0, 1));
+    assert_eq!(row(tokens, 1), poison_row());
+    assert_eq!(row(tokens, 2), tok(1, 0));
+    assert_eq!(row(tokens, 3), tok(1, 1));
+    assert_eq!(topk_idx, &[1, 1, 1, -1, -1, -1, 0, -1, 0, -1, 1, -1]);
+    assert_eq!(
+        topk_weights,
+        &[0.125, 0.25, 0.5, p, p, p, 1.0, 1.0, 0.75, 0.5, 1.0, 0.25]
+    );
+
+    let global = ll_dispatch_ref(&w, Layout::RankMajor, ExpertIdKind::Global, POISON);
+    let LlDispatchOut::RankMajor { topk_idx, .. } = &global[1] else {
+        panic!()
+    };
+    assert_eq!(topk_idx, &[3, 3, 3, -1, -1, -1, 2, -1, 2, -1, 3, -1]);
+}
+
+/// A [rows, H] tensor of poison with row i set to the constant `vals[i].1` where given.
+fn const_rows(rows: usize, vals: &[(usize, f32)]) -> Vec<u16> {
+    let mut v = vec![POISON.token; rows * H];
+    for &(r, x) in vals {
+        v[r * H..(r + 1) * H].fill(bf(x));
+    }
+    v
+}
+
+#[test]
+fn dups_combine_both_layouts() {
+    let w = dups();
+    // Expert outputs: a different constant per (rank, expert, row); unused rows stay poison
+    // (-6.1e18 in bf16), so reading one would show. Rows are [l·N·B + r].
+    let x = vec![
+        const_rows(8, &[(0, 1.0), (4, 2.0), (5, 4.0)]),
+        const_rows(8, &[(0, 8.0), (4, 16.0), (5, 32.0)]),
+    ];
+    let weights: Vec<Vec<f32>> = w.ranks.iter().map(|r| r.weights.clone()).collect();
+    let out = ll_combine_ref(
+        &w,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &weights,
+        },
+    );
+    let c = |v: f32| vec![bf(v); H];
+    // Rank 0, token 0: 0.5·x[e1] + 0.25·x[e0] + 2·x[e1] = 1 + 0.25 + 4.
+    assert_eq!(row(&out[0], 0), c(5.25));
+    // Rank 0, token 1: (0.125 + 0.25 + 0.5)·16.
+    assert_eq!(row(&out[0], 1), c(14.0));
+    // Rank 1, token 0: (1 + 0.75)·8 (the −1 in between adds nothing).
+    assert_eq!(row(&out[1], 0), c(14.0));
+    // Rank 1, token 1: 0.5·4 + 1·32 + 0.25·4.
+    assert_eq!(row(&out[1], 1), c(35.0));
+
+    // Rank-major: y_d[s][slot] (pre-reduced), one term per distinct destination rank.
+    let y = vec![
+        const_rows(4, &[(0, 1.0), (2, 2.0)]),
+        const_rows(4, &[(0, 4.0), (2, 8.0), (3, 16.0)]),
+    ];
+    let out = ll_combine_ref(&w, LlCombineIn::RankMajor { y: &y });
+    assert_eq!(row(&out[0], 0), c(1.0), "three selections, one rank");
+    assert_eq!(row(&out[0], 1), c(4.0));
+    assert_eq!(row(&out[1], 0), c(8.0));
+    assert_eq!(row(&out[1], 1), c(2.0 + 16.0), "two ranks, each once");
+
+    // Identity experts on the dispatched rows: every occurrence adds its weight to one row.
+    let em = ll_dispatch_ref(&w, Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+    let x: Vec<Vec<u16>> = em.iter().map(|o| o.tokens().to_vec()).collect();
+    let out = ll_combine_ref(
+        &w,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &weights,
+        },
+    );
+    assert_eq!(row(&out[0], 0), scaled(0, 0, 2.75));
+    assert_eq!(row(&out[0], 1), scaled(0, 1, 0.875));
+    assert_eq!(row(&out[1], 0), scaled(1, 0, 1.75));
+    assert_eq!(row(&out[1], 1), scaled(1, 1, 1.75));
+}
+
+/// The duplicate's weight is added at its own k, reading the first occurrence's row: with
+/// x[e1] = 1 at k=0 and k=2 around x[e0] = −1 at k=1, (1 − 1) + 2^-24 gives 2^-24, while moving
+/// the duplicate next to its first occurrence, (1 + 2^-24) − 1, would give 0.
+#[test]
+fn duplicate_weight_adds_at_its_own_k() {
+    let world = LlWorld {
+        shape: LlShape {
+            nranks: 1,
+            num_experts: 2,
+            max_tokens: 1,
+            hidden: 1,
+            topk: 3,
+        },
+        ranks: vec![LlRankInput {
+            num_tokens: 1,
+            tokens: vec![0],
+            topk_idx: vec![1, 0, 1],
+            weights: vec![0.0; 3],
+        }],
+    };
+    // x [L=2, N·B=1, H=1]: expert 0 row 0, expert 1 row 0.
+    let x = vec![vec![bf(-1.0), bf(1.0)]];
+    let tiny = 2f32.powi(-24);
+    let weights = vec![vec![1.0, 1.0, tiny]];
+    let out = ll_combine_ref(
+        &world,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &weights,
+        },
+    );
+    assert_eq!(out[0], vec![bf(tiny)]);
+    assert_eq!(bf((1.0 + tiny) - 1.0), bf(0.0), "regrouped differs");
+}
+
+/// Every token of every rank names one expert K times: it gets exactly N·B rows (K·N·B
+/// selections), its counter says N·B, and the others stay empty.
+#[test]
+fn heavy_duplication_stays_within_n_times_b() {
+    let shape = LlShape {
+        nranks: 3,
+        num_experts: 6,
+        max_tokens: 4,
+        hidden: H,
+        topk: 5,
+    };
+    let (n, b, k) = (shape.nranks, shape.max_tokens, shape.topk);
+    let ranks = (0..n)
+        .map(|r| LlRankInput {
+            num_tokens: b,
+            tokens: (0..b).flat_map(|t| tok(r, t)).collect(),
+            topk_idx: (0..b)
+                .flat_map(|t| (0..k).map(move |kk| if t == 1 && kk == 3 { -1 } else { 3 }))
+                .collect(),
+            weights: (0..b * k).map(|i| 0.125 * (i % 4) as f32).collect(),
+        })
+        .collect();
+    let w = LlWorld { shape, ranks };
+    let em = ll_dispatch_ref(&w, Layout::ExpertMajor, ExpertIdKind::Local, POISON);
+    let nb = n * b;
+    for (d, o) in em.iter().enumerate() {
+        let LlDispatchOut::ExpertMajor {
+            tokens,
+            expert_counters,
+        } = o
+        else {
+            panic!()
+        };
+        // Expert 3 is rank 1's local expert 1.
+        let want = if d == 1 { vec![0, nb as i32] } else { vec![0, 0] };
+        assert_eq!(expert_counters, &want, "rank {d}");
+        if d == 1 {
+            for (i, (s, t)) in (0..n).flat_map(|s| (0..b).map(move |t| (s, t))).enumerate() {
+                assert_eq!(row(tokens, nb + i), tok(s, t), "row {i}");
+            }
+            assert!(row(tokens, 0).iter().all(|&v| v == POISON.token));
+        }
+    }
+    let rm = ll_dispatch_ref(&w, Layout::RankMajor, ExpertIdKind::Global, POISON);
+    let LlDispatchOut::RankMajor {
+        topk_idx,
+        src_rank_counters,
+        ..
+    } = &rm[1]
+    else {
+        panic!()
+    };
+    assert_eq!(src_rank_counters, &vec![b as i32; n]);
+    assert_eq!(&topk_idx[..k], &[3; 5]);
+    assert_eq!(&topk_idx[k..2 * k], &[3, 3, 3, -1, 3]);
+    // Identity experts: Σ_k w·x over every occurrence.
+    let x: Vec<Vec<u16>> = em.iter().map(|o| o.tokens().to_vec()).collect();
+    let weights: Vec<Vec<f32>> = w.ranks.iter().map(|r| r.weights.clone()).collect();
+    let out = ll_combine_ref(
+        &w,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &weights,
+        },
+    );
+    for s in 0..n {
+        for t in 0..b {
+            let sum: f32 = (0..k)
+                .filter(|&kk| w.ranks[s].topk_idx[t * k + kk] >= 0)
+                .map(|kk| weights[s][t * k + kk])
+                .sum();
+            assert_eq!(row(&out[s], t), scaled(s, t, sum), "rank {s} token {t}");
+        }
+    }
 }
 
 /// Expert-major combine fuses each multiply into the add and goes in increasing k: here
@@ -331,7 +655,21 @@ fn routings(n: usize) -> Vec<Routing> {
     vec![Routing::Uniform, Routing::Skewed { rank: n - 1 }, Routing::SameRankDups]
 }
 
-/// Calls f on a spread of random worlds.
+/// A world whose rows draw every position from two experts (or −1, one in eight): most rows
+/// name an expert several times, and one expert is named far more than N·B times in all.
+fn heavy_dups(rng: &mut SplitMix64, shape: LlShape) -> LlWorld {
+    let mut w = LlWorld::random(rng, shape, Routing::Uniform);
+    let pool = [rng.below(shape.num_experts) as i64, rng.below(shape.num_experts) as i64];
+    for r in &mut w.ranks {
+        for e in &mut r.topk_idx {
+            *e = if rng.one_in(8) { -1 } else { pool[rng.below(2)] };
+        }
+    }
+    w.check();
+    w
+}
+
+/// Calls f on a spread of random worlds, heavily duplicated ones included.
 fn for_worlds(mut f: impl FnMut(&LlWorld)) {
     for (i, shape) in shapes().into_iter().enumerate() {
         for routing in routings(shape.nranks) {
@@ -339,6 +677,10 @@ fn for_worlds(mut f: impl FnMut(&LlWorld)) {
                 let mut rng = SplitMix64::new(seed * 1000 + i as u64);
                 f(&LlWorld::random(&mut rng, shape, routing));
             }
+        }
+        for seed in 0..6u64 {
+            let mut rng = SplitMix64::new(seed * 1000 + 500 + i as u64);
+            f(&heavy_dups(&mut rng, shape));
         }
     }
 }
@@ -348,25 +690,75 @@ fn tok_of(w: &LlWorld, s: usize, t: usize) -> &[u16] {
     &w.ranks[s].tokens[t * h..(t + 1) * h]
 }
 
+/// The distinct valid expert ids of row t of rank s, in first-occurrence order.
+fn distinct_experts(w: &LlWorld, s: usize, t: usize) -> Vec<i64> {
+    let k = w.shape.topk;
+    let mut v: Vec<i64> = Vec::new();
+    for &e in &w.ranks[s].topk_idx[t * k..(t + 1) * k] {
+        if e >= 0 && !v.contains(&e) {
+            v.push(e);
+        }
+    }
+    v
+}
+
 #[test]
-fn counters_sum_to_the_selections() {
+fn counters_count_distinct_pairs() {
     for_worlds(|w| {
         let sh = w.shape;
         let em = ll_dispatch_ref(w, Layout::ExpertMajor, ExpertIdKind::Local, POISON);
         let rm = ll_dispatch_ref(w, Layout::RankMajor, ExpertIdKind::Local, POISON);
-        let selections: usize = w
-            .ranks
-            .iter()
-            .map(|r| r.topk_idx.iter().filter(|&&e| e >= 0).count())
-            .sum();
-        let em_rows: i32 = em
-            .iter()
-            .map(|o| match o {
-                LlDispatchOut::ExpertMajor { expert_counters, .. } => expert_counters.iter().sum::<i32>(),
-                _ => unreachable!(),
-            })
-            .sum();
-        assert_eq!(em_rows as usize, selections);
+        let route = LlRoute::new(w);
+        // Distinct (token, expert) pairs, per source and expert.
+        let mut pairs_of = vec![vec![0usize; sh.num_experts]; sh.nranks];
+        for (s, r) in w.ranks.iter().enumerate() {
+            for t in 0..r.num_tokens {
+                for e in distinct_experts(w, s, t) {
+                    pairs_of[s][e as usize] += 1;
+                }
+            }
+        }
+        let l = sh.local_experts();
+        for d in 0..sh.nranks {
+            for (s, pairs) in pairs_of.iter().enumerate() {
+                for le in 0..l {
+                    assert_eq!(
+                        route.expert_count(d, s, le),
+                        pairs[d * l + le],
+                        "expert_count[{s}][{le}] at {d}"
+                    );
+                }
+            }
+        }
+        for (d, o) in em.iter().enumerate() {
+            let LlDispatchOut::ExpertMajor { expert_counters, .. } = o else {
+                unreachable!()
+            };
+            for le in 0..l {
+                let want: usize = (0..sh.nranks).map(|s| pairs_of[s][d * l + le]).sum();
+                assert_eq!(expert_counters[le] as usize, want, "rank {d} expert {le}");
+                assert!(want <= sh.nranks * sh.max_tokens, "an expert gets at most N*B rows");
+            }
+        }
+        // pos: earlier tokens of the source that selected the expert, the same at every
+        // occurrence in a row; em_first_k: the first position naming the same id.
+        for (s, r) in w.ranks.iter().enumerate() {
+            let mut seen = vec![0i64; sh.num_experts];
+            for t in 0..r.num_tokens {
+                let ids = &r.topk_idx[t * sh.topk..(t + 1) * sh.topk];
+                for (kk, &e) in ids.iter().enumerate() {
+                    if e < 0 {
+                        assert_eq!((route.pos(s, t, kk), route.em_first_k(s, t, kk)), (-1, None));
+                    } else {
+                        assert_eq!(route.pos(s, t, kk), seen[e as usize], "pos of ({s}, {t}, {kk})");
+                        assert_eq!(route.em_first_k(s, t, kk), ids.iter().position(|&x| x == e));
+                    }
+                }
+                for e in distinct_experts(w, s, t) {
+                    seen[e as usize] += 1;
+                }
+            }
+        }
         // Each token counts once per distinct destination rank.
         let mut pairs = 0;
         for r in &w.ranks {
@@ -392,9 +784,10 @@ fn counters_sum_to_the_selections() {
     });
 }
 
-/// Expert-major rows follow (source rank, t, k) order: re-derived by a plain scan.
+/// Expert-major rows follow (source rank, token) order, one row per distinct (token, expert)
+/// pair: re-derived by a plain scan.
 #[test]
-fn expert_major_rows_in_source_then_selection_order() {
+fn expert_major_rows_in_source_then_token_order() {
     for_worlds(|w| {
         let sh = w.shape;
         let (n, l, h, k) = (sh.nranks, sh.local_experts(), sh.hidden, sh.topk);
@@ -409,12 +802,14 @@ fn expert_major_rows_in_source_then_selection_order() {
                 panic!()
             };
             for le in 0..l {
+                let e = (d * l + le) as i64;
                 let want: Vec<&[u16]> = (0..n)
-                    .flat_map(|s| (0..w.ranks[s].num_tokens).flat_map(move |t| (0..k).map(move |kk| (s, t, kk))))
-                    .filter(|&(s, t, kk)| w.ranks[s].topk_idx[t * k + kk] == (d * l + le) as i64)
-                    .map(|(s, t, _)| tok_of(w, s, t))
+                    .flat_map(|s| (0..w.ranks[s].num_tokens).map(move |t| (s, t)))
+                    .filter(|&(s, t)| w.ranks[s].topk_idx[t * k..(t + 1) * k].contains(&e))
+                    .map(|(s, t)| tok_of(w, s, t))
                     .collect();
                 assert_eq!(expert_counters[le] as usize, want.len());
+                assert!(want.len() <= nb, "at most N*B rows per expert");
                 for r in 0..nb {
                     let got = &tokens[(le * nb + r) * h..][..h];
                     match want.get(r) {
@@ -427,7 +822,8 @@ fn expert_major_rows_in_source_then_selection_order() {
     });
 }
 
-/// Rank-major rows walked in (source, slot, k) order rebuild the expert-major rows exactly.
+/// Rank-major rows walked in (source, slot, first occurrence of each local id) order rebuild
+/// the expert-major rows exactly.
 #[test]
 fn rank_major_and_expert_major_agree() {
     for_worlds(|w| {
@@ -473,7 +869,7 @@ fn rank_major_and_expert_major_agree() {
                     for kk in 0..k {
                         let e = ids[kk];
                         assert_eq!(gidx[r * k + kk], if e < 0 { -1 } else { e + (d * l) as i32 });
-                        if e >= 0 {
+                        if e >= 0 && !ids[..kk].contains(&e) {
                             per_expert[e as usize].push(data);
                         }
                     }
@@ -487,13 +883,17 @@ fn rank_major_and_expert_major_agree() {
                 }
             }
         }
-        // Received rank-major rows carry their source token and all K weights, in token order.
+        // Received rank-major rows carry their source token, all K weights and every local
+        // occurrence of an id (duplicates included), in token order.
         let route = LlRoute::new(w);
         for (s, inp) in w.ranks.iter().enumerate() {
             for t in 0..inp.num_tokens {
                 for &(d, i) in route.dests(s, t) {
                     let LlDispatchOut::RankMajor {
-                        tokens, topk_weights, ..
+                        tokens,
+                        topk_idx,
+                        topk_weights,
+                        ..
                     } = &rm[d]
                     else {
                         panic!()
@@ -501,14 +901,24 @@ fn rank_major_and_expert_major_agree() {
                     let r = s * b + i;
                     assert_eq!(&tokens[r * h..][..h], tok_of(w, s, t));
                     assert_eq!(&topk_weights[r * k..][..k], &inp.weights[t * k..][..k]);
+                    for kk in 0..k {
+                        let e = inp.topk_idx[t * k + kk];
+                        let want = if e >= 0 && e as usize / l == d {
+                            e as i32 - (d * l) as i32
+                        } else {
+                            -1
+                        };
+                        assert_eq!(topk_idx[r * k + kk], want);
+                    }
                 }
             }
         }
     });
 }
 
-/// Dispatch, identity experts, combine: EM gives Σ_k w·x (fma in increasing k), RM gives x times
-/// the number of distinct destination ranks (sequential adds).
+/// Dispatch, identity experts, combine: EM gives Σ_k w·x over every valid k, duplicates
+/// included (fma in increasing k), RM gives x times the number of distinct destination ranks
+/// (sequential adds).
 #[test]
 fn round_trips() {
     for_worlds(|w| {
@@ -573,8 +983,7 @@ fn generators_have_their_properties() {
         let uni = gen_routing(&mut rng, shape, t, Routing::Uniform);
         let skew = gen_routing(&mut rng, shape, t, Routing::Skewed { rank: 2 });
         let dups = gen_routing(&mut rng, shape, t, Routing::SameRankDups);
-        let mut dup_tokens = 0;
-        let mut per_expert = vec![0usize; shape.num_experts];
+        let (mut dup_tokens, mut triple_tokens, mut same_rank_tokens) = (0, 0, 0);
         for tok in 0..t {
             let row = |v: &[i64]| v[tok * k..(tok + 1) * k].to_vec();
             let mut u: Vec<i64> = row(&uni).into_iter().filter(|&e| e >= 0).collect();
@@ -585,16 +994,22 @@ fn generators_have_their_properties() {
             assert_eq!(u.len(), before, "uniform: distinct experts");
             assert!(row(&skew).iter().all(|&e| e == -1 || (e as usize) / l == 2));
             let d: Vec<i64> = row(&dups).into_iter().filter(|&e| e >= 0).collect();
+            let most = d
+                .iter()
+                .map(|e| d.iter().filter(|&x| x == e).count())
+                .max()
+                .unwrap_or(0);
+            dup_tokens += (most >= 2) as usize;
+            triple_tokens += (most >= 3) as usize;
             let mut dd = d.clone();
             dd.sort();
             dd.dedup();
-            dup_tokens += (dd.len() < d.len()) as usize;
-            for &e in &d {
-                per_expert[e as usize] += 1;
-            }
+            let on_rank = |r: i64| dd.iter().filter(|&&e| e / l as i64 == r).count();
+            same_rank_tokens += (0..shape.nranks as i64).any(|r| on_rank(r) >= 2) as usize;
         }
-        assert!(per_expert.iter().all(|&c| c <= shape.max_tokens));
-        assert!(dup_tokens > 0, "some tokens select one expert twice");
+        assert!(dup_tokens > 0, "some rows name one expert id twice");
+        assert!(triple_tokens > 0, "some rows name one expert id three times");
+        assert!(same_rank_tokens > 0, "some rows name distinct experts of one rank");
     }
     assert!(nones > 0, "some selections are -1");
 }

@@ -109,7 +109,8 @@ pub enum Routing {
     Uniform,
     /// Every token picks only experts of this rank (distinct; −1 where K > L).
     Skewed { rank: usize },
-    /// Several of a token's K experts live on one rank, and some tokens select one expert twice.
+    /// Several of a token's K experts live on one rank, and some tokens name one expert id two
+    /// or three times in their top-k row (docs/LL.md, "Duplicate experts in one top-k row").
     SameRankDups,
 }
 
@@ -171,14 +172,12 @@ fn distinct(rng: &mut SplitMix64, n: usize, k: usize) -> Vec<usize> {
     all
 }
 
-/// Routing [T, K] for one rank of a T-token call. Duplicated selections are kept rare enough
-/// that no expert receives more than B selections from one source, so expert-major outputs
-/// (N·B rows per expert) never overflow.
+/// Routing [T, K] for one rank of a T-token call. Duplicate ids in a row need no bound: a token
+/// reaches each expert once however often its row names it, so no expert gets more than N·B rows.
 pub fn gen_routing(rng: &mut SplitMix64, shape: LlShape, t: usize, routing: Routing) -> Vec<i64> {
     let (n, e, k, l) = (shape.nranks, shape.num_experts, shape.topk, shape.local_experts());
-    let mut sel_count = vec![0usize; e];
     let mut out = Vec::with_capacity(t * k);
-    for tok in 0..t {
+    for _ in 0..t {
         let mut row: Vec<i64> = match routing {
             Routing::Uniform => distinct(rng, e, k).into_iter().map(|x| x as i64).collect(),
             Routing::Skewed { rank } => {
@@ -199,12 +198,13 @@ pub fn gen_routing(rng: &mut SplitMix64, shape: LlShape, t: usize, routing: Rout
                         r.push(x as i64);
                     }
                 }
-                // An exact duplicate, when the per-source bound still holds for the rest of the
-                // call: this token's selections so far plus one, plus one per later token.
-                if k >= 2 && rng.one_in(4) {
+                // True duplicate ids: about one row in three names r[0] again at another
+                // position, and half of those a third time (where K allows).
+                if k >= 2 && rng.one_in(3) {
                     let dup = r[0];
-                    if sel_count[dup as usize] + 2 + (t - tok - 1) <= shape.max_tokens {
-                        r[1] = dup;
+                    r[1 + rng.below(k - 1)] = dup;
+                    if k >= 3 && rng.one_in(2) {
+                        r[1 + rng.below(k - 1)] = dup;
                     }
                 }
                 // Shuffle so same-rank and duplicate selections land at any top-k position.
@@ -216,9 +216,6 @@ pub fn gen_routing(rng: &mut SplitMix64, shape: LlShape, t: usize, routing: Rout
             if *x >= 0 && rng.one_in(8) {
                 *x = -1;
             }
-            if *x >= 0 {
-                sel_count[*x as usize] += 1;
-            }
         }
         out.extend(row);
     }
@@ -229,6 +226,11 @@ pub fn gen_routing(rng: &mut SplitMix64, shape: LlShape, t: usize, routing: Rout
 // Routing as docs/LL.md defines it
 
 /// Where every selection goes, computed once from the world.
+///
+/// Duplicate experts in one top-k row (docs/LL.md): when a row names expert e at k1 < k2, the
+/// token reaches e once, at its first occurrence k1. `pos` and `expert_count` count distinct
+/// (token, expert) pairs, so an expert gets at most N·B expert-major rows, and [`LlRoute::em_row`]
+/// gives every occurrence the row of the first one ([`LlRoute::em_first_k`] tells them apart).
 #[derive(Clone, Debug)]
 pub struct LlRoute {
     shape: LlShape,
@@ -236,9 +238,11 @@ pub struct LlRoute {
     dest: Vec<Vec<Vec<(usize, usize)>>>,
     /// [s][d]: tokens s sends to d (n_d of the dispatch flag).
     sent: Vec<Vec<usize>>,
-    /// [s][t·K + k]: earlier selections (t', k') < (t, k) of the same expert by s (−1: none).
+    /// [s][t·K + k]: earlier tokens t' < t of s that selected the same expert (−1: no expert).
     pos: Vec<Vec<i64>>,
-    /// [d][s][l]: selections s sends to local expert l of d (`expert_count`).
+    /// [s][t·K + k]: the first top-k position of row t holding the same expert (−1: no expert).
+    first: Vec<Vec<i64>>,
+    /// [d][s][l]: distinct (token, expert) pairs s sends to local expert l of d (`expert_count`).
     expert_count: Vec<Vec<Vec<usize>>>,
 }
 
@@ -250,19 +254,29 @@ impl LlRoute {
         let mut dest = Vec::with_capacity(n);
         let mut sent = vec![vec![0usize; n]; n];
         let mut pos = Vec::with_capacity(n);
+        let mut first = Vec::with_capacity(n);
         let mut expert_count = vec![vec![vec![0usize; l]; n]; n];
         for (s, inp) in world.ranks.iter().enumerate() {
+            // seen[e]: tokens of s so far that selected e (each token once).
             let mut seen = vec![0usize; sh.num_experts];
             let mut p = vec![-1i64; inp.num_tokens * k];
+            let mut f = vec![-1i64; inp.num_tokens * k];
             let mut ds = Vec::with_capacity(inp.num_tokens);
             for t in 0..inp.num_tokens {
+                let ids = &inp.topk_idx[t * k..(t + 1) * k];
                 let mut row_dest: Vec<(usize, usize)> = Vec::new();
-                for kk in 0..k {
-                    let e = inp.topk_idx[t * k + kk];
+                for (kk, &e) in ids.iter().enumerate() {
                     if e < 0 {
                         continue;
                     }
+                    let k1 = ids.iter().position(|&x| x == e).expect("e is in its own row");
+                    f[t * k + kk] = k1 as i64;
                     let e = e as usize;
+                    if k1 < kk {
+                        // A repeat: same expert, same row, same pos as the first occurrence.
+                        p[t * k + kk] = p[t * k + k1];
+                        continue;
+                    }
                     let d = e / l;
                     p[t * k + kk] = seen[e] as i64;
                     seen[e] += 1;
@@ -276,12 +290,14 @@ impl LlRoute {
             }
             dest.push(ds);
             pos.push(p);
+            first.push(f);
         }
         Self {
             shape: sh,
             dest,
             sent,
             pos,
+            first,
             expert_count,
         }
     }
@@ -296,18 +312,30 @@ impl LlRoute {
         self.sent[s][d]
     }
 
-    /// `expert_count[s][l]` as rank d receives it.
+    /// `expert_count[s][l]` as rank d receives it: distinct (token, expert) pairs, so a row that
+    /// names the expert twice counts once.
     pub fn expert_count(&self, d: usize, s: usize, l: usize) -> usize {
         self.expert_count[d][s][l]
     }
 
-    /// The `pos` header field of selection (t, k) of rank s (−1 for no expert).
+    /// The `pos` header field of selection (t, k) of rank s: the number of earlier tokens of s
+    /// that selected the same expert (−1 for no expert). Every occurrence of an expert in one
+    /// row has the same `pos`.
     pub fn pos(&self, s: usize, t: usize, k: usize) -> i64 {
         self.pos[s][t * self.shape.topk + k]
     }
 
+    /// The first top-k position of token t of rank s that holds the same expert as position k:
+    /// `Some(k)` for a first occurrence, `Some(k1)` with k1 < k for a duplicate, `None` for −1.
+    pub fn em_first_k(&self, s: usize, t: usize, k: usize) -> Option<usize> {
+        let f = self.first[s][t * self.shape.topk + k];
+        (f >= 0).then_some(f as usize)
+    }
+
     /// Expert-major destination of selection (t, k) of rank s: (rank d, local expert l, row),
-    /// row = base[l][s] + pos with base[l][s] = Σ_{s' < s} expert_count[s'][l].
+    /// row = base[l][s] + pos with base[l][s] = Σ_{s' < s} expert_count[s'][l]. A duplicate k
+    /// gets the row of its first occurrence (the one row the token fills at that expert), which
+    /// is the row expert-major combine reads for it; `None` for no expert.
     pub fn em_row(&self, world: &LlWorld, s: usize, t: usize, k: usize) -> Option<(usize, usize, usize)> {
         let e = world.ranks[s].topk_idx[t * self.shape.topk + k];
         if e < 0 {
@@ -335,7 +363,8 @@ pub struct LlPoison {
 #[derive(Clone, Debug, PartialEq)]
 pub enum LlDispatchOut {
     ExpertMajor {
-        /// [L, N·B, H]; rows at or past `expert_counters[l]` hold the poison.
+        /// [L, N·B, H]; one row per distinct (source token, expert) pair; rows at or past
+        /// `expert_counters[l]` hold the poison.
         tokens: Vec<u16>,
         /// [L].
         expert_counters: Vec<i32>,
@@ -344,6 +373,7 @@ pub enum LlDispatchOut {
         /// [N, B, H]; row [s][i] is the i-th token source s sent here; rows i >= n_s poison.
         tokens: Vec<u16>,
         /// [N, B, K]: local or global id where the expert lives here, else −1 (rows i >= n_s: −1).
+        /// A duplicate expert id is listed at every position that names it.
         topk_idx: Vec<i32>,
         /// [N, B, K]: the source's weights for every k of received rows; other rows poison.
         topk_weights: Vec<f32>,
@@ -375,23 +405,17 @@ pub fn ll_dispatch_ref(
         Layout::ExpertMajor => {
             let mut outs: Vec<_> = (0..n)
                 .map(|d| {
+                    // Distinct (token, expert) pairs: at most one per source token, so <= N·B.
                     let counters: Vec<i32> = (0..l)
-                        .map(|le| (0..n).map(|s| route.expert_count(d, s, le)).sum::<usize>())
-                        .map(|c| {
-                            assert!(
-                                c <= n * b,
-                                "rank {d}: an expert gets {c} rows, more than N*B = {}",
-                                n * b
-                            );
-                            c as i32
-                        })
+                        .map(|le| (0..n).map(|s| route.expert_count(d, s, le)).sum::<usize>() as i32)
                         .collect();
                     (vec![poison.token; l * n * b * h], counters)
                 })
                 .collect();
             for s in 0..n {
                 for t in 0..world.ranks[s].num_tokens {
-                    for kk in 0..k {
+                    // First occurrences only: a duplicate expert id names the same row again.
+                    for kk in (0..k).filter(|&kk| route.em_first_k(s, t, kk) == Some(kk)) {
                         if let Some((d, le, row)) = route.em_row(world, s, t, kk) {
                             let at = (le * n * b + row) * h;
                             outs[d].0[at..at + h].copy_from_slice(token(s, t));
@@ -449,15 +473,17 @@ pub fn ll_dispatch_ref(
 /// Every rank's combine inputs.
 #[derive(Clone, Copy, Debug)]
 pub enum LlCombineIn<'a> {
-    /// Per rank: expert outputs `x` [L, N·B, H] (rows as dispatch placed them) and the combine
-    /// weights `w` [T, K] of the rank's own tokens.
+    /// Per rank: expert outputs `x` [L, N·B, H] (rows as dispatch placed them: one per distinct
+    /// (token, expert) pair) and the combine weights `w` [T, K] of the rank's own tokens.
     ExpertMajor { x: &'a [Vec<u16>], weights: &'a [Vec<f32>] },
     /// Per rank: `y` [N, B, H], already reduced over the rank's local experts by the caller.
     RankMajor { y: &'a [Vec<u16>] },
 }
 
 /// Combine for every rank at once; element r is rank r's output [T_r, H] (bf16 bits).
-/// EM: out[t] = Σ_k w[t][k]·x_row(t,k) over valid k, fused multiply-add in increasing k.
+/// EM: out[t] = Σ_k w[t][k]·x_row(t,k) over valid k, fused multiply-add in increasing k, where
+/// a duplicate expert id reads the row of its first occurrence (each occurrence adds its own
+/// weight times that one expert output).
 /// RM: out[t] = Σ y_d[me][slot_d(t)] over the distinct destination ranks d in first-appearance
 /// order. Both accumulate in f32 from +0 and round to bf16 once; no valid expert gives 0.
 pub fn ll_combine_ref(world: &LlWorld, input: LlCombineIn<'_>) -> Vec<Vec<u16>> {
