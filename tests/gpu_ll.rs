@@ -117,7 +117,8 @@ fn round(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<(), String> {
 fn base_case(nranks: usize, layout: Layout) -> Case {
     Case {
         nranks,
-        local_experts: 4,
+        // At least 8 experts in all, so that K = 8 distinct experts exist.
+        local_experts: 4.max(8usize.div_ceil(nranks)),
         max_tokens: 64,
         hidden: 2048,
         topk: 8,
