@@ -67,7 +67,11 @@ fn every_kernel_file_is_registered_and_the_registry_matches_disk() {
     for k in KERNEL_FILES {
         let on_disk = std::fs::read_to_string(kernel_dir().join(k.source.name)).expect("registered file exists");
         // A kernel's source may have shared `kernels/*.cuh` text prepended (no include paths).
-        assert!(k.source.source.ends_with(&on_disk), "{}: include_str! out of date", k.source.name);
+        assert!(
+            k.source.source.ends_with(&on_disk),
+            "{}: include_str! out of date",
+            k.source.name
+        );
         assert!(!(k.variants)().is_empty(), "{} lists no variants", k.source.name);
     }
 }

@@ -50,7 +50,10 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
         };
         let count = crate::cuda::driver::device_count()?;
         for (r, &d) in devs.iter().enumerate() {
-            crate::ensure_arg!(d >= 0 && d < count, "devices[{r}] is {d}, but there are {count} CUDA devices");
+            crate::ensure_arg!(
+                d >= 0 && d < count,
+                "devices[{r}] is {d}, but there are {count} CUDA devices"
+            );
         }
         for &a in &devs {
             for &b in &devs {

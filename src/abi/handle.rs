@@ -9,8 +9,8 @@ use super::types::*;
 use crate::core::error::Result;
 use crate::core::handle_rules::{HandleParams, check_handle, check_topk_idx, handle_mem_bytes};
 use crate::core::tensor::Dim;
-use crate::runtime::group::Group;
 use crate::runtime::alloc::GroupMem;
+use crate::runtime::group::Group;
 use crate::runtime::handle::{Handle, HandleMem};
 use std::ffi::c_int;
 
@@ -73,7 +73,10 @@ unsafe fn init_handle(
         Some(t) => {
             t.expect("handle_mem", &[Dim::AtLeast(need)], &[dtype::UINT8])?;
             crate::ensure_arg!(t.data % 16 == 0, "handle_mem data must be 16-byte aligned");
-            HandleMem::Caller { ptr: t.data, bytes: t.dim(0) }
+            HandleMem::Caller {
+                ptr: t.data,
+                bytes: t.dim(0),
+            }
         }
         None if g.params.algorithm == Algorithm::LowLatency => {
             HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?)
@@ -85,7 +88,13 @@ unsafe fn init_handle(
         crate::runtime::ll::ensure_buffer(g, &lay)?;
     }
     g.live_handles += 1;
-    Ok(Handle { group: ep_group, params: hp, topk_idx: None, mem, dispatched: false })
+    Ok(Handle {
+        group: ep_group,
+        params: hp,
+        topk_idx: None,
+        mem,
+        dispatched: false,
+    })
 }
 
 /// Gives a half-built handle back without leaking the group's handle count.

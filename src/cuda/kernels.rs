@@ -28,7 +28,16 @@ pub fn selftest_variants() -> Vec<Defines> {
 }
 
 pub static KERNEL_FILES: &[KernelFile] = &[
-    KernelFile { source: SELFTEST, variants: selftest_variants },
-    KernelFile { source: crate::runtime::kernels::LL_DISPATCH, variants: crate::runtime::kernels::ll_dispatch_variants },
-    KernelFile { source: crate::runtime::kernels::LL_COMBINE, variants: crate::runtime::kernels::ll_combine_variants },
+    KernelFile {
+        source: SELFTEST,
+        variants: selftest_variants,
+    },
+    KernelFile {
+        source: crate::runtime::kernels::LL_DISPATCH,
+        variants: crate::runtime::kernels::ll_dispatch_variants,
+    },
+    KernelFile {
+        source: crate::runtime::kernels::LL_COMBINE,
+        variants: crate::runtime::kernels::ll_combine_variants,
+    },
 ];

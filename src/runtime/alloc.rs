@@ -22,14 +22,24 @@ unsafe impl Sync for CustomAlloc {}
 #[derive(Debug)]
 pub enum GroupMem {
     Driver(DeviceMem),
-    Custom { ptr: u64, bytes: usize, device: i32, alloc: CustomAlloc },
+    Custom {
+        ptr: u64,
+        bytes: usize,
+        device: i32,
+        alloc: CustomAlloc,
+    },
 }
 
 impl GroupMem {
     /// Allocates `bytes` on `device` (not cleared).
     pub fn alloc(device: i32, bytes: usize, custom: Option<CustomAlloc>) -> Result<GroupMem> {
-        let Some(a) = custom else { return Ok(GroupMem::Driver(DeviceMem::alloc(device, bytes)?)) };
-        let f = a.cfg.alloc_fn.ok_or_else(|| crate::internal_err!("custom allocator without alloc_fn"))?;
+        let Some(a) = custom else {
+            return Ok(GroupMem::Driver(DeviceMem::alloc(device, bytes)?));
+        };
+        let f = a
+            .cfg
+            .alloc_fn
+            .ok_or_else(|| crate::internal_err!("custom allocator without alloc_fn"))?;
         let _g = CtxGuard::enter(device)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: the caller's callback, called as its typedef documents.
@@ -40,7 +50,12 @@ impl GroupMem {
                 format!("config->alloc.alloc_fn failed for {bytes} bytes (cudaError_t {r})"),
             ));
         }
-        Ok(GroupMem::Custom { ptr: p as u64, bytes, device, alloc: a })
+        Ok(GroupMem::Custom {
+            ptr: p as u64,
+            bytes,
+            device,
+            alloc: a,
+        })
     }
 
     pub fn ptr(&self) -> u64 {

@@ -44,7 +44,16 @@ impl Group {
             "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}",
             params.num_experts, nccl.version
         ));
-        Self::finish(params, device, Membership::Nccl { comm, nccl_version: nccl.version }, cfg, 1)
+        Self::finish(
+            params,
+            device,
+            Membership::Nccl {
+                comm,
+                nccl_version: nccl.version,
+            },
+            cfg,
+            1,
+        )
     }
 
     /// Creates rank `rank` of a local group (no communicator).
@@ -53,7 +62,13 @@ impl Group {
         let sms = crate::cuda::driver::sm_count(device)? as u32;
         let params = validate_group_config(cfg, rank as u32, world.nranks() as u32, sms, &EnvOverrides::from_env())?;
         let on_device = world.ranks_on(device);
-        Self::finish(params, device, Membership::Local { world: world.clone() }, cfg, on_device)
+        Self::finish(
+            params,
+            device,
+            Membership::Local { world: world.clone() },
+            cfg,
+            on_device,
+        )
     }
 
     fn finish(
@@ -64,7 +79,14 @@ impl Group {
         ranks_on_device: usize,
     ) -> Result<Group> {
         let custom_alloc = cfg.alloc.alloc_fn.is_some().then_some(CustomAlloc { cfg: cfg.alloc });
-        let mut g = Group { params, device, membership, live_handles: 0, custom_alloc, ll: None };
+        let mut g = Group {
+            params,
+            device,
+            membership,
+            live_handles: 0,
+            custom_alloc,
+            ll: None,
+        };
         if g.params.algorithm == Algorithm::LowLatency {
             g.ll = Some(LlState::new(&g, ranks_on_device)?);
             let explicit = g.params.rdma_buffer_size;
@@ -78,11 +100,15 @@ impl Group {
     }
 
     pub fn ll(&self) -> Result<&LlState> {
-        self.ll.as_ref().ok_or_else(|| crate::invalid_usage!("this is not a LOW_LATENCY group"))
+        self.ll
+            .as_ref()
+            .ok_or_else(|| crate::invalid_usage!("this is not a LOW_LATENCY group"))
     }
 
     pub fn ll_mut(&mut self) -> Result<&mut LlState> {
-        self.ll.as_mut().ok_or_else(|| crate::invalid_usage!("this is not a LOW_LATENCY group"))
+        self.ll
+            .as_mut()
+            .ok_or_else(|| crate::invalid_usage!("this is not a LOW_LATENCY group"))
     }
 
     /// The error every GPU operation returns until its issue lands.

@@ -12,11 +12,19 @@ use std::ffi::c_void;
 /// The kernels with the common header prepended, so NVRTC needs no include path.
 pub const LL_DISPATCH: KernelSource = KernelSource {
     name: "ll_dispatch.cu",
-    source: concat!(include_str!("../../kernels/ll_common.cuh"), "\n", include_str!("../../kernels/ll_dispatch.cu")),
+    source: concat!(
+        include_str!("../../kernels/ll_common.cuh"),
+        "\n",
+        include_str!("../../kernels/ll_dispatch.cu")
+    ),
 };
 pub const LL_COMBINE: KernelSource = KernelSource {
     name: "ll_combine.cu",
-    source: concat!(include_str!("../../kernels/ll_common.cuh"), "\n", include_str!("../../kernels/ll_combine.cu")),
+    source: concat!(
+        include_str!("../../kernels/ll_common.cuh"),
+        "\n",
+        include_str!("../../kernels/ll_combine.cu")
+    ),
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,10 +44,20 @@ pub struct LlKernel {
 
 impl LlKernel {
     pub fn dispatch(topk: u32, layout: Layout, idx64: bool) -> Self {
-        Self { kind: LlKind::Dispatch, topk, expert_major: layout == Layout::ExpertMajor, idx64 }
+        Self {
+            kind: LlKind::Dispatch,
+            topk,
+            expert_major: layout == Layout::ExpertMajor,
+            idx64,
+        }
     }
     pub fn combine(topk: u32, layout: Layout, idx64: bool) -> Self {
-        Self { kind: LlKind::Combine, topk, expert_major: layout == Layout::ExpertMajor, idx64 }
+        Self {
+            kind: LlKind::Combine,
+            topk,
+            expert_major: layout == Layout::ExpertMajor,
+            idx64,
+        }
     }
 
     pub fn name(&self) -> &'static str {
@@ -70,7 +88,12 @@ impl LlKernel {
         for topk in 1..=crate::core::config::LL_MAX_TOPK {
             for expert_major in [false, true] {
                 for idx64 in [false, true] {
-                    v.push(LlKernel { kind, topk, expert_major, idx64 });
+                    v.push(LlKernel {
+                        kind,
+                        topk,
+                        expert_major,
+                        idx64,
+                    });
                 }
             }
         }
@@ -110,16 +133,29 @@ pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cu
     // validated against the caller's tensors, which must outlive the operation (C contract).
     unsafe {
         let stream = Stream::from_raw(stream.cast());
-        launch(f, blocks, crate::runtime::ll::LL_THREADS, smem as u32, stream, &mut args)
+        launch(
+            f,
+            blocks,
+            crate::runtime::ll::LL_THREADS,
+            smem as u32,
+            stream,
+            &mut args,
+        )
     }
 }
 
 /// Define sets of every dispatch variant (for the NVRTC registry in `cuda::kernels`).
 pub fn ll_dispatch_variants() -> Vec<Defines> {
-    LlKernel::variants(LlKind::Dispatch).iter().map(LlKernel::defines).collect()
+    LlKernel::variants(LlKind::Dispatch)
+        .iter()
+        .map(LlKernel::defines)
+        .collect()
 }
 
 /// Define sets of every combine variant.
 pub fn ll_combine_variants() -> Vec<Defines> {
-    LlKernel::variants(LlKind::Combine).iter().map(LlKernel::defines).collect()
+    LlKernel::variants(LlKind::Combine)
+        .iter()
+        .map(LlKernel::defines)
+        .collect()
 }

@@ -76,7 +76,15 @@ impl LlState {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,
         )? as i64;
         let timeout_cycles = ((g.params.timeout_ns as i128 * khz as i128) / 1_000_000).min(i64::MAX as i128) as i64;
-        Ok(LlState { buffer: None, peers: PeerTable::Local, state, err, pending: None, blocks, timeout_cycles })
+        Ok(LlState {
+            buffer: None,
+            peers: PeerTable::Local,
+            state,
+            err,
+            pending: None,
+            blocks,
+            timeout_cycles,
+        })
     }
 
     /// True when a kernel timed out waiting for a peer since the flag was last cleared.
@@ -151,8 +159,14 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
 /// The parameters every LL launch shares: peers, layout offsets, state.
 fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     let ll = g.ll()?;
-    let buf = ll.buffer.as_ref().ok_or_else(|| crate::invalid_usage!("the group has no low-latency buffer yet"))?;
-    crate::ensure_usage!(lay.fits(buf.len()), "the low-latency buffer is too small for this handle");
+    let buf = ll
+        .buffer
+        .as_ref()
+        .ok_or_else(|| crate::invalid_usage!("the group has no low-latency buffer yet"))?;
+    crate::ensure_usage!(
+        lay.fits(buf.len()),
+        "the low-latency buffer is too small for this handle"
+    );
     let peers = match (&ll.peers, &g.membership) {
         (PeerTable::Fixed { ptrs, .. }, _) => ptrs.clone(),
         (PeerTable::Local, Membership::Local { world }) => world.peers(buf.len())?,
@@ -191,12 +205,23 @@ fn opt_ptr(t: &Option<crate::core::tensor::TensorView>) -> u64 {
     t.as_ref().map_or(0, |t| t.data)
 }
 
-fn run(g: &mut Group, h: &Handle, kernel: LlKernel, mut p: LlParams, send_only: bool, stream: cudaStream_t) -> Result<()> {
+fn run(
+    g: &mut Group,
+    h: &Handle,
+    kernel: LlKernel,
+    mut p: LlParams,
+    send_only: bool,
+    stream: cudaStream_t,
+) -> Result<()> {
     p.phases = if send_only { PHASE_SEND } else { PHASE_SEND | PHASE_RECV };
     let blocks = g.ll()?.blocks;
     launch_ll(g.device, kernel, &p, blocks, stream)?;
     if send_only {
-        g.ll_mut()?.pending = Some(Pending { handle: h as *const Handle as usize, kernel, params: p });
+        g.ll_mut()?.pending = Some(Pending {
+            handle: h as *const Handle as usize,
+            kernel,
+            params: p,
+        });
     }
     Ok(())
 }
@@ -232,9 +257,15 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
 }
 
 pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStream_t) -> Result<()> {
-    let topk = h.topk_idx.clone().ok_or_else(|| crate::invalid_usage!("the handle has no routing"))?;
+    let topk = h
+        .topk_idx
+        .clone()
+        .ok_or_else(|| crate::invalid_usage!("the handle has no routing"))?;
     let call = check_combine(&g.params, &h.params, &topk, a)?;
-    crate::ensure_usage!(h.dispatched, "ncclEpCombine needs an ncclEpDispatch on this handle first");
+    crate::ensure_usage!(
+        h.dispatched,
+        "ncclEpCombine needs an ncclEpDispatch on this handle first"
+    );
     no_pending(g)?;
     let lay = layout(g, h.params.num_topk)?;
     let mut p = base_params(g, &lay)?;

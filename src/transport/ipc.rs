@@ -27,7 +27,11 @@ fn host_id() -> u64 {
     // SAFETY: gethostname writes at most len bytes.
     unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
     // FNV-1a: stable across processes (std's hasher is randomly keyed).
-    name.iter().take_while(|&&c| c != 0).fold(0xcbf2_9ce4_8422_2325u64, |h, &c| (h ^ c as u64).wrapping_mul(0x100_0000_01b3))
+    name.iter()
+        .take_while(|&&c| c != 0)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
+            (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
+        })
 }
 
 /// Buffers of other processes opened through CUDA IPC; closed on drop.
@@ -78,13 +82,25 @@ pub unsafe fn exchange(
     let mut all = vec![0u8; RECORD_BYTES * nranks];
     // SAFETY: the staging buffer holds nranks + 1 records; the stream 0 is the legacy stream.
     unsafe {
-        memory::memcpy_htod(send, std::slice::from_raw_parts((&mine as *const PeerRecord).cast::<u8>(), RECORD_BYTES))?;
-        nccl.all_gather_bytes(send as *const _, stage.ptr() as *mut _, RECORD_BYTES, comm, std::ptr::null_mut())?;
+        memory::memcpy_htod(
+            send,
+            std::slice::from_raw_parts((&mine as *const PeerRecord).cast::<u8>(), RECORD_BYTES),
+        )?;
+        nccl.all_gather_bytes(
+            send as *const _,
+            stage.ptr() as *mut _,
+            RECORD_BYTES,
+            comm,
+            std::ptr::null_mut(),
+        )?;
         memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
         memory::memcpy_dtoh(&mut all, stage.ptr())?;
     }
     let mut ptrs = Vec::with_capacity(nranks);
-    let mut opened = OpenedPeers { device, ptrs: Vec::new() };
+    let mut opened = OpenedPeers {
+        device,
+        ptrs: Vec::new(),
+    };
     for r in 0..nranks {
         // SAFETY: `all` holds nranks packed records written by the all-gather.
         let rec: PeerRecord = unsafe { std::ptr::read_unaligned(all.as_ptr().add(r * RECORD_BYTES).cast()) };

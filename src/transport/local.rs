@@ -16,7 +16,10 @@ pub struct LocalWorld {
 impl LocalWorld {
     pub fn new(devices: Vec<i32>) -> Self {
         let n = devices.len();
-        Self { devices, buffers: Mutex::new(vec![(0, 0); n]) }
+        Self {
+            devices,
+            buffers: Mutex::new(vec![(0, 0); n]),
+        }
     }
 
     pub fn nranks(&self) -> usize {

@@ -19,7 +19,9 @@ pub const POISON_INT: i32 = -777;
 
 pub fn last_error() -> String {
     // SAFETY: the extension returns a NUL-terminated thread-local string.
-    unsafe { CStr::from_ptr(nccl_ep::abi::ext::ncclEpxGetLastError()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(nccl_ep::abi::ext::ncclEpxGetLastError()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Fails with the library's message when a call does not return ncclSuccess.
@@ -28,13 +30,22 @@ macro_rules! ep_ok {
     ($call:expr) => {{
         let r = unsafe { $call };
         if r != 0 {
-            return Err(format!("{} returned {}: {}", stringify!($call), r, $crate::harness::last_error()));
+            return Err(format!(
+                "{} returned {}: {}",
+                stringify!($call),
+                r,
+                $crate::harness::last_error()
+            ));
         }
     }};
 }
 
 pub fn cu(r: sys::CUresult, what: &str) -> Result<(), String> {
-    if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(format!("{what}: {r:?}")) }
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{what}: {r:?}"))
+    }
 }
 
 /// True when a CUDA device can be used (the GPU tests skip otherwise).
@@ -48,7 +59,10 @@ impl Stream {
     pub fn new(device: i32) -> Result<Stream, String> {
         let _g = CtxGuard::enter(device).map_err(|e| e.msg)?;
         let mut s: sys::CUstream = std::ptr::null_mut();
-        cu(unsafe { sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) }, "cuStreamCreate")?;
+        cu(
+            unsafe { sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
+            "cuStreamCreate",
+        )?;
         Ok(Stream(s))
     }
     pub fn raw(&self) -> cudaStream_t {
@@ -89,7 +103,12 @@ impl DevTensor {
             win_offset: 0,
             sizes: sizes.as_mut_ptr(),
         });
-        Ok(DevTensor { mem, sizes, desc, bytes })
+        Ok(DevTensor {
+            mem,
+            sizes,
+            desc,
+            bytes,
+        })
     }
     pub fn ptr(&mut self) -> *mut ncclEpTensor_t {
         &mut *self.desc
@@ -166,7 +185,9 @@ impl Case {
                 let t = self.tokens.unwrap_or_else(|| rng.below(self.max_tokens + 1));
                 LlRankInput {
                     num_tokens: t,
-                    tokens: (0..t * shape.hidden).map(|_| f32_to_bf16_rne(rng.unit_f32() * 8.0 - 4.0)).collect(),
+                    tokens: (0..t * shape.hidden)
+                        .map(|_| f32_to_bf16_rne(rng.unit_f32() * 8.0 - 4.0))
+                        .collect(),
                     topk_idx: gen_routing(rng, shape, t, self.routing),
                     weights: (0..t * shape.topk).map(|_| rng.unit_f32()).collect(),
                 }
@@ -205,8 +226,12 @@ pub fn alloc_rank(c: &Case, device: i32, t: usize) -> Result<RankBufs, String> {
         weights: DevTensor::new(device, dtype::FLOAT32, &[t, k])?,
         out: DevTensor::new(device, dtype::BFLOAT16, &out_sizes)?,
         counters: DevTensor::new(device, dtype::INT32, &[if em { l } else { n }])?,
-        out_idx: (!em).then(|| DevTensor::new(device, dtype::INT32, &[n, b, k])).transpose()?,
-        out_w: (!em).then(|| DevTensor::new(device, dtype::FLOAT32, &[n, b, k])).transpose()?,
+        out_idx: (!em)
+            .then(|| DevTensor::new(device, dtype::INT32, &[n, b, k]))
+            .transpose()?,
+        out_w: (!em)
+            .then(|| DevTensor::new(device, dtype::FLOAT32, &[n, b, k]))
+            .transpose()?,
         x: DevTensor::new(device, dtype::BFLOAT16, &x_sizes)?,
         comb_w: DevTensor::new(device, dtype::FLOAT32, &[t, k])?,
         comb_out: DevTensor::new(device, dtype::BFLOAT16, &[t, h])?,
@@ -219,7 +244,8 @@ pub fn load_inputs(c: &Case, b: &RankBufs, inp: &LlRankInput) -> Result<(), Stri
     if c.idx64 {
         b.topk.upload(&inp.topk_idx)?;
     } else {
-        b.topk.upload(&inp.topk_idx.iter().map(|&e| e as i32).collect::<Vec<_>>())?;
+        b.topk
+            .upload(&inp.topk_idx.iter().map(|&e| e as i32).collect::<Vec<_>>())?;
     }
     b.weights.upload(&inp.weights)?;
     b.out.fill(POISON_TOKEN)?;
@@ -285,35 +311,89 @@ pub fn compare<T: PartialEq + std::fmt::Debug + Copy>(what: &str, got: &[T], wan
         return Ok(());
     }
     let total = (0..got.len()).filter(|&i| got[i] != want[i]).count();
-    let ex: Vec<String> = bad.iter().map(|&i| format!("[{i}] got {:?} want {:?}", got[i], want[i])).collect();
-    Err(format!("{what}: {total} of {} elements differ, e.g. {}", got.len(), ex.join(", ")))
+    let ex: Vec<String> = bad
+        .iter()
+        .map(|&i| format!("[{i}] got {:?} want {:?}", got[i], want[i]))
+        .collect();
+    Err(format!(
+        "{what}: {total} of {} elements differ, e.g. {}",
+        got.len(),
+        ex.join(", ")
+    ))
 }
 
 /// bf16 outputs of a combine: exact, or within one bf16 step (1 ulp) of the reference.
 pub fn compare_bf16_close(what: &str, got: &[u16], want: &[u16]) -> Result<(), String> {
     let far = |a: u16, b: u16| (a as i32 - b as i32).abs() > 1 && !(a & 0x7fff == 0 && b & 0x7fff == 0);
-    let bad: Vec<usize> = (0..got.len().min(want.len())).filter(|&i| far(got[i], want[i])).take(5).collect();
+    let bad: Vec<usize> = (0..got.len().min(want.len()))
+        .filter(|&i| far(got[i], want[i]))
+        .take(5)
+        .collect();
     if got.len() == want.len() && bad.is_empty() {
         return Ok(());
     }
-    let ex: Vec<String> = bad.iter().map(|&i| format!("[{i}] got {:#06x} want {:#06x}", got[i], want[i])).collect();
-    Err(format!("{what}: differs from the reference beyond 1 bf16 ulp: {}", ex.join(", ")))
+    let ex: Vec<String> = bad
+        .iter()
+        .map(|&i| format!("[{i}] got {:#06x} want {:#06x}", got[i], want[i]))
+        .collect();
+    Err(format!(
+        "{what}: differs from the reference beyond 1 bf16 ulp: {}",
+        ex.join(", ")
+    ))
 }
 
 /// Checks every rank's dispatch outputs against the reference.
 pub fn check_dispatch(c: &Case, world: &LlWorld, bufs: &[RankBufs]) -> Result<(), String> {
-    let kind = if c.global_ids { ExpertIdKind::Global } else { ExpertIdKind::Local };
-    let want = ll_dispatch_ref(world, c.layout, kind, LlPoison { token: POISON_TOKEN, weight: POISON_WEIGHT });
+    let kind = if c.global_ids {
+        ExpertIdKind::Global
+    } else {
+        ExpertIdKind::Local
+    };
+    let want = ll_dispatch_ref(
+        world,
+        c.layout,
+        kind,
+        LlPoison {
+            token: POISON_TOKEN,
+            weight: POISON_WEIGHT,
+        },
+    );
     for (r, (b, w)) in bufs.iter().zip(&want).enumerate() {
-        compare(&format!("rank {r} dispatch tokens"), &b.out.download::<u16>()?, w.tokens())?;
+        compare(
+            &format!("rank {r} dispatch tokens"),
+            &b.out.download::<u16>()?,
+            w.tokens(),
+        )?;
         match w {
-            LlDispatchOut::ExpertMajor { expert_counters, .. } => {
-                compare(&format!("rank {r} expert_counters"), &b.counters.download::<i32>()?, expert_counters)?
-            }
-            LlDispatchOut::RankMajor { topk_idx, topk_weights, src_rank_counters, .. } => {
-                compare(&format!("rank {r} src_rank_counters"), &b.counters.download::<i32>()?, src_rank_counters)?;
-                compare(&format!("rank {r} topk_idx"), &b.out_idx.as_ref().unwrap().download::<i32>()?, topk_idx)?;
-                let gw: Vec<u32> = b.out_w.as_ref().unwrap().download::<f32>()?.iter().map(|f| f.to_bits()).collect();
+            LlDispatchOut::ExpertMajor { expert_counters, .. } => compare(
+                &format!("rank {r} expert_counters"),
+                &b.counters.download::<i32>()?,
+                expert_counters,
+            )?,
+            LlDispatchOut::RankMajor {
+                topk_idx,
+                topk_weights,
+                src_rank_counters,
+                ..
+            } => {
+                compare(
+                    &format!("rank {r} src_rank_counters"),
+                    &b.counters.download::<i32>()?,
+                    src_rank_counters,
+                )?;
+                compare(
+                    &format!("rank {r} topk_idx"),
+                    &b.out_idx.as_ref().unwrap().download::<i32>()?,
+                    topk_idx,
+                )?;
+                let gw: Vec<u32> = b
+                    .out_w
+                    .as_ref()
+                    .unwrap()
+                    .download::<f32>()?
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect();
                 let ww: Vec<u32> = topk_weights.iter().map(|f| f.to_bits()).collect();
                 compare(&format!("rank {r} topk_weights"), &gw, &ww)?;
             }
@@ -346,7 +426,13 @@ pub fn load_combine_inputs(
     Ok((xs, ws))
 }
 
-pub fn check_combine(c: &Case, world: &LlWorld, bufs: &[RankBufs], xs: &[Vec<u16>], ws: &[Vec<f32>]) -> Result<(), String> {
+pub fn check_combine(
+    c: &Case,
+    world: &LlWorld,
+    bufs: &[RankBufs],
+    xs: &[Vec<u16>],
+    ws: &[Vec<f32>],
+) -> Result<(), String> {
     let input = match c.layout {
         Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: xs, weights: ws },
         _ => LlCombineIn::RankMajor { y: xs },
