@@ -65,12 +65,12 @@ def main():
     parts = []
     if a.cargo:
         c = cargo_counts(a.cargo, a.cargo_rc)
-        parts.append(f"cargo: {c[0]} passed, {c[1]} failed, {c[2]} ignored")
+        parts.append(f"cargo test {c[0]} ok / {c[1]} failed / {c[2]} ignored")
         notes += c[3]
         total = [x + y for x, y in zip(total, c[:3])]
     if a.junit:
         j = junit_counts(a.junit)
-        parts.append(f"ctest: {j[0]} passed, {j[1]} failed, {j[2]} skipped")
+        parts.append(f"ctest {j[0]} ok / {j[1]} failed / {j[2]} skipped")
         notes += j[3]
         total = [x + y for x, y in zip(total, j[:3])]
     for b in a.broken:
@@ -82,7 +82,7 @@ def main():
     for n in notes:
         print(n)
     if parts:
-        print("; ".join(parts) + (f" ({a.elapsed} s)" if a.elapsed is not None else ""))
+        print("breakdown: " + "; ".join(parts) + (f"; {a.elapsed} s" if a.elapsed is not None else ""))
     line = f"{total[0]} passed, {total[1]} failed"
     if total[2]:
         line += f", {total[2]} skipped"
