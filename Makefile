@@ -1,0 +1,50 @@
+# nccl-ep-rs: build, install and test libnccl_ep.so (see docs/BUILDING.md).
+#
+#   make build                      cargo build --release -> target/release/libnccl_ep.so
+#   make header                     regenerate include/*.h from src/abi with cbindgen
+#   make install PREFIX=/opt/x      lib/libnccl_ep.so.0.1.0 (+ .so.0, .so), include/, pkg-config, CMake package
+#   make test                       deps, cargo tests, C tests (ctest); last line "N passed, M failed, K skipped"
+#   make bench                      the benchmark (needs an NVIDIA GPU)
+#   make clean
+CARGO ?= cargo
+PREFIX ?= /usr/local
+# install: the library to install (default: build and install target/release/libnccl_ep.so)
+NCCL_EP_LIB ?=
+
+.PHONY: all build header install test ctest deps bench clean
+all: build
+
+build:
+	$(CARGO) build --release
+
+header:
+	NCCL_EP_BLESS=1 $(CARGO) test --test header
+
+install:
+ifeq ($(strip $(NCCL_EP_LIB)),)
+	$(CARGO) build --release
+	scripts/install.sh "$(PREFIX)" target/release/libnccl_ep.so
+else
+	scripts/install.sh "$(PREFIX)" "$(NCCL_EP_LIB)"
+endif
+
+deps:
+	scripts/deps.sh
+
+# Everything; exits non-zero on any failure.
+test:
+	scripts/run_tests.sh
+
+# Only the C tests (after make build and scripts/deps.sh).
+ctest:
+	NCCL_EP_SKIP_CARGO=1 scripts/run_tests.sh
+
+bench:
+	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then \
+	  echo "make bench: no NVIDIA GPU found; the benchmark needs one"; exit 1; fi
+	$(CARGO) build --release
+	@echo "make bench: the benchmark is not implemented yet"; exit 1
+
+clean:
+	$(CARGO) clean
+	rm -rf build

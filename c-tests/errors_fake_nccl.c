@@ -1,0 +1,396 @@
+/* Error paths that need a live group and handle, without a GPU: the groups are made on fake
+ * communicators of a stand-in libnccl.so.2 (fake_nccl.c). Covers the group config rules, enum
+ * values, tensor descriptors, handle rules, dispatch/combine argument checks up to the GPU
+ * work, rank-mask mode checks, and stale group/handle pointers after destroy.
+ * If a build of the library cannot create a group without a GPU (ncclEpCreateGroup reports a
+ * CUDA, system or internal error for a valid config), the test is skipped (exit 77). */
+#include "fake_nccl.h"
+#include "test_util.h"
+
+#define E4 ncclInvalidArgument
+#define E5 ncclInvalidUsage
+
+static ncclEpGroupConfig_t ll_config(void) {
+  ncclEpGroupConfig_t c = NCCL_EP_GROUP_CONFIG_INIT;
+  c.algorithm = NCCL_EP_ALGO_LOW_LATENCY;
+  c.num_experts = 8;
+  c.max_dispatch_tokens_per_rank = 16;
+  c.max_token_bytes = 256;
+  return c;
+}
+
+static ncclEpTensor_t tensor(unsigned ndim, ncclDataType_t dt, size_t *sizes) {
+  ncclEpTensor_t t = NCCL_EP_TENSOR_INIT;
+  t.ndim = ndim;
+  t.datatype = dt;
+  t.sizes = sizes;
+  t.data = SENTINEL; /* never dereferenced by argument checks */
+  return t;
+}
+
+static cudaError_t my_alloc(void **p, size_t n, void *ctx) {
+  (void)p, (void)n, (void)ctx;
+  return cudaErrorMemoryAllocation;
+}
+
+static void test_group_config(ncclComm_t comm4) {
+  const char *F = "ncclEpCreateGroup";
+  ncclEpGroup_t g;
+  ncclEpGroupConfig_t c;
+#define BAD_CONFIG(mutation, code, needle)                  \
+  do {                                                      \
+    c = ll_config();                                        \
+    mutation;                                               \
+    g = (ncclEpGroup_t)SENTINEL;                            \
+    EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), code, F, needle); \
+    CHECK(g == NULL);                                       \
+  } while (0)
+  BAD_CONFIG(c.algorithm = (ncclEpAlgorithm_t)2, E4, "algorithm");
+  BAD_CONFIG(c.algorithm = (ncclEpAlgorithm_t)-1, E4, "algorithm");
+  BAD_CONFIG(c.num_experts = 0, E4, "num_experts");
+  BAD_CONFIG(c.max_token_bytes = 0, E4, "max_token_bytes");
+  BAD_CONFIG(c.max_token_bytes = 100, E4, "multiple of 16");
+  BAD_CONFIG(c.max_dispatch_tokens_per_rank = 0, E4, "max_dispatch_tokens_per_rank");
+  BAD_CONFIG(c.num_experts = 6, E5, "multiple of the number of ranks");
+  BAD_CONFIG(c.alloc.alloc_fn = my_alloc, E5, "alloc");
+  BAD_CONFIG(c.zero_copy = (ncclEpZeroCopyMode_t)3, E4, "zero_copy");
+  BAD_CONFIG(c.overflow_policy = (ncclEpOverflowPolicy_t)-1, E4, "overflow_policy");
+  BAD_CONFIG(c.num_topk = 9, E4, "num_topk");
+  BAD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.max_recv_tokens_per_rank = 8), E4,
+             "max_recv_tokens_per_rank");
+  BAD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.overflow_policy = NCCL_EP_OVERFLOW_DROP), E5, "DROP");
+#undef BAD_CONFIG
+
+  /* what the communicator reports is checked too; NCCL's own errors pass through */
+  c = ll_config();
+  ncclComm_t odd = fake_comm_create(4, 4, 0);
+  g = (ncclEpGroup_t)SENTINEL;
+  EXPECT_RC(ncclEpCreateGroup(&g, odd, &c), E4, F, "rank 4 of 4");
+  CHECK(g == NULL);
+  fake_comm_destroy(odd);
+  int not_a_comm[8] = {0};
+  EXPECT_RC(ncclEpCreateGroup(&g, (ncclComm_t)(void *)not_a_comm, &c), ncclInvalidArgument, F, "ncclCommCount");
+  CHECK(g == NULL);
+}
+
+static void test_tensor_reads(ncclEpGroup_t g) {
+  /* the tensor checks, through InitHandle's optional handle_mem */
+  const char *F = "ncclEpInitHandle";
+  ncclEpHandle_t h;
+  size_t need = 0, sz[2] = {0, 0}, nine[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, &need, 2), ncclSuccess, "ncclEpHandleMemSize",
+            NULL);
+  sz[0] = need > 0 ? need : 1;
+  ncclEpTensor_t t;
+#define BAD_TENSOR(mutation, code, needle)                                              \
+  do {                                                                                  \
+    t = tensor(1, ncclUint8, sz);                                                       \
+    mutation;                                                                           \
+    h = (ncclEpHandle_t)SENTINEL;                                                       \
+    EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 2, &t), code, F, needle); \
+    CHECK(h == NULL);                                                                   \
+  } while (0)
+  BAD_TENSOR(t.magic = 0, E4, "magic");
+  BAD_TENSOR(t.magic = NCCL_EP_MAGIC, E4, "magic");
+  BAD_TENSOR(t.magic = 0xBEEFBEEFu, E4, "ncclEpTensorAlloc"); /* forged library marker */
+  BAD_TENSOR(t.size = 47, E4, "size");
+  BAD_TENSOR(t.size = 0, E4, "size");
+  BAD_TENSOR(t.ndim = 0, E4, "ndim");
+  BAD_TENSOR((t.ndim = 9, t.sizes = nine), E4, "ndim");
+  BAD_TENSOR(t.sizes = NULL, E4, "sizes");
+  BAD_TENSOR(t.datatype = (ncclDataType_t)13, E4, "datatype");
+  BAD_TENSOR(t.datatype = (ncclDataType_t)-1, E4, "datatype");
+  BAD_TENSOR(t.data = NULL, E4, "data");
+  BAD_TENSOR((t.data = NULL, t.win_hdl = (ncclWindow_t)SENTINEL), E5, "window");
+  BAD_TENSOR(t.datatype = ncclFloat32, E4, "ncclUint8");
+  BAD_TENSOR(t.ndim = 2, E4, "1-D");
+#undef BAD_TENSOR
+  if (need > 0) {
+    size_t small[1] = {need - 1};
+    t = tensor(1, ncclUint8, small);
+    EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 2, &t), E4, F, "shape");
+  }
+  /* a descriptor from ncclEpTensorAlloc is accepted while intact */
+  ncclEpTensor_t *owned = NULL;
+  CHECK(ncclEpTensorAlloc(&owned, 1, ncclUint8, sz, NULL) == ncclSuccess);
+  if (owned) {
+    owned->data = SENTINEL;
+    h = NULL;
+    EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 2, owned), ncclSuccess, F, NULL);
+    CHECK(h != NULL);
+    EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
+    size_t *own = owned->sizes, other[1] = {sz[0]};
+    owned->sizes = other;
+    EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 2, owned), E4, F, "sizes pointer");
+    owned->sizes = own;
+    CHECK(ncclEpTensorDestroy(owned) == ncclSuccess);
+    /* and refused once destroyed (the stale copy still says 0xBEEFBEEF) */
+    ncclEpTensor_t stale = tensor(1, ncclUint8, sz);
+    stale.magic = 0xBEEFBEEFu;
+    EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 2, &stale), E4, F, "ncclEpTensorAlloc");
+  }
+}
+
+static void test_handle_rules(ncclEpGroup_t g) {
+  const char *M = "ncclEpHandleMemSize";
+  size_t sz = 0;
+  ncclEpHandleConfig_t hc = NCCL_EP_HANDLE_CONFIG_INIT;
+  ncclEpHandleConfig_t hbad = NCCL_EP_HANDLE_CONFIG_INIT;
+  hbad.magic = 0;
+  ncclEpHandleConfig_t hsmall = NCCL_EP_HANDLE_CONFIG_INIT;
+  hsmall.size = NCCL_EP_HANDLE_CONFIG_V1_SIZE - 1;
+  ncclEpHandleConfig_t halign = NCCL_EP_HANDLE_CONFIG_INIT;
+  halign.dispatch_output_per_expert_alignment = 3;
+
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 2), ncclSuccess, M, NULL);
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, &sz, 8), ncclSuccess, M, NULL);
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, NULL, 2), E4, M, "size_out");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_UNSET, &hc, &sz, 2), E4, M, "UNSET");
+  EXPECT_RC(ncclEpHandleMemSize(g, (ncclEpLayout_t)4, &hc, &sz, 2), E4, M, "layout");
+  EXPECT_RC(ncclEpHandleMemSize(g, (ncclEpLayout_t)-1, &hc, &sz, 2), E4, M, "layout");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, &hc, &sz, 2), E5, M, "LOW_LATENCY");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 0), E4, M, "num_topk");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, -1), E4, M, "num_topk");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 9), E4, M, "num_topk");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hbad, &sz, 2), E4, M, "magic");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hsmall, &sz, 2), E4, M, "size");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &halign, &sz, 2), E4, M, "power of two");
+
+  const char *I = "ncclEpInitHandle";
+  ncclEpHandle_t h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 2, NULL), E5, I, "LOW_LATENCY");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, (ncclEpLayout_t)7, NULL, 2, NULL), E4, I, "layout");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hbad, 2, NULL), E4, I, "magic");
+  CHECK(h == NULL);
+}
+
+static void test_update_and_create(ncclEpGroup_t g) {
+  const char *U = "ncclEpUpdateHandle", *C = "ncclEpCreateHandle";
+  ncclEpHandle_t h = NULL;
+  size_t s42[2] = {4, 2}, s43[2] = {4, 3}, s17[2] = {17, 2}, s4[1] = {4}, s16[2] = {16, 2}, s0[2] = {0, 2};
+  ncclEpTensor_t ok64 = tensor(2, ncclInt64, s42), ok32 = tensor(2, ncclInt32, s42);
+  ncclEpTensor_t full = tensor(2, ncclInt64, s16), empty = tensor(2, ncclInt64, s0);
+  empty.data = NULL;
+  ncclEpTensor_t wrong_k = tensor(2, ncclInt64, s43), too_many = tensor(2, ncclInt64, s17);
+  ncclEpTensor_t flt = tensor(2, ncclFloat32, s42), one_d = tensor(1, ncclInt64, s4);
+  ncclEpTensor_t nodata = tensor(2, ncclInt64, s42);
+  nodata.data = NULL;
+  ncclEpLayoutInfo_t li = NCCL_EP_LAYOUT_INFO_INIT;
+  ncclEpLayoutInfo_t li_bad = NCCL_EP_LAYOUT_INFO_INIT;
+  li_bad.magic = NCCL_EP_TENSOR_MAGIC;
+
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 2, NULL), ncclSuccess, "ncclEpInitHandle",
+            NULL);
+  CHECK(h != NULL);
+  EXPECT_RC(ncclEpUpdateHandle(h, NULL, NULL, NULL), E4, U, "topk_idx is NULL");
+  EXPECT_RC(ncclEpUpdateHandle(h, &wrong_k, NULL, NULL), E4, U, "topk_idx");
+  EXPECT_RC(ncclEpUpdateHandle(h, &too_many, NULL, NULL), E4, U, "max_dispatch_tokens_per_rank");
+  EXPECT_RC(ncclEpUpdateHandle(h, &flt, NULL, NULL), E4, U, "ncclInt64");
+  EXPECT_RC(ncclEpUpdateHandle(h, &one_d, NULL, NULL), E4, U, "2-D");
+  EXPECT_RC(ncclEpUpdateHandle(h, &nodata, NULL, NULL), E4, U, "data");
+  EXPECT_RC(ncclEpUpdateHandle(h, &ok64, &li_bad, NULL), E4, U, "magic");
+  EXPECT_RC(ncclEpUpdateHandle(h, &ok64, &li, NULL), E5, U, "layout_info must be NULL");
+  EXPECT_RC(ncclEpUpdateHandle(h, &ok64, NULL, NULL), ncclSuccess, U, NULL);
+  EXPECT_RC(ncclEpUpdateHandle(h, &ok32, NULL, NULL), ncclSuccess, U, NULL);
+  EXPECT_RC(ncclEpUpdateHandle(h, &full, NULL, NULL), ncclSuccess, U, NULL);
+  EXPECT_RC(ncclEpUpdateHandle(h, &empty, NULL, NULL), ncclSuccess, U, NULL);
+
+  /* a group with a live handle refuses to go */
+  EXPECT_RC(ncclEpGroupDestroy(g), E5, "ncclEpGroupDestroy", "live handle");
+  EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
+  /* a destroyed handle is no handle */
+  EXPECT_RC(ncclEpHandleDestroy(h), E4, "ncclEpHandleDestroy", "not a live handle");
+  EXPECT_RC(ncclEpUpdateHandle(h, &ok64, NULL, NULL), E4, U, "not a live handle");
+  EXPECT_RC(ncclEpComplete(h, NULL, NULL), E4, "ncclEpComplete", "not a live handle");
+
+  ncclEpHandle_t c = (ncclEpHandle_t)SENTINEL;
+#define BAD_CREATE(layout, topk, info, code, needle)                                 \
+  do {                                                                               \
+    c = (ncclEpHandle_t)SENTINEL;                                                    \
+    EXPECT_RC(ncclEpCreateHandle(&c, g, layout, topk, info, NULL, NULL), code, C, needle); \
+    CHECK(c == NULL);                                                                \
+  } while (0)
+  BAD_CREATE(NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, NULL, E4, "topk_idx is NULL");
+  BAD_CREATE(NCCL_EP_LAYOUT_EXPERT_MAJOR, &one_d, NULL, E4, "2-D");
+  BAD_CREATE(NCCL_EP_LAYOUT_EXPERT_MAJOR, &ok64, &li_bad, E4, "magic");
+  BAD_CREATE(NCCL_EP_LAYOUT_FLAT, &ok64, NULL, E5, "LOW_LATENCY");
+  BAD_CREATE(NCCL_EP_LAYOUT_UNSET, &ok64, NULL, E4, "UNSET");
+  BAD_CREATE(NCCL_EP_LAYOUT_RANK_MAJOR, &ok64, &li, E5, "layout_info must be NULL");
+  BAD_CREATE(NCCL_EP_LAYOUT_RANK_MAJOR, &flt, NULL, E4, "ncclInt64");
+  BAD_CREATE(NCCL_EP_LAYOUT_RANK_MAJOR, &too_many, NULL, E4, "max_dispatch_tokens_per_rank");
+#undef BAD_CREATE
+  c = NULL;
+  EXPECT_RC(ncclEpCreateHandle(&c, g, NCCL_EP_LAYOUT_RANK_MAJOR, &ok32, NULL, NULL, NULL), ncclSuccess, C, NULL);
+  CHECK(c != NULL);
+  EXPECT_RC(ncclEpHandleDestroy(c), ncclSuccess, "ncclEpHandleDestroy", NULL);
+}
+
+static void test_ops(ncclEpGroup_t g) {
+  const char *D = "ncclEpDispatch", *C = "ncclEpCombine";
+  size_t sk[2] = {4, 2}, sx[2] = {4, 128};
+  ncclEpTensor_t topk = tensor(2, ncclInt64, sk), x = tensor(2, ncclBfloat16, sx), y = tensor(2, ncclBfloat16, sx);
+  ncclEpTensor_t garbage;
+  memset(&garbage, 0x5A, sizeof garbage);
+  ncclEpTensor_t nodata = x;
+  nodata.data = NULL;
+  ncclEpHandle_t h = NULL;
+  EXPECT_RC(ncclEpCreateHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &topk, NULL, NULL, NULL), ncclSuccess,
+            "ncclEpCreateHandle", NULL);
+  if (!h) return;
+
+  ncclEpDispatchInputs_t di = NCCL_EP_DISPATCH_INPUTS_INIT;
+  ncclEpDispatchOutputs_t dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+  ncclEpDispatchConfig_t dc = NCCL_EP_DISPATCH_CONFIG_INIT;
+  ncclEpLayoutInfo_t li = NCCL_EP_LAYOUT_INFO_INIT;
+  di.tokens = &x;
+  dout.tokens = &y;
+  dc.pass_direction = (ncclEpPassDir_t)2;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, &dc, NULL), E4, D, "pass_direction");
+  dc.pass_direction = (ncclEpPassDir_t)-1;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, &dc, NULL), E4, D, "pass_direction");
+  li.recv_topk_idx_kind = (ncclEpExpertIdKind_t)3;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "recv_topk_idx_kind");
+  li.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_AUTO;
+  li.expert_counters = &garbage;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "layout_info->expert_counters");
+  di.tokens = NULL;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, NULL, NULL), E4, D, "inputs->tokens is NULL");
+  di.tokens = &garbage;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, NULL, NULL), E4, D, "inputs->tokens");
+  di.tokens = &nodata;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, NULL, NULL), E4, D, "inputs->tokens");
+  di.tokens = &x;
+  dout.tokens = NULL;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, NULL, NULL), E4, D, "outputs->tokens is NULL");
+  dout.tokens = &y;
+  di.topk_weights = &garbage;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, NULL, NULL), E4, D, "inputs->topk_weights");
+  di.topk_weights = NULL;
+  dout.topk_idx = &garbage;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, NULL, NULL), E4, D, "outputs->topk_idx");
+
+  ncclEpCombineInputs_t ci = NCCL_EP_COMBINE_INPUTS_INIT;
+  ncclEpCombineOutputs_t co = NCCL_EP_COMBINE_OUTPUTS_INIT;
+  ncclEpCombineConfig_t cc = NCCL_EP_COMBINE_CONFIG_INIT;
+  ci.tokens = &y;
+  co.tokens = &x;
+  cc.pass_direction = (ncclEpPassDir_t)5;
+  EXPECT_RC(ncclEpCombine(h, &ci, &co, &cc, NULL), E4, C, "pass_direction");
+  ci.tokens = NULL;
+  EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "inputs->tokens is NULL");
+  ci.tokens = &garbage;
+  EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "inputs->tokens");
+  ci.tokens = &y;
+  co.tokens = &garbage;
+  EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "outputs->tokens");
+  co.tokens = &x;
+  ci.scales = &garbage;
+  EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "inputs->scales");
+
+  /* nothing is pending: completing is a no-op */
+  ncclEpCompleteConfig_t pc = NCCL_EP_COMPLETE_CONFIG_INIT;
+  EXPECT_RC(ncclEpComplete(h, &pc, NULL), ncclSuccess, "ncclEpComplete", NULL);
+  EXPECT_RC(ncclEpComplete(h, NULL, NULL), ncclSuccess, "ncclEpComplete", NULL);
+  EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, NULL, NULL), E4, D, "not a live handle");
+  EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "not a live handle");
+}
+
+static void test_masks(ncclComm_t comm) {
+  int mask[4] = {1, 1, 1, 1}, err = -1;
+  ncclEpGroup_t g = NULL;
+  ncclEpGroupConfig_t c = ll_config();
+  /* LL without enable_mask: every mask call is a usage error */
+  EXPECT_RC(ncclEpCreateGroup(&g, comm, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
+  EXPECT_RC(ncclEpMaskQuery(g, mask, NULL), E5, "ncclEpMaskQuery", "enable_mask");
+  EXPECT_RC(ncclEpMaskUpdate(g, mask, NULL), E5, "ncclEpMaskUpdate", "enable_mask");
+  EXPECT_RC(ncclEpMaskClean(g, NULL), E5, "ncclEpMaskClean", "enable_mask");
+  EXPECT_RC(ncclEpGetAsyncError(g, &err), E5, "ncclEpGetAsyncError", "enable_mask");
+  EXPECT_RC(ncclEpErrorClear(g), E5, "ncclEpErrorClear", "enable_mask");
+  EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
+
+  /* HT: masks exist only in LL */
+  c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT;
+  c.enable_mask = 1;
+  g = NULL;
+  EXPECT_RC(ncclEpCreateGroup(&g, comm, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
+  EXPECT_RC(ncclEpMaskQuery(g, mask, NULL), E5, "ncclEpMaskQuery", "LOW_LATENCY");
+  EXPECT_RC(ncclEpGetAsyncError(g, &err), E5, "ncclEpGetAsyncError", "LOW_LATENCY");
+  EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
+
+  /* LL with enable_mask */
+  c.algorithm = NCCL_EP_ALGO_LOW_LATENCY;
+  g = NULL;
+  EXPECT_RC(ncclEpCreateGroup(&g, comm, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
+  EXPECT_RC(ncclEpMaskQuery(g, NULL, NULL), E4, "ncclEpMaskQuery", "mask_status");
+  EXPECT_RC(ncclEpMaskUpdate(g, NULL, NULL), E4, "ncclEpMaskUpdate", "mask");
+  EXPECT_RC(ncclEpGetAsyncError(g, NULL), E4, "ncclEpGetAsyncError", "error_out");
+  err = -1;
+  EXPECT_RC(ncclEpGetAsyncError(g, &err), ncclSuccess, "ncclEpGetAsyncError", NULL);
+  CHECK(err == 0);
+  EXPECT_RC(ncclEpErrorClear(g), ncclSuccess, "ncclEpErrorClear", NULL);
+  EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
+}
+
+static void test_ht_rules(ncclComm_t comm) {
+  const char *M = "ncclEpHandleMemSize";
+  ncclEpGroup_t g = NULL;
+  ncclEpGroupConfig_t c = ll_config();
+  c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT;
+  c.num_topk = 2;
+  size_t sz = 0;
+  ncclEpHandleConfig_t hc = NCCL_EP_HANDLE_CONFIG_INIT;
+  hc.dispatch_output_per_expert_alignment = 64;
+  EXPECT_RC(ncclEpCreateGroup(&g, comm, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 2), ncclSuccess, M, NULL);
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 1), ncclSuccess, M, NULL);
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, &sz, 2), E5, M, "HIGH_THROUGHPUT");
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 3), E5, M, "config->num_topk");
+  EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
+}
+
+int main(void) {
+  ncclComm_t comm1 = fake_comm_create(1, 0, 0), comm4 = fake_comm_create(4, 3, 0);
+  ncclEpGroupConfig_t c = ll_config();
+  ncclEpGroup_t g = NULL;
+  ncclResult_t rc = ncclEpCreateGroup(&g, comm1, &c);
+  if (rc == ncclUnhandledCudaError || rc == ncclSystemError || rc == ncclInternalError) {
+    printf("SKIP: this build cannot create a group without a GPU (ncclEpCreateGroup: %d, %s)\n", (int)rc,
+           ncclEpxGetLastError());
+    return 77;
+  }
+  EXPECT_RC(rc, ncclSuccess, "ncclEpCreateGroup", NULL);
+  if (g == NULL) return t_finish("errors_fake_nccl");
+
+  test_group_config(comm4);
+  test_tensor_reads(g);
+  test_handle_rules(g);
+  test_update_and_create(g);
+  test_ops(g);
+  test_masks(comm4);
+  test_ht_rules(comm1);
+
+  EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
+  /* a destroyed group is no group, for every function that takes one */
+  size_t sz;
+  int mask[1] = {1}, err;
+  ncclEpHandle_t h = (ncclEpHandle_t)SENTINEL;
+  const char *why = "not a live group";
+  EXPECT_RC(ncclEpGroupDestroy(g), E4, "ncclEpGroupDestroy", why);
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, &sz, 2), E4, "ncclEpHandleMemSize", why);
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 2, NULL), E4, "ncclEpInitHandle", why);
+  CHECK(h == NULL);
+  EXPECT_RC(ncclEpMaskQuery(g, mask, NULL), E4, "ncclEpMaskQuery", why);
+  EXPECT_RC(ncclEpMaskUpdate(g, mask, NULL), E4, "ncclEpMaskUpdate", why);
+  EXPECT_RC(ncclEpMaskClean(g, NULL), E4, "ncclEpMaskClean", why);
+  EXPECT_RC(ncclEpGetAsyncError(g, &err), E4, "ncclEpGetAsyncError", why);
+  EXPECT_RC(ncclEpErrorClear(g), E4, "ncclEpErrorClear", why);
+
+  fake_comm_destroy(comm1);
+  fake_comm_destroy(comm4);
+  return t_finish("errors_fake_nccl");
+}

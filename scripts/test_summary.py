@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Sums cargo test and ctest results for `make test` and prints, as the very last line,
+`N passed, M failed, K skipped`. Exits 1 if anything failed.
+
+  --cargo LOG --cargo-rc RC   output of `cargo test` and its exit status
+  --junit XML                 ctest --output-junit file
+  --broken WHAT               a step that failed without counts of its own (counts as 1 failed)
+  --elapsed SECONDS
+"""
+import argparse
+import re
+import sys
+import xml.etree.ElementTree as ET
+
+RESULT = re.compile(r"^test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored;")
+
+
+def cargo_counts(path, rc):
+    p = f = s = 0
+    failed_names = []
+    for line in open(path, encoding="utf-8", errors="replace"):
+        m = RESULT.match(line.strip())
+        if m:
+            p, f, s = p + int(m[1]), f + int(m[2]), s + int(m[3])
+        elif line.startswith("test ") and line.rstrip().endswith("... FAILED"):
+            failed_names.append(line[5:].rsplit(" ... ", 1)[0])
+    notes = [f"cargo: FAILED {n}" for n in failed_names]
+    if rc != 0 and f == 0:
+        f += 1  # did not compile, or a test binary died without a result line
+        notes.append(f"cargo test exited {rc} without a failing test line (build error or crash)")
+    return p, f, s, notes
+
+
+def junit_counts(path):
+    p = f = s = 0
+    notes = []
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as e:
+        return 0, 1, 0, [f"ctest: cannot read {path}: {e}"]
+    for case in root.iter("testcase"):
+        name = case.get("name", "?")
+        status = case.get("status", "")
+        if case.find("failure") is not None or case.find("error") is not None or status == "fail":
+            f += 1
+            notes.append(f"ctest: FAILED {name}")
+        elif case.find("skipped") is not None or status in ("notrun", "disabled", "skipped"):
+            s += 1
+            notes.append(f"ctest: skipped {name}")
+        else:
+            p += 1
+    return p, f, s, notes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cargo")
+    ap.add_argument("--cargo-rc", type=int, default=0)
+    ap.add_argument("--junit")
+    ap.add_argument("--broken", action="append", default=[])
+    ap.add_argument("--elapsed", type=int)
+    a = ap.parse_args()
+    total = [0, 0, 0]
+    notes = []
+    parts = []
+    if a.cargo:
+        c = cargo_counts(a.cargo, a.cargo_rc)
+        parts.append(f"cargo test {c[0]} ok / {c[1]} failed / {c[2]} ignored")
+        notes += c[3]
+        total = [x + y for x, y in zip(total, c[:3])]
+    if a.junit:
+        j = junit_counts(a.junit)
+        parts.append(f"ctest {j[0]} ok / {j[1]} failed / {j[2]} skipped")
+        notes += j[3]
+        total = [x + y for x, y in zip(total, j[:3])]
+    for b in a.broken:
+        notes.append(f"FAILED step: {b}")
+        total[1] += 1
+    if not a.cargo and not a.junit and not a.broken:
+        notes.append("no test ran")
+        total[1] += 1
+    for n in notes:
+        print(n)
+    if parts:
+        print("breakdown: " + "; ".join(parts) + (f"; {a.elapsed} s" if a.elapsed is not None else ""))
+    line = f"{total[0]} passed, {total[1]} failed"
+    if total[2]:
+        line += f", {total[2]} skipped"
+    print(line)
+    return 1 if total[1] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
