@@ -40,10 +40,7 @@ ctest:
 	NCCL_EP_SKIP_CARGO=1 scripts/run_tests.sh
 
 bench:
-	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then \
-	  echo "make bench: no NVIDIA GPU found; the benchmark needs one"; exit 1; fi
-	$(CARGO) build --release
-	@echo "make bench: the benchmark is not implemented yet"; exit 1
+	@scripts/bench.sh
 
 clean:
 	$(CARGO) clean

@@ -23,6 +23,9 @@ if ! scripts/deps.sh; then
 fi
 # shellcheck source=/dev/null
 source "$ROOT/.deps/env.sh"
+# The NVRTC test compiles every kernel variant with the wheel's libnvrtc; without it, it fails.
+export LD_LIBRARY_PATH="$NCCL_EP_DEPS_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export NCCL_EP_REQUIRE_NVRTC=1
 
 section "cargo build --release"
 cargo build --release 2>&1 | tee "$LOGS/cargo-build.log"
@@ -40,7 +43,10 @@ ctest_ran=0
 LIB="$ROOT/target/release/libnccl_ep.so"
 if [[ $build_rc -eq 0 && -f "$LIB" ]]; then
   section "C tests: configure and build (build/c-tests)"
+  # The Rust GPU tests run under ctest too (label gpu), from the binary cargo built.
+  GPU_LL=$(ls -t target/release/deps/gpu_ll-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
   if cmake -S c-tests -B build/c-tests -DNCCL_EP_LIB="$LIB" -DNCCL_EP_INCLUDE="$ROOT/include" \
+       -DNCCL_EP_RUST_GPU_TESTS="$GPU_LL" \
        -DNCCL_EP_DEPS_INCLUDE="$NCCL_EP_DEPS_NCCL_INCLUDE;$NCCL_EP_DEPS_CUDA_INCLUDE" \
        -DNCCL_EP_SOURCE_DIR="$ROOT" &&
      cmake --build build/c-tests -j "${CTEST_PARALLEL_LEVEL:-2}"; then

@@ -68,6 +68,11 @@ pub unsafe extern "C" fn ncclEpDispatch(
                 pass: cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?,
                 quant: cfg.map_or(0, |c| c.quant_recipe.0),
             };
+            crate::ensure_arg!(
+                (0..=2).contains(&args.quant),
+                "config->quant_recipe is {}, not an ncclEpDispQuant_t",
+                args.quant
+            );
             crate::runtime::ops::dispatch(h, &args, stream)
         }
     })
@@ -99,6 +104,11 @@ pub unsafe extern "C" fn ncclEpCombine(
                 pass: cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?,
                 quant: cfg.map_or(0, |c| c.quant_recipe.0),
             };
+            crate::ensure_arg!(
+                (0..=1).contains(&args.quant),
+                "config->quant_recipe is {}, not an ncclEpCombQuant_t",
+                args.quant
+            );
             crate::runtime::ops::combine(h, &args, stream)
         }
     })

@@ -29,6 +29,14 @@ pub struct Group {
     pub ll: Option<LlState>,
 }
 
+/// SM count of a device, or 0 (unknown) when there is no CUDA driver.
+fn device_sms(device: i32) -> Result<u32> {
+    if !crate::cuda::driver::driver_available() {
+        return Ok(0);
+    }
+    Ok(crate::cuda::driver::sm_count(device)? as u32)
+}
+
 impl Group {
     /// Creates this rank's group on the caller's communicator (collective).
     ///
@@ -38,7 +46,7 @@ impl Group {
         let nccl = crate::transport::nccl::Nccl::get()?;
         // SAFETY: the caller passes its live communicator (C contract of ncclEpCreateGroup).
         let (rank, nranks, device) = unsafe { nccl.comm_info(comm) }?;
-        let sms = crate::cuda::driver::sm_count(device)? as u32;
+        let sms = device_sms(device)?;
         let params = validate_group_config(cfg, rank, nranks, sms, &EnvOverrides::from_env())?;
         crate::abi::guard::log_info(format_args!(
             "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}",
@@ -59,7 +67,7 @@ impl Group {
     /// Creates rank `rank` of a local group (no communicator).
     pub fn local(world: &Arc<LocalWorld>, rank: usize, cfg: &ncclEpGroupConfig_t) -> Result<Group> {
         let device = world.devices[rank];
-        let sms = crate::cuda::driver::sm_count(device)? as u32;
+        let sms = device_sms(device)?;
         let params = validate_group_config(cfg, rank as u32, world.nranks() as u32, sms, &EnvOverrides::from_env())?;
         let on_device = world.ranks_on(device);
         Self::finish(
@@ -87,7 +95,8 @@ impl Group {
             custom_alloc,
             ll: None,
         };
-        if g.params.algorithm == Algorithm::LowLatency {
+        // Without a CUDA driver (tests with a stand-in NCCL) the group exists for validation only.
+        if g.params.algorithm == Algorithm::LowLatency && crate::cuda::driver::driver_available() {
             g.ll = Some(LlState::new(&g, ranks_on_device)?);
             let explicit = g.params.rdma_buffer_size;
             if explicit != 0 {

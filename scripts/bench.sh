@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `make bench`, the main job: builds the library and ep_bench, then runs the anchor config
+# (LL, bf16, H=7168, K=8, E=256, 128 tokens per rank) on the GPU that is present:
+#   - in one process: 1 rank, then 8 local ranks on this GPU (both layouts);
+#   - under MPI (mpirun -np N make bench, or EP_BENCH_MPI=1): one rank per process.
+# Environment: NCCL_EP_LIB=path uses a prebuilt libnccl_ep.so (no cargo needed);
+#              EP_BENCH_ARGS adds ep_bench options; EP_BENCH_OUT=dir keeps the CSV files there.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  echo "make bench: no NVIDIA GPU found; the benchmark needs one"
+  exit 1
+fi
+LIB="${NCCL_EP_LIB:-}"
+if [[ -z "$LIB" ]]; then
+  cargo build --release
+  LIB="$ROOT/target/release/libnccl_ep.so"
+fi
+# Headers: the system's CUDA and NCCL when present, else the PyPI wheels (scripts/deps.sh).
+CUDA_INC="${CUDA_HOME:-/usr/local/cuda}/include"
+NCCL_INC=""
+for d in /usr/include /usr/local/include "${NCCL_HOME:-/nonexistent}/include"; do
+  [[ -f "$d/nccl.h" ]] && NCCL_INC="$d" && break
+done
+if [[ ! -f "$CUDA_INC/cuda_runtime.h" || -z "$NCCL_INC" ]]; then
+  scripts/deps.sh >/dev/null
+  # shellcheck source=/dev/null
+  source .deps/env.sh
+  CUDA_INC="$NCCL_EP_DEPS_CUDA_INCLUDE"
+  NCCL_INC="$NCCL_EP_DEPS_NCCL_INCLUDE"
+fi
+BUILD="$ROOT/build/bench"
+cmake -S c-tests -B "$BUILD" -DNCCL_EP_LIB="$LIB" -DNCCL_EP_INCLUDE="$ROOT/include" \
+  -DNCCL_EP_DEPS_INCLUDE="$NCCL_INC;$CUDA_INC" -DNCCL_EP_SOURCE_DIR="$ROOT" >"$BUILD.log" 2>&1 ||
+  { cat "$BUILD.log"; exit 1; }
+cmake --build "$BUILD" --target ep_bench -j 4 >>"$BUILD.log" 2>&1 || { cat "$BUILD.log"; exit 1; }
+OUTDIR="${EP_BENCH_OUT:-$ROOT/build/bench-results}"
+mkdir -p "$OUTDIR"
+export EP_BENCH_SCRIPTS="$ROOT/scripts"
+ANCHOR=(--algorithm ll --tokens 128 --hidden 7168 --top-k 8 --experts 256 --warmup 10 --iters 50)
+if [[ -n "${OMPI_COMM_WORLD_SIZE:-}${PMI_SIZE:-}" || "${EP_BENCH_MPI:-0}" == 1 ]]; then
+  cmake --build "$BUILD" --target ep_bench_mpi -j 4 >>"$BUILD.log" 2>&1 || { cat "$BUILD.log"; exit 1; }
+  for lay in em rm; do
+    "$BUILD/ep_bench_mpi" "${ANCHOR[@]}" --layout "$lay" --csv "$OUTDIR/anchor-mpi-$lay.csv" ${EP_BENCH_ARGS:-}
+  done
+  exit 0
+fi
+for ranks in 1 8; do
+  for lay in em rm; do
+    "$BUILD/ep_bench" --local-ranks "$ranks" "${ANCHOR[@]}" --layout "$lay" \
+      --csv "$OUTDIR/anchor-$ranks-$lay.csv" ${EP_BENCH_ARGS:-}
+  done
+done
