@@ -31,6 +31,7 @@ if [[ ! -f "$CUDA_INC/cuda_runtime.h" || -z "$NCCL_INC" ]]; then
   NCCL_INC="$NCCL_EP_DEPS_NCCL_INCLUDE"
 fi
 BUILD="$ROOT/build/bench"
+mkdir -p "$ROOT/build"
 cmake -S c-tests -B "$BUILD" -DNCCL_EP_LIB="$LIB" -DNCCL_EP_INCLUDE="$ROOT/include" \
   -DNCCL_EP_DEPS_INCLUDE="$NCCL_INC;$CUDA_INC" -DNCCL_EP_SOURCE_DIR="$ROOT" >"$BUILD.log" 2>&1 ||
   { cat "$BUILD.log"; exit 1; }
