@@ -12,25 +12,33 @@ __device__ void combine_send(const LlParams& p, u32 epoch) {
   const int gwarps = (gridDim.x * blockDim.x) >> 5;
   int total = 0;
   for (int s = 0; s < N; ++s) total += meta[s];
-  for (int m = gwarp; m < total; m += gwarps) {
-    int s = 0, slot = m;
+  // Work items: (received message, top-k entry (EM) , segment).
+  const int nseg = num_segments(p.row_bytes);
+#if EP_EM
+  const int per_msg = K * nseg;
+#else
+  const int per_msg = nseg;
+#endif
+  for (int it = gwarp; it < total * per_msg; it += gwarps) {
+    const int seg = it % nseg;
+    int s = 0, slot = it / per_msg;
     while (slot >= meta[s]) slot -= meta[s++];
     const int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
     const int token = mrow[0];
     char* recv = bank_base(p, s, epoch) + p.off_data;
+    const i64 off = (i64)seg * EP_SEG_BYTES;
+    const int bytes = segment_bytes(p.row_bytes, seg);
 #if EP_EM
     // One expert-output row per local top-k entry; k is the position in the source's row.
-#pragma unroll 1
-    for (int k = 0; k < K; ++k) {
-      int row = mrow[1 + k];
-      if (row < 0) continue;
-      warp_copy(recv + ((i64)token * K + k) * p.cmsg, (const char*)p.x + (i64)row * p.row_bytes, p.row_bytes, lane);
-    }
+    const int k = (it / nseg) % K;
+    const int row = mrow[1 + k];
+    if (row < 0) continue;
+    warp_copy(recv + ((i64)token * K + k) * p.cmsg + off, (const char*)p.x + (i64)row * p.row_bytes + off, bytes, lane);
 #else
     // One pre-reduced row per (source, slot), stored at the first local top-k position.
     const int j = mrow[1];
-    const char* src = (const char*)p.x + ((i64)s * p.max_tokens + slot) * p.row_bytes;
-    warp_copy(recv + ((i64)token * K + j) * p.cmsg, src, p.row_bytes, lane);
+    const char* src = (const char*)p.x + ((i64)s * p.max_tokens + slot) * p.row_bytes + off;
+    warp_copy(recv + ((i64)token * K + j) * p.cmsg + off, src, bytes, lane);
 #endif
   }
   sends_done(p);
@@ -53,7 +61,10 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
   const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int gwarps = (gridDim.x * blockDim.x) >> 5;
   const char* recv = bank + p.off_data;
-  for (int t = gwarp; t < p.num_tokens; t += gwarps) {
+  // Work items: (own token, segment of its row).
+  const int nseg = num_segments(p.row_bytes);
+  for (int it = gwarp; it < p.num_tokens * nseg; it += gwarps) {
+    const int t = it / nseg, seg = it % nseg;
     // Lane k decides whether entry k contributes and with which weight.
     int e = lane < K ? topk_at(p, t, lane) : -1;
     float w = 0.f;
@@ -77,8 +88,9 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
       wk[k] = __shfl_sync(0xffffffffu, w, k);
       sk[k] = __shfl_sync(0xffffffffu, src_k, k);
     }
-    const int n16 = p.row_bytes >> 4;
-    int4* out = (int4*)((char*)p.out + (i64)t * p.row_bytes);
+    const i64 off = (i64)seg * EP_SEG_BYTES;
+    const int n16 = segment_bytes(p.row_bytes, seg) >> 4;
+    int4* out = (int4*)((char*)p.out + (i64)t * p.row_bytes + off);
     for (int c = lane; c < n16; c += 32) {
       float acc[8];
 #pragma unroll
@@ -86,7 +98,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 #pragma unroll
       for (int k = 0; k < EP_TOPK; ++k) {
         if (!(use_mask & (1u << k))) continue;
-        int4 v = ld_cg((const int4*)(recv + ((i64)t * K + sk[k]) * p.cmsg) + c);
+        int4 v = ld_cg((const int4*)(recv + ((i64)t * K + sk[k]) * p.cmsg + off) + c);
         const unsigned short* h = (const unsigned short*)&v;
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] = __fmaf_rn(wk[k], bf16_to_f32(h[i]), acc[i]);

@@ -107,6 +107,16 @@ __device__ __forceinline__ u32 wait_flag(const u64* flag, u32 tag, const LlParam
   }
 }
 
+// Rows are split into segments of this many bytes so that many warps share one long row.
+#define EP_SEG_BYTES 2048
+
+__device__ __forceinline__ int num_segments(int row_bytes) { return (row_bytes + EP_SEG_BYTES - 1) / EP_SEG_BYTES; }
+
+// Bytes of segment `seg` of a row.
+__device__ __forceinline__ int segment_bytes(int row_bytes, int seg) {
+  return min(EP_SEG_BYTES, row_bytes - seg * EP_SEG_BYTES);
+}
+
 // Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp.
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
   int4* d = (int4*)dst;

@@ -80,22 +80,22 @@ __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, TokenR
   __syncthreads();
 }
 
-// Writes one message (header + payload) for token t into rank d's dispatch receive slot.
-__device__ void send_message(const LlParams& p, const TokenRoute& r, int t, int k, u32 epoch, int lane) {
+// Writes segment `seg` of the message for token t to rank d's dispatch receive slot (the header
+// goes with segment 0).
+__device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int k, int seg, u32 epoch, int lane) {
   int d = topk_at(p, t, k) / p.local_experts;
   char* msg = bank_base(p, d, epoch) + p.off_data + ((u64)p.rank * p.max_tokens + r.slot[k]) * (u64)p.dmsg;
-  if (lane == 0) *(int*)msg = t;
-  if (lane < EP_TOPK) {
-    HdrRec rec;
-    rec.expert = topk_at(p, t, lane);
-    rec.weight = p.weights ? ((const float*)p.weights)[(i64)t * EP_TOPK + lane] : 0.f;
-    rec.pos = r.pos[lane];
-    HdrRec* dst = (HdrRec*)(msg + 4) + lane;
-    dst->expert = rec.expert;
-    dst->weight = rec.weight;
-    dst->pos = rec.pos;
+  if (seg == 0) {
+    if (lane == 0) *(int*)msg = t;
+    if (lane < EP_TOPK) {
+      HdrRec* dst = (HdrRec*)(msg + 4) + lane;
+      dst->expert = topk_at(p, t, lane);
+      dst->weight = p.weights ? ((const float*)p.weights)[(i64)t * EP_TOPK + lane] : 0.f;
+      dst->pos = r.pos[lane];
+    }
   }
-  warp_copy(msg + p.hdr, (const char*)p.x + (i64)t * p.row_bytes, p.row_bytes, lane);
+  const i64 off = (i64)seg * EP_SEG_BYTES;
+  warp_copy(msg + p.hdr + off, (const char*)p.x + (i64)t * p.row_bytes + off, segment_bytes(p.row_bytes, seg), lane);
 }
 
 __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, TokenRoute* routes, u32 epoch) {
@@ -103,12 +103,13 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, Token
   const int t0 = min(p.num_tokens, (int)blockIdx.x * tpb), t1 = min(p.num_tokens, t0 + tpb);
   route_tokens(p, hist_e, hist_r, routes, t0, t1);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  // Work items: (own token, top-k entry that is the first of its destination rank).
-  const int items = (t1 - t0) * EP_TOPK;
+  // Work items: (own token, top-k entry that is the first of its destination rank, segment).
+  const int nseg = num_segments(p.row_bytes);
+  const int items = (t1 - t0) * EP_TOPK * nseg;
   for (int i = warp; i < items; i += nwarps) {
-    const TokenRoute& r = routes[i / EP_TOPK];
-    int k = i % EP_TOPK;
-    if (r.first & (1u << k)) send_message(p, r, t0 + i / EP_TOPK, k, epoch, lane);
+    const int seg = i % nseg, tk = i / nseg, k = tk % EP_TOPK;
+    const TokenRoute& r = routes[tk / EP_TOPK];
+    if (r.first & (1u << k)) send_segment(p, r, t0 + tk / EP_TOPK, k, seg, epoch, lane);
   }
   sends_done(p);
   if (blockIdx.x == gridDim.x - 1) {
@@ -177,52 +178,58 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
 #endif
   int total = 0;
   for (int s = 0; s < N; ++s) total += counts[s];
-  for (int m = gwarp; m < total; m += gwarps) {
-    int s = 0, slot = m;
+  // Work items: (received message, segment of its payload); segment 0 also does the metadata.
+  const int nseg = num_segments(p.row_bytes);
+  for (int it = gwarp; it < total * nseg; it += gwarps) {
+    const int seg = it % nseg;
+    int s = 0, slot = it / nseg;
     while (slot >= counts[s]) slot -= counts[s++];
     const char* msg = bank + p.off_data + ((u64)s * p.max_tokens + slot) * (u64)p.dmsg;
-    int token = ld_cg_int((const int*)msg);
     const HdrRec* rec = (const HdrRec*)(msg + 4);
     int e = lane < K ? ld_cg_int(&rec[lane].expert) : -1;
     bool in_range = e >= lo && e < lo + L;
     u32 same_e = __match_any_sync(0xffffffffu, in_range ? e : -100 - lane);
+    int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
+    const i64 off = (i64)seg * EP_SEG_BYTES;
+    const int n16 = segment_bytes(p.row_bytes, seg) >> 4;
+    const int4* src = (const int4*)(msg + p.hdr + off);
 #if EP_EM
     // A duplicate expert in the row is delivered once, at its first occurrence.
     bool local = in_range && (__ffs(same_e) - 1) == lane;
-#else
-    bool local = in_range;
-    (void)same_e;
-#endif
-    int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
-    if (lane == 0) mrow[0] = token;
-#if EP_EM
     int row = -1;
     if (local) row = (e - lo) * (N * p.max_tokens) + base[(e - lo) * N + s] + ld_cg_int(&rec[lane].pos);
-    if (lane < K) mrow[1 + lane] = row;
+    if (seg == 0) {
+      if (lane == 0) mrow[0] = ld_cg_int((const int*)msg);
+      if (lane < K) mrow[1 + lane] = row;
+    }
     u32 rows_mask = __ballot_sync(0xffffffffu, local);
     int rows[EP_TOPK];
 #pragma unroll
     for (int k = 0; k < EP_TOPK; ++k) rows[k] = __shfl_sync(0xffffffffu, row, k);
-    const int4* src = (const int4*)(msg + p.hdr);
-    const int n16 = p.row_bytes >> 4;
     // Read each 16-byte chunk once and store it into every local row of this token.
     for (int c = lane; c < n16; c += 32) {
       int4 v = ld_cg(src + c);
 #pragma unroll
       for (int k = 0; k < EP_TOPK; ++k)
-        if (rows_mask & (1u << k)) ((int4*)((char*)p.out + (i64)rows[k] * p.row_bytes))[c] = v;
+        if (rows_mask & (1u << k)) ((int4*)((char*)p.out + (i64)rows[k] * p.row_bytes + off))[c] = v;
     }
 #else
+    (void)same_e;
+    bool local = in_range;
     u32 local_mask = __ballot_sync(0xffffffffu, local);
-    if (lane == 0) mrow[1] = local_mask ? __ffs(local_mask) - 1 : 0;
     i64 orow = (i64)s * p.max_tokens + slot;
-    if (lane < K) {
-      ((int*)p.out_topk_idx)[orow * K + lane] = local ? (p.recv_global ? e : e - lo) : -1;
-      if (p.out_weights) ((float*)p.out_weights)[orow * K + lane] = __int_as_float(ld_cg_int((const int*)&rec[lane].weight));
+    if (seg == 0) {
+      if (lane == 0) {
+        mrow[0] = ld_cg_int((const int*)msg);
+        mrow[1] = local_mask ? __ffs(local_mask) - 1 : 0;
+      }
+      if (lane < K) {
+        ((int*)p.out_topk_idx)[orow * K + lane] = local ? (p.recv_global ? e : e - lo) : -1;
+        if (p.out_weights) ((float*)p.out_weights)[orow * K + lane] = __int_as_float(ld_cg_int((const int*)&rec[lane].weight));
+      }
     }
-    const int4* src = (const int4*)(msg + p.hdr);
-    int4* dst = (int4*)((char*)p.out + orow * p.row_bytes);
-    for (int c = lane; c < (p.row_bytes >> 4); c += 32) dst[c] = ld_cg(src + c);
+    int4* dst = (int4*)((char*)p.out + orow * p.row_bytes + off);
+    for (int c = lane; c < n16; c += 32) dst[c] = ld_cg(src + c);
 #endif
   }
 }

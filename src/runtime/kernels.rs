@@ -7,7 +7,9 @@ use crate::cuda::jit::{Defines, KernelSource, get_function};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
 use crate::runtime::ll_params::LlParams;
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
 
 /// The kernels with the common header prepended, so NVRTC needs no include path.
 pub const LL_DISPATCH: KernelSource = KernelSource {
@@ -114,8 +116,17 @@ impl LlKernel {
         }
     }
 
+    /// The loaded kernel for `device`. The first call per (variant, device) compiles or reads the
+    /// disk cache; later calls are one hash-map lookup (this is on every dispatch's host path).
     fn function(&self, device: i32) -> Result<Function> {
-        get_function(device, self.source(), &self.defines(), self.name())
+        static LOADED: OnceLock<Mutex<HashMap<(LlKernel, i32), Function>>> = OnceLock::new();
+        let map = LOADED.get_or_init(Default::default);
+        if let Some(f) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&(*self, device)) {
+            return Ok(*f);
+        }
+        let f = get_function(device, self.source(), &self.defines(), self.name())?;
+        map.lock().unwrap_or_else(|p| p.into_inner()).insert((*self, device), f);
+        Ok(f)
     }
 }
 

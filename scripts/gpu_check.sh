@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a GPU machine without Rust: runs the prebuilt GPU tests and the benchmark.
+#   scripts/gpu_check.sh DIR [tests|bench|all] [extra ep_bench args...]
+# DIR holds libnccl_ep.so and gpu_ll (the cargo test binary of tests/gpu_ll.rs), built elsewhere.
+# Logs and CSV files go to $OUT (or build/gpu-check).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DIR="$(cd "$1" && pwd)"; shift
+WHAT="${1:-all}"; shift || true
+OUTDIR="${OUT:-$ROOT/build/gpu-check}"
+mkdir -p "$OUTDIR"
+rc=0
+if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
+  echo "== GPU tests (tests/gpu_ll.rs)"
+  NCCL_EP_TIMEOUT_MS=10000 timeout 900 "$DIR/gpu_ll" --test-threads=1 --nocapture >"$OUTDIR/gpu_ll.log" 2>&1 || rc=1
+  grep -E '^(ll_|test result|test .*FAILED)' "$OUTDIR/gpu_ll.log" | cut -c1-300
+fi
+if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
+  echo "== benchmark"
+  NCCL_EP_LIB="$DIR/libnccl_ep.so" EP_BENCH_OUT="$OUTDIR" "$ROOT/scripts/bench.sh" >"$OUTDIR/bench.log" 2>&1 || rc=1
+  B="$ROOT/build/bench/ep_bench"
+  for ranks in 1 8; do
+    for lay in em rm; do
+      "$B" --local-ranks $ranks --tokens 128 --hidden 7168 --top-k 8 --experts 256 --layout $lay --graph \
+        --csv "$OUTDIR/anchor-graph-$ranks-$lay.csv" "$@" >>"$OUTDIR/bench.log" 2>&1 || rc=1
+    done
+  done
+  grep -E '^ +[0-9]' "$OUTDIR/bench.log" | head -20
+fi
+exit $rc
