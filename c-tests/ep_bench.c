@@ -50,6 +50,42 @@ static const char* (*ext_last_error)(void);
     }                                                                                            \
   } while (0)
 
+/* The start gate: every rank's stream waits on a host-mapped word (cuStreamWaitValue32), the host
+ * queues all ranks' work, then opens the gate, so that host launch time stays out of the GPU
+ * timings and all ranks start together. Without stream memory operations the gate is off. */
+typedef int (*wait_value_fn)(void* stream, unsigned long long addr, unsigned value, unsigned flags);
+static wait_value_fn gate_wait;
+static volatile unsigned* gate_host;
+static unsigned long long gate_dev;
+static unsigned gate_value;
+
+static void gate_init(void) {
+  void* cu = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+  if (cu) gate_wait = (wait_value_fn)dlsym(cu, "cuStreamWaitValue32_v2");
+  if (cu && !gate_wait) gate_wait = (wait_value_fn)dlsym(cu, "cuStreamWaitValue32");
+  if (!gate_wait) return;
+  void* h;
+  CK(cudaHostAlloc(&h, 64, cudaHostAllocMapped));
+  void* d;
+  CK(cudaHostGetDevicePointer(&d, h, 0));
+  gate_host = (volatile unsigned*)h;
+  *gate_host = 0;
+  gate_dev = (unsigned long long)(uintptr_t)d;
+}
+
+/* Makes `s` wait until the gate reaches the next value (CU_STREAM_WAIT_VALUE_GEQ = 0). */
+static void gate_close(cudaStream_t s) {
+  if (gate_wait && gate_wait((void*)s, gate_dev, gate_value + 1, 0) != 0) {
+    fprintf(stderr, "ep_bench: cuStreamWaitValue32 failed; timing without the start gate\n");
+    gate_wait = NULL;
+  }
+}
+
+static void gate_open(void) {
+  if (!gate_wait) return;
+  __atomic_store_n(gate_host, ++gate_value, __ATOMIC_RELEASE);
+}
+
 typedef ncclResult_t (*local_groups_fn)(ncclEpGroup_t*, int, const int*, const ncclEpGroupConfig_t*);
 typedef ncclResult_t (*buffer_size_fn)(const ncclEpGroupConfig_t*, int, ncclEpLayout_t, int, size_t*);
 
@@ -165,7 +201,7 @@ typedef struct {
   ncclEpTensor_t tx, ttopk, tw, tout, tcnt, toidx, tow, tein, tcw, tcout;
   long long selections;
   cudaEvent_t ev[3];
-  cudaGraphExec_t exec;
+  cudaGraphExec_t exec_d, exec_c; /* --graph: dispatch and combine captured separately */
 } Rank;
 
 static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
@@ -227,7 +263,7 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   r->tcw = tensor(r->cw, ncclFloat32, 2, r->scw);
   r->tcout = tensor(r->cout, ncclBfloat16, 2, r->scout);
   for (int i = 0; i < 3; ++i) CK(cudaEventCreate(&r->ev[i]));
-  r->exec = NULL;
+  r->exec_d = r->exec_c = NULL;
 }
 
 static void rank_free(Rank* r) {
@@ -235,7 +271,8 @@ static void rank_free(Rank* r) {
   void* p[] = {r->x, r->topk, r->w, r->out, r->cnt, r->oidx, r->ow, r->ein, r->cw, r->cout};
   for (unsigned i = 0; i < sizeof p / sizeof p[0]; ++i) CK(cudaFree(p[i]));
   for (int i = 0; i < 3; ++i) CK(cudaEventDestroy(r->ev[i]));
-  if (r->exec) CK(cudaGraphExecDestroy(r->exec));
+  if (r->exec_d) CK(cudaGraphExecDestroy(r->exec_d));
+  if (r->exec_c) CK(cudaGraphExecDestroy(r->exec_c));
 }
 
 static double host_dispatch_us_acc;
@@ -390,15 +427,16 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
     for (int i = 0; i < nlocal; ++i) {
       cudaGraph_t g;
       CK(cudaStreamBeginCapture(rk[i].s, cudaStreamCaptureModeRelaxed));
-      CK(cudaEventRecord(rk[i].ev[0], rk[i].s));
       do_dispatch(&rk[i], o);
       if (o->send_only) do_complete(&rk[i]);
-      CK(cudaEventRecord(rk[i].ev[1], rk[i].s));
+      CK(cudaStreamEndCapture(rk[i].s, &g));
+      CK(cudaGraphInstantiate(&rk[i].exec_d, g, 0));
+      CK(cudaGraphDestroy(g));
+      CK(cudaStreamBeginCapture(rk[i].s, cudaStreamCaptureModeRelaxed));
       do_combine(&rk[i], o);
       if (o->send_only) do_complete(&rk[i]);
-      CK(cudaEventRecord(rk[i].ev[2], rk[i].s));
       CK(cudaStreamEndCapture(rk[i].s, &g));
-      CK(cudaGraphInstantiate(&rk[i].exec, g, 0));
+      CK(cudaGraphInstantiate(&rk[i].exec_c, g, 0));
       CK(cudaGraphDestroy(g));
     }
   }
@@ -409,10 +447,13 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
       host_dispatch_us_acc = 0;
       host_dispatch_n = 0;
     }
+    for (int i = 0; i < nlocal; ++i) gate_close(rk[i].s);
+    for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[0], rk[i].s));
     if (o->graph) {
-      for (int i = 0; i < nlocal; ++i) CK(cudaGraphLaunch(rk[i].exec, rk[i].s));
+      for (int i = 0; i < nlocal; ++i) CK(cudaGraphLaunch(rk[i].exec_d, rk[i].s));
+      for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[1], rk[i].s));
+      for (int i = 0; i < nlocal; ++i) CK(cudaGraphLaunch(rk[i].exec_c, rk[i].s));
     } else {
-      for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[0], rk[i].s));
       for (int i = 0; i < nlocal; ++i) do_dispatch(&rk[i], o);
       if (o->send_only)
         for (int i = 0; i < nlocal; ++i) do_complete(&rk[i]);
@@ -420,8 +461,9 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
       for (int i = 0; i < nlocal; ++i) do_combine(&rk[i], o);
       if (o->send_only)
         for (int i = 0; i < nlocal; ++i) do_complete(&rk[i]);
-      for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[2], rk[i].s));
     }
+    for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[2], rk[i].s));
+    gate_open();
     for (int i = 0; i < nlocal; ++i) CK(cudaStreamSynchronize(rk[i].s));
     CK(cudaGetLastError());
     if (it >= 0) {
@@ -520,6 +562,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   ext_last_error = (const char* (*)(void))dlsym(RTLD_DEFAULT, "ncclEpxGetLastError");
+  gate_init();
   local_groups_fn mk_local = (local_groups_fn)dlsym(RTLD_DEFAULT, "ncclEpxCreateLocalGroups");
   buffer_size_fn bufsz = (buffer_size_fn)dlsym(RTLD_DEFAULT, "ncclEpxBufferSize");
 
@@ -574,10 +617,11 @@ int main(int argc, char** argv) {
   }
   const char* lay = o.layout == NCCL_EP_LAYOUT_RANK_MAJOR ? "rm" : o.layout == NCCL_EP_LAYOUT_FLAT ? "flat" : "em";
   if (me == 0)
-    printf("# %s, %d rank(s) (%s), copy bandwidth %.0f GB/s (read+write), %s %s, K=%d, E=%d, %s routing%s%s\n",
+    printf("# %s, %d rank(s) (%s), copy bandwidth %.0f GB/s (read+write), %s %s, K=%d, E=%d, %s routing%s%s%s\n",
            prop.name, world, comm ? "MPI/NCCL" : "local group", copy_gbs,
            o.algorithm == NCCL_EP_ALGO_LOW_LATENCY ? "LL" : "HT", lay, o.topk, o.experts,
-           o.routing ? "zipf" : "uniform", o.send_only ? ", send_only" : "", o.graph ? ", graph" : "");
+           o.routing ? "zipf" : "uniform", o.send_only ? ", send_only" : "", o.graph ? ", graph" : "",
+           gate_wait ? ", gated start" : ", no start gate (times include host launch)");
   int total = nt * nh, done = 0;
   Result* rows = (Result*)calloc(total, sizeof(Result));
   for (int ih = 0; ih < nh; ++ih) {
