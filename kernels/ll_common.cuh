@@ -117,12 +117,29 @@ __device__ __forceinline__ int segment_bytes(int row_bytes, int seg) {
   return min(EP_SEG_BYTES, row_bytes - seg * EP_SEG_BYTES);
 }
 
-// Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp.
+// Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp. Four 16-byte
+// loads per lane are in flight before the stores: one outstanding load per lane leaves HBM
+// latency-bound at a fraction of its bandwidth. CG: bypass L1 (data other GPUs/kernels wrote).
+template <bool CG>
+__device__ __forceinline__ int4 ld16(const int4* p) {
+  if (CG) return ld_cg(p);
+  return *p;
+}
+
+template <bool CG = false>
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
   int4* d = (int4*)dst;
   const int4* s = (const int4*)src;
-  int n = bytes >> 4;
-  for (int i = lane; i < n; i += 32) d[i] = s[i];
+  const int n = bytes >> 4;
+  int i = lane;
+  for (; i + 96 < n; i += 128) {
+    int4 a = ld16<CG>(s + i), b = ld16<CG>(s + i + 32), c = ld16<CG>(s + i + 64), e = ld16<CG>(s + i + 96);
+    d[i] = a;
+    d[i + 32] = b;
+    d[i + 64] = c;
+    d[i + 96] = e;
+  }
+  for (; i < n; i += 32) d[i] = ld16<CG>(s + i);
 }
 
 __device__ __forceinline__ int topk_at(const LlParams& p, int t, int k) {
@@ -155,10 +172,12 @@ __device__ __forceinline__ void finish_op(const LlParams& p, bool advance) {
 // Each block makes its writes visible system-wide; the last block (which owns the end of the
 // token range) waits for all others, so that it may then publish flags.
 __device__ __forceinline__ void sends_done(const LlParams& p) {
-  __threadfence_system();
+  // The barrier orders the block's writes before thread 0's system fence, which orders them
+  // before the counter (and so before the flags the last block publishes).
   __syncthreads();
   EpState* st = (EpState*)p.state;
   if (threadIdx.x == 0) {
+    __threadfence_system();
     if (blockIdx.x != gridDim.x - 1) {
       atomicAdd(&st->sent_done, 1u);
     } else {

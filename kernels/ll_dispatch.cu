@@ -206,12 +206,20 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
     int rows[EP_TOPK];
 #pragma unroll
     for (int k = 0; k < EP_TOPK; ++k) rows[k] = __shfl_sync(0xffffffffu, row, k);
-    // Read each 16-byte chunk once and store it into every local row of this token.
-    for (int c = lane; c < n16; c += 32) {
-      int4 v = ld_cg(src + c);
+    // Read each 16-byte chunk once (four in flight per lane) and store it into every local row.
+    for (int c0 = lane; c0 < n16; c0 += 128) {
+      int4 v[4];
 #pragma unroll
-      for (int k = 0; k < EP_TOPK; ++k)
-        if (rows_mask & (1u << k)) ((int4*)((char*)p.out + (i64)rows[k] * p.row_bytes + off))[c] = v;
+      for (int u = 0; u < 4; ++u)
+        if (c0 + 32 * u < n16) v[u] = ld_cg(src + c0 + 32 * u);
+#pragma unroll
+      for (int k = 0; k < EP_TOPK; ++k) {
+        if (!(rows_mask & (1u << k))) continue;
+        int4* dst = (int4*)((char*)p.out + (i64)rows[k] * p.row_bytes + off);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (c0 + 32 * u < n16) dst[c0 + 32 * u] = v[u];
+      }
     }
 #else
     (void)same_e;
@@ -228,8 +236,7 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
         if (p.out_weights) ((float*)p.out_weights)[orow * K + lane] = __int_as_float(ld_cg_int((const int*)&rec[lane].weight));
       }
     }
-    int4* dst = (int4*)((char*)p.out + orow * p.row_bytes + off);
-    for (int c = lane; c < n16; c += 32) dst[c] = ld_cg(src + c);
+    warp_copy<true>((char*)p.out + orow * p.row_bytes + off, src, n16 << 4, lane);
 #endif
   }
 }

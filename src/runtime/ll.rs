@@ -70,7 +70,6 @@ impl LlState {
         if g.params.max_num_sms != 0 {
             blocks = blocks.min(g.params.max_num_sms);
         }
-        blocks = blocks.min(64);
         let khz = crate::cuda::driver::device_attribute(
             dev,
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,
