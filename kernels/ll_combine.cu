@@ -41,7 +41,9 @@ __device__ void combine_send(const LlParams& p, u32 epoch) {
     warp_copy(recv + ((i64)token * K + j) * p.cmsg + off, src, bytes, lane);
 #endif
   }
+  prof_mark(p, 2);
   sends_done(p);
+  prof_mark(p, 3);
   if (blockIdx.x == gridDim.x - 1) {
     for (int s = threadIdx.x; s < N; s += blockDim.x) {
       u64* f = (u64*)(bank_base(p, s, epoch) + p.off_cflag) + p.rank;
@@ -57,6 +59,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
   const char* bank = bank_base(p, p.rank, epoch);
   for (int s = threadIdx.x; s < N; s += blockDim.x) wait_flag((const u64*)(bank + p.off_cflag) + s, tag, p);
   __syncthreads();
+  prof_mark(p, 4);
   const int lane = threadIdx.x & 31;
   const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int gwarps = (gridDim.x * blockDim.x) >> 5;
@@ -113,11 +116,13 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 }
 
 extern "C" __global__ void __launch_bounds__(512) ll_combine(const LlParams p) {
+  prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
     combine_send(p, epoch);
     __syncthreads();
   }
   if (p.phases & EP_RECV) combine_recv(p, epoch);
+  prof_mark(p, 5);
   finish_op(p, (p.phases & EP_RECV) != 0);
 }

@@ -29,6 +29,7 @@ struct LlParams {
   u64 meta;                 // handle metadata: n[N], msgs[N], then [N][B][K+1] i32
   u64 state;                // group device state (EpState)
   u64 err;                  // host-mapped int: set to 1 when a wait timed out
+  u64 prof;                 // NCCL_EP_PROFILE: u64[gridDim.x][8] phase timestamps, else 0
   i64 timeout_cycles;       // wait bound in clock cycles (0 = wait forever)
   int rank, nranks;
   int num_experts, local_experts;
@@ -39,7 +40,7 @@ struct LlParams {
   int phases;               // 1 send, 2 receive, 3 both
   int recv_global;          // RM: global expert ids in outputs->topk_idx
 };
-static_assert(sizeof(LlParams) == 8 * EP_MAX_RANKS + 16 * 8 + 12 * 4, "LlParams mirrors src/runtime/ll_params.rs");
+static_assert(sizeof(LlParams) == 8 * EP_MAX_RANKS + 17 * 8 + 12 * 4, "LlParams mirrors src/runtime/ll_params.rs");
 
 // Group-owned device state, zeroed at creation. Operations of a group run in stream order.
 struct EpState {
@@ -51,6 +52,15 @@ struct EpState {
 
 #define EP_SEND 1
 #define EP_RECV 2
+
+// Phase timestamps for NCCL_EP_PROFILE (thread 0 of each block; off when p.prof is 0).
+__device__ __forceinline__ void prof_mark(const LlParams& p, int i) {
+  if (p.prof && threadIdx.x == 0) {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    ((u64*)p.prof)[blockIdx.x * 8 + i] = t;
+  }
+}
 
 __device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
   u64 v;

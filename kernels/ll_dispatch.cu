@@ -102,6 +102,7 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, Token
   const int tpb = tokens_per_block(p);
   const int t0 = min(p.num_tokens, (int)blockIdx.x * tpb), t1 = min(p.num_tokens, t0 + tpb);
   route_tokens(p, hist_e, hist_r, routes, t0, t1);
+  prof_mark(p, 1);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   // Work items: (own token, top-k entry that is the first of its destination rank, segment).
   const int nseg = num_segments(p.row_bytes);
@@ -111,7 +112,9 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, Token
     const TokenRoute& r = routes[tk / EP_TOPK];
     if (r.first & (1u << k)) send_segment(p, r, t0 + tk / EP_TOPK, k, seg, epoch, lane);
   }
+  prof_mark(p, 2);
   sends_done(p);
+  prof_mark(p, 3);
   if (blockIdx.x == gridDim.x - 1) {
     // hist_e / hist_r now cover every token: publish counts, then the flags (release).
     const int L = p.local_experts;
@@ -135,6 +138,7 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
   char* bank = bank_base(p, p.rank, epoch);
   for (int s = threadIdx.x; s < N; s += blockDim.x) counts[s] = (int)wait_flag((u64*)(bank + p.off_dflag) + s, tag, p);
   __syncthreads();
+  prof_mark(p, 4);
 #if EP_EM
   // base[l*N + s]: rows of expert l taken by sources before s.
   const int* ecount = (const int*)(bank + p.off_ecount);
@@ -243,6 +247,7 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
 
 extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) {
   extern __shared__ int smem[];
+  prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
     int* hist_e = smem;
@@ -256,5 +261,6 @@ extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) 
     int* base = counts + EP_MAX_RANKS;
     dispatch_recv(p, counts, base, epoch);
   }
+  prof_mark(p, 5);
   finish_op(p, (p.phases & EP_RECV) != 0);
 }

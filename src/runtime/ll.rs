@@ -48,6 +48,8 @@ pub struct LlState {
     /// Blocks per LL kernel.
     pub blocks: u32,
     pub timeout_cycles: i64,
+    /// `NCCL_EP_PROFILE=1`: per-block phase timestamps (debugging only: each launch then waits).
+    pub prof: Option<PinnedHostMem>,
 }
 
 impl LlState {
@@ -75,6 +77,10 @@ impl LlState {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,
         )? as i64;
         let timeout_cycles = ((g.params.timeout_ns as i128 * khz as i128) / 1_000_000).min(i64::MAX as i128) as i64;
+        let prof = match std::env::var("NCCL_EP_PROFILE").as_deref() {
+            Ok("1") => Some(PinnedHostMem::alloc(dev, 64 * blocks as usize)?),
+            _ => None,
+        };
         Ok(LlState {
             buffer: None,
             peers: PeerTable::Local,
@@ -83,6 +89,7 @@ impl LlState {
             pending: None,
             blocks,
             timeout_cycles,
+            prof,
         })
     }
 
@@ -204,6 +211,43 @@ fn opt_ptr(t: &Option<crate::core::tensor::TensorView>) -> u64 {
     t.as_ref().map_or(0, |t| t.data)
 }
 
+/// Launches one LL kernel; with `NCCL_EP_PROFILE=1` also waits for it and prints its phases.
+fn launch(g: &Group, kernel: LlKernel, p: &mut LlParams, stream: cudaStream_t) -> Result<()> {
+    let ll = g.ll()?;
+    if let Some(prof) = &ll.prof {
+        // SAFETY: the pinned buffer holds 8 u64 per block; nothing else writes it now.
+        unsafe { std::ptr::write_bytes(prof.host_ptr().cast::<u8>(), 0, prof.len()) };
+        p.prof = prof.device_ptr();
+    }
+    launch_ll(g.device, kernel, p, ll.blocks, stream)?;
+    if let Some(prof) = &ll.prof {
+        // SAFETY: the caller's stream (C contract).
+        memory::stream_synchronize(unsafe { memory::Stream::from_raw(stream.cast()) })?;
+        // SAFETY: blocks * 8 u64 written by the kernel, which has finished.
+        let t = unsafe { std::slice::from_raw_parts(prof.host_ptr() as *const u64, 8 * ll.blocks as usize) };
+        let t0 = (0..ll.blocks as usize)
+            .map(|b| t[8 * b])
+            .filter(|&v| v != 0)
+            .min()
+            .unwrap_or(0);
+        let mut line = format!(
+            "NCCL EP PROFILE rank {} {:?} phases {}:",
+            g.params.rank, kernel.kind, p.phases
+        );
+        for i in 1..6 {
+            let v: Vec<u64> = (0..ll.blocks as usize)
+                .map(|b| t[8 * b + i])
+                .filter(|&v| v != 0)
+                .collect();
+            if let (Some(lo), Some(hi)) = (v.iter().min(), v.iter().max()) {
+                line += &format!(" m{i} {:.1}-{:.1}us", (lo - t0) as f64 / 1e3, (hi - t0) as f64 / 1e3);
+            }
+        }
+        eprintln!("{line}");
+    }
+    Ok(())
+}
+
 fn run(
     g: &mut Group,
     h: &Handle,
@@ -213,8 +257,7 @@ fn run(
     stream: cudaStream_t,
 ) -> Result<()> {
     p.phases = if send_only { PHASE_SEND } else { PHASE_SEND | PHASE_RECV };
-    let blocks = g.ll()?.blocks;
-    launch_ll(g.device, kernel, &p, blocks, stream)?;
+    launch(g, kernel, &mut p, stream)?;
     if send_only {
         g.ll_mut()?.pending = Some(Pending {
             handle: h as *const Handle as usize,
@@ -287,8 +330,7 @@ pub fn complete(g: &mut Group, h: &mut Handle, stream: cudaStream_t) -> Result<(
     }
     let mut p = pend.params;
     p.phases = PHASE_RECV;
-    let blocks = g.ll()?.blocks;
-    launch_ll(g.device, pend.kernel, &p, blocks, stream)?;
+    launch(g, pend.kernel, &mut p, stream)?;
     g.ll_mut()?.pending = None;
     Ok(())
 }

@@ -28,6 +28,7 @@ pub struct LlParams {
     pub meta: u64,
     pub state: u64,
     pub err: u64,
+    pub prof: u64,
     pub timeout_cycles: i64,
     pub rank: i32,
     pub nranks: i32,
@@ -57,7 +58,7 @@ mod tests {
     /// The kernel side checks the same number with a static_assert (kernels/ll_common.cuh).
     #[test]
     fn size_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 16 * 8 + 12 * 4);
-        assert_eq!(std::mem::size_of::<LlParams>(), 688);
+        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 17 * 8 + 12 * 4);
+        assert_eq!(std::mem::size_of::<LlParams>(), 696);
     }
 }
