@@ -4,7 +4,8 @@
 #   - in one process: 1 rank, then 8 local ranks on this GPU (both layouts);
 #   - under MPI (mpirun -np N make bench, or EP_BENCH_MPI=1): one rank per process.
 # Environment: NCCL_EP_LIB=path uses a prebuilt libnccl_ep.so (no cargo needed);
-#              EP_BENCH_ARGS adds ep_bench options; EP_BENCH_OUT=dir keeps the CSV files there.
+#              EP_BENCH_ARGS adds ep_bench options; EP_BENCH_OUT=dir keeps the CSV files there;
+#              EP_BENCH_BUILD_ONLY=1 only builds build/bench/ep_bench.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,6 +37,7 @@ cmake -S c-tests -B "$BUILD" -DNCCL_EP_LIB="$LIB" -DNCCL_EP_INCLUDE="$ROOT/inclu
   -DNCCL_EP_DEPS_INCLUDE="$NCCL_INC;$CUDA_INC" -DNCCL_EP_SOURCE_DIR="$ROOT" >"$BUILD.log" 2>&1 ||
   { cat "$BUILD.log"; exit 1; }
 cmake --build "$BUILD" --target ep_bench -j 4 >>"$BUILD.log" 2>&1 || { cat "$BUILD.log"; exit 1; }
+[[ "${EP_BENCH_BUILD_ONLY:-0}" == 1 ]] && exit 0
 OUTDIR="${EP_BENCH_OUT:-$ROOT/build/bench-results}"
 mkdir -p "$OUTDIR"
 export EP_BENCH_SCRIPTS="$ROOT/scripts"
