@@ -2,8 +2,9 @@
 //   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64).
 // One kernel runs the send phase, the receive phase, or both (p.phases).
 //
-// Dynamic shared memory (bytes, see src/runtime/ll_launch.rs):
-//   hist_e[E] + hist_r[N] + per own token: slot[K] + pos[K] + first-mask, + base[L*N].
+// Dynamic shared memory (bytes, LlKernel::smem_bytes in src/runtime/kernels.rs):
+//   send: hist_e[E] + hist_r[align4(N)] + TokenRoute per own token + idx[T*K];
+//   receive: counts[64] + base[L*N].
 
 struct TokenRoute {
   int pos[EP_TOPK];   // selections of the same expert before this one (this source)
@@ -22,21 +23,25 @@ __device__ __forceinline__ int tokens_per_block(const LlParams& p) {
   return (p.num_tokens + gridDim.x - 1) / gridDim.x;
 }
 
-// Counts, for the tokens before this block's range, the selections per expert and the tokens
-// per destination rank; then walks the block's own tokens in order to assign pos and slots.
-__device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, TokenRoute* routes, int t0, int t1) {
+// Counts, for the tokens before this block's range, the distinct (token, expert) pairs per expert
+// and the tokens per destination rank; then walks the block's own tokens in order to assign pos
+// and slots. The routing rows up to t1 are staged in shared memory first (`idx`, as int).
+__device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, int* idx, TokenRoute* routes, int t0,
+                             int t1) {
   const int L = p.local_experts;
   for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) hist_e[i] = 0;
   for (int i = threadIdx.x; i < p.nranks; i += blockDim.x) hist_r[i] = 0;
+  for (int i = threadIdx.x; i < t1 * EP_TOPK; i += blockDim.x) idx[i] = topk_at(p, i / EP_TOPK, i % EP_TOPK);
   __syncthreads();
   // Tokens before this block: distinct (token, expert) pairs per expert, tokens per rank.
   for (int t = threadIdx.x; t < t0; t += blockDim.x) {
+    const int* row = idx + t * EP_TOPK;
     u64 seen = 0;
     for (int k = 0; k < EP_TOPK; ++k) {
-      int e = topk_at(p, t, k);
+      int e = row[k];
       if (e < 0) continue;
       bool dup = false;
-      for (int j = 0; j < k; ++j) dup |= topk_at(p, t, j) == e;
+      for (int j = 0; j < k; ++j) dup |= row[j] == e;
       if (!dup) atomicAdd(&hist_e[e], 1);
       seen |= 1ull << (e / L);
     }
@@ -52,7 +57,7 @@ __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, TokenR
     const int lane = threadIdx.x;
     const u32 lt = (1u << lane) - 1u;
     for (int t = t0; t < t1; ++t) {
-      int e = lane < EP_TOPK ? topk_at(p, t, lane) : -1;
+      int e = lane < EP_TOPK ? idx[t * EP_TOPK + lane] : -1;
       int key_e = e >= 0 ? e : -100 - lane;  // unmatched lanes never group together
       u32 same_e = __match_any_sync(0xffffffffu, key_e);
       // Only the first occurrence of an expert in the row counts (docs/LL.md, duplicates).
@@ -98,10 +103,10 @@ __device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int 
   warp_copy(msg + p.hdr + off, (const char*)p.x + (i64)t * p.row_bytes + off, segment_bytes(p.row_bytes, seg), lane);
 }
 
-__device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, TokenRoute* routes, u32 epoch) {
+__device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* idx, TokenRoute* routes, u32 epoch) {
   const int tpb = tokens_per_block(p);
   const int t0 = min(p.num_tokens, (int)blockIdx.x * tpb), t1 = min(p.num_tokens, t0 + tpb);
-  route_tokens(p, hist_e, hist_r, routes, t0, t1);
+  route_tokens(p, hist_e, hist_r, idx, routes, t0, t1);
   prof_mark(p, 1);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   // Work items: (own token, top-k entry that is the first of its destination rank, segment).
@@ -253,7 +258,8 @@ extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) 
     int* hist_e = smem;
     int* hist_r = hist_e + p.num_experts;
     TokenRoute* routes = (TokenRoute*)(hist_r + ((p.nranks + 3) & ~3));
-    dispatch_send(p, hist_e, hist_r, routes, epoch);
+    int* idx = (int*)(routes + tokens_per_block(p));
+    dispatch_send(p, hist_e, hist_r, idx, routes, epoch);
     __syncthreads();
   }
   if (p.phases & EP_RECV) {

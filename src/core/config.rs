@@ -9,6 +9,9 @@ use crate::core::error::Result;
 pub const LL_MAX_TOPK: u32 = 32;
 /// The LL dispatch kernel keeps one counter per expert in shared memory (32 KiB at this bound).
 pub const LL_MAX_EXPERTS: u32 = 8192;
+/// Most routing entries (tokens x top-k) of one LL call: the dispatch kernel stages them in
+/// shared memory (128 KiB at this bound).
+pub const LL_MAX_ROUTING: u64 = 32768;
 /// Default GPU wait bound when neither the config nor the environment sets one.
 pub const DEFAULT_TIMEOUT_NS: u64 = 100_000_000_000;
 

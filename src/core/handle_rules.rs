@@ -3,7 +3,7 @@
 //! how the routing tensor must look.
 
 use crate::abi::enums::{Algorithm, Layout, dtype};
-use crate::core::config::{GroupParams, LL_MAX_TOPK};
+use crate::core::config::{GroupParams, LL_MAX_ROUTING, LL_MAX_TOPK};
 use crate::core::error::Result;
 use crate::core::tensor::{Dim, TensorView};
 
@@ -43,7 +43,13 @@ pub fn check_handle(p: &GroupParams, layout: Option<Layout>, num_topk: i64, alig
             crate::ensure_arg!(
                 k <= LL_MAX_TOPK,
                 "num_topk ({k}) exceeds the low-latency limit of {LL_MAX_TOPK}"
-            )
+            );
+            // The dispatch kernel stages the routing [B, K] in shared memory.
+            crate::ensure_usage!(
+                p.max_tokens as u64 * k as u64 <= LL_MAX_ROUTING,
+                "max_dispatch_tokens_per_rank ({}) x num_topk ({k}) exceeds the low-latency limit of {LL_MAX_ROUTING}",
+                p.max_tokens
+            );
         }
         Algorithm::HighThroughput => crate::ensure_usage!(
             p.num_topk == 0 || k <= p.num_topk,

@@ -109,7 +109,8 @@ impl LlKernel {
             LlKind::Dispatch => {
                 let tpb = (p.num_tokens.max(0) as usize).div_ceil(blocks.max(1) as usize);
                 let route = 4 * (2 * self.topk as usize + 1);
-                let send = 4 * p.num_experts as usize + 4 * (p.nranks as usize).next_multiple_of(4) + tpb * route;
+                let idx = 4 * p.num_tokens.max(0) as usize * self.topk as usize;
+                let send = 4 * p.num_experts as usize + 4 * (p.nranks as usize).next_multiple_of(4) + tpb * route + idx;
                 let recv = 4 * 64 + 4 * p.num_experts as usize;
                 send.max(recv)
             }
