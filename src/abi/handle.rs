@@ -78,12 +78,11 @@ unsafe fn init_handle(
                 bytes: t.dim(0),
             }
         }
-        None if g.params.algorithm == Algorithm::LowLatency => {
-            HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?)
-        }
+        // A group without GPU state (no CUDA driver) still validates handles; its operations fail.
+        None if g.ll.is_some() => HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?),
         None => HandleMem::None,
     };
-    if g.params.algorithm == Algorithm::LowLatency {
+    if g.ll.is_some() {
         let lay = crate::runtime::ll::layout(g, hp.num_topk)?;
         crate::runtime::ll::ensure_buffer(g, &lay)?;
     }

@@ -109,15 +109,22 @@ impl Group {
     }
 
     pub fn ll(&self) -> Result<&LlState> {
-        self.ll
-            .as_ref()
-            .ok_or_else(|| crate::invalid_usage!("this is not a LOW_LATENCY group"))
+        self.ll.as_ref().ok_or_else(|| self.no_ll())
     }
 
     pub fn ll_mut(&mut self) -> Result<&mut LlState> {
-        self.ll
-            .as_mut()
-            .ok_or_else(|| crate::invalid_usage!("this is not a LOW_LATENCY group"))
+        let err = self.no_ll();
+        self.ll.as_mut().ok_or(err)
+    }
+
+    fn no_ll(&self) -> crate::core::error::Error {
+        match self.params.algorithm {
+            Algorithm::LowLatency => crate::core::error::Error::new(
+                crate::core::error::ErrorKind::Cuda,
+                "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded",
+            ),
+            Algorithm::HighThroughput => crate::invalid_usage!("this is not a LOW_LATENCY group"),
+        }
     }
 
     /// The error every GPU operation returns until its issue lands.
