@@ -438,3 +438,90 @@ fn ll_anchor_memory() {
         drop(hs);
     }
 }
+
+/// Dispatch output, counters and combine output of one rank.
+type RankOutputs = (Vec<u16>, Vec<i32>, Vec<u16>);
+
+/// One host thread per rank: each thread creates its handle and issues its own dispatch and
+/// combine (the ranks of a local group wait for each other on the GPU, not on the host).
+#[test]
+fn ll_one_thread_per_rank() {
+    require_gpu!();
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = Case {
+            tokens: Some(48),
+            ..base_case(4, layout)
+        };
+        let w = World::local(&c).expect("local groups");
+        let world = c.world(&mut SplitMix64::new(21));
+        let groups: Vec<usize> = w.groups.iter().map(|&g| g as usize).collect();
+        // Each thread returns its rank's buffers' contents after dispatch and combine.
+        let results: Vec<Result<RankOutputs, String>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|r| {
+                    let (c, world, g) = (c, &world, groups[r]);
+                    sc.spawn(move || -> Result<RankOutputs, String> {
+                        let s = Stream::new(0)?;
+                        let mut b = alloc_rank(&c, 0, world.ranks[r].num_tokens)?;
+                        load_inputs(&c, &b, &world.ranks[r])?;
+                        let mut rng = SplitMix64::new(100 + r as u64);
+                        let x: Vec<u16> = (0..b.x.bytes / 2)
+                            .map(|_| nccl_ep::core::reference::f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0))
+                            .collect();
+                        b.x.upload(&x)?;
+                        b.comb_w.upload(&world.ranks[r].weights)?;
+                        let mut h = std::ptr::null_mut();
+                        ep_ok!(ncclEpCreateHandle(
+                            &mut h,
+                            g as ncclEpGroup_t,
+                            c.layout.raw(),
+                            b.topk.ptr(),
+                            std::ptr::null(),
+                            std::ptr::null(),
+                            s.raw()
+                        ));
+                        let _hs = Handles(vec![h]);
+                        dispatch(&c, h, &mut b, &s, false)?;
+                        combine(&c, h, &mut b, &s, false)?;
+                        s.sync()?;
+                        Ok((b.out.download()?, b.counters.download()?, b.comb_out.download()?))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // The reference, with the same expert outputs and weights the threads used.
+        let want = nccl_ep::core::reference::ll_dispatch_ref(
+            &world,
+            layout,
+            nccl_ep::abi::enums::ExpertIdKind::Local,
+            nccl_ep::core::reference::LlPoison {
+                token: POISON_TOKEN,
+                weight: POISON_WEIGHT,
+            },
+        );
+        let mut xs = Vec::new();
+        let mut ws = Vec::new();
+        for r in 0..4 {
+            let mut rng = SplitMix64::new(100 + r as u64);
+            let n = alloc_rank(&c, 0, 0).unwrap().x.bytes / 2;
+            xs.push(
+                (0..n)
+                    .map(|_| nccl_ep::core::reference::f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0))
+                    .collect(),
+            );
+            ws.push(world.ranks[r].weights.clone());
+        }
+        let input = match layout {
+            Layout::ExpertMajor => nccl_ep::core::reference::LlCombineIn::ExpertMajor { x: &xs, weights: &ws },
+            _ => nccl_ep::core::reference::LlCombineIn::RankMajor { y: &xs },
+        };
+        let want_c = nccl_ep::core::reference::ll_combine_ref(&world, input);
+        for (r, res) in results.into_iter().enumerate() {
+            let (out, _counters, comb) = res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+            compare(&format!("rank {r} dispatch"), &out, want[r].tokens()).unwrap();
+            compare_bf16_close(&format!("rank {r} combine"), &comb, &want_c[r]).unwrap();
+        }
+        println!("ll_one_thread_per_rank {layout:?}: 4 threads passed");
+    }
+}
