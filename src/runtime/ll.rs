@@ -106,10 +106,19 @@ pub fn layout(g: &Group, k: u32) -> Result<LlLayout> {
     LlLayout::new(p.nranks, p.num_experts, p.max_tokens, p.max_token_bytes, k)
 }
 
+/// Bytes of this rank's communication buffer (0 before the first handle, for AUTO).
+fn buffer_bytes(g: &Group) -> Result<usize> {
+    Ok(match &g.membership {
+        Membership::Local { world } => world.buffer_bytes(),
+        Membership::Nccl { .. } => g.ll()?.buffer.as_ref().map_or(0, |b| b.len()),
+    })
+}
+
 /// Makes sure this rank's buffer holds `lay` (allocating or growing it for AUTO; collective for
-/// NCCL groups). Must not run while operations of the group are in flight.
+/// NCCL groups; for local groups every rank's buffer at once). Must not run while operations of
+/// the group are in flight.
 pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
-    let have = g.ll()?.buffer.as_ref().map_or(0, |b| b.len());
+    let have = buffer_bytes(g)?;
     if have > 0 && lay.fits(have) {
         return Ok(());
     }
@@ -125,36 +134,33 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
     } else {
         lay.total_bytes
     };
-    let dev = g.device;
-    let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
-    if have > 0 {
-        // Growing: nothing of this group may still run on the GPU.
-        crate::cuda::context::synchronize_current()?;
-    }
-    let ll = g.ll_mut()?;
-    ll.buffer = None;
-    ll.peers = PeerTable::Local;
-    let buf = DeviceMem::alloc(dev, bytes)?;
-    // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
-    unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
-    memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
     let rank = g.params.rank as usize;
     let nranks = g.params.nranks as usize;
-    let peers = match &g.membership {
-        Membership::Local { world } => {
-            world.publish(rank, buf.ptr(), bytes);
-            PeerTable::Local
-        }
+    let dev = g.device;
+    match &g.membership {
+        Membership::Local { world } => world.ensure(bytes)?,
         Membership::Nccl { comm, .. } => {
+            let comm = *comm;
+            let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
+            if have > 0 {
+                // Growing: nothing of this group may still run on the GPU.
+                crate::cuda::context::synchronize_current()?;
+            }
+            let ll = g.ll_mut()?;
+            ll.buffer = None;
+            ll.peers = PeerTable::Local;
+            let buf = DeviceMem::alloc(dev, bytes)?;
+            // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
+            unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
+            memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
             let nccl = crate::transport::nccl::Nccl::get()?;
             // SAFETY: the communicator is the caller's; all ranks size buffers in lockstep.
-            let (ptrs, opened) = unsafe { crate::transport::ipc::exchange(nccl, *comm, rank, nranks, dev, &buf) }?;
-            PeerTable::Fixed { ptrs, _opened: opened }
+            let (ptrs, opened) = unsafe { crate::transport::ipc::exchange(nccl, comm, rank, nranks, dev, &buf) }?;
+            let ll = g.ll_mut()?;
+            ll.buffer = Some(buf);
+            ll.peers = PeerTable::Fixed { ptrs, _opened: opened };
         }
-    };
-    let ll = g.ll_mut()?;
-    ll.buffer = Some(buf);
-    ll.peers = peers;
+    }
     crate::abi::guard::log_info(format_args!(
         "rank {rank}: low-latency buffer of {bytes} bytes (K = {})",
         lay.topk
@@ -165,22 +171,15 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
 /// The parameters every LL launch shares: peers, layout offsets, state.
 fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     let ll = g.ll()?;
-    let buf = ll
-        .buffer
-        .as_ref()
-        .ok_or_else(|| crate::invalid_usage!("the group has no low-latency buffer yet"))?;
-    crate::ensure_usage!(
-        lay.fits(buf.len()),
-        "the low-latency buffer is too small for this handle"
-    );
-    let peers = match (&ll.peers, &g.membership) {
-        (PeerTable::Fixed { ptrs, .. }, _) => ptrs.clone(),
-        (PeerTable::Local, Membership::Local { world }) => world.peers(buf.len())?,
-        (PeerTable::Local, _) => vec![buf.ptr()],
+    let (peers, bytes) = match (&ll.peers, &g.membership) {
+        (_, Membership::Local { world }) => world.peers(lay.total_bytes)?,
+        (PeerTable::Fixed { ptrs, .. }, _) => (ptrs.clone(), ll.buffer.as_ref().map_or(0, |b| b.len())),
+        (PeerTable::Local, _) => return Err(crate::invalid_usage!("the group has no low-latency buffer yet")),
     };
+    crate::ensure_usage!(lay.fits(bytes), "the low-latency buffer is too small for this handle");
     let mut p = LlParams::default();
     p.peers[..peers.len()].copy_from_slice(&peers);
-    p.bank_stride = LlLayout::bank_stride(buf.len()) as u64;
+    p.bank_stride = LlLayout::bank_stride(bytes) as u64;
     p.off_dflag = lay.dispatch_flag_off as u64;
     p.off_ecount = lay.expert_count_off as u64;
     p.off_cflag = lay.combine_flag_off as u64;

@@ -1,24 +1,25 @@
-//! Local groups: N ranks in this process (on one GPU or several), no communicator. Each rank
-//! publishes its communication buffer here; kernels get the addresses at launch.
+//! Local groups: N ranks in this process (on one GPU or several), no communicator. The world
+//! owns every rank's communication buffer, so that whichever rank's thread sizes them first
+//! sizes them all: ranks may be driven by one thread or by one thread each.
 
 use crate::core::error::Result;
-use std::sync::Mutex;
+use crate::cuda::memory::{self, DeviceMem};
+use std::sync::{Mutex, MutexGuard};
 
 /// What the ranks of one local group share.
 #[derive(Debug)]
 pub struct LocalWorld {
     /// CUDA device of each rank.
     pub devices: Vec<i32>,
-    /// Communication buffer (address, bytes) of each rank; (0, 0) until it has one.
-    buffers: Mutex<Vec<(u64, usize)>>,
+    /// Communication buffer of each rank (all allocated together, all the same size).
+    buffers: Mutex<Vec<DeviceMem>>,
 }
 
 impl LocalWorld {
     pub fn new(devices: Vec<i32>) -> Self {
-        let n = devices.len();
         Self {
             devices,
-            buffers: Mutex::new(vec![(0, 0); n]),
+            buffers: Mutex::new(Vec::new()),
         }
     }
 
@@ -31,20 +32,52 @@ impl LocalWorld {
         self.devices.iter().filter(|&&d| d == device).count()
     }
 
-    pub fn publish(&self, rank: usize, ptr: u64, bytes: usize) {
-        self.buffers.lock().unwrap_or_else(|p| p.into_inner())[rank] = (ptr, bytes);
+    fn lock(&self) -> MutexGuard<'_, Vec<DeviceMem>> {
+        self.buffers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every rank's buffer, each at least `need` bytes, or a message naming the rank that lacks it.
-    pub fn peers(&self, need: usize) -> Result<Vec<u64>> {
-        let b = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        for (r, &(ptr, bytes)) in b.iter().enumerate() {
-            crate::ensure_usage!(
-                ptr != 0 && bytes >= need,
-                "local rank {r} has no communication buffer of {need} bytes yet: create the handle on every rank \
-                 (ncclEpInitHandle/ncclEpCreateHandle) before the first dispatch"
-            );
+    /// Bytes of each rank's buffer (0 before the first handle).
+    pub fn buffer_bytes(&self) -> usize {
+        self.lock().first().map_or(0, |b| b.len())
+    }
+
+    /// Gives every rank a zeroed buffer of `bytes` unless they already have one at least that
+    /// large. Growing frees the old buffers once every device of the group is idle (handles are
+    /// created collectively, so no operation of the group is in flight).
+    pub fn ensure(&self, bytes: usize) -> Result<()> {
+        let mut bufs = self.lock();
+        if bufs.first().is_some_and(|b| b.len() >= bytes) {
+            return Ok(());
         }
-        Ok(b.iter().map(|&(p, _)| p).collect())
+        if !bufs.is_empty() {
+            for &d in &self.devices {
+                let _g = crate::cuda::context::CtxGuard::enter(d)?;
+                crate::cuda::context::synchronize_current()?;
+            }
+            bufs.clear();
+        }
+        let mut fresh = Vec::with_capacity(self.devices.len());
+        for &d in &self.devices {
+            let b = DeviceMem::alloc(d, bytes)?;
+            let _g = crate::cuda::context::CtxGuard::enter(d)?;
+            // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
+            unsafe { memory::memset_d8_async(b.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
+            memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
+            fresh.push(b);
+        }
+        *bufs = fresh;
+        Ok(())
+    }
+
+    /// Every rank's buffer address and their common size, which must be at least `need`.
+    pub fn peers(&self, need: usize) -> Result<(Vec<u64>, usize)> {
+        let bufs = self.lock();
+        let bytes = bufs.first().map_or(0, |b| b.len());
+        crate::ensure_usage!(
+            bytes >= need,
+            "the local group has no communication buffer of {need} bytes yet: create the handle \
+             (ncclEpInitHandle/ncclEpCreateHandle) before the first dispatch"
+        );
+        Ok((bufs.iter().map(|b| b.ptr()).collect(), bytes))
     }
 }
