@@ -1,7 +1,8 @@
-/* GPU smoke test placeholder (label "gpu"). Finds a GPU through the driver API at run time
+/* GPU smoke test (label "gpu"). Finds a GPU through the driver API at run time
  * (dlopen("libcuda.so.1") + cuInit + cuDeviceGetCount; nothing CUDA is linked) and exits 77,
- * which ctest reports as skipped, when there is none. With a GPU it checks what it can so far:
- * the library loads and reports its version. The real GPU tests replace this later. */
+ * which ctest reports as skipped, when there is none. With a GPU it checks that the library
+ * loads and reports its version. The end-to-end GPU tests under the same label are
+ * gpu_ll_rust (tests/gpu_ll.rs against the CPU reference) and ep_bench_smoke. */
 #include <dlfcn.h>
 #include <stdio.h>
 #include "nccl_ep.h"
