@@ -405,8 +405,12 @@ ABI_STATIC_ASSERT((ncclInvalidArgument) == 4, "ncclInvalidArgument == 4");
 ABI_STATIC_ASSERT((ncclInvalidUsage) == 5, "ncclInvalidUsage == 5");
 ABI_STATIC_ASSERT((ncclRemoteError) == 6, "ncclRemoteError == 6");
 ABI_STATIC_ASSERT((ncclInProgress) == 7, "ncclInProgress == 7");
+#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= 23000
 ABI_STATIC_ASSERT((ncclTimeout) == 8, "ncclTimeout == 8");
+#endif
+#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= 23000
 ABI_STATIC_ASSERT((ncclNumResults) == 9, "ncclNumResults == 9");
+#endif
 ABI_STATIC_ASSERT((ncclInt8) == 0, "ncclInt8 == 0");
 ABI_STATIC_ASSERT((ncclUint8) == 1, "ncclUint8 == 1");
 ABI_STATIC_ASSERT((ncclInt32) == 2, "ncclInt32 == 2");

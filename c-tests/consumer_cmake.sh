@@ -10,9 +10,9 @@ rm -rf "$work"
   -DCMAKE_C_FLAGS="$warn" -DCMAKE_C_STANDARD=11 "-Dnccl_ep_EXTRA_INCLUDE_DIRS=$deps"
 "$cmake" --build "$work"
 exe="$work/consumer"
-readelf -d "$exe" | grep -q 'NEEDED.*\[libnccl_ep\.so\.0\]' ||
+readelf -d "$exe" | grep -c 'NEEDED.*\[libnccl_ep\.so\.0\]' >/dev/null ||
   { echo "consumer does not record NEEDED libnccl_ep.so.0" >&2; readelf -d "$exe" >&2; exit 1; }
-ldd "$exe" | grep -q "libnccl_ep.so.0 => $prefix/lib/libnccl_ep.so.0" ||
+ldd "$exe" | grep -c "libnccl_ep.so.0 => $prefix/lib/libnccl_ep.so.0" >/dev/null ||
   { echo "consumer does not load $prefix/lib/libnccl_ep.so.0" >&2; ldd "$exe" >&2; exit 1; }
 "$exe"
 # a version the package cannot satisfy must be refused

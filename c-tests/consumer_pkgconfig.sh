@@ -25,8 +25,8 @@ IFS=';' read -r -a dirs <<<"$deps"
 for d in "${dirs[@]}"; do [[ -n "$d" ]] && extra+=("-I$d"); done
 # shellcheck disable=SC2086 # flags are word lists
 "$cc" -std=c11 $warn $cflags "${extra[@]}" "$src" -o "$work/consumer_pc" $libs "-Wl,-rpath,$libdir"
-readelf -d "$work/consumer_pc" | grep -q 'NEEDED.*\[libnccl_ep\.so\.0\]' ||
+readelf -d "$work/consumer_pc" | grep -c 'NEEDED.*\[libnccl_ep\.so\.0\]' >/dev/null ||
   { echo "consumer_pc does not record NEEDED libnccl_ep.so.0" >&2; readelf -d "$work/consumer_pc" >&2; exit 1; }
-ldd "$work/consumer_pc" | grep -q "libnccl_ep.so.0 => $libdir/libnccl_ep.so.0" ||
+ldd "$work/consumer_pc" | grep -c "libnccl_ep.so.0 => $libdir/libnccl_ep.so.0" >/dev/null ||
   { echo "consumer_pc does not load $libdir/libnccl_ep.so.0" >&2; ldd "$work/consumer_pc" >&2; exit 1; }
 "$work/consumer_pc"

@@ -164,8 +164,15 @@ def generate(v1, v2, v1_name, v2_name):
     values = OrderedDict(v1.values)
     values.update(v2.values)
     macros = v1.macro_names | v2.macro_names
+    # nccl.h values that older NCCL headers lack (2.28 stops at ncclInProgress): asserted only
+    # with headers at least as new as NCCL 2.30 (the facts come from 2.32.3).
+    newer_nccl = {"ncclTimeout", "ncclNumResults"}
     for name, (v, text) in values.items():
+        if name in newer_nccl:
+            w("#if defined(NCCL_VERSION_CODE) && NCCL_VERSION_CODE >= 23000")
         sa(f"({name}) == {lit(v, text)}", f"{name} == {text}")
+        if name in newer_nccl:
+            w("#endif")
         if name in macros:
             w(f"#if !defined({name}) || ({name}) != {lit(v, text)}")
             w(f'#error "{name} must be a preprocessor macro equal to {text}"')
