@@ -5,6 +5,7 @@
 #ifndef NCCL_EP_TEST_UTIL_H_
 #define NCCL_EP_TEST_UTIL_H_
 #include <ctype.h>
+#include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,4 +76,16 @@ static int t_finish(const char *name) {
 #define NOT_A_GROUP(x) ((ncclEpGroup_t)(void *)&(x))
 #define NOT_A_HANDLE(x) ((ncclEpHandle_t)(void *)&(x))
 #define SENTINEL ((void *)(uintptr_t)0x5EB700) /* 16-byte aligned, like any device allocation */
+/* True when a CUDA device is usable. The stand-in NCCL (fake_nccl.c) reports device 0, so on a
+ * GPU machine its groups get real GPU state and operations would run kernels on the tests' fake
+ * pointers: the tests that use it skip there (the GPU tests cover such machines). */
+static inline int cuda_device_present(void) {
+  void *cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!cuda) return 0;
+  int (*init)(unsigned) = (int (*)(unsigned))dlsym(cuda, "cuInit");
+  int (*count)(int *) = (int (*)(int *))dlsym(cuda, "cuDeviceGetCount");
+  int n = 0;
+  return init && count && init(0) == 0 && count(&n) == 0 && n > 0;
+}
+
 #endif
