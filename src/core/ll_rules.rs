@@ -58,19 +58,59 @@ fn row_bytes(p: &GroupParams, t: &TensorView, name: &str, rows: usize) -> Result
     Ok(rb)
 }
 
+/// Sizes one call works with: N, B, L, K, this call's T, and H (elements and row bytes).
+struct CallShape {
+    n: usize,
+    b: usize,
+    l: usize,
+    k: usize,
+    t: usize,
+    rb: usize,
+    h_elems: usize,
+}
+
+/// The checks dispatch and combine share; `rows` is the call's [T, H] token tensor.
+fn call_shape(
+    p: &GroupParams,
+    h: &HandleParams,
+    topk: &TensorView,
+    (pass, quant, what): (PassDir, i32, &str),
+    rows: (&TensorView, &str),
+    in_scales: &Option<TensorView>,
+) -> Result<CallShape> {
+    common(pass, quant, what)?;
+    let t = topk.dim(0);
+    let rb = row_bytes(p, rows.0, rows.1, t)?;
+    ensure_none(in_scales, "inputs->scales", "without a quantisation recipe")?;
+    Ok(CallShape {
+        n: p.nranks as usize,
+        b: p.max_tokens as usize,
+        l: p.local_experts as usize,
+        k: h.num_topk as usize,
+        t,
+        rb,
+        h_elems: rb / 2,
+    })
+}
+
 /// `topk` is the handle's routing tensor [T, K].
 pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &DispatchArgs) -> Result<LlCall> {
-    common(a.pass, a.quant, "ncclEpDispatch")?;
-    let (n, b, l, k) = (
-        p.nranks as usize,
-        p.max_tokens as usize,
-        p.local_experts as usize,
-        h.num_topk as usize,
-    );
-    let t = topk.dim(0);
-    let rb = row_bytes(p, &a.tokens, "inputs->tokens", t)?;
-    let h_elems = rb / 2;
-    ensure_none(&a.in_scales, "inputs->scales", "without a quantisation recipe")?;
+    let CallShape {
+        n,
+        b,
+        l,
+        k,
+        t,
+        rb,
+        h_elems,
+    } = call_shape(
+        p,
+        h,
+        topk,
+        (a.pass, a.quant, "ncclEpDispatch"),
+        (&a.tokens, "inputs->tokens"),
+        &a.in_scales,
+    )?;
     ensure_none(&a.out_scales, "outputs->scales", "without a quantisation recipe")?;
     match h.layout {
         Layout::ExpertMajor => {
@@ -134,17 +174,22 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
 }
 
 pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &CombineArgs) -> Result<LlCall> {
-    common(a.pass, a.quant, "ncclEpCombine")?;
-    let (n, b, l, k) = (
-        p.nranks as usize,
-        p.max_tokens as usize,
-        p.local_experts as usize,
-        h.num_topk as usize,
-    );
-    let t = topk.dim(0);
-    let rb = row_bytes(p, &a.out_tokens, "outputs->tokens", t)?;
-    let h_elems = rb / 2;
-    ensure_none(&a.in_scales, "inputs->scales", "without a quantisation recipe")?;
+    let CallShape {
+        n,
+        b,
+        l,
+        k,
+        t,
+        rb,
+        h_elems,
+    } = call_shape(
+        p,
+        h,
+        topk,
+        (a.pass, a.quant, "ncclEpCombine"),
+        (&a.out_tokens, "outputs->tokens"),
+        &a.in_scales,
+    )?;
     match h.layout {
         Layout::ExpertMajor => {
             a.tokens.expect(

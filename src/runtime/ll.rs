@@ -5,8 +5,9 @@ use crate::abi::enums::{ExpertIdKind, Layout, dtype};
 use crate::abi::types::cudaStream_t;
 use crate::core::error::Result;
 use crate::core::ll_layout::LlLayout;
-use crate::core::ll_rules::{check_combine, check_dispatch};
+use crate::core::ll_rules::{LlCall, check_combine, check_dispatch};
 use crate::core::op_args::{CombineArgs, DispatchArgs};
+use crate::core::tensor::TensorView;
 use crate::cuda::memory::{self, DeviceMem, PinnedHostMem};
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, Membership};
@@ -267,21 +268,49 @@ fn run(
     Ok(())
 }
 
-pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
-    let topk = h.topk_idx.clone().ok_or_else(|| {
+/// The handle's routing (set by ncclEpUpdateHandle / ncclEpCreateHandle).
+fn routing(h: &Handle) -> Result<TensorView> {
+    h.topk_idx.clone().ok_or_else(|| {
         crate::invalid_usage!("the handle has no routing: call ncclEpUpdateHandle (or ncclEpCreateHandle) first")
-    })?;
-    let call = check_dispatch(&g.params, &h.params, &topk, a)?;
+    })
+}
+
+/// Launch parameters shared by dispatch and combine: peers and layout, the routing, this call's
+/// main input `x`, weights and output, and the handle's metadata.
+fn call_params(
+    g: &Group,
+    h: &Handle,
+    topk: &TensorView,
+    call: &LlCall,
+    x: u64,
+    weights: u64,
+    out: u64,
+) -> Result<LlParams> {
     no_pending(g)?;
     let lay = layout(g, h.params.num_topk)?;
     let mut p = base_params(g, &lay)?;
-    p.x = a.tokens.data;
+    p.x = x;
     p.topk_idx = topk.data;
-    p.weights = opt_ptr(&a.in_weights);
-    p.out = a.out_tokens.data;
+    p.weights = weights;
+    p.out = out;
     p.meta = h.meta_ptr();
     p.num_tokens = call.tokens as i32;
     p.row_bytes = call.row_bytes as i32;
+    Ok(p)
+}
+
+pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
+    let topk = routing(h)?;
+    let call = check_dispatch(&g.params, &h.params, &topk, a)?;
+    let mut p = call_params(
+        g,
+        h,
+        &topk,
+        &call,
+        a.tokens.data,
+        opt_ptr(&a.in_weights),
+        a.out_tokens.data,
+    )?;
     match h.params.layout {
         Layout::ExpertMajor => p.out_counters = opt_ptr(&a.expert_counters),
         _ => {
@@ -298,25 +327,22 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
 }
 
 pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStream_t) -> Result<()> {
-    let topk = h
-        .topk_idx
-        .clone()
-        .ok_or_else(|| crate::invalid_usage!("the handle has no routing"))?;
+    let topk = routing(h)?;
     let call = check_combine(&g.params, &h.params, &topk, a)?;
     crate::ensure_usage!(
         h.dispatched,
         "ncclEpCombine needs an ncclEpDispatch on this handle first"
     );
-    no_pending(g)?;
-    let lay = layout(g, h.params.num_topk)?;
-    let mut p = base_params(g, &lay)?;
-    p.x = a.tokens.data;
-    p.topk_idx = topk.data;
-    p.weights = opt_ptr(&a.out_weights);
-    p.out = a.out_tokens.data;
-    p.meta = h.meta_ptr();
-    p.num_tokens = call.tokens as i32;
-    p.row_bytes = call.row_bytes as i32;
+    // EM: the weights applied on the receiving side are combine's outputs->topk_weights.
+    let p = call_params(
+        g,
+        h,
+        &topk,
+        &call,
+        a.tokens.data,
+        opt_ptr(&a.out_weights),
+        a.out_tokens.data,
+    )?;
     let kernel = LlKernel::combine(h.params.num_topk, h.params.layout, topk.dtype == dtype::INT64);
     run(g, h, kernel, p, call.send_only, stream)
 }
