@@ -142,31 +142,8 @@ pub unsafe fn launch(
     stream: Stream,
     args: &mut [*mut c_void],
 ) -> Result<()> {
-    driver()?;
-    let (g, b) = (grid.into(), block.into());
-    let params = if args.is_empty() {
-        std::ptr::null_mut()
-    } else {
-        args.as_mut_ptr()
-    };
-    check(
-        unsafe {
-            sys::cuLaunchKernel(
-                f.raw,
-                g.x,
-                g.y,
-                g.z,
-                b.x,
-                b.y,
-                b.z,
-                smem,
-                stream.raw(),
-                params,
-                std::ptr::null_mut(),
-            )
-        },
-        format_args!("cuLaunchKernel(grid {g:?}, block {b:?}, smem {smem})"),
-    )
+    // SAFETY: forwarded contract.
+    unsafe { launch_with(f, grid.into(), block.into(), smem, stream, args, false) }
 }
 
 /// As [`launch`], but cooperative (`cuLaunchCooperativeKernel`): all blocks are co-resident, so
@@ -182,17 +159,56 @@ pub unsafe fn launch_cooperative(
     stream: Stream,
     args: &mut [*mut c_void],
 ) -> Result<()> {
+    // SAFETY: forwarded contract.
+    unsafe { launch_with(f, grid.into(), block.into(), smem, stream, args, true) }
+}
+
+/// # Safety
+/// As [`launch`].
+unsafe fn launch_with(
+    f: Function,
+    g: Dim3,
+    b: Dim3,
+    smem: u32,
+    stream: Stream,
+    args: &mut [*mut c_void],
+    cooperative: bool,
+) -> Result<()> {
     driver()?;
-    let (g, b) = (grid.into(), block.into());
     let params = if args.is_empty() {
         std::ptr::null_mut()
     } else {
         args.as_mut_ptr()
     };
-    check(
-        unsafe { sys::cuLaunchCooperativeKernel(f.raw, g.x, g.y, g.z, b.x, b.y, b.z, smem, stream.raw(), params) },
-        format_args!("cuLaunchCooperativeKernel(grid {g:?}, block {b:?}, smem {smem})"),
-    )
+    let (s, name) = (
+        stream.raw(),
+        if cooperative {
+            "cuLaunchCooperativeKernel"
+        } else {
+            "cuLaunchKernel"
+        },
+    );
+    // SAFETY: the caller guarantees the arguments match the kernel.
+    let r = unsafe {
+        if cooperative {
+            sys::cuLaunchCooperativeKernel(f.raw, g.x, g.y, g.z, b.x, b.y, b.z, smem, s, params)
+        } else {
+            sys::cuLaunchKernel(
+                f.raw,
+                g.x,
+                g.y,
+                g.z,
+                b.x,
+                b.y,
+                b.z,
+                smem,
+                s,
+                params,
+                std::ptr::null_mut(),
+            )
+        }
+    };
+    check(r, format_args!("{name}(grid {g:?}, block {b:?}, smem {smem})"))
 }
 
 /// Builds the `args` array of [`launch`] from references to the argument values:
