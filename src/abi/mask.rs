@@ -64,10 +64,11 @@ pub unsafe extern "C" fn ncclEpMaskClean(ep_group: ncclEpGroup_t, stream: cudaSt
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out: *mut c_int) -> ncclResult_t {
     ffi_call("ncclEpGetAsyncError", || {
-        let _g = masked_group(ep_group)?;
+        let g = masked_group(ep_group)?;
         // SAFETY: C contract.
         let out = unsafe { out_ptr(error_out, "error_out") }?;
-        *out = 0;
+        // Without GPU state no kernel ran, so nothing can have timed out.
+        *out = g.ll.as_ref().is_some_and(|l| l.timed_out()) as c_int;
         Ok(())
     })
 }
@@ -76,7 +77,10 @@ pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out:
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpErrorClear(ep_group: ncclEpGroup_t) -> ncclResult_t {
     ffi_call("ncclEpErrorClear", || {
-        let _g = masked_group(ep_group)?;
+        let g = masked_group(ep_group)?;
+        if let Some(l) = &g.ll {
+            l.clear_timeout();
+        }
         Ok(())
     })
 }

@@ -96,8 +96,20 @@ impl LlState {
 
     /// True when a kernel timed out waiting for a peer since the flag was last cleared.
     pub fn timed_out(&self) -> bool {
-        // SAFETY: a 4-byte pinned allocation written by the kernels.
-        unsafe { std::ptr::read_volatile(self.err.host_ptr() as *const i32) != 0 }
+        // SAFETY: a 4-byte pinned allocation the kernels write with atomics; read as an atomic.
+        unsafe {
+            (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32)).load(std::sync::atomic::Ordering::Acquire)
+                != 0
+        }
+    }
+
+    /// Clears the flag `timed_out` reads.
+    pub fn clear_timeout(&self) {
+        // SAFETY: as in `timed_out`.
+        unsafe {
+            (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32))
+                .store(0, std::sync::atomic::Ordering::Release)
+        }
     }
 }
 
