@@ -190,6 +190,7 @@ typedef struct {
   ncclEpHandle_t h;
   int gi; /* index into groups at creation (for plausible shapes only) */
   int topk;
+  size_t tokens; /* rows of the routing it was given (0: none yet) */
 } Handle;
 static Group groups[MAX_GROUPS];
 static int ngroups;
@@ -334,7 +335,7 @@ static Group *pick_live_group(void) { return ngroups ? &groups[below((uint32_t)n
 typedef struct {
   size_t tokens, topk, hidden, experts, local_experts, nranks, max_tokens;
 } Hints;
-static Hints hints_of(const Group *g, int topk) {
+static Hints hints_of(const Group *g, int topk, size_t tokens) {
   Hints h = {4, 2, 128, 8, 2, 4, 16};
   if (g) {
     h.max_tokens = (size_t)g->max_tokens;
@@ -345,6 +346,7 @@ static Hints hints_of(const Group *g, int topk) {
     h.nranks = (size_t)(g->nranks > 0 ? g->nranks : 1);
     h.local_experts = h.experts / h.nranks;
   }
+  if (tokens && chance(80)) h.tokens = tokens;
   return h;
 }
 
@@ -573,7 +575,7 @@ static void adopt_group(ncclEpGroup_t g, const ncclEpGroupConfig_t *c, int nrank
   x->token_bytes = (int)c->max_token_bytes;
   x->topk = (int)c->num_topk;
 }
-static void adopt_handle(ncclEpHandle_t h, ncclEpGroup_t g, int topk) {
+static void adopt_handle(ncclEpHandle_t h, ncclEpGroup_t g, int topk, size_t tokens) {
   forget_dead((void *)h);
   created[1]++;
   if (nhandles >= MAX_HANDLES) {
@@ -586,6 +588,7 @@ static void adopt_handle(ncclEpHandle_t h, ncclEpGroup_t g, int topk) {
   handles[nhandles].h = h;
   handles[nhandles].gi = gi;
   handles[nhandles].topk = topk;
+  handles[nhandles].tokens = tokens;
   nhandles++;
 }
 static void adopt_tensor(ncclEpTensor_t *t) {
@@ -618,7 +621,9 @@ static void handle_destroyed(void *p) {
     }
   remember_dead(dead_handles, &ndead_handles, p);
 }
-static void tensor_destroyed(ncclEpTensor_t *p, const ncclEpTensor_t *copy) {
+/* copy: the descriptor as it was before the destroy call (its sizes array is library memory,
+ * freed by a successful destroy: copy_sizes is a snapshot taken before the call). */
+static void tensor_destroyed(ncclEpTensor_t *p, const ncclEpTensor_t *copy, const size_t *copy_sizes) {
   for (int i = 0; i < ntensors; i++)
     if (tensors[i] == p) {
       tensors[i] = tensors[--ntensors];
@@ -628,8 +633,7 @@ static void tensor_destroyed(ncclEpTensor_t *p, const ncclEpTensor_t *copy) {
     int i = ndead_tensors++;
     dead_tensors[i] = p;
     dead_tensor_copies[i] = *copy;
-    memset(dead_tensor_sizes[i], 0, sizeof dead_tensor_sizes[i]);
-    if (copy->ndim <= 8 && copy->sizes) memcpy(dead_tensor_sizes[i], copy->sizes, copy->ndim * sizeof(size_t));
+    memcpy(dead_tensor_sizes[i], copy_sizes, sizeof dead_tensor_sizes[i]);
   }
 }
 static void destroy_handle_now(ncclEpHandle_t h) {
@@ -646,13 +650,19 @@ static void destroy_group_now(ncclEpGroup_t g) {
   if (rc != ncclSuccess) violation(F_GroupDestroy, "destroying a live group failed with %d", (int)rc);
   group_destroyed((void *)g);
 }
+static void snapshot_sizes(const ncclEpTensor_t *t, size_t out[8]) {
+  memset(out, 0, 8 * sizeof(size_t));
+  if (t->ndim >= 1 && t->ndim <= 8 && t->sizes) memcpy(out, t->sizes, t->ndim * sizeof(size_t));
+}
 static void destroy_tensor_now(ncclEpTensor_t *t) {
   ncclEpTensor_t copy = *t;
+  size_t snap[8];
+  snapshot_sizes(t, snap);
   g_func = fname[F_TensorDestroy];
   ncclResult_t rc = ncclEpTensorDestroy(t);
   check_rc(F_TensorDestroy, rc);
   if (rc != ncclSuccess) violation(F_TensorDestroy, "destroying a live descriptor failed with %d", (int)rc);
-  tensor_destroyed(t, &copy);
+  tensor_destroyed(t, &copy, snap);
 }
 
 /* ---- one call ---- */
@@ -731,7 +741,7 @@ static void one_call(void) {
       Group *gi;
       ncclEpGroup_t g = pick_group(&gi);
       int topk = rand_topk();
-      Hints h = hints_of(gi, topk);
+      Hints h = hints_of(gi, topk, 0);
       ncclEpHandleConfig_t hc = hc_tmpl();
       ncclEpTensor_t *mem = mk_tensor(5, &h, 60);
       ncclEpHandle_t hd = (ncclEpHandle_t)SENT;
@@ -745,25 +755,27 @@ static void one_call(void) {
         if (!out || !hd || (void *)hd == SENT)
           violation(f, "succeeded without a handle");
         else
-          adopt_handle(hd, g, topk);
+          adopt_handle(hd, g, topk, 0);
       }
       break;
     }
     case F_UpdateHandle: {
       Handle *hi;
       ncclEpHandle_t hd = pick_handle(&hi);
-      Hints h = hints_of(group_of(hi), hi ? hi->topk : 0);
+      Hints h = hints_of(group_of(hi), hi ? hi->topk : 0, hi ? hi->tokens : 0);
       ncclEpLayoutInfo_t li = li_tmpl(&h);
-      rc = ncclEpUpdateHandle(hd, mk_tensor(0, &h, 10),
+      ncclEpTensor_t *topk_idx = mk_tensor(0, &h, 10);
+      rc = ncclEpUpdateHandle(hd, topk_idx,
                               MK(ncclEpLayoutInfo_t, &li, NCCL_EP_LAYOUT_INFO_V1_SIZE, NCCL_EP_LAYOUT_INFO_V2_SIZE, 60),
                               fake_stream());
       check_rc(f, rc);
+      if (rc == ncclSuccess && hi && topk_idx && topk_idx->ndim == 2) hi->tokens = topk_idx->sizes[0];
       break;
     }
     case F_CreateHandle: {
       Group *gi;
       ncclEpGroup_t g = pick_group(&gi);
-      Hints h = hints_of(gi, 0);
+      Hints h = hints_of(gi, 0, 0);
       ncclEpLayoutInfo_t li = li_tmpl(&h);
       ncclEpHandleConfig_t hc = hc_tmpl();
       ncclEpTensor_t *topk_idx = mk_tensor(0, &h, 10);
@@ -779,7 +791,8 @@ static void one_call(void) {
         if (!out || !hd || (void *)hd == SENT)
           violation(f, "succeeded without a handle");
         else
-          adopt_handle(hd, g, topk_idx && topk_idx->ndim == 2 ? (int)topk_idx->sizes[1] : 0);
+          adopt_handle(hd, g, topk_idx && topk_idx->ndim == 2 ? (int)topk_idx->sizes[1] : 0,
+                       topk_idx && topk_idx->ndim == 2 ? topk_idx->sizes[0] : 0);
       }
       break;
     }
@@ -840,7 +853,7 @@ static void one_call(void) {
     case F_Dispatch: {
       Handle *hi;
       ncclEpHandle_t hd = pick_handle(&hi);
-      Hints h = hints_of(group_of(hi), hi ? hi->topk : 0);
+      Hints h = hints_of(group_of(hi), hi ? hi->topk : 0, hi ? hi->tokens : 0);
       ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
       in.tokens = mk_tensor(1, &h, 10);
       in.topk_weights = mk_tensor(2, &h, 50);
@@ -868,7 +881,7 @@ static void one_call(void) {
     case F_Combine: {
       Handle *hi;
       ncclEpHandle_t hd = pick_handle(&hi);
-      Hints h = hints_of(group_of(hi), hi ? hi->topk : 0);
+      Hints h = hints_of(group_of(hi), hi ? hi->topk : 0, hi ? hi->tokens : 0);
       ncclEpCombineInputs_t in = NCCL_EP_COMBINE_INPUTS_INIT;
       in.tokens = mk_tensor(3, &h, 10);
       in.topk_weights = mk_tensor(2, &h, 60);
@@ -947,8 +960,12 @@ static void one_call(void) {
         own = t->sizes;
         t->sizes = other;
       }
-      ncclEpTensor_t copy = t ? *t : stack;
-      if (own) copy.sizes = own;
+      ncclEpTensor_t copy = t && live >= 0 ? *t : stack;
+      size_t snap[8] = {0};
+      if (live >= 0) {
+        copy.sizes = own ? own : copy.sizes;
+        snapshot_sizes(&copy, snap);
+      }
       rc = ncclEpTensorDestroy(t);
       check_rc(f, rc);
       if (own) {
@@ -958,7 +975,7 @@ static void one_call(void) {
       if (t == &stack && rc == ncclSuccess) violation(f, "accepted a stack descriptor");
       if (live >= 0 && !own) {
         if (rc != ncclSuccess) violation(f, "refused a live descriptor (%d)", (int)rc);
-        else tensor_destroyed(t, &copy);
+        else tensor_destroyed(t, &copy, snap);
       } else if (live < 0 && t && t != &stack && rc == ncclSuccess) {
         violation(f, "destroyed a dead descriptor twice");
       }
