@@ -6,7 +6,8 @@
  *   env: FUZZ_SEED, FUZZ_CALLS, FUZZ_SECONDS, FUZZ_VERBOSE=1, FUZZ_CROSS_TYPE (argv wins)
  *
  * Deterministic: the whole run is a function of the seed (printed first), so a crash at
- * iteration I is reproduced by `fuzz_abi --seed S --calls I+1` (add --verbose to see each call).
+ * iteration I is reproduced by the command the crash report prints (`fuzz_abi --seed S --calls C`;
+ * add --verbose to see each call).
  *
  * What is mutated: struct headers (size below V1, exactly V1, V2, sizeof, larger with random tail
  * bytes; magic right or wrong), enum values (in and out of range, negative), tensors (ndim
@@ -90,6 +91,7 @@ static int bad(void) { return chance(g_bad); }
 /* ---- run state, for the crash report ---- */
 static uint64_t g_seed;
 static volatile uint64_t g_iter;
+static uint64_t calls; /* calls completed: --calls calls+1 stops right after the crashing one */
 static const char *volatile g_func = "(setup)";
 static int g_verbose;
 static int g_cross_type;
@@ -100,7 +102,7 @@ static void on_signal(int sig) {
                    "\nfuzz: CRASH: signal %d in %s at iteration %llu (seed %llu)\n"
                    "fuzz: reproduce: fuzz_abi --seed %llu --calls %llu --verbose\n",
                    sig, g_func, (unsigned long long)g_iter, (unsigned long long)g_seed,
-                   (unsigned long long)g_seed, (unsigned long long)g_iter + 1);
+                   (unsigned long long)g_seed, (unsigned long long)calls + 1);
   if (n > 0) {
     ssize_t w = write(2, buf, (size_t)n);
     (void)w;
@@ -264,7 +266,7 @@ static const char *fname[F_COUNT] = {
   "ncclEpMaskQuery", "ncclEpMaskUpdate", "ncclEpMaskClean", "ncclEpGetAsyncError",
   "ncclEpErrorClear", "ncclEpDispatch", "ncclEpCombine", "ncclEpComplete", "ncclEpTensorAlloc",
   "ncclEpTensorDestroy", "ncclEpxBufferSize", "ncclEpxGetLastError", "ncclEpxCreateLocalGroups"};
-static uint64_t calls, per_func[F_COUNT], per_func_ok[F_COUNT], rc_hist[10], rc_other;
+static uint64_t per_func[F_COUNT], per_func_ok[F_COUNT], rc_hist[10], rc_other;
 static uint64_t violations, panics, created[3];
 
 static void violation(int f, const char *fmt, ...) {
