@@ -5,13 +5,14 @@
 #   make install PREFIX=/opt/x      lib/libnccl_ep.so.0.1.0 (+ .so.0, .so), include/, pkg-config, CMake package
 #   make test                       deps, cargo tests, C tests (ctest); last line "N passed, M failed, K skipped"
 #   make bench                      the benchmark (needs an NVIDIA GPU)
+#   make fuzz FUZZ_SECONDS=N        the ABI fuzzer (c-tests/fuzz_abi.c) for N s (default 60); no GPU
 #   make clean
 CARGO ?= cargo
 PREFIX ?= /usr/local
 # install: the library to install (default: build and install target/release/libnccl_ep.so)
 NCCL_EP_LIB ?=
 
-.PHONY: all build header install test ctest deps bench clean
+.PHONY: all build header install test ctest deps bench fuzz clean
 all: build
 
 build:
@@ -41,6 +42,10 @@ ctest:
 
 bench:
 	@scripts/bench.sh
+
+# The ABI fuzzer: FUZZ_SECONDS (default 60), FUZZ_CALLS, FUZZ_SEED, FUZZ_VERBOSE=1 (scripts/fuzz.sh).
+fuzz:
+	@FUZZ_SECONDS="$(FUZZ_SECONDS)" FUZZ_CALLS="$(FUZZ_CALLS)" FUZZ_SEED="$(FUZZ_SEED)" scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean
