@@ -22,7 +22,7 @@
  * than `ndim` values when ndim <= 8, freed descriptors to functions that read them (a destroyed
  * ncclEpTensorAlloc descriptor goes only to ncclEpTensorDestroy; the others get a stale copy),
  * foreign function pointers in config->alloc. (A live group passed as a handle, and the reverse,
- * IS passed: see KNOWN_ISSUES 1, which crashes the library today.)
+ * IS passed: see CROSS_TYPE below.)
  * Device pointers (tensor->data, mask_status) and streams are fake values: without a GPU the
  * library never dereferences them.
  *
@@ -48,22 +48,12 @@
 #include "nccl_ep_ext.h"
 
 /* ------------------------------------------------------------------------------------------ */
-/* KNOWN_ISSUES: library findings, and the switch that steps around each.
- *
- * 1. CROSS_TYPE (crash, left ON: FUZZ_CROSS_TYPE=0 / --cross-type 0 skips it). Groups and
- *    handles share ONE live-address set (src/abi/objects.rs, live()), so objects::group() accepts
- *    a live *handle* address and objects::handle() a live *group* address: the Box is then used
- *    as the wrong type. ncclEpHandleDestroy(<live group cast to a handle>) returns ncclSuccess and
- *    frees the group's Box as an ncclEpHandle (and decrements a "live_handles" of whatever the
- *    group's first field is); the group stays in the live set, and a later ncclEpGroupDestroy of
- *    it aborts in free() ("free(): invalid pointer", SIGABRT) -- seed 7, iteration 18291 with
- *    FUZZ_CROSS_TYPE=1. No cast is needed to get there: a destroyed group's address is often
- *    reused by malloc for a new handle (and the reverse; the summary line "reused ... by another
- *    kind" counts it), so a stale ncclEpGroup_t that the API promises to reject ("destroyed
- *    already, or never created") can name a live handle. Fix (in src/, not here): one live set per
- *    kind, or a kind tag checked in group()/handle().
- *    What the switch does: pick_group()/pick_handle() offer a live object of the other kind as
- *    one of their adversarial choices (2% of adversarial picks). */
+/* CROSS_TYPE (FUZZ_CROSS_TYPE=0 / --cross-type 0 turns it off): pick_group()/pick_handle() offer
+ * a live object of the other kind as one of their adversarial choices (2% of adversarial picks),
+ * which a stale pointer becomes once malloc reuses its address. This found a crash: groups and
+ * handles shared one live-address set, so ncclEpHandleDestroy(<live group>) freed the group as a
+ * handle (later free(): invalid pointer, seed 7). Fixed with one live set per kind
+ * (src/abi/objects.rs); kept on as a regression check. */
 /* ------------------------------------------------------------------------------------------ */
 
 #define LL_MAX_RANKS 64 /* src/runtime/ll_params.rs */
@@ -1079,7 +1069,7 @@ int main(int argc, char **argv) {
   uint64_t max_calls = env_u64("FUZZ_CALLS", 0);
   double seconds = (double)env_u64("FUZZ_SECONDS", 0);
   g_verbose = (int)env_u64("FUZZ_VERBOSE", 0);
-  g_cross_type = (int)env_u64("FUZZ_CROSS_TYPE", 1); /* KNOWN_ISSUES 1: on until fixed */
+  g_cross_type = (int)env_u64("FUZZ_CROSS_TYPE", 1); /* CROSS_TYPE: on */
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_seed = strtoull(argv[++i], NULL, 0);
     else if (!strcmp(argv[i], "--calls") && i + 1 < argc) max_calls = strtoull(argv[++i], NULL, 0);
@@ -1096,7 +1086,7 @@ int main(int argc, char **argv) {
   rng_state = g_seed;
   printf("fuzz: seed %llu (reproduce with --seed %llu)%s\n", (unsigned long long)g_seed,
          (unsigned long long)g_seed,
-         g_cross_type ? "" : " [FUZZ_CROSS_TYPE=0: KNOWN_ISSUES 1 skipped]");
+         g_cross_type ? "" : " [FUZZ_CROSS_TYPE=0: cross-type picks off]");
   fflush(stdout);
 
   struct sigaction sa;

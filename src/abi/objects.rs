@@ -9,7 +9,16 @@ use crate::runtime::{group::Group, handle::Handle};
 use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-fn live() -> MutexGuard<'static, HashSet<usize>> {
+/// Live addresses, one set per kind: a group's address passed as a handle (or the reverse,
+/// which a stale pointer can become once malloc reuses the address) must be rejected.
+fn live_groups() -> MutexGuard<'static, HashSet<usize>> {
+    static L: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
+    L.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn live_handles() -> MutexGuard<'static, HashSet<usize>> {
     static L: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
     L.get_or_init(Default::default)
         .lock()
@@ -18,13 +27,13 @@ fn live() -> MutexGuard<'static, HashSet<usize>> {
 
 pub fn publish_group(g: Group) -> ncclEpGroup_t {
     let p = Box::into_raw(Box::new(ncclEpGroup { inner: g }));
-    live().insert(p as usize);
+    live_groups().insert(p as usize);
     p
 }
 
 pub fn publish_handle(h: Handle) -> ncclEpHandle_t {
     let p = Box::into_raw(Box::new(ncclEpHandle { inner: h }));
-    live().insert(p as usize);
+    live_handles().insert(p as usize);
     p
 }
 
@@ -32,7 +41,7 @@ pub fn publish_handle(h: Handle) -> ncclEpHandle_t {
 pub fn group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
     crate::ensure_arg!(!p.is_null(), "ep_group is NULL");
     crate::ensure_arg!(
-        live().contains(&(p as usize)),
+        live_groups().contains(&(p as usize)),
         "ep_group {p:p} is not a live group (destroyed already, or never created)"
     );
     // SAFETY: the address is a live Box<ncclEpGroup> we created; callers must not use one group
@@ -43,7 +52,7 @@ pub fn group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
 pub fn handle<'a>(p: ncclEpHandle_t) -> Result<&'a mut Handle> {
     crate::ensure_arg!(!p.is_null(), "handle is NULL");
     crate::ensure_arg!(
-        live().contains(&(p as usize)),
+        live_handles().contains(&(p as usize)),
         "handle {p:p} is not a live handle (destroyed already, or never created)"
     );
     // SAFETY: as in `group`.
@@ -53,14 +62,14 @@ pub fn handle<'a>(p: ncclEpHandle_t) -> Result<&'a mut Handle> {
 /// Removes a group from the live set and gives ownership back.
 pub fn take_group(p: ncclEpGroup_t) -> Result<Box<ncclEpGroup>> {
     group(p)?;
-    live().remove(&(p as usize));
+    live_groups().remove(&(p as usize));
     // SAFETY: created by publish_group and now unreachable from C.
     Ok(unsafe { Box::from_raw(p) })
 }
 
 pub fn take_handle(p: ncclEpHandle_t) -> Result<Box<ncclEpHandle>> {
     handle(p)?;
-    live().remove(&(p as usize));
+    live_handles().remove(&(p as usize));
     // SAFETY: created by publish_handle and now unreachable from C.
     Ok(unsafe { Box::from_raw(p) })
 }
