@@ -30,15 +30,17 @@ pub struct Pending {
 /// Where this rank's peers' buffers are.
 #[derive(Debug)]
 pub enum PeerTable {
-    /// Looked up in the local world at each launch.
-    Local,
+    /// None yet (NCCL groups before their first buffer; local groups always: their world
+    /// hands out the peers at each launch).
+    Unset,
     /// Fixed after the IPC exchange of the last allocation.
     Fixed { ptrs: Vec<u64>, _opened: OpenedPeers },
 }
 
 /// The low-latency state of one rank's group.
 pub struct LlState {
-    /// This rank's communication buffer (None until a handle sizes it, for AUTO).
+    /// This rank's communication buffer, NCCL groups only (None until a handle sizes it, for
+    /// AUTO); local groups keep every rank's buffer in their `LocalWorld`.
     pub buffer: Option<DeviceMem>,
     pub peers: PeerTable,
     /// `struct EpState` (epoch and block counters), zeroed at creation.
@@ -84,7 +86,7 @@ impl LlState {
         };
         Ok(LlState {
             buffer: None,
-            peers: PeerTable::Local,
+            peers: PeerTable::Unset,
             state,
             err,
             pending: None,
@@ -161,7 +163,7 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
             }
             let ll = g.ll_mut()?;
             ll.buffer = None;
-            ll.peers = PeerTable::Local;
+            ll.peers = PeerTable::Unset;
             let buf = DeviceMem::alloc(dev, bytes)?;
             // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
             unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
@@ -187,7 +189,7 @@ fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     let (peers, bytes) = match (&ll.peers, &g.membership) {
         (_, Membership::Local { world }) => world.peers(lay.total_bytes)?,
         (PeerTable::Fixed { ptrs, .. }, _) => (ptrs.clone(), ll.buffer.as_ref().map_or(0, |b| b.len())),
-        (PeerTable::Local, _) => return Err(crate::invalid_usage!("the group has no low-latency buffer yet")),
+        (PeerTable::Unset, _) => return Err(crate::invalid_usage!("the group has no low-latency buffer yet")),
     };
     crate::ensure_usage!(lay.fits(bytes), "the low-latency buffer is too small for this handle");
     let mut p = LlParams::default();
