@@ -25,20 +25,20 @@ static int t_checks, t_failures;
   } while (0)
 
 /* Leaves a known message behind, from a function other than `fn`. */
-static void t_marker(const char *fn) {
+static inline void t_marker(const char *fn) {
   if (strcmp(fn, "ncclEpGetVersion") != 0)
     (void)ncclEpGetVersion(NULL);
   else
     (void)ncclEpTensorAlloc(NULL, 1, ncclInt8, NULL, NULL);
 }
 
-static int t_readable(const char *s) {
+static inline int t_readable(const char *s) {
   for (; *s; s++)
     if (!isprint((unsigned char)*s)) return 0;
   return 1;
 }
 
-static void t_expect_rc(const char *file, int line, const char *call, ncclResult_t got, ncclResult_t want,
+static inline void t_expect_rc(const char *file, int line, const char *call, ncclResult_t got, ncclResult_t want,
                         const char *fn, const char *needle) {
   t_checks++;
   if (got != want) {
@@ -67,7 +67,7 @@ static void t_expect_rc(const char *file, int line, const char *call, ncclResult
     t_expect_rc(__FILE__, __LINE__, #call, t_rc_, (ncclResult_t)(want), fn, needle); \
   } while (0)
 
-static int t_finish(const char *name) {
+static inline int t_finish(const char *name) {
   printf("%s: %d checks, %d failure(s)\n", name, t_checks, t_failures);
   return t_failures == 0 ? 0 : 1;
 }
