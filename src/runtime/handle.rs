@@ -9,7 +9,7 @@ use crate::runtime::alloc::GroupMem;
 /// Where the handle's metadata block lives.
 #[derive(Debug)]
 pub enum HandleMem {
-    /// Not needed (HIGH_THROUGHPUT until its issue lands).
+    /// None: HIGH_THROUGHPUT (until its issue lands), or a group without GPU state.
     None,
     /// The caller's `handle_mem` tensor (never freed by us).
     Caller { ptr: u64, bytes: usize },
