@@ -9,7 +9,9 @@
  *   mpirun -np N ep_bench ...      one process per GPU (built with MPI; NCCL communicator)
  *
  * Bandwidth follows upstream ep_bench: bytes = valid (token, expert) selections x row bytes,
- * divided by the phase time; reported per rank and summed over this process's ranks.
+ * divided by the phase time; reported per rank and summed over this process's ranks. HT moves a
+ * row per received (token, rank) (FLAT) or (token, expert) (EXPERT_MAJOR), so its bytes are those
+ * rows x row bytes. HT sizes max_recv_tokens_per_rank to the largest receive count of the routing.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -104,6 +106,7 @@ typedef struct {
   const char* sweep_tokens; /* comma list */
   const char* sweep_hidden;
   const char* label;
+  int ht_recv_budget; /* HT: max_recv_tokens_per_rank, set per configuration */
 } Opts;
 
 typedef struct {
@@ -202,29 +205,55 @@ typedef struct {
   long long selections;
   cudaEvent_t ev[3];
   cudaGraphExec_t exec_d, exec_c; /* --graph: dispatch and combine captured separately */
+  const int64_t* route;            /* HT: this rank's routing, made before the group (sizes S) */
+  long long recv_rows;             /* HT: rows this rank receives (FLAT tokens, EM pairs) */
 } Rank;
+
+/* HT: rows rank d receives from the routings of all ranks: FLAT one per (token, destination
+ * rank), EXPERT_MAJOR one per (token, distinct expert) (no alignment padding here). */
+static long long ht_recv_rows(int64_t* const* route, int nranks, int d, const Opts* o) {
+  int L = o->experts / nranks;
+  long long rows = 0;
+  for (int s = 0; s < nranks; ++s)
+    for (int t = 0; t < o->tokens; ++t) {
+      const int64_t* row = route[s] + (size_t)t * o->topk;
+      int hit = 0;
+      for (int k = 0; k < o->topk; ++k) {
+        int dup = 0;
+        for (int q = 0; q < k; ++q) dup |= row[q] == row[k];
+        if (row[k] >= 0 && row[k] / L == d && !dup) hit++;
+      }
+      rows += o->layout == NCCL_EP_LAYOUT_FLAT ? (hit > 0) : hit;
+    }
+  return rows;
+}
 
 static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   int L = o->experts / nranks, T = o->tokens, H = o->hidden, K = o->topk, B = o->tokens, N = nranks;
   int em = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR;
+  int is_ht = o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT;
   CK(cudaSetDevice(r->dev));
   size_t xb = (size_t)T * H * 2, tb = (size_t)T * K * 8, wb = (size_t)T * K * 4;
-  size_t rows = em ? (size_t)L * N * B : (size_t)N * B;
+  /* HT outputs have S rows (the group's receive budget), LL its fixed 3-D shapes. */
+  size_t S = (size_t)o->ht_recv_budget;
+  size_t rows = is_ht ? S : em ? (size_t)L * N * B : (size_t)N * B;
   size_t ob = rows * H * 2;
   CK(cudaMalloc(&r->x, xb ? xb : 16));
   CK(cudaMalloc(&r->topk, tb ? tb : 16));
   CK(cudaMalloc(&r->w, wb ? wb : 16));
   CK(cudaMalloc(&r->out, ob));
   CK(cudaMalloc(&r->cnt, 4 * (size_t)(L > N ? L : N)));
-  CK(cudaMalloc(&r->oidx, (size_t)N * B * K * 4));
-  CK(cudaMalloc(&r->ow, (size_t)N * B * K * 4));
+  size_t side = is_ht ? S * K * 8 : (size_t)N * B * K * 4;
+  CK(cudaMalloc(&r->oidx, side));
+  CK(cudaMalloc(&r->ow, side));
   CK(cudaMalloc(&r->ein, ob));
   CK(cudaMalloc(&r->cw, wb ? wb : 16));
   CK(cudaMalloc(&r->cout, xb ? xb : 16));
   uint16_t* hx = (uint16_t*)malloc(xb + 2);
   for (size_t i = 0; i < xb / 2; ++i) hx[i] = f2bf((float)(rng_unit(rng) * 8 - 4));
   int64_t* ht = (int64_t*)malloc(tb + 8);
-  make_routing(ht, T, K, o->experts, o->routing, o->zipf_s, rng);
+  if (r->route) memcpy(ht, r->route, tb);
+  else make_routing(ht, T, K, o->experts, o->routing, o->zipf_s, rng);
   float* hw = (float*)malloc(wb + 4);
   for (size_t i = 0; i < wb / 4; ++i) hw[i] = (float)rng_unit(rng);
   r->selections = 0;
@@ -234,9 +263,12 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   CK(cudaMemcpy(r->w, hw, wb, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(r->cw, hw, wb, cudaMemcpyHostToDevice));
   /* Expert outputs: random too (never zeros). */
-  uint16_t* he = (uint16_t*)malloc(ob);
-  for (size_t i = 0; i < ob / 2; ++i) he[i] = f2bf((float)(rng_unit(rng) * 2 - 1));
-  CK(cudaMemcpy(r->ein, he, ob, cudaMemcpyHostToDevice));
+  /* Large HT inputs repeat a random 4 MiB block: generating GBs on the host costs device time. */
+  size_t blk = ob < ((size_t)4 << 20) ? ob : ((size_t)4 << 20);
+  uint16_t* he = (uint16_t*)malloc(blk);
+  for (size_t i = 0; i < blk / 2; ++i) he[i] = f2bf((float)(rng_unit(rng) * 2 - 1));
+  for (size_t off = 0; off < ob; off += blk)
+    CK(cudaMemcpy((char*)r->ein + off, he, ob - off < blk ? ob - off : blk, cudaMemcpyHostToDevice));
   free(hx);
   free(ht);
   free(hw);
@@ -244,22 +276,26 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   r->sx[0] = T; r->sx[1] = H;
   r->st[0] = T; r->st[1] = K;
   r->sw[0] = T; r->sw[1] = K;
-  if (em) { r->so[0] = L; r->so[1] = (size_t)N * B; r->so[2] = H; }
+  if (is_ht) { r->so[0] = S; r->so[1] = H; }
+  else if (em) { r->so[0] = L; r->so[1] = (size_t)N * B; r->so[2] = H; }
   else { r->so[0] = N; r->so[1] = B; r->so[2] = H; }
   memcpy(r->sein, r->so, sizeof r->so);
   r->sc[0] = em ? L : N;
-  r->sidx[0] = N; r->sidx[1] = B; r->sidx[2] = K;
+  if (is_ht) { r->sidx[0] = S; r->sidx[1] = K; }
+  else { r->sidx[0] = N; r->sidx[1] = B; r->sidx[2] = K; }
   memcpy(r->sow, r->sidx, sizeof r->sidx);
   r->scw[0] = T; r->scw[1] = K;
   r->scout[0] = T; r->scout[1] = H;
   r->tx = tensor(r->x, ncclBfloat16, 2, r->sx);
   r->ttopk = tensor(r->topk, ncclInt64, 2, r->st);
   r->tw = tensor(r->w, ncclFloat32, 2, r->sw);
-  r->tout = tensor(r->out, ncclBfloat16, 3, r->so);
+  unsigned od = is_ht ? 2 : 3;
+  r->tout = tensor(r->out, ncclBfloat16, od, r->so);
   r->tcnt = tensor(r->cnt, ncclInt32, 1, r->sc);
-  r->toidx = tensor(r->oidx, ncclInt32, 3, r->sidx);
-  r->tow = tensor(r->ow, ncclFloat32, 3, r->sow);
-  r->tein = tensor(r->ein, ncclBfloat16, 3, r->sein);
+  r->toidx = tensor(r->oidx, is_ht ? ncclInt64 : ncclInt32, od, r->sidx);
+  /* HT expert-major: one weight per received row. */
+  r->tow = tensor(r->ow, ncclFloat32, is_ht && em ? 1 : od, r->sow);
+  r->tein = tensor(r->ein, ncclBfloat16, od, r->sein);
   r->tcw = tensor(r->cw, ncclFloat32, 2, r->scw);
   r->tcout = tensor(r->cout, ncclBfloat16, 2, r->scout);
   for (int i = 0; i < 3; ++i) CK(cudaEventCreate(&r->ev[i]));
@@ -287,6 +323,17 @@ static void do_dispatch(Rank* r, const Opts* o) {
   cfg.send_only = o->send_only;
   in.tokens = &r->tx;
   out.tokens = &r->tout;
+  if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) {
+    /* Forward: weights in; FLAT gets local ids + weights per row, EM one weight per row. */
+    in.topk_weights = &r->tw;
+    out.topk_weights = &r->tow;
+    if (!em) out.topk_idx = &r->toidx;
+    double t0 = now_us();
+    EP(ncclEpDispatch(r->h, &in, &out, NULL, &cfg, r->s));
+    host_dispatch_us_acc += now_us() - t0;
+    host_dispatch_n++;
+    return;
+  }
   if (em) {
     li.expert_counters = &r->tcnt;
   } else {
@@ -308,7 +355,8 @@ static void do_combine(Rank* r, const Opts* o) {
   cfg.send_only = o->send_only;
   in.tokens = &r->tein;
   out.tokens = &r->tcout;
-  if (o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR) out.topk_weights = &r->tcw;
+  if (o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR && o->algorithm == NCCL_EP_ALGO_LOW_LATENCY)
+    out.topk_weights = &r->tcw;
   EP(ncclEpCombine(r->h, &in, &out, &cfg, r->s));
 }
 
@@ -367,16 +415,37 @@ static double max_elapsed(Rank* rk, int n, int a, int b) {
 }
 
 /* One configuration: create groups and handles, warm up, time, tear down. */
-static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, ncclComm_t comm,
+static Result run_config(const Opts* o_in, int nranks, int first_rank, int nlocal, ncclComm_t comm,
                          local_groups_fn mk_local, buffer_size_fn bufsz) {
   Result res;
   memset(&res, 0, sizeof res);
+  Opts oc = *o_in;
+  const Opts* o = &oc;
+  /* HT: every rank's routing is made first (each from its own seed, so all processes agree), to
+   * size the receive budget S to the largest count, as a caller sizing from its routing would. */
+  int64_t** routes = NULL;
+  long long* recv_rows = NULL;
+  if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) {
+    routes = (int64_t**)calloc(nranks, sizeof(int64_t*));
+    recv_rows = (long long*)calloc(nranks, sizeof(long long));
+    for (int r = 0; r < nranks; ++r) {
+      uint64_t rs = o->seed * 1000003ull + (uint64_t)r;
+      routes[r] = (int64_t*)malloc((size_t)o->tokens * o->topk * 8 + 8);
+      make_routing(routes[r], o->tokens, o->topk, o->experts, o->routing, o->zipf_s, &rs);
+    }
+    long long most = o->tokens;
+    for (int d = 0; d < nranks; ++d) {
+      recv_rows[d] = ht_recv_rows(routes, nranks, d, o);
+      if (recv_rows[d] > most) most = recv_rows[d];
+    }
+    oc.ht_recv_budget = (int)((most + 63) / 64 * 64);
+  }
   ncclEpGroupConfig_t cfg = NCCL_EP_GROUP_CONFIG_INIT;
   cfg.algorithm = (ncclEpAlgorithm_t)o->algorithm;
   cfg.num_experts = o->experts;
   cfg.max_dispatch_tokens_per_rank = o->tokens;
   cfg.max_token_bytes = o->hidden * 2;
-  if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) cfg.max_recv_tokens_per_rank = o->tokens * nranks;
+  if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) cfg.max_recv_tokens_per_rank = o->ht_recv_budget;
   Rank* rk = (Rank*)calloc(nlocal, sizeof(Rank));
   ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
   int dev0;
@@ -395,6 +464,10 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
     rk[i].g = groups[i];
     CK(cudaStreamCreateWithFlags(&rk[i].s, cudaStreamNonBlocking));
     for (int j = 0; j < first_rank + i; ++j) rng_next(&rng);
+    if (routes) {
+      rk[i].route = routes[first_rank + i];
+      rk[i].recv_rows = recv_rows[first_rank + i];
+    }
     rank_setup(&rk[i], o, nranks, &rng);
   }
   for (int i = 0; i < nlocal; ++i)
@@ -406,7 +479,12 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
   {
     int L = o->experts / nranks, N = nranks, T = o->tokens, H = o->hidden, K = o->topk;
     size_t rows = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR ? (size_t)L * N * T : (size_t)N * T;
-    ours = (size_t)nlocal * (2 * rows * H * 2 + 2 * (size_t)T * H * 2 + (size_t)T * K * 16 + 2 * (size_t)N * T * K * 4);
+    size_t side = 2 * (size_t)N * T * K * 4;
+    if (routes) {
+      rows = (size_t)o->ht_recv_budget;
+      side = 2 * rows * K * 8;
+    }
+    ours = (size_t)nlocal * (2 * rows * H * 2 + 2 * (size_t)T * H * 2 + (size_t)T * K * 16 + side);
   }
   res.mem_mib = ((double)(free0 - free1) - (double)ours) / nlocal / 1048576.0;
   if (bufsz) {
@@ -481,7 +559,8 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
   res.total = stats(tt, iters);
   res.host_us = host_dispatch_n ? host_dispatch_us_acc / host_dispatch_n : 0;
   long long sel = 0;
-  for (int i = 0; i < nlocal; ++i) sel += rk[i].selections;
+  /* HT moves one row per received (token, rank) (FLAT) or (token, expert) (EM). */
+  for (int i = 0; i < nlocal; ++i) sel += routes ? rk[i].recv_rows : rk[i].selections;
   res.bytes = sel * (long long)o->hidden * 2;
   res.in_bytes = (long long)nlocal * o->tokens * o->hidden * 2;
   /* Per-rank bandwidth by upstream's definition (mean selections per rank). */
@@ -501,6 +580,11 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
   free(tt);
   free(rk);
   free(groups);
+  if (routes) {
+    for (int r = 0; r < nranks; ++r) free(routes[r]);
+    free(routes);
+    free(recv_rows);
+  }
   return res;
 }
 
@@ -525,7 +609,7 @@ static int parse_list(const char* s, int* out, int max) {
 
 int main(int argc, char** argv) {
   Opts o = {NCCL_EP_ALGO_LOW_LATENCY, NCCL_EP_LAYOUT_EXPERT_MAJOR, 128, 7168, 8, 256, 0, 10, 50, 0, 0, 0, 1.1, 1,
-            NULL, NULL, NULL, NULL, ""};
+            NULL, NULL, NULL, NULL, "", 0};
   for (int i = 1; i < argc; ++i) {
     const char* a = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : NULL;

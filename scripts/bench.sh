@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make bench`, the main job: builds the library and ep_bench, then runs the anchor config
-# (LL, bf16, H=7168, K=8, E=256, 128 tokens per rank) on the GPU that is present:
+# `make bench`, the main job: builds the library and ep_bench, then runs the anchor configs
+# (LL: bf16, H=7168, K=8, E=256, 128 tokens per rank; HT: the same with 4096 tokens per rank)
+# on the GPU that is present:
 #   - in one process: 1 rank, then 8 local ranks on this GPU (both layouts);
 #   - under MPI (mpirun -np N make bench, or EP_BENCH_MPI=1): one rank per process.
 # Environment: NCCL_EP_LIB=path uses a prebuilt libnccl_ep.so (no cargo needed);
@@ -42,10 +43,14 @@ OUTDIR="${EP_BENCH_OUT:-$ROOT/build/bench-results}"
 mkdir -p "$OUTDIR"
 export EP_BENCH_SCRIPTS="$ROOT/scripts"
 ANCHOR=(--algorithm ll --tokens 128 --hidden 7168 --top-k 8 --experts 256 --warmup 10 --iters 50)
+HT=(--algorithm ht --tokens 4096 --hidden 7168 --top-k 8 --experts 256 --warmup 3 --iters 20)
 if [[ -n "${OMPI_COMM_WORLD_SIZE:-}${PMI_SIZE:-}" || "${EP_BENCH_MPI:-0}" == 1 ]]; then
   cmake --build "$BUILD" --target ep_bench_mpi -j 4 >>"$BUILD.log" 2>&1 || { cat "$BUILD.log"; exit 1; }
   for lay in em rm; do
     "$BUILD/ep_bench_mpi" "${ANCHOR[@]}" --layout "$lay" --csv "$OUTDIR/anchor-mpi-$lay.csv" ${EP_BENCH_ARGS:-}
+  done
+  for lay in flat em; do
+    "$BUILD/ep_bench_mpi" "${HT[@]}" --layout "$lay" --csv "$OUTDIR/ht-mpi-$lay.csv" ${EP_BENCH_ARGS:-}
   done
   exit 0
 fi
@@ -53,5 +58,11 @@ for ranks in 1 8; do
   for lay in em rm; do
     "$BUILD/ep_bench" --local-ranks "$ranks" "${ANCHOR[@]}" --layout "$lay" \
       --csv "$OUTDIR/anchor-$ranks-$lay.csv" ${EP_BENCH_ARGS:-}
+  done
+done
+for ranks in 1 8; do
+  for lay in flat em; do
+    "$BUILD/ep_bench" --local-ranks "$ranks" "${HT[@]}" --layout "$lay" \
+      --csv "$OUTDIR/ht-$ranks-$lay.csv" ${EP_BENCH_ARGS:-}
   done
 done
