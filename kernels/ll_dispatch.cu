@@ -103,7 +103,10 @@ __device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int 
   warp_copy(msg + p.hdr + off, (const char*)p.x + (i64)t * p.row_bytes + off, segment_bytes(p.row_bytes, seg), lane);
 }
 
-__device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* idx, TokenRoute* routes, u32 epoch) {
+// Masked destinations (not in `active`) get neither messages nor counts nor a flag; slots are
+// still numbered over all destinations, so nothing else changes.
+__device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* idx, TokenRoute* routes, u32 epoch,
+                              u64 active) {
   const int tpb = tokens_per_block(p);
   const int t0 = min(p.num_tokens, (int)blockIdx.x * tpb), t1 = min(p.num_tokens, t0 + tpb);
   route_tokens(p, hist_e, hist_r, idx, routes, t0, t1);
@@ -115,7 +118,9 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
   for (int i = warp; i < items; i += nwarps) {
     const int seg = i % nseg, tk = i / nseg, k = tk % EP_TOPK;
     const TokenRoute& r = routes[tk / EP_TOPK];
-    if (r.first & (1u << k)) send_segment(p, r, t0 + tk / EP_TOPK, k, seg, epoch, lane);
+    if (!(r.first & (1u << k))) continue;
+    const int t = t0 + tk / EP_TOPK;
+    if ((active >> (idx[t * EP_TOPK + k] / p.local_experts)) & 1ull) send_segment(p, r, t, k, seg, epoch, lane);
   }
   prof_mark(p, 2);
   sends_done(p);
@@ -125,12 +130,14 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
     const int L = p.local_experts;
     for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) {
       int d = i / L, l = i % L;
+      if (!((active >> d) & 1ull)) continue;
       int* ec = (int*)(bank_base(p, d, epoch) + p.off_ecount) + (u64)p.rank * L + l;
       *ec = hist_e[i];
     }
     __threadfence_system();
     __syncthreads();
     for (int d = threadIdx.x; d < p.nranks; d += blockDim.x) {
+      if (!((active >> d) & 1ull)) continue;
       u64* f = (u64*)(bank_base(p, d, epoch) + p.off_dflag) + p.rank;
       st_release_sys(f, ((u64)(epoch + 1u) << 32) | (u32)hist_r[d]);
     }
@@ -141,7 +148,9 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
   const int N = p.nranks, L = p.local_experts, K = EP_TOPK;
   const u32 tag = epoch + 1u;
   char* bank = bank_base(p, p.rank, epoch);
-  for (int s = threadIdx.x; s < N; s += blockDim.x) counts[s] = (int)wait_flag((u64*)(bank + p.off_dflag) + s, tag, p);
+  // An absent source (masked, or silent past the timeout) counts as 0 tokens.
+  for (int s = threadIdx.x; s < N; s += blockDim.x)
+    counts[s] = max(0, wait_source(p, (const u64*)(bank + p.off_dflag) + s, s, tag, EP_WAIT_DISPATCH));
   __syncthreads();
   prof_mark(p, 4);
 #if EP_EM
@@ -255,11 +264,14 @@ extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) 
   prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
+    __shared__ u64 active;
+    if (threadIdx.x == 0) active = active_set(p);
+    __syncthreads();
     int* hist_e = smem;
     int* hist_r = hist_e + p.num_experts;
     TokenRoute* routes = (TokenRoute*)(hist_r + ((p.nranks + 3) & ~3));
     int* idx = (int*)(routes + tokens_per_block(p));
-    dispatch_send(p, hist_e, hist_r, idx, routes, epoch);
+    dispatch_send(p, hist_e, hist_r, idx, routes, epoch, active);
     __syncthreads();
   }
   if (p.phases & EP_RECV) {
