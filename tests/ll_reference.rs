@@ -1048,7 +1048,10 @@ fn links_need_both_sides_active() {
     assert!(!l.linked(0, 2) && !l.linked(2, 0));
     let w = LlLinks::without(3, &[1]);
     assert!(w.linked(0, 2) && w.linked(0, 0) && !w.linked(0, 1) && !w.linked(1, 1) && !w.linked(1, 2));
-    assert_eq!(LlLinks::all(2), LlLinks::from_masks(&[vec![true, true], vec![true, true]]));
+    assert_eq!(
+        LlLinks::all(2),
+        LlLinks::from_masks(&[vec![true, true], vec![true, true]])
+    );
 }
 
 #[test]
@@ -1097,7 +1100,11 @@ fn an_absent_rank_is_a_rank_with_no_tokens_and_zero_outputs() {
                 for d in (0..n).filter(|&d| d != x) {
                     assert_eq!(got[d], want[d], "{layout:?}: rank {d} with rank {x} absent");
                 }
-                let rows = if layout == Layout::ExpertMajor { l * n * b } else { n * b };
+                let rows = if layout == Layout::ExpertMajor {
+                    l * n * b
+                } else {
+                    n * b
+                };
                 let outs: Vec<Vec<u16>> = (0..n)
                     .map(|_| (0..rows * h).map(|_| bf(rng.unit_f32() * 4.0 - 2.0)).collect())
                     .collect();

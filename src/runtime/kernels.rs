@@ -160,6 +160,13 @@ impl LlKernel {
     }
 }
 
+/// Compiles (or finds in the cache) and loads one LL kernel now, so that a later launch does not
+/// compile while peers already wait for it (the clean kernel of groups with `enable_mask`).
+pub fn preload(device: i32, k: LlKernel) -> Result<()> {
+    let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
+    k.function(device).map(|_| ())
+}
+
 /// Compiles (or finds in the cache) and launches one LL kernel on the caller's stream.
 pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cudaStream_t) -> Result<()> {
     let threads = match k.kind {
@@ -178,14 +185,7 @@ pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cu
     // validated against the caller's tensors, which must outlive the operation (C contract).
     unsafe {
         let stream = Stream::from_raw(stream.cast());
-        launch(
-            f,
-            blocks,
-            threads,
-            smem as u32,
-            stream,
-            &mut args,
-        )
+        launch(f, blocks, threads, smem as u32, stream, &mut args)
     }
 }
 

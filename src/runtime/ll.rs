@@ -14,7 +14,7 @@ use crate::runtime::group::{Group, Membership};
 use crate::runtime::handle::Handle;
 use crate::runtime::kernels::{LlKernel, launch_ll};
 use crate::runtime::ll_params::{
-    ERR_BLOCK_BYTES, EP_STATE_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
+    EP_STATE_BYTES, ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
 };
 use crate::transport::ipc::OpenedPeers;
 
@@ -95,6 +95,10 @@ impl LlState {
             None
         };
         memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
+        if mask.is_some() {
+            // ncclEpMaskClean's barrier must not start compiling while peers already wait in it.
+            crate::runtime::kernels::preload(dev, LlKernel::clean())?;
+        }
         let err = PinnedHostMem::alloc(dev, ERR_BLOCK_BYTES)?;
         let sms = crate::cuda::driver::sm_count(dev)? as u32;
         let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
@@ -495,7 +499,10 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
     if missing == 0 {
         return Ok(());
     }
-    let ranks: Vec<String> = (0..n).filter(|r| missing >> r & 1 == 1).map(|r| r.to_string()).collect();
+    let ranks: Vec<String> = (0..n)
+        .filter(|r| missing >> r & 1 == 1)
+        .map(|r| r.to_string())
+        .collect();
     for r in 0..n {
         if missing >> r & 1 == 1 {
             // SAFETY: entry r of the mask.
