@@ -80,7 +80,8 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
     // Lane k decides whether entry k contributes and with which weight.
     int e = lane < K ? topk_at(p, t, lane) : -1;
     float w = 0.f;
-    const bool here = e >= 0 && ((present >> (e / p.local_experts)) & 1ull);
+    const int er = e >= 0 ? e / p.local_experts : -1;  // the expert's rank
+    const bool here = er >= 0 && ((present >> er) & 1ull);
 #if EP_EM
     bool use = here;
     if (use) w = ((const float*)p.weights)[(i64)t * K + lane];
@@ -88,7 +89,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
     int src_k = __ffs(__match_any_sync(0xffffffffu, use ? e : -100 - lane)) - 1;
 #else
     int src_k = lane;
-    int d = here ? e / p.local_experts : -100 - lane;
+    int d = here ? er : -100 - lane;
     u32 same = __match_any_sync(0xffffffffu, d);
     bool use = here && (__ffs(same) - 1) == lane;
     w = 1.f;
@@ -130,8 +131,7 @@ extern "C" __global__ void __launch_bounds__(512) ll_combine(const LlParams p) {
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
     __shared__ u64 active;
-    if (threadIdx.x == 0) active = active_set(p);
-    __syncthreads();
+    active_set(p, &active);
     combine_send(p, epoch, active);
     __syncthreads();
   }

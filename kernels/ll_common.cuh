@@ -183,12 +183,17 @@ __device__ __forceinline__ bool rank_active(const LlParams& p, int r) {
   return p.mask == 0 || ld_relaxed_int((const int*)p.mask + r) != 0;
 }
 
-// The active ranks as a bit set (a snapshot: a timeout may mask more of them later).
-__device__ __forceinline__ u64 active_set(const LlParams& p) {
-  u64 a = 0;
-  for (int r = 0; r < p.nranks; ++r)
-    if (rank_active(p, r)) a |= 1ull << r;
-  return a;
+// The active ranks as a bit set (a snapshot: a timeout may mask more of them later), computed
+// by warp 0 (all its lanes) and stored in `*out` for the block. Call from every thread.
+__device__ __forceinline__ void active_set(const LlParams& p, u64* out) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const bool lo = lane < p.nranks && rank_active(p, lane);
+    const bool hi = lane + 32 < p.nranks && rank_active(p, lane + 32);
+    const u64 a = (u64)__ballot_sync(0xffffffffu, lo) | ((u64)__ballot_sync(0xffffffffu, hi) << 32);
+    if (lane == 0) *out = a;
+  }
+  __syncthreads();
 }
 
 // Decision words (masking on): decide[s] = (tag << 32) | EP_PRESENT | count once some block of
@@ -205,10 +210,11 @@ __device__ __forceinline__ int decoded(u64 d) {
 __device__ __forceinline__ u64 decide(const LlParams& p, int s, u32 tag, u32 val) {
   u64* w = (u64*)p.decide + s;
   const u64 mine = ((u64)tag << 32) | val;
+  u64 cur = ld_acquire_gpu_u64(w);
+  if ((u32)(cur >> 32) == tag) return cur;
   // Orders what this thread acquired from the source (its flag, hence its data) before the
   // decision, for the blocks that will act on the decision alone.
   __threadfence();
-  u64 cur = *(volatile u64*)w;
   while ((u32)(cur >> 32) != tag) {
     const u64 prev = atomicCAS((unsigned long long*)w, (unsigned long long)cur, (unsigned long long)mine);
     cur = prev == cur ? mine : prev;
@@ -220,38 +226,37 @@ __device__ __forceinline__ u64 decide(const LlParams& p, int s, u32 tag, u32 val
 // count), or -1 when s is absent from this operation: masked before it, or silent past the
 // timeout. Masking on: the first timeout on s masks it here (atomicExch on mask[s]), raises the
 // async error flag, and the operation goes on without s. Masking off: a timeout prints which
-// rank and phase and traps (see fatal_timeout).
+// rank and phase and traps (see fatal_timeout). The hot loop only polls the flag: the clock and
+// the other blocks' decisions are looked at every EP_POLLS_PER_CHECK polls (the first timer
+// read starts the clock, so the bound is the timeout plus at most that many polls).
+#define EP_POLLS_PER_CHECK 64
+
 __device__ __forceinline__ int wait_source(const LlParams& p, const u64* flag, int s, u32 tag, int what) {
-  const u64* dec = (const u64*)p.decide + s;
-  if (p.mask) {
-    const u64 d = ld_acquire_gpu_u64(dec);
-    if ((u32)(d >> 32) == tag) return decoded(d);
-    if (!rank_active(p, s)) return -1;
-  }
-  const u64 start = now_ns();
-  while (true) {
+  if (p.mask && !rank_active(p, s)) return -1;
+  u64 start = 0;
+  for (u32 polls = 0;; ++polls) {
     const u64 v = ld_acquire_sys(flag);
     if ((u32)(v >> 32) == tag) {
       if (!p.mask) return (int)((u32)v & ~EP_PRESENT);
       return decoded(decide(p, s, tag, EP_PRESENT | ((u32)v & ~EP_PRESENT)));
     }
+    if (polls % EP_POLLS_PER_CHECK != 0) continue;
     if (p.mask) {
-      const u64 d = ld_acquire_gpu_u64(dec);
+      const u64 d = ld_acquire_gpu_u64((const u64*)p.decide + s);
       if ((u32)(d >> 32) == tag) return decoded(d);
     }
-    if (timed_out(p, start)) {
-      if (!p.mask) fatal_timeout(p, s, what);
-      const u64 d = decide(p, s, tag, 0u);
-      if (d == ((u64)tag << 32)) {
-        // Absent by our decision or an earlier block's: only the first to time out gets here
-        // with mask[s] still 1, so one message per source.
-        if (atomicExch((int*)p.mask + s, 0) != 0) {
-          raise_error(p);
-          say_timeout(p.rank, s, timeout_ms(p), what, 1);
-        }
-      }
-      return decoded(d);
+    const u64 now = now_ns();
+    if (start == 0) start = now;
+    if (p.timeout_ns <= 0 || now - start <= (u64)p.timeout_ns) continue;
+    if (!p.mask) fatal_timeout(p, s, what);
+    const u64 d = decide(p, s, tag, 0u);
+    // Absent by our decision or an earlier block's: only the first to time out finds mask[s]
+    // still 1, so one message per source.
+    if (d == ((u64)tag << 32) && atomicExch((int*)p.mask + s, 0) != 0) {
+      raise_error(p);
+      say_timeout(p.rank, s, timeout_ms(p), what, 1);
     }
+    return decoded(d);
   }
 }
 
@@ -332,11 +337,12 @@ __device__ __forceinline__ void sends_done(const LlParams& p) {
     if (blockIdx.x != gridDim.x - 1) {
       atomicAdd(&st->sent_done, 1u);
     } else {
-      const u64 start = now_ns();
-      while (ld_acquire_gpu(&st->sent_done) != gridDim.x - 1) {
-        if (timed_out(p, start)) {
-          fatal_timeout(p, p.rank, 3);
-        }
+      u64 start = 0;
+      for (u32 polls = 0; ld_acquire_gpu(&st->sent_done) != gridDim.x - 1; ++polls) {
+        if (polls % EP_POLLS_PER_CHECK != 0) continue;
+        const u64 now = now_ns();
+        if (start == 0) start = now;
+        if (p.timeout_ns > 0 && now - start > (u64)p.timeout_ns) fatal_timeout(p, p.rank, 3);
       }
       st->sent_done = 0;
       __threadfence_system();

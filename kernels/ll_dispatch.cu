@@ -9,7 +9,7 @@
 struct TokenRoute {
   int pos[EP_TOPK];   // selections of the same expert before this one (this source)
   int slot[EP_TOPK];  // slot at the destination rank, valid where `first` has the bit
-  u32 first;          // bit k: top-k k is the first of its destination rank
+  u32 first;          // bit k: top-k k is the first of its destination rank, which is active
 };
 
 // Header record of one top-k entry (12 bytes, after the int32 token index).
@@ -25,9 +25,11 @@ __device__ __forceinline__ int tokens_per_block(const LlParams& p) {
 
 // Counts, for the tokens before this block's range, the distinct (token, expert) pairs per expert
 // and the tokens per destination rank; then walks the block's own tokens in order to assign pos
-// and slots. The routing rows up to t1 are staged in shared memory first (`idx`, as int).
+// and slots. The routing rows up to t1 are staged in shared memory first (`idx`, as int). Slots
+// are numbered over all destinations; `first` leaves out masked ones (not in `active`), so that
+// nothing is sent to them.
 __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, int* idx, TokenRoute* routes, int t0,
-                             int t1) {
+                             int t1, u64 active) {
   const int L = p.local_experts;
   for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) hist_e[i] = 0;
   for (int i = threadIdx.x; i < p.nranks; i += blockDim.x) hist_r[i] = 0;
@@ -72,7 +74,7 @@ __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, int* i
       int slot = 0;
       if (e >= 0 && leader == lane) slot = atomicAdd(&hist_r[d], 1);
       slot = __shfl_sync(0xffffffffu, slot, leader);
-      u32 first = __ballot_sync(0xffffffffu, e >= 0 && leader == lane);
+      u32 first = __ballot_sync(0xffffffffu, e >= 0 && leader == lane && ((active >> d) & 1ull));
       TokenRoute& r = routes[t - t0];
       if (lane < EP_TOPK) {
         r.pos[lane] = pos;
@@ -109,7 +111,7 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
                               u64 active) {
   const int tpb = tokens_per_block(p);
   const int t0 = min(p.num_tokens, (int)blockIdx.x * tpb), t1 = min(p.num_tokens, t0 + tpb);
-  route_tokens(p, hist_e, hist_r, idx, routes, t0, t1);
+  route_tokens(p, hist_e, hist_r, idx, routes, t0, t1, active);
   prof_mark(p, 1);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   // Work items: (own token, top-k entry that is the first of its destination rank, segment).
@@ -118,9 +120,7 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
   for (int i = warp; i < items; i += nwarps) {
     const int seg = i % nseg, tk = i / nseg, k = tk % EP_TOPK;
     const TokenRoute& r = routes[tk / EP_TOPK];
-    if (!(r.first & (1u << k))) continue;
-    const int t = t0 + tk / EP_TOPK;
-    if ((active >> (idx[t * EP_TOPK + k] / p.local_experts)) & 1ull) send_segment(p, r, t, k, seg, epoch, lane);
+    if (r.first & (1u << k)) send_segment(p, r, t0 + tk / EP_TOPK, k, seg, epoch, lane);
   }
   prof_mark(p, 2);
   sends_done(p);
@@ -265,8 +265,7 @@ extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) 
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
     __shared__ u64 active;
-    if (threadIdx.x == 0) active = active_set(p);
-    __syncthreads();
+    active_set(p, &active);
     int* hist_e = smem;
     int* hist_r = hist_e + p.num_experts;
     TokenRoute* routes = (TokenRoute*)(hist_r + ((p.nranks + 3) & ~3));
