@@ -98,6 +98,7 @@ typedef struct {
   int local_ranks;
   int warmup, iters;
   int send_only, graph;
+  int mask; /* enable_mask: the masked code paths, no rank masked */
   int routing; /* 0 uniform, 1 zipf */
   double zipf_s;
   unsigned long long seed;
@@ -445,6 +446,7 @@ static Result run_config(const Opts* o_in, int nranks, int first_rank, int nloca
   cfg.num_experts = o->experts;
   cfg.max_dispatch_tokens_per_rank = o->tokens;
   cfg.max_token_bytes = o->hidden * 2;
+  cfg.enable_mask = o->mask;
   if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) cfg.max_recv_tokens_per_rank = o->ht_recv_budget;
   Rank* rk = (Rank*)calloc(nlocal, sizeof(Rank));
   ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
@@ -592,7 +594,7 @@ static void usage(void) {
   fprintf(stderr,
           "usage: ep_bench [--local-ranks N] [--algorithm ll|ht] [--layout em|rm|flat] [--tokens T]\n"
           "                [--hidden H] [--top-k K] [--experts E] [--routing uniform|zipf] [--zipf-s S]\n"
-          "                [--seed S] [--warmup W] [--iters I] [--send-only] [--graph]\n"
+          "                [--seed S] [--warmup W] [--iters I] [--send-only] [--graph] [--mask]\n"
           "                [--sweep-tokens 1,2,4,...] [--sweep-hidden 2048,4096,...] [--csv FILE]\n"
           "                [--plot FILE.png] [--label TEXT]\n");
 }
@@ -608,7 +610,7 @@ static int parse_list(const char* s, int* out, int max) {
 }
 
 int main(int argc, char** argv) {
-  Opts o = {NCCL_EP_ALGO_LOW_LATENCY, NCCL_EP_LAYOUT_EXPERT_MAJOR, 128, 7168, 8, 256, 0, 10, 50, 0, 0, 0, 1.1, 1,
+  Opts o = {NCCL_EP_ALGO_LOW_LATENCY, NCCL_EP_LAYOUT_EXPERT_MAJOR, 128, 7168, 8, 256, 0, 10, 50, 0, 0, 0, 0, 1.1, 1,
             NULL, NULL, NULL, NULL, "", 0};
   for (int i = 1; i < argc; ++i) {
     const char* a = argv[i];
@@ -634,6 +636,7 @@ int main(int argc, char** argv) {
     else if (ARG("--label")) o.label = v;
     else if (!strcmp(a, "--send-only")) o.send_only = 1;
     else if (!strcmp(a, "--graph")) o.graph = 1;
+    else if (!strcmp(a, "--mask")) o.mask = 1;
     else {
       usage();
       return 2;
@@ -705,11 +708,11 @@ int main(int argc, char** argv) {
   }
   const char* lay = o.layout == NCCL_EP_LAYOUT_RANK_MAJOR ? "rm" : o.layout == NCCL_EP_LAYOUT_FLAT ? "flat" : "em";
   if (me == 0)
-    printf("# %s, %d rank(s) (%s), copy bandwidth %.0f GB/s (read+write), %s %s, K=%d, E=%d, %s routing%s%s%s\n",
+    printf("# %s, %d rank(s) (%s), copy bandwidth %.0f GB/s (read+write), %s %s, K=%d, E=%d, %s routing%s%s%s%s\n",
            prop.name, world, comm ? "MPI/NCCL" : "local group", copy_gbs,
            o.algorithm == NCCL_EP_ALGO_LOW_LATENCY ? "LL" : "HT", lay, o.topk, o.experts,
            o.routing ? "zipf" : "uniform", o.send_only ? ", send_only" : "", o.graph ? ", graph" : "",
-           gate_wait ? ", gated start" : ", no start gate (times include host launch)");
+           o.mask ? ", enable_mask" : "", gate_wait ? ", gated start" : ", no start gate (times include host launch)");
   int total = nt * nh, done = 0;
   Result* rows = (Result*)calloc(total, sizeof(Result));
   for (int ih = 0; ih < nh; ++ih) {

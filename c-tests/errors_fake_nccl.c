@@ -328,6 +328,10 @@ static void test_masks(ncclComm_t comm) {
   EXPECT_RC(ncclEpCreateGroup(&g, comm, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
   EXPECT_RC(ncclEpMaskQuery(g, NULL, NULL), E4, "ncclEpMaskQuery", "mask_status");
   EXPECT_RC(ncclEpMaskUpdate(g, NULL, NULL), E4, "ncclEpMaskUpdate", "mask");
+  /* valid arguments, but this group has no GPU state (no CUDA driver on this machine) */
+  EXPECT_RC(ncclEpMaskQuery(g, mask, NULL), ncclUnhandledCudaError, "ncclEpMaskQuery", "GPU state");
+  EXPECT_RC(ncclEpMaskUpdate(g, mask, NULL), ncclUnhandledCudaError, "ncclEpMaskUpdate", "GPU state");
+  EXPECT_RC(ncclEpMaskClean(g, NULL), ncclUnhandledCudaError, "ncclEpMaskClean", "GPU state");
   EXPECT_RC(ncclEpGetAsyncError(g, NULL), E4, "ncclEpGetAsyncError", "error_out");
   err = -1;
   EXPECT_RC(ncclEpGetAsyncError(g, &err), ncclSuccess, "ncclEpGetAsyncError", NULL);

@@ -329,7 +329,8 @@ ncclResult_t ncclEpMaskQuery(ncclEpGroup_t ep_group, int *mask_status, cudaStrea
 ncclResult_t ncclEpMaskUpdate(ncclEpGroup_t ep_group, const int *mask, cudaStream_t stream);
 
 /**
- * Re-admits every rank and resets the signalling state (collective over the surviving ranks).
+ * Re-admits every rank and resets the signalling state (collective over the surviving ranks;
+ * synchronises `stream`).
  */
 ncclResult_t ncclEpMaskClean(ncclEpGroup_t ep_group, cudaStream_t stream);
 

@@ -3,8 +3,9 @@
 // Send: every expert output goes straight into the source rank's combine_recv[token][k].
 // Receive: each token is reduced over its top-k in fp32 and rounded once to bf16.
 
-// Sends the expert outputs of every message this rank received in the matching dispatch.
-__device__ void combine_send(const LlParams& p, u32 epoch) {
+// Sends the expert outputs of every message this rank received in the matching dispatch, except
+// to sources masked since (not in `active`).
+__device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
   const int N = p.nranks, K = EP_TOPK;
   const int* meta = (const int*)p.meta;
   const int lane = threadIdx.x & 31;
@@ -23,6 +24,7 @@ __device__ void combine_send(const LlParams& p, u32 epoch) {
     const int seg = it % nseg;
     int s = 0, slot = it / per_msg;
     while (slot >= meta[s]) slot -= meta[s++];
+    if (!((active >> s) & 1ull)) continue;
     const int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
     const int token = mrow[0];
     char* recv = bank_base(p, s, epoch) + p.off_data;
@@ -46,18 +48,25 @@ __device__ void combine_send(const LlParams& p, u32 epoch) {
   prof_mark(p, 3);
   if (blockIdx.x == gridDim.x - 1) {
     for (int s = threadIdx.x; s < N; s += blockDim.x) {
+      if (!((active >> s) & 1ull)) continue;
       u64* f = (u64*)(bank_base(p, s, epoch) + p.off_cflag) + p.rank;
       st_release_sys(f, ((u64)(epoch + 1u) << 32) | 1u);
     }
   }
 }
 
-// Reduces the received rows of every own token (one warp per token).
+// Reduces the received rows of every own token (one warp per token). Contributions of absent
+// expert ranks (masked, or silent past the timeout) are left out, with no renormalisation.
 __device__ void combine_recv(const LlParams& p, u32 epoch) {
   const int N = p.nranks, K = EP_TOPK;
   const u32 tag = epoch + 1u;
   const char* bank = bank_base(p, p.rank, epoch);
-  for (int s = threadIdx.x; s < N; s += blockDim.x) wait_flag((const u64*)(bank + p.off_cflag) + s, tag, p);
+  __shared__ u64 present;
+  if (threadIdx.x == 0) present = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < N; s += blockDim.x)
+    if (wait_source(p, (const u64*)(bank + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE) >= 0)
+      atomicOr((unsigned long long*)&present, 1ull << s);
   __syncthreads();
   prof_mark(p, 4);
   const int lane = threadIdx.x & 31;
@@ -71,16 +80,18 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
     // Lane k decides whether entry k contributes and with which weight.
     int e = lane < K ? topk_at(p, t, lane) : -1;
     float w = 0.f;
+    const int er = e >= 0 ? e / p.local_experts : -1;  // the expert's rank
+    const bool here = er >= 0 && ((present >> er) & 1ull);
 #if EP_EM
-    bool use = e >= 0;
+    bool use = here;
     if (use) w = ((const float*)p.weights)[(i64)t * K + lane];
     // A duplicate expert reads the row sent for its first occurrence.
     int src_k = __ffs(__match_any_sync(0xffffffffu, use ? e : -100 - lane)) - 1;
 #else
     int src_k = lane;
-    int d = e >= 0 ? e / p.local_experts : -100 - lane;
+    int d = here ? er : -100 - lane;
     u32 same = __match_any_sync(0xffffffffu, d);
-    bool use = e >= 0 && (__ffs(same) - 1) == lane;
+    bool use = here && (__ffs(same) - 1) == lane;
     w = 1.f;
 #endif
     u32 use_mask = __ballot_sync(0xffffffffu, use);
@@ -119,7 +130,9 @@ extern "C" __global__ void __launch_bounds__(512) ll_combine(const LlParams p) {
   prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
-    combine_send(p, epoch);
+    __shared__ u64 active;
+    active_set(p, &active);
+    combine_send(p, epoch, active);
     __syncthreads();
   }
   if (p.phases & EP_RECV) combine_recv(p, epoch);

@@ -28,9 +28,12 @@ struct LlParams {
   u64 out_weights;          // dispatch RM: [N,B,K] f32 (0 = none)
   u64 meta;                 // handle metadata: n[N], msgs[N], then [N][B][K+1] i32
   u64 state;                // group device state (EpState)
-  u64 err;                  // host-mapped int: set to 1 when a wait timed out
+  u64 err;                  // host-mapped: int flag (1 after a timeout), then u64 clean_missing
   u64 prof;                 // NCCL_EP_PROFILE: u64[gridDim.x][8] phase timestamps, else 0
-  i64 timeout_cycles;       // wait bound in clock cycles (0 = wait forever)
+  u64 mask;                 // enable_mask: int[N] active ranks (1 active), else 0 (masking off)
+  u64 decide;               // enable_mask: u64[N] per-source decision of the current operation
+  u64 off_clean;            // bank 0: clean_flag[N] (u64), the ncclEpMaskClean barrier
+  i64 timeout_ns;           // bound on every wait (0 = wait forever)
   int rank, nranks;
   int num_experts, local_experts;
   int max_tokens, num_tokens;
@@ -39,16 +42,10 @@ struct LlParams {
   int cmsg;                 // combine slot stride
   int phases;               // 1 send, 2 receive, 3 both
   int recv_global;          // RM: global expert ids in outputs->topk_idx
+  int clean_seq;            // ll_clean: this ncclEpMaskClean's sequence number (from 1)
+  int pad0;
 };
-static_assert(sizeof(LlParams) == 8 * EP_MAX_RANKS + 17 * 8 + 12 * 4, "LlParams mirrors src/runtime/ll_params.rs");
-
-// Group-owned device state, zeroed at creation. Operations of a group run in stream order.
-struct EpState {
-  u32 epoch;      // operations completed so far; bank = epoch & 1, tag = epoch + 1
-  u32 done;       // blocks of the current kernel that finished (to advance the epoch)
-  u32 sent_done;  // blocks of the current kernel that finished sending
-  u32 pad[13];
-};
+static_assert(sizeof(LlParams) == 8 * EP_MAX_RANKS + 20 * 8 + 14 * 4, "LlParams mirrors src/runtime/ll_params.rs");
 
 #define EP_SEND 1
 #define EP_RECV 2
@@ -103,17 +100,163 @@ __device__ __forceinline__ unsigned short f32_to_bf16(float f) {
   return (unsigned short)(u >> 16);
 }
 
-// Waits until the flag carries `tag` in its high half; returns its low half, or 0 after a
-// timeout (then the host-visible error flag is raised and the source counts as absent).
-__device__ __forceinline__ u32 wait_flag(const u64* flag, u32 tag, const LlParams& p) {
-  i64 start = clock64();
-  while (true) {
-    u64 v = ld_acquire_sys(flag);
-    if ((u32)(v >> 32) == tag) return (u32)v;
-    if (p.timeout_cycles > 0 && clock64() - start > p.timeout_cycles) {
-      if (p.err) atomicExch((int*)p.err, 1);
-      return 0;
+__device__ __forceinline__ u64 ld_acquire_gpu_u64(const u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ int ld_relaxed_int(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys_int(int* p, int v) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Wall-clock nanoseconds: timeouts are measured in time, not in SM cycles (clocks vary).
+__device__ __forceinline__ u64 now_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ bool timed_out(const LlParams& p, u64 start) {
+  return p.timeout_ns > 0 && now_ns() - start > (u64)p.timeout_ns;
+}
+
+__device__ __forceinline__ double timeout_ms(const LlParams& p) { return (double)p.timeout_ns * 1e-6; }
+
+// Raises the host-visible error flag (a plain system-scope store: hosts without native atomics
+// on mapped memory are fine).
+__device__ __forceinline__ void raise_error(const LlParams& p) {
+  if (p.err) st_release_sys_int((int*)p.err, 1);
+}
+
+// Which wait ran out, for the device messages.
+#define EP_WAIT_DISPATCH 0
+#define EP_WAIT_COMBINE 1
+#define EP_WAIT_CLEAN 2
+
+__device__ __noinline__ const char* wait_name(int what) {
+  return what == EP_WAIT_DISPATCH ? "dispatch receive" : what == EP_WAIT_COMBINE ? "combine receive" : "ncclEpMaskClean barrier";
+}
+
+// Group-owned device state, zeroed at creation. Operations of a group run in stream order.
+struct EpState {
+  u32 epoch;      // operations completed so far; bank = epoch & 1, tag = epoch + 1
+  u32 done;       // blocks of the current kernel that finished (to advance the epoch)
+  u32 sent_done;  // blocks of the current kernel that finished sending
+  u32 trapping;   // masking off: set by the first thread that reports a timeout (one message)
+  u32 pad[12];
+};
+
+// Device messages, out of line so that the hot kernels carry no printf frames of their own.
+// what: EP_WAIT_*; 3: the kernel's own blocks (sends_done).
+__device__ __noinline__ void say_timeout(int rank, int peer, double ms, int what, int masked) {
+  if (what == 3)
+    printf("NCCL EP: rank %d: the blocks of its own kernel did not all finish sending within %.1f ms (not all resident on the GPU?); the kernel traps\n",
+           rank, ms);
+  else if (what == EP_WAIT_CLEAN)
+    printf("NCCL EP: rank %d: rank %d did not reach ncclEpMaskClean within %.1f ms; it stays masked\n", rank, peer, ms);
+  else if (masked)
+    printf("NCCL EP: rank %d: nothing from rank %d within %.1f ms (%s): rank %d is now masked on rank %d\n", rank, peer, ms,
+           wait_name(what), peer, rank);
+  else
+    printf("NCCL EP: rank %d: nothing from rank %d within %.1f ms (%s); masking is off (enable_mask = 0), so the kernel traps and the CUDA context is lost\n",
+           rank, peer, ms, wait_name(what));
+}
+
+// Prints a fatal timeout (once per kernel), raises the error flag and kills the kernel: the
+// CUDA context is lost, as with upstream's trap.
+__device__ __forceinline__ void fatal_timeout(const LlParams& p, int peer, int what) {
+  if (atomicExch(&((EpState*)p.state)->trapping, 1u) == 0u) say_timeout(p.rank, peer, timeout_ms(p), what, 0);
+  raise_error(p);
+  __threadfence_system();
+  asm volatile("trap;");
+}
+
+// An active rank has mask[r] != 0; without a mask every rank is active.
+__device__ __forceinline__ bool rank_active(const LlParams& p, int r) {
+  return p.mask == 0 || ld_relaxed_int((const int*)p.mask + r) != 0;
+}
+
+// The active ranks as a bit set (a snapshot: a timeout may mask more of them later), computed
+// by warp 0 (all its lanes) and stored in `*out` for the block. Call from every thread.
+__device__ __forceinline__ void active_set(const LlParams& p, u64* out) {
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const bool lo = lane < p.nranks && rank_active(p, lane);
+    const bool hi = lane + 32 < p.nranks && rank_active(p, lane + 32);
+    const u64 a = (u64)__ballot_sync(0xffffffffu, lo) | ((u64)__ballot_sync(0xffffffffu, hi) << 32);
+    if (lane == 0) *out = a;
+  }
+  __syncthreads();
+}
+
+// Decision words (masking on): decide[s] = (tag << 32) | EP_PRESENT | count once some block of
+// the operation tagged `tag` saw source s's flag, (tag << 32) once one timed out on it. The first
+// block to decide wins, so every block of a kernel counts the same sources even when the flag
+// lands at the moment of the timeout.
+#define EP_PRESENT 0x80000000u
+
+__device__ __forceinline__ int decoded(u64 d) {
+  return ((u32)d & EP_PRESENT) ? (int)((u32)d & ~EP_PRESENT) : -1;
+}
+
+// Proposes `val` for source s; returns the decision that holds (ours if we were first).
+__device__ __forceinline__ u64 decide(const LlParams& p, int s, u32 tag, u32 val) {
+  u64* w = (u64*)p.decide + s;
+  const u64 mine = ((u64)tag << 32) | val;
+  u64 cur = ld_acquire_gpu_u64(w);
+  if ((u32)(cur >> 32) == tag) return cur;
+  // Orders what this thread acquired from the source (its flag, hence its data) before the
+  // decision, for the blocks that will act on the decision alone.
+  __threadfence();
+  while ((u32)(cur >> 32) != tag) {
+    const u64 prev = atomicCAS((unsigned long long*)w, (unsigned long long)cur, (unsigned long long)mine);
+    cur = prev == cur ? mine : prev;
+  }
+  return cur;
+}
+
+// Waits until source s's flag carries `tag` in its high half and returns its low half (the
+// count), or -1 when s is absent from this operation: masked before it, or silent past the
+// timeout. Masking on: the first timeout on s masks it here (atomicExch on mask[s]), raises the
+// async error flag, and the operation goes on without s. Masking off: a timeout prints which
+// rank and phase and traps (see fatal_timeout). The hot loop only polls the flag: the clock and
+// the other blocks' decisions are looked at every EP_POLLS_PER_CHECK polls (the first timer
+// read starts the clock, so the bound is the timeout plus at most that many polls).
+#define EP_POLLS_PER_CHECK 64
+
+__device__ __forceinline__ int wait_source(const LlParams& p, const u64* flag, int s, u32 tag, int what) {
+  if (p.mask && !rank_active(p, s)) return -1;
+  u64 start = 0;
+  for (u32 polls = 0;; ++polls) {
+    const u64 v = ld_acquire_sys(flag);
+    if ((u32)(v >> 32) == tag) {
+      if (!p.mask) return (int)((u32)v & ~EP_PRESENT);
+      return decoded(decide(p, s, tag, EP_PRESENT | ((u32)v & ~EP_PRESENT)));
     }
+    if (polls % EP_POLLS_PER_CHECK != 0) continue;
+    if (p.mask) {
+      const u64 d = ld_acquire_gpu_u64((const u64*)p.decide + s);
+      if ((u32)(d >> 32) == tag) return decoded(d);
+    }
+    const u64 now = now_ns();
+    if (start == 0) start = now;
+    if (p.timeout_ns <= 0 || now - start <= (u64)p.timeout_ns) continue;
+    if (!p.mask) fatal_timeout(p, s, what);
+    const u64 d = decide(p, s, tag, 0u);
+    // Absent by our decision or an earlier block's: only the first to time out finds mask[s]
+    // still 1, so one message per source.
+    if (d == ((u64)tag << 32) && atomicExch((int*)p.mask + s, 0) != 0) {
+      raise_error(p);
+      say_timeout(p.rank, s, timeout_ms(p), what, 1);
+    }
+    return decoded(d);
   }
 }
 
@@ -180,7 +323,10 @@ __device__ __forceinline__ void finish_op(const LlParams& p, bool advance) {
 }
 
 // Each block makes its writes visible system-wide; the last block (which owns the end of the
-// token range) waits for all others, so that it may then publish flags.
+// token range) waits for all others, so that it may then publish flags. This wait is local: the
+// other blocks' send phases contain no wait of any kind, so it ends once they have run. It is
+// bounded all the same (blocks that are not co-resident would never run): past the timeout it
+// reports and traps, masking or not, since this is no peer's fault.
 __device__ __forceinline__ void sends_done(const LlParams& p) {
   // The barrier orders the block's writes before thread 0's system fence, which orders them
   // before the counter (and so before the flags the last block publishes).
@@ -191,7 +337,12 @@ __device__ __forceinline__ void sends_done(const LlParams& p) {
     if (blockIdx.x != gridDim.x - 1) {
       atomicAdd(&st->sent_done, 1u);
     } else {
-      while (ld_acquire_gpu(&st->sent_done) != gridDim.x - 1) {
+      u64 start = 0;
+      for (u32 polls = 0; ld_acquire_gpu(&st->sent_done) != gridDim.x - 1; ++polls) {
+        if (polls % EP_POLLS_PER_CHECK != 0) continue;
+        const u64 now = now_ns();
+        if (start == 0) start = now;
+        if (p.timeout_ns > 0 && now - start > (u64)p.timeout_ns) fatal_timeout(p, p.rank, 3);
       }
       st->sent_done = 0;
       __threadfence_system();

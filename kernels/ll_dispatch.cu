@@ -9,7 +9,7 @@
 struct TokenRoute {
   int pos[EP_TOPK];   // selections of the same expert before this one (this source)
   int slot[EP_TOPK];  // slot at the destination rank, valid where `first` has the bit
-  u32 first;          // bit k: top-k k is the first of its destination rank
+  u32 first;          // bit k: top-k k is the first of its destination rank, which is active
 };
 
 // Header record of one top-k entry (12 bytes, after the int32 token index).
@@ -25,9 +25,11 @@ __device__ __forceinline__ int tokens_per_block(const LlParams& p) {
 
 // Counts, for the tokens before this block's range, the distinct (token, expert) pairs per expert
 // and the tokens per destination rank; then walks the block's own tokens in order to assign pos
-// and slots. The routing rows up to t1 are staged in shared memory first (`idx`, as int).
+// and slots. The routing rows up to t1 are staged in shared memory first (`idx`, as int). Slots
+// are numbered over all destinations; `first` leaves out masked ones (not in `active`), so that
+// nothing is sent to them.
 __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, int* idx, TokenRoute* routes, int t0,
-                             int t1) {
+                             int t1, u64 active) {
   const int L = p.local_experts;
   for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) hist_e[i] = 0;
   for (int i = threadIdx.x; i < p.nranks; i += blockDim.x) hist_r[i] = 0;
@@ -72,7 +74,7 @@ __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, int* i
       int slot = 0;
       if (e >= 0 && leader == lane) slot = atomicAdd(&hist_r[d], 1);
       slot = __shfl_sync(0xffffffffu, slot, leader);
-      u32 first = __ballot_sync(0xffffffffu, e >= 0 && leader == lane);
+      u32 first = __ballot_sync(0xffffffffu, e >= 0 && leader == lane && ((active >> d) & 1ull));
       TokenRoute& r = routes[t - t0];
       if (lane < EP_TOPK) {
         r.pos[lane] = pos;
@@ -103,10 +105,13 @@ __device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int 
   warp_copy(msg + p.hdr + off, (const char*)p.x + (i64)t * p.row_bytes + off, segment_bytes(p.row_bytes, seg), lane);
 }
 
-__device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* idx, TokenRoute* routes, u32 epoch) {
+// Masked destinations (not in `active`) get neither messages nor counts nor a flag; slots are
+// still numbered over all destinations, so nothing else changes.
+__device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* idx, TokenRoute* routes, u32 epoch,
+                              u64 active) {
   const int tpb = tokens_per_block(p);
   const int t0 = min(p.num_tokens, (int)blockIdx.x * tpb), t1 = min(p.num_tokens, t0 + tpb);
-  route_tokens(p, hist_e, hist_r, idx, routes, t0, t1);
+  route_tokens(p, hist_e, hist_r, idx, routes, t0, t1, active);
   prof_mark(p, 1);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   // Work items: (own token, top-k entry that is the first of its destination rank, segment).
@@ -125,12 +130,14 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
     const int L = p.local_experts;
     for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) {
       int d = i / L, l = i % L;
+      if (!((active >> d) & 1ull)) continue;
       int* ec = (int*)(bank_base(p, d, epoch) + p.off_ecount) + (u64)p.rank * L + l;
       *ec = hist_e[i];
     }
     __threadfence_system();
     __syncthreads();
     for (int d = threadIdx.x; d < p.nranks; d += blockDim.x) {
+      if (!((active >> d) & 1ull)) continue;
       u64* f = (u64*)(bank_base(p, d, epoch) + p.off_dflag) + p.rank;
       st_release_sys(f, ((u64)(epoch + 1u) << 32) | (u32)hist_r[d]);
     }
@@ -141,7 +148,9 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
   const int N = p.nranks, L = p.local_experts, K = EP_TOPK;
   const u32 tag = epoch + 1u;
   char* bank = bank_base(p, p.rank, epoch);
-  for (int s = threadIdx.x; s < N; s += blockDim.x) counts[s] = (int)wait_flag((u64*)(bank + p.off_dflag) + s, tag, p);
+  // An absent source (masked, or silent past the timeout) counts as 0 tokens.
+  for (int s = threadIdx.x; s < N; s += blockDim.x)
+    counts[s] = max(0, wait_source(p, (const u64*)(bank + p.off_dflag) + s, s, tag, EP_WAIT_DISPATCH));
   __syncthreads();
   prof_mark(p, 4);
 #if EP_EM
@@ -255,11 +264,13 @@ extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) 
   prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
+    __shared__ u64 active;
+    active_set(p, &active);
     int* hist_e = smem;
     int* hist_r = hist_e + p.num_experts;
     TokenRoute* routes = (TokenRoute*)(hist_r + ((p.nranks + 3) & ~3));
     int* idx = (int*)(routes + tokens_per_block(p));
-    dispatch_send(p, hist_e, hist_r, idx, routes, epoch);
+    dispatch_send(p, hist_e, hist_r, idx, routes, epoch, active);
     __syncthreads();
   }
   if (p.phases & EP_RECV) {

@@ -39,7 +39,7 @@ fn anchor_config_bytes_for_both_layouts() {
     let c = anchor();
     assert_eq!(size(&c, 8, EM, 8), Ok(29_592_064));
     assert_eq!(size(&c, 8, RM, 8), Ok(29_592_064));
-    assert_eq!(size(&c, 64, EM, 8), Ok(236_720_128));
+    assert_eq!(size(&c, 64, EM, 8), Ok(236_721_152));
 }
 
 #[test]

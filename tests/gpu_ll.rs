@@ -33,7 +33,10 @@ struct World {
 
 impl World {
     fn local(c: &Case) -> Result<World, String> {
-        let cfg = c.group_config();
+        World::local_cfg(c, &c.group_config())
+    }
+    fn local_cfg(c: &Case, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
+        let cfg = *cfg;
         let mut groups = vec![std::ptr::null_mut(); c.nranks];
         ep_ok!(ncclEpxCreateLocalGroups(
             groups.as_mut_ptr(),
@@ -524,4 +527,987 @@ fn ll_one_thread_per_rank() {
         }
         println!("ll_one_thread_per_rank {layout:?}: 4 threads passed");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masks and timeouts (docs/LL.md, "Masks and timeouts"). A "silent" rank is one whose operation
+// is never launched; its peers must time out on it, mask it and finish without it.
+
+use nccl_ep::core::reference::LlLinks;
+use std::time::{Duration, Instant};
+
+/// The wait bound the mask tests configure (NCCL_EP_TIMEOUT_MS overrides it, as for any group).
+const MASK_TIMEOUT_NS: u64 = 200_000_000;
+
+fn effective_timeout() -> Duration {
+    match std::env::var("NCCL_EP_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&v| v > 0)
+    {
+        Some(ms) => Duration::from_millis(ms),
+        None => Duration::from_nanos(MASK_TIMEOUT_NS),
+    }
+}
+
+/// A local world of `c.nranks` ranks with the given enable_mask and the short timeout.
+fn timeout_world(c: &Case, enable_mask: bool) -> Result<World, String> {
+    let mut cfg = c.group_config();
+    cfg.enable_mask = enable_mask as i32;
+    cfg.timeout_ns = MASK_TIMEOUT_NS;
+    World::local_cfg(c, &cfg)
+}
+
+/// Inputs, buffers and handles of one dispatch/combine pair on every rank.
+struct Pair {
+    world: nccl_ep::core::reference::LlWorld,
+    bufs: Vec<RankBufs>,
+    hs: Handles,
+}
+
+fn prepare(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<Pair, String> {
+    let world = c.world(rng);
+    let mut bufs = (0..c.nranks)
+        .map(|r| alloc_rank(c, 0, world.ranks[r].num_tokens))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (b, inp) in bufs.iter().zip(&world.ranks) {
+        load_inputs(c, b, inp)?;
+    }
+    let hs = create_handles(c, w, &mut bufs)?;
+    Ok(Pair { world, bufs, hs })
+}
+
+/// ncclEpMaskClean on every rank at once, one thread each (the call synchronises its stream,
+/// and the barrier needs every rank's kernel running); returns each rank's result code.
+fn mask_clean_all(w: &World) -> Vec<i32> {
+    let gs: Vec<usize> = w.groups.iter().map(|&g| g as usize).collect();
+    let ss: Vec<usize> = w.streams.iter().map(|s| s.0 as usize).collect();
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = gs
+            .iter()
+            .zip(&ss)
+            .map(|(&g, &s)| {
+                sc.spawn(move || unsafe { nccl_ep::abi::mask::ncclEpMaskClean(g as ncclEpGroup_t, s as cudaStream_t) })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// A rank that never dispatches: the others return after the timeout (+10 % at most), mask it,
+/// raise the async flag and deliver everything else exactly; combine then runs without it and
+/// without waiting; ncclEpMaskClean restores the group and a round with all ranks is exact.
+#[test]
+fn ll_mask_silent_rank() {
+    require_gpu!();
+    let timeout = effective_timeout();
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = base_case(4, layout);
+        let n = c.nranks;
+        let silent = n - 1;
+        let others: Vec<usize> = (0..n).filter(|&r| r != silent).collect();
+        let w = timeout_world(&c, true).expect("local groups");
+        let mut rng = SplitMix64::new(77 + layout as u64);
+        let mut run = || -> Result<(), String> {
+            // Every kernel this test launches is compiled and loaded before any rank waits.
+            round(&c, &w, &mut rng)?;
+            let mut pr = prepare(&c, &w, &mut rng)?;
+            let (xs, ws) = load_combine_inputs(&c, &pr.world, &pr.bufs, &mut rng)?;
+            let t0 = Instant::now();
+            for &r in &others {
+                dispatch(&c, pr.hs.0[r], &mut pr.bufs[r], &w.streams[r], false)?;
+            }
+            let mut worst = Duration::ZERO;
+            for &r in &others {
+                w.streams[r].sync()?;
+                worst = worst.max(t0.elapsed());
+            }
+            let ratio = worst.as_secs_f64() / timeout.as_secs_f64();
+            println!(
+                "ll_mask_silent_rank {layout:?}: the {} other ranks' dispatch returned after {:.1} ms (timeout {:.1} ms, ratio {ratio:.3})",
+                others.len(),
+                worst.as_secs_f64() * 1e3,
+                timeout.as_secs_f64() * 1e3
+            );
+            // NCCL_EP_TEST_LOOSE_TIMING=1 (under compute-sanitizer): report only.
+            let loose = std::env::var("NCCL_EP_TEST_LOOSE_TIMING").is_ok_and(|v| v == "1");
+            if !(0.99..=1.10).contains(&ratio) && !loose {
+                return Err(format!("dispatch returned after {ratio:.3} x the timeout"));
+            }
+            let mut want_mask = vec![1; n];
+            want_mask[silent] = 0;
+            for &r in &others {
+                compare(
+                    &format!("rank {r} mask"),
+                    &mask_of(w.groups[r], n, &w.streams[r])?,
+                    &want_mask,
+                )?;
+                compare(&format!("rank {r} async error"), &[async_error(w.groups[r])?], &[1])?;
+            }
+            compare(
+                "silent rank's mask",
+                &mask_of(w.groups[silent], n, &w.streams[silent])?,
+                &vec![1; n],
+            )?;
+            compare("silent rank's async error", &[async_error(w.groups[silent])?], &[0])?;
+            let links = LlLinks::without(n, &[silent]);
+            check_dispatch_links(&c, &pr.world, &pr.bufs, &links, &others)?;
+            // Combine among the others: the silent rank is masked, so nobody waits for it.
+            let t1 = Instant::now();
+            for &r in &others {
+                combine(&c, pr.hs.0[r], &mut pr.bufs[r], &w.streams[r], false)?;
+            }
+            for &r in &others {
+                w.streams[r].sync()?;
+            }
+            let comb = t1.elapsed();
+            println!(
+                "ll_mask_silent_rank {layout:?}: combine without the masked rank took {:.2} ms",
+                comb.as_secs_f64() * 1e3
+            );
+            if comb > timeout / 2 && !loose {
+                return Err(format!("combine waited {comb:?} although the silent rank is masked"));
+            }
+            check_combine_links(&c, &pr.world, &pr.bufs, &xs, &ws, &links, &others)?;
+            for &r in &others {
+                ep_ok!(nccl_ep::abi::mask::ncclEpErrorClear(w.groups[r]));
+                compare(
+                    &format!("rank {r} async error after clear"),
+                    &[async_error(w.groups[r])?],
+                    &[0],
+                )?;
+            }
+            // Every rank (the silent one included) cleans; then all of them are exact again.
+            let t2 = Instant::now();
+            let rcs = mask_clean_all(&w);
+            println!(
+                "ll_mask_silent_rank {layout:?}: ncclEpMaskClean on {n} threads took {:.2} ms, codes {rcs:?}",
+                t2.elapsed().as_secs_f64() * 1e3
+            );
+            compare("ncclEpMaskClean codes", &rcs, &vec![0; n])?;
+            for r in 0..n {
+                compare(
+                    &format!("rank {r} mask after clean"),
+                    &mask_of(w.groups[r], n, &w.streams[r])?,
+                    &vec![1; n],
+                )?;
+            }
+            drop(pr);
+            for _ in 0..3 {
+                round(&c, &w, &mut rng)?;
+            }
+            for r in 0..n {
+                compare(
+                    &format!("rank {r} async error after the clean rounds"),
+                    &[async_error(w.groups[r])?],
+                    &[0],
+                )?;
+            }
+            Ok(())
+        };
+        run().unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+        println!("ll_mask_silent_rank {layout:?}: passed (masked, exact without it, cleaned, 3 exact rounds after)");
+    }
+}
+
+/// A rank that starts its dispatch a quarter of the timeout late: nobody is masked, no flag,
+/// exact results.
+#[test]
+fn ll_mask_late_rank_within_timeout() {
+    require_gpu!();
+    let timeout = effective_timeout();
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = base_case(4, layout);
+        let n = c.nranks;
+        let late = 1;
+        let w = timeout_world(&c, true).expect("local groups");
+        let mut rng = SplitMix64::new(5 + layout as u64);
+        let mut run = || -> Result<(), String> {
+            round(&c, &w, &mut rng)?;
+            let mut pr = prepare(&c, &w, &mut rng)?;
+            let (xs, ws) = load_combine_inputs(&c, &pr.world, &pr.bufs, &mut rng)?;
+            for r in (0..n).filter(|&r| r != late) {
+                dispatch(&c, pr.hs.0[r], &mut pr.bufs[r], &w.streams[r], false)?;
+            }
+            std::thread::sleep(timeout / 4);
+            dispatch(&c, pr.hs.0[late], &mut pr.bufs[late], &w.streams[late], false)?;
+            for r in 0..n {
+                combine(&c, pr.hs.0[r], &mut pr.bufs[r], &w.streams[r], false)?;
+            }
+            w.sync()?;
+            check_dispatch(&c, &pr.world, &pr.bufs)?;
+            check_combine(&c, &pr.world, &pr.bufs, &xs, &ws)?;
+            for r in 0..n {
+                compare(
+                    &format!("rank {r} mask"),
+                    &mask_of(w.groups[r], n, &w.streams[r])?,
+                    &vec![1; n],
+                )?;
+                compare(&format!("rank {r} async error"), &[async_error(w.groups[r])?], &[0])?;
+            }
+            Ok(())
+        };
+        run().unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+        println!(
+            "ll_mask_late_rank_within_timeout {layout:?}: rank {late} {:.0} ms late, nobody masked, exact",
+            (timeout / 4).as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// Masks set by hand (ncclEpMaskUpdate) on every rank: the others leave rank x out, and x, whose
+/// mask has only itself, runs alone. No waits, no flag, exact against the masked reference; then
+/// all-ones masks and an exact round.
+#[test]
+fn ll_mask_update_by_hand() {
+    require_gpu!();
+    let timeout = effective_timeout();
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = base_case(4, layout);
+        let n = c.nranks;
+        let x = 1;
+        let w = timeout_world(&c, true).expect("local groups");
+        let mut rng = SplitMix64::new(31 + layout as u64);
+        let mut run = || -> Result<(), String> {
+            round(&c, &w, &mut rng)?;
+            let masks: Vec<Vec<i32>> = (0..n)
+                .map(|r| {
+                    (0..n)
+                        .map(|y| if r == x { (y == x) as i32 } else { (y != x) as i32 })
+                        .collect()
+                })
+                .collect();
+            for r in 0..n {
+                set_mask(w.groups[r], &masks[r], &w.streams[r])?;
+                compare(
+                    &format!("rank {r} mask read back"),
+                    &mask_of(w.groups[r], n, &w.streams[r])?,
+                    &masks[r],
+                )?;
+            }
+            let links = LlLinks::from_masks(
+                &masks
+                    .iter()
+                    .map(|m| m.iter().map(|&v| v != 0).collect())
+                    .collect::<Vec<_>>(),
+            );
+            let mut pr = prepare(&c, &w, &mut rng)?;
+            let (xs, ws) = load_combine_inputs(&c, &pr.world, &pr.bufs, &mut rng)?;
+            let t0 = Instant::now();
+            for r in 0..n {
+                dispatch(&c, pr.hs.0[r], &mut pr.bufs[r], &w.streams[r], false)?;
+            }
+            for r in 0..n {
+                combine(&c, pr.hs.0[r], &mut pr.bufs[r], &w.streams[r], false)?;
+            }
+            w.sync()?;
+            let took = t0.elapsed();
+            let loose = std::env::var("NCCL_EP_TEST_LOOSE_TIMING").is_ok_and(|v| v == "1");
+            if took > timeout / 2 && !loose {
+                return Err(format!("masked round took {took:?}: someone waited for a masked rank"));
+            }
+            let all: Vec<usize> = (0..n).collect();
+            check_dispatch_links(&c, &pr.world, &pr.bufs, &links, &all)?;
+            check_combine_links(&c, &pr.world, &pr.bufs, &xs, &ws, &links, &all)?;
+            for r in 0..n {
+                compare(&format!("rank {r} async error"), &[async_error(w.groups[r])?], &[0])?;
+                compare(
+                    &format!("rank {r} mask after"),
+                    &mask_of(w.groups[r], n, &w.streams[r])?,
+                    &masks[r],
+                )?;
+            }
+            drop(pr);
+            for r in 0..n {
+                set_mask(w.groups[r], &vec![1; n], &w.streams[r])?;
+            }
+            round(&c, &w, &mut rng)?;
+            println!(
+                "ll_mask_update_by_hand {layout:?}: rank {x} left out by hand, masked round {:.2} ms, exact; exact again with all ranks",
+                took.as_secs_f64() * 1e3
+            );
+            Ok(())
+        };
+        run().unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+    }
+}
+
+/// Without enable_mask a timeout is fatal, as upstream: the kernel prints who waited for whom in
+/// which phase and traps. The trap loses the CUDA context, so it runs in a child process (the
+/// ignored test below).
+#[test]
+fn ll_timeout_without_mask_traps() {
+    require_gpu!();
+    let exe = std::env::current_exe().unwrap();
+    let t0 = Instant::now();
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "ll_trap_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("NCCL_EP_TRAP_CHILD", "1")
+        .output()
+        .expect("run the child");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "ll_timeout_without_mask_traps: child exited with {:?} after {:.2} s; its output:\n{}",
+        out.status.code(),
+        t0.elapsed().as_secs_f64(),
+        text.lines()
+            .filter(|l| l.contains("NCCL EP") || l.contains("child:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        text.contains("child: the stream reported"),
+        "the child's stream did not fail:\n{text}"
+    );
+    let msg = text
+        .lines()
+        .any(|l| l.contains("NCCL EP: rank 0: nothing from rank 1") && l.contains("dispatch receive"));
+    assert!(msg, "no device message naming rank 0, rank 1 and the phase:\n{text}");
+}
+
+#[test]
+#[ignore = "run by ll_timeout_without_mask_traps in a child process: it loses its CUDA context"]
+fn ll_trap_child() {
+    use std::io::Write;
+    if std::env::var_os("NCCL_EP_TRAP_CHILD").is_none() {
+        println!("skipped: only runs as ll_timeout_without_mask_traps's child");
+        return;
+    }
+    require_gpu!();
+    let c = base_case(2, Layout::ExpertMajor);
+    let w = timeout_world(&c, false).expect("local groups");
+    let mut rng = SplitMix64::new(3);
+    round(&c, &w, &mut rng).expect("warm-up round");
+    let mut pr = prepare(&c, &w, &mut rng).expect("inputs");
+    dispatch(&c, pr.hs.0[0], &mut pr.bufs[0], &w.streams[0], false).expect("dispatch");
+    match w.streams[0].sync() {
+        Ok(()) => println!("child: no error (rank 1 never dispatched, yet rank 0 finished)"),
+        Err(e) => println!("child: the stream reported {e}"),
+    }
+    let _ = std::io::stdout().flush();
+    // The context is gone: skip every destructor.
+    std::process::exit(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stress: random rounds against the CPU reference, bit for bit. Each round picks a local world
+// (1, 2, 4 or 8 ranks; two of them with enable_mask), one to three of its handles (layouts and
+// top-k differ), new tokens, routing (uniform, skewed, same-rank duplicates), T <= B per rank,
+// hidden size, index width and expert-id kind, then runs their dispatches and combines in a
+// random interleaving (a handle's dispatch before its combine), each operation send_only +
+// ncclEpComplete at random; some rounds replay a captured CUDA graph instead, and in the masked
+// worlds some rounds leave random ranks out through ncclEpMaskUpdate. Environment:
+//   NCCL_EP_STRESS_ROUNDS   rounds (default 200)
+//   NCCL_EP_STRESS_SECONDS  stop earlier after this many seconds (default: no limit)
+//   NCCL_EP_STRESS_RANKS    the worlds, e.g. "1,2" (default "1,2,4,8")
+//   NCCL_EP_STRESS_SEED     seed (default 2026)
+
+use nccl_ep::abi::enums::dtype;
+use nccl_ep::abi::handle::{ncclEpInitHandle, ncclEpUpdateHandle};
+use nccl_ep::core::reference::{
+    LlCombineIn, LlDispatchOut, LlPoison, LlWorld, ll_combine_ref_masked, ll_dispatch_ref_masked,
+};
+
+const STRESS_HMAX: usize = 2048;
+const STRESS_HIDDEN: [usize; 6] = [8, 64, 136, 512, 1000, 2048];
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// Normal bf16 values of magnitude 2^-7 .. 2^8, four per random draw.
+fn fast_bf16(rng: &mut SplitMix64, n: usize) -> Vec<u16> {
+    let mut v = Vec::with_capacity(n + 3);
+    while v.len() < n {
+        let mut z = rng.next_u64();
+        for _ in 0..4 {
+            let b = (z & 0xffff) as u16;
+            z >>= 16;
+            let exp = 120 + ((b >> 7) & 0xff) % 15;
+            v.push((b & 0x8000) | (exp << 7) | (b & 0x7f));
+        }
+    }
+    v.truncate(n);
+    v
+}
+
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain integer/float data.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+/// Bytes that differ (a length mismatch counts every byte of the longer side past the shorter).
+fn diff_bytes(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len())
+}
+
+#[derive(Default, Debug)]
+struct StressStats {
+    rounds: u64,
+    ops: u64,
+    send_only_ops: u64,
+    graph_replays: u64,
+    masked_rounds: u64,
+    compared_bytes: u64,
+    wrong_bytes: u64,
+    combine_beyond_1ulp: u64,
+    failures: Vec<String>,
+}
+
+impl StressStats {
+    fn fail(&mut self, what: String) {
+        if self.failures.len() < 20 {
+            self.failures.push(what);
+        }
+    }
+    /// Compares one output; counts bytes.
+    fn cmp<T: Copy>(&mut self, what: &dyn Fn() -> String, got: &[T], want: &[T]) {
+        let (g, w) = (as_bytes(got), as_bytes(want));
+        let d = diff_bytes(g, w);
+        self.compared_bytes += w.len() as u64;
+        if d > 0 {
+            self.wrong_bytes += d as u64;
+            self.fail(format!("{}: {d} wrong bytes of {}", what(), w.len()));
+        }
+    }
+}
+
+/// Sets every descriptor of a rank's buffers to this call's shape (buffers have room for B
+/// tokens of STRESS_HMAX elements).
+fn reshape_rank(c: &Case, b: &mut RankBufs, t: usize) {
+    let (n, l, bb, h, k) = (c.nranks, c.local_experts, c.max_tokens, c.hidden, c.topk);
+    let em = c.layout == Layout::ExpertMajor;
+    b.tokens.reshape(dtype::BFLOAT16, &[t, h]);
+    b.topk
+        .reshape(if c.idx64 { dtype::INT64 } else { dtype::INT32 }, &[t, k]);
+    b.weights.reshape(dtype::FLOAT32, &[t, k]);
+    let out: [usize; 3] = if em { [l, n * bb, h] } else { [n, bb, h] };
+    b.out.reshape(dtype::BFLOAT16, &out);
+    b.x.reshape(dtype::BFLOAT16, &out);
+    b.counters.reshape(dtype::INT32, &[if em { l } else { n }]);
+    b.comb_w.reshape(dtype::FLOAT32, &[t, k]);
+    b.comb_out.reshape(dtype::BFLOAT16, &[t, h]);
+}
+
+/// Uploads a rank's inputs and poisons its outputs on the device (call `sync_legacy` after).
+fn load_fast(c: &Case, b: &RankBufs, inp: &nccl_ep::core::reference::LlRankInput) -> Result<(), String> {
+    b.tokens.upload(&inp.tokens)?;
+    if c.idx64 {
+        b.topk.upload(&inp.topk_idx)?;
+    } else {
+        b.topk
+            .upload(&inp.topk_idx.iter().map(|&e| e as i32).collect::<Vec<_>>())?;
+    }
+    b.weights.upload(&inp.weights)?;
+    let tok = (POISON_TOKEN as u32) << 16 | POISON_TOKEN as u32;
+    b.out.fill32(tok)?;
+    b.counters.fill32(POISON_INT as u32)?;
+    if let Some(t) = &b.out_idx {
+        t.fill32(POISON_INT as u32)?;
+    }
+    if let Some(t) = &b.out_w {
+        t.fill32(POISON_WEIGHT.to_bits())?;
+    }
+    b.comb_out.fill32(tok)
+}
+
+/// One handle of a stress world on every rank, with buffers for its largest call.
+struct StressHandle {
+    layout: Layout,
+    topk: usize,
+    hs: Handles,
+    bufs: Vec<RankBufs>,
+}
+
+/// The inputs of one handle's operations in one round.
+struct Call {
+    case: Case,
+    world: LlWorld,
+    xs: Vec<Vec<u16>>,
+    ws: Vec<Vec<f32>>,
+}
+
+/// Fields drop in order: handles before the groups (`w`) they belong to.
+struct StressWorld {
+    base: Case,
+    masked: bool,
+    handles: Vec<StressHandle>,
+    /// A handle whose dispatch + combine every rank captured in a CUDA graph (fixed T and H).
+    graph: Option<(StressHandle, Case, Vec<cudarc::driver::sys::CUgraphExec>)>,
+    /// The masks set now (None: all ones).
+    masks: Option<Vec<Vec<i32>>>,
+    w: World,
+}
+
+impl Drop for StressWorld {
+    fn drop(&mut self) {
+        let _ = self.w.sync();
+        if let Some((_, _, execs)) = &self.graph {
+            for &e in execs {
+                unsafe { cudarc::driver::sys::cuGraphExecDestroy(e) };
+            }
+        }
+    }
+}
+
+fn stress_handle(base: &Case, w: &World, layout: Layout, topk: usize) -> Result<StressHandle, String> {
+    let cap = Case {
+        layout,
+        topk,
+        hidden: STRESS_HMAX,
+        idx64: true,
+        ..*base
+    };
+    let mut hs = Handles(Vec::new());
+    let mut bufs = Vec::new();
+    for &g in &w.groups {
+        let mut h = std::ptr::null_mut();
+        ep_ok!(ncclEpInitHandle(
+            &mut h,
+            g,
+            layout.raw(),
+            std::ptr::null(),
+            topk as i32,
+            std::ptr::null()
+        ));
+        hs.0.push(h);
+        bufs.push(alloc_rank(&cap, 0, base.max_tokens)?);
+    }
+    Ok(StressHandle { layout, topk, hs, bufs })
+}
+
+/// New inputs for handle `sh` under `case` (shape per call): uploads, poisons, routes the handle.
+fn stage_call(sw: &mut StressWorld, which: Option<usize>, case: Case, rng: &mut SplitMix64) -> Result<Call, String> {
+    let world = case.world(rng);
+    let sh = match which {
+        Some(i) => &mut sw.handles[i],
+        None => &mut sw.graph.as_mut().unwrap().0,
+    };
+    let mut xs = Vec::new();
+    let mut ws = Vec::new();
+    for r in 0..case.nranks {
+        let b = &mut sh.bufs[r];
+        reshape_rank(&case, b, world.ranks[r].num_tokens);
+        load_fast(&case, b, &world.ranks[r])?;
+        let x = fast_bf16(rng, b.x.bytes / 2);
+        b.x.upload(&x)?;
+        let wk: Vec<f32> = (0..world.ranks[r].num_tokens * case.topk)
+            .map(|_| rng.unit_f32())
+            .collect();
+        b.comb_w.upload(&wk)?;
+        xs.push(x);
+        ws.push(wk);
+        if which.is_some() {
+            ep_ok!(ncclEpUpdateHandle(
+                sh.hs.0[r],
+                b.topk.ptr(),
+                std::ptr::null(),
+                sw.w.streams[r].raw()
+            ));
+        }
+    }
+    Ok(Call { case, world, xs, ws })
+}
+
+/// Compares every rank's outputs of one handle with the masked reference.
+fn check_call(call: &Call, bufs: &[RankBufs], links: &LlLinks, st: &mut StressStats, tag: &str) -> Result<(), String> {
+    let c = &call.case;
+    let kind = if c.global_ids {
+        nccl_ep::abi::enums::ExpertIdKind::Global
+    } else {
+        nccl_ep::abi::enums::ExpertIdKind::Local
+    };
+    let poison = LlPoison {
+        token: POISON_TOKEN,
+        weight: POISON_WEIGHT,
+    };
+    let want = ll_dispatch_ref_masked(&call.world, c.layout, kind, poison, links);
+    let input = match c.layout {
+        Layout::ExpertMajor => LlCombineIn::ExpertMajor {
+            x: &call.xs,
+            weights: &call.ws,
+        },
+        _ => LlCombineIn::RankMajor { y: &call.xs },
+    };
+    let want_c = ll_combine_ref_masked(&call.world, input, links);
+    let what = |r: usize, o: &str| {
+        let (tag, o) = (tag.to_string(), o.to_string());
+        let c = *c;
+        move || {
+            format!(
+                "{tag} rank {r} {o} (N={} {:?} K={} H={} idx64={})",
+                c.nranks, c.layout, c.topk, c.hidden, c.idx64
+            )
+        }
+    };
+    for (r, b) in bufs.iter().enumerate().take(c.nranks) {
+        st.cmp(&what(r, "dispatch tokens"), &b.out.download::<u16>()?, want[r].tokens());
+        match &want[r] {
+            LlDispatchOut::ExpertMajor { expert_counters, .. } => st.cmp(
+                &what(r, "expert_counters"),
+                &b.counters.download::<i32>()?,
+                expert_counters,
+            ),
+            LlDispatchOut::RankMajor {
+                topk_idx,
+                topk_weights,
+                src_rank_counters,
+                ..
+            } => {
+                st.cmp(
+                    &what(r, "src_rank_counters"),
+                    &b.counters.download::<i32>()?,
+                    src_rank_counters,
+                );
+                st.cmp(
+                    &what(r, "topk_idx"),
+                    &b.out_idx.as_ref().unwrap().download::<i32>()?,
+                    topk_idx,
+                );
+                st.cmp(
+                    &what(r, "topk_weights"),
+                    &b.out_w.as_ref().unwrap().download::<f32>()?,
+                    topk_weights,
+                );
+            }
+        }
+        let got = b.comb_out.download::<u16>()?;
+        st.cmp(&what(r, "combine"), &got, &want_c[r]);
+        if compare_bf16_close("", &got, &want_c[r]).is_err() {
+            st.combine_beyond_1ulp += 1;
+        }
+    }
+    Ok(())
+}
+
+fn stress_world(nranks: usize, rng: &mut SplitMix64) -> Result<StressWorld, String> {
+    let (l, b, masked, specs): (usize, usize, bool, Vec<(Layout, usize)>) = match nranks {
+        1 => (
+            8,
+            48,
+            false,
+            vec![
+                (Layout::ExpertMajor, 8),
+                (Layout::RankMajor, 3),
+                (Layout::ExpertMajor, 1),
+            ],
+        ),
+        2 => (
+            4,
+            32,
+            true,
+            vec![(Layout::ExpertMajor, 8), (Layout::RankMajor, 2), (Layout::RankMajor, 6)],
+        ),
+        4 => (
+            3,
+            24,
+            true,
+            vec![
+                (Layout::RankMajor, 5),
+                (Layout::ExpertMajor, 8),
+                (Layout::ExpertMajor, 2),
+            ],
+        ),
+        _ => (
+            2,
+            16,
+            false,
+            vec![
+                (Layout::ExpertMajor, 4),
+                (Layout::RankMajor, 8),
+                (Layout::ExpertMajor, 1),
+            ],
+        ),
+    };
+    let base = Case {
+        nranks,
+        local_experts: l,
+        max_tokens: b,
+        hidden: STRESS_HMAX,
+        topk: 1,
+        tokens: None,
+        layout: Layout::ExpertMajor,
+        routing: Routing::Uniform,
+        send_only: false,
+        idx64: true,
+        global_ids: false,
+        seed: 0,
+    };
+    let mut cfg = base.group_config();
+    cfg.enable_mask = masked as i32;
+    let w = World::local_cfg(&base, &cfg)?;
+    let mut handles = Vec::new();
+    for (layout, k) in specs {
+        handles.push(stress_handle(&base, &w, layout, k)?);
+    }
+    let mut sw = StressWorld {
+        base,
+        masked,
+        w,
+        handles,
+        graph: None,
+        masks: None,
+    };
+    // The graph handle: fixed T = B/2 on every rank, H = 512.
+    let glayout = if nranks.is_multiple_of(2) {
+        Layout::RankMajor
+    } else {
+        Layout::ExpertMajor
+    };
+    let gh = stress_handle(&sw.base, &sw.w, glayout, 4.min(nranks * l))?;
+    let gcase = Case {
+        layout: glayout,
+        topk: gh.topk,
+        hidden: 512,
+        tokens: Some(b / 2),
+        idx64: nranks != 4,
+        global_ids: nranks == 2,
+        ..sw.base
+    };
+    sw.graph = Some((gh, gcase, Vec::new()));
+    let call = stage_call(&mut sw, None, gcase, rng)?;
+    sync_legacy()?;
+    let (gh, _, _) = sw.graph.as_mut().unwrap();
+    for r in 0..nranks {
+        ep_ok!(ncclEpUpdateHandle(
+            gh.hs.0[r],
+            gh.bufs[r].topk.ptr(),
+            std::ptr::null(),
+            sw.w.streams[r].raw()
+        ));
+    }
+    // One plain round first (loads the kernels outside the capture), then the capture.
+    for r in 0..nranks {
+        dispatch(&gcase, gh.hs.0[r], &mut gh.bufs[r], &sw.w.streams[r], false)?;
+    }
+    for r in 0..nranks {
+        combine(&gcase, gh.hs.0[r], &mut gh.bufs[r], &sw.w.streams[r], false)?;
+    }
+    sw.w.sync()?;
+    let mut st = StressStats::default();
+    check_call(&call, &gh.bufs, &LlLinks::all(nranks), &mut st, "graph warm-up")?;
+    if st.wrong_bytes > 0 {
+        return Err(format!("graph warm-up: {:?}", st.failures));
+    }
+    use cudarc::driver::sys;
+    let _ctx = nccl_ep::cuda::context::CtxGuard::enter(0).map_err(|e| e.msg)?;
+    let mut execs = Vec::new();
+    for r in 0..nranks {
+        let s = sw.w.streams[r].0;
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        cu(unsafe { sys::cuStreamBeginCapture_v2(s, mode) }, "cuStreamBeginCapture")?;
+        dispatch(&gcase, gh.hs.0[r], &mut gh.bufs[r], &sw.w.streams[r], false)?;
+        combine(&gcase, gh.hs.0[r], &mut gh.bufs[r], &sw.w.streams[r], false)?;
+        let mut g = std::ptr::null_mut();
+        cu(unsafe { sys::cuStreamEndCapture(s, &mut g) }, "cuStreamEndCapture")?;
+        let mut e = std::ptr::null_mut();
+        cu(
+            unsafe { sys::cuGraphInstantiateWithFlags(&mut e, g, 0) },
+            "cuGraphInstantiate",
+        )?;
+        unsafe { sys::cuGraphDestroy(g) };
+        execs.push(e);
+    }
+    sw.graph.as_mut().unwrap().2 = execs;
+    Ok(sw)
+}
+
+/// Sets this round's masks in a masked world: with probability 1/3 random ranks are left out
+/// (each runs alone), otherwise all ones. Returns the links for the reference.
+fn stress_masks(sw: &mut StressWorld, rng: &mut SplitMix64, st: &mut StressStats) -> Result<LlLinks, String> {
+    let n = sw.base.nranks;
+    if !sw.masked {
+        return Ok(LlLinks::all(n));
+    }
+    let out: Vec<bool> = if rng.one_in(3) {
+        (0..n).map(|_| rng.one_in(3)).collect()
+    } else {
+        vec![false; n]
+    };
+    let masks: Option<Vec<Vec<i32>>> = out.iter().any(|&o| o).then(|| {
+        (0..n)
+            .map(|r| {
+                (0..n)
+                    .map(|y| if out[r] { (y == r) as i32 } else { (!out[y]) as i32 })
+                    .collect()
+            })
+            .collect()
+    });
+    if masks != sw.masks {
+        for r in 0..n {
+            let m = masks.as_ref().map_or(vec![1; n], |m| m[r].clone());
+            set_mask(sw.w.groups[r], &m, &sw.w.streams[r])?;
+        }
+        sw.masks = masks;
+    }
+    Ok(match &sw.masks {
+        None => LlLinks::all(n),
+        Some(m) => {
+            st.masked_rounds += 1;
+            LlLinks::from_masks(
+                &m.iter()
+                    .map(|v| v.iter().map(|&x| x != 0).collect())
+                    .collect::<Vec<_>>(),
+            )
+        }
+    })
+}
+
+fn stress_round(sw: &mut StressWorld, rng: &mut SplitMix64, st: &mut StressStats) -> Result<(), String> {
+    let n = sw.base.nranks;
+    let links = stress_masks(sw, rng, st)?;
+    let routing = |rng: &mut SplitMix64| match rng.below(3) {
+        0 => Routing::Uniform,
+        1 => Routing::Skewed { rank: rng.below(n) },
+        _ => Routing::SameRankDups,
+    };
+    if rng.one_in(8) {
+        // Graph replay: same T, H and index width as captured; new values.
+        let gcase = Case {
+            routing: routing(rng),
+            ..sw.graph.as_ref().unwrap().1
+        };
+        let call = stage_call(sw, None, gcase, rng)?;
+        sync_legacy()?;
+        let (gh, _, execs) = sw.graph.as_ref().unwrap();
+        for r in 0..n {
+            cu(
+                unsafe { cudarc::driver::sys::cuGraphLaunch(execs[r], sw.w.streams[r].0) },
+                "cuGraphLaunch",
+            )?;
+        }
+        sw.w.sync()?;
+        check_call(&call, &gh.bufs, &links, st, "graph replay")?;
+        st.graph_replays += 1;
+        st.ops += 2;
+        return Ok(());
+    }
+    let nh = sw.handles.len();
+    let mut chosen: Vec<usize> = (0..nh).collect();
+    for i in 0..nh {
+        let j = i + rng.below(nh - i);
+        chosen.swap(i, j);
+    }
+    chosen.truncate(1 + rng.below(nh.min(3)));
+    let mut calls = Vec::new();
+    for &i in &chosen {
+        let sh = &sw.handles[i];
+        let case = Case {
+            layout: sh.layout,
+            topk: sh.topk,
+            hidden: STRESS_HIDDEN[rng.below(STRESS_HIDDEN.len())],
+            routing: routing(rng),
+            idx64: rng.one_in(2),
+            global_ids: rng.one_in(2),
+            ..sw.base
+        };
+        calls.push(stage_call(sw, Some(i), case, rng)?);
+    }
+    sync_legacy()?;
+    // A random interleaving: each handle's dispatch before its combine.
+    let mut next: Vec<u8> = vec![0; chosen.len()];
+    while next.iter().any(|&x| x < 2) {
+        let open: Vec<usize> = (0..chosen.len()).filter(|&j| next[j] < 2).collect();
+        let j = open[rng.below(open.len())];
+        let send_only = rng.one_in(3);
+        let sh = &mut sw.handles[chosen[j]];
+        let c = &calls[j].case;
+        for r in 0..n {
+            if next[j] == 0 {
+                dispatch(c, sh.hs.0[r], &mut sh.bufs[r], &sw.w.streams[r], send_only)?;
+            } else {
+                combine(c, sh.hs.0[r], &mut sh.bufs[r], &sw.w.streams[r], send_only)?;
+            }
+        }
+        if send_only {
+            for r in 0..n {
+                complete(sh.hs.0[r], &sw.w.streams[r])?;
+            }
+            st.send_only_ops += 1;
+        }
+        next[j] += 1;
+        st.ops += 1;
+    }
+    sw.w.sync()?;
+    for (j, call) in calls.iter().enumerate() {
+        check_call(call, &sw.handles[chosen[j]].bufs, &links, st, "round")?;
+    }
+    Ok(())
+}
+
+#[test]
+fn ll_stress() {
+    require_gpu!();
+    let rounds = env_num("NCCL_EP_STRESS_ROUNDS", 200);
+    let seconds = env_num("NCCL_EP_STRESS_SECONDS", 0);
+    let seed = env_num("NCCL_EP_STRESS_SEED", 2026);
+    let ranks: Vec<usize> = std::env::var("NCCL_EP_STRESS_RANKS")
+        .unwrap_or_else(|_| "1,2,4,8".into())
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .filter(|&x| [1, 2, 4, 8].contains(&x))
+        .collect();
+    let mut rng = SplitMix64::new(seed);
+    let t0 = Instant::now();
+    let mut worlds: Vec<StressWorld> = ranks
+        .iter()
+        .map(|&n| stress_world(n, &mut rng).unwrap_or_else(|e| panic!("stress world of {n} ranks: {e}")))
+        .collect();
+    let mut st = StressStats::default();
+    let mut per_world = vec![0u64; worlds.len()];
+    while st.rounds < rounds {
+        if seconds > 0 && t0.elapsed().as_secs() >= seconds {
+            break;
+        }
+        let i = rng.below(worlds.len());
+        if let Err(e) = stress_round(&mut worlds[i], &mut rng, &mut st) {
+            st.fail(format!("round {} on {} ranks: {e}", st.rounds, worlds[i].base.nranks));
+            break;
+        }
+        st.rounds += 1;
+        per_world[i] += 1;
+        if st.wrong_bytes > 0 && st.failures.len() >= 20 {
+            break;
+        }
+        if st.rounds.is_multiple_of(1000) {
+            println!("ll_stress: {} rounds, {:.0} s", st.rounds, t0.elapsed().as_secs_f64());
+        }
+    }
+    drop(worlds);
+    println!(
+        "ll_stress: {} rounds (seed {seed}; per world {:?} for ranks {ranks:?}) in {:.1} s: {} operations, {} send_only, {} graph replays (dispatch+combine), {} masked rounds; {} bytes compared, {} wrong; combine outputs beyond 1 ulp: {}",
+        st.rounds,
+        per_world,
+        t0.elapsed().as_secs_f64(),
+        st.ops,
+        st.send_only_ops,
+        st.graph_replays,
+        st.masked_rounds,
+        st.compared_bytes,
+        st.wrong_bytes,
+        st.combine_beyond_1ulp
+    );
+    assert!(
+        st.failures.is_empty() && st.wrong_bytes == 0,
+        "ll_stress failures:\n{}",
+        st.failures.join("\n")
+    );
+    assert!(
+        st.rounds >= rounds || seconds > 0,
+        "only {} of {rounds} rounds ran",
+        st.rounds
+    );
 }

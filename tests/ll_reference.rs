@@ -1036,3 +1036,107 @@ fn out_of_range_expert_panics() {
 fn flat_layout_panics() {
     ll_dispatch_ref(&tiny(), Layout::Flat, ExpertIdKind::Local, POISON);
 }
+
+// ---- masks -------------------------------------------------------------------------------------
+
+#[test]
+fn links_need_both_sides_active() {
+    let masks = vec![vec![true, true, false], vec![true, true, true], vec![true, true, true]];
+    let l = LlLinks::from_masks(&masks);
+    assert!(l.linked(0, 1) && l.linked(1, 0) && l.linked(1, 2) && l.linked(2, 2));
+    // Rank 0 masked rank 2: neither direction carries data.
+    assert!(!l.linked(0, 2) && !l.linked(2, 0));
+    let w = LlLinks::without(3, &[1]);
+    assert!(w.linked(0, 2) && w.linked(0, 0) && !w.linked(0, 1) && !w.linked(1, 1) && !w.linked(1, 2));
+    assert_eq!(
+        LlLinks::all(2),
+        LlLinks::from_masks(&[vec![true, true], vec![true, true]])
+    );
+}
+
+#[test]
+fn masks_with_every_rank_active_change_nothing() {
+    for_worlds(|w| {
+        let all = LlLinks::all(w.shape.nranks);
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            assert_eq!(
+                ll_dispatch_ref_masked(w, layout, ExpertIdKind::Local, POISON, &all),
+                ll_dispatch_ref(w, layout, ExpertIdKind::Local, POISON)
+            );
+        }
+    });
+}
+
+/// The world with rank x's tokens removed.
+fn silence(w: &LlWorld, x: usize) -> LlWorld {
+    let mut q = w.clone();
+    q.ranks[x] = LlRankInput {
+        num_tokens: 0,
+        tokens: Vec::new(),
+        topk_idx: Vec::new(),
+        weights: Vec::new(),
+    };
+    q
+}
+
+/// An independent statement of "absent": seen from the other ranks, a masked rank x is a rank
+/// that dispatched no tokens and whose expert outputs are all zero.
+#[test]
+fn an_absent_rank_is_a_rank_with_no_tokens_and_zero_outputs() {
+    let mut checked = 0;
+    for_worlds(|w| {
+        let sh = w.shape;
+        let (n, b, h, k, l) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk, sh.local_experts());
+        if n < 2 {
+            return;
+        }
+        let mut rng = SplitMix64::new(w.ranks[0].num_tokens as u64 * 31 + n as u64);
+        for x in 0..n {
+            let links = LlLinks::without(n, &[x]);
+            let quiet = silence(w, x);
+            for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+                let got = ll_dispatch_ref_masked(w, layout, ExpertIdKind::Local, POISON, &links);
+                let want = ll_dispatch_ref(&quiet, layout, ExpertIdKind::Local, POISON);
+                for d in (0..n).filter(|&d| d != x) {
+                    assert_eq!(got[d], want[d], "{layout:?}: rank {d} with rank {x} absent");
+                }
+                let rows = if layout == Layout::ExpertMajor {
+                    l * n * b
+                } else {
+                    n * b
+                };
+                let outs: Vec<Vec<u16>> = (0..n)
+                    .map(|_| (0..rows * h).map(|_| bf(rng.unit_f32() * 4.0 - 2.0)).collect())
+                    .collect();
+                let mut zeroed = outs.clone();
+                zeroed[x].iter_mut().for_each(|v| *v = 0);
+                let ws: Vec<Vec<f32>> = (0..n)
+                    .map(|s| (0..w.ranks[s].num_tokens * k).map(|_| rng.unit_f32()).collect())
+                    .collect();
+                let mut ws_quiet = ws.clone();
+                ws_quiet[x].clear();
+                let (got, want) = match layout {
+                    Layout::ExpertMajor => (
+                        ll_combine_ref_masked(w, LlCombineIn::ExpertMajor { x: &outs, weights: &ws }, &links),
+                        ll_combine_ref(
+                            &quiet,
+                            LlCombineIn::ExpertMajor {
+                                x: &zeroed,
+                                weights: &ws_quiet,
+                            },
+                        ),
+                    ),
+                    _ => (
+                        ll_combine_ref_masked(w, LlCombineIn::RankMajor { y: &outs }, &links),
+                        ll_combine_ref(&quiet, LlCombineIn::RankMajor { y: &zeroed }),
+                    ),
+                };
+                for s in (0..n).filter(|&s| s != x) {
+                    assert_eq!(got[s], want[s], "{layout:?} combine: rank {s} with rank {x} absent");
+                }
+                checked += 1;
+            }
+        }
+    });
+    assert!(checked > 100, "{checked}");
+}

@@ -28,10 +28,9 @@ pub unsafe extern "C" fn ncclEpMaskQuery(
     stream: cudaStream_t,
 ) -> ncclResult_t {
     ffi_call("ncclEpMaskQuery", || {
-        let _ = stream;
         let g = masked_group(ep_group)?;
         crate::ensure_arg!(!mask_status.is_null(), "mask_status is NULL");
-        Err(g.not_implemented("ncclEpMaskQuery"))
+        crate::runtime::ll::mask_query(g, mask_status as u64, stream)
     })
 }
 
@@ -43,20 +42,19 @@ pub unsafe extern "C" fn ncclEpMaskUpdate(
     stream: cudaStream_t,
 ) -> ncclResult_t {
     ffi_call("ncclEpMaskUpdate", || {
-        let _ = stream;
         let g = masked_group(ep_group)?;
         crate::ensure_arg!(!mask.is_null(), "mask is NULL");
-        Err(g.not_implemented("ncclEpMaskUpdate"))
+        crate::runtime::ll::mask_update(g, mask, stream)
     })
 }
 
-/// Re-admits every rank and resets the signalling state (collective over the surviving ranks).
+/// Re-admits every rank and resets the signalling state (collective over the surviving ranks;
+/// synchronises `stream`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpMaskClean(ep_group: ncclEpGroup_t, stream: cudaStream_t) -> ncclResult_t {
     ffi_call("ncclEpMaskClean", || {
-        let _ = stream;
         let g = masked_group(ep_group)?;
-        Err(g.not_implemented("ncclEpMaskClean"))
+        crate::runtime::ll::mask_clean(g, stream)
     })
 }
 

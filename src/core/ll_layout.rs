@@ -44,6 +44,9 @@ pub struct LlLayout {
     pub expert_count_off: usize,
     /// In-bank offset of `combine_flag[N]` (u64).
     pub combine_flag_off: usize,
+    /// In-bank offset of `clean_flag[N]` (u64, `(clean sequence << 32) | epoch`): the barrier of
+    /// `ncclEpMaskClean`, used in bank 0 only.
+    pub clean_flag_off: usize,
     /// Bytes of the signal region, rounded up to [`REGION_ALIGN`].
     pub signal_bytes: usize,
     /// In-bank offset of the data region (= `signal_bytes`).
@@ -110,7 +113,8 @@ impl LlLayout {
         let dispatch_flag_off = 0;
         let expert_count_off = align_up(mul(8, n)?, 16)?;
         let combine_flag_off = add(expert_count_off, align_up(mul(4, mul(n, l)?)?, 16)?)?;
-        let signal_bytes = align_up(add(combine_flag_off, mul(8, n)?)?, REGION_ALIGN)?;
+        let clean_flag_off = add(combine_flag_off, mul(8, n)?)?;
+        let signal_bytes = align_up(add(clean_flag_off, mul(8, n)?)?, REGION_ALIGN)?;
         let dispatch_recv_bytes = mul(mul(n, b)?, dmsg_bytes)?;
         let combine_recv_bytes = mul(mul(b, k)?, cmsg_bytes)?;
         let data_bytes = align_up(dispatch_recv_bytes.max(combine_recv_bytes), REGION_ALIGN)?;
@@ -129,6 +133,7 @@ impl LlLayout {
             dispatch_flag_off,
             expert_count_off,
             combine_flag_off,
+            clean_flag_off,
             signal_bytes,
             data_off: signal_bytes,
             dispatch_recv_bytes,
@@ -190,6 +195,13 @@ impl LlLayout {
     pub fn combine_flag_offset(&self, stride: usize, bank: usize, src: usize) -> usize {
         debug_assert!(src < self.nranks);
         self.bank_base(stride, bank) + self.combine_flag_off + 8 * src
+    }
+
+    /// `clean_flag[src]` (u64, `(clean sequence << 32) | epoch`), written by rank `src` in
+    /// `ncclEpMaskClean`.
+    pub fn clean_flag_offset(&self, stride: usize, bank: usize, src: usize) -> usize {
+        debug_assert!(src < self.nranks);
+        self.bank_base(stride, bank) + self.clean_flag_off + 8 * src
     }
 
     /// Offset, inside a dispatch message, of top-k record `k` (`expert` at +0, `weight` at +4,
@@ -284,7 +296,7 @@ mod tests {
         assert_eq!(l.dispatch_recv_bytes, 14_794_752);
         assert_eq!(l.combine_recv_bytes, 14_680_064);
         assert_eq!(l.data_bytes, 14_794_752);
-        // 8 flags + 8x32 counts + 8 flags = 64 + 1024 + 64 bytes -> 1280 after alignment.
+        // 8 flags + 8x32 counts + 8 + 8 flags = 64 + 1024 + 64 + 64 bytes -> 1280 after alignment.
         assert_eq!(l.signal_bytes, 1280);
         assert_eq!(l.bank_bytes, 14_796_032);
         assert_eq!(l.total_bytes, 29_592_064);
@@ -299,8 +311,8 @@ mod tests {
             l.total_bytes,
             l.total_bytes as f64 / MIB as f64
         );
-        assert_eq!(l.signal_bytes, 2048);
-        assert_eq!(l.total_bytes, 236_720_128);
+        assert_eq!(l.signal_bytes, 2560);
+        assert_eq!(l.total_bytes, 236_721_152);
         assert!(l.total_bytes <= 240 * MIB);
     }
 
@@ -334,6 +346,7 @@ mod tests {
             for s in 0..l.nranks {
                 put(l.dispatch_flag_offset(stride, bank, s), 8, 8);
                 put(l.combine_flag_offset(stride, bank, s), 8, 8);
+                put(l.clean_flag_offset(stride, bank, s), 8, 8);
                 for e in 0..l.local_experts {
                     put(l.expert_count_offset(stride, bank, s, e), 4, 4);
                 }
@@ -349,6 +362,7 @@ mod tests {
             assert!((l.dispatch_flag_off + lo).is_multiple_of(16));
             assert!((l.expert_count_off + lo).is_multiple_of(16));
             assert!((l.combine_flag_off + lo).is_multiple_of(16));
+            assert!((l.clean_flag_off + lo).is_multiple_of(8));
             assert!((l.data_off + lo).is_multiple_of(REGION_ALIGN));
         }
         // Banks do not overlap.

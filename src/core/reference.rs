@@ -223,6 +223,62 @@ pub fn gen_routing(rng: &mut SplitMix64, shape: LlShape, t: usize, routing: Rout
 }
 
 // ---------------------------------------------------------------------------------------------
+// Masks
+
+/// Which pairs of ranks exchange data in one operation (docs/LL.md, "Masks and timeouts").
+/// With rank masks, source s sends to d only while d is active in s's mask, and d reads from s
+/// only while s is active in d's mask; so s's tokens reach d (and d's expert outputs come back
+/// to s) exactly when each has the other active. Tests keep masks fixed between a dispatch and
+/// its combine and give no rank a peer that waits for it in vain (that would be a timeout, which
+/// this model does not cover).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LlLinks {
+    /// [s][d].
+    linked: Vec<Vec<bool>>,
+}
+
+impl LlLinks {
+    /// No masks: every pair linked.
+    pub fn all(nranks: usize) -> Self {
+        Self {
+            linked: vec![vec![true; nranks]; nranks],
+        }
+    }
+
+    /// From every rank's mask: `masks[r][x]` is rank r's view of rank x (true = active).
+    pub fn from_masks(masks: &[Vec<bool>]) -> Self {
+        let n = masks.len();
+        assert!(masks.iter().all(|m| m.len() == n), "one mask entry per rank");
+        Self {
+            linked: (0..n)
+                .map(|s| (0..n).map(|d| masks[s][d] && masks[d][s]).collect())
+                .collect(),
+        }
+    }
+
+    /// Ranks in `absent` neither send nor receive; the others all have each other active.
+    pub fn without(nranks: usize, absent: &[usize]) -> Self {
+        let masks: Vec<Vec<bool>> = (0..nranks)
+            .map(|r| {
+                (0..nranks)
+                    .map(|x| !absent.contains(&r) && !absent.contains(&x))
+                    .collect()
+            })
+            .collect();
+        Self::from_masks(&masks)
+    }
+
+    pub fn nranks(&self) -> usize {
+        self.linked.len()
+    }
+
+    /// Whether source s's tokens reach rank d (and d's outputs come back to s).
+    pub fn linked(&self, s: usize, d: usize) -> bool {
+        self.linked[s][d]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Routing as docs/LL.md defines it
 
 /// Where every selection goes, computed once from the world.
@@ -244,11 +300,21 @@ pub struct LlRoute {
     first: Vec<Vec<i64>>,
     /// [d][s][l]: distinct (token, expert) pairs s sends to local expert l of d (`expert_count`).
     expert_count: Vec<Vec<Vec<usize>>>,
+    /// Which sources reach which ranks (all pairs without masks).
+    links: LlLinks,
 }
 
 impl LlRoute {
     pub fn new(world: &LlWorld) -> Self {
+        Self::with_links(world, LlLinks::all(world.shape.nranks))
+    }
+
+    /// The routing when only the pairs `links` allows exchange data: slots, `pos` and counts
+    /// are what each source computes (over all its tokens); a receiver only places the rows of
+    /// linked sources, so its expert-major bases sum linked sources only.
+    pub fn with_links(world: &LlWorld, links: LlLinks) -> Self {
         world.check();
+        assert_eq!(links.nranks(), world.shape.nranks, "links of every rank");
         let sh = world.shape;
         let (n, l, k) = (sh.nranks, sh.local_experts(), sh.topk);
         let mut dest = Vec::with_capacity(n);
@@ -299,7 +365,13 @@ impl LlRoute {
             pos,
             first,
             expert_count,
+            links,
         }
+    }
+
+    /// Whether source s's tokens reach rank d.
+    pub fn linked(&self, s: usize, d: usize) -> bool {
+        self.links.linked(s, d)
     }
 
     /// (destination rank, slot) pairs of token t of rank s, in first-appearance order.
@@ -333,9 +405,10 @@ impl LlRoute {
     }
 
     /// Expert-major destination of selection (t, k) of rank s: (rank d, local expert l, row),
-    /// row = base[l][s] + pos with base[l][s] = Σ_{s' < s} expert_count[s'][l]. A duplicate k
-    /// gets the row of its first occurrence (the one row the token fills at that expert), which
-    /// is the row expert-major combine reads for it; `None` for no expert.
+    /// row = base[l][s] + pos with base[l][s] = Σ_{s' < s} expert_count[s'][l] over the sources
+    /// s' linked to d. A duplicate k gets the row of its first occurrence (the one row the token
+    /// fills at that expert), which is the row expert-major combine reads for it; `None` for no
+    /// expert or when s is not linked to d.
     pub fn em_row(&self, world: &LlWorld, s: usize, t: usize, k: usize) -> Option<(usize, usize, usize)> {
         let e = world.ranks[s].topk_idx[t * self.shape.topk + k];
         if e < 0 {
@@ -343,7 +416,13 @@ impl LlRoute {
         }
         let l_n = self.shape.local_experts();
         let (d, l) = (e as usize / l_n, e as usize % l_n);
-        let base: usize = (0..s).map(|s2| self.expert_count[d][s2][l]).sum();
+        if !self.linked(s, d) {
+            return None;
+        }
+        let base: usize = (0..s)
+            .filter(|&s2| self.linked(s2, d))
+            .map(|s2| self.expert_count[d][s2][l])
+            .sum();
         Some((d, l, base + self.pos(s, t, k) as usize))
     }
 }
@@ -397,7 +476,19 @@ pub fn ll_dispatch_ref(
     recv_kind: ExpertIdKind,
     poison: LlPoison,
 ) -> Vec<LlDispatchOut> {
-    let route = LlRoute::new(world);
+    ll_dispatch_ref_masked(world, layout, recv_kind, poison, &LlLinks::all(world.shape.nranks))
+}
+
+/// Dispatch with rank masks: a source not linked to a rank is absent there (0 tokens, no rows,
+/// expert-major rows of the other sources packed without it).
+pub fn ll_dispatch_ref_masked(
+    world: &LlWorld,
+    layout: Layout,
+    recv_kind: ExpertIdKind,
+    poison: LlPoison,
+    links: &LlLinks,
+) -> Vec<LlDispatchOut> {
+    let route = LlRoute::with_links(world, links.clone());
     let sh = world.shape;
     let (n, b, h, k, l) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk, sh.local_experts());
     let token = |s: usize, t: usize| &world.ranks[s].tokens[t * h..(t + 1) * h];
@@ -407,7 +498,12 @@ pub fn ll_dispatch_ref(
                 .map(|d| {
                     // Distinct (token, expert) pairs: at most one per source token, so <= N·B.
                     let counters: Vec<i32> = (0..l)
-                        .map(|le| (0..n).map(|s| route.expert_count(d, s, le)).sum::<usize>() as i32)
+                        .map(|le| {
+                            (0..n)
+                                .filter(|&s| route.linked(s, d))
+                                .map(|s| route.expert_count(d, s, le))
+                                .sum::<usize>() as i32
+                        })
                         .collect();
                     (vec![poison.token; l * n * b * h], counters)
                 })
@@ -436,6 +532,9 @@ pub fn ll_dispatch_ref(
                 let mut topk_idx = vec![-1i32; n * b * k];
                 let mut topk_weights = vec![poison.weight; n * b * k];
                 for (s, inp) in world.ranks.iter().enumerate() {
+                    if !route.linked(s, d) {
+                        continue;
+                    }
                     for t in 0..inp.num_tokens {
                         let Some(&(_, i)) = route.dests(s, t).iter().find(|&&(dd, _)| dd == d) else {
                             continue;
@@ -454,7 +553,9 @@ pub fn ll_dispatch_ref(
                         }
                     }
                 }
-                let src_rank_counters = (0..n).map(|s| route.sent(s, d) as i32).collect();
+                let src_rank_counters = (0..n)
+                    .map(|s| if route.linked(s, d) { route.sent(s, d) as i32 } else { 0 })
+                    .collect();
                 LlDispatchOut::RankMajor {
                     tokens,
                     topk_idx,
@@ -487,7 +588,13 @@ pub enum LlCombineIn<'a> {
 /// RM: out[t] = Σ y_d[me][slot_d(t)] over the distinct destination ranks d in first-appearance
 /// order. Both accumulate in f32 from +0 and round to bf16 once; no valid expert gives 0.
 pub fn ll_combine_ref(world: &LlWorld, input: LlCombineIn<'_>) -> Vec<Vec<u16>> {
-    let route = LlRoute::new(world);
+    ll_combine_ref_masked(world, input, &LlLinks::all(world.shape.nranks))
+}
+
+/// Combine with rank masks: contributions of expert ranks not linked to the token's source are
+/// left out, with no renormalisation of the remaining weights.
+pub fn ll_combine_ref_masked(world: &LlWorld, input: LlCombineIn<'_>, links: &LlLinks) -> Vec<Vec<u16>> {
+    let route = LlRoute::with_links(world, links.clone());
     let sh = world.shape;
     let (n, b, h, k) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk);
     let l = sh.local_experts();
@@ -530,7 +637,7 @@ pub fn ll_combine_ref(world: &LlWorld, input: LlCombineIn<'_>) -> Vec<Vec<u16>> 
                         }
                     }
                     LlCombineIn::RankMajor { y } => {
-                        for &(d, slot) in route.dests(s, t) {
+                        for &(d, slot) in route.dests(s, t).iter().filter(|&&(d, _)| route.linked(s, d)) {
                             let src = &y[d][(s * b + slot) * h..][..h];
                             for (a, &v) in acc.iter_mut().zip(src) {
                                 *a += bf16_to_f32(v);

@@ -40,4 +40,8 @@ pub static KERNEL_FILES: &[KernelFile] = &[
         source: crate::runtime::kernels::LL_COMBINE,
         variants: crate::runtime::kernels::ll_combine_variants,
     },
+    KernelFile {
+        source: crate::runtime::kernels::LL_CLEAN,
+        variants: crate::runtime::kernels::ll_clean_variants,
+    },
 ];

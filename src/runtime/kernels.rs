@@ -29,11 +29,25 @@ pub const LL_COMBINE: KernelSource = KernelSource {
     ),
 };
 
+pub const LL_CLEAN: KernelSource = KernelSource {
+    name: "ll_clean.cu",
+    source: concat!(
+        include_str!("../../kernels/ll_common.cuh"),
+        "\n",
+        include_str!("../../kernels/ll_clean.cu")
+    ),
+};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LlKind {
     Dispatch,
     Combine,
+    /// The barrier of `ncclEpMaskClean` (one block; top-k, layout and index width unused).
+    Clean,
 }
+
+/// Threads of the clean kernel (one per rank at most; its `__launch_bounds__`).
+pub const LL_CLEAN_THREADS: u32 = 64;
 
 /// One compiled specialisation: the kernel, its top-k, layout and routing-index width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -62,10 +76,21 @@ impl LlKernel {
         }
     }
 
+    /// The one variant of the clean kernel.
+    pub fn clean() -> Self {
+        Self {
+            kind: LlKind::Clean,
+            topk: 1,
+            expert_major: false,
+            idx64: false,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self.kind {
             LlKind::Dispatch => "ll_dispatch",
             LlKind::Combine => "ll_combine",
+            LlKind::Clean => "ll_clean",
         }
     }
 
@@ -73,6 +98,7 @@ impl LlKernel {
         match self.kind {
             LlKind::Dispatch => &LL_DISPATCH,
             LlKind::Combine => &LL_COMBINE,
+            LlKind::Clean => &LL_CLEAN,
         }
     }
 
@@ -86,6 +112,9 @@ impl LlKernel {
     /// Every variant the library may compile for one kernel: K in 1..=32, both layouts,
     /// both routing-index widths.
     pub fn variants(kind: LlKind) -> Vec<LlKernel> {
+        if kind == LlKind::Clean {
+            return vec![Self::clean()];
+        }
         let mut v = Vec::new();
         for topk in 1..=crate::core::config::LL_MAX_TOPK {
             for expert_major in [false, true] {
@@ -105,7 +134,7 @@ impl LlKernel {
     /// Dynamic shared memory of one launch (bytes).
     pub fn smem_bytes(&self, p: &LlParams, blocks: u32) -> usize {
         match self.kind {
-            LlKind::Combine => 0,
+            LlKind::Combine | LlKind::Clean => 0,
             LlKind::Dispatch => {
                 let tpb = (p.num_tokens.max(0) as usize).div_ceil(blocks.max(1) as usize);
                 let route = 4 * (2 * self.topk as usize + 1);
@@ -131,8 +160,19 @@ impl LlKernel {
     }
 }
 
+/// Compiles (or finds in the cache) and loads one LL kernel now, so that a later launch does not
+/// compile while peers already wait for it (the clean kernel of groups with `enable_mask`).
+pub fn preload(device: i32, k: LlKernel) -> Result<()> {
+    let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
+    k.function(device).map(|_| ())
+}
+
 /// Compiles (or finds in the cache) and launches one LL kernel on the caller's stream.
 pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cudaStream_t) -> Result<()> {
+    let threads = match k.kind {
+        LlKind::Clean => LL_CLEAN_THREADS,
+        _ => crate::runtime::ll::LL_THREADS,
+    };
     let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
     let f = k.function(device)?;
     let smem = k.smem_bytes(p, blocks);
@@ -145,14 +185,7 @@ pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cu
     // validated against the caller's tensors, which must outlive the operation (C contract).
     unsafe {
         let stream = Stream::from_raw(stream.cast());
-        launch(
-            f,
-            blocks,
-            crate::runtime::ll::LL_THREADS,
-            smem as u32,
-            stream,
-            &mut args,
-        )
+        launch(f, blocks, threads, smem as u32, stream, &mut args)
     }
 }
 
@@ -167,6 +200,14 @@ pub fn ll_dispatch_variants() -> Vec<Defines> {
 /// Define sets of every combine variant.
 pub fn ll_combine_variants() -> Vec<Defines> {
     LlKernel::variants(LlKind::Combine)
+        .iter()
+        .map(LlKernel::defines)
+        .collect()
+}
+
+/// Define sets of the clean kernel (one).
+pub fn ll_clean_variants() -> Vec<Defines> {
+    LlKernel::variants(LlKind::Clean)
         .iter()
         .map(LlKernel::defines)
         .collect()

@@ -13,7 +13,9 @@ use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, Membership};
 use crate::runtime::handle::Handle;
 use crate::runtime::kernels::{LlKernel, launch_ll};
-use crate::runtime::ll_params::{EP_STATE_BYTES, LL_MAX_RANKS, LlParams, PHASE_RECV, PHASE_SEND};
+use crate::runtime::ll_params::{
+    EP_STATE_BYTES, ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
+};
 use crate::transport::ipc::OpenedPeers;
 
 /// Threads per block of the LL kernels (their `__launch_bounds__`).
@@ -45,12 +47,19 @@ pub struct LlState {
     pub peers: PeerTable,
     /// `struct EpState` (epoch and block counters), zeroed at creation.
     pub state: GroupMem,
-    /// Host-visible flag the kernels raise when a wait times out.
+    /// Host-mapped status (`ERR_BLOCK_BYTES`): the async error flag the kernels raise when a wait
+    /// times out, and the ranks that missed the last `ncclEpMaskClean` barrier.
     pub err: PinnedHostMem,
+    /// `enable_mask`: the mask block (`int mask[64]`, 1 = active, then the per-source decisions
+    /// of the current operation, see `MASK_BLOCK_BYTES`), all ranks active at creation.
+    pub mask: Option<GroupMem>,
+    /// `ncclEpMaskClean` calls so far (the barrier's tag).
+    pub clean_seq: u32,
     pub pending: Option<Pending>,
     /// Blocks per LL kernel.
     pub blocks: u32,
-    pub timeout_cycles: i64,
+    /// Bound on every GPU wait (0 = none).
+    pub timeout_ns: i64,
     /// `NCCL_EP_PROFILE=1`: per-block phase timestamps (debugging only: each launch then waits).
     pub prof: Option<PinnedHostMem>,
 }
@@ -68,18 +77,37 @@ impl LlState {
         let state = GroupMem::alloc(dev, EP_STATE_BYTES, g.custom_alloc)?;
         // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
         unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, memory::Stream::LEGACY_DEFAULT)? };
+        let mask = if g.params.enable_mask {
+            let m = GroupMem::alloc(dev, MASK_BLOCK_BYTES, g.custom_alloc)?;
+            // SAFETY: the block holds MASK_BLOCK_BYTES: 64 ints of 1, then zeroed decisions
+            // (tag 0 is never the tag of an operation).
+            unsafe {
+                memory::memset_d32_async(m.ptr(), 1, LL_MAX_RANKS, memory::Stream::LEGACY_DEFAULT)?;
+                memory::memset_d8_async(
+                    m.ptr() + MASK_DECIDE_OFF as u64,
+                    0,
+                    MASK_BLOCK_BYTES - MASK_DECIDE_OFF,
+                    memory::Stream::LEGACY_DEFAULT,
+                )?;
+            }
+            Some(m)
+        } else {
+            None
+        };
         memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
-        let err = PinnedHostMem::alloc(dev, 4)?;
+        if mask.is_some() {
+            // ncclEpMaskClean's barrier must not start compiling while peers already wait in it.
+            crate::runtime::kernels::preload(dev, LlKernel::clean())?;
+        }
+        let err = PinnedHostMem::alloc(dev, ERR_BLOCK_BYTES)?;
         let sms = crate::cuda::driver::sm_count(dev)? as u32;
         let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
         if g.params.max_num_sms != 0 {
             blocks = blocks.min(g.params.max_num_sms);
         }
-        let khz = crate::cuda::driver::device_attribute(
-            dev,
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,
-        )? as i64;
-        let timeout_cycles = ((g.params.timeout_ns as i128 * khz as i128) / 1_000_000).min(i64::MAX as i128) as i64;
+        // Kernels measure waits with the GPU's nanosecond timer (%globaltimer), not in SM cycles,
+        // whose rate varies with the clock.
+        let timeout_ns = g.params.timeout_ns.min(i64::MAX as u64) as i64;
         let prof = match std::env::var("NCCL_EP_PROFILE").as_deref() {
             Ok("1") => Some(PinnedHostMem::alloc(dev, 64 * blocks as usize)?),
             _ => None,
@@ -89,9 +117,11 @@ impl LlState {
             peers: PeerTable::Unset,
             state,
             err,
+            mask,
+            clean_seq: 0,
             pending: None,
             blocks,
-            timeout_cycles,
+            timeout_ns,
             prof,
         })
     }
@@ -111,6 +141,16 @@ impl LlState {
         unsafe {
             (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32))
                 .store(0, std::sync::atomic::Ordering::Release)
+        }
+    }
+
+    /// Ranks (bit set) that did not reach the last `ncclEpMaskClean` barrier in time; valid once
+    /// that call's stream has been synchronised.
+    fn clean_missing(&self) -> u64 {
+        // SAFETY: the status block holds ERR_BLOCK_BYTES; the u64 at 8 is written by ll_clean.
+        unsafe {
+            (*(self.err.host_ptr().cast::<u8>().add(8) as *const std::sync::atomic::AtomicU64))
+                .load(std::sync::atomic::Ordering::Acquire)
         }
     }
 }
@@ -198,10 +238,15 @@ fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     p.off_dflag = lay.dispatch_flag_off as u64;
     p.off_ecount = lay.expert_count_off as u64;
     p.off_cflag = lay.combine_flag_off as u64;
+    p.off_clean = lay.clean_flag_off as u64;
     p.off_data = lay.data_off as u64;
     p.state = ll.state.ptr();
     p.err = ll.err.device_ptr();
-    p.timeout_cycles = ll.timeout_cycles;
+    if let Some(m) = &ll.mask {
+        p.mask = m.ptr();
+        p.decide = m.ptr() + MASK_DECIDE_OFF as u64;
+    }
+    p.timeout_ns = ll.timeout_ns;
     p.rank = g.params.rank as i32;
     p.nranks = g.params.nranks as i32;
     p.num_experts = g.params.num_experts as i32;
@@ -375,4 +420,102 @@ pub fn complete(g: &mut Group, h: &mut Handle, stream: cudaStream_t) -> Result<(
     launch(g, pend.kernel, &mut p, stream)?;
     g.ll_mut()?.pending = None;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masks (docs/LL.md, "Masks and timeouts")
+
+/// The mask block of a group created with `enable_mask`.
+fn mask_ptr(g: &Group) -> Result<u64> {
+    g.ll()?
+        .mask
+        .as_ref()
+        .map(GroupMem::ptr)
+        .ok_or_else(|| crate::internal_err!("a group with enable_mask has no mask buffer"))
+}
+
+/// `ncclEpMaskQuery`: copies the mask (`int[N]`, 1 active, 0 masked) into the caller's device
+/// array, queued on `stream`.
+pub fn mask_query(g: &Group, out: u64, stream: cudaStream_t) -> Result<()> {
+    let src = mask_ptr(g)?;
+    let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
+    // SAFETY: the mask holds N ints; `out` is the caller's device array of N ints (C contract).
+    unsafe {
+        memory::memcpy_dtod_async(
+            out,
+            src,
+            4 * g.params.nranks as usize,
+            memory::Stream::from_raw(stream.cast()),
+        )
+    }
+}
+
+/// `ncclEpMaskUpdate`: copies the caller's host array `int[N]` into the mask, queued on `stream`
+/// (non-zero = active). The host array must stay valid until the copy ran; CUDA copies pageable
+/// memory before returning (and may wait for the stream first).
+pub fn mask_update(g: &Group, host: *const std::ffi::c_int, stream: cudaStream_t) -> Result<()> {
+    let dst = mask_ptr(g)?;
+    let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
+    // SAFETY: the mask holds N ints; `host` holds N ints (C contract).
+    unsafe {
+        memory::memcpy_htod_async(
+            dst,
+            host.cast(),
+            4 * g.params.nranks as usize,
+            memory::Stream::from_raw(stream.cast()),
+        )
+    }
+}
+
+/// `ncclEpMaskClean` (collective over the ranks that take part): the mask-aware barrier of
+/// kernels/ll_clean.cu, which also brings every rank to the same epoch; then every rank active
+/// again, and the stream synchronised. Ranks that did not reach the barrier within the timeout
+/// stay masked and the call fails with `ncclTimeout` (the async error flag is raised too).
+pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
+    let mask = mask_ptr(g)?;
+    crate::ensure_usage!(
+        g.ll()?.pending.is_none(),
+        "a send_only operation is pending on this group: call ncclEpComplete before ncclEpMaskClean"
+    );
+    crate::ensure_usage!(
+        buffer_bytes(g)? > 0,
+        "the group has no low-latency buffer yet (NCCL_EP_AUTO allocates it at the first handle): \
+         create a handle before ncclEpMaskClean"
+    );
+    // Signal offsets do not depend on K: any layout that fits the buffer gives them.
+    let lay = layout(g, 1)?;
+    let mut p = base_params(g, &lay)?;
+    let ll = g.ll_mut()?;
+    ll.clean_seq = ll.clean_seq.wrapping_add(1).max(1);
+    p.clean_seq = ll.clean_seq as i32;
+    let n = g.params.nranks as usize;
+    launch_ll(g.device, LlKernel::clean(), &p, 1, stream)?;
+    let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
+    // SAFETY: the caller's stream (C contract); the mask holds N ints.
+    let s = unsafe { memory::Stream::from_raw(stream.cast()) };
+    unsafe { memory::memset_d32_async(mask, 1, n, s)? };
+    memory::stream_synchronize(s)?;
+    let missing = g.ll()?.clean_missing();
+    if missing == 0 {
+        return Ok(());
+    }
+    let ranks: Vec<String> = (0..n)
+        .filter(|r| missing >> r & 1 == 1)
+        .map(|r| r.to_string())
+        .collect();
+    for r in 0..n {
+        if missing >> r & 1 == 1 {
+            // SAFETY: entry r of the mask.
+            unsafe { memory::memset_d32_async(mask + 4 * r as u64, 0, 1, s)? };
+        }
+    }
+    memory::stream_synchronize(s)?;
+    Err(crate::core::error::Error::new(
+        crate::core::error::ErrorKind::Timeout,
+        format!(
+            "rank(s) {} did not reach ncclEpMaskClean within {:.1} ms: they stay masked (the async error flag is raised)",
+            ranks.join(", "),
+            g.params.timeout_ns as f64 / 1e6
+        ),
+    ))
 }

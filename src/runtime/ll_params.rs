@@ -5,6 +5,14 @@
 pub const LL_MAX_RANKS: usize = 64;
 /// Bytes of the group's device state (`struct EpState`).
 pub const EP_STATE_BYTES: usize = 64;
+/// Bytes of the mask block of a group with `enable_mask`: `int mask[64]` (1 = active), then
+/// `u64 decide[64]` (per-source decisions of the current operation, kernels/ll_common.cuh).
+pub const MASK_BLOCK_BYTES: usize = 4 * LL_MAX_RANKS + 8 * LL_MAX_RANKS;
+/// Offset of `decide` in the mask block.
+pub const MASK_DECIDE_OFF: usize = 4 * LL_MAX_RANKS;
+/// Bytes of the host-mapped status block: `int err` (the async error flag) at 0, then
+/// `u64 clean_missing` at 8 (ranks that did not reach the last ncclEpMaskClean barrier).
+pub const ERR_BLOCK_BYTES: usize = 16;
 
 pub const PHASE_SEND: i32 = 1;
 pub const PHASE_RECV: i32 = 2;
@@ -29,7 +37,10 @@ pub struct LlParams {
     pub state: u64,
     pub err: u64,
     pub prof: u64,
-    pub timeout_cycles: i64,
+    pub mask: u64,
+    pub decide: u64,
+    pub off_clean: u64,
+    pub timeout_ns: i64,
     pub rank: i32,
     pub nranks: i32,
     pub num_experts: i32,
@@ -42,6 +53,8 @@ pub struct LlParams {
     pub cmsg: i32,
     pub phases: i32,
     pub recv_global: i32,
+    pub clean_seq: i32,
+    pub pad0: i32,
 }
 
 impl Default for LlParams {
@@ -58,7 +71,7 @@ mod tests {
     /// The kernel side checks the same number with a static_assert (kernels/ll_common.cuh).
     #[test]
     fn size_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 17 * 8 + 12 * 4);
-        assert_eq!(std::mem::size_of::<LlParams>(), 696);
+        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 20 * 8 + 14 * 4);
+        assert_eq!(std::mem::size_of::<LlParams>(), 728);
     }
 }

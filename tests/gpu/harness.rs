@@ -135,6 +135,32 @@ impl DevTensor {
         let n = self.bytes / std::mem::size_of::<T>();
         self.upload(&vec![v; n])
     }
+    /// Fills the current extent with a 32-bit pattern on the legacy stream (no host copy; the
+    /// caller synchronises the legacy stream before relying on it).
+    pub fn fill32(&self, word: u32) -> Result<(), String> {
+        assert!(self.bytes.is_multiple_of(4), "fill32 of {} bytes", self.bytes);
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        let _g = CtxGuard::enter(self.mem.device()).map_err(|e| e.msg)?;
+        unsafe { memory::memset_d32_async(self.mem.ptr(), word, self.bytes / 4, memory::Stream::LEGACY_DEFAULT) }
+            .map_err(|e| e.msg)
+    }
+    /// New extents (same rank, at most the allocation) and data type; the descriptor follows.
+    pub fn reshape(&mut self, dt: i32, sizes: &[usize]) {
+        assert_eq!(sizes.len(), self.sizes.len(), "reshape keeps the rank");
+        let bytes = sizes.iter().product::<usize>() * dtype::elem_bytes(dt).unwrap();
+        assert!(bytes <= self.mem.len().max(16), "reshape past the allocation");
+        self.sizes.copy_from_slice(sizes);
+        self.desc.datatype = dt;
+        self.bytes = bytes;
+    }
+}
+
+/// Synchronises the legacy stream of device 0 (after `fill32`).
+pub fn sync_legacy() -> Result<(), String> {
+    let _g = CtxGuard::enter(0).map_err(|e| e.msg)?;
+    memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT).map_err(|e| e.msg)
 }
 
 /// One test configuration of a low-latency round.
@@ -344,12 +370,24 @@ pub fn compare_bf16_close(what: &str, got: &[u16], want: &[u16]) -> Result<(), S
 
 /// Checks every rank's dispatch outputs against the reference.
 pub fn check_dispatch(c: &Case, world: &LlWorld, bufs: &[RankBufs]) -> Result<(), String> {
+    let all: Vec<usize> = (0..c.nranks).collect();
+    check_dispatch_links(c, world, bufs, &LlLinks::all(c.nranks), &all)
+}
+
+/// Checks the dispatch outputs of `ranks` against the reference with rank masks (`links`).
+pub fn check_dispatch_links(
+    c: &Case,
+    world: &LlWorld,
+    bufs: &[RankBufs],
+    links: &LlLinks,
+    ranks: &[usize],
+) -> Result<(), String> {
     let kind = if c.global_ids {
         ExpertIdKind::Global
     } else {
         ExpertIdKind::Local
     };
-    let want = ll_dispatch_ref(
+    let want = ll_dispatch_ref_masked(
         world,
         c.layout,
         kind,
@@ -357,8 +395,12 @@ pub fn check_dispatch(c: &Case, world: &LlWorld, bufs: &[RankBufs]) -> Result<()
             token: POISON_TOKEN,
             weight: POISON_WEIGHT,
         },
+        links,
     );
     for (r, (b, w)) in bufs.iter().zip(&want).enumerate() {
+        if !ranks.contains(&r) {
+            continue;
+        }
         compare(
             &format!("rank {r} dispatch tokens"),
             &b.out.download::<u16>()?,
@@ -433,13 +475,55 @@ pub fn check_combine(
     xs: &[Vec<u16>],
     ws: &[Vec<f32>],
 ) -> Result<(), String> {
+    let all: Vec<usize> = (0..c.nranks).collect();
+    check_combine_links(c, world, bufs, xs, ws, &LlLinks::all(c.nranks), &all)
+}
+
+/// Checks the combine outputs of `ranks` against the reference with rank masks (`links`).
+pub fn check_combine_links(
+    c: &Case,
+    world: &LlWorld,
+    bufs: &[RankBufs],
+    xs: &[Vec<u16>],
+    ws: &[Vec<f32>],
+    links: &LlLinks,
+    ranks: &[usize],
+) -> Result<(), String> {
     let input = match c.layout {
         Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: xs, weights: ws },
         _ => LlCombineIn::RankMajor { y: xs },
     };
-    let want = ll_combine_ref(world, input);
+    let want = ll_combine_ref_masked(world, input, links);
     for (r, (b, w)) in bufs.iter().zip(&want).enumerate() {
+        if !ranks.contains(&r) {
+            continue;
+        }
         compare_bf16_close(&format!("rank {r} combine"), &b.comb_out.download::<u16>()?, w)?;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masks
+
+/// `ncclEpMaskQuery` of one rank, read back (waits for `s`).
+pub fn mask_of(g: ncclEpGroup_t, nranks: usize, s: &Stream) -> Result<Vec<i32>, String> {
+    let t = DevTensor::new(0, dtype::INT32, &[nranks])?;
+    t.fill(-1i32)?;
+    ep_ok!(nccl_ep::abi::mask::ncclEpMaskQuery(g, t.mem.ptr() as *mut i32, s.raw()));
+    s.sync()?;
+    t.download::<i32>()
+}
+
+/// `ncclEpMaskUpdate` of one rank from a host array (waits for `s`).
+pub fn set_mask(g: ncclEpGroup_t, mask: &[i32], s: &Stream) -> Result<(), String> {
+    ep_ok!(nccl_ep::abi::mask::ncclEpMaskUpdate(g, mask.as_ptr(), s.raw()));
+    s.sync()
+}
+
+/// `ncclEpGetAsyncError` of one rank.
+pub fn async_error(g: ncclEpGroup_t) -> Result<i32, String> {
+    let mut e = -1;
+    ep_ok!(nccl_ep::abi::mask::ncclEpGetAsyncError(g, &mut e));
+    Ok(e)
 }
