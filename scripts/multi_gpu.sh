@@ -13,7 +13,9 @@
 #   2. one process with one thread per GPU (ncclCommInitAll over the first N GPUs);
 # then prints one line per rank (PASS/FAIL) and exits 1 if anything failed.
 #
-# Logs: $OUT/multi-gpu/rank-R.log and threads.log (OUT unset: build/multi-gpu under the repo).
+# Logs: $OUT/multi-gpu/rank-R.log and threads.log (OUT unset: build/multi-gpu under the repo);
+# MULTI_GPU_TAR=1 packs them into $OUT/multi-gpu.tar.gz instead. The end of every failing log is
+# printed.
 # Environment: MULTI_GPU_LAUNCHER=auto|mpirun|plain, MULTI_GPU_THREADS=0 (skip step 2),
 #   MULTI_GPU_PROCS=0 (skip step 1), MULTI_GPU_TIMEOUT (seconds per step, default 900),
 #   MULTI_GPU_MPIRUN_ARGS (extra mpirun arguments), EP_NCCL_LIB (the libnccl.so.2 to load),
@@ -158,6 +160,12 @@ if [[ "${MULTI_GPU_THREADS:-1}" != 0 ]]; then
    EP_MULTI_GPUS=$N timeout "$((T + 60))" "$BIN" --nocapture >"$LOGDIR/threads.log" 2>&1)
   summarize "$LOGDIR/threads.log" "[threads]" "$?"
   echo "   ($(( $(date +%s) - start )) s)"
+fi
+
+if [[ "${MULTI_GPU_TAR:-0}" == 1 ]]; then
+  # One file instead of N + 2 (for tools that bring back only a few files).
+  tar -czf "$LOGDIR.tar.gz" -C "$(dirname "$LOGDIR")" "$(basename "$LOGDIR")" && rm -rf "$LOGDIR" &&
+    echo "== logs: $LOGDIR.tar.gz"
 fi
 
 echo "== summary"

@@ -1002,8 +1002,11 @@ fn multi_gpu() {
     let launch = launch_from_env().unwrap_or_else(|e| panic!("{e}"));
     if !gpu_present() {
         println!("skipped: no CUDA device");
-        if launch.is_some() {
-            println!("RESULT: FAIL (a launcher asked for ranks but there is no CUDA device)");
+        if let Some(l) = &launch {
+            println!(
+                "RESULT rank {}/{}: FAIL (a launcher asked for ranks but there is no CUDA device)",
+                l.rank, l.world
+            );
             panic!("no CUDA device");
         }
         return;
