@@ -150,6 +150,7 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 ]]; then
       summarize "$LOGDIR/rank-$r.log" "[procs]" "$?"
     done
   fi
+  rmdir "$EP_BOOTSTRAP_DIR" 2>/dev/null   # rank 0 removes the id file once every rank has joined
   echo "   ($(( $(date +%s) - start )) s)"
 fi
 
