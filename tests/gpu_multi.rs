@@ -1,0 +1,1095 @@
+#![allow(
+    clippy::needless_range_loop,
+    clippy::macro_metavars_in_unsafe,
+    clippy::too_many_arguments
+)]
+//! Dispatch and combine on real NCCL communicators, one rank per GPU (issue 7), checked against
+//! the CPU reference on every rank.
+//!
+//! Two ways to run it:
+//! - **one process per rank**: the launcher sets the rank and world size (`EP_RANK`/`EP_WORLD`,
+//!   or `mpirun`'s `OMPI_COMM_WORLD_*` / `PMI_*`; no MPI library is used). Rank 0 writes the NCCL
+//!   unique id into `EP_BOOTSTRAP_DIR`, every rank reads it and calls `ncclCommInitRank` on
+//!   device `local rank % visible devices` (tests/gpu/multi.rs). `scripts/multi_gpu.sh N` does
+//!   all of this;
+//! - **one process, one thread per GPU** (no launcher variables): `ncclCommInitAll` over every
+//!   visible GPU (`EP_MULTI_GPUS=n` takes the first n); with one GPU that is a 1-rank world.
+//!
+//! Each rank creates its groups on the communicator with `ncclEpCreateGroup` and runs the same
+//! steps in the same order. Every rank regenerates every rank's routing, tokens, expert outputs
+//! and weights from a shared seed, so each one can compute the whole world's reference and
+//! compare its own outputs with it: nothing but the library's own traffic crosses ranks.
+//!
+//! Steps (`STEPS`): LL matrix (both layouts, K 1/2/8, H 2048/7168, T 0/1/B/random, uniform,
+//! skewed and duplicate-expert routings, int32/int64 ids, local/global ids), LL send_only +
+//! ncclEpComplete, two handles interleaved on one group (the AUTO buffer grows, collectively),
+//! LL CUDA-graph replays, and HT rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment),
+//! which print "skipped" while the library answers HT with "not implemented yet".
+//!
+//! Environment: `EP_MULTI_QUICK=1` (fewer LL matrix rounds), `EP_MULTI_ONLY=a,b` (steps whose
+//! name contains one of these), `EP_MULTI_SEED`, `EP_MULTI_KEEP_GOING=1` (go on after a mismatch;
+//! default: the first mismatch ends the process with status 1, its peers then time out),
+//! `EP_MULTI_TIMEOUT_S` (default 900: the process exits 124 when still running), plus those
+//! of tests/gpu/multi.rs. Each rank ends with one line `RESULT rank r/N: PASS|FAIL ...`.
+//! Without a GPU (or without libnccl.so.2, when no launcher asked for ranks) it prints
+//! "skipped".
+
+#[path = "gpu/harness.rs"]
+mod harness;
+#[path = "gpu/multi.rs"]
+mod multi;
+
+use harness::*;
+use multi::*;
+use nccl_ep::abi::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
+use nccl_ep::abi::group::{ncclEpCreateGroup, ncclEpGroupDestroy};
+use nccl_ep::abi::guard::struct_default;
+use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
+use nccl_ep::abi::ops::{ncclEpCombine, ncclEpDispatch};
+use nccl_ep::abi::types::*;
+use nccl_ep::core::ht_reference::{HtCombineIn, HtConfig, HtDispatchIn, HtDtype, HtPlan, random_tokens};
+use nccl_ep::core::reference::*;
+use std::time::Instant;
+
+// ---------------------------------------------------------------------------------------------
+// One rank
+
+#[derive(Clone, Debug)]
+struct Opts {
+    quick: bool,
+    keep_going: bool,
+    seed: u64,
+    only: Vec<String>,
+}
+
+impl Opts {
+    fn from_env() -> Opts {
+        let flag = |n: &str| std::env::var(n).is_ok_and(|v| v == "1");
+        Opts {
+            quick: flag("EP_MULTI_QUICK"),
+            keep_going: flag("EP_MULTI_KEEP_GOING"),
+            seed: std::env::var("EP_MULTI_SEED")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2026),
+            only: std::env::var("EP_MULTI_ONLY")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        }
+    }
+}
+
+/// What one rank knows about itself.
+struct Rank<'a> {
+    rank: usize,
+    world: usize,
+    device: i32,
+    comm: ncclComm_t,
+    nccl: &'a NcclLib,
+    opts: &'a Opts,
+    who: String,
+}
+
+impl Rank<'_> {
+    /// The same random stream on every rank, one per (step, part).
+    fn rng(&self, step: &str, part: u64) -> SplitMix64 {
+        let h = step.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+            (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        SplitMix64::new(self.opts.seed ^ h ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+    fn barrier(&self) -> Result<(), String> {
+        self.nccl.sum_i64(self.comm, self.device, &[0]).map(|_| ())
+    }
+}
+
+/// Rounds passed, failed and skipped on one rank.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: Vec<String>,
+    skipped: Vec<String>,
+}
+
+impl Tally {
+    /// Records one round: `bad` holds its mismatches. Unless EP_MULTI_KEEP_GOING=1 the first
+    /// failing round ends the step (an Err the runner turns into the process's exit).
+    fn record(&mut self, r: &Rank, what: &str, bad: Vec<String>) -> Result<(), String> {
+        if bad.is_empty() {
+            self.passed += 1;
+            return Ok(());
+        }
+        let msg = format!("{what}: {}", bad.join("; "));
+        println!("{}: FAILED {msg}", r.who);
+        self.failed.push(msg.clone());
+        if r.opts.keep_going {
+            Ok(())
+        } else {
+            Err(format!("mismatch (EP_MULTI_KEEP_GOING=1 goes on): {msg}"))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Library objects with destructors
+
+struct Group(ncclEpGroup_t);
+
+impl Group {
+    fn new(r: &Rank, cfg: &ncclEpGroupConfig_t) -> Result<Group, String> {
+        let mut g = std::ptr::null_mut();
+        ep_ok!(ncclEpCreateGroup(&mut g, r.comm, cfg));
+        Ok(Group(g))
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        unsafe { ncclEpGroupDestroy(self.0) };
+    }
+}
+
+struct Handle(ncclEpHandle_t);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        unsafe { ncclEpHandleDestroy(self.0) };
+    }
+}
+
+fn ll_handle(c: &Case, g: &Group, b: &mut RankBufs, s: &Stream) -> Result<Handle, String> {
+    let mut h = std::ptr::null_mut();
+    ep_ok!(ncclEpCreateHandle(
+        &mut h,
+        g.0,
+        c.layout.raw(),
+        b.topk.ptr(),
+        std::ptr::null(),
+        std::ptr::null(),
+        s.raw()
+    ));
+    Ok(Handle(h))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Low-latency rounds, one rank's share
+
+fn ll_case(r: &Rank, layout: Layout, hidden: usize) -> Case {
+    let n = r.world;
+    Case {
+        nranks: n,
+        local_experts: 4.max(8usize.div_ceil(n)),
+        max_tokens: 64,
+        hidden,
+        topk: 8,
+        tokens: None,
+        layout,
+        routing: Routing::Uniform,
+        send_only: false,
+        idx64: true,
+        global_ids: false,
+        seed: 1,
+    }
+}
+
+/// Every rank's expert outputs (bf16 bits, the full x tensor) and EM combine weights [T_r, K].
+fn combine_inputs(c: &Case, world: &LlWorld, rng: &mut SplitMix64) -> CombineInputs {
+    let (n, l, b, h) = (c.nranks, c.local_experts, c.max_tokens, c.hidden);
+    let rows = match c.layout {
+        Layout::ExpertMajor => l * n * b,
+        _ => n * b,
+    };
+    let mut xs = Vec::with_capacity(n);
+    let mut ws = Vec::with_capacity(n);
+    for inp in &world.ranks {
+        xs.push(
+            (0..rows * h)
+                .map(|_| f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0))
+                .collect(),
+        );
+        ws.push((0..inp.num_tokens * c.topk).map(|_| rng.unit_f32()).collect());
+    }
+    (xs, ws)
+}
+
+fn upload_combine_inputs(b: &RankBufs, me: usize, xs: &[Vec<u16>], ws: &[Vec<f32>]) -> Result<(), String> {
+    b.x.upload(&xs[me])?;
+    b.comb_w.upload(&ws[me])
+}
+
+/// This rank's dispatch outputs against the reference: the mismatches (empty when equal).
+fn check_dispatch_rank(c: &Case, world: &LlWorld, me: usize, b: &RankBufs) -> Result<Vec<String>, String> {
+    let kind = if c.global_ids {
+        ExpertIdKind::Global
+    } else {
+        ExpertIdKind::Local
+    };
+    let want = ll_dispatch_ref(
+        world,
+        c.layout,
+        kind,
+        LlPoison {
+            token: POISON_TOKEN,
+            weight: POISON_WEIGHT,
+        },
+    );
+    let w = &want[me];
+    let mut bad = Vec::new();
+    let mut note = |r: Result<(), String>| {
+        if let Err(e) = r {
+            bad.push(e);
+        }
+    };
+    note(compare("dispatch tokens", &b.out.download::<u16>()?, w.tokens()));
+    match w {
+        LlDispatchOut::ExpertMajor { expert_counters, .. } => {
+            note(compare(
+                "expert_counters",
+                &b.counters.download::<i32>()?,
+                expert_counters,
+            ));
+        }
+        LlDispatchOut::RankMajor {
+            topk_idx,
+            topk_weights,
+            src_rank_counters,
+            ..
+        } => {
+            note(compare(
+                "src_rank_counters",
+                &b.counters.download::<i32>()?,
+                src_rank_counters,
+            ));
+            note(compare(
+                "topk_idx",
+                &b.out_idx.as_ref().unwrap().download::<i32>()?,
+                topk_idx,
+            ));
+            let gw: Vec<u32> = b
+                .out_w
+                .as_ref()
+                .unwrap()
+                .download::<f32>()?
+                .iter()
+                .map(|f| f.to_bits())
+                .collect();
+            let ww: Vec<u32> = topk_weights.iter().map(|f| f.to_bits()).collect();
+            note(compare("topk_weights", &gw, &ww));
+        }
+    }
+    Ok(bad)
+}
+
+fn check_combine_rank(
+    c: &Case,
+    world: &LlWorld,
+    me: usize,
+    b: &RankBufs,
+    xs: &[Vec<u16>],
+    ws: &[Vec<f32>],
+) -> Result<Vec<String>, String> {
+    let input = match c.layout {
+        Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: xs, weights: ws },
+        _ => LlCombineIn::RankMajor { y: xs },
+    };
+    let want = ll_combine_ref(world, input);
+    Ok(compare_bf16_close("combine", &b.comb_out.download::<u16>()?, &want[me])
+        .err()
+        .into_iter()
+        .collect())
+}
+
+/// One LL round on this rank: inputs, handle, dispatch (+ complete), check, combine
+/// (+ complete), check. Err: a call failed (the rank cannot go on).
+fn ll_round(r: &Rank, g: &Group, s: &Stream, c: &Case, rng: &mut SplitMix64) -> Result<Vec<String>, String> {
+    let me = r.rank;
+    let world = c.world(rng);
+    let mut b = alloc_rank(c, r.device, world.ranks[me].num_tokens)?;
+    load_inputs(c, &b, &world.ranks[me])?;
+    let h = ll_handle(c, g, &mut b, s)?;
+    dispatch(c, h.0, &mut b, s, c.send_only)?;
+    if c.send_only {
+        complete(h.0, s)?;
+    }
+    s.sync()?;
+    let mut bad = check_dispatch_rank(c, &world, me, &b)?;
+    let (xs, ws) = combine_inputs(c, &world, rng);
+    upload_combine_inputs(&b, me, &xs, &ws)?;
+    combine(c, h.0, &mut b, s, c.send_only)?;
+    if c.send_only {
+        complete(h.0, s)?;
+    }
+    s.sync()?;
+    bad.extend(check_combine_rank(c, &world, me, &b, &xs, &ws)?);
+    Ok(bad)
+}
+
+fn round_name(c: &Case) -> String {
+    format!(
+        "{:?} H={} K={} T={} {:?}{}{}{}",
+        c.layout,
+        c.hidden,
+        c.topk,
+        c.tokens.map_or("rand".into(), |t| t.to_string()),
+        c.routing,
+        if c.idx64 { " i64" } else { " i32" },
+        if c.global_ids { " global" } else { "" },
+        if c.send_only { " send_only" } else { "" }
+    )
+}
+
+/// LL: both layouts x K {1, 2, 8} x H {2048, 7168} x T {0, 1, B, random} x routings.
+fn ll_matrix(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    let n = r.world;
+    for hidden in [2048, 7168] {
+        let c0 = ll_case(r, Layout::ExpertMajor, hidden);
+        let g = Group::new(r, &c0.group_config())?;
+        let s = Stream::new(r.device)?;
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            let mut rng = r.rng("ll_matrix", hidden as u64 * 10 + layout.raw().0 as u64);
+            let mut c = ll_case(r, layout, hidden);
+            let routings = [Routing::Uniform, Routing::Skewed { rank: n - 1 }, Routing::SameRankDups];
+            let mut i = 0usize;
+            for topk in [1, 2, 8] {
+                for tokens in [Some(0), Some(1), Some(c.max_tokens), None] {
+                    let pick: Vec<Routing> = if r.opts.quick {
+                        vec![routings[i % 3]]
+                    } else {
+                        routings.to_vec()
+                    };
+                    for routing in pick {
+                        c.topk = topk;
+                        c.tokens = tokens;
+                        c.routing = routing;
+                        c.idx64 = i.is_multiple_of(2);
+                        c.global_ids = topk == 2;
+                        i += 1;
+                        let bad = ll_round(r, &g, &s, &c, &mut rng)?;
+                        t.record(r, &format!("ll_matrix {}", round_name(&c)), bad)?;
+                    }
+                }
+            }
+        }
+        r.barrier()?;
+    }
+    Ok(())
+}
+
+/// LL send_only + ncclEpComplete, random token counts, both layouts.
+fn ll_send_only(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let mut c = ll_case(r, layout, 2048);
+        c.send_only = true;
+        let g = Group::new(r, &c.group_config())?;
+        let s = Stream::new(r.device)?;
+        let mut rng = r.rng("ll_send_only", layout.raw().0 as u64);
+        for i in 0..4 {
+            c.routing = [Routing::Uniform, Routing::SameRankDups][i % 2];
+            let bad = ll_round(r, &g, &s, &c, &mut rng)?;
+            t.record(r, &format!("ll_send_only {}", round_name(&c)), bad)?;
+        }
+        r.barrier()?;
+    }
+    Ok(())
+}
+
+/// Two handles of different layout and top-k on one group, D(A) D(B) C(A) C(B); creating B
+/// (K = 8 after K = 2) grows the AUTO buffer, which is collective.
+fn ll_two_handles(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    let me = r.rank;
+    let a = Case {
+        topk: 2,
+        ..ll_case(r, Layout::ExpertMajor, 2048)
+    };
+    let bc = Case {
+        topk: 8,
+        ..ll_case(r, Layout::RankMajor, 2048)
+    };
+    let g = Group::new(r, &a.group_config())?;
+    let s = Stream::new(r.device)?;
+    let mut rng = r.rng("ll_two_handles", 0);
+    for i in 0..3 {
+        let wa = a.world(&mut rng);
+        let wb = bc.world(&mut rng);
+        let mut ba = alloc_rank(&a, r.device, wa.ranks[me].num_tokens)?;
+        let mut bb = alloc_rank(&bc, r.device, wb.ranks[me].num_tokens)?;
+        load_inputs(&a, &ba, &wa.ranks[me])?;
+        load_inputs(&bc, &bb, &wb.ranks[me])?;
+        let ha = ll_handle(&a, &g, &mut ba, &s)?;
+        let hb = ll_handle(&bc, &g, &mut bb, &s)?;
+        dispatch(&a, ha.0, &mut ba, &s, false)?;
+        dispatch(&bc, hb.0, &mut bb, &s, false)?;
+        s.sync()?;
+        let mut bad = check_dispatch_rank(&a, &wa, me, &ba)?;
+        bad.extend(check_dispatch_rank(&bc, &wb, me, &bb)?);
+        let (xa, wa_) = combine_inputs(&a, &wa, &mut rng);
+        let (xb, wb_) = combine_inputs(&bc, &wb, &mut rng);
+        upload_combine_inputs(&ba, me, &xa, &wa_)?;
+        upload_combine_inputs(&bb, me, &xb, &wb_)?;
+        combine(&a, ha.0, &mut ba, &s, false)?;
+        combine(&bc, hb.0, &mut bb, &s, false)?;
+        s.sync()?;
+        bad.extend(check_combine_rank(&a, &wa, me, &ba, &xa, &wa_)?);
+        bad.extend(check_combine_rank(&bc, &wb, me, &bb, &xb, &wb_)?);
+        t.record(r, &format!("ll_two_handles round {i}"), bad)?;
+    }
+    r.barrier()
+}
+
+/// This rank's dispatch + combine captured once in a CUDA graph, replayed with new tokens,
+/// routing and expert outputs each time (all ranks replay in step); every replay is checked.
+fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    use cudarc::driver::sys;
+    let me = r.rank;
+    let replays = if r.opts.quick { 10 } else { 30 };
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = Case {
+            tokens: Some(32),
+            ..ll_case(r, layout, 2048)
+        };
+        let g = Group::new(r, &c.group_config())?;
+        let s = Stream::new(r.device)?;
+        let mut rng = r.rng("ll_graph_replays", layout.raw().0 as u64);
+        let first = c.world(&mut rng);
+        let mut b = alloc_rank(&c, r.device, 32)?;
+        load_inputs(&c, &b, &first.ranks[me])?;
+        let h = ll_handle(&c, &g, &mut b, &s)?;
+        // One plain round first: compiles and loads the kernels outside the capture.
+        dispatch(&c, h.0, &mut b, &s, false)?;
+        combine(&c, h.0, &mut b, &s, false)?;
+        s.sync()?;
+        // Graph calls use the calling thread's current context.
+        let _ctx = nccl_ep::cuda::context::CtxGuard::enter(r.device).map_err(|e| e.msg)?;
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        cu(
+            unsafe { sys::cuStreamBeginCapture_v2(s.0, mode) },
+            "cuStreamBeginCapture",
+        )?;
+        let captured = dispatch(&c, h.0, &mut b, &s, false).and_then(|_| combine(&c, h.0, &mut b, &s, false));
+        let mut graph = std::ptr::null_mut();
+        let ended = cu(
+            unsafe { sys::cuStreamEndCapture(s.0, &mut graph) },
+            "cuStreamEndCapture",
+        );
+        captured?;
+        ended?;
+        let mut exec = std::ptr::null_mut();
+        cu(
+            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+            "cuGraphInstantiate",
+        )?;
+        let mut run = || -> Result<(), String> {
+            for i in 0..replays {
+                let world = c.world(&mut rng);
+                load_inputs(&c, &b, &world.ranks[me])?;
+                let (xs, ws) = combine_inputs(&c, &world, &mut rng);
+                upload_combine_inputs(&b, me, &xs, &ws)?;
+                cu(unsafe { sys::cuGraphLaunch(exec, s.0) }, "cuGraphLaunch")?;
+                s.sync()?;
+                let mut bad = check_dispatch_rank(&c, &world, me, &b)?;
+                bad.extend(check_combine_rank(&c, &world, me, &b, &xs, &ws)?);
+                t.record(r, &format!("ll_graph_replays {layout:?} replay {i}"), bad)?;
+            }
+            Ok(())
+        };
+        let res = run();
+        unsafe {
+            sys::cuGraphExecDestroy(exec);
+            sys::cuGraphDestroy(graph);
+        }
+        res?;
+        drop(h);
+        r.barrier()?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// High-throughput rounds (docs/HT.md), one rank's share
+
+const HT_POISON: u8 = 0xA5;
+const HT_B: usize = 64;
+
+#[derive(Clone, Copy, Debug)]
+struct HtCase {
+    layout: Layout,
+    dt: HtDtype,
+    hidden: usize,
+    topk: usize,
+    /// EXPERT_MAJOR `dispatch_output_per_expert_alignment` (0: none).
+    align: usize,
+    tokens: Option<usize>,
+    routing: Routing,
+    global_ids: bool,
+    idx64: bool,
+}
+
+/// The HT group every HT round uses: B = 64, max_token_bytes for fp32 rows of 2048 and bf16 rows
+/// of 7168, S large enough for any routing (so TRAP never fires).
+fn ht_group(r: &Rank) -> (ncclEpGroupConfig_t, usize, usize) {
+    let n = r.world;
+    let l = 4.max(8usize.div_ceil(n));
+    let budget = (n * HT_B * l.min(8) + l * 16).next_multiple_of(64);
+    let mut c: ncclEpGroupConfig_t = struct_default();
+    c.version = 2;
+    c.algorithm = ncclEpAlgorithm_t(1);
+    c.num_experts = (n * l) as u32;
+    c.max_dispatch_tokens_per_rank = HT_B as u32;
+    c.max_recv_tokens_per_rank = budget as u32;
+    c.max_token_bytes = 14336;
+    c.timeout_ns = 20_000_000_000;
+    (c, l, budget)
+}
+
+fn not_implemented(e: &str) -> bool {
+    e.contains("not implemented")
+}
+
+/// What an HT round reports: mismatches, or that the library has no HT yet.
+enum HtOutcome {
+    Checked(Vec<String>),
+    NotImplemented(String),
+}
+
+fn tensor(r: &Rank, dt: i32, sizes: &[usize]) -> Result<DevTensor, String> {
+    DevTensor::new(r.device, dt, sizes)
+}
+
+fn ht_round(
+    r: &Rank,
+    g: &Group,
+    s: &Stream,
+    l: usize,
+    budget: usize,
+    c: &HtCase,
+    rng: &mut SplitMix64,
+) -> Result<HtOutcome, String> {
+    let (n, me, k, h) = (r.world, r.rank, c.topk, c.hidden);
+    let e = n * l;
+    let shape = LlShape {
+        nranks: n,
+        num_experts: e,
+        max_tokens: HT_B,
+        hidden: h,
+        topk: k,
+    };
+    // Every rank's inputs, from the shared stream.
+    let ts: Vec<usize> = (0..n)
+        .map(|_| c.tokens.unwrap_or_else(|| rng.below(HT_B + 1)))
+        .collect();
+    let routing: Vec<Vec<i64>> = ts.iter().map(|&t| gen_routing(rng, shape, t, c.routing)).collect();
+    let tokens: Vec<Vec<u8>> = ts.iter().map(|&t| random_tokens(rng, c.dt, t, h)).collect();
+    let weights: Vec<Vec<f32>> = ts
+        .iter()
+        .map(|&t| (0..t * k).map(|_| rng.unit_f32()).collect())
+        .collect();
+    let xs: Vec<Vec<u8>> = (0..n).map(|_| random_tokens(rng, c.dt, budget, h)).collect();
+    let cfg = HtConfig {
+        nranks: n,
+        num_experts: e,
+        topk: k,
+        layout: c.layout,
+        alignment: c.align,
+        budget,
+        policy: OverflowPolicy::Trap,
+    };
+    let plan = HtPlan::new(cfg, &routing).map_err(|e| format!("test bug: the reference rejects the routing: {e:?}"))?;
+    let meta = plan.rank(me);
+    let t = ts[me];
+    let em = c.layout == Layout::ExpertMajor;
+
+    // Handle: routing + layout_info outputs.
+    let mut topk = tensor(r, if c.idx64 { dtype::INT64 } else { dtype::INT32 }, &[t, k])?;
+    if c.idx64 {
+        topk.upload(&routing[me])?;
+    } else {
+        topk.upload(&routing[me].iter().map(|&x| x as i32).collect::<Vec<_>>())?;
+    }
+    let mut counters = tensor(r, if em { dtype::INT64 } else { dtype::INT32 }, &[l])?;
+    let mut offsets = tensor(r, dtype::INT64, &[l])?;
+    let mut total = tensor(r, dtype::INT64, &[1])?;
+    counters.fill(HT_POISON)?;
+    offsets.fill(HT_POISON)?;
+    total.fill(HT_POISON)?;
+    let mut li: ncclEpLayoutInfo_t = struct_default();
+    li.expert_counters = counters.ptr();
+    li.recv_total_counter = total.ptr();
+    if em {
+        li.expert_offsets = offsets.ptr();
+    }
+    let mut hc: ncclEpHandleConfig_t = struct_default();
+    hc.dispatch_output_per_expert_alignment = c.align;
+    let mut hp = std::ptr::null_mut();
+    let rc = unsafe { ncclEpCreateHandle(&mut hp, g.0, c.layout.raw(), topk.ptr(), &li, &hc, s.raw()) };
+    if rc != 0 {
+        let e = last_error();
+        if not_implemented(&e) {
+            return Ok(HtOutcome::NotImplemented(e));
+        }
+        return Err(format!("ncclEpCreateHandle (HT) returned {rc}: {e}"));
+    }
+    let hd = Handle(hp);
+    s.sync()?;
+    let mut bad = Vec::new();
+    let mut note = |r: Result<(), String>| {
+        if let Err(e) = r {
+            bad.push(e);
+        }
+    };
+    let want_c: Vec<i64> = meta.expert_counters.iter().map(|&x| x as i64).collect();
+    let got_c: Vec<i64> = if em {
+        counters.download::<i64>()?
+    } else {
+        counters.download::<i32>()?.iter().map(|&x| x as i64).collect()
+    };
+    note(compare("layout_info expert_counters", &got_c, &want_c));
+    if em {
+        let want_o: Vec<i64> = meta.expert_offsets.iter().map(|&x| x as i64).collect();
+        note(compare(
+            "layout_info expert_offsets",
+            &offsets.download::<i64>()?,
+            &want_o,
+        ));
+    }
+    note(compare(
+        "layout_info recv_total_counter",
+        &total.download::<i64>()?,
+        &[meta.recv_total as i64],
+    ));
+
+    // Dispatch (forward).
+    let nd = c.dt.nccl();
+    let mut in_tok = tensor(r, nd, &[t, h])?;
+    in_tok.upload(&tokens[me])?;
+    let mut in_w = tensor(r, dtype::FLOAT32, &[t, k])?;
+    in_w.upload(&weights[me])?;
+    let mut out_tok = tensor(r, nd, &[budget, h])?;
+    out_tok.fill(HT_POISON)?;
+    let mut out_idx = tensor(r, dtype::INT64, &[budget, k])?;
+    out_idx.fill(HT_POISON)?;
+    let mut out_w = if em {
+        tensor(r, dtype::FLOAT32, &[budget])?
+    } else {
+        tensor(r, dtype::FLOAT32, &[budget, k])?
+    };
+    out_w.fill(HT_POISON)?;
+    let mut di: ncclEpDispatchInputs_t = struct_default();
+    let mut dout: ncclEpDispatchOutputs_t = struct_default();
+    let mut dli: ncclEpLayoutInfo_t = struct_default();
+    let dcfg: ncclEpDispatchConfig_t = struct_default();
+    di.tokens = in_tok.ptr();
+    di.topk_weights = in_w.ptr();
+    dout.tokens = out_tok.ptr();
+    dout.topk_weights = out_w.ptr();
+    if !em {
+        dout.topk_idx = out_idx.ptr();
+    }
+    let recv_kind = if c.global_ids {
+        ExpertIdKind::Global
+    } else {
+        ExpertIdKind::Local
+    };
+    dli.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
+    ep_ok!(ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()));
+    s.sync()?;
+    let want = plan.dispatch(
+        me,
+        &HtDispatchIn {
+            dtype: c.dt,
+            hidden: h,
+            pass: PassDir::Forward,
+            recv_kind,
+            tokens: &tokens,
+            weights: &weights,
+            poison: HT_POISON,
+        },
+        budget,
+    );
+    note(compare("HT dispatch tokens", &out_tok.download::<u8>()?, &want.tokens));
+    let gw: Vec<u32> = out_w.download::<f32>()?.iter().map(|f| f.to_bits()).collect();
+    let ww: Vec<u32> = want.topk_weights.iter().map(|f| f.to_bits()).collect();
+    note(compare("HT dispatch topk_weights", &gw, &ww));
+    if !em {
+        note(compare(
+            "HT dispatch topk_idx",
+            &out_idx.download::<i64>()?,
+            &want.topk_idx,
+        ));
+    }
+
+    // Combine (forward): every rank's expert outputs [S, H]; rows past count are not read.
+    let mut cx = tensor(r, nd, &[budget, h])?;
+    cx.upload(&xs[me])?;
+    let mut cout = tensor(r, nd, &[t, h])?;
+    cout.fill(HT_POISON)?;
+    let mut ci: ncclEpCombineInputs_t = struct_default();
+    let mut co: ncclEpCombineOutputs_t = struct_default();
+    let ccfg: ncclEpCombineConfig_t = struct_default();
+    ci.tokens = cx.ptr();
+    co.tokens = cout.ptr();
+    ep_ok!(ncclEpCombine(hd.0, &ci, &co, &ccfg, s.raw()));
+    s.sync()?;
+    let want_c = plan.combine(
+        me,
+        &HtCombineIn {
+            dtype: c.dt,
+            hidden: h,
+            pass: PassDir::Forward,
+            tokens: &xs,
+            weights: &[],
+        },
+    );
+    note(compare("HT combine tokens", &cout.download::<u8>()?, &want_c.tokens));
+    drop(hd);
+    Ok(HtOutcome::Checked(bad))
+}
+
+/// HT: FLAT and EXPERT_MAJOR; bf16/fp16/fp32 at H = 2048, bf16 at H = 7168; K 1/2/8; T 0/B/random;
+/// EM alignment 0 and 16. Skipped (on every rank alike) while the library has no HT.
+fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    let (cfg, l, budget) = ht_group(r);
+    let g = match Group::new(r, &cfg) {
+        Ok(g) => g,
+        Err(e) if not_implemented(&e) => {
+            println!("{}: ht_rounds skipped: {e}", r.who);
+            t.skipped.push("ht_rounds".into());
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let s = Stream::new(r.device)?;
+    let mut rng = r.rng("ht_rounds", 0);
+    let mut cases = Vec::new();
+    for layout in [Layout::Flat, Layout::ExpertMajor] {
+        for (i, dt) in HtDtype::all().into_iter().enumerate() {
+            cases.push(HtCase {
+                layout,
+                dt,
+                hidden: 2048,
+                topk: 8,
+                align: if layout == Layout::ExpertMajor && i == 1 { 16 } else { 0 },
+                tokens: None,
+                routing: [Routing::Uniform, Routing::SameRankDups, Routing::Uniform][i],
+                global_ids: i == 2,
+                idx64: i != 1,
+            });
+        }
+        for (i, topk) in [1usize, 2, 8].into_iter().enumerate() {
+            for (j, tokens) in [Some(0), Some(HT_B), None].into_iter().enumerate() {
+                cases.push(HtCase {
+                    layout,
+                    dt: HtDtype::all()[0],
+                    hidden: 7168,
+                    topk,
+                    align: if layout == Layout::ExpertMajor && j == 2 { 16 } else { 0 },
+                    tokens,
+                    routing: [
+                        Routing::Uniform,
+                        Routing::Skewed { rank: r.world - 1 },
+                        Routing::SameRankDups,
+                    ][(i + j) % 3],
+                    global_ids: topk == 2,
+                    idx64: j != 1,
+                });
+            }
+        }
+    }
+    for c in &cases {
+        match ht_round(r, &g, &s, l, budget, c, &mut rng)? {
+            HtOutcome::NotImplemented(e) => {
+                println!("{}: ht_rounds skipped: {e}", r.who);
+                t.skipped.push("ht_rounds".into());
+                break;
+            }
+            HtOutcome::Checked(bad) => t.record(r, &format!("ht {c:?}"), bad)?,
+        }
+    }
+    drop(g);
+    r.barrier()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runner
+
+type StepFn = fn(&Rank, &mut Tally) -> Result<(), String>;
+
+/// Every rank runs these in this order (a step's collectives must line up across ranks).
+const STEPS: &[(&str, StepFn)] = &[
+    ("ll_matrix", ll_matrix),
+    ("ll_send_only", ll_send_only),
+    ("ll_two_handles", ll_two_handles),
+    ("ll_graph_replays", ll_graph_replays),
+    ("ht_rounds", ht_rounds),
+];
+
+/// Runs every step on one rank; prints its summary and the group-wide totals. Err: this rank
+/// could not go on (the caller ends the process).
+fn run_rank(r: &Rank) -> Result<Tally, String> {
+    let mut t = Tally::default();
+    for &(name, step) in STEPS {
+        if !r.opts.only.is_empty() && !r.opts.only.iter().any(|o| name.contains(o.as_str())) {
+            continue;
+        }
+        let start = Instant::now();
+        let before = (t.passed, t.failed.len());
+        step(r, &mut t).map_err(|e| format!("{name}: {e}"))?;
+        println!(
+            "{}: {name}: {} rounds passed, {} failed ({:.1} s)",
+            r.who,
+            t.passed - before.0,
+            t.failed.len() - before.1,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(t)
+}
+
+/// Whole-group totals (collective), then this rank's RESULT line. True when this rank passed.
+fn report(r: &Rank, t: &Tally) -> bool {
+    let sums = r.nccl.sum_i64(
+        r.comm,
+        r.device,
+        &[t.passed as i64, t.failed.len() as i64, t.skipped.len() as i64],
+    );
+    let all = match &sums {
+        Ok(v) => format!(
+            "all {} ranks: {} passed, {} failed, {} skipped",
+            r.world, v[0], v[1], v[2]
+        ),
+        Err(e) => format!("group totals unavailable: {e}"),
+    };
+    let ok = t.failed.is_empty() && sums.as_ref().is_ok_and(|v| v[1] == 0);
+    println!(
+        "RESULT {}: {} ({} rounds passed, {} failed, {} skipped{}; {all})",
+        r.who,
+        if ok { "PASS" } else { "FAIL" },
+        t.passed,
+        t.failed.len(),
+        t.skipped.len(),
+        if t.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", t.skipped.join(", "))
+        }
+    );
+    ok
+}
+
+fn fail_now(who: &str, e: &str) -> ! {
+    println!("{who}: ERROR {e}");
+    println!("RESULT {who}: FAIL ({e})");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // Peers wait for this rank on the GPU and in NCCL: ending the process lets them time out
+    // (NCCL_EP_TIMEOUT_MS, EP_MULTI_TIMEOUT_S) instead of tearing down half-way here.
+    std::process::exit(1);
+}
+
+fn watchdog_secs() -> u64 {
+    std::env::var("EP_MULTI_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(900)
+}
+
+/// One process = one rank (the launcher said so).
+fn process_mode(nccl: &NcclLib, l: &Launch, opts: &Opts) -> bool {
+    let ndev = nccl_ep::cuda::driver::device_count().unwrap_or(0);
+    let device = (l.local_rank % ndev as usize) as i32;
+    let who = format!("rank {}/{}", l.rank, l.world);
+    start_watchdog(watchdog_secs(), who.clone());
+    println!(
+        "{who}: pid {}, local rank {}, device {device} of {ndev}, one process per rank ({}), NCCL {} from {}",
+        std::process::id(),
+        l.local_rank,
+        l.source,
+        nccl.version,
+        nccl.path
+    );
+    let comm = (|| -> Result<ncclComm_t, String> {
+        let dir = bootstrap_dir(l.world)?;
+        let path = id_path(&dir, "gpu_multi");
+        if l.rank == 0 {
+            publish_id(&path, &nccl.unique_id()?)?;
+        }
+        let id = read_id(&path, bootstrap_timeout())?;
+        let start = Instant::now();
+        let comm = nccl.init_rank(l.world, id, l.rank, device)?;
+        // Every rank has joined (the init is collective), so nobody needs the file any more: a
+        // later run reusing the directory cannot pick up this stale id.
+        if l.rank == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+        println!(
+            "{who}: ncclCommInitRank done in {:.2} s (id from {})",
+            start.elapsed().as_secs_f64(),
+            path.display()
+        );
+        Ok(comm)
+    })()
+    .unwrap_or_else(|e| fail_now(&who, &e));
+    let r = Rank {
+        rank: l.rank,
+        world: l.world,
+        device,
+        comm,
+        nccl,
+        opts,
+        who: who.clone(),
+    };
+    let t = run_rank(&r).unwrap_or_else(|e| fail_now(&who, &e));
+    let ok = report(&r, &t);
+    if let Err(e) = nccl.destroy(comm, device) {
+        println!("{who}: {e}");
+    }
+    ok
+}
+
+/// One process, one thread per GPU, communicators from ncclCommInitAll.
+fn threads_mode(nccl: &NcclLib, opts: &Opts) -> bool {
+    let mut ndev = nccl_ep::cuda::driver::device_count().unwrap_or(0) as usize;
+    if let Some(n) = std::env::var("EP_MULTI_GPUS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        ndev = ndev.min(n.max(1));
+    }
+    start_watchdog(watchdog_secs(), format!("gpu_multi ({ndev} threads)"));
+    println!(
+        "gpu_multi: one process, {ndev} thread(s), ncclCommInitAll over devices 0..{ndev}, NCCL {} from {}",
+        nccl.version, nccl.path
+    );
+    let comms = nccl
+        .init_all(ndev)
+        .unwrap_or_else(|e| fail_now(&format!("rank 0/{ndev}"), &e));
+    let comm_addrs: Vec<usize> = comms.iter().map(|&c| c as usize).collect();
+    let oks: Vec<bool> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..ndev)
+            .map(|i| {
+                let comm_addr = comm_addrs[i];
+                sc.spawn(move || {
+                    let comm = comm_addr as ncclComm_t;
+                    let who = format!("rank {i}/{ndev} (thread)");
+                    let r = Rank {
+                        rank: i,
+                        world: ndev,
+                        device: i as i32,
+                        comm,
+                        nccl,
+                        opts,
+                        who: who.clone(),
+                    };
+                    let t = run_rank(&r).unwrap_or_else(|e| fail_now(&who, &e));
+                    report(&r, &t)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(false)).collect()
+    });
+    for (i, &c) in comms.iter().enumerate() {
+        if let Err(e) = nccl.destroy(c, i as i32) {
+            println!("rank {i}: {e}");
+        }
+    }
+    oks.iter().all(|&x| x)
+}
+
+#[test]
+fn multi_gpu() {
+    let launch = launch_from_env().unwrap_or_else(|e| panic!("{e}"));
+    if !gpu_present() {
+        println!("skipped: no CUDA device");
+        if let Some(l) = &launch {
+            println!(
+                "RESULT rank {}/{}: FAIL (a launcher asked for ranks but there is no CUDA device)",
+                l.rank, l.world
+            );
+            panic!("no CUDA device");
+        }
+        return;
+    }
+    // NVLink SHARP (multicast) stays off on shared machines unless the caller decided.
+    if std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+        // SAFETY: set before NCCL is loaded, while this test is the only thread reading the
+        // environment.
+        unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
+    }
+    let nccl = match NcclLib::open() {
+        Ok(n) => n,
+        Err(e) if launch.is_none() => {
+            println!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let opts = Opts::from_env();
+    let ok = match &launch {
+        Some(l) => process_mode(&nccl, l, &opts),
+        None => threads_mode(&nccl, &opts),
+    };
+    assert!(ok, "gpu_multi failed (see the RESULT lines)");
+}
+
+/// The launcher-variable parsing and the unique-id file exchange, with no GPU.
+#[test]
+fn bootstrap_helpers() {
+    use std::collections::HashMap;
+    let launch = |vars: &[(&str, &str)]| {
+        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        launch_from(&|n| m.get(n).cloned())
+    };
+    assert_eq!(launch(&[]), Ok(None));
+    let l = launch(&[("EP_RANK", "2"), ("EP_WORLD", "4")]).unwrap().unwrap();
+    assert_eq!((l.rank, l.world, l.local_rank), (2, 4, 2));
+    let l = launch(&[
+        ("OMPI_COMM_WORLD_RANK", "5"),
+        ("OMPI_COMM_WORLD_SIZE", "8"),
+        ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!((l.rank, l.world, l.local_rank, l.source), (5, 8, 1, "Open MPI"));
+    let l = launch(&[("PMI_RANK", "0"), ("PMI_SIZE", "1")]).unwrap().unwrap();
+    assert_eq!((l.rank, l.world, l.source), (0, 1, "PMI"));
+    // EP_* wins over the launcher's variables.
+    let l = launch(&[
+        ("EP_RANK", "1"),
+        ("EP_WORLD", "2"),
+        ("PMI_RANK", "0"),
+        ("PMI_SIZE", "1"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!((l.rank, l.world), (1, 2));
+    assert!(launch(&[("EP_RANK", "2"), ("EP_WORLD", "2")]).is_err());
+    assert!(launch(&[("EP_RANK", "0")]).is_err());
+    assert!(launch(&[("EP_RANK", "x"), ("EP_WORLD", "2")]).is_err());
+
+    // Rank 0 publishes late; three readers poll and all get the same bytes.
+    let dir = std::env::temp_dir().join(format!("gpu_multi-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = id_path_tagged(&dir, "t", "run/1");
+    assert!(path.file_name().unwrap().to_str().unwrap() == "t.run_1.id");
+    let mut id = UniqueId([0; 128]);
+    for (i, b) in id.0.iter_mut().enumerate() {
+        *b = i as u8 ^ 0x5a;
+    }
+    let got: Vec<UniqueId> = std::thread::scope(|sc| {
+        let readers: Vec<_> = (0..3)
+            .map(|_| sc.spawn(|| read_id(&path, std::time::Duration::from_secs(10)).unwrap()))
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        publish_id(&path, &id).unwrap();
+        readers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(got.iter().all(|g| g.0 == id.0));
+    std::fs::remove_file(&path).unwrap();
+    let e = read_id(&path, std::time::Duration::from_millis(50)).err().unwrap();
+    assert!(e.contains("no NCCL unique id"), "{e}");
+    std::fs::write(&path, b"short").unwrap();
+    assert!(read_id(&path, std::time::Duration::from_millis(50)).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
