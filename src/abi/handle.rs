@@ -79,12 +79,15 @@ unsafe fn init_handle(
             }
         }
         // A group without GPU state (no CUDA driver) still validates handles; its operations fail.
-        None if g.ll.is_some() => HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?),
+        None if g.has_gpu_state() => HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?),
         None => HandleMem::None,
     };
     if g.ll.is_some() {
         let lay = crate::runtime::ll::layout(g, hp.num_topk)?;
         crate::runtime::ll::ensure_buffer(g, &lay)?;
+    }
+    if g.ht.is_some() {
+        crate::runtime::ht::ensure_buffer(g, hp.layout, hp.num_topk)?;
     }
     g.live_handles += 1;
     Ok(Handle {
@@ -111,7 +114,7 @@ unsafe fn update_handle(
     h: &mut Handle,
     topk_idx: *const ncclEpTensor_t,
     layout_info: *const ncclEpLayoutInfo_t,
-    _stream: cudaStream_t,
+    stream: cudaStream_t,
 ) -> Result<()> {
     let g = objects::group(h.group)?;
     // SAFETY: C contract.
@@ -124,11 +127,66 @@ unsafe fn update_handle(
             li.is_none(),
             "layout_info must be NULL for a LOW_LATENCY handle (its counters come from ncclEpDispatch)"
         );
-    } else {
-        return Err(g.not_implemented("HIGH_THROUGHPUT routing (ncclEpUpdateHandle)"));
+        h.topk_idx = Some(t);
+        return Ok(());
     }
-    h.topk_idx = Some(t);
-    Ok(())
+    // SAFETY: C contract (each tensor pointer of layout_info may be NULL).
+    let outs = unsafe { ht_layout_info(g, &h.params, li.as_ref()) }?;
+    crate::ensure_usage!(
+        g.ht.is_some(),
+        "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded"
+    );
+    crate::runtime::ht::update(g, h, t, &outs, stream)
+}
+
+/// The `layout_info` outputs of a HIGH_THROUGHPUT update, checked (docs/HT.md, "layout_info
+/// outputs").
+///
+/// # Safety
+/// The tensor pointers inside `li` follow the C contract.
+unsafe fn ht_layout_info(
+    g: &Group,
+    hp: &HandleParams,
+    li: Option<&ncclEpLayoutInfo_t>,
+) -> Result<crate::runtime::ht::UpdateOutputs> {
+    let mut outs = crate::runtime::ht::UpdateOutputs::default();
+    let Some(li) = li else { return Ok(outs) };
+    // SAFETY: C contract.
+    unsafe {
+        outs.expert_counters = read_tensor_opt(li.expert_counters, "layout_info->expert_counters")?;
+        outs.expert_offsets = read_tensor_opt(li.expert_offsets, "layout_info->expert_offsets")?;
+        outs.recv_total_counter = read_tensor_opt(li.recv_total_counter, "layout_info->recv_total_counter")?;
+        crate::ensure_arg!(
+            li.src_rank_counters.is_null(),
+            "layout_info->src_rank_counters must be NULL for a HIGH_THROUGHPUT handle"
+        );
+    }
+    let l = g.params.local_experts as usize;
+    let ints = [dtype::INT32, dtype::INT64];
+    let em = hp.layout == Layout::ExpertMajor;
+    if let Some(c) = &outs.expert_counters {
+        if em {
+            c.expect("layout_info->expert_counters", &[Dim::AtLeast(l)], &ints)?;
+        } else {
+            c.expect("layout_info->expert_counters", &[Dim::AtLeast(l)], &[dtype::INT32])?;
+        }
+    }
+    if let Some(c) = &outs.expert_offsets {
+        crate::ensure_arg!(em, "layout_info->expert_offsets must be NULL for a FLAT handle");
+        c.expect("layout_info->expert_offsets", &[Dim::AtLeast(l)], &ints)?;
+    }
+    if let Some(c) = &outs.recv_total_counter {
+        c.expect("layout_info->recv_total_counter", &[Dim::AtLeast(1)], &ints)?;
+    }
+    let mut shared: Vec<i32> = outs.recv_total_counter.iter().map(|t| t.dtype).collect();
+    if em {
+        shared.extend(outs.expert_counters.iter().chain(&outs.expert_offsets).map(|t| t.dtype));
+    }
+    crate::ensure_arg!(
+        shared.windows(2).all(|w| w[0] == w[1]),
+        "the layout_info outputs of one call must share one integer type (int32 or int64)"
+    );
+    Ok(outs)
 }
 
 /// Creates a handle without routing; `ncclEpUpdateHandle` sets it.

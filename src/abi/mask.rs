@@ -68,7 +68,7 @@ pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out:
         // SAFETY: C contract.
         let out = unsafe { out_ptr(error_out, "error_out") }?;
         // Without GPU state no kernel ran, so nothing can have timed out.
-        *out = g.ll.as_ref().is_some_and(|l| l.timed_out()) as c_int;
+        *out = g.async_error() as c_int;
         Ok(())
     })
 }
@@ -78,9 +78,7 @@ pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out:
 pub unsafe extern "C" fn ncclEpErrorClear(ep_group: ncclEpGroup_t) -> ncclResult_t {
     ffi_call("ncclEpErrorClear", || {
         let g = masked_group(ep_group)?;
-        if let Some(l) = &g.ll {
-            l.clear_timeout();
-        }
+        g.clear_async_error();
         Ok(())
     })
 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod error;
 pub mod handle_rules;
+pub mod ht_layout;
 pub mod ll_layout;
 pub mod ll_rules;
 pub mod op_args;
