@@ -49,10 +49,13 @@ struct HtHdr {
   int count;           // rows this rank received (after drops): what dispatch writes
   int total;           // rows before drops (recv_total_counter)
   int rows;            // T of the routing
-  int bad;             // B*K - (t*K + k) of the first bad routing entry, 0 = none (atomicMax)
+  int bad;             // B*K - (t*K + k) of this rank's first bad routing entry, 0 = none (atomicMax)
   int overflow_rank;   // first rank whose total exceeds S (+1), 0 = none
   int overflow_total;  // that rank's total
-  int pad[58];
+  int bad_rank;        // lowest rank with a bad routing entry (+1), 0 = none
+  int bad_code;        // its `bad`
+  i64 bad_value;       // the bad value
+  int pad[54];
 };
 static_assert(sizeof(HtHdr) == 256, "HtHdr is the 256-byte handle header");
 
@@ -176,3 +179,23 @@ __device__ __forceinline__ int segment_bytes(int row_bytes, int seg) {
 }
 
 __device__ __forceinline__ HtHdr* hdr(const HtParams& p) { return (HtHdr*)p.hmem; }
+
+// Every HT operation ends here (one block, its own launch so that every pull of the operation
+// has finished; in every module so that no module load falls between an operation's
+// launches): tell each peer this rank is done reading its data,
+// wait until every peer is done with ours, then advance the epoch.
+extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_close(const HtParams p) {
+  const u32 tag = cur_epoch(p) + 1u;
+  if (threadIdx.x < p.nranks) {
+    const int d = threadIdx.x;
+    st_release_sys((u64*)(peer_buf(p, d) + p.off_done) + p.rank, (u64)tag);
+  }
+  __syncthreads();
+  if (threadIdx.x < p.nranks) wait_tag((const u64*)(peer_buf(p, p.rank) + p.off_done) + threadIdx.x, tag, p);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ((EpState*)p.state)->epoch = tag;
+    __threadfence();
+  }
+}
+

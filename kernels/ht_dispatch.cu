@@ -73,12 +73,17 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch(const HtPar
     }
 #endif
   }
-#if !EP_BWD && !EP_EM
+#if !EP_BWD
   // Rows [count, S) of the forward top-k outputs: -1 / 0.0 (p.recv_rows is S, 0 when eager).
   const int gthread = blockIdx.x * blockDim.x + threadIdx.x, nthreads = gridDim.x * blockDim.x;
+#if EP_EM
+  for (i64 i = (i64)count + gthread; i < (i64)p.recv_rows; i += nthreads)
+    if (p.out2) ((float*)p.out2)[i] = 0.f;
+#else
   for (i64 i = (i64)count * K + gthread; i < (i64)p.recv_rows * K; i += nthreads) {
     if (p.out1) ((i64*)p.out1)[i] = -1;
     if (p.out2) ((float*)p.out2)[i] = 0.f;
   }
+#endif
 #endif
 }

@@ -4,7 +4,7 @@
 // (expert-major handle). Kernels, in launch order:
 //   ht_convert  validate this rank's routing into own[B][K]; reset the send/bwd tables
 //   ht_pull     open; pull every rank's own[] into all[N][B][K]
-//   ht_close    closing barrier (every operation); advances the group epoch
+//   ht_close    closing barrier (ht_common.cuh)
 //   ht_count    counts per (source, piece, counter)
 //   ht_offsets  totals, zone offsets, slot bases, overflow, layout_info outputs (one block)
 //   ht_assign   receive and send slots, in (source rank, source token) order
@@ -53,32 +53,40 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_convert(const HtPara
   }
 }
 
+// Publishes this rank's first bad routing entry (code, value) with its open flag; block 0 records
+// the lowest rank that has one in the header (so that every rank's update fails alike).
 extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_pull(const HtParams p) {
+  __shared__ u64 sp[HT_MAX_RANKS][HT_PTR_SLOTS];
   const u32 tag = cur_epoch(p) + 1u;
-  const u64 present = open_op(p, tag, nullptr, nullptr);
+  const int K = p.topk;
+  u64 mine[HT_PTR_SLOTS] = {0, 0, 0, 0};
+  const int code = hdr(p)->bad;
+  if (code > 0) {
+    const i64 idx = (i64)p.max_tokens * K - code;
+#if EP_IDX64
+    const i64 v = ((const i64*)p.in0)[idx];
+#else
+    const i64 v = ((const int*)p.in0)[idx];
+#endif
+    mine[0] = (u64)code;
+    mine[1] = (u64)v;
+  }
+  const u64 present = open_op(p, tag, mine, sp);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    for (int s = 0; s < p.nranks; ++s)
+      if (((present >> s) & 1) && sp[s][0] != 0) {
+        hdr(p)->bad_rank = s + 1;
+        hdr(p)->bad_code = (int)sp[s][0];
+        hdr(p)->bad_value = (i64)sp[s][1];
+        break;
+      }
+  }
   const i64 bk = (i64)p.max_tokens * p.topk;
   int* all = (int*)(my_buf(p) + p.off_all);
   for (i64 i = gthread(); i < p.nranks * bk; i += gthreads()) {
     const int s = (int)(i / bk);
     const i64 j = i - s * bk;
     all[i] = (present >> s) & 1 ? ld_cg_int((const int*)(peer_buf(p, s) + p.off_own) + j) : -1;
-  }
-}
-
-// Every HT operation ends here (one block): tell each peer this rank is done reading its data,
-// wait until every peer is done with ours, then advance the epoch.
-extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_close(const HtParams p) {
-  const u32 tag = cur_epoch(p) + 1u;
-  if (threadIdx.x < p.nranks) {
-    const int d = threadIdx.x;
-    st_release_sys((u64*)(peer_buf(p, d) + p.off_done) + p.rank, (u64)tag);
-  }
-  __syncthreads();
-  if (threadIdx.x < p.nranks) wait_tag((const u64*)(my_buf(p) + p.off_done) + threadIdx.x, tag, p);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    ((EpState*)p.state)->epoch = tag;
-    __threadfence();
   }
 }
 
@@ -232,7 +240,8 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_offsets(const HtPara
     if (p.out0) store_int(p.out0, l, min(pad_count(c, A), room), p.ec64);
     if (p.out1) store_int(p.out1, l, min(off, S), p.ec64);
 #else
-    if (p.out0) store_int(p.out0, l, c, 0);
+    // Rows held only: when some are dropped, ht_assign counts the kept ones.
+    if (p.out0) store_int(p.out0, l, dtot[r] > S ? 0 : c, 0);
 #endif
   }
 #if EP_EM
@@ -278,6 +287,8 @@ __device__ void write_recv_row(const HtParams& p, const int* row, int s, int t, 
   (void)cg;
   int* out = (int*)(p.hmem + p.recv_off) + (i64)slot * (1 + K);
   out[0] = s * p.max_tokens + t;
+  // Rows were dropped: FLAT expert_counters count the rows held (ht_offsets wrote zeros).
+  const bool count_here = p.out0 && hdr(p)->total > p.recv_rows;
   // The local experts of the row, ascending, each with its (first) top-k position.
   int n = 0, prev = -1;
   while (true) {
@@ -291,6 +302,7 @@ __device__ void write_recv_row(const HtParams& p, const int* row, int s, int t, 
     }
     if (best < 0) break;
     out[1 + n++] = ((best - r * L) << 8) | bk;
+    if (count_here) atomicAdd((int*)p.out0 + (best - r * L), 1);
     prev = best;
   }
   for (; n < K; ++n) out[1 + n] = -1;

@@ -87,7 +87,7 @@ unsafe fn init_handle(
         crate::runtime::ll::ensure_buffer(g, &lay)?;
     }
     if g.ht.is_some() {
-        crate::runtime::ht::ensure_buffer(g, hp.layout, hp.num_topk)?;
+        crate::runtime::ht::ensure_buffer(g, &hp)?;
     }
     g.live_handles += 1;
     Ok(Handle {
@@ -96,6 +96,7 @@ unsafe fn init_handle(
         topk_idx: None,
         mem,
         dispatched: false,
+        ht_unchecked: false,
     })
 }
 
@@ -139,8 +140,7 @@ unsafe fn update_handle(
     crate::runtime::ht::update(g, h, t, &outs, stream)
 }
 
-/// The `layout_info` outputs of a HIGH_THROUGHPUT update, checked (docs/HT.md, "layout_info
-/// outputs").
+/// The `layout_info` outputs of a HIGH_THROUGHPUT update, checked (core::ht_rules).
 ///
 /// # Safety
 /// The tensor pointers inside `li` follow the C contract.
@@ -148,45 +148,18 @@ unsafe fn ht_layout_info(
     g: &Group,
     hp: &HandleParams,
     li: Option<&ncclEpLayoutInfo_t>,
-) -> Result<crate::runtime::ht::UpdateOutputs> {
-    let mut outs = crate::runtime::ht::UpdateOutputs::default();
-    let Some(li) = li else { return Ok(outs) };
-    // SAFETY: C contract.
-    unsafe {
-        outs.expert_counters = read_tensor_opt(li.expert_counters, "layout_info->expert_counters")?;
-        outs.expert_offsets = read_tensor_opt(li.expert_offsets, "layout_info->expert_offsets")?;
-        outs.recv_total_counter = read_tensor_opt(li.recv_total_counter, "layout_info->recv_total_counter")?;
-        crate::ensure_arg!(
-            li.src_rank_counters.is_null(),
-            "layout_info->src_rank_counters must be NULL for a HIGH_THROUGHPUT handle"
-        );
-    }
-    let l = g.params.local_experts as usize;
-    let ints = [dtype::INT32, dtype::INT64];
-    let em = hp.layout == Layout::ExpertMajor;
-    if let Some(c) = &outs.expert_counters {
-        if em {
-            c.expect("layout_info->expert_counters", &[Dim::AtLeast(l)], &ints)?;
-        } else {
-            c.expect("layout_info->expert_counters", &[Dim::AtLeast(l)], &[dtype::INT32])?;
+) -> Result<crate::core::ht_rules::HtLayoutOutputs> {
+    let mut a = crate::core::ht_rules::HtLayoutInfoArgs::default();
+    if let Some(li) = li {
+        // SAFETY: C contract.
+        unsafe {
+            a.expert_counters = read_tensor_opt(li.expert_counters, "layout_info->expert_counters")?;
+            a.src_rank_counters = read_tensor_opt(li.src_rank_counters, "layout_info->src_rank_counters")?;
+            a.expert_offsets = read_tensor_opt(li.expert_offsets, "layout_info->expert_offsets")?;
+            a.recv_total_counter = read_tensor_opt(li.recv_total_counter, "layout_info->recv_total_counter")?;
         }
     }
-    if let Some(c) = &outs.expert_offsets {
-        crate::ensure_arg!(em, "layout_info->expert_offsets must be NULL for a FLAT handle");
-        c.expect("layout_info->expert_offsets", &[Dim::AtLeast(l)], &ints)?;
-    }
-    if let Some(c) = &outs.recv_total_counter {
-        c.expect("layout_info->recv_total_counter", &[Dim::AtLeast(1)], &ints)?;
-    }
-    let mut shared: Vec<i32> = outs.recv_total_counter.iter().map(|t| t.dtype).collect();
-    if em {
-        shared.extend(outs.expert_counters.iter().chain(&outs.expert_offsets).map(|t| t.dtype));
-    }
-    crate::ensure_arg!(
-        shared.windows(2).all(|w| w[0] == w[1]),
-        "the layout_info outputs of one call must share one integer type (int32 or int64)"
-    );
-    Ok(outs)
+    crate::core::ht_rules::check_layout_info(&g.params, hp, &a)
 }
 
 /// Creates a handle without routing; `ncclEpUpdateHandle` sets it.

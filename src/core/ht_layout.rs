@@ -10,6 +10,7 @@
 use crate::abi::enums::Layout;
 use crate::core::config::GroupParams;
 use crate::core::error::Result;
+use crate::core::handle_rules::HandleParams;
 
 /// Regions start on this boundary (vector accesses; flags never share a sector with data).
 pub const REGION_ALIGN: usize = 256;
@@ -46,14 +47,18 @@ pub fn piece_len(max_tokens: usize) -> usize {
 }
 
 /// The receive-slot bound of a handle (docs/HT.md, "Budget, overflow, eager mode"): S when the
-/// group fixes one, else the eager bound (FLAT N·B; EXPERT_MAJOR N·B·max(config num_topk, 1)).
-pub fn recv_bound(p: &GroupParams, layout: Layout) -> usize {
-    let (n, b) = (p.nranks as usize, p.max_tokens as usize);
+/// group fixes one, else the most rows a rank can receive (eager mode never overflows):
+/// FLAT N·B; EXPERT_MAJOR N·B·min(K, L) pairs plus L·(A − 1) padding rows.
+pub fn recv_bound(p: &GroupParams, h: &HandleParams) -> usize {
+    let (n, b, l) = (p.nranks as usize, p.max_tokens as usize, p.local_experts as usize);
     if p.max_recv_tokens > 0 {
         return p.max_recv_tokens as usize;
     }
-    match layout {
-        Layout::ExpertMajor => n * b * (p.num_topk.max(1) as usize),
+    match h.layout {
+        Layout::ExpertMajor => n
+            .saturating_mul(b)
+            .saturating_mul((h.num_topk as usize).min(l))
+            .saturating_add(l.saturating_mul(h.expert_alignment.max(1) - 1)),
         _ => n * b,
     }
 }
@@ -198,8 +203,8 @@ impl HtLayout {
 
 /// Staging rows a handle needs in a group whose peers span processes: dispatch stages its B
 /// input rows, combine its received rows (at most the receive bound).
-pub fn staging_rows(p: &GroupParams, layout: Layout) -> usize {
-    (p.max_tokens as usize).max(recv_bound(p, layout))
+pub fn staging_rows(p: &GroupParams, h: &HandleParams) -> usize {
+    (p.max_tokens as usize).max(recv_bound(p, h))
 }
 
 /// The metadata block of an HT handle (`ncclEpHandleMemSize`):
@@ -226,10 +231,16 @@ pub struct HtHandleLayout {
 }
 
 impl HtHandleLayout {
-    pub fn new(p: &GroupParams, layout: Layout, topk: u32) -> Result<Self> {
-        let (b, k) = (p.max_tokens as usize, topk as usize);
-        let recv_rows = recv_bound(p, layout);
-        let recv_width = match layout {
+    pub fn new(p: &GroupParams, h: &HandleParams) -> Result<Self> {
+        let (b, k) = (p.max_tokens as usize, h.num_topk as usize);
+        let recv_rows = recv_bound(p, h);
+        crate::ensure_usage!(
+            recv_rows < (1 << 31) && (p.nranks as usize).saturating_mul(b).saturating_mul(k) < (1 << 31),
+            "this HIGH_THROUGHPUT handle is too large for the kernels' 32-bit indices \
+             (receive rows {recv_rows}, ranks x max_dispatch_tokens_per_rank x top-k {})",
+            (p.nranks as usize).saturating_mul(b).saturating_mul(k)
+        );
+        let recv_width = match h.layout {
             Layout::ExpertMajor => 2,
             _ => 1 + k,
         };
@@ -336,26 +347,39 @@ mod tests {
         );
     }
 
+    fn hp(layout: Layout, k: u32, a: usize) -> HandleParams {
+        HandleParams {
+            layout,
+            num_topk: k,
+            expert_alignment: a,
+        }
+    }
+
     #[test]
     fn receive_bound_and_handle_block() {
         let fixed = params(8, 256, 4096, 20000, 8);
-        assert_eq!(recv_bound(&fixed, Layout::Flat), 20000);
-        assert_eq!(recv_bound(&fixed, Layout::ExpertMajor), 20000);
+        assert_eq!(recv_bound(&fixed, &hp(Layout::Flat, 8, 1)), 20000);
+        assert_eq!(recv_bound(&fixed, &hp(Layout::ExpertMajor, 8, 64)), 20000);
         let eager = params(8, 256, 4096, 0, 0);
-        assert_eq!(recv_bound(&eager, Layout::Flat), 8 * 4096);
-        assert_eq!(recv_bound(&eager, Layout::ExpertMajor), 8 * 4096);
-        let eager8 = params(8, 256, 4096, 0, 8);
-        assert_eq!(recv_bound(&eager8, Layout::ExpertMajor), 8 * 4096 * 8);
-        assert_eq!(staging_rows(&fixed, Layout::Flat), 20000);
-        assert_eq!(staging_rows(&params(8, 256, 4096, 4096, 0), Layout::Flat), 4096);
+        assert_eq!(recv_bound(&eager, &hp(Layout::Flat, 8, 1)), 8 * 4096);
+        assert_eq!(recv_bound(&eager, &hp(Layout::ExpertMajor, 8, 1)), 8 * 4096 * 8);
+        assert_eq!(recv_bound(&eager, &hp(Layout::ExpertMajor, 8, 64)), 8 * 4096 * 8 + 32 * 63);
+        // min(K, L): 2 local experts take at most 2 rows of a token.
+        let eager2 = params(128, 256, 16, 0, 0);
+        assert_eq!(recv_bound(&eager2, &hp(Layout::ExpertMajor, 8, 1)), 128 * 16 * 2);
+        assert_eq!(staging_rows(&fixed, &hp(Layout::Flat, 8, 1)), 20000);
+        assert_eq!(staging_rows(&params(8, 256, 4096, 4096, 0), &hp(Layout::Flat, 8, 1)), 4096);
 
-        let h = HtHandleLayout::new(&fixed, Layout::Flat, 8).unwrap();
+        let h = HtHandleLayout::new(&fixed, &hp(Layout::Flat, 8, 1)).unwrap();
         assert_eq!((h.recv_rows, h.recv_width, h.recv_off), (20000, 9, 256));
         assert_eq!(h.send_off, 256 + (20000 * 9 * 4usize).div_ceil(256) * 256);
         assert_eq!(h.bwd_off - h.send_off, 4096 * 8 * 8);
         assert_eq!(h.total_bytes - h.bwd_off, 4096 * 8 * 4);
-        let em = HtHandleLayout::new(&fixed, Layout::ExpertMajor, 8).unwrap();
+        let em = HtHandleLayout::new(&fixed, &hp(Layout::ExpertMajor, 8, 1)).unwrap();
         assert_eq!(em.recv_width, 2);
         assert!(em.total_bytes < h.total_bytes);
+        // 32-bit indices.
+        let huge = params(64, 256, 1 << 20, 0, 0);
+        assert_eq!(HtHandleLayout::new(&huge, &hp(Layout::Flat, 32, 1)).unwrap_err().code(), 5);
     }
 }

@@ -10,9 +10,12 @@
 use crate::abi::enums::{Algorithm, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use crate::abi::types::cudaStream_t;
 use crate::core::error::Result;
-use crate::core::ht_layout::{HtHandleLayout, HtLayout, HT_PIECES, staging_rows};
+use crate::core::handle_rules::HandleParams;
+use crate::core::ht_layout::{HT_PIECES, HtHandleLayout, HtLayout, staging_rows};
+use crate::core::ht_reference::{BadExpertId, HtPlanError};
+use crate::core::ht_rules::{HtLayoutOutputs, check_combine, check_dispatch};
 use crate::core::op_args::{CombineArgs, DispatchArgs};
-use crate::core::tensor::{Dim, TensorView};
+use crate::core::tensor::TensorView;
 use crate::cuda::memory::{self, DeviceMem, PinnedHostMem, Stream};
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, Membership};
@@ -153,12 +156,13 @@ fn buffer_bytes(g: &Group) -> Result<usize> {
 /// Makes sure this rank's group buffer holds handles of (`lay`, `k`): allocated at the first
 /// handle, grown (collectively) when a later one needs more. Must not run while operations of
 /// the group are in flight.
-pub fn ensure_buffer(g: &mut Group, lay: Layout, k: u32) -> Result<()> {
+pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
+    HtHandleLayout::new(&g.params, hp)?;
     let prev = state(g)?.sized;
-    let k = k.max(prev.map_or(0, |s| s.topk as u32));
+    let k = hp.num_topk.max(prev.map_or(0, |s| s.topk as u32));
     let stage = |g: &Group| -> Result<usize> {
         Ok(if state(g)?.multi_process {
-            staging_rows(&g.params, lay).max(prev.map_or(0, |s| s.staging_rows))
+            staging_rows(&g.params, hp).max(prev.map_or(0, |s| s.staging_rows))
         } else {
             0
         })
@@ -196,7 +200,7 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
             .map(|(p, _)| p.clone())
             .ok_or_else(|| crate::invalid_usage!("the group has no high-throughput buffer yet"))?,
     };
-    let hl = HtHandleLayout::new(&g.params, h.params.layout, h.params.num_topk)?;
+    let hl = HtHandleLayout::new(&g.params, &h.params)?;
     let mut p = HtParams::default();
     p.peers[..peers.len()].copy_from_slice(&peers);
     p.state = st.state.ptr();
@@ -233,24 +237,6 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     Ok(p)
 }
 
-/// Checks that the sizes of this handle fit the kernels' 32-bit indices.
-fn check_index_range(g: &Group, h: &Handle) -> Result<()> {
-    let hl = HtHandleLayout::new(&g.params, h.params.layout, h.params.num_topk)?;
-    let (n, b, k) = (
-        g.params.nranks as u64,
-        g.params.max_tokens as u64,
-        h.params.num_topk as u64,
-    );
-    crate::ensure_usage!(
-        n * b * k < (1 << 31) && (hl.recv_rows as u64) * (hl.recv_width as u64) < (1 << 31) && hl.recv_rows < (1 << 23),
-        "this HIGH_THROUGHPUT handle is too large for the kernels' 32-bit indices \
-         (ranks x max_dispatch_tokens_per_rank x top-k = {}, receive rows = {})",
-        n * b * k,
-        hl.recv_rows
-    );
-    Ok(())
-}
-
 fn sync(stream: cudaStream_t) -> Result<()> {
     // SAFETY: the caller's stream (C contract).
     memory::stream_synchronize(unsafe { Stream::from_raw(stream.cast()) })
@@ -270,30 +256,18 @@ fn read_hdr(g: &Group, h: &Handle) -> Result<HtHdr> {
     Ok(v[0])
 }
 
-/// The `layout_info` outputs of an update (pointers and whether they are int64).
-#[derive(Clone, Debug, Default)]
-pub struct UpdateOutputs {
-    pub expert_counters: Option<TensorView>,
-    pub expert_offsets: Option<TensorView>,
-    pub recv_total_counter: Option<TensorView>,
-}
-
 fn ptr(t: &Option<TensorView>) -> u64 {
     t.as_ref().map_or(0, |t| t.data)
-}
-
-fn is64(t: &Option<TensorView>) -> i32 {
-    t.as_ref().is_some_and(|t| t.dtype == dtype::INT64) as i32
 }
 
 /// The metadata pass: exchanges every rank's routing and builds the handle's tables and the
 /// `layout_info` outputs on `stream`. When the stream is not capturing, waits for it and
 /// reports bad expert ids and TRAP overflows as errors (the handle is then left without
 /// routing).
-pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &UpdateOutputs, stream: cudaStream_t) -> Result<()> {
-    check_index_range(g, h)?;
+pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &HtLayoutOutputs, stream: cudaStream_t) -> Result<()> {
     h.topk_idx = None;
     h.dispatched = false;
+    h.ht_unchecked = false;
     let dev = g.device;
     let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
     let cap = capturing(stream)?;
@@ -301,12 +275,11 @@ pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &UpdateOutp
     let mut p = base_params(g, h)?;
     p.rows = rows as i32;
     p.in0 = topk.data;
-    p.out0 = ptr(&outs.expert_counters);
-    p.out1 = ptr(&outs.expert_offsets);
-    p.out2 = 0;
-    p.out3 = ptr(&outs.recv_total_counter);
-    p.ec64 = is64(&outs.expert_counters).max(is64(&outs.expert_offsets));
-    p.tot64 = is64(&outs.recv_total_counter);
+    let out = |c: &Option<crate::core::ht_rules::CounterOut>| c.map_or((0, 0), |c| (c.data, (c.dtype == dtype::INT64) as i32));
+    (p.out0, p.ec64) = out(&outs.expert_counters);
+    let (o1, e1) = out(&outs.expert_offsets);
+    (p.out1, p.ec64) = (o1, p.ec64.max(e1));
+    (p.out3, p.tot64) = out(&outs.recv_total_counter);
     p.capturing = cap as i32;
     let em = h.params.layout == Layout::ExpertMajor;
     let m = HtModule::Meta {
@@ -330,41 +303,61 @@ pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &UpdateOutp
     launch_ht(dev, m, "ht_count", &p, g.params.nranks * HT_PIECES as u32, smem, stream)?;
     launch_ht(dev, m, "ht_offsets", &p, 1, smem, stream)?;
     launch_ht(dev, m, "ht_assign", &p, blocks, 0, stream)?;
-    if !cap {
-        sync(stream)?;
-        let hd = read_hdr(g, h)?;
-        let k = h.params.num_topk as usize;
-        if hd.bad > 0 {
-            let b = g.params.max_tokens as usize;
-            let idx = b * k - hd.bad as usize;
-            let (row, col) = (idx / k, idx % k);
-            let value: i64 = if topk.dtype == dtype::INT64 {
-                let mut v = [0i64];
-                // SAFETY: (row, col) is inside the caller's [T, K] tensor.
-                unsafe { memory::memcpy_dtoh(&mut v, topk.data + 8 * idx as u64) }?;
-                v[0]
-            } else {
-                let mut v = [0i32];
-                // SAFETY: as above.
-                unsafe { memory::memcpy_dtoh(&mut v, topk.data + 4 * idx as u64) }?;
-                v[0] as i64
-            };
-            return Err(crate::invalid_arg!(
-                "topk_idx[{row}][{col}] is {value}: expert ids must be -1 or in [0, {})",
-                g.params.num_experts
-            ));
-        }
-        if hd.overflow_rank > 0 {
-            return Err(crate::invalid_usage!(
-                "rank {} receives {} rows, more than max_recv_tokens_per_rank ({}) (overflow policy TRAP; \
-                 raise the budget or use NCCL_EP_OVERFLOW_DROP)",
-                hd.overflow_rank - 1,
-                hd.overflow_total,
-                p.recv_rows
-            ));
-        }
-    }
     h.topk_idx = Some(topk);
+    if cap {
+        return Ok(());
+    }
+    if matches!(g.membership, Membership::Local { .. }) {
+        // The ranks of a local group may all be driven by this thread: waiting here for the
+        // exchange would wait for updates not issued yet. The next dispatch or combine on the
+        // handle checks the result instead.
+        h.ht_unchecked = true;
+        return Ok(());
+    }
+    sync(stream)?;
+    check_update(g, h)
+}
+
+/// Reads the header of a finished update and turns a bad routing entry (on any rank) or a TRAP
+/// overflow (of any rank) into the error the update reports; the handle then has no routing.
+fn check_update(g: &Group, h: &mut Handle) -> Result<()> {
+    h.ht_unchecked = false;
+    let hd = read_hdr(g, h)?;
+    let k = h.params.num_topk as usize;
+    let b = g.params.max_tokens as usize;
+    let err = if hd.bad_rank > 0 {
+        let idx = b * k - hd.bad_code as usize;
+        Some(HtPlanError::BadExpertId(BadExpertId {
+            rank: hd.bad_rank as usize - 1,
+            row: idx / k,
+            k: idx % k,
+            value: hd.bad_value,
+            num_experts: g.params.num_experts as usize,
+        }))
+    } else if hd.overflow_rank > 0 {
+        Some(HtPlanError::Overflow {
+            rank: hd.overflow_rank as usize - 1,
+            count: hd.overflow_total as usize,
+            budget: HtHandleLayout::new(&g.params, &h.params)?.recv_rows,
+        })
+    } else {
+        None
+    };
+    if let Some(e) = err {
+        h.topk_idx = None;
+        return Err(e.to_error());
+    }
+    Ok(())
+}
+
+/// A local group's update is checked by the first dispatch or combine after it (outside graph
+/// capture; this waits for the stream once).
+fn check_pending(g: &Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
+    if h.ht_unchecked && !capturing(stream)? {
+        let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
+        sync(stream)?;
+        check_update(g, h).map_err(|e| e.context(format_args!("the last ncclEpUpdateHandle on this handle failed")))?;
+    }
     Ok(())
 }
 
@@ -374,37 +367,6 @@ fn routed(h: &Handle) -> Result<usize> {
             "the handle has no routing: call ncclEpUpdateHandle (or ncclEpCreateHandle) first, and check that it succeeded"
         )
     })
-}
-
-fn token_dtype(t: &TensorView, name: &str) -> Result<HtDtype> {
-    Ok(match t.dtype {
-        dtype::BFLOAT16 => HtDtype::Bf16,
-        dtype::FLOAT16 => HtDtype::F16,
-        dtype::FLOAT32 => HtDtype::F32,
-        _ => {
-            return Err(crate::invalid_arg!(
-                "{name} must be ncclBfloat16, ncclFloat16 or ncclFloat32, got {}",
-                dtype::name(t.dtype)
-            ));
-        }
-    })
-}
-
-/// Row bytes of a token matrix [rows, H] (a multiple of 16, at most max_token_bytes).
-fn row_bytes(g: &Group, t: &TensorView, name: &str) -> Result<usize> {
-    t.expect(name, &[Dim::Any, Dim::Any], &[])?;
-    let rb = t.dim(1) * t.elem_bytes();
-    crate::ensure_arg!(
-        rb > 0 && rb.is_multiple_of(16),
-        "{name}: a row of {} elements ({rb} bytes) is not a multiple of 16 bytes",
-        t.dim(1)
-    );
-    crate::ensure_arg!(
-        rb <= g.params.max_token_bytes as usize,
-        "{name}: a row of {rb} bytes exceeds config->max_token_bytes ({})",
-        g.params.max_token_bytes
-    );
-    Ok(rb)
 }
 
 /// The rows this rank received (after drops): the device count, read on the host (eager mode
@@ -436,76 +398,48 @@ fn stage(g: &Group, off: usize, src: u64, bytes: usize, stream: cudaStream_t) ->
 fn finish(g: &Group, m: HtModule, name: &'static str, p: &HtParams, stream: cudaStream_t) -> Result<()> {
     let blocks = state(g)?.blocks;
     launch_ht(g.device, m, name, p, blocks, 0, stream)?;
-    // ht_close lives in the metadata module (any of its variants).
-    let close = HtModule::Meta { idx64: false, em: false };
-    launch_ht(g.device, close, "ht_close", p, 1, 0, stream)
+    launch_ht(g.device, m, "ht_close", p, 1, 0, stream)
+}
+
+fn token_dtype(dt: i32) -> HtDtype {
+    match dt {
+        dtype::FLOAT16 => HtDtype::F16,
+        dtype::FLOAT32 => HtDtype::F32,
+        _ => HtDtype::Bf16,
+    }
 }
 
 pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
-    let t = routed(h)?;
-    let k = h.params.num_topk as usize;
+    routed(h)?;
+    check_pending(g, h, stream)?;
+    let topk = h.topk_idx.clone().unwrap_or_else(|| unreachable!());
+    let call = check_dispatch(&g.params, &h.params, &topk, a)?;
+    let (t, k) = (call.tokens, h.params.num_topk as usize);
     let em = h.params.layout == Layout::ExpertMajor;
-    let bwd = a.pass == PassDir::Backward;
-    token_dtype(&a.tokens, "inputs->tokens")?;
-    let rb = row_bytes(g, &a.tokens, "inputs->tokens")?;
-    crate::ensure_arg!(
-        a.tokens.dim(0) == t,
-        "inputs->tokens has {} rows, the handle's routing {t}",
-        a.tokens.dim(0)
-    );
-    let hl = HtHandleLayout::new(&g.params, h.params.layout, h.params.num_topk)?;
-    let fixed = g.params.max_recv_tokens as usize;
-    let rows_needed = if fixed > 0 {
-        fixed
-    } else {
-        eager_count(g, h, stream, "ncclEpDispatch")?
-    };
-    a.out_tokens
-        .expect("outputs->tokens", &[Dim::AtLeast(rows_needed), Dim::Eq(a.tokens.dim(1))], &[a.tokens.dtype])?;
-    token_dtype(&a.out_tokens, "outputs->tokens")?;
-    if bwd {
+    let bwd = call.pass == PassDir::Backward;
+    let hl = HtHandleLayout::new(&g.params, &h.params)?;
+    if call.eager {
+        let count = eager_count(g, h, stream, "ncclEpDispatch")?;
         crate::ensure_arg!(
-            a.in_weights.is_none() && a.out_weights.is_none() && a.out_topk_idx.is_none(),
-            "a backward dispatch carries tokens only: inputs->topk_weights, outputs->topk_weights and outputs->topk_idx must be NULL"
+            count <= call.recv_rows,
+            "this rank receives {count} rows (recv_total_counter after the update), but the dispatch outputs hold {}",
+            call.recv_rows
         );
-    } else {
-        let w = a
-            .in_weights
-            .as_ref()
-            .ok_or_else(|| crate::invalid_arg!("a forward dispatch needs inputs->topk_weights [{t}, {k}] float32"))?;
-        w.expect("inputs->topk_weights", &[Dim::Eq(t), Dim::Eq(k)], &[dtype::FLOAT32])?;
-        if em {
-            crate::ensure_arg!(a.out_topk_idx.is_none(), "outputs->topk_idx must be NULL for EXPERT_MAJOR");
-            if let Some(ow) = &a.out_weights {
-                ow.expect("outputs->topk_weights", &[Dim::AtLeast(rows_needed)], &[dtype::FLOAT32])?;
-            }
-        } else {
-            if let Some(ow) = &a.out_weights {
-                ow.expect(
-                    "outputs->topk_weights",
-                    &[Dim::AtLeast(rows_needed), Dim::Eq(k)],
-                    &[dtype::FLOAT32],
-                )?;
-            }
-            if let Some(oi) = &a.out_topk_idx {
-                oi.expect("outputs->topk_idx", &[Dim::AtLeast(rows_needed), Dim::Eq(k)], &[dtype::INT64])?;
-            }
-        }
     }
     let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
     let mut p = base_params(g, h)?;
-    p.row_bytes = rb as i32;
+    p.row_bytes = call.row_bytes as i32;
     p.in0 = a.tokens.data;
     p.in1 = ptr(&a.in_weights);
     p.out0 = a.out_tokens.data;
     p.out1 = ptr(&a.out_topk_idx);
     p.out2 = ptr(&a.out_weights);
-    p.recv_global = (a.recv_kind == ExpertIdKind::Global) as i32;
+    p.recv_global = (call.recv_kind == ExpertIdKind::Global) as i32;
     // Rows [count, S) of the forward top-k outputs are reset (none when eager).
-    p.recv_rows = if fixed > 0 { hl.recv_rows as i32 } else { 0 };
+    p.recv_rows = if call.eager { 0 } else { hl.recv_rows as i32 };
     if p.staged != 0 {
-        let lay = state(g)?.sized.unwrap();
-        stage(g, lay.stage_tok_off, a.tokens.data, t * rb, stream)?;
+        let lay = state(g)?.sized.unwrap_or_else(|| unreachable!());
+        stage(g, lay.stage_tok_off, a.tokens.data, t * call.row_bytes, stream)?;
         stage(g, lay.stage_w_off, p.in1, t * k * 4, stream)?;
     }
     finish(g, HtModule::Dispatch { em, bwd }, "ht_dispatch", &p, stream)?;
@@ -514,50 +448,27 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
 }
 
 pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStream_t) -> Result<()> {
-    let t = routed(h)?;
+    routed(h)?;
+    check_pending(g, h, stream)?;
+    let topk = h.topk_idx.clone().unwrap_or_else(|| unreachable!());
+    let call = check_combine(&g.params, &h.params, &topk, a)?;
     let k = h.params.num_topk as usize;
     let em = h.params.layout == Layout::ExpertMajor;
-    let bwd = a.pass == PassDir::Backward;
-    let dt = token_dtype(&a.tokens, "inputs->tokens")?;
-    let rb = row_bytes(g, &a.tokens, "inputs->tokens")?;
-    a.out_tokens
-        .expect("outputs->tokens", &[Dim::Eq(t), Dim::Eq(a.tokens.dim(1))], &[a.tokens.dtype])?;
-    let rows_in = a.tokens.dim(0);
-    if bwd {
-        let w = a
-            .in_weights
-            .as_ref()
-            .ok_or_else(|| crate::invalid_arg!("a backward combine needs inputs->topk_weights"))?;
-        if em {
-            w.expect("inputs->topk_weights", &[Dim::Any], &[dtype::FLOAT32])?;
-        } else {
-            w.expect("inputs->topk_weights", &[Dim::Any, Dim::Eq(k)], &[dtype::FLOAT32])?;
-        }
-        let ow = a
-            .out_weights
-            .as_ref()
-            .ok_or_else(|| crate::invalid_arg!("a backward combine needs outputs->topk_weights [{t}, {k}] float32"))?;
-        ow.expect("outputs->topk_weights", &[Dim::Eq(t), Dim::Eq(k)], &[dtype::FLOAT32])?;
-    } else {
-        crate::ensure_arg!(
-            a.in_weights.is_none() && a.out_weights.is_none(),
-            "a forward combine takes no topk_weights (inputs->topk_weights and outputs->topk_weights must be NULL)"
-        );
-    }
+    let bwd = call.pass == PassDir::Backward;
     let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
     let mut p = base_params(g, h)?;
-    p.row_bytes = rb as i32;
-    p.rows = t as i32;
+    p.row_bytes = call.row_bytes as i32;
+    p.rows = call.tokens as i32;
     p.in0 = a.tokens.data;
     p.in1 = ptr(&a.in_weights);
     p.out0 = a.out_tokens.data;
     p.out1 = ptr(&a.out_weights);
     if p.staged != 0 {
-        let lay = state(g)?.sized.unwrap();
-        let rows = rows_in.min(lay.staging_rows);
-        stage(g, lay.stage_tok_off, a.tokens.data, rows * rb, stream)?;
-        let wrow = if em { 4 } else { 4 * k };
-        stage(g, lay.stage_w_off, p.in1, rows * wrow, stream)?;
+        let lay = state(g)?.sized.unwrap_or_else(|| unreachable!());
+        let rows = call.recv_rows.min(lay.staging_rows);
+        stage(g, lay.stage_tok_off, a.tokens.data, rows * call.row_bytes, stream)?;
+        stage(g, lay.stage_w_off, p.in1, rows * if em { 4 } else { 4 * k }, stream)?;
     }
+    let dt = token_dtype(call.dtype);
     finish(g, HtModule::Combine { em, bwd, dtype: dt }, "ht_combine", &p, stream)
 }

@@ -66,9 +66,15 @@ pub struct HtHdr {
     pub count: i32,
     pub total: i32,
     pub rows: i32,
+    /// This rank's first bad routing entry, `B·K − (t·K + k)`, 0 = none.
     pub bad: i32,
+    /// First rank whose total exceeds S, plus one (0 = none), and that total.
     pub overflow_rank: i32,
     pub overflow_total: i32,
+    /// Lowest rank with a bad routing entry, plus one (0 = none), its code and value.
+    pub bad_rank: i32,
+    pub bad_code: i32,
+    pub bad_value: i64,
 }
 
 #[cfg(test)]
