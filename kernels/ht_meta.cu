@@ -17,6 +17,11 @@ __device__ __forceinline__ char* my_buf(const HtParams& p) { return peer_buf(p, 
 __device__ __forceinline__ int gthread() { return blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int gthreads() { return gridDim.x * blockDim.x; }
 
+extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_reset(const HtParams p) {
+  int* h = (int*)p.hmem;
+  for (int i = threadIdx.x; i < (int)(sizeof(HtHdr) / 4); i += blockDim.x) h[i] = 0;
+}
+
 extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_convert(const HtParams p) {
   const int K = p.topk, B = p.max_tokens;
   int* own = (int*)(my_buf(p) + p.off_own);

@@ -800,7 +800,7 @@ fn ht_one_rank_on_nccl_communicator() {
     let msg = last_error();
     let want = HtPlan::new(c.ref_config(64), &[rt]).unwrap_err().to_error();
     assert_eq!(rc, 5, "{msg}");
-    assert_eq!(msg, want.msg);
+    assert!(msg.contains(&want.msg), "{msg} (want {})", want.msg);
     println!("ht_one_rank_on_nccl_communicator: overflow reported: {msg}");
 }
 
@@ -824,7 +824,7 @@ fn ht_update_errors_in_local_groups() {
         let mut rr = routing.iter().map(|rt| routing_tensors(&c, rt)).collect::<Result<Vec<_>, _>>().unwrap();
         let hs = create_handles(&c, &w, &mut rr).unwrap();
         let want = HtPlan::new(c.ref_config(if bad { 128 } else { 64 }), &routing).unwrap_err();
-        let plan = HtPlan::new(c.ref_config(0), &routing).unwrap();
+        let plan = HtPlan::captured(c.ref_config(0), &routing);
         let inp = make_inputs(&c, &plan, PassDir::Forward, &mut rng);
         for r in 0..2 {
             let mut o = alloc_op(&c, &plan, r, &inp, PassDir::Forward).unwrap();

@@ -62,6 +62,7 @@ unsafe fn init_handle(
     config: *const ncclEpHandleConfig_t,
     num_topk: c_int,
     handle_mem: *const ncclEpTensor_t,
+    stream: Option<cudaStream_t>,
 ) -> Result<Handle> {
     let g = objects::group(ep_group)?;
     // SAFETY: C contract.
@@ -79,6 +80,13 @@ unsafe fn init_handle(
             }
         }
         // A group without GPU state (no CUDA driver) still validates handles; its operations fail.
+        // HT CreateHandle: a stream-ordered allocation, so that the metadata kernels other ranks
+        // of a local group already queued may keep running (docs/HT.md, "Local groups").
+        None if g.ht.is_some() && g.custom_alloc.is_none() && stream.is_some() => {
+            // SAFETY: the caller's stream (C contract).
+            let s = unsafe { crate::cuda::memory::Stream::from_raw(stream.unwrap_or(std::ptr::null_mut()).cast()) };
+            HandleMem::Owned(GroupMem::Driver(crate::cuda::memory::DeviceMem::alloc_async(g.device, need, s)?))
+        }
         None if g.has_gpu_state() => HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?),
         None => HandleMem::None,
     };
@@ -177,7 +185,7 @@ pub unsafe extern "C" fn ncclEpInitHandle(
         let out = unsafe { out_ptr(handle, "handle") }?;
         *out = std::ptr::null_mut();
         // SAFETY: C contract.
-        let h = unsafe { init_handle(ep_group, layout, config, num_topk, handle_mem) }?;
+        let h = unsafe { init_handle(ep_group, layout, config, num_topk, handle_mem, None) }?;
         *out = objects::publish_handle(h);
         Ok(())
     })
@@ -226,7 +234,7 @@ pub unsafe extern "C" fn ncclEpCreateHandle(
         );
         let k = c_int::try_from(t.dim(1)).map_err(|_| crate::invalid_arg!("topk_idx has {} columns", t.dim(1)))?;
         // SAFETY: C contract.
-        let mut h = unsafe { init_handle(ep_group, layout, config, k, std::ptr::null()) }?;
+        let mut h = unsafe { init_handle(ep_group, layout, config, k, std::ptr::null(), Some(stream)) }?;
         // SAFETY: C contract.
         if let Err(e) = unsafe { update_handle(&mut h, topk_idx, layout_info, stream) } {
             discard(h);

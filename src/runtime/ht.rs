@@ -40,6 +40,8 @@ pub struct HtState {
     pub state: GroupMem,
     /// Host-visible flag: a wait timed out, or a captured update overflowed under TRAP.
     pub err: PinnedHostMem,
+    /// Where the host reads a handle header (copied on the caller's stream).
+    pub hdr_host: PinnedHostMem,
     /// Blocks of the data-parallel kernels.
     pub blocks: u32,
     pub timeout_cycles: i64,
@@ -56,6 +58,7 @@ impl HtState {
         unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, Stream::LEGACY_DEFAULT)? };
         memory::stream_synchronize(Stream::LEGACY_DEFAULT)?;
         let err = PinnedHostMem::alloc(dev, 4)?;
+        let hdr_host = PinnedHostMem::alloc(dev, std::mem::size_of::<HtHdr>())?;
         let sms = crate::cuda::driver::sm_count(dev)? as u32;
         let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
         if g.params.max_num_sms != 0 {
@@ -73,6 +76,7 @@ impl HtState {
             sized: None,
             state,
             err,
+            hdr_host,
             blocks,
             timeout_cycles,
         })
@@ -247,13 +251,21 @@ fn capturing(stream: cudaStream_t) -> Result<bool> {
     memory::stream_is_capturing(unsafe { Stream::from_raw(stream.cast()) })
 }
 
-/// Reads the handle header (the caller synchronised the stream).
-fn read_hdr(g: &Group, h: &Handle) -> Result<HtHdr> {
+/// Reads the handle header: a copy on the caller's stream into pinned memory, then a wait for
+/// the stream. No synchronous copy: that would go through the legacy stream, which CUDA makes
+/// wait for (and hold back) the kernels of every other stream of the device, also those of the
+/// other ranks of a local group.
+fn read_hdr(g: &Group, h: &Handle, stream: cudaStream_t) -> Result<HtHdr> {
+    let st = state(g)?;
     let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
-    let mut v = [HtHdr::default()];
-    // SAFETY: the handle block starts with the header, written by kernels that have finished.
-    unsafe { memory::memcpy_dtoh(&mut v, h.meta_ptr()) }?;
-    Ok(v[0])
+    let bytes = std::mem::size_of::<HtHdr>();
+    // SAFETY: the handle block starts with the header; the pinned buffer holds `bytes`.
+    unsafe {
+        memory::memcpy_dtoh_async(st.hdr_host.host_ptr(), h.meta_ptr(), bytes, Stream::from_raw(stream.cast()))?;
+    }
+    sync(stream)?;
+    // SAFETY: the copy has finished; every bit pattern is a valid HtHdr.
+    Ok(unsafe { std::ptr::read_volatile(st.hdr_host.host_ptr() as *const HtHdr) })
 }
 
 fn ptr(t: &Option<TensorView>) -> u64 {
@@ -288,15 +300,7 @@ pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &HtLayoutOu
     };
     let blocks = state(g)?.blocks;
     let smem = 4 * (g.params.num_experts + g.params.nranks) as usize;
-    // SAFETY: the handle block holds at least its 256-byte header.
-    unsafe {
-        memory::memset_d8_async(
-            h.meta_ptr(),
-            0,
-            crate::core::ht_layout::HT_HDR_BYTES,
-            Stream::from_raw(stream.cast()),
-        )?
-    };
+    launch_ht(dev, m, "ht_reset", &p, 1, 0, stream)?;
     launch_ht(dev, m, "ht_convert", &p, blocks, 0, stream)?;
     launch_ht(dev, m, "ht_pull", &p, blocks, 0, stream)?;
     launch_ht(dev, m, "ht_close", &p, 1, 0, stream)?;
@@ -314,15 +318,14 @@ pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &HtLayoutOu
         h.ht_unchecked = true;
         return Ok(());
     }
-    sync(stream)?;
-    check_update(g, h)
+    check_update(g, h, stream)
 }
 
 /// Reads the header of a finished update and turns a bad routing entry (on any rank) or a TRAP
 /// overflow (of any rank) into the error the update reports; the handle then has no routing.
-fn check_update(g: &Group, h: &mut Handle) -> Result<()> {
+fn check_update(g: &Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
     h.ht_unchecked = false;
-    let hd = read_hdr(g, h)?;
+    let hd = read_hdr(g, h, stream)?;
     let k = h.params.num_topk as usize;
     let b = g.params.max_tokens as usize;
     let err = if hd.bad_rank > 0 {
@@ -354,9 +357,7 @@ fn check_update(g: &Group, h: &mut Handle) -> Result<()> {
 /// capture; this waits for the stream once).
 fn check_pending(g: &Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
     if h.ht_unchecked && !capturing(stream)? {
-        let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
-        sync(stream)?;
-        check_update(g, h).map_err(|e| e.context(format_args!("the last ncclEpUpdateHandle on this handle failed")))?;
+        check_update(g, h, stream).map_err(|e| e.context(format_args!("the last ncclEpUpdateHandle on this handle failed")))?;
     }
     Ok(())
 }
@@ -376,8 +377,7 @@ fn eager_count(g: &Group, h: &Handle, stream: cudaStream_t, what: &str) -> Resul
         !capturing(stream)?,
         "{what} in eager mode (max_recv_tokens_per_rank = 0) reads the receive count on the host and cannot be captured in a CUDA graph"
     );
-    sync(stream)?;
-    Ok(read_hdr(g, h)?.count.max(0) as usize)
+    Ok(read_hdr(g, h, stream)?.count.max(0) as usize)
 }
 
 /// Copies `bytes` from a caller tensor into this rank's staging (groups spanning processes).
