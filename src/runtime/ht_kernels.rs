@@ -90,8 +90,28 @@ impl HtModule {
         v
     }
 
-    /// The loaded kernel `name` of this module on `device` (compiled or read from the cache once
-    /// per (module, kernel, device)).
+    /// The kernels of this module.
+    pub fn kernels(&self) -> &'static [&'static str] {
+        match self {
+            HtModule::Meta { .. } => &[
+                "ht_reset",
+                "ht_convert",
+                "ht_pull",
+                "ht_close",
+                "ht_count",
+                "ht_offsets",
+                "ht_assign",
+            ],
+            HtModule::Dispatch { .. } => &["ht_dispatch", "ht_close"],
+            HtModule::Combine { .. } => &["ht_combine", "ht_close"],
+        }
+    }
+
+    /// The loaded kernel `name` of this module on `device`. The first use of a module on a device
+    /// compiles it (or reads the cache) and loads the code of *every* kernel in it: an
+    /// operation's later launches then load nothing while its first kernel waits for the other
+    /// ranks (a lazy load could wait for that kernel to finish: a deadlock between the ranks of
+    /// a local group).
     pub fn function(&self, device: i32, name: &'static str) -> Result<Function> {
         type Key = (HtModule, &'static str, i32);
         static LOADED: OnceLock<Mutex<HashMap<Key, Function>>> = OnceLock::new();
@@ -99,11 +119,20 @@ impl HtModule {
         if let Some(f) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&(*self, name, device)) {
             return Ok(*f);
         }
-        let f = get_function(device, self.source(), &self.defines(), name)?;
-        map.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((*self, name, device), f);
-        Ok(f)
+        let mut all = Vec::new();
+        for &k in self.kernels() {
+            let f = get_function(device, self.source(), &self.defines(), k)?;
+            let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
+            f.load()?;
+            all.push((k, f));
+        }
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, f) in all {
+            m.insert((*self, k, device), f);
+        }
+        m.get(&(*self, name, device))
+            .copied()
+            .ok_or_else(|| crate::internal_err!("{name} is not a kernel of {}", self.source().name))
     }
 }
 
