@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make bench`, the main job: builds the library and ep_bench, then runs the anchor config
 # (LL, bf16, H=7168, K=8, E=256, 128 tokens per rank) on the GPU that is present:
-#   - in one process: 1 rank, then 8 local ranks on this GPU (both layouts);
+#   - in one process: 1 rank, then 8 local ranks on this GPU (both layouts); then HT with 8
+#     local ranks (FLAT and expert-major, 4096 tokens per rank, same H, K, E);
 #   - under MPI (mpirun -np N make bench, or EP_BENCH_MPI=1): one rank per process.
 # Environment: NCCL_EP_LIB=path uses a prebuilt libnccl_ep.so (no cargo needed);
 #              EP_BENCH_ARGS adds ep_bench options; EP_BENCH_OUT=dir keeps the CSV files there;
@@ -55,3 +56,10 @@ for ranks in 1 8; do
       --csv "$OUTDIR/anchor-$ranks-$lay.csv" ${EP_BENCH_ARGS:-}
   done
 done
+# High throughput (skip with EP_BENCH_HT=0).
+if [[ "${EP_BENCH_HT:-1}" != 0 ]]; then
+  for lay in flat em; do
+    "$BUILD/ep_bench" --local-ranks 8 --mode ht --tokens 4096 --hidden 7168 --top-k 8 --experts 256 \
+      --warmup 3 --iters 10 --layout "$lay" --csv "$OUTDIR/ht-8-$lay.csv" ${EP_BENCH_ARGS:-}
+  done
+fi
