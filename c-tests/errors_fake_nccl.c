@@ -350,7 +350,52 @@ static void test_ht_rules(ncclComm_t comm) {
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 1), ncclSuccess, M, NULL);
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, &sz, 2), E5, M, "HIGH_THROUGHPUT");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 3), E5, M, "config->num_topk");
+
+  /* Handles and routing: the rules that come before any GPU work (this group is in eager mode:
+   * max_recv_tokens_per_rank is 0). */
+  const char *I = "ncclEpInitHandle", *U = "ncclEpUpdateHandle", *C = "ncclEpCreateHandle";
+  size_t s42[2] = {4, 2}, s43[2] = {4, 3}, s17[2] = {17, 2};
+  ncclEpTensor_t ok32 = tensor(2, ncclInt32, s42), wrong_k = tensor(2, ncclInt64, s43);
+  ncclEpTensor_t too_many = tensor(2, ncclInt64, s17), flt = tensor(2, ncclFloat32, s42);
+  ncclEpTensor_t k3 = tensor(2, ncclInt64, s43);
+  ncclEpHandleConfig_t h3 = NCCL_EP_HANDLE_CONFIG_INIT;
+  h3.dispatch_output_per_expert_alignment = 3;
+  ncclEpHandle_t h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &h3, 2, NULL), E4, I, "power of two");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 0, NULL), E4, I, "num_topk");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, 2, NULL), E5, I, "FLAT or EXPERT_MAJOR");
+  CHECK(h == NULL);
+  h = NULL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 2, NULL), ncclSuccess, I, NULL);
+  if (h) {
+    EXPECT_RC(ncclEpUpdateHandle(h, NULL, NULL, NULL), E4, U, "topk_idx is NULL");
+    EXPECT_RC(ncclEpUpdateHandle(h, &wrong_k, NULL, NULL), E4, U, "topk_idx");
+    EXPECT_RC(ncclEpUpdateHandle(h, &too_many, NULL, NULL), E4, U, "max_dispatch_tokens_per_rank");
+    EXPECT_RC(ncclEpUpdateHandle(h, &flt, NULL, NULL), E4, U, "ncclInt64");
+    EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
+  }
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpCreateHandle(&h, g, NCCL_EP_LAYOUT_RANK_MAJOR, &ok32, NULL, NULL, NULL), E5, C, "HIGH_THROUGHPUT");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpCreateHandle(&h, g, NCCL_EP_LAYOUT_FLAT, &k3, NULL, NULL, NULL), E5, C, "config->num_topk");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpCreateHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &too_many, NULL, NULL, NULL), E4, C,
+            "max_dispatch_tokens_per_rank");
+  CHECK(h == NULL);
   EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
+
+  /* DROP with a fixed budget (at least B) is a valid group. */
+  c.max_recv_tokens_per_rank = 16;
+  c.overflow_policy = NCCL_EP_OVERFLOW_DROP;
+  g = NULL;
+  EXPECT_RC(ncclEpCreateGroup(&g, comm, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
+  if (g) EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
 }
 
 int main(void) {
