@@ -9,10 +9,8 @@
  *   mpirun -np N ep_bench ...      one process per GPU (built with MPI; NCCL communicator)
  *
  * Bandwidth follows upstream ep_bench: bytes = valid (token, expert) selections x row bytes,
- * divided by the phase time; reported per rank and summed over this process's ranks. HT moves a
- * row per received (token, rank) (FLAT) or (token, expert) (EXPERT_MAJOR), so its bytes are those
- * rows x row bytes. HT sizes max_recv_tokens_per_rank to the largest receive count of the routing.
- */
+ * divided by the phase time; reported per rank and summed over this process's ranks (HT: see
+ * run_config_ht). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -107,7 +105,6 @@ typedef struct {
   const char* sweep_tokens; /* comma list */
   const char* sweep_hidden;
   const char* label;
-  int ht_recv_budget; /* HT: max_recv_tokens_per_rank, set per configuration */
 } Opts;
 
 typedef struct {
@@ -206,55 +203,29 @@ typedef struct {
   long long selections;
   cudaEvent_t ev[3];
   cudaGraphExec_t exec_d, exec_c; /* --graph: dispatch and combine captured separately */
-  const int64_t* route;            /* HT: this rank's routing, made before the group (sizes S) */
-  long long recv_rows;             /* HT: rows this rank receives (FLAT tokens, EM pairs) */
 } Rank;
-
-/* HT: rows rank d receives from the routings of all ranks: FLAT one per (token, destination
- * rank), EXPERT_MAJOR one per (token, distinct expert) (no alignment padding here). */
-static long long ht_recv_rows(int64_t* const* route, int nranks, int d, const Opts* o) {
-  int L = o->experts / nranks;
-  long long rows = 0;
-  for (int s = 0; s < nranks; ++s)
-    for (int t = 0; t < o->tokens; ++t) {
-      const int64_t* row = route[s] + (size_t)t * o->topk;
-      int hit = 0;
-      for (int k = 0; k < o->topk; ++k) {
-        int dup = 0;
-        for (int q = 0; q < k; ++q) dup |= row[q] == row[k];
-        if (row[k] >= 0 && row[k] / L == d && !dup) hit++;
-      }
-      rows += o->layout == NCCL_EP_LAYOUT_FLAT ? (hit > 0) : hit;
-    }
-  return rows;
-}
 
 static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   int L = o->experts / nranks, T = o->tokens, H = o->hidden, K = o->topk, B = o->tokens, N = nranks;
   int em = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR;
-  int is_ht = o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT;
   CK(cudaSetDevice(r->dev));
   size_t xb = (size_t)T * H * 2, tb = (size_t)T * K * 8, wb = (size_t)T * K * 4;
-  /* HT outputs have S rows (the group's receive budget), LL its fixed 3-D shapes. */
-  size_t S = (size_t)o->ht_recv_budget;
-  size_t rows = is_ht ? S : em ? (size_t)L * N * B : (size_t)N * B;
+  size_t rows = em ? (size_t)L * N * B : (size_t)N * B;
   size_t ob = rows * H * 2;
   CK(cudaMalloc(&r->x, xb ? xb : 16));
   CK(cudaMalloc(&r->topk, tb ? tb : 16));
   CK(cudaMalloc(&r->w, wb ? wb : 16));
   CK(cudaMalloc(&r->out, ob));
   CK(cudaMalloc(&r->cnt, 4 * (size_t)(L > N ? L : N)));
-  size_t side = is_ht ? S * K * 8 : (size_t)N * B * K * 4;
-  CK(cudaMalloc(&r->oidx, side));
-  CK(cudaMalloc(&r->ow, side));
+  CK(cudaMalloc(&r->oidx, (size_t)N * B * K * 4));
+  CK(cudaMalloc(&r->ow, (size_t)N * B * K * 4));
   CK(cudaMalloc(&r->ein, ob));
   CK(cudaMalloc(&r->cw, wb ? wb : 16));
   CK(cudaMalloc(&r->cout, xb ? xb : 16));
   uint16_t* hx = (uint16_t*)malloc(xb + 2);
   for (size_t i = 0; i < xb / 2; ++i) hx[i] = f2bf((float)(rng_unit(rng) * 8 - 4));
   int64_t* ht = (int64_t*)malloc(tb + 8);
-  if (r->route) memcpy(ht, r->route, tb);
-  else make_routing(ht, T, K, o->experts, o->routing, o->zipf_s, rng);
+  make_routing(ht, T, K, o->experts, o->routing, o->zipf_s, rng);
   float* hw = (float*)malloc(wb + 4);
   for (size_t i = 0; i < wb / 4; ++i) hw[i] = (float)rng_unit(rng);
   r->selections = 0;
@@ -264,12 +235,9 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   CK(cudaMemcpy(r->w, hw, wb, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(r->cw, hw, wb, cudaMemcpyHostToDevice));
   /* Expert outputs: random too (never zeros). */
-  /* Large HT inputs repeat a random 4 MiB block: generating GBs on the host costs device time. */
-  size_t blk = ob < ((size_t)4 << 20) ? ob : ((size_t)4 << 20);
-  uint16_t* he = (uint16_t*)malloc(blk);
-  for (size_t i = 0; i < blk / 2; ++i) he[i] = f2bf((float)(rng_unit(rng) * 2 - 1));
-  for (size_t off = 0; off < ob; off += blk)
-    CK(cudaMemcpy((char*)r->ein + off, he, ob - off < blk ? ob - off : blk, cudaMemcpyHostToDevice));
+  uint16_t* he = (uint16_t*)malloc(ob);
+  for (size_t i = 0; i < ob / 2; ++i) he[i] = f2bf((float)(rng_unit(rng) * 2 - 1));
+  CK(cudaMemcpy(r->ein, he, ob, cudaMemcpyHostToDevice));
   free(hx);
   free(ht);
   free(hw);
@@ -277,26 +245,22 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   r->sx[0] = T; r->sx[1] = H;
   r->st[0] = T; r->st[1] = K;
   r->sw[0] = T; r->sw[1] = K;
-  if (is_ht) { r->so[0] = S; r->so[1] = H; }
-  else if (em) { r->so[0] = L; r->so[1] = (size_t)N * B; r->so[2] = H; }
+  if (em) { r->so[0] = L; r->so[1] = (size_t)N * B; r->so[2] = H; }
   else { r->so[0] = N; r->so[1] = B; r->so[2] = H; }
   memcpy(r->sein, r->so, sizeof r->so);
   r->sc[0] = em ? L : N;
-  if (is_ht) { r->sidx[0] = S; r->sidx[1] = K; }
-  else { r->sidx[0] = N; r->sidx[1] = B; r->sidx[2] = K; }
+  r->sidx[0] = N; r->sidx[1] = B; r->sidx[2] = K;
   memcpy(r->sow, r->sidx, sizeof r->sidx);
   r->scw[0] = T; r->scw[1] = K;
   r->scout[0] = T; r->scout[1] = H;
   r->tx = tensor(r->x, ncclBfloat16, 2, r->sx);
   r->ttopk = tensor(r->topk, ncclInt64, 2, r->st);
   r->tw = tensor(r->w, ncclFloat32, 2, r->sw);
-  unsigned od = is_ht ? 2 : 3;
-  r->tout = tensor(r->out, ncclBfloat16, od, r->so);
+  r->tout = tensor(r->out, ncclBfloat16, 3, r->so);
   r->tcnt = tensor(r->cnt, ncclInt32, 1, r->sc);
-  r->toidx = tensor(r->oidx, is_ht ? ncclInt64 : ncclInt32, od, r->sidx);
-  /* HT expert-major: one weight per received row. */
-  r->tow = tensor(r->ow, ncclFloat32, is_ht && em ? 1 : od, r->sow);
-  r->tein = tensor(r->ein, ncclBfloat16, od, r->sein);
+  r->toidx = tensor(r->oidx, ncclInt32, 3, r->sidx);
+  r->tow = tensor(r->ow, ncclFloat32, 3, r->sow);
+  r->tein = tensor(r->ein, ncclBfloat16, 3, r->sein);
   r->tcw = tensor(r->cw, ncclFloat32, 2, r->scw);
   r->tcout = tensor(r->cout, ncclBfloat16, 2, r->scout);
   for (int i = 0; i < 3; ++i) CK(cudaEventCreate(&r->ev[i]));
@@ -324,17 +288,6 @@ static void do_dispatch(Rank* r, const Opts* o) {
   cfg.send_only = o->send_only;
   in.tokens = &r->tx;
   out.tokens = &r->tout;
-  if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) {
-    /* Forward: weights in; FLAT gets local ids + weights per row, EM one weight per row. */
-    in.topk_weights = &r->tw;
-    out.topk_weights = &r->tow;
-    if (!em) out.topk_idx = &r->toidx;
-    double t0 = now_us();
-    EP(ncclEpDispatch(r->h, &in, &out, NULL, &cfg, r->s));
-    host_dispatch_us_acc += now_us() - t0;
-    host_dispatch_n++;
-    return;
-  }
   if (em) {
     li.expert_counters = &r->tcnt;
   } else {
@@ -356,8 +309,7 @@ static void do_combine(Rank* r, const Opts* o) {
   cfg.send_only = o->send_only;
   in.tokens = &r->tein;
   out.tokens = &r->tcout;
-  if (o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR && o->algorithm == NCCL_EP_ALGO_LOW_LATENCY)
-    out.topk_weights = &r->tcw;
+  if (o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR) out.topk_weights = &r->tcw;
   EP(ncclEpCombine(r->h, &in, &out, &cfg, r->s));
 }
 
@@ -368,12 +320,22 @@ typedef struct {
   double host_us, disp_gbs, comb_gbs, buf_mib, mem_mib;
   long long bytes;     /* selection bytes of this process's ranks */
   long long in_bytes;  /* token bytes of this process's ranks */
+  /* HT: HBM bytes dispatch and combine must move (read + write), when they differ (else 0). */
+  long long floor_d_bytes, floor_c_bytes;
 } Result;
 
 /* Floor: the bytes that must cross HBM (each input token read once, each selection row written
  * once; the reverse for combine) at the copy bandwidth measured in this run (read + write). */
 static double floor_us(const Result* r, double copy_gbs) {
   return (double)(r->bytes + r->in_bytes) / (copy_gbs * 1e9) * 1e6;
+}
+
+static double floor_d_us(const Result* r, double copy_gbs) {
+  return r->floor_d_bytes ? (double)r->floor_d_bytes / (copy_gbs * 1e9) * 1e6 : floor_us(r, copy_gbs);
+}
+
+static double floor_c_us(const Result* r, double copy_gbs) {
+  return r->floor_c_bytes ? (double)r->floor_c_bytes / (copy_gbs * 1e9) * 1e6 : floor_us(r, copy_gbs);
 }
 
 /* Device-to-device copy bandwidth (read + write counted), median of 10 copies of 1 GiB. */
@@ -416,38 +378,16 @@ static double max_elapsed(Rank* rk, int n, int a, int b) {
 }
 
 /* One configuration: create groups and handles, warm up, time, tear down. */
-static Result run_config(const Opts* o_in, int nranks, int first_rank, int nlocal, ncclComm_t comm,
+static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, ncclComm_t comm,
                          local_groups_fn mk_local, buffer_size_fn bufsz) {
   Result res;
   memset(&res, 0, sizeof res);
-  Opts oc = *o_in;
-  const Opts* o = &oc;
-  /* HT: every rank's routing is made first (each from its own seed, so all processes agree), to
-   * size the receive budget S to the largest count, as a caller sizing from its routing would. */
-  int64_t** routes = NULL;
-  long long* recv_rows = NULL;
-  if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) {
-    routes = (int64_t**)calloc(nranks, sizeof(int64_t*));
-    recv_rows = (long long*)calloc(nranks, sizeof(long long));
-    for (int r = 0; r < nranks; ++r) {
-      uint64_t rs = o->seed * 1000003ull + (uint64_t)r;
-      routes[r] = (int64_t*)malloc((size_t)o->tokens * o->topk * 8 + 8);
-      make_routing(routes[r], o->tokens, o->topk, o->experts, o->routing, o->zipf_s, &rs);
-    }
-    long long most = o->tokens;
-    for (int d = 0; d < nranks; ++d) {
-      recv_rows[d] = ht_recv_rows(routes, nranks, d, o);
-      if (recv_rows[d] > most) most = recv_rows[d];
-    }
-    oc.ht_recv_budget = (int)((most + 63) / 64 * 64);
-  }
   ncclEpGroupConfig_t cfg = NCCL_EP_GROUP_CONFIG_INIT;
   cfg.algorithm = (ncclEpAlgorithm_t)o->algorithm;
   cfg.num_experts = o->experts;
   cfg.max_dispatch_tokens_per_rank = o->tokens;
   cfg.max_token_bytes = o->hidden * 2;
   cfg.enable_mask = o->mask;
-  if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) cfg.max_recv_tokens_per_rank = o->ht_recv_budget;
   Rank* rk = (Rank*)calloc(nlocal, sizeof(Rank));
   ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
   int dev0;
@@ -466,10 +406,6 @@ static Result run_config(const Opts* o_in, int nranks, int first_rank, int nloca
     rk[i].g = groups[i];
     CK(cudaStreamCreateWithFlags(&rk[i].s, cudaStreamNonBlocking));
     for (int j = 0; j < first_rank + i; ++j) rng_next(&rng);
-    if (routes) {
-      rk[i].route = routes[first_rank + i];
-      rk[i].recv_rows = recv_rows[first_rank + i];
-    }
     rank_setup(&rk[i], o, nranks, &rng);
   }
   for (int i = 0; i < nlocal; ++i)
@@ -481,12 +417,7 @@ static Result run_config(const Opts* o_in, int nranks, int first_rank, int nloca
   {
     int L = o->experts / nranks, N = nranks, T = o->tokens, H = o->hidden, K = o->topk;
     size_t rows = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR ? (size_t)L * N * T : (size_t)N * T;
-    size_t side = 2 * (size_t)N * T * K * 4;
-    if (routes) {
-      rows = (size_t)o->ht_recv_budget;
-      side = 2 * rows * K * 8;
-    }
-    ours = (size_t)nlocal * (2 * rows * H * 2 + 2 * (size_t)T * H * 2 + (size_t)T * K * 16 + side);
+    ours = (size_t)nlocal * (2 * rows * H * 2 + 2 * (size_t)T * H * 2 + (size_t)T * K * 16 + 2 * (size_t)N * T * K * 4);
   }
   res.mem_mib = ((double)(free0 - free1) - (double)ours) / nlocal / 1048576.0;
   if (bufsz) {
@@ -561,8 +492,7 @@ static Result run_config(const Opts* o_in, int nranks, int first_rank, int nloca
   res.total = stats(tt, iters);
   res.host_us = host_dispatch_n ? host_dispatch_us_acc / host_dispatch_n : 0;
   long long sel = 0;
-  /* HT moves one row per received (token, rank) (FLAT) or (token, expert) (EM). */
-  for (int i = 0; i < nlocal; ++i) sel += routes ? rk[i].recv_rows : rk[i].selections;
+  for (int i = 0; i < nlocal; ++i) sel += rk[i].selections;
   res.bytes = sel * (long long)o->hidden * 2;
   res.in_bytes = (long long)nlocal * o->tokens * o->hidden * 2;
   /* Per-rank bandwidth by upstream's definition (mean selections per rank). */
@@ -582,17 +512,261 @@ static Result run_config(const Opts* o_in, int nranks, int first_rank, int nloca
   free(tt);
   free(rk);
   free(groups);
-  if (routes) {
-    for (int r = 0; r < nranks; ++r) free(routes[r]);
-    free(routes);
-    free(recv_rows);
+  return res;
+}
+
+/* ---- High-throughput mode ------------------------------------------------------------------ */
+
+/* Rank r's routing for HT: K distinct experts per token from its own seed, so that every process
+ * can regenerate every rank's routing (the receive counts need all of them). */
+static void ht_routing(int64_t* idx, const Opts* o, int rank) {
+  uint64_t rng = o->seed * 1000003ull + (uint64_t)rank;
+  make_routing(idx, o->tokens, o->topk, o->experts, o->routing, o->zipf_s, &rng);
+}
+
+typedef struct {
+  int dev;
+  cudaStream_t s;
+  ncclEpGroup_t g;
+  ncclEpHandle_t h;
+  void *x, *topk, *w, *out, *oidx, *ow, *ein, *cout;
+  size_t sx[2], st[2], so[2], sidx[2], sow[2], sein[2];
+  ncclEpTensor_t tx, ttopk, tw, tout, toidx, tow, tein, tcout;
+  cudaEvent_t ev[3];
+  cudaGraphExec_t exec_d, exec_c;
+} HtRank;
+
+static void ht_dispatch(HtRank* r, int em) {
+  ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
+  ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+  in.tokens = &r->tx;
+  in.topk_weights = &r->tw;
+  out.tokens = &r->tout;
+  out.topk_weights = &r->tow;
+  if (!em) out.topk_idx = &r->toidx;
+  double t0 = now_us();
+  EP(ncclEpDispatch(r->h, &in, &out, NULL, NULL, r->s));
+  host_dispatch_us_acc += now_us() - t0;
+  host_dispatch_n++;
+}
+
+static void ht_combine(HtRank* r) {
+  ncclEpCombineInputs_t in = NCCL_EP_COMBINE_INPUTS_INIT;
+  ncclEpCombineOutputs_t out = NCCL_EP_COMBINE_OUTPUTS_INIT;
+  in.tokens = &r->tein;
+  out.tokens = &r->tcout;
+  EP(ncclEpCombine(r->h, &in, &out, NULL, r->s));
+}
+
+/* HT: FLAT or EXPERT_MAJOR, bf16, forward. Bandwidth as upstream ep_bench defines it for HT on one
+ * node: received tokens (distinct (source rank, token) pairs with an expert here) x H x 2 bytes,
+ * per rank, divided by the phase time. The floor counts each received row read once and written
+ * once (dispatch), and each contribution read once plus each output row written once (combine). */
+static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nlocal, ncclComm_t comm,
+                            local_groups_fn mk_local, buffer_size_fn bufsz) {
+  Result res;
+  memset(&res, 0, sizeof res);
+  int T = o->tokens, H = o->hidden, K = o->topk, E = o->experts, N = nranks, L = E / N;
+  int em = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR;
+  /* Every rank's receive rows (FLAT tokens, EM (token, expert) pairs) from all routings. */
+  int64_t* idx = (int64_t*)malloc(sizeof(int64_t) * (size_t)T * K + 8);
+  long long* recv_tok = (long long*)calloc(N, sizeof(long long));
+  long long* recv_rows = (long long*)calloc(N, sizeof(long long));
+  for (int s = 0; s < N; ++s) {
+    ht_routing(idx, o, s);
+    for (int t = 0; t < T; ++t) {
+      unsigned char hit[1024];
+      memset(hit, 0, N < 1024 ? N : 1024);
+      for (int k = 0; k < K; ++k) {
+        int64_t e = idx[(size_t)t * K + k];
+        if (e < 0) continue;
+        int dup = 0;
+        for (int q = 0; q < k; ++q) dup |= idx[(size_t)t * K + q] == e;
+        if (dup) continue;
+        recv_rows[e / L]++;
+        hit[e / L] = 1;
+      }
+      for (int d = 0; d < N; ++d) recv_tok[d] += hit[d];
+    }
   }
+  long long S = 0;
+  for (int d = 0; d < N; ++d) {
+    long long v = em ? recv_rows[d] : recv_tok[d];
+    if (v > S) S = v;
+  }
+  if (S < T) S = T;
+  ncclEpGroupConfig_t cfg = NCCL_EP_GROUP_CONFIG_INIT;
+  cfg.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT;
+  cfg.num_experts = E;
+  cfg.max_dispatch_tokens_per_rank = T;
+  cfg.max_recv_tokens_per_rank = (unsigned)S;
+  cfg.max_token_bytes = H * 2;
+  HtRank* rk = (HtRank*)calloc(nlocal, sizeof(HtRank));
+  ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
+  int dev0;
+  CK(cudaGetDevice(&dev0));
+  if (comm) {
+    EP(ncclEpCreateGroup(&groups[0], comm, &cfg));
+  } else {
+    EP(mk_local(groups, nlocal, NULL, &cfg));
+  }
+  uint64_t rng = o->seed + 17;
+  size_t xb = (size_t)T * H * 2, ob = (size_t)S * H * 2;
+  uint16_t* hx = (uint16_t*)malloc(xb + 2);
+  uint16_t* he = (uint16_t*)malloc(ob);
+  float* hw = (float*)malloc((size_t)T * K * 4 + 4);
+  for (size_t i = 0; i < (size_t)T * K; ++i) hw[i] = (float)rng_unit(&rng);
+  for (size_t i = 0; i < xb / 2; ++i) hx[i] = f2bf((float)(rng_unit(&rng) * 8 - 4));
+  for (size_t i = 0; i < ob / 2; ++i) he[i] = f2bf((float)(rng_unit(&rng) * 2 - 1));
+  for (int i = 0; i < nlocal; ++i) {
+    HtRank* r = &rk[i];
+    r->dev = dev0;
+    r->g = groups[i];
+    CK(cudaStreamCreateWithFlags(&r->s, cudaStreamNonBlocking));
+    CK(cudaMalloc(&r->x, xb ? xb : 16));
+    CK(cudaMalloc(&r->topk, (size_t)T * K * 8 + 16));
+    CK(cudaMalloc(&r->w, (size_t)T * K * 4 + 16));
+    CK(cudaMalloc(&r->out, ob));
+    CK(cudaMalloc(&r->oidx, (size_t)S * K * 8));
+    CK(cudaMalloc(&r->ow, (size_t)S * K * 4));
+    CK(cudaMalloc(&r->ein, ob));
+    CK(cudaMalloc(&r->cout, xb ? xb : 16));
+    ht_routing(idx, o, first_rank + i);
+    CK(cudaMemcpy(r->topk, idx, (size_t)T * K * 8, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(r->x, hx, xb, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(r->w, hw, (size_t)T * K * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(r->ein, he, ob, cudaMemcpyHostToDevice));
+    r->sx[0] = T; r->sx[1] = H;
+    r->st[0] = T; r->st[1] = K;
+    r->so[0] = S; r->so[1] = H;
+    r->sidx[0] = S; r->sidx[1] = K;
+    r->sow[0] = S; r->sow[1] = K;
+    memcpy(r->sein, r->so, sizeof r->so);
+    r->tx = tensor(r->x, ncclBfloat16, 2, r->sx);
+    r->ttopk = tensor(r->topk, ncclInt64, 2, r->st);
+    r->tw = tensor(r->w, ncclFloat32, 2, r->st);
+    r->tout = tensor(r->out, ncclBfloat16, 2, r->so);
+    r->toidx = tensor(r->oidx, ncclInt64, 2, r->sidx);
+    r->tow = tensor(r->ow, ncclFloat32, em ? 1 : 2, r->sow);
+    r->tein = tensor(r->ein, ncclBfloat16, 2, r->sein);
+    r->tcout = tensor(r->cout, ncclBfloat16, 2, r->sx);
+    for (int j = 0; j < 3; ++j) CK(cudaEventCreate(&r->ev[j]));
+  }
+  free(hx);
+  free(he);
+  free(hw);
+  for (int i = 0; i < nlocal; ++i)
+    EP(ncclEpCreateHandle(&rk[i].h, rk[i].g, (ncclEpLayout_t)o->layout, &rk[i].ttopk, NULL, NULL, rk[i].s));
+  CK(cudaDeviceSynchronize());
+  if (bufsz) {
+    size_t b = 0;
+    if (bufsz(&cfg, nranks, (ncclEpLayout_t)o->layout, K, &b) == ncclSuccess) res.buf_mib = b / 1048576.0;
+  }
+  int iters = o->iters;
+  double* d = (double*)malloc(sizeof(double) * iters);
+  double* c = (double*)malloc(sizeof(double) * iters);
+  double* tt = (double*)malloc(sizeof(double) * iters);
+  /* Warm once (outside any gate and capture): compiles and loads the kernels. */
+  for (int i = 0; i < nlocal; ++i) ht_dispatch(&rk[i], em);
+  for (int i = 0; i < nlocal; ++i) ht_combine(&rk[i]);
+  CK(cudaDeviceSynchronize());
+  if (o->graph) {
+    for (int i = 0; i < nlocal; ++i) {
+      cudaGraph_t g;
+      CK(cudaStreamBeginCapture(rk[i].s, cudaStreamCaptureModeRelaxed));
+      ht_dispatch(&rk[i], em);
+      CK(cudaStreamEndCapture(rk[i].s, &g));
+      CK(cudaGraphInstantiate(&rk[i].exec_d, g, 0));
+      CK(cudaGraphDestroy(g));
+      CK(cudaStreamBeginCapture(rk[i].s, cudaStreamCaptureModeRelaxed));
+      ht_combine(&rk[i]);
+      CK(cudaStreamEndCapture(rk[i].s, &g));
+      CK(cudaGraphInstantiate(&rk[i].exec_c, g, 0));
+      CK(cudaGraphDestroy(g));
+    }
+  }
+  host_dispatch_us_acc = 0;
+  host_dispatch_n = 0;
+  for (int it = -o->warmup; it < iters; ++it) {
+    if (it == 0) {
+      host_dispatch_us_acc = 0;
+      host_dispatch_n = 0;
+    }
+    for (int i = 0; i < nlocal; ++i) gate_close(rk[i].s);
+    for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[0], rk[i].s));
+    if (o->graph) {
+      for (int i = 0; i < nlocal; ++i) CK(cudaGraphLaunch(rk[i].exec_d, rk[i].s));
+    } else {
+      for (int i = 0; i < nlocal; ++i) ht_dispatch(&rk[i], em);
+    }
+    for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[1], rk[i].s));
+    if (o->graph) {
+      for (int i = 0; i < nlocal; ++i) CK(cudaGraphLaunch(rk[i].exec_c, rk[i].s));
+    } else {
+      for (int i = 0; i < nlocal; ++i) ht_combine(&rk[i]);
+    }
+    for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[2], rk[i].s));
+    gate_open();
+    for (int i = 0; i < nlocal; ++i) CK(cudaStreamSynchronize(rk[i].s));
+    CK(cudaGetLastError());
+    if (it >= 0) {
+      double m[3] = {0, 0, 0};
+      for (int i = 0; i < nlocal; ++i) {
+        float ms;
+        CK(cudaEventElapsedTime(&ms, rk[i].ev[0], rk[i].ev[1]));
+        if (ms * 1e3 > m[0]) m[0] = ms * 1e3;
+        CK(cudaEventElapsedTime(&ms, rk[i].ev[1], rk[i].ev[2]));
+        if (ms * 1e3 > m[1]) m[1] = ms * 1e3;
+        CK(cudaEventElapsedTime(&ms, rk[i].ev[0], rk[i].ev[2]));
+        if (ms * 1e3 > m[2]) m[2] = ms * 1e3;
+      }
+      d[it] = m[0];
+      c[it] = m[1];
+      tt[it] = m[2];
+    }
+  }
+  res.disp = stats(d, iters);
+  res.comb = stats(c, iters);
+  res.total = stats(tt, iters);
+  res.host_us = host_dispatch_n ? host_dispatch_us_acc / host_dispatch_n : 0;
+  long long tok = 0, rows = 0;
+  for (int i = 0; i < nlocal; ++i) {
+    tok += recv_tok[first_rank + i];
+    rows += recv_rows[first_rank + i];
+  }
+  long long rb = (long long)H * 2;
+  res.bytes = tok * rb;
+  res.in_bytes = (long long)nlocal * T * rb;
+  res.floor_d_bytes = 2 * (em ? rows : tok) * rb;
+  res.floor_c_bytes = (em ? rows : tok) * rb + res.in_bytes;
+  double per_rank = (double)res.bytes / nlocal;
+  res.disp_gbs = res.disp.p50 > 0 ? per_rank / (res.disp.p50 * 1e-6) / 1e9 : 0;
+  res.comb_gbs = res.comb.p50 > 0 ? per_rank / (res.comb.p50 * 1e-6) / 1e9 : 0;
+  for (int i = 0; i < nlocal; ++i) {
+    HtRank* r = &rk[i];
+    EP(ncclEpHandleDestroy(r->h));
+    void* p[] = {r->x, r->topk, r->w, r->out, r->oidx, r->ow, r->ein, r->cout};
+    for (unsigned j = 0; j < sizeof p / sizeof p[0]; ++j) CK(cudaFree(p[j]));
+    for (int j = 0; j < 3; ++j) CK(cudaEventDestroy(r->ev[j]));
+    if (r->exec_d) CK(cudaGraphExecDestroy(r->exec_d));
+    if (r->exec_c) CK(cudaGraphExecDestroy(r->exec_c));
+    EP(ncclEpGroupDestroy(r->g));
+    CK(cudaStreamDestroy(r->s));
+  }
+  free(idx);
+  free(recv_tok);
+  free(recv_rows);
+  free(d);
+  free(c);
+  free(tt);
+  free(rk);
+  free(groups);
   return res;
 }
 
 static void usage(void) {
   fprintf(stderr,
-          "usage: ep_bench [--local-ranks N] [--algorithm ll|ht] [--layout em|rm|flat] [--tokens T]\n"
+          "usage: ep_bench [--local-ranks N] [--mode ll|ht] [--layout em|rm|flat] [--tokens T]\n"
           "                [--hidden H] [--top-k K] [--experts E] [--routing uniform|zipf] [--zipf-s S]\n"
           "                [--seed S] [--warmup W] [--iters I] [--send-only] [--graph] [--mask]\n"
           "                [--sweep-tokens 1,2,4,...] [--sweep-hidden 2048,4096,...] [--csv FILE]\n"
@@ -611,13 +785,14 @@ static int parse_list(const char* s, int* out, int max) {
 
 int main(int argc, char** argv) {
   Opts o = {NCCL_EP_ALGO_LOW_LATENCY, NCCL_EP_LAYOUT_EXPERT_MAJOR, 128, 7168, 8, 256, 0, 10, 50, 0, 0, 0, 0, 1.1, 1,
-            NULL, NULL, NULL, NULL, "", 0};
+            NULL, NULL, NULL, NULL, ""};
   for (int i = 1; i < argc; ++i) {
     const char* a = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : NULL;
 #define ARG(name) (!strcmp(a, name) && v && (++i, 1))
     if (ARG("--local-ranks")) o.local_ranks = atoi(v);
-    else if (ARG("--algorithm")) o.algorithm = !strcmp(v, "ht") ? NCCL_EP_ALGO_HIGH_THROUGHPUT : NCCL_EP_ALGO_LOW_LATENCY;
+    else if (ARG("--algorithm") || ARG("--mode"))
+      o.algorithm = !strcmp(v, "ht") ? NCCL_EP_ALGO_HIGH_THROUGHPUT : NCCL_EP_ALGO_LOW_LATENCY;
     else if (ARG("--layout"))
       o.layout = !strcmp(v, "rm") ? NCCL_EP_LAYOUT_RANK_MAJOR : !strcmp(v, "flat") || !strcmp(v, "fl") ? NCCL_EP_LAYOUT_FLAT : NCCL_EP_LAYOUT_EXPERT_MAJOR;
     else if (ARG("--tokens")) o.tokens = atoi(v);
@@ -724,16 +899,19 @@ int main(int argc, char** argv) {
         fprintf(stderr, "\r[%d/%d] tokens=%d hidden=%d        ", done + 1, total, c.tokens, c.hidden);
         fflush(stderr);
       }
-      Result r = run_config(&c, world, comm ? me : 0, nlocal, comm, mk_local, bufsz);
+      Result r = c.algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT
+                     ? run_config_ht(&c, world, comm ? me : 0, nlocal, comm, mk_local, bufsz)
+                     : run_config(&c, world, comm ? me : 0, nlocal, comm, mk_local, bufsz);
       rows[done++] = r;
       /* Aggregate: all ranks of this process move their bytes in the same time. */
-      double agg_d = r.disp_gbs * nlocal, agg_c = r.comb_gbs * nlocal, fl = floor_us(&r, copy_gbs);
+      double agg_d = r.disp_gbs * nlocal, agg_c = r.comb_gbs * nlocal, fl = floor_d_us(&r, copy_gbs);
       if (csv)
         fprintf(csv, "%s,%s,%d,%s,%s,%d,%d,%d,%d,%s,%d,%d,%.2f,%.2f,%.2f,%.2f,%.2f,%.2f,%.2f,%.1f,%.1f,%.1f,%.1f,%.2f,%.2f,%.2f,%.0f,%.2f,%.3f,%.3f\n",
                 prop.name, o.label, world, o.algorithm == NCCL_EP_ALGO_LOW_LATENCY ? "ll" : "ht", lay, c.tokens,
                 c.hidden, c.topk, c.experts, o.routing ? "zipf" : "uniform", o.send_only, o.graph, r.disp.p50,
                 r.disp.p10, r.disp.p90, r.comb.p50, r.comb.p10, r.comb.p90, r.total.p50, r.disp_gbs, r.comb_gbs,
-                agg_d, agg_c, r.host_us, r.buf_mib, r.mem_mib, copy_gbs, fl, fl / r.disp.p50, fl / r.comb.p50);
+                agg_d, agg_c, r.host_us, r.buf_mib, r.mem_mib, copy_gbs, fl, floor_d_us(&r, copy_gbs) / r.disp.p50,
+                floor_c_us(&r, copy_gbs) / r.comb.p50);
     }
   }
   if (me == 0 && total > 1) fprintf(stderr, "\r%*s\r", 40, "");
@@ -747,11 +925,11 @@ int main(int argc, char** argv) {
     for (int ih = 0; ih < nh; ++ih)
       for (int itk = 0; itk < nt; ++itk, ++i) {
         Result r = rows[i];
-        double agg_d = r.disp_gbs * nlocal, agg_c = r.comb_gbs * nlocal, fl = floor_us(&r, copy_gbs);
+        double agg_d = r.disp_gbs * nlocal, agg_c = r.comb_gbs * nlocal, fl = floor_d_us(&r, copy_gbs);
         printf("%5d %6d %6d | %8.2f %8.2f %8.2f | %8.2f %8.2f %8.2f | %8.1f %8.1f | %9.1f %9.1f | %6.2f | %7.1f %7.1f | %7.2f %6.3f %6.3f\n",
                world, toks[itk], hids[ih], r.disp.p50, r.disp.p10, r.disp.p90, r.comb.p50, r.comb.p10, r.comb.p90,
-               r.disp_gbs, r.comb_gbs, agg_d, agg_c, r.host_us, r.buf_mib, r.mem_mib, fl, fl / r.disp.p50,
-               fl / r.comb.p50);
+               r.disp_gbs, r.comb_gbs, agg_d, agg_c, r.host_us, r.buf_mib, r.mem_mib, fl,
+               floor_d_us(&r, copy_gbs) / r.disp.p50, floor_c_us(&r, copy_gbs) / r.comb.p50);
       }
   }
   if (csv) fclose(csv);

@@ -335,7 +335,8 @@ ncclResult_t ncclEpMaskUpdate(ncclEpGroup_t ep_group, const int *mask, cudaStrea
 ncclResult_t ncclEpMaskClean(ncclEpGroup_t ep_group, cudaStream_t stream);
 
 /**
- * Reads the host-visible asynchronous error flag (1 after a peer timed out and was masked).
+ * Reads the host-visible asynchronous error flag (1 after a peer timed out and was masked; HT:
+ * also after an overflow under graph capture).
  */
 ncclResult_t ncclEpGetAsyncError(ncclEpGroup_t ep_group, int *error_out);
 

@@ -31,12 +31,13 @@ const char *ncclEpxGetLastError(void);
 ncclResult_t ncclEpxCreateLocalGroups(ncclEpGroup_t *groups, int num_ranks, const int *devices, const ncclEpGroupConfig_t *config);
 
 /**
- * Bytes of the per-rank communication buffer a LOW_LATENCY group of `num_ranks` ranks needs
- * for handles of (`layout`, `num_topk`); needs no GPU and no communicator. Both LL layouts need
- * the same size. The config is checked as `ncclEpCreateGroup` checks it; its `rdma_buffer_size`
- * is ignored (an explicit size is compared against this value when a handle is created).
- * Returns ncclInvalidArgument for a NULL `bytes`, a bad config or top-k, and ncclInvalidUsage
- * for a layout LL does not offer or a HIGH_THROUGHPUT config.
+ * Bytes of the per-rank communication buffer a group of `num_ranks` ranks needs for handles
+ * of (`layout`, `num_topk`); needs no GPU and no communicator. LOW_LATENCY: both layouts need
+ * the same size (docs/LL.md). HIGH_THROUGHPUT: the group buffer of docs/HT.md for ranks that
+ * share one process (groups spanning processes add staging: `max(B, receive bound)` rows of
+ * `max_token_bytes + 4·num_topk` bytes). The config is checked as `ncclEpCreateGroup` checks
+ * it; its `rdma_buffer_size` is ignored. Returns ncclInvalidArgument for a NULL `bytes`, a bad
+ * config or top-k, and ncclInvalidUsage for a layout the algorithm does not offer.
  */
 ncclResult_t ncclEpxBufferSize(const ncclEpGroupConfig_t *config, int num_ranks, ncclEpLayout_t layout, int num_topk, size_t *bytes);
 

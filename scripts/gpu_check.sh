@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine without Rust: runs the prebuilt GPU tests and the benchmark.
 #   scripts/gpu_check.sh DIR [tests|bench|all] [extra ep_bench args...]
-# DIR holds libnccl_ep.so and gpu_ll (the cargo test binary of tests/gpu_ll.rs), built elsewhere.
+# DIR holds libnccl_ep.so, gpu_ll and gpu_ht (the cargo test binaries of tests/gpu_ll.rs and
+# tests/gpu_ht.rs), built elsewhere.
 # Logs and CSV files go to $OUT (or build/gpu-check).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +15,11 @@ if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
   echo "== GPU tests (tests/gpu_ll.rs)"
   timeout 900 "$DIR/gpu_ll" --test-threads=1 --nocapture >"$OUTDIR/gpu_ll.log" 2>&1 || rc=1
   grep -E '^(ll_|test result|test .*FAILED)' "$OUTDIR/gpu_ll.log" | cut -c1-300
+  if [[ -x "$DIR/gpu_ht" ]]; then
+    echo "== GPU tests (tests/gpu_ht.rs)"
+    NCCL_EP_TIMEOUT_MS=10000 timeout 900 "$DIR/gpu_ht" --test-threads=1 --nocapture >"$OUTDIR/gpu_ht.log" 2>&1 || rc=1
+    grep -E '^(ht_.*(passed|FAIL)|test result|test .*FAILED)' "$OUTDIR/gpu_ht.log" | cut -c1-300
+  fi
 fi
 if [[ "$WHAT" == bench || "$WHAT" == all ]]; then
   echo "== benchmark"

@@ -45,8 +45,9 @@ if [[ $build_rc -eq 0 && -f "$LIB" ]]; then
   section "C tests: configure and build (build/c-tests)"
   # The Rust GPU tests run under ctest too (label gpu), from the binary cargo built.
   GPU_LL=$(ls -t target/release/deps/gpu_ll-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+  GPU_HT=$(ls -t target/release/deps/gpu_ht-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
   if cmake -S c-tests -B build/c-tests -DNCCL_EP_LIB="$LIB" -DNCCL_EP_INCLUDE="$ROOT/include" \
-       -DNCCL_EP_RUST_GPU_TESTS="$GPU_LL" \
+       -DNCCL_EP_RUST_GPU_TESTS="$GPU_LL" -DNCCL_EP_RUST_GPU_HT_TESTS="$GPU_HT" \
        -DNCCL_EP_DEPS_INCLUDE="$NCCL_EP_DEPS_NCCL_INCLUDE;$NCCL_EP_DEPS_CUDA_INCLUDE" \
        -DNCCL_EP_SOURCE_DIR="$ROOT" &&
      cmake --build build/c-tests -j "${CTEST_PARALLEL_LEVEL:-2}"; then

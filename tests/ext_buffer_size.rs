@@ -94,7 +94,26 @@ fn usage_errors() {
     assert!(e.1.contains("FLAT"), "{}", e.1);
     let mut ht = anchor();
     ht.algorithm = ncclEpAlgorithm_t(1);
-    let e = size(&ht, 8, EM, 8).unwrap_err();
+    let e = size(&ht, 8, RM, 8).unwrap_err();
     assert_eq!(e.0, 5);
-    assert!(e.1.contains("HIGH_THROUGHPUT sizes are not available yet"), "{}", e.1);
+    assert!(e.1.contains("HIGH_THROUGHPUT"), "{}", e.1);
+}
+
+/// HIGH_THROUGHPUT: the group buffer of docs/HT.md (signals, routing exchange, scratch), the
+/// same for both layouts, growing with K.
+#[test]
+fn high_throughput_sizes() {
+    const FLAT: ncclEpLayout_t = ncclEpLayout_t(3);
+    let mut ht = anchor();
+    ht.algorithm = ncclEpAlgorithm_t(1);
+    ht.max_dispatch_tokens_per_rank = 4096;
+    let want = nccl_ep::core::ht_layout::HtLayout::new(8, 256, 4096, 14336, 8, 0)
+        .unwrap()
+        .total_bytes;
+    assert_eq!(size(&ht, 8, FLAT, 8), Ok(want));
+    assert_eq!(size(&ht, 8, EM, 8), Ok(want));
+    assert!(size(&ht, 8, FLAT, 1).unwrap() < want);
+    // 8 x 4096 x 8 routing entries twice over, plus counters: under 2 MiB per rank.
+    assert!(want < 2 << 20, "{want}");
+    assert_eq!(size(&ht, 8, FLAT, 33).unwrap_err().0, 4);
 }

@@ -284,3 +284,20 @@ fn selftest_kernel_runs_on_a_gpu() {
     cuda::stream_synchronize(Stream::LEGACY_DEFAULT).unwrap();
     assert_eq!(unsafe { *pinned.host_ptr().cast::<u32>().add(1023) }, 5);
 }
+
+/// HT: every module the runtime may load is registered, so `every_variant_compiles_for_every_arch`
+/// compiles each of them (ht_meta 2 x 2, ht_dispatch 2 x 2, ht_combine 2 x 2 x 3 token types).
+#[test]
+fn ht_registry_lists_every_module() {
+    use nccl_ep::runtime::ht_kernels::{HtModule, ht_combine_variants, ht_dispatch_variants, ht_meta_variants};
+    assert_eq!(ht_meta_variants().len(), 4);
+    assert_eq!(ht_dispatch_variants().len(), 4);
+    assert_eq!(ht_combine_variants().len(), 12);
+    for m in HtModule::all() {
+        let file = KERNEL_FILES
+            .iter()
+            .find(|k| k.source.name == m.source().name)
+            .unwrap_or_else(|| panic!("{} is not registered", m.source().name));
+        assert!((file.variants)().contains(&m.defines()), "{m:?} is not among the registered variants");
+    }
+}

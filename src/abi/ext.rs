@@ -5,6 +5,7 @@ use super::guard::{ffi_call, out_ptr, read_req};
 use super::types::*;
 use crate::core::config::{EnvOverrides, validate_group_config};
 use crate::core::handle_rules::check_handle;
+use crate::core::ht_layout::HtLayout;
 use crate::core::ll_layout::LlLayout;
 use std::ffi::{c_char, c_int};
 
@@ -81,12 +82,13 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
     })
 }
 
-/// Bytes of the per-rank communication buffer a LOW_LATENCY group of `num_ranks` ranks needs
-/// for handles of (`layout`, `num_topk`); needs no GPU and no communicator. Both LL layouts need
-/// the same size. The config is checked as `ncclEpCreateGroup` checks it; its `rdma_buffer_size`
-/// is ignored (an explicit size is compared against this value when a handle is created).
-/// Returns ncclInvalidArgument for a NULL `bytes`, a bad config or top-k, and ncclInvalidUsage
-/// for a layout LL does not offer or a HIGH_THROUGHPUT config.
+/// Bytes of the per-rank communication buffer a group of `num_ranks` ranks needs for handles
+/// of (`layout`, `num_topk`); needs no GPU and no communicator. LOW_LATENCY: both layouts need
+/// the same size (docs/LL.md). HIGH_THROUGHPUT: the group buffer of docs/HT.md for ranks that
+/// share one process (groups spanning processes add staging: `max(B, receive bound)` rows of
+/// `max_token_bytes + 4·num_topk` bytes). The config is checked as `ncclEpCreateGroup` checks
+/// it; its `rdma_buffer_size` is ignored. Returns ncclInvalidArgument for a NULL `bytes`, a bad
+/// config or top-k, and ncclInvalidUsage for a layout the algorithm does not offer.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpxBufferSize(
     config: *const ncclEpGroupConfig_t,
@@ -102,15 +104,15 @@ pub unsafe extern "C" fn ncclEpxBufferSize(
         let cfg = unsafe { read_req(config, "config") }?;
         crate::ensure_arg!(num_ranks > 0, "num_ranks is {num_ranks}, must be at least 1");
         let p = validate_group_config(&cfg, 0, num_ranks as u32, 0, &EnvOverrides::default())?;
-        crate::ensure_usage!(
-            p.algorithm == Algorithm::LowLatency,
-            "HIGH_THROUGHPUT sizes are not available yet (only LOW_LATENCY configs are sized)"
-        );
         let layout =
             Layout::from_raw(layout).map_err(|v| crate::invalid_arg!("layout is {v}, not an ncclEpLayout_t value"))?;
         let h = check_handle(&p, layout, num_topk as i64, 0)?;
-        let l = LlLayout::new(p.nranks, p.num_experts, p.max_tokens, p.max_token_bytes, h.num_topk)?;
-        *out = l.total_bytes;
+        *out = match p.algorithm {
+            Algorithm::LowLatency => {
+                LlLayout::new(p.nranks, p.num_experts, p.max_tokens, p.max_token_bytes, h.num_topk)?.total_bytes
+            }
+            Algorithm::HighThroughput => HtLayout::for_group(&p, h.num_topk, 0)?.total_bytes,
+        };
         Ok(())
     })
 }

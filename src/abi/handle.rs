@@ -62,6 +62,7 @@ unsafe fn init_handle(
     config: *const ncclEpHandleConfig_t,
     num_topk: c_int,
     handle_mem: *const ncclEpTensor_t,
+    stream: Option<cudaStream_t>,
 ) -> Result<Handle> {
     let g = objects::group(ep_group)?;
     // SAFETY: C contract.
@@ -79,12 +80,22 @@ unsafe fn init_handle(
             }
         }
         // A group without GPU state (no CUDA driver) still validates handles; its operations fail.
-        None if g.ll.is_some() => HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?),
+        // HT CreateHandle: a stream-ordered allocation, so that the metadata kernels other ranks
+        // of a local group already queued may keep running (docs/HT.md, "Local groups").
+        None if g.ht.is_some() && g.custom_alloc.is_none() && stream.is_some() => {
+            // SAFETY: the caller's stream (C contract).
+            let s = unsafe { crate::cuda::memory::Stream::from_raw(stream.unwrap_or(std::ptr::null_mut()).cast()) };
+            HandleMem::Owned(GroupMem::Driver(crate::cuda::memory::DeviceMem::alloc_async(g.device, need, s)?))
+        }
+        None if g.has_gpu_state() => HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?),
         None => HandleMem::None,
     };
     if g.ll.is_some() {
         let lay = crate::runtime::ll::layout(g, hp.num_topk)?;
         crate::runtime::ll::ensure_buffer(g, &lay)?;
+    }
+    if g.ht.is_some() {
+        crate::runtime::ht::ensure_buffer(g, &hp)?;
     }
     g.live_handles += 1;
     Ok(Handle {
@@ -93,6 +104,7 @@ unsafe fn init_handle(
         topk_idx: None,
         mem,
         dispatched: false,
+        ht_unchecked: false,
     })
 }
 
@@ -111,7 +123,7 @@ unsafe fn update_handle(
     h: &mut Handle,
     topk_idx: *const ncclEpTensor_t,
     layout_info: *const ncclEpLayoutInfo_t,
-    _stream: cudaStream_t,
+    stream: cudaStream_t,
 ) -> Result<()> {
     let g = objects::group(h.group)?;
     // SAFETY: C contract.
@@ -124,11 +136,38 @@ unsafe fn update_handle(
             li.is_none(),
             "layout_info must be NULL for a LOW_LATENCY handle (its counters come from ncclEpDispatch)"
         );
-    } else {
-        return Err(g.not_implemented("HIGH_THROUGHPUT routing (ncclEpUpdateHandle)"));
+        h.topk_idx = Some(t);
+        return Ok(());
     }
-    h.topk_idx = Some(t);
-    Ok(())
+    // SAFETY: C contract (each tensor pointer of layout_info may be NULL).
+    let outs = unsafe { ht_layout_info(g, &h.params, li.as_ref()) }?;
+    crate::ensure_usage!(
+        g.ht.is_some(),
+        "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded"
+    );
+    crate::runtime::ht::update(g, h, t, &outs, stream)
+}
+
+/// The `layout_info` outputs of a HIGH_THROUGHPUT update, checked (core::ht_rules).
+///
+/// # Safety
+/// The tensor pointers inside `li` follow the C contract.
+unsafe fn ht_layout_info(
+    g: &Group,
+    hp: &HandleParams,
+    li: Option<&ncclEpLayoutInfo_t>,
+) -> Result<crate::core::ht_rules::HtLayoutOutputs> {
+    let mut a = crate::core::ht_rules::HtLayoutInfoArgs::default();
+    if let Some(li) = li {
+        // SAFETY: C contract.
+        unsafe {
+            a.expert_counters = read_tensor_opt(li.expert_counters, "layout_info->expert_counters")?;
+            a.src_rank_counters = read_tensor_opt(li.src_rank_counters, "layout_info->src_rank_counters")?;
+            a.expert_offsets = read_tensor_opt(li.expert_offsets, "layout_info->expert_offsets")?;
+            a.recv_total_counter = read_tensor_opt(li.recv_total_counter, "layout_info->recv_total_counter")?;
+        }
+    }
+    crate::core::ht_rules::check_layout_info(&g.params, hp, &a)
 }
 
 /// Creates a handle without routing; `ncclEpUpdateHandle` sets it.
@@ -146,7 +185,7 @@ pub unsafe extern "C" fn ncclEpInitHandle(
         let out = unsafe { out_ptr(handle, "handle") }?;
         *out = std::ptr::null_mut();
         // SAFETY: C contract.
-        let h = unsafe { init_handle(ep_group, layout, config, num_topk, handle_mem) }?;
+        let h = unsafe { init_handle(ep_group, layout, config, num_topk, handle_mem, None) }?;
         *out = objects::publish_handle(h);
         Ok(())
     })
@@ -195,7 +234,7 @@ pub unsafe extern "C" fn ncclEpCreateHandle(
         );
         let k = c_int::try_from(t.dim(1)).map_err(|_| crate::invalid_arg!("topk_idx has {} columns", t.dim(1)))?;
         // SAFETY: C contract.
-        let mut h = unsafe { init_handle(ep_group, layout, config, k, std::ptr::null()) }?;
+        let mut h = unsafe { init_handle(ep_group, layout, config, k, std::ptr::null(), Some(stream)) }?;
         // SAFETY: C contract.
         if let Err(e) = unsafe { update_handle(&mut h, topk_idx, layout_info, stream) } {
             discard(h);

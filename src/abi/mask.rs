@@ -20,6 +20,17 @@ fn masked_group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
     Ok(g)
 }
 
+/// The group, if its async error flag can be read: LOW_LATENCY groups with masking enabled (as
+/// upstream), and every HIGH_THROUGHPUT group (no masks, but timeouts and overflows under graph
+/// capture raise the flag; upstream throws here).
+fn async_group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
+    let g = objects::group(p)?;
+    if g.params.algorithm == Algorithm::HighThroughput {
+        return Ok(g);
+    }
+    masked_group(p)
+}
+
 /// Copies the active-rank mask (1 active, 0 masked) into the device array `mask_status[nranks]`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpMaskQuery(
@@ -58,15 +69,16 @@ pub unsafe extern "C" fn ncclEpMaskClean(ep_group: ncclEpGroup_t, stream: cudaSt
     })
 }
 
-/// Reads the host-visible asynchronous error flag (1 after a peer timed out and was masked).
+/// Reads the host-visible asynchronous error flag (1 after a peer timed out and was masked; HT:
+/// also after an overflow under graph capture).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out: *mut c_int) -> ncclResult_t {
     ffi_call("ncclEpGetAsyncError", || {
-        let g = masked_group(ep_group)?;
+        let g = async_group(ep_group)?;
         // SAFETY: C contract.
         let out = unsafe { out_ptr(error_out, "error_out") }?;
         // Without GPU state no kernel ran, so nothing can have timed out.
-        *out = g.ll.as_ref().is_some_and(|l| l.timed_out()) as c_int;
+        *out = g.async_error() as c_int;
         Ok(())
     })
 }
@@ -75,10 +87,8 @@ pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out:
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpErrorClear(ep_group: ncclEpGroup_t) -> ncclResult_t {
     ffi_call("ncclEpErrorClear", || {
-        let g = masked_group(ep_group)?;
-        if let Some(l) = &g.ll {
-            l.clear_timeout();
-        }
+        let g = async_group(ep_group)?;
+        g.clear_async_error();
         Ok(())
     })
 }

@@ -155,16 +155,13 @@ mod tests {
 
 /// Bytes of the per-handle metadata block (`ncclEpHandleMemSize`): LL keeps two counts per
 /// source rank and, per received (source rank, slot), the source token id and K destination rows;
-/// HT keeps a destination slot per (token, rank) and per (received row, k).
+/// HT a header, a receive table, a send table and a backward table (core::ht_layout).
+/// `usize::MAX` when the HT block would not fit in memory at all.
 pub fn handle_mem_bytes(p: &GroupParams, h: &HandleParams) -> usize {
-    let align = |x: usize| x.div_ceil(256) * 256;
-    let (n, b, k) = (p.nranks as usize, p.max_tokens as usize, h.num_topk as usize);
     match p.algorithm {
         Algorithm::LowLatency => crate::core::ll_layout::handle_mem_bytes(p.nranks, p.max_tokens, h.num_topk),
-        Algorithm::HighThroughput => {
-            let s = p.max_recv_tokens.max(p.max_tokens) as usize;
-            align(4 * b * n) + align(4 * s * (k + 1)) + align(4 * (p.local_experts as usize + 1) * 2)
-        }
+        Algorithm::HighThroughput => crate::core::ht_layout::HtHandleLayout::new(p, h)
+            .map_or(usize::MAX, |l| l.total_bytes),
     }
 }
 

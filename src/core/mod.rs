@@ -3,6 +3,7 @@
 pub mod config;
 pub mod error;
 pub mod handle_rules;
+pub mod ht_layout;
 pub mod ht_reference;
 pub mod ht_rules;
 pub mod ll_layout;

@@ -44,4 +44,16 @@ pub static KERNEL_FILES: &[KernelFile] = &[
         source: crate::runtime::kernels::LL_CLEAN,
         variants: crate::runtime::kernels::ll_clean_variants,
     },
+    KernelFile {
+        source: crate::runtime::ht_kernels::HT_META,
+        variants: crate::runtime::ht_kernels::ht_meta_variants,
+    },
+    KernelFile {
+        source: crate::runtime::ht_kernels::HT_DISPATCH,
+        variants: crate::runtime::ht_kernels::ht_dispatch_variants,
+    },
+    KernelFile {
+        source: crate::runtime::ht_kernels::HT_COMBINE,
+        variants: crate::runtime::ht_kernels::ht_combine_variants,
+    },
 ];

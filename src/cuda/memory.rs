@@ -285,6 +285,22 @@ impl DeviceMem {
             device,
         })
     }
+    /// Allocates `bytes` (not cleared) on `device`, ordered on `stream` (`cuMemAllocAsync`, the
+    /// device's default pool). Unlike `cuMemAlloc` this does not keep kernels of other streams
+    /// queued before it from running concurrently with those queued after it (CUDA's implicit
+    /// synchronisation), which ranks of a local group that wait for each other need. Freed on
+    /// drop with `cuMemFree`, which waits for the device.
+    pub fn alloc_async(device: i32, bytes: usize, stream: Stream) -> Result<Self> {
+        driver()?;
+        crate::ensure_arg!(bytes > 0, "device allocation of 0 bytes");
+        let _g = CtxGuard::enter(device)?;
+        let mut p: CUdeviceptr = 0;
+        check(
+            unsafe { sys::cuMemAllocAsync(&mut p, bytes, stream.0) },
+            format_args!("cuMemAllocAsync({bytes} bytes)"),
+        )?;
+        Ok(Self { ptr: p, bytes, device })
+    }
     pub fn ptr(&self) -> CUdeviceptr {
         self.ptr
     }

@@ -104,6 +104,17 @@ impl Function {
         Ok(v)
     }
 
+    /// Loads the kernel's code now (`cuFuncLoad`, CUDA 12.4+). Under lazy loading (the default
+    /// since CUDA 12.2) a kernel's first launch loads it, and that load may wait until the kernels
+    /// running on the device finish: kernels that wait for each other across streams must be
+    /// loaded before the first of them starts. A no-op on older drivers.
+    pub fn load(&self) -> Result<()> {
+        if driver()?.version() < 12040 {
+            return Ok(());
+        }
+        check(unsafe { sys::cuFuncLoad(self.raw) }, "cuFuncLoad")
+    }
+
     /// Allows launches with up to `bytes` of dynamic shared memory
     /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`); needed above 48 KiB.
     pub fn set_max_dynamic_smem(&self, bytes: usize) -> Result<()> {

@@ -5,6 +5,7 @@ use crate::abi::types::{ncclComm_t, ncclEpGroupConfig_t};
 use crate::core::config::{EnvOverrides, GroupParams, validate_group_config};
 use crate::core::error::Result;
 use crate::runtime::alloc::CustomAlloc;
+use crate::runtime::ht::HtState;
 use crate::runtime::ll::{self, LlState};
 use crate::transport::local::LocalWorld;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct Group {
     pub custom_alloc: Option<CustomAlloc>,
     /// Low-latency GPU state (None for HIGH_THROUGHPUT groups).
     pub ll: Option<LlState>,
+    /// High-throughput GPU state (None for LOW_LATENCY groups).
+    pub ht: Option<HtState>,
 }
 
 /// SM count of a device, or 0 (unknown) when there is no CUDA driver.
@@ -94,6 +97,7 @@ impl Group {
             live_handles: 0,
             custom_alloc,
             ll: None,
+            ht: None,
         };
         // Without a CUDA driver (tests with a stand-in NCCL) the group exists for validation only.
         if g.params.algorithm == Algorithm::LowLatency && crate::cuda::driver::driver_available() {
@@ -104,6 +108,10 @@ impl Group {
                 let lay = ll::layout(&g, 1)?;
                 ll::ensure_buffer(&mut g, &lay)?;
             }
+        }
+        if g.params.algorithm == Algorithm::HighThroughput && crate::cuda::driver::driver_available() {
+            // The buffer is sized at the first handle (config->rdma_buffer_size is not used).
+            g.ht = Some(HtState::new(&g, ranks_on_device)?);
         }
         Ok(g)
     }
@@ -124,6 +132,27 @@ impl Group {
                 "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded",
             ),
             Algorithm::HighThroughput => crate::invalid_usage!("this is not a LOW_LATENCY group"),
+        }
+    }
+
+    /// True when the group has GPU state (LL or HT).
+    pub fn has_gpu_state(&self) -> bool {
+        self.ll.is_some() || self.ht.is_some()
+    }
+
+    /// The group's asynchronous error flag (a GPU wait timed out, or a captured HT update
+    /// overflowed under TRAP).
+    pub fn async_error(&self) -> bool {
+        self.ll.as_ref().is_some_and(|l| l.timed_out()) || self.ht.as_ref().is_some_and(|h| h.timed_out())
+    }
+
+    /// Clears the flag `async_error` reads.
+    pub fn clear_async_error(&self) {
+        if let Some(l) = &self.ll {
+            l.clear_timeout();
+        }
+        if let Some(h) = &self.ht {
+            h.clear_timeout();
         }
     }
 

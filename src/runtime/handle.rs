@@ -26,6 +26,9 @@ pub struct Handle {
     pub mem: HandleMem,
     /// A dispatch ran on this handle, so combine has its metadata.
     pub dispatched: bool,
+    /// HT local groups: the last update was not waited for (one thread may drive every rank),
+    /// so the next dispatch or combine checks its result first (docs/HT.md).
+    pub ht_unchecked: bool,
 }
 
 impl Handle {

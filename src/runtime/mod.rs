@@ -3,6 +3,9 @@
 pub mod alloc;
 pub mod group;
 pub mod handle;
+pub mod ht;
+pub mod ht_kernels;
+pub mod ht_params;
 pub mod kernels;
 pub mod ll;
 pub mod ll_params;

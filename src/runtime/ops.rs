@@ -5,13 +5,13 @@ use crate::abi::types::cudaStream_t;
 use crate::core::error::Result;
 use crate::core::op_args::{CombineArgs, DispatchArgs};
 use crate::runtime::handle::Handle;
-use crate::runtime::ll;
+use crate::runtime::{ht, ll};
 
 pub fn dispatch(h: &mut Handle, args: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
     let g = crate::abi::objects::group(h.group)?;
     match g.params.algorithm {
         Algorithm::LowLatency => ll::dispatch(g, h, args, stream),
-        Algorithm::HighThroughput => Err(g.not_implemented("ncclEpDispatch")),
+        Algorithm::HighThroughput => ht::dispatch(g, h, args, stream),
     }
 }
 
@@ -19,7 +19,7 @@ pub fn combine(h: &mut Handle, args: &CombineArgs, stream: cudaStream_t) -> Resu
     let g = crate::abi::objects::group(h.group)?;
     match g.params.algorithm {
         Algorithm::LowLatency => ll::combine(g, h, args, stream),
-        Algorithm::HighThroughput => Err(g.not_implemented("ncclEpCombine")),
+        Algorithm::HighThroughput => ht::combine(g, h, args, stream),
     }
 }
 

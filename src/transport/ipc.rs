@@ -41,6 +41,13 @@ pub struct OpenedPeers {
     ptrs: Vec<u64>,
 }
 
+impl OpenedPeers {
+    /// True when every peer is in this process (nothing was opened through CUDA IPC).
+    pub fn is_empty(&self) -> bool {
+        self.ptrs.is_empty()
+    }
+}
+
 impl Drop for OpenedPeers {
     fn drop(&mut self) {
         if self.ptrs.is_empty() {

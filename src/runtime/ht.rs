@@ -1,0 +1,474 @@
+//! High-throughput mode on the GPU (docs/HT.md, "GPU design"): the group buffer and device
+//! state, the metadata pass of ncclEpCreateHandle / ncclEpUpdateHandle, and dispatch / combine.
+//!
+//! Every HT operation (an update, a dispatch or a combine) is an *open* (each rank publishes
+//! its pointers and raises its open flag in every peer's buffer), a *pull* (each rank reads
+//! what it needs from its peers) and a *close* (`ht_close`: each rank tells its peers it is
+//! done reading their data and waits until they are done with its own, then advances the
+//! group epoch). Flags carry `epoch + 1`, so they are never cleaned.
+
+use crate::abi::enums::{Algorithm, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
+use crate::abi::types::cudaStream_t;
+use crate::core::error::Result;
+use crate::core::handle_rules::HandleParams;
+use crate::core::ht_layout::{HT_PIECES, HtHandleLayout, HtLayout, staging_rows};
+use crate::core::ht_reference::{BadExpertId, HtPlanError};
+use crate::core::ht_rules::{HtLayoutOutputs, check_combine, check_dispatch};
+use crate::core::op_args::{CombineArgs, DispatchArgs};
+use crate::core::tensor::TensorView;
+use crate::cuda::memory::{self, DeviceMem, PinnedHostMem, Stream};
+use crate::runtime::alloc::GroupMem;
+use crate::runtime::group::{Group, Membership};
+use crate::runtime::handle::Handle;
+use crate::runtime::ht_kernels::{HtDtype, HtModule, launch_ht};
+use crate::runtime::ht_params::{HtHdr, HtParams};
+use crate::runtime::ll_params::EP_STATE_BYTES;
+use crate::transport::ipc::OpenedPeers;
+
+/// The high-throughput state of one rank's group.
+pub struct HtState {
+    /// This rank's group buffer, NCCL groups only (local groups keep every rank's buffer in
+    /// their `LocalWorld`); None until the first handle sizes it.
+    pub buffer: Option<DeviceMem>,
+    /// Every rank's buffer as seen from here (NCCL groups, after the exchange).
+    pub peers: Option<(Vec<u64>, OpenedPeers)>,
+    /// Some peer lives in another process: peers read staging copies, never caller tensors.
+    pub multi_process: bool,
+    /// The largest layout the buffer was sized for.
+    pub sized: Option<HtLayout>,
+    /// `struct EpState` (the epoch), zeroed at creation.
+    pub state: GroupMem,
+    /// Host-visible flag: a wait timed out, or a captured update overflowed under TRAP.
+    pub err: PinnedHostMem,
+    /// Where the host reads a handle header (copied on the caller's stream).
+    pub hdr_host: PinnedHostMem,
+    /// Blocks of the data-parallel kernels.
+    pub blocks: u32,
+    pub timeout_cycles: i64,
+}
+
+impl HtState {
+    pub fn new(g: &Group, ranks_on_device: usize) -> Result<HtState> {
+        let dev = g.device;
+        let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
+        // Checks N and E against the kernels' limits now rather than at the first handle.
+        HtLayout::for_group(&g.params, 1, 0)?;
+        let state = GroupMem::alloc(dev, EP_STATE_BYTES, g.custom_alloc)?;
+        // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
+        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, Stream::LEGACY_DEFAULT)? };
+        memory::stream_synchronize(Stream::LEGACY_DEFAULT)?;
+        let err = PinnedHostMem::alloc(dev, 4)?;
+        let hdr_host = PinnedHostMem::alloc(dev, std::mem::size_of::<HtHdr>())?;
+        let sms = crate::cuda::driver::sm_count(dev)? as u32;
+        let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
+        if g.params.max_num_sms != 0 {
+            blocks = blocks.min(g.params.max_num_sms);
+        }
+        let khz = crate::cuda::driver::device_attribute(
+            dev,
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,
+        )? as i64;
+        let timeout_cycles = ((g.params.timeout_ns as i128 * khz as i128) / 1_000_000).min(i64::MAX as i128) as i64;
+        Ok(HtState {
+            buffer: None,
+            peers: None,
+            multi_process: false,
+            sized: None,
+            state,
+            err,
+            hdr_host,
+            blocks,
+            timeout_cycles,
+        })
+    }
+
+    /// True when a kernel timed out (or a captured update overflowed) since the last clear.
+    pub fn timed_out(&self) -> bool {
+        // SAFETY: a 4-byte pinned allocation the kernels write with atomics; read as an atomic.
+        unsafe {
+            (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32)).load(std::sync::atomic::Ordering::Acquire)
+                != 0
+        }
+    }
+
+    pub fn clear_timeout(&self) {
+        // SAFETY: as in `timed_out`.
+        unsafe {
+            (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32))
+                .store(0, std::sync::atomic::Ordering::Release)
+        }
+    }
+}
+
+fn state(g: &Group) -> Result<&HtState> {
+    g.ht.as_ref().ok_or_else(|| no_state(g))
+}
+
+fn state_mut(g: &mut Group) -> Result<&mut HtState> {
+    let e = no_state(g);
+    g.ht.as_mut().ok_or(e)
+}
+
+fn no_state(g: &Group) -> crate::core::error::Error {
+    match g.params.algorithm {
+        Algorithm::HighThroughput => crate::core::error::Error::new(
+            crate::core::error::ErrorKind::Cuda,
+            "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded",
+        ),
+        Algorithm::LowLatency => crate::invalid_usage!("this is not a HIGH_THROUGHPUT group"),
+    }
+}
+
+/// Allocates (NCCL groups: and exchanges) this rank's group buffer of `bytes`, zeroed.
+fn allocate(g: &mut Group, bytes: usize) -> Result<()> {
+    let (rank, nranks, dev) = (g.params.rank as usize, g.params.nranks as usize, g.device);
+    match &g.membership {
+        Membership::Local { world } => world.ensure(bytes),
+        Membership::Nccl { comm, .. } => {
+            let comm = *comm;
+            let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
+            if state(g)?.buffer.is_some() {
+                // Growing: nothing of this group may still run on the GPU.
+                crate::cuda::context::synchronize_current()?;
+            }
+            let st = state_mut(g)?;
+            st.peers = None;
+            st.buffer = None;
+            let buf = DeviceMem::alloc(dev, bytes)?;
+            // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
+            unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, Stream::LEGACY_DEFAULT)? };
+            memory::stream_synchronize(Stream::LEGACY_DEFAULT)?;
+            let nccl = crate::transport::nccl::Nccl::get()?;
+            // SAFETY: the caller's communicator; all ranks size buffers in lockstep.
+            let (ptrs, opened) = unsafe { crate::transport::ipc::exchange(nccl, comm, rank, nranks, dev, &buf) }?;
+            let st = state_mut(g)?;
+            st.multi_process |= !opened.is_empty();
+            st.buffer = Some(buf);
+            st.peers = Some((ptrs, opened));
+            Ok(())
+        }
+    }
+}
+
+fn buffer_bytes(g: &Group) -> Result<usize> {
+    Ok(match &g.membership {
+        Membership::Local { world } => world.buffer_bytes(),
+        Membership::Nccl { .. } => state(g)?.buffer.as_ref().map_or(0, |b| b.len()),
+    })
+}
+
+/// Makes sure this rank's group buffer holds handles of (`lay`, `k`): allocated at the first
+/// handle, grown (collectively) when a later one needs more. Must not run while operations of
+/// the group are in flight.
+pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
+    HtHandleLayout::new(&g.params, hp)?;
+    let prev = state(g)?.sized;
+    let k = hp.num_topk.max(prev.map_or(0, |s| s.topk as u32));
+    let stage = |g: &Group| -> Result<usize> {
+        Ok(if state(g)?.multi_process {
+            staging_rows(&g.params, hp).max(prev.map_or(0, |s| s.staging_rows))
+        } else {
+            0
+        })
+    };
+    let mut want = HtLayout::for_group(&g.params, k, stage(g)?)?;
+    if prev.is_some() && buffer_bytes(g)? >= want.total_bytes {
+        state_mut(g)?.sized = Some(want);
+        return Ok(());
+    }
+    allocate(g, want.total_bytes)?;
+    if stage(g)? != want.staging_rows {
+        // The exchange found peers in other processes: they read staging copies.
+        want = HtLayout::for_group(&g.params, k, stage(g)?)?;
+        allocate(g, want.total_bytes)?;
+    }
+    state_mut(g)?.sized = Some(want);
+    crate::abi::guard::log_info(format_args!(
+        "rank {}: high-throughput buffer of {} bytes (K = {k}, {} staging rows)",
+        g.params.rank, want.total_bytes, want.staging_rows
+    ));
+    Ok(())
+}
+
+/// The parameters every HT launch shares: peers, buffer offsets, state, sizes.
+fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
+    let st = state(g)?;
+    let lay = st
+        .sized
+        .ok_or_else(|| crate::invalid_usage!("the group has no high-throughput buffer yet"))?;
+    let peers = match &g.membership {
+        Membership::Local { world } => world.peers(lay.total_bytes)?.0,
+        Membership::Nccl { .. } => st
+            .peers
+            .as_ref()
+            .map(|(p, _)| p.clone())
+            .ok_or_else(|| crate::invalid_usage!("the group has no high-throughput buffer yet"))?,
+    };
+    let hl = HtHandleLayout::new(&g.params, &h.params)?;
+    let mut p = HtParams::default();
+    p.peers[..peers.len()].copy_from_slice(&peers);
+    p.state = st.state.ptr();
+    p.err = st.err.device_ptr();
+    p.hmem = h.meta_ptr();
+    p.off_open = lay.open_off as u64;
+    p.off_done = lay.done_off as u64;
+    p.off_ptrs = lay.ptrs_off as u64;
+    p.off_own = lay.own_off as u64;
+    p.off_all = lay.all_off as u64;
+    p.off_cnt = lay.cnt_off as u64;
+    p.off_tot = lay.tot_off as u64;
+    p.off_zoff = lay.zoff_off as u64;
+    p.off_rbase = lay.rbase_off as u64;
+    p.off_sbase = lay.sbase_off as u64;
+    p.off_stage_tok = lay.stage_tok_off as u64;
+    p.off_stage_w = lay.stage_w_off as u64;
+    p.recv_off = hl.recv_off as u64;
+    p.send_off = hl.send_off as u64;
+    p.bwd_off = hl.bwd_off as u64;
+    p.timeout_cycles = st.timeout_cycles;
+    p.rank = g.params.rank as i32;
+    p.nranks = g.params.nranks as i32;
+    p.num_experts = g.params.num_experts as i32;
+    p.local_experts = g.params.local_experts as i32;
+    p.max_tokens = g.params.max_tokens as i32;
+    p.topk = h.params.num_topk as i32;
+    p.rows = h.topk_idx.as_ref().map_or(0, |t| t.dim(0)) as i32;
+    p.recv_rows = hl.recv_rows as i32;
+    p.piece_len = lay.piece_len as i32;
+    p.align = h.params.expert_alignment as i32;
+    p.drop = (g.params.overflow == OverflowPolicy::Drop) as i32;
+    p.staged = st.multi_process as i32;
+    Ok(p)
+}
+
+fn sync(stream: cudaStream_t) -> Result<()> {
+    // SAFETY: the caller's stream (C contract).
+    memory::stream_synchronize(unsafe { Stream::from_raw(stream.cast()) })
+}
+
+fn capturing(stream: cudaStream_t) -> Result<bool> {
+    // SAFETY: the caller's stream (C contract).
+    memory::stream_is_capturing(unsafe { Stream::from_raw(stream.cast()) })
+}
+
+/// Reads the handle header: a copy on the caller's stream into pinned memory, then a wait for
+/// the stream. No synchronous copy: that would go through the legacy stream, which CUDA makes
+/// wait for (and hold back) the kernels of every other stream of the device, also those of the
+/// other ranks of a local group.
+fn read_hdr(g: &Group, h: &Handle, stream: cudaStream_t) -> Result<HtHdr> {
+    let st = state(g)?;
+    let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
+    let bytes = std::mem::size_of::<HtHdr>();
+    // SAFETY: the handle block starts with the header; the pinned buffer holds `bytes`.
+    unsafe {
+        memory::memcpy_dtoh_async(st.hdr_host.host_ptr(), h.meta_ptr(), bytes, Stream::from_raw(stream.cast()))?;
+    }
+    sync(stream)?;
+    // SAFETY: the copy has finished; every bit pattern is a valid HtHdr.
+    Ok(unsafe { std::ptr::read_volatile(st.hdr_host.host_ptr() as *const HtHdr) })
+}
+
+fn ptr(t: &Option<TensorView>) -> u64 {
+    t.as_ref().map_or(0, |t| t.data)
+}
+
+/// The metadata pass: exchanges every rank's routing and builds the handle's tables and the
+/// `layout_info` outputs on `stream`. When the stream is not capturing, waits for it and
+/// reports bad expert ids and TRAP overflows as errors (the handle is then left without
+/// routing).
+pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &HtLayoutOutputs, stream: cudaStream_t) -> Result<()> {
+    h.topk_idx = None;
+    h.dispatched = false;
+    h.ht_unchecked = false;
+    let dev = g.device;
+    let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
+    let cap = capturing(stream)?;
+    let rows = topk.dim(0);
+    let mut p = base_params(g, h)?;
+    p.rows = rows as i32;
+    p.in0 = topk.data;
+    let out = |c: &Option<crate::core::ht_rules::CounterOut>| c.map_or((0, 0), |c| (c.data, (c.dtype == dtype::INT64) as i32));
+    (p.out0, p.ec64) = out(&outs.expert_counters);
+    let (o1, e1) = out(&outs.expert_offsets);
+    (p.out1, p.ec64) = (o1, p.ec64.max(e1));
+    (p.out3, p.tot64) = out(&outs.recv_total_counter);
+    p.capturing = cap as i32;
+    let em = h.params.layout == Layout::ExpertMajor;
+    let m = HtModule::Meta {
+        idx64: topk.dtype == dtype::INT64,
+        em,
+    };
+    let blocks = state(g)?.blocks;
+    let smem = 4 * (g.params.num_experts + g.params.nranks) as usize;
+    launch_ht(dev, m, "ht_reset", &p, 1, 0, stream)?;
+    launch_ht(dev, m, "ht_convert", &p, blocks, 0, stream)?;
+    launch_ht(dev, m, "ht_pull", &p, blocks, 0, stream)?;
+    launch_ht(dev, m, "ht_close", &p, 1, 0, stream)?;
+    launch_ht(dev, m, "ht_count", &p, g.params.nranks * HT_PIECES as u32, smem, stream)?;
+    launch_ht(dev, m, "ht_offsets", &p, 1, smem, stream)?;
+    launch_ht(dev, m, "ht_assign", &p, blocks, 0, stream)?;
+    h.topk_idx = Some(topk);
+    if cap {
+        return Ok(());
+    }
+    if matches!(g.membership, Membership::Local { .. }) {
+        // The ranks of a local group may all be driven by this thread: waiting here for the
+        // exchange would wait for updates not issued yet. The next dispatch or combine on the
+        // handle checks the result instead.
+        h.ht_unchecked = true;
+        return Ok(());
+    }
+    check_update(g, h, stream)
+}
+
+/// Reads the header of a finished update and turns a bad routing entry (on any rank) or a TRAP
+/// overflow (of any rank) into the error the update reports; the handle then has no routing.
+fn check_update(g: &Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
+    h.ht_unchecked = false;
+    let hd = read_hdr(g, h, stream)?;
+    let k = h.params.num_topk as usize;
+    let b = g.params.max_tokens as usize;
+    let err = if hd.bad_rank > 0 {
+        let idx = b * k - hd.bad_code as usize;
+        Some(HtPlanError::BadExpertId(BadExpertId {
+            rank: hd.bad_rank as usize - 1,
+            row: idx / k,
+            k: idx % k,
+            value: hd.bad_value,
+            num_experts: g.params.num_experts as usize,
+        }))
+    } else if hd.overflow_rank > 0 {
+        Some(HtPlanError::Overflow {
+            rank: hd.overflow_rank as usize - 1,
+            count: hd.overflow_total as usize,
+            budget: HtHandleLayout::new(&g.params, &h.params)?.recv_rows,
+        })
+    } else {
+        None
+    };
+    if let Some(e) = err {
+        h.topk_idx = None;
+        return Err(e.to_error());
+    }
+    Ok(())
+}
+
+/// A local group's update is checked by the first dispatch or combine after it (outside graph
+/// capture; this waits for the stream once).
+fn check_pending(g: &Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
+    if h.ht_unchecked && !capturing(stream)? {
+        check_update(g, h, stream).map_err(|e| e.context(format_args!("the last ncclEpUpdateHandle on this handle failed")))?;
+    }
+    Ok(())
+}
+
+fn routed(h: &Handle) -> Result<usize> {
+    h.topk_idx.as_ref().map(|t| t.dim(0)).ok_or_else(|| {
+        crate::invalid_usage!(
+            "the handle has no routing: call ncclEpUpdateHandle (or ncclEpCreateHandle) first, and check that it succeeded"
+        )
+    })
+}
+
+/// The rows this rank received (after drops): the device count, read on the host (eager mode
+/// only: this synchronises the stream).
+fn eager_count(g: &Group, h: &Handle, stream: cudaStream_t, what: &str) -> Result<usize> {
+    crate::ensure_usage!(
+        !capturing(stream)?,
+        "{what} in eager mode (max_recv_tokens_per_rank = 0) reads the receive count on the host and cannot be captured in a CUDA graph"
+    );
+    Ok(read_hdr(g, h, stream)?.count.max(0) as usize)
+}
+
+/// Copies `bytes` from a caller tensor into this rank's staging (groups spanning processes).
+fn stage(g: &Group, off: usize, src: u64, bytes: usize, stream: cudaStream_t) -> Result<()> {
+    if bytes == 0 || src == 0 {
+        return Ok(());
+    }
+    let me = g.params.rank as usize;
+    let dst = match &g.membership {
+        Membership::Local { world } => world.peers(0)?.0[me],
+        Membership::Nccl { .. } => state(g)?.buffer.as_ref().map_or(0, |b| b.ptr()),
+    };
+    // SAFETY: the staging region holds at least `bytes` (sized by the receive bound); the
+    // caller's tensor holds them (checked shapes).
+    unsafe { memory::memcpy_dtod_async(dst + off as u64, src, bytes, Stream::from_raw(stream.cast())) }
+}
+
+fn finish(g: &Group, m: HtModule, name: &'static str, p: &HtParams, stream: cudaStream_t) -> Result<()> {
+    let blocks = state(g)?.blocks;
+    launch_ht(g.device, m, name, p, blocks, 0, stream)?;
+    launch_ht(g.device, m, "ht_close", p, 1, 0, stream)
+}
+
+fn token_dtype(dt: i32) -> HtDtype {
+    match dt {
+        dtype::FLOAT16 => HtDtype::F16,
+        dtype::FLOAT32 => HtDtype::F32,
+        _ => HtDtype::Bf16,
+    }
+}
+
+pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
+    routed(h)?;
+    check_pending(g, h, stream)?;
+    let topk = h.topk_idx.clone().unwrap_or_else(|| unreachable!());
+    let call = check_dispatch(&g.params, &h.params, &topk, a)?;
+    let (t, k) = (call.tokens, h.params.num_topk as usize);
+    let em = h.params.layout == Layout::ExpertMajor;
+    let bwd = call.pass == PassDir::Backward;
+    let hl = HtHandleLayout::new(&g.params, &h.params)?;
+    if call.eager {
+        let count = eager_count(g, h, stream, "ncclEpDispatch")?;
+        crate::ensure_arg!(
+            count <= call.recv_rows,
+            "this rank receives {count} rows (recv_total_counter after the update), but the dispatch outputs hold {}",
+            call.recv_rows
+        );
+    }
+    let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
+    let mut p = base_params(g, h)?;
+    p.row_bytes = call.row_bytes as i32;
+    p.in0 = a.tokens.data;
+    p.in1 = ptr(&a.in_weights);
+    p.out0 = a.out_tokens.data;
+    p.out1 = ptr(&a.out_topk_idx);
+    p.out2 = ptr(&a.out_weights);
+    p.recv_global = (call.recv_kind == ExpertIdKind::Global) as i32;
+    // Rows [count, S) of the forward top-k outputs are reset (none when eager).
+    p.recv_rows = if call.eager { 0 } else { hl.recv_rows as i32 };
+    if p.staged != 0 {
+        let lay = state(g)?.sized.unwrap_or_else(|| unreachable!());
+        stage(g, lay.stage_tok_off, a.tokens.data, t * call.row_bytes, stream)?;
+        stage(g, lay.stage_w_off, p.in1, t * k * 4, stream)?;
+    }
+    finish(g, HtModule::Dispatch { em, bwd }, "ht_dispatch", &p, stream)?;
+    h.dispatched = true;
+    Ok(())
+}
+
+pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStream_t) -> Result<()> {
+    routed(h)?;
+    check_pending(g, h, stream)?;
+    let topk = h.topk_idx.clone().unwrap_or_else(|| unreachable!());
+    let call = check_combine(&g.params, &h.params, &topk, a)?;
+    let k = h.params.num_topk as usize;
+    let em = h.params.layout == Layout::ExpertMajor;
+    let bwd = call.pass == PassDir::Backward;
+    let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
+    let mut p = base_params(g, h)?;
+    p.row_bytes = call.row_bytes as i32;
+    p.rows = call.tokens as i32;
+    p.in0 = a.tokens.data;
+    p.in1 = ptr(&a.in_weights);
+    p.out0 = a.out_tokens.data;
+    p.out1 = ptr(&a.out_weights);
+    if p.staged != 0 {
+        let lay = state(g)?.sized.unwrap_or_else(|| unreachable!());
+        let rows = call.recv_rows.min(lay.staging_rows);
+        stage(g, lay.stage_tok_off, a.tokens.data, rows * call.row_bytes, stream)?;
+        stage(g, lay.stage_w_off, p.in1, rows * if em { 4 } else { 4 * k }, stream)?;
+    }
+    let dt = token_dtype(call.dtype);
+    finish(g, HtModule::Combine { em, bwd, dtype: dt }, "ht_combine", &p, stream)
+}

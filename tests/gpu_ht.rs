@@ -1,0 +1,976 @@
+#![allow(clippy::needless_range_loop, clippy::macro_metavars_in_unsafe, clippy::too_many_arguments)]
+//! High-throughput mode on a real GPU, checked bit for bit against the CPU reference
+//! (src/core/ht_reference.rs): the handle's layout_info outputs, forward and backward dispatch
+//! and combine, for both layouts, on local groups of 2, 4 and 8 ranks on one device and one rank
+//! on a real NCCL communicator; fresh random inputs every round, outputs poisoned first.
+//! Also: DROP overflow, a stale longer routing followed by a shorter one, errors of the update,
+//! and CUDA-graph replays. Without a GPU every test prints "skipped".
+//! Run on a GPU machine with `--test-threads=1 --nocapture`.
+
+#[path = "gpu/harness.rs"]
+mod harness;
+
+use cudarc::driver::sys;
+use harness::{DevTensor, Stream, cu, gpu_present, last_error};
+use nccl_ep::abi::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
+use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
+use nccl_ep::abi::group::ncclEpGroupDestroy;
+use nccl_ep::abi::guard::struct_default;
+use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy, ncclEpUpdateHandle};
+use nccl_ep::abi::ops::{ncclEpCombine, ncclEpDispatch};
+use nccl_ep::abi::types::*;
+use nccl_ep::core::ht_reference::*;
+use nccl_ep::core::reference::{LlShape, Routing, SplitMix64, gen_routing};
+use std::time::Instant;
+
+macro_rules! require_gpu {
+    () => {
+        if !gpu_present() {
+            println!("skipped: no CUDA device");
+            return;
+        }
+    };
+}
+
+/// The byte every output is filled with before a call (what the reference leaves untouched).
+const POISON: u8 = 0xCD;
+
+/// How the receive budget S of a case is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Budget {
+    /// S = 0: the outputs are sized from recv_total_counter.
+    Eager,
+    /// S = the largest receive total (at least B): nothing overflows.
+    Exact,
+    /// S below the largest total (at least B), overflow policy DROP.
+    Drop,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct HtCase {
+    nranks: usize,
+    local_experts: usize,
+    max_tokens: usize,
+    hidden: usize,
+    topk: usize,
+    /// Tokens per rank; None: random in [0, B].
+    tokens: Option<usize>,
+    layout: Layout,
+    routing: Routing,
+    dtype: HtDtype,
+    idx64: bool,
+    align: usize,
+    budget: Budget,
+    global_ids: bool,
+    /// EM layout_info outputs as int64 (FLAT expert_counters are always int32).
+    counters64: bool,
+}
+
+impl HtCase {
+    fn shape(&self) -> LlShape {
+        LlShape {
+            nranks: self.nranks,
+            num_experts: self.nranks * self.local_experts,
+            max_tokens: self.max_tokens,
+            hidden: self.hidden,
+            topk: self.topk,
+        }
+    }
+
+    fn ref_config(&self, budget: usize) -> HtConfig {
+        HtConfig {
+            nranks: self.nranks,
+            num_experts: self.nranks * self.local_experts,
+            topk: self.topk,
+            layout: self.layout,
+            alignment: if self.layout == Layout::ExpertMajor { self.align } else { 1 },
+            budget,
+            policy: if self.budget == Budget::Drop {
+                OverflowPolicy::Drop
+            } else {
+                OverflowPolicy::Trap
+            },
+        }
+    }
+
+    fn group_config(&self, budget: usize) -> ncclEpGroupConfig_t {
+        let mut c: ncclEpGroupConfig_t = struct_default();
+        c.version = 2;
+        c.algorithm = ncclEpAlgorithm_t(1);
+        c.num_experts = (self.nranks * self.local_experts) as u32;
+        c.max_dispatch_tokens_per_rank = self.max_tokens as u32;
+        c.max_recv_tokens_per_rank = budget as u32;
+        c.max_token_bytes = (self.hidden * 4) as u32;
+        c.timeout_ns = 10_000_000_000;
+        c.overflow_policy = ncclEpOverflowPolicy_t(if self.budget == Budget::Drop { 2 } else { 1 });
+        c
+    }
+}
+
+/// Groups and streams of one world (local ranks, or one rank on a communicator).
+struct World {
+    groups: Vec<ncclEpGroup_t>,
+    streams: Vec<Stream>,
+}
+
+impl World {
+    fn local(n: usize, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
+        let mut groups = vec![std::ptr::null_mut(); n];
+        ep_ok!(ncclEpxCreateLocalGroups(groups.as_mut_ptr(), n as i32, std::ptr::null(), cfg));
+        let streams = (0..n).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
+        Ok(World { groups, streams })
+    }
+    fn nccl(comm: ncclComm_t, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
+        let mut g = std::ptr::null_mut();
+        ep_ok!(nccl_ep::abi::group::ncclEpCreateGroup(&mut g, comm, cfg));
+        Ok(World {
+            groups: vec![g],
+            streams: vec![Stream::new(0)?],
+        })
+    }
+    fn sync(&self) -> Result<(), String> {
+        self.streams.iter().try_for_each(|s| s.sync())
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = self.sync();
+        for &g in &self.groups {
+            unsafe { ncclEpGroupDestroy(g) };
+        }
+    }
+}
+
+struct Handles(Vec<ncclEpHandle_t>);
+
+impl Drop for Handles {
+    fn drop(&mut self) {
+        for &h in &self.0 {
+            unsafe { ncclEpHandleDestroy(h) };
+        }
+    }
+}
+
+fn dev(dt: i32, sizes: &[usize]) -> Result<DevTensor, String> {
+    DevTensor::new(0, dt, sizes)
+}
+
+fn poison(t: &DevTensor) -> Result<(), String> {
+    t.fill(POISON)
+}
+
+/// One rank's routing and layout_info tensors.
+struct RankRouting {
+    topk: DevTensor,
+    counters: DevTensor,
+    offsets: Option<DevTensor>,
+    total: DevTensor,
+}
+
+fn routing_tensors(c: &HtCase, rt: &[i64]) -> Result<RankRouting, String> {
+    let t = rt.len() / c.topk;
+    let topk = dev(if c.idx64 { dtype::INT64 } else { dtype::INT32 }, &[t, c.topk])?;
+    if c.idx64 {
+        topk.upload(rt)?;
+    } else {
+        topk.upload(&rt.iter().map(|&x| x as i32).collect::<Vec<_>>())?;
+    }
+    let em = c.layout == Layout::ExpertMajor;
+    let cdt = if em && c.counters64 { dtype::INT64 } else { dtype::INT32 };
+    let r = RankRouting {
+        topk,
+        counters: dev(cdt, &[c.local_experts])?,
+        offsets: em.then(|| dev(cdt, &[c.local_experts])).transpose()?,
+        total: dev(cdt, &[1])?,
+    };
+    poison(&r.counters)?;
+    if let Some(o) = &r.offsets {
+        poison(o)?;
+    }
+    poison(&r.total)?;
+    Ok(r)
+}
+
+fn layout_info(r: &mut RankRouting) -> ncclEpLayoutInfo_t {
+    let mut li: ncclEpLayoutInfo_t = struct_default();
+    li.expert_counters = r.counters.ptr();
+    if let Some(o) = &mut r.offsets {
+        li.expert_offsets = o.ptr();
+    }
+    li.recv_total_counter = r.total.ptr();
+    li
+}
+
+fn handle_config(c: &HtCase) -> ncclEpHandleConfig_t {
+    let mut hc: ncclEpHandleConfig_t = struct_default();
+    hc.dispatch_output_per_expert_alignment = c.align;
+    hc
+}
+
+fn create_handles(c: &HtCase, w: &World, rr: &mut [RankRouting]) -> Result<Handles, String> {
+    let mut hs = Handles(Vec::new());
+    let hc = handle_config(c);
+    for (r, x) in rr.iter_mut().enumerate() {
+        let li = layout_info(x);
+        let mut h = std::ptr::null_mut();
+        ep_ok!(ncclEpCreateHandle(
+            &mut h,
+            w.groups[r],
+            c.layout.raw(),
+            x.topk.ptr(),
+            &li,
+            &hc,
+            w.streams[r].raw()
+        ));
+        hs.0.push(h);
+    }
+    Ok(hs)
+}
+
+fn download_ints(t: &DevTensor) -> Result<Vec<i64>, String> {
+    Ok(if t.desc.datatype == dtype::INT64 {
+        t.download::<i64>()?
+    } else {
+        t.download::<i32>()?.into_iter().map(|x| x as i64).collect()
+    })
+}
+
+fn check_eq<T: PartialEq + std::fmt::Debug + Copy>(what: &str, got: &[T], want: &[T]) -> Result<(), String> {
+    harness::compare(what, got, want)
+}
+
+/// Byte tensors compared element by element (`elem` bytes each), first differences reported.
+fn check_bytes(what: &str, got: &[u8], want: &[u8], elem: usize, row: usize) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} bytes, expected {}", got.len(), want.len()));
+    }
+    if got == want {
+        return Ok(());
+    }
+    let bad: Vec<usize> = (0..got.len() / elem)
+        .filter(|&i| got[i * elem..(i + 1) * elem] != want[i * elem..(i + 1) * elem])
+        .collect();
+    let ex: Vec<String> = bad
+        .iter()
+        .take(4)
+        .map(|&i| {
+            format!(
+                "[row {} elem {}] got {:02x?} want {:02x?}",
+                i / row,
+                i % row,
+                &got[i * elem..(i + 1) * elem],
+                &want[i * elem..(i + 1) * elem]
+            )
+        })
+        .collect();
+    Err(format!("{what}: {} of {} elements differ, e.g. {}", bad.len(), got.len() / elem, ex.join(", ")))
+}
+
+fn f32_bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The layout_info outputs of every rank against the plan.
+fn check_layout_info(c: &HtCase, plan: &HtPlan, rr: &[RankRouting]) -> Result<(), String> {
+    for (d, x) in rr.iter().enumerate() {
+        let m = plan.rank(d);
+        let want: Vec<i64> = m.expert_counters.iter().map(|&v| v as i64).collect();
+        check_eq(&format!("rank {d} expert_counters"), &download_ints(&x.counters)?, &want)?;
+        if let Some(o) = &x.offsets {
+            let want: Vec<i64> = m.expert_offsets.iter().map(|&v| v as i64).collect();
+            check_eq(&format!("rank {d} expert_offsets"), &download_ints(o)?, &want)?;
+        }
+        check_eq(
+            &format!("rank {d} recv_total_counter"),
+            &download_ints(&x.total)?,
+            &[m.recv_total as i64],
+        )?;
+        let _ = c;
+    }
+    Ok(())
+}
+
+/// Device tensors of one rank for one dispatch + combine (forward or backward).
+struct RankOp {
+    tokens: DevTensor,
+    weights: Option<DevTensor>,
+    out: DevTensor,
+    out_idx: Option<DevTensor>,
+    out_w: Option<DevTensor>,
+    x: DevTensor,
+    x_w: Option<DevTensor>,
+    comb: DevTensor,
+    comb_w: Option<DevTensor>,
+}
+
+fn dispatch_call(c: &HtCase, h: ncclEpHandle_t, o: &mut RankOp, s: &Stream, pass: PassDir) -> Result<(), String> {
+    let mut inp: ncclEpDispatchInputs_t = struct_default();
+    let mut out: ncclEpDispatchOutputs_t = struct_default();
+    let mut li: ncclEpLayoutInfo_t = struct_default();
+    let mut cfg: ncclEpDispatchConfig_t = struct_default();
+    cfg.pass_direction = ncclEpPassDir_t((pass == PassDir::Backward) as i32);
+    li.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
+    inp.tokens = o.tokens.ptr();
+    out.tokens = o.out.ptr();
+    if let Some(w) = &mut o.weights {
+        inp.topk_weights = w.ptr();
+    }
+    if let Some(t) = &mut o.out_idx {
+        out.topk_idx = t.ptr();
+    }
+    if let Some(t) = &mut o.out_w {
+        out.topk_weights = t.ptr();
+    }
+    ep_ok!(ncclEpDispatch(h, &inp, &out, &li, &cfg, s.raw()));
+    Ok(())
+}
+
+fn combine_call(h: ncclEpHandle_t, o: &mut RankOp, s: &Stream, pass: PassDir) -> Result<(), String> {
+    let mut inp: ncclEpCombineInputs_t = struct_default();
+    let mut out: ncclEpCombineOutputs_t = struct_default();
+    let mut cfg: ncclEpCombineConfig_t = struct_default();
+    cfg.pass_direction = ncclEpPassDir_t((pass == PassDir::Backward) as i32);
+    inp.tokens = o.x.ptr();
+    out.tokens = o.comb.ptr();
+    if let Some(w) = &mut o.x_w {
+        inp.topk_weights = w.ptr();
+    }
+    if let Some(w) = &mut o.comb_w {
+        out.topk_weights = w.ptr();
+    }
+    ep_ok!(ncclEpCombine(h, &inp, &out, &cfg, s.raw()));
+    Ok(())
+}
+
+/// Host-side inputs of one dispatch + combine of the whole group.
+struct OpInputs {
+    tokens: Vec<Vec<u8>>,
+    weights: Vec<Vec<f32>>,
+    x: Vec<Vec<u8>>,
+    x_w: Vec<Vec<f32>>,
+}
+
+/// Rows of rank d's receive-side tensors: S, or the count in eager mode.
+fn out_rows(plan: &HtPlan, d: usize) -> usize {
+    plan.rank(d).count.max(plan.cfg.budget)
+}
+
+/// Random inputs of every rank (one host thread per rank, each with a seed from `rng`).
+fn make_inputs(c: &HtCase, plan: &HtPlan, pass: PassDir, rng: &mut SplitMix64) -> OpInputs {
+    let n = c.nranks;
+    let fwd = pass == PassDir::Forward;
+    let em = c.layout == Layout::ExpertMajor;
+    let seeds: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+    type Parts = (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>);
+    let parts: Vec<Parts> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..n)
+            .map(|r| {
+                let seed = seeds[r];
+                sc.spawn(move || {
+                    let mut rng = SplitMix64::new(seed);
+                    let t = plan.num_tokens(r);
+                    let tokens = random_tokens(&mut rng, c.dtype, t, c.hidden);
+                    let weights = if fwd {
+                        (0..t * c.topk).map(|_| rng.unit_f32()).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let rows = out_rows(plan, r);
+                    let x = random_tokens(&mut rng, c.dtype, rows, c.hidden);
+                    let x_w = if fwd {
+                        Vec::new()
+                    } else {
+                        let w = if em { rows } else { rows * c.topk };
+                        (0..w).map(|_| rng.unit_f32() * 2.0 - 1.0).collect()
+                    };
+                    (tokens, weights, x, x_w)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut o = OpInputs {
+        tokens: Vec::new(),
+        weights: Vec::new(),
+        x: Vec::new(),
+        x_w: Vec::new(),
+    };
+    for (tokens, weights, x, x_w) in parts {
+        o.tokens.push(tokens);
+        if fwd {
+            o.weights.push(weights);
+        } else {
+            o.x_w.push(x_w);
+        }
+        o.x.push(x);
+    }
+    o
+}
+
+fn alloc_op(c: &HtCase, plan: &HtPlan, r: usize, inp: &OpInputs, pass: PassDir) -> Result<RankOp, String> {
+    let (k, h) = (c.topk, c.hidden);
+    let dt = c.dtype.nccl();
+    let fwd = pass == PassDir::Forward;
+    let em = c.layout == Layout::ExpertMajor;
+    let t = plan.num_tokens(r);
+    let rows = out_rows(plan, r);
+    let o = RankOp {
+        tokens: dev(dt, &[t, h])?,
+        weights: fwd.then(|| dev(dtype::FLOAT32, &[t, k])).transpose()?,
+        out: dev(dt, &[rows, h])?,
+        out_idx: (fwd && !em).then(|| dev(dtype::INT64, &[rows, k])).transpose()?,
+        out_w: fwd
+            .then(|| dev(dtype::FLOAT32, &if em { vec![rows] } else { vec![rows, k] }))
+            .transpose()?,
+        x: dev(dt, &[rows, h])?,
+        x_w: (!fwd)
+            .then(|| dev(dtype::FLOAT32, &if em { vec![rows] } else { vec![rows, k] }))
+            .transpose()?,
+        comb: dev(dt, &[t, h])?,
+        comb_w: (!fwd).then(|| dev(dtype::FLOAT32, &[t, k])).transpose()?,
+    };
+    o.tokens.upload(&inp.tokens[r])?;
+    if let Some(w) = &o.weights {
+        w.upload(&inp.weights[r])?;
+    }
+    o.x.upload(&inp.x[r])?;
+    if let Some(w) = &o.x_w {
+        w.upload(&inp.x_w[r])?;
+    }
+    for p in [Some(&o.out), o.out_idx.as_ref(), o.out_w.as_ref(), Some(&o.comb), o.comb_w.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        poison(p)?;
+    }
+    Ok(o)
+}
+
+/// Downloaded outputs of one rank.
+struct RankGot {
+    out: Vec<u8>,
+    out_idx: Option<Vec<i64>>,
+    out_w: Option<Vec<f32>>,
+    comb: Vec<u8>,
+    comb_w: Option<Vec<f32>>,
+}
+
+fn download(o: &RankOp) -> Result<RankGot, String> {
+    Ok(RankGot {
+        out: o.out.download()?,
+        out_idx: o.out_idx.as_ref().map(|t| t.download()).transpose()?,
+        out_w: o.out_w.as_ref().map(|t| t.download()).transpose()?,
+        comb: o.comb.download()?,
+        comb_w: o.comb_w.as_ref().map(|t| t.download()).transpose()?,
+    })
+}
+
+/// Rank r's outputs against the reference (runs on a host thread of its own).
+fn check_rank(c: &HtCase, plan: &HtPlan, inp: &OpInputs, pass: PassDir, r: usize, got: &RankGot) -> Result<(), String> {
+    let din = HtDispatchIn {
+        dtype: c.dtype,
+        hidden: c.hidden,
+        pass,
+        recv_kind: if c.global_ids {
+            ExpertIdKind::Global
+        } else {
+            ExpertIdKind::Local
+        },
+        tokens: &inp.tokens,
+        weights: &inp.weights,
+        poison: POISON,
+    };
+    let want = plan.dispatch(r, &din, out_rows(plan, r));
+    let eb = c.dtype.bytes();
+    check_bytes(&format!("rank {r} {pass:?} dispatch tokens"), &got.out, &want.tokens, eb, c.hidden)?;
+    if let Some(idx) = &got.out_idx {
+        check_eq(&format!("rank {r} dispatch topk_idx"), idx, &want.topk_idx)?;
+    }
+    if let Some(w) = &got.out_w {
+        check_eq(&format!("rank {r} dispatch topk_weights"), &f32_bits(w), &f32_bits(&want.topk_weights))?;
+    }
+    let cin = HtCombineIn {
+        dtype: c.dtype,
+        hidden: c.hidden,
+        pass,
+        tokens: &inp.x,
+        weights: &inp.x_w,
+    };
+    let want = plan.combine(r, &cin);
+    check_bytes(&format!("rank {r} {pass:?} combine tokens"), &got.comb, &want.tokens, eb, c.hidden)?;
+    if let Some(w) = &got.comb_w {
+        check_eq(&format!("rank {r} combine topk_weights"), &f32_bits(w), &f32_bits(&want.topk_weights))?;
+    }
+    Ok(())
+}
+
+/// One dispatch then one combine of the given pass on every rank, checked.
+fn run_op(c: &HtCase, w: &World, hs: &Handles, plan: &HtPlan, pass: PassDir, rng: &mut SplitMix64) -> Result<(), String> {
+    let inp = make_inputs(c, plan, pass, rng);
+    let mut ops = (0..c.nranks)
+        .map(|r| alloc_op(c, plan, r, &inp, pass))
+        .collect::<Result<Vec<_>, _>>()?;
+    for r in 0..c.nranks {
+        dispatch_call(c, hs.0[r], &mut ops[r], &w.streams[r], pass)?;
+    }
+    for r in 0..c.nranks {
+        combine_call(hs.0[r], &mut ops[r], &w.streams[r], pass)?;
+    }
+    w.sync()?;
+    let got = ops.iter().map(download).collect::<Result<Vec<_>, _>>()?;
+    drop(ops);
+    check_all(c, plan, &inp, pass, &got)
+}
+
+/// Checks every rank, one host thread each.
+fn check_all(c: &HtCase, plan: &HtPlan, inp: &OpInputs, pass: PassDir, got: &[RankGot]) -> Result<(), String> {
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..c.nranks)
+            .map(|r| sc.spawn(move || check_rank(c, plan, inp, pass, r, &got[r])))
+            .collect();
+        hs.into_iter().try_for_each(|h| h.join().unwrap())
+    })
+}
+
+fn gen_world_routing(c: &HtCase, rng: &mut SplitMix64) -> Vec<Vec<i64>> {
+    (0..c.nranks)
+        .map(|_| {
+            let t = c.tokens.unwrap_or_else(|| rng.below(c.max_tokens + 1));
+            gen_routing(rng, c.shape(), t, c.routing)
+        })
+        .collect()
+}
+
+/// S for a case: from the receive totals with no budget.
+fn pick_budget(c: &HtCase, routing: &[Vec<i64>]) -> usize {
+    let free = HtPlan::new(c.ref_config(0), routing).expect("valid routing");
+    let most = (0..c.nranks).map(|d| free.rank(d).recv_total).max().unwrap_or(0);
+    match c.budget {
+        Budget::Eager => 0,
+        Budget::Exact => most.max(c.max_tokens),
+        Budget::Drop => (most * 2 / 3).max(c.max_tokens),
+    }
+}
+
+/// A full round on a fresh world: routing, handles and layout_info, forward and backward.
+fn round(c: &HtCase, rng: &mut SplitMix64, comm: Option<ncclComm_t>) -> Result<String, String> {
+    let t0 = Instant::now();
+    let routing = gen_world_routing(c, rng);
+    let s = pick_budget(c, &routing);
+    let cfg = c.group_config(s);
+    let w = match comm {
+        Some(comm) => World::nccl(comm, &cfg)?,
+        None => World::local(c.nranks, &cfg)?,
+    };
+    let plan = HtPlan::new(c.ref_config(s), &routing).map_err(|e| format!("reference: {e:?}"))?;
+    let mut rr = routing
+        .iter()
+        .map(|rt| routing_tensors(c, rt))
+        .collect::<Result<Vec<_>, _>>()?;
+    let hs = create_handles(c, &w, &mut rr)?;
+    w.sync()?;
+    check_layout_info(c, &plan, &rr)?;
+    run_op(c, &w, &hs, &plan, PassDir::Forward, rng)?;
+    run_op(c, &w, &hs, &plan, PassDir::Backward, rng)?;
+    let dropped: usize = (0..c.nranks).map(|d| plan.rank(d).dropped).sum();
+    Ok(format!(
+        "S {s}, counts {:?}, dropped {dropped}, {:.2} s",
+        (0..c.nranks).map(|d| plan.rank(d).count).collect::<Vec<_>>(),
+        t0.elapsed().as_secs_f64()
+    ))
+}
+
+fn base(nranks: usize, layout: Layout) -> HtCase {
+    HtCase {
+        nranks,
+        local_experts: match nranks {
+            1 => 16,
+            2 => 16,
+            _ => 8,
+        },
+        max_tokens: 513,
+        hidden: 2048,
+        topk: 8,
+        tokens: Some(513),
+        layout,
+        routing: Routing::Uniform,
+        dtype: HtDtype::Bf16,
+        idx64: true,
+        align: 1,
+        budget: Budget::Exact,
+        global_ids: false,
+        counters64: false,
+    }
+}
+
+fn run_cases(name: &str, cases: &[HtCase], comm: Option<ncclComm_t>) {
+    let mut rng = SplitMix64::new(0x5eed ^ name.len() as u64);
+    let mut failed = Vec::new();
+    for c in cases {
+        match round(c, &mut rng, comm) {
+            Ok(info) => println!("{name}: ok   {c:?}: {info}"),
+            Err(e) => {
+                println!("{name}: FAIL {c:?}: {e}");
+                failed.push(format!("{c:?}: {e}"));
+            }
+        }
+    }
+    println!("{name}: {} rounds passed, {} failed", cases.len() - failed.len(), failed.len());
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// The matrix, a covering subset (every value of every axis at least once per layout
+/// and rank count, the large ones where they matter): ranks {2, 4, 8} x layout x K {1, 8} x
+/// H {2048, 7168} x T {0, 1, 513, 4096}, each round forward and backward.
+#[test]
+fn ht_local_groups_matrix() {
+    require_gpu!();
+    let mut cases = Vec::new();
+    for nranks in [2, 4, 8] {
+        for layout in [Layout::Flat, Layout::ExpertMajor] {
+            let b = base(nranks, layout);
+            // (K, H, T, B)
+            let mut shapes = vec![(8, 2048, 0, 513), (1, 2048, 1, 513), (8, 2048, 513, 513), (1, 7168, 513, 513), (8, 7168, 513, 513)];
+            if nranks != 4 {
+                shapes.push((8, 7168, 4096, 4096));
+            } else {
+                shapes.push((1, 2048, 4096, 4096));
+            }
+            for (i, &(topk, hidden, t, bmax)) in shapes.iter().enumerate() {
+                cases.push(HtCase {
+                    topk,
+                    hidden,
+                    tokens: Some(t),
+                    max_tokens: bmax,
+                    idx64: i % 2 == 0,
+                    align: if layout == Layout::ExpertMajor && i % 2 == 1 { 64 } else { 1 },
+                    global_ids: i == 2,
+                    counters64: i % 3 == 1,
+                    budget: if i == 3 { Budget::Eager } else { Budget::Exact },
+                    ..b
+                });
+            }
+        }
+    }
+    run_cases("ht_local_groups_matrix", &cases, None);
+}
+
+/// Token types, skewed routing and repeated ids, random token counts, alignment, DROP.
+#[test]
+fn ht_dtypes_routings_and_drop() {
+    require_gpu!();
+    let mut cases = Vec::new();
+    for layout in [Layout::Flat, Layout::ExpertMajor] {
+        let b = HtCase {
+            max_tokens: 300,
+            tokens: None,
+            ..base(4, layout)
+        };
+        for dtype in [HtDtype::Bf16, HtDtype::F16, HtDtype::F32] {
+            cases.push(HtCase { dtype, ..b });
+        }
+        cases.push(HtCase {
+            routing: Routing::Skewed { rank: 3 },
+            align: 64,
+            ..b
+        });
+        cases.push(HtCase {
+            routing: Routing::SameRankDups,
+            dtype: HtDtype::F16,
+            idx64: false,
+            ..b
+        });
+        cases.push(HtCase {
+            routing: Routing::Skewed { rank: 1 },
+            budget: Budget::Drop,
+            ..b
+        });
+        cases.push(HtCase {
+            routing: Routing::SameRankDups,
+            budget: Budget::Drop,
+            align: 64,
+            dtype: HtDtype::F32,
+            ..b
+        });
+        cases.push(HtCase {
+            routing: Routing::Uniform,
+            budget: Budget::Eager,
+            align: 64,
+            ..b
+        });
+    }
+    run_cases("ht_dtypes_routings_and_drop", &cases, None);
+}
+
+/// The NCCL entry points a test needs to make a one-rank communicator.
+fn nccl_one_rank_comm() -> Result<ncclComm_t, String> {
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct UniqueId([u8; 128]);
+    type GetId = unsafe extern "C" fn(*mut UniqueId) -> i32;
+    type InitRank = unsafe extern "C" fn(*mut ncclComm_t, i32, UniqueId, i32) -> i32;
+    let name = std::ffi::CString::new("libnccl.so.2").unwrap();
+    let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    if h.is_null() {
+        return Err("libnccl.so.2 not found".into());
+    }
+    let sym = |n: &str| unsafe { libc::dlsym(h, std::ffi::CString::new(n).unwrap().as_ptr()) };
+    let (gid, init) = (sym("ncclGetUniqueId"), sym("ncclCommInitRank"));
+    if gid.is_null() || init.is_null() {
+        return Err("NCCL symbols missing".into());
+    }
+    let gid = unsafe { std::mem::transmute::<*mut libc::c_void, GetId>(gid) };
+    let init = unsafe { std::mem::transmute::<*mut libc::c_void, InitRank>(init) };
+    let mut id = UniqueId([0u8; 128]);
+    let _g = nccl_ep::cuda::context::CtxGuard::enter(0).map_err(|e| e.msg)?;
+    let mut comm = std::ptr::null_mut();
+    unsafe {
+        if gid(&mut id) != 0 || init(&mut comm, 1, id, 0) != 0 {
+            return Err("ncclCommInitRank failed".into());
+        }
+    }
+    Ok(comm)
+}
+
+/// One rank on a real NCCL communicator: both layouts, K {1, 8}, T {0, 1, 513, 4096}; then the
+/// update's errors, which an NCCL group reports from ncclEpUpdateHandle itself.
+#[test]
+fn ht_one_rank_on_nccl_communicator() {
+    require_gpu!();
+    let comm = match nccl_one_rank_comm() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("skipped: {e}");
+            return;
+        }
+    };
+    let mut cases = Vec::new();
+    for layout in [Layout::Flat, Layout::ExpertMajor] {
+        for (i, &(topk, t)) in [(1, 0), (8, 1), (8, 513), (8, 4096)].iter().enumerate() {
+            cases.push(HtCase {
+                nranks: 1,
+                local_experts: 16,
+                topk,
+                tokens: Some(t),
+                max_tokens: 4096,
+                hidden: if i == 3 { 7168 } else { 2048 },
+                align: if i == 2 { 64 } else { 1 },
+                budget: if i == 1 { Budget::Eager } else { Budget::Exact },
+                ..base(1, layout)
+            });
+        }
+    }
+    run_cases("ht_one_rank_on_nccl_communicator", &cases, Some(comm));
+
+    // A bad expert id: ncclInvalidArgument from the update, naming the entry.
+    let c = HtCase {
+        nranks: 1,
+        local_experts: 16,
+        tokens: Some(10),
+        max_tokens: 64,
+        ..base(1, Layout::Flat)
+    };
+    let w = World::nccl(comm, &c.group_config(64)).unwrap();
+    let mut rt = gen_routing(&mut SplitMix64::new(1), c.shape(), 10, Routing::Uniform);
+    rt[3 * 8 + 5] = 16;
+    rt[7 * 8 + 1] = -3;
+    let mut r = routing_tensors(&c, &rt).unwrap();
+    let li = layout_info(&mut r);
+    let mut h = std::ptr::null_mut();
+    let rc = unsafe {
+        ncclEpCreateHandle(&mut h, w.groups[0], c.layout.raw(), r.topk.ptr(), &li, &handle_config(&c), w.streams[0].raw())
+    };
+    let msg = last_error();
+    assert_eq!(rc, 4, "{msg}");
+    assert!(msg.contains("topk_idx[3][5] is 16"), "{msg}");
+    println!("ht_one_rank_on_nccl_communicator: bad id reported: {msg}");
+    // TRAP overflow: 64 tokens x 8 experts are 512 expert-major rows, S = 64.
+    let c = HtCase {
+        layout: Layout::ExpertMajor,
+        tokens: Some(64),
+        ..c
+    };
+    let rt = gen_routing(&mut SplitMix64::new(2), c.shape(), 64, Routing::Uniform);
+    let mut r = routing_tensors(&c, &rt).unwrap();
+    let li = layout_info(&mut r);
+    let rc = unsafe {
+        ncclEpCreateHandle(&mut h, w.groups[0], c.layout.raw(), r.topk.ptr(), &li, &handle_config(&c), w.streams[0].raw())
+    };
+    let msg = last_error();
+    let want = HtPlan::new(c.ref_config(64), &[rt]).unwrap_err().to_error();
+    assert_eq!(rc, 5, "{msg}");
+    assert!(msg.contains(&want.msg), "{msg} (want {})", want.msg);
+    println!("ht_one_rank_on_nccl_communicator: overflow reported: {msg}");
+}
+
+/// The update's errors in a local group: the first dispatch after the update reports them.
+#[test]
+fn ht_update_errors_in_local_groups() {
+    require_gpu!();
+    for (what, bad) in [("bad id", true), ("TRAP overflow", false)] {
+        let c = HtCase {
+            tokens: Some(64),
+            max_tokens: 64,
+            routing: Routing::Skewed { rank: 0 },
+            ..base(2, Layout::Flat)
+        };
+        let w = World::local(2, &c.group_config(if bad { 128 } else { 64 })).unwrap();
+        let mut rng = SplitMix64::new(9);
+        let mut routing = gen_world_routing(&c, &mut rng);
+        if bad {
+            routing[1][10 * 8 + 2] = 1000;
+        }
+        let mut rr = routing.iter().map(|rt| routing_tensors(&c, rt)).collect::<Result<Vec<_>, _>>().unwrap();
+        let hs = create_handles(&c, &w, &mut rr).unwrap();
+        let want = HtPlan::new(c.ref_config(if bad { 128 } else { 64 }), &routing).unwrap_err();
+        let plan = HtPlan::captured(c.ref_config(0), &routing);
+        let inp = make_inputs(&c, &plan, PassDir::Forward, &mut rng);
+        for r in 0..2 {
+            let mut o = alloc_op(&c, &plan, r, &inp, PassDir::Forward).unwrap();
+            let e = dispatch_call(&c, hs.0[r], &mut o, &w.streams[r], PassDir::Forward).unwrap_err();
+            let code = if bad { "returned 4" } else { "returned 5" };
+            assert!(e.contains(code), "rank {r} {what}: {e}");
+            assert!(e.contains(&want.to_error().msg), "rank {r} {what}: {e} (want {:?})", want.to_error().msg);
+            // The handle has no routing now.
+            let e2 = dispatch_call(&c, hs.0[r], &mut o, &w.streams[r], PassDir::Forward).unwrap_err();
+            assert!(e2.contains("no routing"), "{e2}");
+        }
+        println!("ht_update_errors_in_local_groups: {what}: reported on both ranks");
+    }
+}
+
+/// A handle updated with a longer routing, used, then updated with a shorter one: nothing of
+/// the longer one may leak (stale rows), on both layouts.
+#[test]
+fn ht_stale_longer_then_shorter_routing() {
+    require_gpu!();
+    for layout in [Layout::Flat, Layout::ExpertMajor] {
+        let c = HtCase {
+            max_tokens: 512,
+            ..base(4, layout)
+        };
+        let mut rng = SplitMix64::new(77);
+        let s = 4 * 512 * 8;
+        let w = World::local(4, &c.group_config(s)).unwrap();
+        let mut run = |t: usize, hs: Option<&Handles>| -> Result<Option<Handles>, String> {
+            let ct = HtCase { tokens: Some(t), ..c };
+            let routing = gen_world_routing(&ct, &mut rng);
+            let plan = HtPlan::new(ct.ref_config(s), &routing).map_err(|e| format!("{e:?}"))?;
+            let mut rr = routing.iter().map(|rt| routing_tensors(&ct, rt)).collect::<Result<Vec<_>, _>>()?;
+            let made = match hs {
+                None => Some(create_handles(&ct, &w, &mut rr)?),
+                Some(hs) => {
+                    for r in 0..4 {
+                        let li = layout_info(&mut rr[r]);
+                        ep_ok!(ncclEpUpdateHandle(hs.0[r], rr[r].topk.ptr(), &li, w.streams[r].raw()));
+                    }
+                    None
+                }
+            };
+            let hs = made.as_ref().or(hs).unwrap();
+            w.sync()?;
+            check_layout_info(&ct, &plan, &rr)?;
+            run_op(&ct, &w, hs, &plan, PassDir::Forward, &mut rng)?;
+            run_op(&ct, &w, hs, &plan, PassDir::Backward, &mut rng)?;
+            Ok(made)
+        };
+        let hs = run(512, None).unwrap_or_else(|e| panic!("{layout:?} T=512: {e}")).unwrap();
+        run(100, Some(&hs)).unwrap_or_else(|e| panic!("{layout:?} T=100 after 512: {e}"));
+        run(0, Some(&hs)).unwrap_or_else(|e| panic!("{layout:?} T=0 after 100: {e}"));
+        run(37, Some(&hs)).unwrap_or_else(|e| panic!("{layout:?} T=37 after 0: {e}"));
+        println!("ht_stale_longer_then_shorter_routing {layout:?}: 512 -> 100 -> 0 -> 37 passed");
+    }
+}
+
+/// Update + forward dispatch + forward combine of every rank captured once into CUDA graphs,
+/// replayed with new routing (same T), tokens, weights and expert outputs; every replay checked.
+#[test]
+fn ht_graph_replays() {
+    require_gpu!();
+    for layout in [Layout::Flat, Layout::ExpertMajor] {
+        let c = HtCase {
+            tokens: Some(200),
+            max_tokens: 256,
+            ..base(4, layout)
+        };
+        let s = 4 * 256 * 8;
+        let w = World::local(4, &c.group_config(s)).unwrap();
+        let mut rng = SplitMix64::new(1234);
+        let run = |rng: &mut SplitMix64| -> Result<usize, String> {
+            let routing = gen_world_routing(&c, rng);
+            let mut rr = routing.iter().map(|rt| routing_tensors(&c, rt)).collect::<Result<Vec<_>, _>>()?;
+            let hs = create_handles(&c, &w, &mut rr)?;
+            let plan = HtPlan::new(c.ref_config(s), &routing).map_err(|e| format!("{e:?}"))?;
+            let inp = make_inputs(&c, &plan, PassDir::Forward, rng);
+            let mut ops = (0..4)
+                .map(|r| alloc_op(&c, &plan, r, &inp, PassDir::Forward))
+                .collect::<Result<Vec<_>, _>>()?;
+            // One plain round first: compiles and loads the kernels outside the capture.
+            for r in 0..4 {
+                dispatch_call(&c, hs.0[r], &mut ops[r], &w.streams[r], PassDir::Forward)?;
+            }
+            for r in 0..4 {
+                combine_call(hs.0[r], &mut ops[r], &w.streams[r], PassDir::Forward)?;
+            }
+            w.sync()?;
+            let _ctx = nccl_ep::cuda::context::CtxGuard::enter(0).map_err(|e| e.msg)?;
+            let mut execs = Vec::new();
+            for r in 0..4 {
+                let st = w.streams[r].0;
+                let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+                cu(unsafe { sys::cuStreamBeginCapture_v2(st, mode) }, "cuStreamBeginCapture")?;
+                let li = layout_info(&mut rr[r]);
+                ep_ok!(ncclEpUpdateHandle(hs.0[r], rr[r].topk.ptr(), &li, w.streams[r].raw()));
+                dispatch_call(&c, hs.0[r], &mut ops[r], &w.streams[r], PassDir::Forward)?;
+                combine_call(hs.0[r], &mut ops[r], &w.streams[r], PassDir::Forward)?;
+                let mut g = std::ptr::null_mut();
+                cu(unsafe { sys::cuStreamEndCapture(st, &mut g) }, "cuStreamEndCapture")?;
+                let mut e = std::ptr::null_mut();
+                cu(unsafe { sys::cuGraphInstantiateWithFlags(&mut e, g, 0) }, "cuGraphInstantiate")?;
+                execs.push(e);
+            }
+            let mut replays = 0;
+            for _ in 0..30 {
+                let routing = gen_world_routing(&c, rng);
+                let plan = HtPlan::new(c.ref_config(s), &routing).map_err(|e| format!("{e:?}"))?;
+                let inp = make_inputs(&c, &plan, PassDir::Forward, rng);
+                for r in 0..4 {
+                    let o = &ops[r];
+                    let rt = &routing[r];
+                    if c.idx64 {
+                        rr[r].topk.upload(rt)?;
+                    } else {
+                        rr[r].topk.upload(&rt.iter().map(|&x| x as i32).collect::<Vec<_>>())?;
+                    }
+                    poison(&rr[r].counters)?;
+                    poison(&rr[r].total)?;
+                    if let Some(t) = &rr[r].offsets {
+                        poison(t)?;
+                    }
+                    o.tokens.upload(&inp.tokens[r])?;
+                    o.weights.as_ref().unwrap().upload(&inp.weights[r])?;
+                    // Combine inputs: as many rows as allocated (S).
+                    o.x.upload(&inp.x[r])?;
+                    for p in [Some(&o.out), o.out_idx.as_ref(), o.out_w.as_ref(), Some(&o.comb)].into_iter().flatten() {
+                        poison(p)?;
+                    }
+                }
+                for r in 0..4 {
+                    cu(unsafe { sys::cuGraphLaunch(execs[r], w.streams[r].0) }, "cuGraphLaunch")?;
+                }
+                w.sync()?;
+                check_layout_info(&c, &plan, &rr)?;
+                let got = ops.iter().map(download).collect::<Result<Vec<_>, _>>()?;
+                check_all(&c, &plan, &inp, PassDir::Forward, &got)?;
+                replays += 1;
+            }
+            for e in execs {
+                unsafe { sys::cuGraphExecDestroy(e) };
+            }
+            Ok(replays)
+        };
+        let n = run(&mut rng).unwrap_or_else(|e| panic!("{layout:?} graph replays: {e}"));
+        println!("ht_graph_replays {layout:?}: {n} replays passed");
+    }
+}
