@@ -605,11 +605,18 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
   int dev0;
   CK(cudaGetDevice(&dev0));
+  /* Library memory: measured around group creation and around handle creation only, so the
+   * benchmark's own tensors (allocated in between) are not counted. */
+  size_t f0, f1, f2, f3, total;
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemGetInfo(&f0, &total));
   if (comm) {
     EP(ncclEpCreateGroup(&groups[0], comm, &cfg));
   } else {
     EP(mk_local(groups, nlocal, NULL, &cfg));
   }
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemGetInfo(&f1, &total));
   uint64_t rng = o->seed + 17;
   size_t xb = (size_t)T * H * 2, ob = (size_t)S * H * 2;
   uint16_t* hx = (uint16_t*)malloc(xb + 2);
@@ -655,9 +662,13 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   free(hx);
   free(he);
   free(hw);
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemGetInfo(&f2, &total));
   for (int i = 0; i < nlocal; ++i)
     EP(ncclEpCreateHandle(&rk[i].h, rk[i].g, (ncclEpLayout_t)o->layout, &rk[i].ttopk, NULL, NULL, rk[i].s));
   CK(cudaDeviceSynchronize());
+  CK(cudaMemGetInfo(&f3, &total));
+  res.mem_mib = ((double)f0 - (double)f1 + (double)f2 - (double)f3) / nlocal / 1048576.0;
   if (bufsz) {
     size_t b = 0;
     if (bufsz(&cfg, nranks, (ncclEpLayout_t)o->layout, K, &b) == ncclSuccess) res.buf_mib = b / 1048576.0;

@@ -367,6 +367,16 @@ impl PinnedHostMem {
     pub fn device_ptr(&self) -> CUdeviceptr {
         self.dev
     }
+    /// Reads the i32 flag at the start of the allocation (kernels raise it with atomics).
+    pub fn flag_raised(&self) -> bool {
+        // SAFETY: at least 4 bytes (alloc refuses 0 and rounds nothing down); read as an atomic.
+        unsafe { (*(self.host as *const std::sync::atomic::AtomicI32)).load(std::sync::atomic::Ordering::Acquire) != 0 }
+    }
+    /// Clears the flag `flag_raised` reads.
+    pub fn clear_flag(&self) {
+        // SAFETY: as in `flag_raised`.
+        unsafe { (*(self.host as *const std::sync::atomic::AtomicI32)).store(0, std::sync::atomic::Ordering::Release) }
+    }
     pub fn len(&self) -> usize {
         self.bytes
     }

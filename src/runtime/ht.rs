@@ -84,19 +84,11 @@ impl HtState {
 
     /// True when a kernel timed out (or a captured update overflowed) since the last clear.
     pub fn timed_out(&self) -> bool {
-        // SAFETY: a 4-byte pinned allocation the kernels write with atomics; read as an atomic.
-        unsafe {
-            (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32)).load(std::sync::atomic::Ordering::Acquire)
-                != 0
-        }
+        self.err.flag_raised()
     }
 
     pub fn clear_timeout(&self) {
-        // SAFETY: as in `timed_out`.
-        unsafe {
-            (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32))
-                .store(0, std::sync::atomic::Ordering::Release)
-        }
+        self.err.clear_flag()
     }
 }
 
@@ -134,13 +126,8 @@ fn allocate(g: &mut Group, bytes: usize) -> Result<()> {
             let st = state_mut(g)?;
             st.peers = None;
             st.buffer = None;
-            let buf = DeviceMem::alloc(dev, bytes)?;
-            // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
-            unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, Stream::LEGACY_DEFAULT)? };
-            memory::stream_synchronize(Stream::LEGACY_DEFAULT)?;
-            let nccl = crate::transport::nccl::Nccl::get()?;
             // SAFETY: the caller's communicator; all ranks size buffers in lockstep.
-            let (ptrs, opened) = unsafe { crate::transport::ipc::exchange(nccl, comm, rank, nranks, dev, &buf) }?;
+            let (buf, ptrs, opened) = unsafe { crate::transport::ipc::alloc_shared(comm, rank, nranks, dev, bytes) }?;
             let st = state_mut(g)?;
             st.multi_process |= !opened.is_empty();
             st.buffer = Some(buf);

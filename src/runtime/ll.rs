@@ -128,20 +128,12 @@ impl LlState {
 
     /// True when a kernel timed out waiting for a peer since the flag was last cleared.
     pub fn timed_out(&self) -> bool {
-        // SAFETY: a 4-byte pinned allocation the kernels write with atomics; read as an atomic.
-        unsafe {
-            (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32)).load(std::sync::atomic::Ordering::Acquire)
-                != 0
-        }
+        self.err.flag_raised()
     }
 
     /// Clears the flag `timed_out` reads.
     pub fn clear_timeout(&self) {
-        // SAFETY: as in `timed_out`.
-        unsafe {
-            (*(self.err.host_ptr() as *const std::sync::atomic::AtomicI32))
-                .store(0, std::sync::atomic::Ordering::Release)
-        }
+        self.err.clear_flag()
     }
 
     /// Ranks (bit set) that did not reach the last `ncclEpMaskClean` barrier in time; valid once
@@ -204,13 +196,8 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
             let ll = g.ll_mut()?;
             ll.buffer = None;
             ll.peers = PeerTable::Unset;
-            let buf = DeviceMem::alloc(dev, bytes)?;
-            // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
-            unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
-            memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
-            let nccl = crate::transport::nccl::Nccl::get()?;
             // SAFETY: the communicator is the caller's; all ranks size buffers in lockstep.
-            let (ptrs, opened) = unsafe { crate::transport::ipc::exchange(nccl, comm, rank, nranks, dev, &buf) }?;
+            let (buf, ptrs, opened) = unsafe { crate::transport::ipc::alloc_shared(comm, rank, nranks, dev, bytes) }?;
             let ll = g.ll_mut()?;
             ll.buffer = Some(buf);
             ll.peers = PeerTable::Fixed { ptrs, _opened: opened };

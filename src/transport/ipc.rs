@@ -141,3 +141,28 @@ pub unsafe fn exchange(
     }
     Ok((ptrs, opened))
 }
+
+/// Allocates this rank's zeroed buffer of `bytes` on `device` and maps every rank's (collective:
+/// every rank calls it in the same order with the same size). Growing callers synchronise first.
+///
+/// # Safety
+/// `comm` is the caller's live communicator.
+pub unsafe fn alloc_shared(
+    comm: ncclComm_t,
+    rank: usize,
+    nranks: usize,
+    device: i32,
+    bytes: usize,
+) -> Result<(DeviceMem, Vec<u64>, OpenedPeers)> {
+    let buf = DeviceMem::alloc(device, bytes)?;
+    {
+        let _g = crate::cuda::context::CtxGuard::enter(device)?;
+        // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
+        unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
+        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
+    }
+    let nccl = Nccl::get()?;
+    // SAFETY: forwarded from the caller.
+    let (ptrs, opened) = unsafe { exchange(nccl, comm, rank, nranks, device, &buf) }?;
+    Ok((buf, ptrs, opened))
+}
