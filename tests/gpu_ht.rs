@@ -1,4 +1,8 @@
-#![allow(clippy::needless_range_loop, clippy::macro_metavars_in_unsafe, clippy::too_many_arguments)]
+#![allow(
+    clippy::needless_range_loop,
+    clippy::macro_metavars_in_unsafe,
+    clippy::too_many_arguments
+)]
 //! High-throughput mode on a real GPU, checked bit for bit against the CPU reference
 //! (src/core/ht_reference.rs): the handle's layout_info outputs, forward and backward dispatch
 //! and combine, for both layouts, on local groups of 2, 4 and 8 ranks on one device and one rank
@@ -83,7 +87,11 @@ impl HtCase {
             num_experts: self.nranks * self.local_experts,
             topk: self.topk,
             layout: self.layout,
-            alignment: if self.layout == Layout::ExpertMajor { self.align } else { 1 },
+            alignment: if self.layout == Layout::ExpertMajor {
+                self.align
+            } else {
+                1
+            },
             budget,
             policy: if self.budget == Budget::Drop {
                 OverflowPolicy::Drop
@@ -116,7 +124,12 @@ struct World {
 impl World {
     fn local(n: usize, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
         let mut groups = vec![std::ptr::null_mut(); n];
-        ep_ok!(ncclEpxCreateLocalGroups(groups.as_mut_ptr(), n as i32, std::ptr::null(), cfg));
+        ep_ok!(ncclEpxCreateLocalGroups(
+            groups.as_mut_ptr(),
+            n as i32,
+            std::ptr::null(),
+            cfg
+        ));
         let streams = (0..n).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
         Ok(World { groups, streams })
     }
@@ -264,7 +277,12 @@ fn check_bytes(what: &str, got: &[u8], want: &[u8], elem: usize, row: usize) -> 
             )
         })
         .collect();
-    Err(format!("{what}: {} of {} elements differ, e.g. {}", bad.len(), got.len() / elem, ex.join(", ")))
+    Err(format!(
+        "{what}: {} of {} elements differ, e.g. {}",
+        bad.len(),
+        got.len() / elem,
+        ex.join(", ")
+    ))
 }
 
 fn f32_bits(v: &[f32]) -> Vec<u32> {
@@ -276,7 +294,11 @@ fn check_layout_info(c: &HtCase, plan: &HtPlan, rr: &[RankRouting]) -> Result<()
     for (d, x) in rr.iter().enumerate() {
         let m = plan.rank(d);
         let want: Vec<i64> = m.expert_counters.iter().map(|&v| v as i64).collect();
-        check_eq(&format!("rank {d} expert_counters"), &download_ints(&x.counters)?, &want)?;
+        check_eq(
+            &format!("rank {d} expert_counters"),
+            &download_ints(&x.counters)?,
+            &want,
+        )?;
         if let Some(o) = &x.offsets {
             let want: Vec<i64> = m.expert_offsets.iter().map(|&v| v as i64).collect();
             check_eq(&format!("rank {d} expert_offsets"), &download_ints(o)?, &want)?;
@@ -438,9 +460,15 @@ fn alloc_op(c: &HtCase, plan: &HtPlan, r: usize, inp: &OpInputs, pass: PassDir) 
     if let Some(w) = &o.x_w {
         w.upload(&inp.x_w[r])?;
     }
-    for p in [Some(&o.out), o.out_idx.as_ref(), o.out_w.as_ref(), Some(&o.comb), o.comb_w.as_ref()]
-        .into_iter()
-        .flatten()
+    for p in [
+        Some(&o.out),
+        o.out_idx.as_ref(),
+        o.out_w.as_ref(),
+        Some(&o.comb),
+        o.comb_w.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         poison(p)?;
     }
@@ -483,12 +511,22 @@ fn check_rank(c: &HtCase, plan: &HtPlan, inp: &OpInputs, pass: PassDir, r: usize
     };
     let want = plan.dispatch(r, &din, out_rows(plan, r));
     let eb = c.dtype.bytes();
-    check_bytes(&format!("rank {r} {pass:?} dispatch tokens"), &got.out, &want.tokens, eb, c.hidden)?;
+    check_bytes(
+        &format!("rank {r} {pass:?} dispatch tokens"),
+        &got.out,
+        &want.tokens,
+        eb,
+        c.hidden,
+    )?;
     if let Some(idx) = &got.out_idx {
         check_eq(&format!("rank {r} dispatch topk_idx"), idx, &want.topk_idx)?;
     }
     if let Some(w) = &got.out_w {
-        check_eq(&format!("rank {r} dispatch topk_weights"), &f32_bits(w), &f32_bits(&want.topk_weights))?;
+        check_eq(
+            &format!("rank {r} dispatch topk_weights"),
+            &f32_bits(w),
+            &f32_bits(&want.topk_weights),
+        )?;
     }
     let cin = HtCombineIn {
         dtype: c.dtype,
@@ -498,15 +536,32 @@ fn check_rank(c: &HtCase, plan: &HtPlan, inp: &OpInputs, pass: PassDir, r: usize
         weights: &inp.x_w,
     };
     let want = plan.combine(r, &cin);
-    check_bytes(&format!("rank {r} {pass:?} combine tokens"), &got.comb, &want.tokens, eb, c.hidden)?;
+    check_bytes(
+        &format!("rank {r} {pass:?} combine tokens"),
+        &got.comb,
+        &want.tokens,
+        eb,
+        c.hidden,
+    )?;
     if let Some(w) = &got.comb_w {
-        check_eq(&format!("rank {r} combine topk_weights"), &f32_bits(w), &f32_bits(&want.topk_weights))?;
+        check_eq(
+            &format!("rank {r} combine topk_weights"),
+            &f32_bits(w),
+            &f32_bits(&want.topk_weights),
+        )?;
     }
     Ok(())
 }
 
 /// One dispatch then one combine of the given pass on every rank, checked.
-fn run_op(c: &HtCase, w: &World, hs: &Handles, plan: &HtPlan, pass: PassDir, rng: &mut SplitMix64) -> Result<(), String> {
+fn run_op(
+    c: &HtCase,
+    w: &World,
+    hs: &Handles,
+    plan: &HtPlan,
+    pass: PassDir,
+    rng: &mut SplitMix64,
+) -> Result<(), String> {
     let inp = make_inputs(c, plan, pass, rng);
     let mut ops = (0..c.nranks)
         .map(|r| alloc_op(c, plan, r, &inp, pass))
@@ -616,7 +671,11 @@ fn run_cases(name: &str, cases: &[HtCase], comm: Option<ncclComm_t>) {
             }
         }
     }
-    println!("{name}: {} rounds passed, {} failed", cases.len() - failed.len(), failed.len());
+    println!(
+        "{name}: {} rounds passed, {} failed",
+        cases.len() - failed.len(),
+        failed.len()
+    );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
 
@@ -631,7 +690,13 @@ fn ht_local_groups_matrix() {
         for layout in [Layout::Flat, Layout::ExpertMajor] {
             let b = base(nranks, layout);
             // (K, H, T, B)
-            let mut shapes = vec![(8, 2048, 0, 513), (1, 2048, 1, 513), (8, 2048, 513, 513), (1, 7168, 513, 513), (8, 7168, 513, 513)];
+            let mut shapes = vec![
+                (8, 2048, 0, 513),
+                (1, 2048, 1, 513),
+                (8, 2048, 513, 513),
+                (1, 7168, 513, 513),
+                (8, 7168, 513, 513),
+            ];
             if nranks != 4 {
                 shapes.push((8, 7168, 4096, 4096));
             } else {
@@ -644,7 +709,11 @@ fn ht_local_groups_matrix() {
                     tokens: Some(t),
                     max_tokens: bmax,
                     idx64: i % 2 == 0,
-                    align: if layout == Layout::ExpertMajor && i % 2 == 1 { 64 } else { 1 },
+                    align: if layout == Layout::ExpertMajor && i % 2 == 1 {
+                        64
+                    } else {
+                        1
+                    },
                     global_ids: i == 2,
                     counters64: i % 3 == 1,
                     budget: if i == 3 { Budget::Eager } else { Budget::Exact },
@@ -779,7 +848,15 @@ fn ht_one_rank_on_nccl_communicator() {
     let li = layout_info(&mut r);
     let mut h = std::ptr::null_mut();
     let rc = unsafe {
-        ncclEpCreateHandle(&mut h, w.groups[0], c.layout.raw(), r.topk.ptr(), &li, &handle_config(&c), w.streams[0].raw())
+        ncclEpCreateHandle(
+            &mut h,
+            w.groups[0],
+            c.layout.raw(),
+            r.topk.ptr(),
+            &li,
+            &handle_config(&c),
+            w.streams[0].raw(),
+        )
     };
     let msg = last_error();
     assert_eq!(rc, 4, "{msg}");
@@ -795,7 +872,15 @@ fn ht_one_rank_on_nccl_communicator() {
     let mut r = routing_tensors(&c, &rt).unwrap();
     let li = layout_info(&mut r);
     let rc = unsafe {
-        ncclEpCreateHandle(&mut h, w.groups[0], c.layout.raw(), r.topk.ptr(), &li, &handle_config(&c), w.streams[0].raw())
+        ncclEpCreateHandle(
+            &mut h,
+            w.groups[0],
+            c.layout.raw(),
+            r.topk.ptr(),
+            &li,
+            &handle_config(&c),
+            w.streams[0].raw(),
+        )
     };
     let msg = last_error();
     let want = HtPlan::new(c.ref_config(64), &[rt]).unwrap_err().to_error();
@@ -821,7 +906,11 @@ fn ht_update_errors_in_local_groups() {
         if bad {
             routing[1][10 * 8 + 2] = 1000;
         }
-        let mut rr = routing.iter().map(|rt| routing_tensors(&c, rt)).collect::<Result<Vec<_>, _>>().unwrap();
+        let mut rr = routing
+            .iter()
+            .map(|rt| routing_tensors(&c, rt))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
         let hs = create_handles(&c, &w, &mut rr).unwrap();
         let want = HtPlan::new(c.ref_config(if bad { 128 } else { 64 }), &routing).unwrap_err();
         let plan = HtPlan::captured(c.ref_config(0), &routing);
@@ -831,7 +920,11 @@ fn ht_update_errors_in_local_groups() {
             let e = dispatch_call(&c, hs.0[r], &mut o, &w.streams[r], PassDir::Forward).unwrap_err();
             let code = if bad { "returned 4" } else { "returned 5" };
             assert!(e.contains(code), "rank {r} {what}: {e}");
-            assert!(e.contains(&want.to_error().msg), "rank {r} {what}: {e} (want {:?})", want.to_error().msg);
+            assert!(
+                e.contains(&want.to_error().msg),
+                "rank {r} {what}: {e} (want {:?})",
+                want.to_error().msg
+            );
             // The handle has no routing now.
             let e2 = dispatch_call(&c, hs.0[r], &mut o, &w.streams[r], PassDir::Forward).unwrap_err();
             assert!(e2.contains("no routing"), "{e2}");
@@ -857,7 +950,10 @@ fn ht_stale_longer_then_shorter_routing() {
             let ct = HtCase { tokens: Some(t), ..c };
             let routing = gen_world_routing(&ct, &mut rng);
             let plan = HtPlan::new(ct.ref_config(s), &routing).map_err(|e| format!("{e:?}"))?;
-            let mut rr = routing.iter().map(|rt| routing_tensors(&ct, rt)).collect::<Result<Vec<_>, _>>()?;
+            let mut rr = routing
+                .iter()
+                .map(|rt| routing_tensors(&ct, rt))
+                .collect::<Result<Vec<_>, _>>()?;
             let made = match hs {
                 None => Some(create_handles(&ct, &w, &mut rr)?),
                 Some(hs) => {
@@ -875,7 +971,9 @@ fn ht_stale_longer_then_shorter_routing() {
             run_op(&ct, &w, hs, &plan, PassDir::Backward, &mut rng)?;
             Ok(made)
         };
-        let hs = run(512, None).unwrap_or_else(|e| panic!("{layout:?} T=512: {e}")).unwrap();
+        let hs = run(512, None)
+            .unwrap_or_else(|e| panic!("{layout:?} T=512: {e}"))
+            .unwrap();
         run(100, Some(&hs)).unwrap_or_else(|e| panic!("{layout:?} T=100 after 512: {e}"));
         run(0, Some(&hs)).unwrap_or_else(|e| panic!("{layout:?} T=0 after 100: {e}"));
         run(37, Some(&hs)).unwrap_or_else(|e| panic!("{layout:?} T=37 after 0: {e}"));
@@ -899,7 +997,10 @@ fn ht_graph_replays() {
         let mut rng = SplitMix64::new(1234);
         let run = |rng: &mut SplitMix64| -> Result<usize, String> {
             let routing = gen_world_routing(&c, rng);
-            let mut rr = routing.iter().map(|rt| routing_tensors(&c, rt)).collect::<Result<Vec<_>, _>>()?;
+            let mut rr = routing
+                .iter()
+                .map(|rt| routing_tensors(&c, rt))
+                .collect::<Result<Vec<_>, _>>()?;
             let hs = create_handles(&c, &w, &mut rr)?;
             let plan = HtPlan::new(c.ref_config(s), &routing).map_err(|e| format!("{e:?}"))?;
             let inp = make_inputs(&c, &plan, PassDir::Forward, rng);
@@ -919,7 +1020,10 @@ fn ht_graph_replays() {
             for r in 0..4 {
                 let st = w.streams[r].0;
                 let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
-                cu(unsafe { sys::cuStreamBeginCapture_v2(st, mode) }, "cuStreamBeginCapture")?;
+                cu(
+                    unsafe { sys::cuStreamBeginCapture_v2(st, mode) },
+                    "cuStreamBeginCapture",
+                )?;
                 let li = layout_info(&mut rr[r]);
                 ep_ok!(ncclEpUpdateHandle(hs.0[r], rr[r].topk.ptr(), &li, w.streams[r].raw()));
                 dispatch_call(&c, hs.0[r], &mut ops[r], &w.streams[r], PassDir::Forward)?;
@@ -927,7 +1031,10 @@ fn ht_graph_replays() {
                 let mut g = std::ptr::null_mut();
                 cu(unsafe { sys::cuStreamEndCapture(st, &mut g) }, "cuStreamEndCapture")?;
                 let mut e = std::ptr::null_mut();
-                cu(unsafe { sys::cuGraphInstantiateWithFlags(&mut e, g, 0) }, "cuGraphInstantiate")?;
+                cu(
+                    unsafe { sys::cuGraphInstantiateWithFlags(&mut e, g, 0) },
+                    "cuGraphInstantiate",
+                )?;
                 execs.push(e);
             }
             let mut replays = 0;
@@ -952,7 +1059,10 @@ fn ht_graph_replays() {
                     o.weights.as_ref().unwrap().upload(&inp.weights[r])?;
                     // Combine inputs: as many rows as allocated (S).
                     o.x.upload(&inp.x[r])?;
-                    for p in [Some(&o.out), o.out_idx.as_ref(), o.out_w.as_ref(), Some(&o.comb)].into_iter().flatten() {
+                    for p in [Some(&o.out), o.out_idx.as_ref(), o.out_w.as_ref(), Some(&o.comb)]
+                        .into_iter()
+                        .flatten()
+                    {
                         poison(p)?;
                     }
                 }

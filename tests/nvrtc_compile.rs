@@ -298,6 +298,9 @@ fn ht_registry_lists_every_module() {
             .iter()
             .find(|k| k.source.name == m.source().name)
             .unwrap_or_else(|| panic!("{} is not registered", m.source().name));
-        assert!((file.variants)().contains(&m.defines()), "{m:?} is not among the registered variants");
+        assert!(
+            (file.variants)().contains(&m.defines()),
+            "{m:?} is not among the registered variants"
+        );
     }
 }

@@ -85,7 +85,9 @@ unsafe fn init_handle(
         None if g.ht.is_some() && g.custom_alloc.is_none() && stream.is_some() => {
             // SAFETY: the caller's stream (C contract).
             let s = unsafe { crate::cuda::memory::Stream::from_raw(stream.unwrap_or(std::ptr::null_mut()).cast()) };
-            HandleMem::Owned(GroupMem::Driver(crate::cuda::memory::DeviceMem::alloc_async(g.device, need, s)?))
+            HandleMem::Owned(GroupMem::Driver(crate::cuda::memory::DeviceMem::alloc_async(
+                g.device, need, s,
+            )?))
         }
         None if g.has_gpu_state() => HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?),
         None => HandleMem::None,

@@ -160,8 +160,9 @@ mod tests {
 pub fn handle_mem_bytes(p: &GroupParams, h: &HandleParams) -> usize {
     match p.algorithm {
         Algorithm::LowLatency => crate::core::ll_layout::handle_mem_bytes(p.nranks, p.max_tokens, h.num_topk),
-        Algorithm::HighThroughput => crate::core::ht_layout::HtHandleLayout::new(p, h)
-            .map_or(usize::MAX, |l| l.total_bytes),
+        Algorithm::HighThroughput => {
+            crate::core::ht_layout::HtHandleLayout::new(p, h).map_or(usize::MAX, |l| l.total_bytes)
+        }
     }
 }
 

@@ -363,12 +363,18 @@ mod tests {
         let eager = params(8, 256, 4096, 0, 0);
         assert_eq!(recv_bound(&eager, &hp(Layout::Flat, 8, 1)), 8 * 4096);
         assert_eq!(recv_bound(&eager, &hp(Layout::ExpertMajor, 8, 1)), 8 * 4096 * 8);
-        assert_eq!(recv_bound(&eager, &hp(Layout::ExpertMajor, 8, 64)), 8 * 4096 * 8 + 32 * 63);
+        assert_eq!(
+            recv_bound(&eager, &hp(Layout::ExpertMajor, 8, 64)),
+            8 * 4096 * 8 + 32 * 63
+        );
         // min(K, L): 2 local experts take at most 2 rows of a token.
         let eager2 = params(128, 256, 16, 0, 0);
         assert_eq!(recv_bound(&eager2, &hp(Layout::ExpertMajor, 8, 1)), 128 * 16 * 2);
         assert_eq!(staging_rows(&fixed, &hp(Layout::Flat, 8, 1)), 20000);
-        assert_eq!(staging_rows(&params(8, 256, 4096, 4096, 0), &hp(Layout::Flat, 8, 1)), 4096);
+        assert_eq!(
+            staging_rows(&params(8, 256, 4096, 4096, 0), &hp(Layout::Flat, 8, 1)),
+            4096
+        );
 
         let h = HtHandleLayout::new(&fixed, &hp(Layout::Flat, 8, 1)).unwrap();
         assert_eq!((h.recv_rows, h.recv_width, h.recv_off), (20000, 9, 256));
@@ -380,6 +386,9 @@ mod tests {
         assert!(em.total_bytes < h.total_bytes);
         // 32-bit indices.
         let huge = params(64, 256, 1 << 20, 0, 0);
-        assert_eq!(HtHandleLayout::new(&huge, &hp(Layout::Flat, 32, 1)).unwrap_err().code(), 5);
+        assert_eq!(
+            HtHandleLayout::new(&huge, &hp(Layout::Flat, 32, 1)).unwrap_err().code(),
+            5
+        );
     }
 }

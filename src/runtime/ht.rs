@@ -248,7 +248,12 @@ fn read_hdr(g: &Group, h: &Handle, stream: cudaStream_t) -> Result<HtHdr> {
     let bytes = std::mem::size_of::<HtHdr>();
     // SAFETY: the handle block starts with the header; the pinned buffer holds `bytes`.
     unsafe {
-        memory::memcpy_dtoh_async(st.hdr_host.host_ptr(), h.meta_ptr(), bytes, Stream::from_raw(stream.cast()))?;
+        memory::memcpy_dtoh_async(
+            st.hdr_host.host_ptr(),
+            h.meta_ptr(),
+            bytes,
+            Stream::from_raw(stream.cast()),
+        )?;
     }
     sync(stream)?;
     // SAFETY: the copy has finished; every bit pattern is a valid HtHdr.
@@ -263,7 +268,13 @@ fn ptr(t: &Option<TensorView>) -> u64 {
 /// `layout_info` outputs on `stream`. When the stream is not capturing, waits for it and
 /// reports bad expert ids and TRAP overflows as errors (the handle is then left without
 /// routing).
-pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &HtLayoutOutputs, stream: cudaStream_t) -> Result<()> {
+pub fn update(
+    g: &mut Group,
+    h: &mut Handle,
+    topk: TensorView,
+    outs: &HtLayoutOutputs,
+    stream: cudaStream_t,
+) -> Result<()> {
     h.topk_idx = None;
     h.dispatched = false;
     h.ht_unchecked = false;
@@ -274,7 +285,9 @@ pub fn update(g: &mut Group, h: &mut Handle, topk: TensorView, outs: &HtLayoutOu
     let mut p = base_params(g, h)?;
     p.rows = rows as i32;
     p.in0 = topk.data;
-    let out = |c: &Option<crate::core::ht_rules::CounterOut>| c.map_or((0, 0), |c| (c.data, (c.dtype == dtype::INT64) as i32));
+    let out = |c: &Option<crate::core::ht_rules::CounterOut>| {
+        c.map_or((0, 0), |c| (c.data, (c.dtype == dtype::INT64) as i32))
+    };
     (p.out0, p.ec64) = out(&outs.expert_counters);
     let (o1, e1) = out(&outs.expert_offsets);
     (p.out1, p.ec64) = (o1, p.ec64.max(e1));
@@ -344,7 +357,8 @@ fn check_update(g: &Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
 /// capture; this waits for the stream once).
 fn check_pending(g: &Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
     if h.ht_unchecked && !capturing(stream)? {
-        check_update(g, h, stream).map_err(|e| e.context(format_args!("the last ncclEpUpdateHandle on this handle failed")))?;
+        check_update(g, h, stream)
+            .map_err(|e| e.context(format_args!("the last ncclEpUpdateHandle on this handle failed")))?;
     }
     Ok(())
 }

@@ -50,9 +50,19 @@ pub enum HtDtype {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HtModule {
     /// ht_meta.cu: every metadata kernel and ht_close.
-    Meta { idx64: bool, em: bool },
-    Dispatch { em: bool, bwd: bool },
-    Combine { em: bool, bwd: bool, dtype: HtDtype },
+    Meta {
+        idx64: bool,
+        em: bool,
+    },
+    Dispatch {
+        em: bool,
+        bwd: bool,
+    },
+    Combine {
+        em: bool,
+        bwd: bool,
+        dtype: HtDtype,
+    },
 }
 
 impl HtModule {
@@ -116,7 +126,11 @@ impl HtModule {
         type Key = (HtModule, &'static str, i32);
         static LOADED: OnceLock<Mutex<HashMap<Key, Function>>> = OnceLock::new();
         let map = LOADED.get_or_init(Default::default);
-        if let Some(f) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&(*self, name, device)) {
+        if let Some(f) = map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(*self, name, device))
+        {
             return Ok(*f);
         }
         let mut all = Vec::new();
@@ -137,7 +151,11 @@ impl HtModule {
 }
 
 fn variants(pick: fn(&HtModule) -> bool) -> Vec<Defines> {
-    HtModule::all().iter().filter(|m| pick(m)).map(HtModule::defines).collect()
+    HtModule::all()
+        .iter()
+        .filter(|m| pick(m))
+        .map(HtModule::defines)
+        .collect()
 }
 
 /// Define sets of every ht_meta.cu module (for the NVRTC registry in `cuda::kernels`).
