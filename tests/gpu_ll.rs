@@ -325,36 +325,6 @@ fn ll_graph_replays() {
     }
 }
 
-/// The NCCL entry points a test needs to make a one-rank communicator.
-fn nccl_one_rank_comm() -> Result<ncclComm_t, String> {
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct UniqueId([u8; 128]);
-    type GetId = unsafe extern "C" fn(*mut UniqueId) -> i32;
-    type InitRank = unsafe extern "C" fn(*mut ncclComm_t, i32, UniqueId, i32) -> i32;
-    let name = std::ffi::CString::new("libnccl.so.2").unwrap();
-    let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    if h.is_null() {
-        return Err("libnccl.so.2 not found".into());
-    }
-    let sym = |n: &str| unsafe { libc::dlsym(h, std::ffi::CString::new(n).unwrap().as_ptr()) };
-    let (gid, init) = (sym("ncclGetUniqueId"), sym("ncclCommInitRank"));
-    if gid.is_null() || init.is_null() {
-        return Err("NCCL symbols missing".into());
-    }
-    let gid = unsafe { std::mem::transmute::<*mut libc::c_void, GetId>(gid) };
-    let init = unsafe { std::mem::transmute::<*mut libc::c_void, InitRank>(init) };
-    let mut id = UniqueId([0u8; 128]);
-    let _g = nccl_ep::cuda::context::CtxGuard::enter(0).map_err(|e| e.msg)?;
-    let mut comm = std::ptr::null_mut();
-    unsafe {
-        if gid(&mut id) != 0 || init(&mut comm, 1, id, 0) != 0 {
-            return Err("ncclCommInitRank failed".into());
-        }
-    }
-    Ok(comm)
-}
-
 /// One rank on a real NCCL communicator (the caller's libnccl.so.2), both layouts.
 #[test]
 fn ll_one_rank_on_nccl_communicator() {
