@@ -288,7 +288,12 @@ static void do_dispatch(Rank* r, const Opts* o) {
   cfg.send_only = o->send_only;
   in.tokens = &r->tx;
   out.tokens = &r->tout;
-  if (em) {
+  if (o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT) {
+    /* HT forward: weights in; FLAT gets local ids + weights per row, EM one weight per row. */
+    in.topk_weights = &r->tw;
+    out.topk_weights = &r->tow;
+    if (!em) out.topk_idx = &r->toidx;
+  } else if (em) {
     li.expert_counters = &r->tcnt;
   } else {
     in.topk_weights = &r->tw;
@@ -297,7 +302,7 @@ static void do_dispatch(Rank* r, const Opts* o) {
     li.src_rank_counters = &r->tcnt;
   }
   double t0 = now_us();
-  EP(ncclEpDispatch(r->h, &in, &out, &li, &cfg, r->s));
+  EP(ncclEpDispatch(r->h, &in, &out, o->algorithm == NCCL_EP_ALGO_HIGH_THROUGHPUT ? NULL : &li, &cfg, r->s));
   host_dispatch_us_acc += now_us() - t0;
   host_dispatch_n++;
 }
@@ -309,7 +314,8 @@ static void do_combine(Rank* r, const Opts* o) {
   cfg.send_only = o->send_only;
   in.tokens = &r->tein;
   out.tokens = &r->tcout;
-  if (o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR) out.topk_weights = &r->tcw;
+  if (o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR && o->algorithm == NCCL_EP_ALGO_LOW_LATENCY)
+    out.topk_weights = &r->tcw;
   EP(ncclEpCombine(r->h, &in, &out, &cfg, r->s));
 }
 
@@ -377,57 +383,10 @@ static double max_elapsed(Rank* rk, int n, int a, int b) {
   return m;
 }
 
-/* One configuration: create groups and handles, warm up, time, tear down. */
-static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, ncclComm_t comm,
-                         local_groups_fn mk_local, buffer_size_fn bufsz) {
-  Result res;
-  memset(&res, 0, sizeof res);
-  ncclEpGroupConfig_t cfg = NCCL_EP_GROUP_CONFIG_INIT;
-  cfg.algorithm = (ncclEpAlgorithm_t)o->algorithm;
-  cfg.num_experts = o->experts;
-  cfg.max_dispatch_tokens_per_rank = o->tokens;
-  cfg.max_token_bytes = o->hidden * 2;
-  cfg.enable_mask = o->mask;
-  Rank* rk = (Rank*)calloc(nlocal, sizeof(Rank));
-  ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
-  int dev0;
-  CK(cudaGetDevice(&dev0));
-  size_t free0, free1, total;
-  CK(cudaDeviceSynchronize());
-  CK(cudaMemGetInfo(&free0, &total));
-  if (comm) {
-    EP(ncclEpCreateGroup(&groups[0], comm, &cfg));
-  } else {
-    EP(mk_local(groups, nlocal, NULL, &cfg));
-  }
-  uint64_t rng = o->seed;
-  for (int i = 0; i < nlocal; ++i) {
-    rk[i].dev = dev0;
-    rk[i].g = groups[i];
-    CK(cudaStreamCreateWithFlags(&rk[i].s, cudaStreamNonBlocking));
-    for (int j = 0; j < first_rank + i; ++j) rng_next(&rng);
-    rank_setup(&rk[i], o, nranks, &rng);
-  }
-  for (int i = 0; i < nlocal; ++i)
-    EP(ncclEpCreateHandle(&rk[i].h, rk[i].g, (ncclEpLayout_t)o->layout, &rk[i].ttopk, NULL, NULL, rk[i].s));
-  CK(cudaDeviceSynchronize());
-  CK(cudaMemGetInfo(&free1, &total));
-  /* Library memory only: our own tensors were allocated between the two readings too. */
-  size_t ours = 0;
-  {
-    int L = o->experts / nranks, N = nranks, T = o->tokens, H = o->hidden, K = o->topk;
-    size_t rows = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR ? (size_t)L * N * T : (size_t)N * T;
-    ours = (size_t)nlocal * (2 * rows * H * 2 + 2 * (size_t)T * H * 2 + (size_t)T * K * 16 + 2 * (size_t)N * T * K * 4);
-  }
-  res.mem_mib = ((double)(free0 - free1) - (double)ours) / nlocal / 1048576.0;
-  if (bufsz) {
-    size_t b = 0;
-    if (bufsz(&cfg, nranks, (ncclEpLayout_t)o->layout, o->topk, &b) == ncclSuccess) res.buf_mib = b / 1048576.0;
-  }
+/* Warm-up and timed rounds of dispatch then combine on every rank of this process: per round the
+ * slowest rank's dispatch, combine and total GPU time (µs) go into d, c and tt. */
+static void timed_rounds(Rank* rk, int nlocal, const Opts* o, double* d, double* c, double* tt) {
   int iters = o->iters;
-  double* d = (double*)malloc(sizeof(double) * iters);
-  double* c = (double*)malloc(sizeof(double) * iters);
-  double* tt = (double*)malloc(sizeof(double) * iters);
   if (o->graph) {
     /* Warm once so kernels are compiled outside the capture. */
     for (int i = 0; i < nlocal; ++i) do_dispatch(&rk[i], o);
@@ -487,6 +446,60 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
       tt[it] = max_elapsed(rk, nlocal, 0, 2);
     }
   }
+}
+
+/* One configuration: create groups and handles, warm up, time, tear down. */
+static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, ncclComm_t comm,
+                         local_groups_fn mk_local, buffer_size_fn bufsz) {
+  Result res;
+  memset(&res, 0, sizeof res);
+  ncclEpGroupConfig_t cfg = NCCL_EP_GROUP_CONFIG_INIT;
+  cfg.algorithm = (ncclEpAlgorithm_t)o->algorithm;
+  cfg.num_experts = o->experts;
+  cfg.max_dispatch_tokens_per_rank = o->tokens;
+  cfg.max_token_bytes = o->hidden * 2;
+  cfg.enable_mask = o->mask;
+  Rank* rk = (Rank*)calloc(nlocal, sizeof(Rank));
+  ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
+  int dev0;
+  CK(cudaGetDevice(&dev0));
+  size_t free0, free1, total;
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemGetInfo(&free0, &total));
+  if (comm) {
+    EP(ncclEpCreateGroup(&groups[0], comm, &cfg));
+  } else {
+    EP(mk_local(groups, nlocal, NULL, &cfg));
+  }
+  uint64_t rng = o->seed;
+  for (int i = 0; i < nlocal; ++i) {
+    rk[i].dev = dev0;
+    rk[i].g = groups[i];
+    CK(cudaStreamCreateWithFlags(&rk[i].s, cudaStreamNonBlocking));
+    for (int j = 0; j < first_rank + i; ++j) rng_next(&rng);
+    rank_setup(&rk[i], o, nranks, &rng);
+  }
+  for (int i = 0; i < nlocal; ++i)
+    EP(ncclEpCreateHandle(&rk[i].h, rk[i].g, (ncclEpLayout_t)o->layout, &rk[i].ttopk, NULL, NULL, rk[i].s));
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemGetInfo(&free1, &total));
+  /* Library memory only: our own tensors were allocated between the two readings too. */
+  size_t ours = 0;
+  {
+    int L = o->experts / nranks, N = nranks, T = o->tokens, H = o->hidden, K = o->topk;
+    size_t rows = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR ? (size_t)L * N * T : (size_t)N * T;
+    ours = (size_t)nlocal * (2 * rows * H * 2 + 2 * (size_t)T * H * 2 + (size_t)T * K * 16 + 2 * (size_t)N * T * K * 4);
+  }
+  res.mem_mib = ((double)(free0 - free1) - (double)ours) / nlocal / 1048576.0;
+  if (bufsz) {
+    size_t b = 0;
+    if (bufsz(&cfg, nranks, (ncclEpLayout_t)o->layout, o->topk, &b) == ncclSuccess) res.buf_mib = b / 1048576.0;
+  }
+  int iters = o->iters;
+  double* d = (double*)malloc(sizeof(double) * iters);
+  double* c = (double*)malloc(sizeof(double) * iters);
+  double* tt = (double*)malloc(sizeof(double) * iters);
+  timed_rounds(rk, nlocal, o, d, c, tt);
   res.disp = stats(d, iters);
   res.comb = stats(c, iters);
   res.total = stats(tt, iters);
@@ -522,40 +535,6 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
 static void ht_routing(int64_t* idx, const Opts* o, int rank) {
   uint64_t rng = o->seed * 1000003ull + (uint64_t)rank;
   make_routing(idx, o->tokens, o->topk, o->experts, o->routing, o->zipf_s, &rng);
-}
-
-typedef struct {
-  int dev;
-  cudaStream_t s;
-  ncclEpGroup_t g;
-  ncclEpHandle_t h;
-  void *x, *topk, *w, *out, *oidx, *ow, *ein, *cout;
-  size_t sx[2], st[2], so[2], sidx[2], sow[2], sein[2];
-  ncclEpTensor_t tx, ttopk, tw, tout, toidx, tow, tein, tcout;
-  cudaEvent_t ev[3];
-  cudaGraphExec_t exec_d, exec_c;
-} HtRank;
-
-static void ht_dispatch(HtRank* r, int em) {
-  ncclEpDispatchInputs_t in = NCCL_EP_DISPATCH_INPUTS_INIT;
-  ncclEpDispatchOutputs_t out = NCCL_EP_DISPATCH_OUTPUTS_INIT;
-  in.tokens = &r->tx;
-  in.topk_weights = &r->tw;
-  out.tokens = &r->tout;
-  out.topk_weights = &r->tow;
-  if (!em) out.topk_idx = &r->toidx;
-  double t0 = now_us();
-  EP(ncclEpDispatch(r->h, &in, &out, NULL, NULL, r->s));
-  host_dispatch_us_acc += now_us() - t0;
-  host_dispatch_n++;
-}
-
-static void ht_combine(HtRank* r) {
-  ncclEpCombineInputs_t in = NCCL_EP_COMBINE_INPUTS_INIT;
-  ncclEpCombineOutputs_t out = NCCL_EP_COMBINE_OUTPUTS_INIT;
-  in.tokens = &r->tein;
-  out.tokens = &r->tcout;
-  EP(ncclEpCombine(r->h, &in, &out, NULL, r->s));
 }
 
 /* HT: FLAT or EXPERT_MAJOR, bf16, forward. Bandwidth as upstream ep_bench defines it for HT on one
@@ -601,7 +580,7 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   cfg.max_dispatch_tokens_per_rank = T;
   cfg.max_recv_tokens_per_rank = (unsigned)S;
   cfg.max_token_bytes = H * 2;
-  HtRank* rk = (HtRank*)calloc(nlocal, sizeof(HtRank));
+  Rank* rk = (Rank*)calloc(nlocal, sizeof(Rank));
   ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
   int dev0;
   CK(cudaGetDevice(&dev0));
@@ -626,7 +605,7 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   for (size_t i = 0; i < xb / 2; ++i) hx[i] = f2bf((float)(rng_unit(&rng) * 8 - 4));
   for (size_t i = 0; i < ob / 2; ++i) he[i] = f2bf((float)(rng_unit(&rng) * 2 - 1));
   for (int i = 0; i < nlocal; ++i) {
-    HtRank* r = &rk[i];
+    Rank* r = &rk[i];
     r->dev = dev0;
     r->g = groups[i];
     CK(cudaStreamCreateWithFlags(&r->s, cudaStreamNonBlocking));
@@ -677,65 +656,7 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   double* d = (double*)malloc(sizeof(double) * iters);
   double* c = (double*)malloc(sizeof(double) * iters);
   double* tt = (double*)malloc(sizeof(double) * iters);
-  /* Warm once (outside any gate and capture): compiles and loads the kernels. */
-  for (int i = 0; i < nlocal; ++i) ht_dispatch(&rk[i], em);
-  for (int i = 0; i < nlocal; ++i) ht_combine(&rk[i]);
-  CK(cudaDeviceSynchronize());
-  if (o->graph) {
-    for (int i = 0; i < nlocal; ++i) {
-      cudaGraph_t g;
-      CK(cudaStreamBeginCapture(rk[i].s, cudaStreamCaptureModeRelaxed));
-      ht_dispatch(&rk[i], em);
-      CK(cudaStreamEndCapture(rk[i].s, &g));
-      CK(cudaGraphInstantiate(&rk[i].exec_d, g, 0));
-      CK(cudaGraphDestroy(g));
-      CK(cudaStreamBeginCapture(rk[i].s, cudaStreamCaptureModeRelaxed));
-      ht_combine(&rk[i]);
-      CK(cudaStreamEndCapture(rk[i].s, &g));
-      CK(cudaGraphInstantiate(&rk[i].exec_c, g, 0));
-      CK(cudaGraphDestroy(g));
-    }
-  }
-  host_dispatch_us_acc = 0;
-  host_dispatch_n = 0;
-  for (int it = -o->warmup; it < iters; ++it) {
-    if (it == 0) {
-      host_dispatch_us_acc = 0;
-      host_dispatch_n = 0;
-    }
-    for (int i = 0; i < nlocal; ++i) gate_close(rk[i].s);
-    for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[0], rk[i].s));
-    if (o->graph) {
-      for (int i = 0; i < nlocal; ++i) CK(cudaGraphLaunch(rk[i].exec_d, rk[i].s));
-    } else {
-      for (int i = 0; i < nlocal; ++i) ht_dispatch(&rk[i], em);
-    }
-    for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[1], rk[i].s));
-    if (o->graph) {
-      for (int i = 0; i < nlocal; ++i) CK(cudaGraphLaunch(rk[i].exec_c, rk[i].s));
-    } else {
-      for (int i = 0; i < nlocal; ++i) ht_combine(&rk[i]);
-    }
-    for (int i = 0; i < nlocal; ++i) CK(cudaEventRecord(rk[i].ev[2], rk[i].s));
-    gate_open();
-    for (int i = 0; i < nlocal; ++i) CK(cudaStreamSynchronize(rk[i].s));
-    CK(cudaGetLastError());
-    if (it >= 0) {
-      double m[3] = {0, 0, 0};
-      for (int i = 0; i < nlocal; ++i) {
-        float ms;
-        CK(cudaEventElapsedTime(&ms, rk[i].ev[0], rk[i].ev[1]));
-        if (ms * 1e3 > m[0]) m[0] = ms * 1e3;
-        CK(cudaEventElapsedTime(&ms, rk[i].ev[1], rk[i].ev[2]));
-        if (ms * 1e3 > m[1]) m[1] = ms * 1e3;
-        CK(cudaEventElapsedTime(&ms, rk[i].ev[0], rk[i].ev[2]));
-        if (ms * 1e3 > m[2]) m[2] = ms * 1e3;
-      }
-      d[it] = m[0];
-      c[it] = m[1];
-      tt[it] = m[2];
-    }
-  }
+  timed_rounds(rk, nlocal, o, d, c, tt);
   res.disp = stats(d, iters);
   res.comb = stats(c, iters);
   res.total = stats(tt, iters);
@@ -754,7 +675,7 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   res.disp_gbs = res.disp.p50 > 0 ? per_rank / (res.disp.p50 * 1e-6) / 1e9 : 0;
   res.comb_gbs = res.comb.p50 > 0 ? per_rank / (res.comb.p50 * 1e-6) / 1e9 : 0;
   for (int i = 0; i < nlocal; ++i) {
-    HtRank* r = &rk[i];
+    Rank* r = &rk[i];
     EP(ncclEpHandleDestroy(r->h));
     void* p[] = {r->x, r->topk, r->w, r->out, r->oidx, r->ow, r->ein, r->cout};
     for (unsigned j = 0; j < sizeof p / sizeof p[0]; ++j) CK(cudaFree(p[j]));
