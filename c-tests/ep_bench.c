@@ -383,10 +383,14 @@ static double max_elapsed(Rank* rk, int n, int a, int b) {
   return m;
 }
 
-/* Warm-up and timed rounds of dispatch then combine on every rank of this process: per round the
- * slowest rank's dispatch, combine and total GPU time (µs) go into d, c and tt. */
-static void timed_rounds(Rank* rk, int nlocal, const Opts* o, double* d, double* c, double* tt) {
+/* Warm-up and timed rounds of dispatch then combine on every rank of this process; per round the
+ * slowest rank's dispatch, combine and total GPU time; their statistics and the mean host time of
+ * one dispatch call go into res. */
+static void timed_rounds(Rank* rk, int nlocal, const Opts* o, Result* res) {
   int iters = o->iters;
+  double* d = (double*)malloc(sizeof(double) * iters);
+  double* c = (double*)malloc(sizeof(double) * iters);
+  double* tt = (double*)malloc(sizeof(double) * iters);
   if (o->graph) {
     /* Warm once so kernels are compiled outside the capture. */
     for (int i = 0; i < nlocal; ++i) do_dispatch(&rk[i], o);
@@ -446,6 +450,13 @@ static void timed_rounds(Rank* rk, int nlocal, const Opts* o, double* d, double*
       tt[it] = max_elapsed(rk, nlocal, 0, 2);
     }
   }
+  res->disp = stats(d, iters);
+  res->comb = stats(c, iters);
+  res->total = stats(tt, iters);
+  res->host_us = host_dispatch_n ? host_dispatch_us_acc / host_dispatch_n : 0;
+  free(d);
+  free(c);
+  free(tt);
 }
 
 /* One configuration: create groups and handles, warm up, time, tear down. */
@@ -495,15 +506,7 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
     size_t b = 0;
     if (bufsz(&cfg, nranks, (ncclEpLayout_t)o->layout, o->topk, &b) == ncclSuccess) res.buf_mib = b / 1048576.0;
   }
-  int iters = o->iters;
-  double* d = (double*)malloc(sizeof(double) * iters);
-  double* c = (double*)malloc(sizeof(double) * iters);
-  double* tt = (double*)malloc(sizeof(double) * iters);
-  timed_rounds(rk, nlocal, o, d, c, tt);
-  res.disp = stats(d, iters);
-  res.comb = stats(c, iters);
-  res.total = stats(tt, iters);
-  res.host_us = host_dispatch_n ? host_dispatch_us_acc / host_dispatch_n : 0;
+  timed_rounds(rk, nlocal, o, &res);
   long long sel = 0;
   for (int i = 0; i < nlocal; ++i) sel += rk[i].selections;
   res.bytes = sel * (long long)o->hidden * 2;
@@ -520,9 +523,6 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
     EP(ncclEpGroupDestroy(rk[i].g));
     CK(cudaStreamDestroy(rk[i].s));
   }
-  free(d);
-  free(c);
-  free(tt);
   free(rk);
   free(groups);
   return res;
@@ -652,15 +652,7 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
     size_t b = 0;
     if (bufsz(&cfg, nranks, (ncclEpLayout_t)o->layout, K, &b) == ncclSuccess) res.buf_mib = b / 1048576.0;
   }
-  int iters = o->iters;
-  double* d = (double*)malloc(sizeof(double) * iters);
-  double* c = (double*)malloc(sizeof(double) * iters);
-  double* tt = (double*)malloc(sizeof(double) * iters);
-  timed_rounds(rk, nlocal, o, d, c, tt);
-  res.disp = stats(d, iters);
-  res.comb = stats(c, iters);
-  res.total = stats(tt, iters);
-  res.host_us = host_dispatch_n ? host_dispatch_us_acc / host_dispatch_n : 0;
+  timed_rounds(rk, nlocal, o, &res);
   long long tok = 0, rows = 0;
   for (int i = 0; i < nlocal; ++i) {
     tok += recv_tok[first_rank + i];
@@ -688,9 +680,6 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   free(idx);
   free(recv_tok);
   free(recv_rows);
-  free(d);
-  free(c);
-  free(tt);
   free(rk);
   free(groups);
   return res;

@@ -57,6 +57,19 @@ impl EnvOverrides {
     }
 }
 
+/// The shape rules every buffer planner shares: N, E, B and K positive, E a multiple of N.
+pub fn check_geometry(nranks: u32, num_experts: u32, max_tokens: u32, topk: u32) -> Result<()> {
+    crate::ensure_arg!(nranks > 0, "the number of ranks is 0");
+    crate::ensure_arg!(num_experts > 0, "num_experts is 0");
+    crate::ensure_arg!(max_tokens > 0, "max_dispatch_tokens_per_rank is 0");
+    crate::ensure_arg!(topk > 0, "num_topk is 0");
+    crate::ensure_usage!(
+        num_experts.is_multiple_of(nranks),
+        "num_experts ({num_experts}) must be a multiple of the number of ranks ({nranks})"
+    );
+    Ok(())
+}
+
 /// Checks a decoded config for a group of `nranks` ranks on a device with `device_sms` SMs.
 /// `rank` and `nranks` come from the communicator; `device_sms` may be 0 when unknown.
 pub fn validate_group_config(

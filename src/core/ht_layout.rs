@@ -115,14 +115,7 @@ impl HtLayout {
         topk: u32,
         staging_rows: usize,
     ) -> Result<Self> {
-        crate::ensure_arg!(nranks > 0, "the number of ranks is 0");
-        crate::ensure_arg!(num_experts > 0, "num_experts is 0");
-        crate::ensure_arg!(max_tokens > 0, "max_dispatch_tokens_per_rank is 0");
-        crate::ensure_arg!(topk > 0, "num_topk is 0");
-        crate::ensure_usage!(
-            num_experts.is_multiple_of(nranks),
-            "num_experts ({num_experts}) must be a multiple of the number of ranks ({nranks})"
-        );
+        crate::core::config::check_geometry(nranks, num_experts, max_tokens, topk)?;
         crate::ensure_usage!(
             nranks <= HT_MAX_RANKS,
             "HIGH_THROUGHPUT groups support at most {HT_MAX_RANKS} ranks, this one has {nranks}"

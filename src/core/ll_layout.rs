@@ -80,15 +80,8 @@ fn align_up(x: usize, a: usize) -> Result<usize> {
 impl LlLayout {
     /// Plans the buffer for N ranks, E experts, B tokens per rank, Hb bytes per token and top-k K.
     pub fn new(nranks: u32, num_experts: u32, max_tokens: u32, max_token_bytes: u32, topk: u32) -> Result<Self> {
-        crate::ensure_arg!(nranks > 0, "the number of ranks is 0");
-        crate::ensure_arg!(num_experts > 0, "num_experts is 0");
-        crate::ensure_arg!(max_tokens > 0, "max_dispatch_tokens_per_rank is 0");
+        crate::core::config::check_geometry(nranks, num_experts, max_tokens, topk)?;
         crate::ensure_arg!(max_token_bytes > 0, "max_token_bytes is 0");
-        crate::ensure_arg!(topk > 0, "num_topk is 0");
-        crate::ensure_usage!(
-            num_experts.is_multiple_of(nranks),
-            "num_experts ({num_experts}) must be a multiple of the number of ranks ({nranks})"
-        );
         crate::ensure_arg!(
             max_token_bytes.is_multiple_of(16),
             "max_token_bytes ({max_token_bytes}) must be a multiple of 16"
