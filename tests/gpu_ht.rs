@@ -1054,3 +1054,84 @@ fn ht_graph_replays() {
         println!("ht_graph_replays {layout:?}: {n} replays passed");
     }
 }
+
+/// A rank that never dispatches: the other rank's dispatch gives up after the timeout (its open
+/// and close barriers each wait once), raises the group's async error flag (readable through
+/// ncclEpGetAsyncError on an HT group), and nothing traps: a fresh world then runs exact rounds.
+#[test]
+fn ht_silent_rank_times_out() {
+    require_gpu!();
+    use nccl_ep::abi::mask::{ncclEpErrorClear, ncclEpGetAsyncError};
+    // The test's own timeout must win over a caller-wide NCCL_EP_TIMEOUT_MS (gpu_check.sh sets one).
+    let saved = std::env::var("NCCL_EP_TIMEOUT_MS").ok();
+    // SAFETY: the GPU tests run with --test-threads=1; nothing else reads the environment now.
+    unsafe { std::env::remove_var("NCCL_EP_TIMEOUT_MS") };
+    let timeout_ms = 200.0;
+    let c = HtCase {
+        tokens: Some(64),
+        max_tokens: 64,
+        ..base(2, Layout::Flat)
+    };
+    let mut rng = SplitMix64::new(31);
+    let routing = gen_world_routing(&c, &mut rng);
+    let s = pick_budget(&c, &routing);
+    let mut cfg = c.group_config(s);
+    cfg.timeout_ns = (timeout_ms * 1e6) as u64;
+    let w = World::local(2, &cfg).unwrap();
+    if let Some(v) = saved {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("NCCL_EP_TIMEOUT_MS", v) };
+    }
+    let mut rr = routing
+        .iter()
+        .map(|rt| routing_tensors(&c, rt))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let hs = create_handles(&c, &w, &mut rr).unwrap();
+    w.sync().unwrap();
+    let plan = HtPlan::new(c.ref_config(s), &routing).unwrap();
+    let inp = make_inputs(&c, &plan, PassDir::Forward, &mut rng);
+    let mut o = alloc_op(&c, &plan, 0, &inp, PassDir::Forward).unwrap();
+    let mut err = -1;
+    assert_eq!(
+        unsafe { ncclEpGetAsyncError(w.groups[0], &mut err) },
+        0,
+        "{}",
+        last_error()
+    );
+    assert_eq!(err, 0, "flag raised before the silent round");
+    let t0 = Instant::now();
+    dispatch_call(&c, hs.0[0], &mut o, &w.streams[0], PassDir::Forward).unwrap();
+    w.streams[0]
+        .sync()
+        .expect("the waiting rank's stream completes (no trap)");
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(
+        unsafe { ncclEpGetAsyncError(w.groups[0], &mut err) },
+        0,
+        "{}",
+        last_error()
+    );
+    assert_eq!(err, 1, "the async error flag is raised after the timeout");
+    assert_eq!(unsafe { ncclEpErrorClear(w.groups[0]) }, 0);
+    assert_eq!(unsafe { ncclEpGetAsyncError(w.groups[0], &mut err) }, 0);
+    assert_eq!(err, 0, "ncclEpErrorClear clears the flag");
+    assert!(
+        ms >= timeout_ms && ms < 3.0 * timeout_ms + 100.0,
+        "rank 0 returned after {ms:.1} ms with a {timeout_ms} ms timeout"
+    );
+    println!(
+        "ht_silent_rank_times_out: rank 0's dispatch gave up after {ms:.1} ms (timeout {timeout_ms} ms), flag raised and cleared"
+    );
+    drop(o);
+    drop(hs);
+    drop(w);
+    // The context survived: a fresh world works exactly.
+    let fresh = HtCase {
+        tokens: Some(100),
+        max_tokens: 128,
+        ..base(2, Layout::ExpertMajor)
+    };
+    let msg = round(&fresh, &mut rng, None).unwrap_or_else(|e| panic!("round after the timeout: {e}"));
+    println!("ht_silent_rank_times_out: a fresh world afterwards is exact ({msg})");
+}
