@@ -725,6 +725,42 @@ fn ht_local_groups_matrix() {
     run_cases("ht_local_groups_matrix", &cases, None);
 }
 
+/// The whole product (96 rounds, each forward and backward; minutes, so only with
+/// NCCL_EP_HT_FULL=1): ranks {2, 4, 8} x layout x K {1, 8} x H {2048, 7168} x T {0, 1, 513, 4096},
+/// alignment 64 on expert-major rounds with K = 8.
+#[test]
+fn ht_full_matrix() {
+    require_gpu!();
+    if std::env::var("NCCL_EP_HT_FULL").as_deref() != Ok("1") {
+        println!("ht_full_matrix: skipped (set NCCL_EP_HT_FULL=1)");
+        return;
+    }
+    let mut cases = Vec::new();
+    for nranks in [2, 4, 8] {
+        for layout in [Layout::Flat, Layout::ExpertMajor] {
+            for topk in [1, 8] {
+                for hidden in [2048, 7168] {
+                    for t in [0, 1, 513, 4096] {
+                        cases.push(HtCase {
+                            topk,
+                            hidden,
+                            tokens: Some(t),
+                            max_tokens: t.max(513),
+                            align: if layout == Layout::ExpertMajor && topk == 8 {
+                                64
+                            } else {
+                                1
+                            },
+                            ..base(nranks, layout)
+                        });
+                    }
+                }
+            }
+        }
+    }
+    run_cases("ht_full_matrix", &cases, None);
+}
+
 /// Token types, skewed routing and repeated ids, random token counts, alignment, DROP.
 #[test]
 fn ht_dtypes_routings_and_drop() {
