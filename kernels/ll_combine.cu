@@ -1,5 +1,6 @@
 // Low-latency combine (docs/LL.md). Compiled by NVRTC after ll_common.cuh with:
-//   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64).
+//   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64),
+//   EP_MASK (1: the group has enable_mask; 0: no mask code, a timeout traps).
 // Send: every expert output goes straight into the source rank's combine_recv[token][k].
 // Receive: each token is reduced over its top-k in fp32 and rounded once to bf16.
 
@@ -61,13 +62,22 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
   const int N = p.nranks, K = EP_TOPK;
   const u32 tag = epoch + 1u;
   const char* bank = bank_base(p, p.rank, epoch);
-  __shared__ u64 present;
-  if (threadIdx.x == 0) present = 0;
+#if EP_MASK
+  __shared__ u64 present_s;
+  if (threadIdx.x == 0) present_s = 0;
   __syncthreads();
   for (int s = threadIdx.x; s < N; s += blockDim.x)
     if (wait_source(p, (const u64*)(bank + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE) >= 0)
-      atomicOr((unsigned long long*)&present, 1ull << s);
+      atomicOr((unsigned long long*)&present_s, 1ull << s);
   __syncthreads();
+  const u64 present = present_s;
+#else
+  // Masking compiled out: every source is present (a timeout traps inside wait_source).
+  for (int s = threadIdx.x; s < N; s += blockDim.x)
+    wait_source(p, (const u64*)(bank + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE);
+  __syncthreads();
+  const u64 present = ~0ull;
+#endif
   prof_mark(p, 4);
   const int lane = threadIdx.x & 31;
   const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -130,8 +140,13 @@ extern "C" __global__ void __launch_bounds__(512) ll_combine(const LlParams p) {
   prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
-    __shared__ u64 active;
-    active_set(p, &active);
+#if EP_MASK
+    __shared__ u64 active_s;
+    active_set(p, &active_s);
+    const u64 active = active_s;
+#else
+    const u64 active = ~0ull;  // masking compiled out: every rank is active
+#endif
     combine_send(p, epoch, active);
     __syncthreads();
   }

@@ -7,6 +7,12 @@
 #define EP_MAX_RANKS 64
 #endif
 
+// EP_MASK: 1 for groups with enable_mask (mask reads, decision words), 0 for the others, whose
+// kernels carry no mask code at all (a timeout there prints and traps). Default: 1.
+#ifndef EP_MASK
+#define EP_MASK 1
+#endif
+
 typedef unsigned long long u64;
 typedef long long i64;
 typedef unsigned int u32;
@@ -170,21 +176,37 @@ __device__ __noinline__ void say_timeout(int rank, int peer, double ms, int what
 }
 
 // Prints a fatal timeout (once per kernel), raises the error flag and kills the kernel: the
-// CUDA context is lost, as with upstream's trap.
-__device__ __forceinline__ void fatal_timeout(const LlParams& p, int peer, int what) {
-  if (atomicExch(&((EpState*)p.state)->trapping, 1u) == 0u) say_timeout(p.rank, peer, timeout_ms(p), what, 0);
-  raise_error(p);
+// CUDA context is lost, as with upstream's trap. Out of line and of scalars only, so that the hot
+// kernels carry nothing of it but the call.
+__device__ __noinline__ void trap_timeout(u64 state, u64 err, int rank, int peer, i64 timeout_ns, int what) {
+  if (atomicExch(&((EpState*)state)->trapping, 1u) == 0u) say_timeout(rank, peer, (double)timeout_ns * 1e-6, what, 0);
+  if (err) st_release_sys_int((int*)err, 1);
   __threadfence_system();
   asm volatile("trap;");
 }
 
+__device__ __forceinline__ void fatal_timeout(const LlParams& p, int peer, int what) {
+  trap_timeout(p.state, p.err, p.rank, peer, p.timeout_ns, what);
+}
+
+// Whether this kernel masks: compiled out of EP_MASK=0 variants.
+__device__ __forceinline__ bool masking(const LlParams& p) {
+#if EP_MASK
+  return p.mask != 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 // An active rank has mask[r] != 0; without a mask every rank is active.
 __device__ __forceinline__ bool rank_active(const LlParams& p, int r) {
-  return p.mask == 0 || ld_relaxed_int((const int*)p.mask + r) != 0;
+  return !masking(p) || ld_relaxed_int((const int*)p.mask + r) != 0;
 }
 
 // The active ranks as a bit set (a snapshot: a timeout may mask more of them later), computed
-// by warp 0 (all its lanes) and stored in `*out` for the block. Call from every thread.
+// by warp 0 (all its lanes) and stored in `*out` for the block. Call from every thread
+// (EP_MASK=1 kernels only; EP_MASK=0 kernels take every rank as active).
 __device__ __forceinline__ void active_set(const LlParams& p, u64* out) {
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
@@ -231,32 +253,50 @@ __device__ __forceinline__ u64 decide(const LlParams& p, int s, u32 tag, u32 val
 // read starts the clock, so the bound is the timeout plus at most that many polls).
 #define EP_POLLS_PER_CHECK 64
 
+// The slow end of a wait with masking on: source s timed out here. Out of line (scalars only).
+__device__ __noinline__ u64 mask_timeout(u64 decide_words, u64 mask, u64 err, int rank, int s, u32 tag,
+                                         i64 timeout_ns, int what) {
+  u64* w = (u64*)decide_words + s;
+  const u64 mine = (u64)tag << 32;
+  u64 cur = ld_acquire_gpu_u64(w);
+  if ((u32)(cur >> 32) != tag) {
+    __threadfence();
+    while ((u32)(cur >> 32) != tag) {
+      const u64 prev = atomicCAS((unsigned long long*)w, (unsigned long long)cur, (unsigned long long)mine);
+      cur = prev == cur ? mine : prev;
+    }
+  }
+  // Absent by our decision or an earlier block's: only the first to time out finds mask[s]
+  // still 1, so one message per source.
+  if (cur == mine && atomicExch((int*)mask + s, 0) != 0) {
+    if (err) st_release_sys_int((int*)err, 1);
+    say_timeout(rank, s, (double)timeout_ns * 1e-6, what, 1);
+  }
+  return cur;
+}
+
 __device__ __forceinline__ int wait_source(const LlParams& p, const u64* flag, int s, u32 tag, int what) {
-  if (p.mask && !rank_active(p, s)) return -1;
+  if (masking(p) && !rank_active(p, s)) return -1;
   u64 start = 0;
   for (u32 polls = 0;; ++polls) {
     const u64 v = ld_acquire_sys(flag);
     if ((u32)(v >> 32) == tag) {
-      if (!p.mask) return (int)((u32)v & ~EP_PRESENT);
+      if (!masking(p)) return (int)((u32)v & ~EP_PRESENT);
       return decoded(decide(p, s, tag, EP_PRESENT | ((u32)v & ~EP_PRESENT)));
     }
     if (polls % EP_POLLS_PER_CHECK != 0) continue;
-    if (p.mask) {
+    if (masking(p)) {
       const u64 d = ld_acquire_gpu_u64((const u64*)p.decide + s);
       if ((u32)(d >> 32) == tag) return decoded(d);
     }
     const u64 now = now_ns();
     if (start == 0) start = now;
     if (p.timeout_ns <= 0 || now - start <= (u64)p.timeout_ns) continue;
-    if (!p.mask) fatal_timeout(p, s, what);
-    const u64 d = decide(p, s, tag, 0u);
-    // Absent by our decision or an earlier block's: only the first to time out finds mask[s]
-    // still 1, so one message per source.
-    if (d == ((u64)tag << 32) && atomicExch((int*)p.mask + s, 0) != 0) {
-      raise_error(p);
-      say_timeout(p.rank, s, timeout_ms(p), what, 1);
+    if (!masking(p)) {
+      fatal_timeout(p, s, what);  // does not return
+      return -1;
     }
-    return decoded(d);
+    return decoded(mask_timeout(p.decide, p.mask, p.err, p.rank, s, tag, p.timeout_ns, what));
   }
 }
 

@@ -1,5 +1,6 @@
 // Low-latency dispatch (docs/LL.md). Compiled by NVRTC after ll_common.cuh with:
-//   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64).
+//   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64),
+//   EP_MASK (1: the group has enable_mask; 0: no mask code, a timeout traps).
 // One kernel runs the send phase, the receive phase, or both (p.phases).
 //
 // Dynamic shared memory (bytes, LlKernel::smem_bytes in src/runtime/kernels.rs):
@@ -264,8 +265,13 @@ extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) 
   prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
   if (p.phases & EP_SEND) {
-    __shared__ u64 active;
-    active_set(p, &active);
+#if EP_MASK
+    __shared__ u64 active_s;
+    active_set(p, &active_s);
+    const u64 active = active_s;
+#else
+    const u64 active = ~0ull;  // masking compiled out: every rank is active
+#endif
     int* hist_e = smem;
     int* hist_r = hist_e + p.num_experts;
     TokenRoute* routes = (TokenRoute*)(hist_r + ((p.nranks + 3) & ~3));

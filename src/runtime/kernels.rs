@@ -49,40 +49,45 @@ pub enum LlKind {
 /// Threads of the clean kernel (one per rank at most; its `__launch_bounds__`).
 pub const LL_CLEAN_THREADS: u32 = 64;
 
-/// One compiled specialisation: the kernel, its top-k, layout and routing-index width.
+/// One compiled specialisation: the kernel, its top-k, layout, routing-index width and whether
+/// the group masks (`EP_MASK`: kernels of groups without `enable_mask` carry no mask code).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LlKernel {
     pub kind: LlKind,
     pub topk: u32,
     pub expert_major: bool,
     pub idx64: bool,
+    pub mask: bool,
 }
 
 impl LlKernel {
-    pub fn dispatch(topk: u32, layout: Layout, idx64: bool) -> Self {
+    pub fn dispatch(topk: u32, layout: Layout, idx64: bool, mask: bool) -> Self {
         Self {
             kind: LlKind::Dispatch,
             topk,
             expert_major: layout == Layout::ExpertMajor,
             idx64,
+            mask,
         }
     }
-    pub fn combine(topk: u32, layout: Layout, idx64: bool) -> Self {
+    pub fn combine(topk: u32, layout: Layout, idx64: bool, mask: bool) -> Self {
         Self {
             kind: LlKind::Combine,
             topk,
             expert_major: layout == Layout::ExpertMajor,
             idx64,
+            mask,
         }
     }
 
-    /// The one variant of the clean kernel.
+    /// The one variant of the clean kernel (only groups with `enable_mask` run it).
     pub fn clean() -> Self {
         Self {
             kind: LlKind::Clean,
             topk: 1,
             expert_major: false,
             idx64: false,
+            mask: true,
         }
     }
 
@@ -107,10 +112,11 @@ impl LlKernel {
             .set("EP_TOPK", self.topk)
             .set("EP_EM", self.expert_major as u32)
             .set("EP_IDX64", self.idx64 as u32)
+            .set("EP_MASK", self.mask as u32)
     }
 
     /// Every variant the library may compile for one kernel: K in 1..=32, both layouts,
-    /// both routing-index widths.
+    /// both routing-index widths, with and without masking.
     pub fn variants(kind: LlKind) -> Vec<LlKernel> {
         if kind == LlKind::Clean {
             return vec![Self::clean()];
@@ -119,12 +125,15 @@ impl LlKernel {
         for topk in 1..=crate::core::config::LL_MAX_TOPK {
             for expert_major in [false, true] {
                 for idx64 in [false, true] {
-                    v.push(LlKernel {
-                        kind,
-                        topk,
-                        expert_major,
-                        idx64,
-                    });
+                    for mask in [false, true] {
+                        v.push(LlKernel {
+                            kind,
+                            topk,
+                            expert_major,
+                            idx64,
+                            mask,
+                        });
+                    }
                 }
             }
         }

@@ -366,7 +366,12 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
             p.recv_global = (a.recv_kind == ExpertIdKind::Global) as i32;
         }
     }
-    let kernel = LlKernel::dispatch(h.params.num_topk, h.params.layout, topk.dtype == dtype::INT64);
+    let kernel = LlKernel::dispatch(
+        h.params.num_topk,
+        h.params.layout,
+        topk.dtype == dtype::INT64,
+        g.params.enable_mask,
+    );
     run(g, h, kernel, p, call.send_only, stream)?;
     h.dispatched = true;
     Ok(())
@@ -389,7 +394,12 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         opt_ptr(&a.out_weights),
         a.out_tokens.data,
     )?;
-    let kernel = LlKernel::combine(h.params.num_topk, h.params.layout, topk.dtype == dtype::INT64);
+    let kernel = LlKernel::combine(
+        h.params.num_topk,
+        h.params.layout,
+        topk.dtype == dtype::INT64,
+        g.params.enable_mask,
+    );
     run(g, h, kernel, p, call.send_only, stream)
 }
 
