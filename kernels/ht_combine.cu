@@ -25,13 +25,6 @@ __device__ __forceinline__ unsigned short f32_to_half(float f) {
   return h;
 }
 
-// Round to nearest even, NaN kept quiet (the CPU reference's rule).
-__device__ __forceinline__ unsigned short f32_to_bf16(float f) {
-  u32 u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (unsigned short)(u >> 16);
-}
 
 // Adds the ELEMS values of one 16-byte chunk to acc (in element order).
 __device__ __forceinline__ void add_chunk(float* acc, int4 v) {

@@ -1,5 +1,6 @@
 // Shared pieces of the high-throughput kernels (docs/HT.md, "GPU design"): the argument block,
-// the handle header, memory-ordering primitives, the open/close protocol and 16-byte copies.
+// the handle header, the open/close protocol and segment helpers; kernels/ep_device.cuh (loads,
+// stores, copies) comes first.
 // Header-free on purpose: NVRTC compiles this at run time with no CUDA include path.
 #pragma once
 
@@ -8,10 +9,6 @@
 #define HT_PIECES 32
 #define HT_PTR_SLOTS 4
 #define HT_THREADS 512
-
-typedef unsigned long long u64;
-typedef long long i64;
-typedef unsigned int u32;
 
 // Mirrors `HtParams` in src/runtime/ht_params.rs field for field (8-byte fields first).
 struct HtParams {
@@ -65,36 +62,10 @@ struct EpState {
   u32 pad[15];
 };
 
-__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
-  u64 v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
 
-__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 
-// Loads that bypass L1: data other ranks (GPUs or kernels) wrote.
-__device__ __forceinline__ int4 ld_cg(const int4* p) {
-  int4 v;
-  asm volatile("ld.global.cg.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
 
-__device__ __forceinline__ int ld_cg_int(const int* p) {
-  int v;
-  asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
 
-__device__ __forceinline__ u64 ld_cg_u64(const u64* p) {
-  u64 v;
-  asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p));
-  return v;
-}
 
 __device__ __forceinline__ u32 cur_epoch(const HtParams& p) { return ((volatile EpState*)p.state)->epoch; }
 
@@ -146,22 +117,6 @@ __device__ u64 open_op(const HtParams& p, u32 tag, const u64* ptrs, u64 (*src_pt
   return present_mask;
 }
 
-// Copies `bytes` (a multiple of 16) with the lanes of one warp, four 16-byte loads in flight per
-// lane before the stores (one outstanding load per lane leaves HBM and NVLink latency-bound).
-__device__ __forceinline__ void warp_copy_cg(void* dst, const void* src, int bytes, int lane) {
-  int4* d = (int4*)dst;
-  const int4* s = (const int4*)src;
-  const int n = bytes >> 4;
-  int i = lane;
-  for (; i + 96 < n; i += 128) {
-    int4 a = ld_cg(s + i), b = ld_cg(s + i + 32), c = ld_cg(s + i + 64), e = ld_cg(s + i + 96);
-    d[i] = a;
-    d[i + 32] = b;
-    d[i + 64] = c;
-    d[i + 96] = e;
-  }
-  for (; i < n; i += 32) d[i] = ld_cg(s + i);
-}
 
 __device__ __forceinline__ void warp_zero(void* dst, int bytes, int lane) {
   int4* d = (int4*)dst;

@@ -51,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch(const HtPar
     }
     const int s = src / B, t = src % B;
     if (!((present >> s) & 1)) continue;
-    warp_copy_cg(dst, src_tokens(p, sp, s) + (i64)t * p.row_bytes + off, bytes, lane);
+    warp_copy<true>(dst, src_tokens(p, sp, s) + (i64)t * p.row_bytes + off, bytes, lane);
 #if !EP_BWD
     if (seg == 0) {
       const float* w = src_weights(p, sp, s) + (i64)t * K;

@@ -16,6 +16,8 @@ pub const HT_THREADS: u32 = 512;
 pub const HT_META: KernelSource = KernelSource {
     name: "ht_meta.cu",
     source: concat!(
+        include_str!("../../kernels/ep_device.cuh"),
+        "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",
         include_str!("../../kernels/ht_meta.cu")
@@ -24,6 +26,8 @@ pub const HT_META: KernelSource = KernelSource {
 pub const HT_DISPATCH: KernelSource = KernelSource {
     name: "ht_dispatch.cu",
     source: concat!(
+        include_str!("../../kernels/ep_device.cuh"),
+        "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",
         include_str!("../../kernels/ht_dispatch.cu")
@@ -32,6 +36,8 @@ pub const HT_DISPATCH: KernelSource = KernelSource {
 pub const HT_COMBINE: KernelSource = KernelSource {
     name: "ht_combine.cu",
     source: concat!(
+        include_str!("../../kernels/ep_device.cuh"),
+        "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",
         include_str!("../../kernels/ht_combine.cu")

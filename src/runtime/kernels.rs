@@ -15,6 +15,8 @@ use std::sync::{Mutex, OnceLock};
 pub const LL_DISPATCH: KernelSource = KernelSource {
     name: "ll_dispatch.cu",
     source: concat!(
+        include_str!("../../kernels/ep_device.cuh"),
+        "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
         include_str!("../../kernels/ll_dispatch.cu")
@@ -23,6 +25,8 @@ pub const LL_DISPATCH: KernelSource = KernelSource {
 pub const LL_COMBINE: KernelSource = KernelSource {
     name: "ll_combine.cu",
     source: concat!(
+        include_str!("../../kernels/ep_device.cuh"),
+        "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
         include_str!("../../kernels/ll_combine.cu")
@@ -32,6 +36,8 @@ pub const LL_COMBINE: KernelSource = KernelSource {
 pub const LL_CLEAN: KernelSource = KernelSource {
     name: "ll_clean.cu",
     source: concat!(
+        include_str!("../../kernels/ep_device.cuh"),
+        "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
         include_str!("../../kernels/ll_clean.cu")

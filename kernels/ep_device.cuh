@@ -1,0 +1,96 @@
+// Device pieces both modes use: integer types, memory-ordering loads and stores, L1-bypassing
+// loads, bf16 by bits and the warp row copy. Header-free on purpose: NVRTC compiles the kernels
+// at run time with no CUDA include path; the runtime prepends this file to every kernel source.
+#pragma once
+
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned int u32;
+
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ u32 ld_acquire_gpu(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ u64 ld_acquire_gpu_u64(const u64* p) {
+  u64 v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ int ld_relaxed_int(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys_int(int* p, int v) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Loads that bypass L1: data other GPUs or other kernels wrote.
+__device__ __forceinline__ int4 ld_cg(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.cg.v4.s32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ int ld_cg_int(const int* p) {
+  int v;
+  asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ u64 ld_cg_u64(const u64* p) {
+  u64 v;
+  asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float bf16_to_f32(unsigned short b) { return __uint_as_float(((u32)b) << 16); }
+
+// Round to nearest even, NaN kept quiet: the same rule as the CPU reference.
+__device__ __forceinline__ unsigned short f32_to_bf16(float f) {
+  u32 u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (unsigned short)(u >> 16);
+}
+
+// Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp. Four 16-byte
+// loads per lane are in flight before the stores: one outstanding load per lane leaves HBM
+// latency-bound at a fraction of its bandwidth. CG: bypass L1 (data other GPUs/kernels wrote).
+template <bool CG>
+__device__ __forceinline__ int4 ld16(const int4* p) {
+  if (CG) return ld_cg(p);
+  return *p;
+}
+
+template <bool CG = false>
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
+  int4* d = (int4*)dst;
+  const int4* s = (const int4*)src;
+  const int n = bytes >> 4;
+  int i = lane;
+  for (; i + 96 < n; i += 128) {
+    int4 a = ld16<CG>(s + i), b = ld16<CG>(s + i + 32), c = ld16<CG>(s + i + 64), e = ld16<CG>(s + i + 96);
+    d[i] = a;
+    d[i + 32] = b;
+    d[i + 64] = c;
+    d[i + 96] = e;
+  }
+  for (; i < n; i += 32) d[i] = ld16<CG>(s + i);
+}
