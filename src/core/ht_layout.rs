@@ -28,17 +28,15 @@ pub const HT_PTR_SLOTS: usize = 4;
 pub const HT_HDR_BYTES: usize = 256;
 
 fn mul(a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b)
-        .ok_or_else(|| crate::invalid_arg!("the high-throughput buffer size overflows ({a} x {b})"))
+    crate::core::size_math::mul(a, b, "high-throughput")
 }
 
 fn add(a: usize, b: usize) -> Result<usize> {
-    a.checked_add(b)
-        .ok_or_else(|| crate::invalid_arg!("the high-throughput buffer size overflows ({a} + {b})"))
+    crate::core::size_math::add(a, b, "high-throughput")
 }
 
 fn align(x: usize) -> Result<usize> {
-    Ok(add(x, REGION_ALIGN - 1)? / REGION_ALIGN * REGION_ALIGN)
+    crate::core::size_math::align_up(x, REGION_ALIGN, "high-throughput")
 }
 
 /// Tokens per piece: B / 32 rounded up to a whole warp (a warp scans 32 tokens at a time).

@@ -64,17 +64,15 @@ pub struct LlLayout {
 }
 
 fn mul(a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b)
-        .ok_or_else(|| crate::invalid_arg!("the low-latency buffer size overflows ({a} x {b})"))
+    crate::core::size_math::mul(a, b, "low-latency")
 }
 
 fn add(a: usize, b: usize) -> Result<usize> {
-    a.checked_add(b)
-        .ok_or_else(|| crate::invalid_arg!("the low-latency buffer size overflows ({a} + {b})"))
+    crate::core::size_math::add(a, b, "low-latency")
 }
 
 fn align_up(x: usize, a: usize) -> Result<usize> {
-    Ok(add(x, a - 1)? / a * a)
+    crate::core::size_math::align_up(x, a, "low-latency")
 }
 
 impl LlLayout {

@@ -10,4 +10,5 @@ pub mod ll_layout;
 pub mod ll_rules;
 pub mod op_args;
 pub mod reference;
+pub mod size_math;
 pub mod tensor;
