@@ -117,21 +117,32 @@ impl Group {
     }
 
     pub fn ll(&self) -> Result<&LlState> {
-        self.ll.as_ref().ok_or_else(|| self.no_ll())
+        self.ll.as_ref().ok_or_else(|| self.no_state(Algorithm::LowLatency))
     }
 
     pub fn ll_mut(&mut self) -> Result<&mut LlState> {
-        let err = self.no_ll();
+        let err = self.no_state(Algorithm::LowLatency);
         self.ll.as_mut().ok_or(err)
     }
 
-    fn no_ll(&self) -> crate::core::error::Error {
-        match self.params.algorithm {
-            Algorithm::LowLatency => crate::core::error::Error::new(
+    pub fn ht(&self) -> Result<&HtState> {
+        self.ht.as_ref().ok_or_else(|| self.no_state(Algorithm::HighThroughput))
+    }
+
+    pub fn ht_mut(&mut self) -> Result<&mut HtState> {
+        let err = self.no_state(Algorithm::HighThroughput);
+        self.ht.as_mut().ok_or(err)
+    }
+
+    /// Why the `mode` state is missing: no CUDA driver, or a group of the other mode.
+    fn no_state(&self, mode: Algorithm) -> crate::core::error::Error {
+        if self.params.algorithm == mode {
+            crate::core::error::Error::new(
                 crate::core::error::ErrorKind::Cuda,
                 "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded",
-            ),
-            Algorithm::HighThroughput => crate::invalid_usage!("this is not a LOW_LATENCY group"),
+            )
+        } else {
+            crate::invalid_usage!("this is not a {} group", mode.short())
         }
     }
 
@@ -154,13 +165,5 @@ impl Group {
         if let Some(h) = &self.ht {
             h.clear_timeout();
         }
-    }
-
-    /// The error every GPU operation returns until its issue lands.
-    pub fn not_implemented(&self, what: &str) -> crate::core::error::Error {
-        crate::invalid_usage!(
-            "{what} is not implemented yet in this build of nccl-ep-rs ({} mode)",
-            self.params.algorithm.short()
-        )
     }
 }

@@ -7,7 +7,7 @@
 //! done reading their data and waits until they are done with its own, then advances the
 //! group epoch). Flags carry `epoch + 1`, so they are never cleaned.
 
-use crate::abi::enums::{Algorithm, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
+use crate::abi::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use crate::abi::types::cudaStream_t;
 use crate::core::error::Result;
 use crate::core::handle_rules::HandleParams;
@@ -92,25 +92,6 @@ impl HtState {
     }
 }
 
-fn state(g: &Group) -> Result<&HtState> {
-    g.ht.as_ref().ok_or_else(|| no_state(g))
-}
-
-fn state_mut(g: &mut Group) -> Result<&mut HtState> {
-    let e = no_state(g);
-    g.ht.as_mut().ok_or(e)
-}
-
-fn no_state(g: &Group) -> crate::core::error::Error {
-    match g.params.algorithm {
-        Algorithm::HighThroughput => crate::core::error::Error::new(
-            crate::core::error::ErrorKind::Cuda,
-            "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded",
-        ),
-        Algorithm::LowLatency => crate::invalid_usage!("this is not a HIGH_THROUGHPUT group"),
-    }
-}
-
 /// Allocates (NCCL groups: and exchanges) this rank's group buffer of `bytes`, zeroed.
 fn allocate(g: &mut Group, bytes: usize) -> Result<()> {
     let (rank, nranks, dev) = (g.params.rank as usize, g.params.nranks as usize, g.device);
@@ -119,16 +100,16 @@ fn allocate(g: &mut Group, bytes: usize) -> Result<()> {
         Membership::Nccl { comm, .. } => {
             let comm = *comm;
             let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
-            if state(g)?.buffer.is_some() {
+            if g.ht()?.buffer.is_some() {
                 // Growing: nothing of this group may still run on the GPU.
                 crate::cuda::context::synchronize_current()?;
             }
-            let st = state_mut(g)?;
+            let st = g.ht_mut()?;
             st.peers = None;
             st.buffer = None;
             // SAFETY: the caller's communicator; all ranks size buffers in lockstep.
             let (buf, ptrs, opened) = unsafe { crate::transport::ipc::alloc_shared(comm, rank, nranks, dev, bytes) }?;
-            let st = state_mut(g)?;
+            let st = g.ht_mut()?;
             st.multi_process |= !opened.is_empty();
             st.buffer = Some(buf);
             st.peers = Some((ptrs, opened));
@@ -140,7 +121,7 @@ fn allocate(g: &mut Group, bytes: usize) -> Result<()> {
 fn buffer_bytes(g: &Group) -> Result<usize> {
     Ok(match &g.membership {
         Membership::Local { world } => world.buffer_bytes(),
-        Membership::Nccl { .. } => state(g)?.buffer.as_ref().map_or(0, |b| b.len()),
+        Membership::Nccl { .. } => g.ht()?.buffer.as_ref().map_or(0, |b| b.len()),
     })
 }
 
@@ -149,10 +130,10 @@ fn buffer_bytes(g: &Group) -> Result<usize> {
 /// the group are in flight.
 pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
     HtHandleLayout::new(&g.params, hp)?;
-    let prev = state(g)?.sized;
+    let prev = g.ht()?.sized;
     let k = hp.num_topk.max(prev.map_or(0, |s| s.topk as u32));
     let stage = |g: &Group| -> Result<usize> {
-        Ok(if state(g)?.multi_process {
+        Ok(if g.ht()?.multi_process {
             staging_rows(&g.params, hp).max(prev.map_or(0, |s| s.staging_rows))
         } else {
             0
@@ -160,7 +141,7 @@ pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
     };
     let mut want = HtLayout::for_group(&g.params, k, stage(g)?)?;
     if prev.is_some() && buffer_bytes(g)? >= want.total_bytes {
-        state_mut(g)?.sized = Some(want);
+        g.ht_mut()?.sized = Some(want);
         return Ok(());
     }
     allocate(g, want.total_bytes)?;
@@ -169,7 +150,7 @@ pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
         want = HtLayout::for_group(&g.params, k, stage(g)?)?;
         allocate(g, want.total_bytes)?;
     }
-    state_mut(g)?.sized = Some(want);
+    g.ht_mut()?.sized = Some(want);
     crate::abi::guard::log_info(format_args!(
         "rank {}: high-throughput buffer of {} bytes (K = {k}, {} staging rows)",
         g.params.rank, want.total_bytes, want.staging_rows
@@ -179,7 +160,7 @@ pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
 
 /// The parameters every HT launch shares: peers, buffer offsets, state, sizes.
 fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
-    let st = state(g)?;
+    let st = g.ht()?;
     let lay = st
         .sized
         .ok_or_else(|| crate::invalid_usage!("the group has no high-throughput buffer yet"))?;
@@ -243,7 +224,7 @@ fn capturing(stream: cudaStream_t) -> Result<bool> {
 /// wait for (and hold back) the kernels of every other stream of the device, also those of the
 /// other ranks of a local group.
 fn read_hdr(g: &Group, h: &Handle, stream: cudaStream_t) -> Result<HtHdr> {
-    let st = state(g)?;
+    let st = g.ht()?;
     let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
     let bytes = std::mem::size_of::<HtHdr>();
     // SAFETY: the handle block starts with the header; the pinned buffer holds `bytes`.
@@ -298,7 +279,7 @@ pub fn update(
         idx64: topk.dtype == dtype::INT64,
         em,
     };
-    let blocks = state(g)?.blocks;
+    let blocks = g.ht()?.blocks;
     let smem = 4 * (g.params.num_experts + g.params.nranks) as usize;
     launch_ht(dev, m, "ht_reset", &p, 1, 0, stream)?;
     launch_ht(dev, m, "ht_convert", &p, blocks, 0, stream)?;
@@ -389,7 +370,7 @@ fn stage(g: &Group, off: usize, src: u64, bytes: usize, stream: cudaStream_t) ->
     let me = g.params.rank as usize;
     let dst = match &g.membership {
         Membership::Local { world } => world.peers(0)?.0[me],
-        Membership::Nccl { .. } => state(g)?.buffer.as_ref().map_or(0, |b| b.ptr()),
+        Membership::Nccl { .. } => g.ht()?.buffer.as_ref().map_or(0, |b| b.ptr()),
     };
     // SAFETY: the staging region holds at least `bytes` (sized by the receive bound); the
     // caller's tensor holds them (checked shapes).
@@ -397,7 +378,7 @@ fn stage(g: &Group, off: usize, src: u64, bytes: usize, stream: cudaStream_t) ->
 }
 
 fn finish(g: &Group, m: HtModule, name: &'static str, p: &HtParams, stream: cudaStream_t) -> Result<()> {
-    let blocks = state(g)?.blocks;
+    let blocks = g.ht()?.blocks;
     launch_ht(g.device, m, name, p, blocks, 0, stream)?;
     launch_ht(g.device, m, "ht_close", p, 1, 0, stream)
 }
@@ -439,7 +420,7 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
     // Rows [count, S) of the forward top-k outputs are reset (none when eager).
     p.recv_rows = if call.eager { 0 } else { hl.recv_rows as i32 };
     if p.staged != 0 {
-        let lay = state(g)?.sized.unwrap_or_else(|| unreachable!());
+        let lay = g.ht()?.sized.unwrap_or_else(|| unreachable!());
         stage(g, lay.stage_tok_off, a.tokens.data, t * call.row_bytes, stream)?;
         stage(g, lay.stage_w_off, p.in1, t * k * 4, stream)?;
     }
@@ -465,7 +446,7 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
     p.out0 = a.out_tokens.data;
     p.out1 = ptr(&a.out_weights);
     if p.staged != 0 {
-        let lay = state(g)?.sized.unwrap_or_else(|| unreachable!());
+        let lay = g.ht()?.sized.unwrap_or_else(|| unreachable!());
         let rows = call.recv_rows.min(lay.staging_rows);
         stage(g, lay.stage_tok_off, a.tokens.data, rows * call.row_bytes, stream)?;
         stage(g, lay.stage_w_off, p.in1, rows * if em { 4 } else { 4 * k }, stream)?;
