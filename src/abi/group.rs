@@ -26,7 +26,8 @@ pub unsafe extern "C" fn ncclEpCreateGroup(
     })
 }
 
-/// Destroys a group; all of its handles must be destroyed first.
+/// Destroys a group; all of its handles must be destroyed first. Collective for groups whose
+/// ranks span processes (the buffers are freed only once no peer maps them).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpGroupDestroy(ep_group: ncclEpGroup_t) -> ncclResult_t {
     ffi_call("ncclEpGroupDestroy", || {
@@ -39,7 +40,7 @@ pub unsafe extern "C" fn ncclEpGroupDestroy(ep_group: ncclEpGroup_t) -> ncclResu
             "the group still has {} live handle(s); destroy them with ncclEpHandleDestroy first",
             g.live_handles
         );
-        drop(objects::take_group(ep_group)?);
+        objects::take_group(ep_group)?.inner.destroy();
         Ok(())
     })
 }

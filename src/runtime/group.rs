@@ -166,4 +166,29 @@ impl Group {
             h.clear_timeout();
         }
     }
+
+    /// `ncclEpGroupDestroy`: releases the communication buffer of an NCCL group through the
+    /// destroy barrier when a peer lives in another process (`SharedBuffer::release`; every
+    /// rank destroys its group, as NVIDIA's destroy is collective too), then the rest.
+    pub fn destroy(mut self) {
+        let Membership::Nccl { comm, .. } = self.membership else {
+            return;
+        };
+        let nranks = self.params.nranks as usize;
+        // A masked or timed-out peer may be gone: waiting for it could hang.
+        let masked = self
+            .ll
+            .as_ref()
+            .is_some_and(|l| l.any_masked(self.device, nranks).unwrap_or(true));
+        let healthy = !masked && !self.async_error();
+        let shared = [
+            self.ll.as_mut().and_then(|l| l.shared.take()),
+            self.ht.as_mut().and_then(|h| h.shared.take()),
+        ];
+        for sb in shared.into_iter().flatten() {
+            // SAFETY: the group's communicator, which the caller keeps alive until its groups
+            // are destroyed (as for NVIDIA's library).
+            unsafe { sb.release(comm, nranks, healthy) };
+        }
+    }
 }

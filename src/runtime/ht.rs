@@ -16,22 +16,21 @@ use crate::core::ht_reference::{BadExpertId, HtPlanError};
 use crate::core::ht_rules::{HtLayoutOutputs, check_combine, check_dispatch};
 use crate::core::op_args::{CombineArgs, DispatchArgs};
 use crate::core::tensor::TensorView;
-use crate::cuda::memory::{self, DeviceMem, PinnedHostMem, Stream};
+use crate::cuda::memory::{self, PinnedHostMem, Stream};
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, Membership};
 use crate::runtime::handle::Handle;
 use crate::runtime::ht_kernels::{HtDtype, HtModule, launch_ht};
 use crate::runtime::ht_params::{HtHdr, HtParams};
 use crate::runtime::ll_params::EP_STATE_BYTES;
-use crate::transport::ipc::OpenedPeers;
+use crate::transport::ipc::SharedBuffer;
 
 /// The high-throughput state of one rank's group.
 pub struct HtState {
-    /// This rank's group buffer, NCCL groups only (local groups keep every rank's buffer in
-    /// their `LocalWorld`); None until the first handle sizes it.
-    pub buffer: Option<DeviceMem>,
-    /// Every rank's buffer as seen from here (NCCL groups, after the exchange).
-    pub peers: Option<(Vec<u64>, OpenedPeers)>,
+    /// This rank's group buffer and every rank's as seen from here, NCCL groups only (local
+    /// groups keep every rank's buffer in their `LocalWorld`); None until the first handle
+    /// sizes it.
+    pub shared: Option<SharedBuffer>,
     /// Some peer lives in another process: peers read staging copies, never caller tensors.
     pub multi_process: bool,
     /// The largest layout the buffer was sized for.
@@ -70,8 +69,7 @@ impl HtState {
         )? as i64;
         let timeout_cycles = ((g.params.timeout_ns as i128 * khz as i128) / 1_000_000).min(i64::MAX as i128) as i64;
         Ok(HtState {
-            buffer: None,
-            peers: None,
+            shared: None,
             multi_process: false,
             sized: None,
             state,
@@ -99,20 +97,11 @@ fn allocate(g: &mut Group, bytes: usize) -> Result<()> {
         Membership::Local { world } => world.ensure(bytes),
         Membership::Nccl { comm, .. } => {
             let comm = *comm;
-            let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
-            if g.ht()?.buffer.is_some() {
-                // Growing: nothing of this group may still run on the GPU.
-                crate::cuda::context::synchronize_current()?;
-            }
             let st = g.ht_mut()?;
-            st.peers = None;
-            st.buffer = None;
-            // SAFETY: the caller's communicator; all ranks size buffers in lockstep.
-            let (buf, ptrs, opened) = unsafe { crate::transport::ipc::alloc_shared(comm, rank, nranks, dev, bytes) }?;
-            let st = g.ht_mut()?;
-            st.multi_process |= !opened.is_empty();
-            st.buffer = Some(buf);
-            st.peers = Some((ptrs, opened));
+            // SAFETY: the caller's communicator; all ranks size buffers in lockstep and no
+            // operation of the group is in flight (handles are created collectively).
+            unsafe { crate::transport::ipc::resize(&mut st.shared, comm, rank, nranks, dev, bytes) }?;
+            st.multi_process |= st.shared.as_ref().is_some_and(SharedBuffer::cross_process);
             Ok(())
         }
     }
@@ -121,7 +110,7 @@ fn allocate(g: &mut Group, bytes: usize) -> Result<()> {
 fn buffer_bytes(g: &Group) -> Result<usize> {
     Ok(match &g.membership {
         Membership::Local { world } => world.buffer_bytes(),
-        Membership::Nccl { .. } => g.ht()?.buffer.as_ref().map_or(0, |b| b.len()),
+        Membership::Nccl { .. } => g.ht()?.shared.as_ref().map_or(0, |b| b.len()),
     })
 }
 
@@ -167,9 +156,9 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     let peers = match &g.membership {
         Membership::Local { world } => world.peers(lay.total_bytes)?.0,
         Membership::Nccl { .. } => st
-            .peers
+            .shared
             .as_ref()
-            .map(|(p, _)| p.clone())
+            .map(|b| b.peers().to_vec())
             .ok_or_else(|| crate::invalid_usage!("the group has no high-throughput buffer yet"))?,
     };
     let hl = HtHandleLayout::new(&g.params, &h.params)?;
@@ -370,7 +359,7 @@ fn stage(g: &Group, off: usize, src: u64, bytes: usize, stream: cudaStream_t) ->
     let me = g.params.rank as usize;
     let dst = match &g.membership {
         Membership::Local { world } => world.peers(0)?.0[me],
-        Membership::Nccl { .. } => g.ht()?.buffer.as_ref().map_or(0, |b| b.ptr()),
+        Membership::Nccl { .. } => g.ht()?.shared.as_ref().map_or(0, |b| b.ptr()),
     };
     // SAFETY: the staging region holds at least `bytes` (sized by the receive bound); the
     // caller's tensor holds them (checked shapes).

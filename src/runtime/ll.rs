@@ -8,7 +8,7 @@ use crate::core::ll_layout::LlLayout;
 use crate::core::ll_rules::{LlCall, check_combine, check_dispatch};
 use crate::core::op_args::{CombineArgs, DispatchArgs};
 use crate::core::tensor::TensorView;
-use crate::cuda::memory::{self, DeviceMem, PinnedHostMem};
+use crate::cuda::memory::{self, PinnedHostMem};
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, Membership};
 use crate::runtime::handle::Handle;
@@ -16,7 +16,7 @@ use crate::runtime::kernels::{LlKernel, launch_ll};
 use crate::runtime::ll_params::{
     EP_STATE_BYTES, ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
 };
-use crate::transport::ipc::OpenedPeers;
+use crate::transport::ipc::SharedBuffer;
 
 /// Threads per block of the LL kernels (their `__launch_bounds__`).
 pub const LL_THREADS: u32 = 512;
@@ -29,22 +29,12 @@ pub struct Pending {
     pub params: LlParams,
 }
 
-/// Where this rank's peers' buffers are.
-#[derive(Debug)]
-pub enum PeerTable {
-    /// None yet (NCCL groups before their first buffer; local groups always: their world
-    /// hands out the peers at each launch).
-    Unset,
-    /// Fixed after the IPC exchange of the last allocation.
-    Fixed { ptrs: Vec<u64>, _opened: OpenedPeers },
-}
-
 /// The low-latency state of one rank's group.
 pub struct LlState {
-    /// This rank's communication buffer, NCCL groups only (None until a handle sizes it, for
-    /// AUTO); local groups keep every rank's buffer in their `LocalWorld`.
-    pub buffer: Option<DeviceMem>,
-    pub peers: PeerTable,
+    /// This rank's communication buffer and every rank's as seen from here, NCCL groups only
+    /// (None until a handle sizes it, for AUTO); local groups keep every rank's buffer in their
+    /// `LocalWorld`, which hands out the peers at each launch.
+    pub shared: Option<SharedBuffer>,
     /// `struct EpState` (epoch and block counters), zeroed at creation.
     pub state: GroupMem,
     /// Host-mapped status (`ERR_BLOCK_BYTES`): the async error flag the kernels raise when a wait
@@ -113,8 +103,7 @@ impl LlState {
             _ => None,
         };
         Ok(LlState {
-            buffer: None,
-            peers: PeerTable::Unset,
+            shared: None,
             state,
             err,
             mask,
@@ -134,6 +123,19 @@ impl LlState {
     /// Clears the flag `timed_out` reads.
     pub fn clear_timeout(&self) {
         self.err.clear_flag()
+    }
+
+    /// True when this rank's mask (enable_mask groups) leaves some rank out: a peer that timed
+    /// out and may be gone. Reads the device (synchronous copy).
+    pub fn any_masked(&self, device: i32, nranks: usize) -> Result<bool> {
+        let Some(m) = &self.mask else {
+            return Ok(false);
+        };
+        let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
+        let mut v = vec![0i32; nranks];
+        // SAFETY: the mask block starts with N ints.
+        unsafe { memory::memcpy_dtoh(&mut v, m.ptr())? };
+        Ok(v.contains(&0))
     }
 
     /// Ranks (bit set) that did not reach the last `ncclEpMaskClean` barrier in time; valid once
@@ -157,7 +159,7 @@ pub fn layout(g: &Group, k: u32) -> Result<LlLayout> {
 fn buffer_bytes(g: &Group) -> Result<usize> {
     Ok(match &g.membership {
         Membership::Local { world } => world.buffer_bytes(),
-        Membership::Nccl { .. } => g.ll()?.buffer.as_ref().map_or(0, |b| b.len()),
+        Membership::Nccl { .. } => g.ll()?.shared.as_ref().map_or(0, |b| b.len()),
     })
 }
 
@@ -188,19 +190,9 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
         Membership::Local { world } => world.ensure(bytes)?,
         Membership::Nccl { comm, .. } => {
             let comm = *comm;
-            let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
-            if have > 0 {
-                // Growing: nothing of this group may still run on the GPU.
-                crate::cuda::context::synchronize_current()?;
-            }
-            let ll = g.ll_mut()?;
-            ll.buffer = None;
-            ll.peers = PeerTable::Unset;
-            // SAFETY: the communicator is the caller's; all ranks size buffers in lockstep.
-            let (buf, ptrs, opened) = unsafe { crate::transport::ipc::alloc_shared(comm, rank, nranks, dev, bytes) }?;
-            let ll = g.ll_mut()?;
-            ll.buffer = Some(buf);
-            ll.peers = PeerTable::Fixed { ptrs, _opened: opened };
+            // SAFETY: the communicator is the caller's; all ranks size buffers in lockstep and
+            // no operation of the group is in flight (handles are created collectively).
+            unsafe { crate::transport::ipc::resize(&mut g.ll_mut()?.shared, comm, rank, nranks, dev, bytes) }?;
         }
     }
     crate::abi::guard::log_info(format_args!(
@@ -213,10 +205,10 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
 /// The parameters every LL launch shares: peers, layout offsets, state.
 fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     let ll = g.ll()?;
-    let (peers, bytes) = match (&ll.peers, &g.membership) {
+    let (peers, bytes) = match (&ll.shared, &g.membership) {
         (_, Membership::Local { world }) => world.peers(lay.total_bytes)?,
-        (PeerTable::Fixed { ptrs, .. }, _) => (ptrs.clone(), ll.buffer.as_ref().map_or(0, |b| b.len())),
-        (PeerTable::Unset, _) => return Err(crate::invalid_usage!("the group has no low-latency buffer yet")),
+        (Some(sb), _) => (sb.peers().to_vec(), sb.len()),
+        (None, _) => return Err(crate::invalid_usage!("the group has no low-latency buffer yet")),
     };
     crate::ensure_usage!(lay.fits(bytes), "the low-latency buffer is too small for this handle");
     let mut p = LlParams::default();

@@ -1,5 +1,7 @@
 //! How ranks reach each other's memory. Kernels see plain pointers, never the transport.
 
+pub mod identity;
 pub mod ipc;
+pub mod ipc_maps;
 pub mod local;
 pub mod nccl;

@@ -1,0 +1,95 @@
+//! Who a peer is: the same host (CUDA IPC works) and the same process (raw pointers work).
+//!
+//! Host: the hash of the host name followed by the kernel's boot id, as NCCL computes its host
+//! hash (two machines or containers that share a host name still differ by boot id; containers
+//! of one machine share the boot id but usually not the name), or of `NCCL_HOSTID` alone when
+//! set, which overrides both in NCCL too. Process: the pid together with the pid namespace, since
+//! processes in different containers of one host can have the same pid.
+
+use std::sync::OnceLock;
+
+/// FNV-1a over bytes: stable across processes (std's hasher is randomly keyed).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
+        (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The host hash of a host name, boot id and `NCCL_HOSTID` (pure, for tests).
+pub fn host_hash(hostname: &str, boot_id: Option<&str>, nccl_hostid: Option<&str>) -> u64 {
+    if let Some(id) = nccl_hostid.filter(|s| !s.is_empty()) {
+        return fnv1a(id.as_bytes());
+    }
+    let mut s = hostname.to_string();
+    if let Some(b) = boot_id {
+        s.push_str(b.trim());
+    }
+    fnv1a(s.as_bytes())
+}
+
+fn hostname() -> String {
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most len bytes.
+    unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
+    let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+    String::from_utf8_lossy(&name[..end]).into_owned()
+}
+
+/// This host's identity (computed once).
+pub fn host_id() -> u64 {
+    static H: OnceLock<u64> = OnceLock::new();
+    *H.get_or_init(|| {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+        let env = std::env::var("NCCL_HOSTID").ok();
+        host_hash(&hostname(), boot.as_deref(), env.as_deref())
+    })
+}
+
+/// The pid namespace of a `/proc/self/ns/pid` link text such as `pid:[4026531836]` (pure).
+pub fn pid_namespace(link: Option<&str>) -> u64 {
+    link.map_or(0, |l| fnv1a(l.trim().as_bytes()))
+}
+
+/// This process on this host: (pid, pid namespace). Compare together with [`host_id`].
+pub fn process_id() -> (u32, u64) {
+    static NS: OnceLock<u64> = OnceLock::new();
+    let ns = *NS.get_or_init(|| {
+        let link = std::fs::read_link("/proc/self/ns/pid").ok();
+        pid_namespace(link.as_ref().and_then(|p| p.to_str()))
+    });
+    // Not cached: a forked child is another process.
+    (std::process::id(), ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_id_and_hostid_decide() {
+        let a = host_hash("node1", Some("0d6f-aa\n"), None);
+        assert_eq!(a, host_hash("node1", Some("0d6f-aa"), None), "trailing newline ignored");
+        assert_ne!(a, host_hash("node1", Some("77e1-bb"), None), "same name, other boot");
+        assert_ne!(a, host_hash("node2", Some("0d6f-aa"), None), "other name, same boot");
+        assert_ne!(a, host_hash("node1", None, None), "the boot id counts when readable");
+        // NCCL_HOSTID replaces name and boot id.
+        assert_eq!(
+            host_hash("node1", Some("x"), Some("rack7")),
+            host_hash("node9", Some("y"), Some("rack7"))
+        );
+        assert_eq!(host_hash("n", Some("b"), Some("")), host_hash("n", Some("b"), None));
+    }
+
+    #[test]
+    fn pid_namespaces_differ() {
+        assert_eq!(pid_namespace(None), 0);
+        assert_ne!(
+            pid_namespace(Some("pid:[4026531836]")),
+            pid_namespace(Some("pid:[4026532451]"))
+        );
+        let (pid, ns) = process_id();
+        assert_eq!(pid, std::process::id());
+        assert_eq!(process_id().1, ns);
+        assert_eq!(host_id(), host_id());
+    }
+}
