@@ -510,14 +510,7 @@ use std::time::{Duration, Instant};
 const MASK_TIMEOUT_NS: u64 = 200_000_000;
 
 fn effective_timeout() -> Duration {
-    match std::env::var("NCCL_EP_TIMEOUT_MS")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|&v| v > 0)
-    {
-        Some(ms) => Duration::from_millis(ms),
-        None => Duration::from_nanos(MASK_TIMEOUT_NS),
-    }
+    timeout_or_env(MASK_TIMEOUT_NS)
 }
 
 /// A local world of `c.nranks` ranks with the given enable_mask and the short timeout.
@@ -882,7 +875,6 @@ fn ll_trap_child() {
 //   NCCL_EP_STRESS_RANKS    the worlds, e.g. "1,2" (default "1,2,4,8")
 //   NCCL_EP_STRESS_SEED     seed (default 2026)
 
-use nccl_ep::abi::enums::dtype;
 use nccl_ep::abi::handle::{ncclEpInitHandle, ncclEpUpdateHandle};
 use nccl_ep::core::reference::{
     LlCombineIn, LlDispatchOut, LlPoison, LlWorld, ll_combine_ref_masked, ll_dispatch_ref_masked,
@@ -953,23 +945,6 @@ impl StressStats {
             self.fail(format!("{}: {d} wrong bytes of {}", what(), w.len()));
         }
     }
-}
-
-/// Sets every descriptor of a rank's buffers to this call's shape (buffers have room for B
-/// tokens of STRESS_HMAX elements).
-fn reshape_rank(c: &Case, b: &mut RankBufs, t: usize) {
-    let (n, l, bb, h, k) = (c.nranks, c.local_experts, c.max_tokens, c.hidden, c.topk);
-    let em = c.layout == Layout::ExpertMajor;
-    b.tokens.reshape(dtype::BFLOAT16, &[t, h]);
-    b.topk
-        .reshape(if c.idx64 { dtype::INT64 } else { dtype::INT32 }, &[t, k]);
-    b.weights.reshape(dtype::FLOAT32, &[t, k]);
-    let out: [usize; 3] = if em { [l, n * bb, h] } else { [n, bb, h] };
-    b.out.reshape(dtype::BFLOAT16, &out);
-    b.x.reshape(dtype::BFLOAT16, &out);
-    b.counters.reshape(dtype::INT32, &[if em { l } else { n }]);
-    b.comb_w.reshape(dtype::FLOAT32, &[t, k]);
-    b.comb_out.reshape(dtype::BFLOAT16, &[t, h]);
 }
 
 /// Uploads a rank's inputs and poisons its outputs on the device (call `sync_legacy` after).

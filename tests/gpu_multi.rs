@@ -3,15 +3,17 @@
     clippy::macro_metavars_in_unsafe,
     clippy::too_many_arguments
 )]
-//! Dispatch and combine on real NCCL communicators, one rank per GPU (issue 7), checked against
-//! the CPU reference on every rank.
+//! Dispatch and combine on real NCCL communicators, checked against the CPU reference on every
+//! rank: one rank per GPU (issue 7), or several processes on one GPU (NCCL >= 2.30 with
+//! `NCCL_MULTI_RANK_GPU_ENABLE=1`; the processes time-slice the GPU, so this checks
+//! correctness, not speed, and runs our CUDA IPC path between processes for real).
 //!
 //! Two ways to run it:
 //! - **one process per rank**: the launcher sets the rank and world size (`EP_RANK`/`EP_WORLD`,
 //!   or `mpirun`'s `OMPI_COMM_WORLD_*` / `PMI_*`; no MPI library is used). Rank 0 writes the NCCL
 //!   unique id into `EP_BOOTSTRAP_DIR`, every rank reads it and calls `ncclCommInitRank` on
-//!   device `local rank % visible devices` (tests/gpu/multi.rs). `scripts/multi_gpu.sh N` does
-//!   all of this;
+//!   device `local rank % visible devices` (tests/gpu/multi.rs). `scripts/multi_gpu.sh DIR N`
+//!   does all of this;
 //! - **one process, one thread per GPU** (no launcher variables): `ncclCommInitAll` over every
 //!   visible GPU (`EP_MULTI_GPUS=n` takes the first n); with one GPU that is a 1-rank world.
 //!
@@ -19,23 +21,34 @@
 //! steps in the same order. Every rank regenerates every rank's routing, tokens, expert outputs
 //! and weights from a shared seed, so each one can compute the whole world's reference and
 //! compare its own outputs with it: nothing but the library's own traffic crosses ranks.
+//! Groups are destroyed explicitly at the end of each step (`Group::destroy`: collective when
+//! ranks span processes); a failing step leaves its group alone, so that the failing rank never
+//! waits in a destroy barrier its peers will not reach.
 //!
 //! Steps (`STEPS`): LL matrix (both layouts, K 1/2/8, H 2048/7168, T 0/1/B/random, uniform,
 //! skewed and duplicate-expert routings, int32/int64 ids, local/global ids), LL send_only +
-//! ncclEpComplete, two handles interleaved on one group (the AUTO buffer grows, collectively),
-//! LL CUDA-graph replays, and HT rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment),
-//! which print "skipped" while the library answers HT with "not implemented yet".
+//! ncclEpComplete, two handles interleaved on one group, AUTO growth (`ll_growth`: a handle
+//! with a larger top-k grows the buffer while an older handle lives, then rounds on both;
+//! `ht_growth`), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
+//! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), and HT
+//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment). Opt-in and alone:
+//! `EP_MULTI_ONLY=mask_kill` (`ll_mask_kill`: one process kills itself with SIGKILL before its
+//! dispatch; the others finish without it; tests/gpu_multi/masks.rs).
 //!
 //! Environment: `EP_MULTI_QUICK=1` (fewer LL matrix rounds), `EP_MULTI_ONLY=a,b` (steps whose
 //! name contains one of these), `EP_MULTI_SEED`, `EP_MULTI_KEEP_GOING=1` (go on after a mismatch;
 //! default: the first mismatch ends the process with status 1, its peers then time out),
-//! `EP_MULTI_TIMEOUT_S` (default 900: the process exits 124 when still running), plus those
-//! of tests/gpu/multi.rs. Each rank ends with one line `RESULT rank r/N: PASS|FAIL ...`.
-//! Without a GPU (or without libnccl.so.2, when no launcher asked for ranks) it prints
-//! "skipped".
+//! `EP_MULTI_TIMEOUT_S` (default 900: the process exits 124 when still running),
+//! `EP_MULTI_MASK_SLACK_MS`, `EP_MULTI_KILL_RANK`, plus those of tests/gpu/multi.rs. Each rank
+//! ends with one line `RESULT rank r/N: PASS|FAIL ...`. Without a GPU (or without
+//! libnccl.so.2, when no launcher asked for ranks) it prints "skipped".
 
+#[path = "gpu_multi/growth.rs"]
+mod growth;
 #[path = "gpu/harness.rs"]
 mod harness;
+#[path = "gpu_multi/masks.rs"]
+mod masks;
 #[path = "gpu/multi.rs"]
 mod multi;
 
@@ -62,6 +75,9 @@ struct Opts {
     only: Vec<String>,
 }
 
+/// The opt-in step that kills a process (`EP_MULTI_ONLY` must name it exactly).
+const KILL_STEP: &str = "mask_kill";
+
 impl Opts {
     fn from_env() -> Opts {
         let flag = |n: &str| std::env::var(n).is_ok_and(|v| v == "1");
@@ -80,6 +96,12 @@ impl Opts {
                 .collect(),
         }
     }
+
+    /// `EP_MULTI_ONLY` names the kill step: it runs alone (it leaves the communicator with a
+    /// dead member).
+    fn kill(&self) -> bool {
+        self.only.iter().any(|o| o == KILL_STEP)
+    }
 }
 
 /// What one rank knows about itself.
@@ -91,6 +113,8 @@ struct Rank<'a> {
     nccl: &'a NcclLib,
     opts: &'a Opts,
     who: String,
+    /// One process per rank (else one thread per rank in this process).
+    process: bool,
 }
 
 impl Rank<'_> {
@@ -136,6 +160,8 @@ impl Tally {
 // ---------------------------------------------------------------------------------------------
 // Library objects with destructors
 
+/// This rank's EP group. `destroy` destroys it (collective when the ranks span processes);
+/// dropped without it (a failing step) it is left alone.
 struct Group(ncclEpGroup_t);
 
 impl Group {
@@ -144,11 +170,11 @@ impl Group {
         ep_ok!(ncclEpCreateGroup(&mut g, r.comm, cfg));
         Ok(Group(g))
     }
-}
 
-impl Drop for Group {
-    fn drop(&mut self) {
-        unsafe { ncclEpGroupDestroy(self.0) };
+    /// `ncclEpGroupDestroy`, every handle of the group destroyed first.
+    fn destroy(self) -> Result<(), String> {
+        ep_ok!(ncclEpGroupDestroy(self.0));
+        Ok(())
     }
 }
 
@@ -220,14 +246,21 @@ fn upload_combine_inputs(b: &RankBufs, me: usize, xs: &[Vec<u16>], ws: &[Vec<f32
     b.comb_w.upload(&ws[me])
 }
 
-/// This rank's dispatch outputs against the reference: the mismatches (empty when equal).
-fn check_dispatch_rank(c: &Case, world: &LlWorld, me: usize, b: &RankBufs) -> Result<Vec<String>, String> {
+/// This rank's dispatch outputs against the reference with rank masks `links`
+/// (`LlLinks::all` without masks): the mismatches (empty when equal).
+fn check_dispatch_rank(
+    c: &Case,
+    world: &LlWorld,
+    me: usize,
+    b: &RankBufs,
+    links: &LlLinks,
+) -> Result<Vec<String>, String> {
     let kind = if c.global_ids {
         ExpertIdKind::Global
     } else {
         ExpertIdKind::Local
     };
-    let want = ll_dispatch_ref(
+    let want = ll_dispatch_ref_masked(
         world,
         c.layout,
         kind,
@@ -235,6 +268,7 @@ fn check_dispatch_rank(c: &Case, world: &LlWorld, me: usize, b: &RankBufs) -> Re
             token: POISON_TOKEN,
             weight: POISON_WEIGHT,
         },
+        links,
     );
     let w = &want[me];
     let mut bad = Vec::new();
@@ -290,12 +324,13 @@ fn check_combine_rank(
     b: &RankBufs,
     xs: &[Vec<u16>],
     ws: &[Vec<f32>],
+    links: &LlLinks,
 ) -> Result<Vec<String>, String> {
     let input = match c.layout {
         Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: xs, weights: ws },
         _ => LlCombineIn::RankMajor { y: xs },
     };
-    let want = ll_combine_ref(world, input);
+    let want = ll_combine_ref_masked(world, input, links);
     Ok(compare_bf16_close("combine", &b.comb_out.download::<u16>()?, &want[me])
         .err()
         .into_iter()
@@ -315,7 +350,8 @@ fn ll_round(r: &Rank, g: &Group, s: &Stream, c: &Case, rng: &mut SplitMix64) -> 
         complete(h.0, s)?;
     }
     s.sync()?;
-    let mut bad = check_dispatch_rank(c, &world, me, &b)?;
+    let all = LlLinks::all(r.world);
+    let mut bad = check_dispatch_rank(c, &world, me, &b, &all)?;
     let (xs, ws) = combine_inputs(c, &world, rng);
     upload_combine_inputs(&b, me, &xs, &ws)?;
     combine(c, h.0, &mut b, s, c.send_only)?;
@@ -323,7 +359,7 @@ fn ll_round(r: &Rank, g: &Group, s: &Stream, c: &Case, rng: &mut SplitMix64) -> 
         complete(h.0, s)?;
     }
     s.sync()?;
-    bad.extend(check_combine_rank(c, &world, me, &b, &xs, &ws)?);
+    bad.extend(check_combine_rank(c, &world, me, &b, &xs, &ws, &all)?);
     Ok(bad)
 }
 
@@ -373,6 +409,7 @@ fn ll_matrix(r: &Rank, t: &mut Tally) -> Result<(), String> {
                 }
             }
         }
+        g.destroy()?;
         r.barrier()?;
     }
     Ok(())
@@ -391,6 +428,7 @@ fn ll_send_only(r: &Rank, t: &mut Tally) -> Result<(), String> {
             let bad = ll_round(r, &g, &s, &c, &mut rng)?;
             t.record(r, &format!("ll_send_only {}", round_name(&c)), bad)?;
         }
+        g.destroy()?;
         r.barrier()?;
     }
     Ok(())
@@ -423,8 +461,9 @@ fn ll_two_handles(r: &Rank, t: &mut Tally) -> Result<(), String> {
         dispatch(&a, ha.0, &mut ba, &s, false)?;
         dispatch(&bc, hb.0, &mut bb, &s, false)?;
         s.sync()?;
-        let mut bad = check_dispatch_rank(&a, &wa, me, &ba)?;
-        bad.extend(check_dispatch_rank(&bc, &wb, me, &bb)?);
+        let all = LlLinks::all(r.world);
+        let mut bad = check_dispatch_rank(&a, &wa, me, &ba, &all)?;
+        bad.extend(check_dispatch_rank(&bc, &wb, me, &bb, &all)?);
         let (xa, wa_) = combine_inputs(&a, &wa, &mut rng);
         let (xb, wb_) = combine_inputs(&bc, &wb, &mut rng);
         upload_combine_inputs(&ba, me, &xa, &wa_)?;
@@ -432,10 +471,11 @@ fn ll_two_handles(r: &Rank, t: &mut Tally) -> Result<(), String> {
         combine(&a, ha.0, &mut ba, &s, false)?;
         combine(&bc, hb.0, &mut bb, &s, false)?;
         s.sync()?;
-        bad.extend(check_combine_rank(&a, &wa, me, &ba, &xa, &wa_)?);
-        bad.extend(check_combine_rank(&bc, &wb, me, &bb, &xb, &wb_)?);
+        bad.extend(check_combine_rank(&a, &wa, me, &ba, &xa, &wa_, &all)?);
+        bad.extend(check_combine_rank(&bc, &wb, me, &bb, &xb, &wb_, &all)?);
         t.record(r, &format!("ll_two_handles round {i}"), bad)?;
     }
+    g.destroy()?;
     r.barrier()
 }
 
@@ -489,8 +529,9 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
                 upload_combine_inputs(&b, me, &xs, &ws)?;
                 cu(unsafe { sys::cuGraphLaunch(exec, s.0) }, "cuGraphLaunch")?;
                 s.sync()?;
-                let mut bad = check_dispatch_rank(&c, &world, me, &b)?;
-                bad.extend(check_combine_rank(&c, &world, me, &b, &xs, &ws)?);
+                let all = LlLinks::all(r.world);
+                let mut bad = check_dispatch_rank(&c, &world, me, &b, &all)?;
+                bad.extend(check_combine_rank(&c, &world, me, &b, &xs, &ws, &all)?);
                 t.record(r, &format!("ll_graph_replays {layout:?} replay {i}"), bad)?;
             }
             Ok(())
@@ -502,6 +543,7 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
         }
         res?;
         drop(h);
+        g.destroy()?;
         r.barrier()?;
     }
     Ok(())
@@ -807,7 +849,7 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
             HtOutcome::Checked(bad) => t.record(r, &format!("ht {c:?}"), bad)?,
         }
     }
-    drop(g);
+    g.destroy()?;
     r.barrier()
 }
 
@@ -821,15 +863,19 @@ const STEPS: &[(&str, StepFn)] = &[
     ("ll_matrix", ll_matrix),
     ("ll_send_only", ll_send_only),
     ("ll_two_handles", ll_two_handles),
+    ("ll_growth", growth::ll_growth),
     ("ll_graph_replays", ll_graph_replays),
+    ("ll_mask_silent", masks::ll_mask_silent),
     ("ht_rounds", ht_rounds),
+    ("ht_growth", growth::ht_growth),
 ];
 
 /// Runs every step on one rank; prints its summary and the group-wide totals. Err: this rank
 /// could not go on (the caller ends the process).
 fn run_rank(r: &Rank) -> Result<Tally, String> {
     let mut t = Tally::default();
-    for &(name, step) in STEPS {
+    let kill: &[(&str, StepFn)] = &[("ll_mask_kill", masks::ll_mask_kill)];
+    for &(name, step) in if r.opts.kill() { kill } else { STEPS } {
         if !r.opts.only.is_empty() && !r.opts.only.iter().any(|o| name.contains(o.as_str())) {
             continue;
         }
@@ -847,14 +893,17 @@ fn run_rank(r: &Rank) -> Result<Tally, String> {
     Ok(t)
 }
 
-/// Whole-group totals (collective), then this rank's RESULT line. True when this rank passed.
+/// Whole-group totals (collective; not after the kill step, whose communicator has a dead
+/// member: then this rank's own), then this rank's RESULT line. True when this rank passed.
 fn report(r: &Rank, t: &Tally) -> bool {
-    let sums = r.nccl.sum_i64(
-        r.comm,
-        r.device,
-        &[t.passed as i64, t.failed.len() as i64, t.skipped.len() as i64],
-    );
+    let mine = [t.passed as i64, t.failed.len() as i64, t.skipped.len() as i64];
+    let sums = if r.opts.kill() {
+        Ok(mine.to_vec())
+    } else {
+        r.nccl.sum_i64(r.comm, r.device, &mine)
+    };
     let all = match &sums {
+        Ok(_) if r.opts.kill() => format!("no group totals: rank {} is dead by design", masks::kill_rank(r.world)),
         Ok(v) => format!(
             "all {} ranks: {} passed, {} failed, {} skipped",
             r.world, v[0], v[1], v[2]
@@ -883,9 +932,11 @@ fn fail_now(who: &str, e: &str) -> ! {
     println!("RESULT {who}: FAIL ({e})");
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
     // Peers wait for this rank on the GPU and in NCCL: ending the process lets them time out
-    // (NCCL_EP_TIMEOUT_MS, EP_MULTI_TIMEOUT_S) instead of tearing down half-way here.
-    std::process::exit(1);
+    // (the groups' timeouts, EP_MULTI_TIMEOUT_S) instead of tearing down half-way here. _exit:
+    // the teardown NCCL and CUDA do at exit could wait for those peers in turn.
+    unsafe { libc::_exit(1) };
 }
 
 fn watchdog_secs() -> u64 {
@@ -909,6 +960,9 @@ fn process_mode(nccl: &NcclLib, l: &Launch, opts: &Opts) -> bool {
         nccl.version,
         nccl.path
     );
+    if let Err(e) = check_nccl(nccl, l.world, ndev as usize) {
+        fail_now(&who, &e);
+    }
     let comm = (|| -> Result<ncclComm_t, String> {
         let dir = bootstrap_dir(l.world)?;
         let path = id_path(&dir, "gpu_multi");
@@ -939,13 +993,52 @@ fn process_mode(nccl: &NcclLib, l: &Launch, opts: &Opts) -> bool {
         nccl,
         opts,
         who: who.clone(),
+        process: true,
     };
     let t = run_rank(&r).unwrap_or_else(|e| fail_now(&who, &e));
     let ok = report(&r, &t);
-    if let Err(e) = nccl.destroy(comm, device) {
+    if opts.kill() {
+        // ncclCommDestroy, and the teardown NCCL and CUDA do at exit, would deal with a dead
+        // member: end the process here, with the status the RESULT line says.
+        println!("{who}: exiting without destroying the communicator (a member is dead)");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    } else if let Err(e) = nccl.destroy(comm, device) {
         println!("{who}: {e}");
     }
     ok
+}
+
+/// The NCCL of this run can do what the launch asks: ranks sharing a GPU need NCCL >= 2.30
+/// with `NCCL_MULTI_RANK_GPU_ENABLE=1`, and the library under test must have resolved the same
+/// NCCL as this test (`EP_NCCL_LIB`), not another libnccl.so.2 on the loader path.
+fn check_nccl(nccl: &NcclLib, world: usize, ndev: usize) -> Result<(), String> {
+    let lib = nccl_ep::transport::nccl::Nccl::get().map_err(|e| e.msg)?;
+    if lib.runtime_version() != nccl.version {
+        return Err(format!(
+            "the library under test uses NCCL {} but {} is NCCL {}: point EP_NCCL_LIB and LD_LIBRARY_PATH at one NCCL",
+            lib.runtime_version(),
+            nccl.path,
+            nccl.version
+        ));
+    }
+    if ndev > 0 && world > ndev {
+        let per_gpu = world.div_ceil(ndev);
+        if nccl.version < 23000 {
+            return Err(format!(
+                "{world} ranks on {ndev} GPU(s) ({per_gpu} per GPU) need NCCL >= 2.30 (this is {}): build it (docs/BUILDING.md) and set EP_NCCL_LIB",
+                nccl.version
+            ));
+        }
+        if std::env::var("NCCL_MULTI_RANK_GPU_ENABLE").as_deref() != Ok("1") {
+            return Err(format!(
+                "{world} ranks on {ndev} GPU(s) need NCCL_MULTI_RANK_GPU_ENABLE=1 (scripts/multi_gpu.sh sets it)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One process, one thread per GPU, communicators from ncclCommInitAll.
@@ -981,6 +1074,7 @@ fn threads_mode(nccl: &NcclLib, opts: &Opts) -> bool {
                         nccl,
                         opts,
                         who: who.clone(),
+                        process: false,
                     };
                     let t = run_rank(&r).unwrap_or_else(|e| fail_now(&who, &e));
                     report(&r, &t)

@@ -264,6 +264,23 @@ pub fn alloc_rank(c: &Case, device: i32, t: usize) -> Result<RankBufs, String> {
     })
 }
 
+/// Sets every descriptor of a rank's buffers to this call's shape (the buffers were allocated
+/// for B tokens of the largest hidden size used with them).
+pub fn reshape_rank(c: &Case, b: &mut RankBufs, t: usize) {
+    let (n, l, bb, h, k) = (c.nranks, c.local_experts, c.max_tokens, c.hidden, c.topk);
+    let em = c.layout == Layout::ExpertMajor;
+    b.tokens.reshape(dtype::BFLOAT16, &[t, h]);
+    b.topk
+        .reshape(if c.idx64 { dtype::INT64 } else { dtype::INT32 }, &[t, k]);
+    b.weights.reshape(dtype::FLOAT32, &[t, k]);
+    let out: [usize; 3] = if em { [l, n * bb, h] } else { [n, bb, h] };
+    b.out.reshape(dtype::BFLOAT16, &out);
+    b.x.reshape(dtype::BFLOAT16, &out);
+    b.counters.reshape(dtype::INT32, &[if em { l } else { n }]);
+    b.comb_w.reshape(dtype::FLOAT32, &[t, k]);
+    b.comb_out.reshape(dtype::BFLOAT16, &[t, h]);
+}
+
 /// Uploads a rank's dispatch inputs and poisons its outputs.
 pub fn load_inputs(c: &Case, b: &RankBufs, inp: &LlRankInput) -> Result<(), String> {
     b.tokens.upload(&inp.tokens)?;
@@ -506,9 +523,27 @@ pub fn check_combine_links(
 // ---------------------------------------------------------------------------------------------
 // Masks
 
-/// `ncclEpMaskQuery` of one rank, read back (waits for `s`).
+/// The wait bound of a group configured with `default_ns`: `NCCL_EP_TIMEOUT_MS` overrides every
+/// group's timeout when set to a positive number.
+pub fn timeout_or_env(default_ns: u64) -> std::time::Duration {
+    match std::env::var("NCCL_EP_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&v| v > 0)
+    {
+        Some(ms) => std::time::Duration::from_millis(ms),
+        None => std::time::Duration::from_nanos(default_ns),
+    }
+}
+
+/// `ncclEpMaskQuery` of one rank on device 0, read back (waits for `s`).
 pub fn mask_of(g: ncclEpGroup_t, nranks: usize, s: &Stream) -> Result<Vec<i32>, String> {
-    let t = DevTensor::new(0, dtype::INT32, &[nranks])?;
+    mask_of_on(0, g, nranks, s)
+}
+
+/// `ncclEpMaskQuery` of one rank whose group is on `device`, read back (waits for `s`).
+pub fn mask_of_on(device: i32, g: ncclEpGroup_t, nranks: usize, s: &Stream) -> Result<Vec<i32>, String> {
+    let t = DevTensor::new(device, dtype::INT32, &[nranks])?;
     t.fill(-1i32)?;
     ep_ok!(nccl_ep::abi::mask::ncclEpMaskQuery(g, t.mem.ptr() as *mut i32, s.raw()));
     s.sync()?;
