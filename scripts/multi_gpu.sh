@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
-# Multi-GPU runs of the prebuilt test binary of tests/gpu_multi.rs (issue 7); builds nothing.
+# Multi-rank runs of the prebuilt test binary of tests/gpu_multi.rs (issues 7 and 11); builds
+# nothing.
 #
 #   scripts/multi_gpu.sh DIR [N]
 #
 # DIR holds `gpu_multi` (the cargo test binary target/release/deps/gpu_multi-<hash>, copied under
 # that name; it links the library statically) and may hold `libnccl_ep.so` (not used here: it is
-# for `make bench` with NCCL_EP_LIB=DIR/libnccl_ep.so). N = ranks, one process and one GPU each
-# (default: every visible GPU). It runs
-#   1. N processes: `mpirun -np N` when mpirun is on PATH (MULTI_GPU_LAUNCHER=plain: background
-#      processes with EP_RANK/EP_WORLD instead); the NCCL unique id goes through a fresh
-#      directory (EP_BOOTSTRAP_DIR) under the log directory;
-#   2. one process with one thread per GPU (ncclCommInitAll over the first N GPUs);
+# for `make bench` with NCCL_EP_LIB=DIR/libnccl_ep.so). N = ranks, one process each (default:
+# every visible GPU). N may exceed the GPUs: then several processes share each GPU (one
+# communicator; NCCL >= 2.30 with NCCL_MULTI_RANK_GPU_ENABLE=1, which this script sets; the
+# processes time-slice the GPU, so this checks correctness, not speed). It runs
+#   1. N processes, every step of the suite: `mpirun --allow-run-as-root --oversubscribe -np N`
+#      when mpirun is Open MPI's (MULTI_GPU_LAUNCHER=plain: background processes with
+#      EP_RANK/EP_WORLD instead); the NCCL unique id goes through a fresh directory
+#      (EP_BOOTSTRAP_DIR) under the log directory;
+#   2. one process with one thread per GPU (ncclCommInitAll over min(N, GPUs) GPUs);
+#   3. (N >= 2) the kill test: N plain background processes with EP_MULTI_ONLY=mask_kill; rank
+#      N-1 raises SIGKILL on itself before a dispatch (never under mpirun, which would end the
+#      whole job); its exit status must be 137 and its log must say it killed itself, every
+#      other rank must finish within the mask timeout and report PASS;
 # then prints one line per rank (PASS/FAIL) and exits 1 if anything failed.
 #
-# Logs: $OUT/multi-gpu/rank-R.log and threads.log (OUT unset: build/multi-gpu under the repo);
-# MULTI_GPU_TAR=1 packs them into $OUT/multi-gpu.tar.gz instead. The end of every failing log is
-# printed.
-# Environment: MULTI_GPU_LAUNCHER=auto|mpirun|plain, MULTI_GPU_THREADS=0 (skip step 2),
-#   MULTI_GPU_PROCS=0 (skip step 1), MULTI_GPU_TIMEOUT (seconds per step, default 900),
-#   MULTI_GPU_MPIRUN_ARGS (extra mpirun arguments), EP_NCCL_LIB (the libnccl.so.2 to load),
-#   NCCL_EP_TIMEOUT_MS (default here 10000), and the test's own EP_MULTI_QUICK, EP_MULTI_ONLY,
-#   EP_MULTI_SEED, EP_MULTI_KEEP_GOING (tests/gpu_multi.rs).
+# Logs: $OUT/multi-gpu/rank-R.log, threads.log and kill-rank-R.log (OUT unset: build/multi-gpu
+# under the repo); MULTI_GPU_TAR=1 packs them into $OUT/multi-gpu.tar.gz instead. The end of
+# every failing log is printed.
+# Environment: MULTI_GPU_LAUNCHER=auto|mpirun|plain, MULTI_GPU_PROCS=0 (skip step 1),
+#   MULTI_GPU_THREADS=0 (skip step 2), MULTI_GPU_KILL=0|1|only (skip step 3 / run / run it
+#   alone), MULTI_GPU_TIMEOUT (seconds per step, default 900), MULTI_GPU_MPIRUN_ARGS (extra
+#   mpirun arguments), EP_NCCL_LIB (the libnccl.so.2 to load; else $NCCL_HOME/lib/libnccl.so.2,
+#   else the loader's, else the nvidia-nccl-cu* wheel of python3), NCCL_MAX_CTAS (default 4
+#   when more than 2 ranks share a GPU, as NCCL's documentation advises), NCCL_EP_TIMEOUT_MS
+#   (passed on when set; it overrides every group's timeout, the 2 s of the mask steps too), and
+#   the test's own EP_MULTI_QUICK, EP_MULTI_ONLY, EP_MULTI_SEED, EP_MULTI_KEEP_GOING,
+#   EP_MULTI_MASK_SLACK_MS (tests/gpu_multi.rs).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ $# -lt 1 || ! -d "$1" ]]; then
@@ -46,20 +58,25 @@ if ! [[ "$N" =~ ^[1-9][0-9]*$ ]]; then
   echo "multi_gpu.sh: N must be a positive number of ranks, not '$N'" >&2
   exit 2
 fi
-if [[ "$N" -gt "$NGPU" ]]; then
-  echo "multi_gpu.sh: warning: $N ranks on $NGPU GPU(s): NCCL refuses two ranks of one communicator on one GPU"
-fi
+case "${EP_MULTI_ONLY:-}" in
+  *mask_kill*)
+    echo "multi_gpu.sh: the kill test runs in step 3 only (MULTI_GPU_KILL=only runs it alone); drop mask_kill from EP_MULTI_ONLY" >&2
+    exit 2 ;;
+esac
 
 LOGDIR="${OUT:-$ROOT/build}/multi-gpu"
 rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR"
 T="${MULTI_GPU_TIMEOUT:-900}"
 export NCCL_NVLS_ENABLE=0                       # never NVLink multicast (shared machines)
-export NCCL_EP_TIMEOUT_MS="${NCCL_EP_TIMEOUT_MS:-10000}"
 export EP_MULTI_TIMEOUT_S="$T"                  # the test's own watchdog
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-# Find libnccl.so.2 when the loader would not: the nvidia-nccl-cu* wheel of the python3 here.
+# The NCCL to load: EP_NCCL_LIB, else a source build under NCCL_HOME, else what the loader finds,
+# else the nvidia-nccl-cu* wheel of the python3 here.
+if [[ -z "${EP_NCCL_LIB:-}" && -n "${NCCL_HOME:-}" && -f "$NCCL_HOME/lib/libnccl.so.2" ]]; then
+  export EP_NCCL_LIB="$NCCL_HOME/lib/libnccl.so.2"
+fi
 if [[ -z "${EP_NCCL_LIB:-}" ]] && ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so\.2 '; then
   found=""
   IFS=: read -r -a lpath <<<"${LD_LIBRARY_PATH:-}"
@@ -71,6 +88,30 @@ if [[ -z "${EP_NCCL_LIB:-}" ]] && ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.
   if [[ -n "$found" ]]; then
     export EP_NCCL_LIB="$found"
   fi
+fi
+if [[ -n "${EP_NCCL_LIB:-}" ]]; then
+  if [[ ! -f "$EP_NCCL_LIB" ]]; then
+    echo "multi_gpu.sh: EP_NCCL_LIB=$EP_NCCL_LIB does not exist" >&2
+    exit 2
+  fi
+  # Its directory first on the loader path: anything that loads libnccl.so.2 by name gets it.
+  nccl_dir=$(dirname "$EP_NCCL_LIB")
+  export LD_LIBRARY_PATH="$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+# Several ranks per GPU: NCCL >= 2.30 and its opt-in (the test checks both again).
+PER_GPU=$(( (N + NGPU - 1) / NGPU ))
+if [[ "$PER_GPU" -gt 1 ]]; then
+  export NCCL_MULTI_RANK_GPU_ENABLE=1
+  if [[ "$PER_GPU" -gt 2 && -z "${NCCL_MAX_CTAS:-}" ]]; then
+    export NCCL_MAX_CTAS=4                      # NCCL's advice beyond 2 ranks per GPU
+  fi
+  real=$(readlink -f "${EP_NCCL_LIB:-/nonexistent}" 2>/dev/null || true)
+  if [[ "$real" =~ libnccl\.so\.2\.([0-9]+)\.([0-9]+) ]] && [[ "${BASH_REMATCH[1]}" -lt 30 ]]; then
+    echo "multi_gpu.sh: $N ranks on $NGPU GPU(s) need NCCL >= 2.30; $real is older (docs/BUILDING.md, \"Multi-GPU runs\")" >&2
+    exit 2
+  fi
+  echo "== $PER_GPU rank(s) per GPU: NCCL_MULTI_RANK_GPU_ENABLE=1${NCCL_MAX_CTAS:+ NCCL_MAX_CTAS=$NCCL_MAX_CTAS}; the processes time-slice the GPU"
 fi
 echo "== multi_gpu.sh: $N rank(s) on $NGPU visible GPU(s); NCCL: ${EP_NCCL_LIB:-libnccl.so.2 from the loader path}; logs in $LOGDIR"
 
@@ -104,27 +145,52 @@ summarize() {
   fi
 }
 
-if [[ "${MULTI_GPU_PROCS:-1}" != 0 ]]; then
+# Starts N background processes of BIN with EP_RANK/EP_WORLD; logs to $LOGDIR/PREFIXrank-R.log;
+# fills `statuses` with their exit statuses.
+run_plain() {
+  local prefix="$1" pids=() r
+  statuses=()
+  for ((r = 0; r < N; r++)); do
+    EP_RANK=$r EP_WORLD=$N EP_LOCAL_RANK=$r timeout "$((T + 60))" "$BIN" --nocapture \
+      >"$LOGDIR/${prefix}rank-$r.log" 2>&1 &
+    pids+=($!)
+  done
+  for ((r = 0; r < N; r++)); do
+    wait "${pids[$r]}"
+    statuses+=("$?")
+  done
+}
+
+fresh_bootstrap() {
+  export EP_BOOTSTRAP_DIR="$LOGDIR/bootstrap-$1"
+  EP_BOOTSTRAP_TAG="$$-$1-$(date +%s)"
+  export EP_BOOTSTRAP_TAG
+  mkdir -p "$EP_BOOTSTRAP_DIR"
+}
+
+KILL="${MULTI_GPU_KILL:-1}"
+
+if [[ "${MULTI_GPU_PROCS:-1}" != 0 && "$KILL" != only ]]; then
   launcher="${MULTI_GPU_LAUNCHER:-auto}"
   if [[ "$launcher" == auto ]]; then
     if command -v mpirun >/dev/null 2>&1; then launcher=mpirun; else launcher=plain; fi
   fi
-  export EP_BOOTSTRAP_DIR="$LOGDIR/bootstrap"
-  export EP_BOOTSTRAP_TAG="$$-$(date +%s)"
-  mkdir -p "$EP_BOOTSTRAP_DIR"
+  fresh_bootstrap procs
   echo "== $N process(es), launcher: $launcher"
   start=$(date +%s)
   if [[ "$launcher" == mpirun ]]; then
     margs=()
     if mpirun --version 2>&1 | grep -q 'Open MPI'; then
-      margs+=(--bind-to none)
-      [[ "$(id -u)" == 0 ]] && margs+=(--allow-run-as-root)
+      # No MPI library is used: mpirun only starts the processes (and passes these variables).
+      margs+=(--allow-run-as-root --oversubscribe --bind-to none)
       for v in EP_BOOTSTRAP_DIR EP_BOOTSTRAP_TAG NCCL_NVLS_ENABLE NCCL_EP_TIMEOUT_MS EP_MULTI_TIMEOUT_S \
-               EP_NCCL_LIB EP_MULTI_QUICK EP_MULTI_ONLY EP_MULTI_SEED EP_MULTI_KEEP_GOING LD_LIBRARY_PATH; do
+               EP_NCCL_LIB EP_MULTI_QUICK EP_MULTI_ONLY EP_MULTI_SEED EP_MULTI_KEEP_GOING \
+               EP_MULTI_MASK_SLACK_MS NCCL_MULTI_RANK_GPU_ENABLE NCCL_MAX_CTAS NCCL_DEBUG \
+               NCCL_DEBUG_SUBSYS NCCL_EP_DEBUG NCCL_HOSTID RUST_BACKTRACE LD_LIBRARY_PATH; do
         [[ -n "${!v:-}" ]] && margs+=(-x "$v")
       done
     fi
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2086,SC2016
     # Each rank logs to rank-R.log. The test reads Open MPI's or PMI's rank variables itself;
     # under a launcher that sets only PMIX_RANK the wrapper hands it over as EP_RANK/EP_WORLD.
     timeout "$((T + 60))" mpirun "${margs[@]}" ${MULTI_GPU_MPIRUN_ARGS:-} -np "$N" bash -c '
@@ -139,37 +205,58 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 ]]; then
     done
     [[ $status -eq 0 ]] || { echo "---- mpirun exit status $status; mpirun.log:"; tail -n 15 "$LOGDIR/mpirun.log"; rc=1; }
   else
-    pids=()
+    run_plain ""
     for ((r = 0; r < N; r++)); do
-      EP_RANK=$r EP_WORLD=$N EP_LOCAL_RANK=$r timeout "$((T + 60))" "$BIN" --nocapture \
-        >"$LOGDIR/rank-$r.log" 2>&1 &
-      pids+=($!)
-    done
-    for ((r = 0; r < N; r++)); do
-      wait "${pids[$r]}"
-      summarize "$LOGDIR/rank-$r.log" "[procs]" "$?"
+      summarize "$LOGDIR/rank-$r.log" "[procs]" "${statuses[$r]}"
     done
   fi
   rmdir "$EP_BOOTSTRAP_DIR" 2>/dev/null   # rank 0 removes the id file once every rank has joined
   echo "   ($(( $(date +%s) - start )) s)"
 fi
 
-if [[ "${MULTI_GPU_THREADS:-1}" != 0 ]]; then
-  echo "== one process, one thread per GPU (ncclCommInitAll over $N GPU(s))"
+if [[ "${MULTI_GPU_THREADS:-1}" != 0 && "$KILL" != only ]]; then
+  NT=$(( N < NGPU ? N : NGPU ))
+  echo "== one process, one thread per GPU (ncclCommInitAll over $NT GPU(s))"
   start=$(date +%s)
   (unset OMPI_COMM_WORLD_RANK OMPI_COMM_WORLD_SIZE PMI_RANK PMI_SIZE EP_BOOTSTRAP_DIR EP_BOOTSTRAP_TAG
-   EP_MULTI_GPUS=$N timeout "$((T + 60))" "$BIN" --nocapture >"$LOGDIR/threads.log" 2>&1)
+   EP_MULTI_GPUS=$NT timeout "$((T + 60))" "$BIN" --nocapture >"$LOGDIR/threads.log" 2>&1)
   summarize "$LOGDIR/threads.log" "[threads]" "$?"
   echo "   ($(( $(date +%s) - start )) s)"
 fi
 
+if [[ "$KILL" != 0 && "$N" -ge 2 ]]; then
+  VICTIM="${EP_MULTI_KILL_RANK:-$((N - 1))}"
+  echo "== kill test: $N plain processes, rank $VICTIM kills itself (SIGKILL) before its dispatch"
+  fresh_bootstrap kill
+  start=$(date +%s)
+  EP_MULTI_ONLY=mask_kill EP_MULTI_KILL_RANK=$VICTIM run_plain "kill-"
+  for ((r = 0; r < N; r++)); do
+    log="$LOGDIR/kill-rank-$r.log"
+    if [[ "$r" -eq "$VICTIM" ]]; then
+      if [[ "${statuses[$r]}" -eq 137 ]] && grep -q 'KILLING ITSELF' "$log"; then
+        summary+=("[kill] rank $r/$N: killed itself as planned (exit status 137)")
+      else
+        summary+=("[kill] rank $r/$N: FAIL: expected to kill itself (exit status 137), exit status ${statuses[$r]}")
+        rc=1
+        echo "---- last lines of $log"
+        tail -n 25 "$log" 2>/dev/null | cut -c1-300
+      fi
+    else
+      summarize "$log" "[kill]" "${statuses[$r]}"
+    fi
+  done
+  rm -rf "$EP_BOOTSTRAP_DIR"   # the id file stays: the dead rank may have been the one to remove it
+  echo "   ($(( $(date +%s) - start )) s)"
+fi
+
 if [[ "${MULTI_GPU_TAR:-0}" == 1 ]]; then
-  # One file instead of N + 2 (for tools that bring back only a few files).
+  # One file instead of many (for tools that bring back only a few files).
   tar -czf "$LOGDIR.tar.gz" -C "$(dirname "$LOGDIR")" "$(basename "$LOGDIR")" && rm -rf "$LOGDIR" &&
     echo "== logs: $LOGDIR.tar.gz"
 fi
 
 echo "== summary"
 for line in "${summary[@]}"; do echo "$line"; done
+if [[ ${#summary[@]} -eq 0 ]]; then echo "nothing ran"; rc=1; fi
 if [[ $rc -eq 0 ]]; then echo "multi_gpu.sh: PASS ($N rank(s))"; else echo "multi_gpu.sh: FAIL"; fi
 exit $rc
