@@ -175,12 +175,9 @@ impl Group {
             return;
         };
         let nranks = self.params.nranks as usize;
-        // A masked or timed-out peer may be gone: waiting for it could hang.
-        let masked = self
-            .ll
-            .as_ref()
-            .is_some_and(|l| l.any_masked(self.device, nranks).unwrap_or(true));
-        let healthy = !masked && !self.async_error();
+        // Every rank enters the barrier (as NVIDIA's destroy), bounded by the group's timeout so
+        // that a peer that died cannot hang the survivors.
+        let limit = std::time::Duration::from_nanos(self.params.timeout_ns);
         let shared = [
             self.ll.as_mut().and_then(|l| l.shared.take()),
             self.ht.as_mut().and_then(|h| h.shared.take()),
@@ -188,7 +185,7 @@ impl Group {
         for sb in shared.into_iter().flatten() {
             // SAFETY: the group's communicator, which the caller keeps alive until its groups
             // are destroyed (as for NVIDIA's library).
-            unsafe { sb.release(comm, nranks, healthy) };
+            unsafe { sb.release(comm, nranks, limit) };
         }
     }
 }

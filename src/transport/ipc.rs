@@ -10,7 +10,7 @@
 //! rank agrees on the new size, closes its mappings of the peers' old buffers, waits until every
 //! rank has done so, and only then frees its old buffer and allocates and exchanges the new one.
 //! Destroying a group does the same (`SharedBuffer::release`), as NVIDIA's group destroy is a
-//! barrier too; where that barrier could hang (a peer masked or timed out, maybe dead) the
+//! barrier too; where that barrier runs out of time (a peer died) the
 //! buffer is left allocated instead of freed.
 
 use crate::abi::types::ncclComm_t;
@@ -96,6 +96,25 @@ impl Record {
 /// # Safety
 /// `comm` is the caller's live communicator; every rank calls this in the same order.
 unsafe fn all_gather(nccl: &Nccl, comm: ncclComm_t, nranks: usize, device: i32, mine: &Record) -> Result<Vec<Record>> {
+    // SAFETY: forwarded.
+    unsafe { all_gather_within(nccl, comm, nranks, device, mine, None) }
+}
+
+/// [`all_gather`] that gives up after `limit` (the destroy barrier: a dead peer must not hang
+/// the survivors' destroy). Giving up leaves the all-gather queued on the legacy stream and its
+/// staging buffer allocated: the communicator is unusable afterwards, as after any NCCL
+/// collective a peer never joined.
+///
+/// # Safety
+/// As [`all_gather`].
+unsafe fn all_gather_within(
+    nccl: &Nccl,
+    comm: ncclComm_t,
+    nranks: usize,
+    device: i32,
+    mine: &Record,
+    limit: Option<std::time::Duration>,
+) -> Result<Vec<Record>> {
     let _g = CtxGuard::enter(device)?;
     let stage = DeviceMem::alloc(device, RECORD_BYTES * (nranks + 1))?;
     let send = stage.ptr() + (RECORD_BYTES * nranks) as u64;
@@ -113,6 +132,21 @@ unsafe fn all_gather(nccl: &Nccl, comm: ncclComm_t, nranks: usize, device: i32, 
             comm,
             std::ptr::null_mut(),
         )?;
+        if let Some(limit) = limit {
+            let done = memory::Event::new(false)?;
+            done.record(memory::Stream::LEGACY_DEFAULT)?;
+            let start = std::time::Instant::now();
+            while !done.query()? {
+                if start.elapsed() > limit {
+                    std::mem::forget(stage); // the queued all-gather still writes into it
+                    return Err(crate::invalid_usage!(
+                        "not every rank joined within {} ms (a peer is gone, or did not destroy the group)",
+                        limit.as_millis()
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
         memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
         memory::memcpy_dtoh(&mut all, stage.ptr())?;
     }
@@ -273,28 +307,29 @@ impl SharedBuffer {
     }
 
     /// Group destroy (collective when some peer lives in another process, like NVIDIA's group
-    /// destroy): waits for this rank's work, closes its mappings of the peers' buffers, waits
-    /// until every rank has closed theirs, then frees this rank's buffer. With `peers_healthy`
-    /// false (a peer is masked or a wait timed out: it may be gone and never come) it does not
-    /// wait and keeps the buffer allocated instead. Never fails: problems are logged.
+    /// destroy, whose barrier every rank enters): waits for this rank's work, closes its mappings
+    /// of the peers' buffers, waits until every rank has closed theirs, then frees this rank's
+    /// buffer. Every rank enters the barrier whatever its mask says (ranks disagree about who is
+    /// masked, and a barrier some ranks skip hangs the others); it gives up after `limit` (a
+    /// peer that died never comes), keeping the buffer allocated. Never fails: problems are
+    /// logged.
     ///
     /// # Safety
     /// `comm` is the group's live communicator.
-    pub unsafe fn release(mut self, comm: ncclComm_t, nranks: usize, peers_healthy: bool) {
+    pub unsafe fn release(mut self, comm: ncclComm_t, nranks: usize, limit: std::time::Duration) {
         let device = self.device;
         let idle = CtxGuard::enter(device).and_then(|_g| synchronize_current());
         self.opened.close_all();
         if !self.cross_process {
             return; // drop frees it: no other process maps it
         }
-        let why = match (idle, peers_healthy) {
-            (Err(e), _) => Some(format!("the device did not synchronise ({})", e.msg)),
-            (Ok(()), false) => Some("a peer is masked or timed out, so this rank does not wait for it".into()),
-            (Ok(()), true) => {
+        let why = match idle {
+            Err(e) => Some(format!("the device did not synchronise ({})", e.msg)),
+            Ok(()) => {
                 let barrier = Nccl::get().and_then(|nccl| {
                     let mine = Record::mine(Phase::ReleaseClosed, device, self.len());
                     // SAFETY: the caller's communicator.
-                    let all = unsafe { all_gather(nccl, comm, nranks, device, &mine) }?;
+                    let all = unsafe { all_gather_within(nccl, comm, nranks, device, &mine, Some(limit)) }?;
                     check_phase(&all, Phase::ReleaseClosed)
                 });
                 barrier.err().map(|e| format!("the destroy barrier failed: {}", e.msg))
