@@ -49,17 +49,38 @@ static void test_group_config(ncclComm_t comm4) {
   BAD_CONFIG(c.algorithm = (ncclEpAlgorithm_t)-1, E4, "algorithm");
   BAD_CONFIG(c.num_experts = 0, E4, "num_experts");
   BAD_CONFIG(c.max_token_bytes = 0, E4, "max_token_bytes");
-  BAD_CONFIG(c.max_token_bytes = 100, E4, "multiple of 16");
+  /* HIGH_THROUGHPUT only: NCCL EP takes any LOW_LATENCY bound (accepted below) */
+  BAD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.max_token_bytes = 100), E4, "multiple of 16");
   BAD_CONFIG(c.max_dispatch_tokens_per_rank = 0, E4, "max_dispatch_tokens_per_rank");
   BAD_CONFIG(c.num_experts = 6, E5, "multiple of the number of ranks");
   BAD_CONFIG(c.alloc.alloc_fn = my_alloc, E5, "alloc");
-  BAD_CONFIG(c.zero_copy = (ncclEpZeroCopyMode_t)3, E4, "zero_copy");
-  BAD_CONFIG(c.overflow_policy = (ncclEpOverflowPolicy_t)-1, E4, "overflow_policy");
   BAD_CONFIG(c.num_topk = 9, E4, "num_topk");
   BAD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.max_recv_tokens_per_rank = 8), E4,
              "max_recv_tokens_per_rank");
   BAD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.overflow_policy = NCCL_EP_OVERFLOW_DROP), E5, "DROP");
 #undef BAD_CONFIG
+
+  /* What NCCL EP accepts without a range check (docs/CONFORMANCE.md): a LOW_LATENCY
+   * max_token_bytes that is no multiple of 16; any zero_copy (only ON acts) and any
+   * overflow_policy (only DROP drops; the rest trap). These were ncclInvalidArgument. */
+#define GOOD_CONFIG(mutation)                                              \
+  do {                                                                     \
+    c = ll_config();                                                       \
+    mutation;                                                              \
+    g = NULL;                                                              \
+    EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), ncclSuccess, F, NULL);     \
+    CHECK(g != NULL);                                                      \
+    if (g) EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL); \
+  } while (0)
+  GOOD_CONFIG(c.max_token_bytes = 100);
+  GOOD_CONFIG(c.zero_copy = NCCL_EP_ZERO_COPY_OFF);
+  GOOD_CONFIG(c.zero_copy = NCCL_EP_ZERO_COPY_ON);
+  GOOD_CONFIG(c.zero_copy = (ncclEpZeroCopyMode_t)3);
+  GOOD_CONFIG(c.overflow_policy = (ncclEpOverflowPolicy_t)-1);
+  GOOD_CONFIG(c.overflow_policy = NCCL_EP_OVERFLOW_DROP); /* LOW_LATENCY ignores it */
+  GOOD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.max_recv_tokens_per_rank = 16,
+               c.overflow_policy = (ncclEpOverflowPolicy_t)7));
+#undef GOOD_CONFIG
 
   /* what the communicator reports is checked too; NCCL's own errors pass through */
   c = ll_config();

@@ -164,17 +164,19 @@ static int part2_with_fake_nccl(void) {
     fake_comm_destroy(comm);
     return 0;
   }
-  /* accepted, so the poison after byte 96 (zero_copy = overflow_policy = -1) was not read */
+  /* accepted, so the poison after byte 96 (zero_copy = overflow_policy = -1, num_topk = 0xFFFFFFFF)
+   * was not read */
   EXPECT_RC(rc, ncclSuccess, "ncclEpCreateGroup", NULL);
   if (!g) return 1;
   EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
 
-  /* control: a v2-sized config with that poison in its v2 fields is refused */
+  /* control: a v2-sized config with that poison in its v2 fields is refused, for its num_topk
+   * (NCCL EP takes any zero_copy and overflow_policy value, and so do we) */
   {
     ncclEpGroupConfig_t v2 = NCCL_EP_GROUP_CONFIG_INIT;
     memcpy(&v2, &gcfg, sizeof v2);
     v2.size = sizeof v2;
-    EXPECT_RC(ncclEpCreateGroup(&g, comm, &v2), E4, "ncclEpCreateGroup", "zero_copy");
+    EXPECT_RC(ncclEpCreateGroup(&g, comm, &v2), E4, "ncclEpCreateGroup", "num_topk");
   }
   /* a size between v1 and v2 is read byte-wise: 100 covers zero_copy, not overflow_policy */
   reset_v1();
