@@ -169,13 +169,23 @@ static void test_handle_rules(ncclEpGroup_t g) {
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_UNSET, &hc, &sz, 2), E4, M, "UNSET");
   EXPECT_RC(ncclEpHandleMemSize(g, (ncclEpLayout_t)4, &hc, &sz, 2), E4, M, "layout");
   EXPECT_RC(ncclEpHandleMemSize(g, (ncclEpLayout_t)-1, &hc, &sz, 2), E4, M, "layout");
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, &hc, &sz, 2), E5, M, "LOW_LATENCY");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 0), E4, M, "num_topk");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, -1), E4, M, "num_topk");
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 9), E4, M, "num_topk");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hbad, &sz, 2), E4, M, "magic");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hsmall, &sz, 2), E4, M, "size");
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &halign, &sz, 2), E4, M, "power of two");
+  /* NCCL EP's ncclEpHandleMemSize checks only the layout (set) and K (>= 1), and sizes anything
+   * else; ncclEpInitHandle checks the rest. These three were refused (E5, E4, E4). */
+  size_t sz_em = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, &sz_em, 2), ncclSuccess, M, NULL);
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, &hc, &sz, 2), ncclSuccess, M, NULL);
+  CHECK(sz == sz_em); /* the LOW_LATENCY block does not depend on the layout */
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &halign, &sz, 2), ncclSuccess, M, NULL);
+  CHECK(sz == sz_em); /* the alignment is a HIGH_THROUGHPUT EXPERT_MAJOR field */
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 9), ncclSuccess, M, NULL);
+  CHECK(sz > sz_em);
 
   const char *I = "ncclEpInitHandle";
   ncclEpHandle_t h = (ncclEpHandle_t)SENTINEL;
@@ -187,6 +197,18 @@ static void test_handle_rules(ncclEpGroup_t g) {
   h = (ncclEpHandle_t)SENTINEL;
   EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hbad, 2, NULL), E4, I, "magic");
   CHECK(h == NULL);
+  /* LOW_LATENCY top-k: 1..min(E, 32), NCCL EP's ncclInvalidArgument (here E = 8) */
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 9, NULL), E4, I, "num_topk");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, 0, NULL), E4, I, "num_topk");
+  CHECK(h == NULL);
+  /* the alignment is ignored outside HIGH_THROUGHPUT EXPERT_MAJOR (was ncclInvalidArgument) */
+  h = NULL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &halign, 2, NULL), ncclSuccess, I, NULL);
+  CHECK(h != NULL);
+  if (h) EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
 }
 
 static void test_update_and_create(ncclEpGroup_t g) {
@@ -376,8 +398,17 @@ static void test_ht_rules(ncclComm_t comm) {
   EXPECT_RC(ncclEpCreateGroup(&g, comm, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 2), ncclSuccess, M, NULL);
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 1), ncclSuccess, M, NULL);
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, &sz, 2), E5, M, "HIGH_THROUGHPUT");
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 3), E5, M, "config->num_topk");
+  /* sized as NCCL EP sizes them (it checks neither the layout's mode nor config->num_topk here;
+   * ncclEpInitHandle does): both were ncclInvalidUsage */
+  size_t sz_flat = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz_flat, 2), ncclSuccess, M, NULL);
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, &sz, 2), ncclSuccess, M, NULL);
+  CHECK(sz == sz_flat);
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 3), ncclSuccess, M, NULL);
+  CHECK(sz > sz_flat);
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 0), E4, M, "num_topk");
 
   /* Handles and routing: the rules that come before any GPU work (this group is in eager mode:
    * max_recv_tokens_per_rank is 0). */
@@ -391,9 +422,21 @@ static void test_ht_rules(ncclComm_t comm) {
   ncclEpHandle_t h = (ncclEpHandle_t)SENTINEL;
   EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &h3, 2, NULL), E4, I, "power of two");
   CHECK(h == NULL);
+  /* HIGH_THROUGHPUT K <= 0: NCCL EP's ncclInvalidUsage (was ncclInvalidArgument) */
   h = (ncclEpHandle_t)SENTINEL;
-  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 0, NULL), E4, I, "num_topk");
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 0, NULL), E5, I, "num_topk");
   CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, -1, NULL), E5, I, "num_topk");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 3, NULL), E5, I, "config->num_topk");
+  CHECK(h == NULL);
+  /* FLAT ignores the alignment (was ncclInvalidArgument) */
+  h = NULL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, &h3, 2, NULL), ncclSuccess, I, NULL);
+  CHECK(h != NULL);
+  if (h) EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
   h = (ncclEpHandle_t)SENTINEL;
   EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, 2, NULL), E5, I, "FLAT or EXPERT_MAJOR");
   CHECK(h == NULL);
