@@ -295,8 +295,23 @@ static void test_ops(ncclEpGroup_t g) {
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, &dc, NULL), E4, D, "pass_direction");
   dc.pass_direction = (ncclEpPassDir_t)-1;
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, &dc, NULL), E4, D, "pass_direction");
+  /* recv_topk_idx_kind: an EXPERT_MAJOR dispatch writes no expert ids and ignores it, as NCCL EP
+   * (was refused in every layout): the call gets as far as the shape of outputs->tokens, which is
+   * 2-D here. RANK_MAJOR refuses it (NCCL EP's kernel traps on it). */
   li.recv_topk_idx_kind = (ncclEpExpertIdKind_t)3;
-  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "recv_topk_idx_kind");
+  li.expert_counters = NULL;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "outputs->tokens");
+  {
+    ncclEpHandle_t rm = NULL;
+    EXPECT_RC(ncclEpCreateHandle(&rm, g, NCCL_EP_LAYOUT_RANK_MAJOR, &topk, NULL, NULL, NULL), ncclSuccess,
+              "ncclEpCreateHandle", NULL);
+    if (rm) {
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, &li, NULL, NULL), E4, D, "recv_topk_idx_kind is 3");
+      li.recv_topk_idx_kind = (ncclEpExpertIdKind_t)-1;
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, &li, NULL, NULL), E4, D, "recv_topk_idx_kind is -1");
+      EXPECT_RC(ncclEpHandleDestroy(rm), ncclSuccess, "ncclEpHandleDestroy", NULL);
+    }
+  }
   li.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_AUTO;
   li.expert_counters = &garbage;
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "layout_info->expert_counters");
@@ -447,6 +462,33 @@ static void test_ht_rules(ncclComm_t comm) {
     EXPECT_RC(ncclEpUpdateHandle(h, &wrong_k, NULL, NULL), E4, U, "topk_idx");
     EXPECT_RC(ncclEpUpdateHandle(h, &too_many, NULL, NULL), E4, U, "max_dispatch_tokens_per_rank");
     EXPECT_RC(ncclEpUpdateHandle(h, &flt, NULL, NULL), E4, U, "ncclInt64");
+    /* layout_info: FLAT ignores expert_offsets and src_rank_counters, as NCCL EP (both were
+     * ncclInvalidArgument): the update gets past the rules to the missing GPU state. */
+    size_t s8[1] = {8}, s1[1] = {1};
+    ncclEpTensor_t c32 = tensor(1, ncclInt32, s8), c64 = tensor(1, ncclInt64, s8), tot = tensor(1, ncclInt32, s1);
+    ncclEpTensor_t odd = tensor(1, ncclFloat64, s1);
+    ncclEpLayoutInfo_t li = NCCL_EP_LAYOUT_INFO_INIT;
+    li.expert_counters = &c32;
+    li.recv_total_counter = &tot;
+    li.expert_offsets = &odd;
+    li.src_rank_counters = &odd;
+    EXPECT_RC(ncclEpUpdateHandle(h, &ok32, &li, NULL), E5, U, "GPU state");
+    li.expert_counters = &c64; /* FLAT counters are int32 */
+    EXPECT_RC(ncclEpUpdateHandle(h, &ok32, &li, NULL), E4, U, "expert_counters");
+    /* recv_topk_idx_kind: refused in a forward HIGH_THROUGHPUT dispatch (NCCL EP's kernel traps
+     * on it), ignored in a backward one (which then needs the routing this handle lacks) */
+    size_t sx[2] = {4, 128};
+    ncclEpTensor_t x = tensor(2, ncclBfloat16, sx), y = tensor(2, ncclBfloat16, sx);
+    ncclEpDispatchInputs_t di = NCCL_EP_DISPATCH_INPUTS_INIT;
+    ncclEpDispatchOutputs_t dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+    ncclEpDispatchConfig_t dc = NCCL_EP_DISPATCH_CONFIG_INIT;
+    ncclEpLayoutInfo_t dli = NCCL_EP_LAYOUT_INFO_INIT;
+    di.tokens = &x;
+    dout.tokens = &y;
+    dli.recv_topk_idx_kind = (ncclEpExpertIdKind_t)3;
+    EXPECT_RC(ncclEpDispatch(h, &di, &dout, &dli, &dc, NULL), E4, "ncclEpDispatch", "recv_topk_idx_kind is 3");
+    dc.pass_direction = NCCL_EP_BWD_PASS;
+    EXPECT_RC(ncclEpDispatch(h, &di, &dout, &dli, &dc, NULL), E5, "ncclEpDispatch", "routing");
     EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
   }
   h = (ncclEpHandle_t)SENTINEL;

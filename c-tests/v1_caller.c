@@ -232,11 +232,18 @@ static int part2_with_fake_nccl(void) {
   NOT_ABOUT("ncclEpDispatchConfig_t");
   NOT_ABOUT("quant_recipe");
   {
-    /* control: the same poison inside a v2 layout info is refused */
+    /* control: the same poison inside a v2 layout info is refused where the kind is used (a
+     * RANK_MAJOR dispatch writes expert ids; EXPERT_MAJOR ignores the kind, as NCCL EP does) */
     ncclEpLayoutInfo_t v2 = NCCL_EP_LAYOUT_INFO_INIT;
     memcpy(&v2, &linfo, sizeof v2);
     v2.size = sizeof v2;
-    EXPECT_RC(ncclEpDispatch(h, &di, &dout, &v2, NULL, NULL), E4, "ncclEpDispatch", "recv_topk_idx_kind");
+    ncclEpHandle_t rm = NULL;
+    EXPECT_RC(ncclEpCreateHandle(&rm, g, NCCL_EP_LAYOUT_RANK_MAJOR, &topk, NULL, &hc, NULL), ncclSuccess,
+              "ncclEpCreateHandle", NULL);
+    if (rm) {
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, &v2, NULL, NULL), E4, "ncclEpDispatch", "recv_topk_idx_kind");
+      EXPECT_RC(ncclEpHandleDestroy(rm), ncclSuccess, "ncclEpHandleDestroy", NULL);
+    }
   }
 
   /* Combine: the poison after the v1 inputs would be a wild `scales` tensor pointer */

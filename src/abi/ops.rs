@@ -7,7 +7,7 @@ use super::objects;
 use super::tensor::{read_tensor, read_tensor_opt};
 use super::types::*;
 use crate::core::error::Result;
-use crate::core::op_args::{CombineArgs, DispatchArgs};
+use crate::core::op_args::{CombineArgs, DispatchArgs, recv_kind};
 
 fn pass_dir(v: ncclEpPassDir_t) -> Result<PassDir> {
     PassDir::from_raw(v).ok_or_else(|| {
@@ -36,17 +36,14 @@ pub unsafe extern "C" fn ncclEpDispatch(
             let li = read_opt(layout_info, "layout_info")?;
             let cfg = read_opt(config, "config")?;
             let h = objects::handle(handle)?;
+            let algorithm = objects::group(h.group)?.params.algorithm;
             let li_t = |f: fn(&ncclEpLayoutInfo_t) -> *mut ncclEpTensor_t, name| match &li {
                 Some(l) => read_tensor_opt(f(l), name),
                 None => Ok(None),
             };
+            let pass = cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?;
             let recv_kind = match &li {
-                Some(l) => ExpertIdKind::from_raw(l.recv_topk_idx_kind).ok_or_else(|| {
-                    crate::invalid_arg!(
-                        "layout_info->recv_topk_idx_kind is {}, expected 0 (AUTO), 1 (LOCAL) or 2 (GLOBAL)",
-                        l.recv_topk_idx_kind.0
-                    )
-                })?,
+                Some(l) => recv_kind(l.recv_topk_idx_kind.0, algorithm, h.params.layout, pass)?,
                 None => ExpertIdKind::Local,
             };
             let args = DispatchArgs {
@@ -65,7 +62,7 @@ pub unsafe extern "C" fn ncclEpDispatch(
                 recv_kind,
                 send_only: cfg.is_some_and(|c| c.send_only != 0),
                 round_scales: cfg.is_some_and(|c| c.round_scales != 0),
-                pass: cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?,
+                pass,
                 quant: cfg.map_or(0, |c| c.quant_recipe.0),
             };
             crate::ensure_arg!(
