@@ -313,6 +313,11 @@ static void test_ops(ncclEpGroup_t g) {
     }
   }
   li.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_AUTO;
+  /* the handle-time outputs are no dispatch argument: never read (NCCL EP does not look at them) */
+  li.expert_offsets = &garbage;
+  li.recv_total_counter = &garbage;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "outputs->tokens");
+  li.expert_offsets = li.recv_total_counter = NULL;
   li.expert_counters = &garbage;
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "layout_info->expert_counters");
   di.tokens = NULL;
@@ -346,6 +351,11 @@ static void test_ops(ncclEpGroup_t g) {
   co.tokens = &garbage;
   EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "outputs->tokens");
   co.tokens = &x;
+  /* LOW_LATENCY combine never reads inputs->topk_weights: not even its descriptor, as NCCL EP
+   * (the call gets as far as the 2-D inputs->tokens of this expert-major handle) */
+  ci.topk_weights = &garbage;
+  EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "inputs->tokens must be 3-D");
+  ci.topk_weights = NULL;
   ci.scales = &garbage;
   EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "inputs->scales");
 
@@ -488,6 +498,13 @@ static void test_ht_rules(ncclComm_t comm) {
     dli.recv_topk_idx_kind = (ncclEpExpertIdKind_t)3;
     EXPECT_RC(ncclEpDispatch(h, &di, &dout, &dli, &dc, NULL), E4, "ncclEpDispatch", "recv_topk_idx_kind is 3");
     dc.pass_direction = NCCL_EP_BWD_PASS;
+    EXPECT_RC(ncclEpDispatch(h, &di, &dout, &dli, &dc, NULL), E5, "ncclEpDispatch", "routing");
+    /* HT dispatch reads no layout_info tensor (NCCL EP takes only the kind from it) */
+    ncclEpTensor_t junk;
+    memset(&junk, 0x5A, sizeof junk);
+    dc.pass_direction = NCCL_EP_FWD_PASS;
+    dli.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_GLOBAL;
+    dli.expert_counters = dli.src_rank_counters = dli.expert_offsets = dli.recv_total_counter = &junk;
     EXPECT_RC(ncclEpDispatch(h, &di, &dout, &dli, &dc, NULL), E5, "ncclEpDispatch", "routing");
     EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
   }
