@@ -49,17 +49,38 @@ static void test_group_config(ncclComm_t comm4) {
   BAD_CONFIG(c.algorithm = (ncclEpAlgorithm_t)-1, E4, "algorithm");
   BAD_CONFIG(c.num_experts = 0, E4, "num_experts");
   BAD_CONFIG(c.max_token_bytes = 0, E4, "max_token_bytes");
-  BAD_CONFIG(c.max_token_bytes = 100, E4, "multiple of 16");
+  /* HIGH_THROUGHPUT only: NCCL EP takes any LOW_LATENCY bound (accepted below) */
+  BAD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.max_token_bytes = 100), E4, "multiple of 16");
   BAD_CONFIG(c.max_dispatch_tokens_per_rank = 0, E4, "max_dispatch_tokens_per_rank");
   BAD_CONFIG(c.num_experts = 6, E5, "multiple of the number of ranks");
   BAD_CONFIG(c.alloc.alloc_fn = my_alloc, E5, "alloc");
-  BAD_CONFIG(c.zero_copy = (ncclEpZeroCopyMode_t)3, E4, "zero_copy");
-  BAD_CONFIG(c.overflow_policy = (ncclEpOverflowPolicy_t)-1, E4, "overflow_policy");
   BAD_CONFIG(c.num_topk = 9, E4, "num_topk");
   BAD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.max_recv_tokens_per_rank = 8), E4,
              "max_recv_tokens_per_rank");
   BAD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.overflow_policy = NCCL_EP_OVERFLOW_DROP), E5, "DROP");
 #undef BAD_CONFIG
+
+  /* What NCCL EP accepts without a range check (docs/CONFORMANCE.md): a LOW_LATENCY
+   * max_token_bytes that is no multiple of 16; any zero_copy (only ON acts) and any
+   * overflow_policy (only DROP drops; the rest trap). These were ncclInvalidArgument. */
+#define GOOD_CONFIG(mutation)                                              \
+  do {                                                                     \
+    c = ll_config();                                                       \
+    mutation;                                                              \
+    g = NULL;                                                              \
+    EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), ncclSuccess, F, NULL);     \
+    CHECK(g != NULL);                                                      \
+    if (g) EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL); \
+  } while (0)
+  GOOD_CONFIG(c.max_token_bytes = 100);
+  GOOD_CONFIG(c.zero_copy = NCCL_EP_ZERO_COPY_OFF);
+  GOOD_CONFIG(c.zero_copy = NCCL_EP_ZERO_COPY_ON);
+  GOOD_CONFIG(c.zero_copy = (ncclEpZeroCopyMode_t)3);
+  GOOD_CONFIG(c.overflow_policy = (ncclEpOverflowPolicy_t)-1);
+  GOOD_CONFIG(c.overflow_policy = NCCL_EP_OVERFLOW_DROP); /* LOW_LATENCY ignores it */
+  GOOD_CONFIG((c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT, c.max_recv_tokens_per_rank = 16,
+               c.overflow_policy = (ncclEpOverflowPolicy_t)7));
+#undef GOOD_CONFIG
 
   /* what the communicator reports is checked too; NCCL's own errors pass through */
   c = ll_config();
@@ -148,13 +169,23 @@ static void test_handle_rules(ncclEpGroup_t g) {
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_UNSET, &hc, &sz, 2), E4, M, "UNSET");
   EXPECT_RC(ncclEpHandleMemSize(g, (ncclEpLayout_t)4, &hc, &sz, 2), E4, M, "layout");
   EXPECT_RC(ncclEpHandleMemSize(g, (ncclEpLayout_t)-1, &hc, &sz, 2), E4, M, "layout");
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, &hc, &sz, 2), E5, M, "LOW_LATENCY");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 0), E4, M, "num_topk");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, -1), E4, M, "num_topk");
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 9), E4, M, "num_topk");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hbad, &sz, 2), E4, M, "magic");
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hsmall, &sz, 2), E4, M, "size");
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &halign, &sz, 2), E4, M, "power of two");
+  /* NCCL EP's ncclEpHandleMemSize checks only the layout (set) and K (>= 1), and sizes anything
+   * else; ncclEpInitHandle checks the rest. These three were refused (E5, E4, E4). */
+  size_t sz_em = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, &sz_em, 2), ncclSuccess, M, NULL);
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, &hc, &sz, 2), ncclSuccess, M, NULL);
+  CHECK(sz == sz_em); /* the LOW_LATENCY block does not depend on the layout */
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &halign, &sz, 2), ncclSuccess, M, NULL);
+  CHECK(sz == sz_em); /* the alignment is a HIGH_THROUGHPUT EXPERT_MAJOR field */
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 9), ncclSuccess, M, NULL);
+  CHECK(sz > sz_em);
 
   const char *I = "ncclEpInitHandle";
   ncclEpHandle_t h = (ncclEpHandle_t)SENTINEL;
@@ -166,6 +197,18 @@ static void test_handle_rules(ncclEpGroup_t g) {
   h = (ncclEpHandle_t)SENTINEL;
   EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hbad, 2, NULL), E4, I, "magic");
   CHECK(h == NULL);
+  /* LOW_LATENCY top-k: 1..min(E, 32), NCCL EP's ncclInvalidArgument (here E = 8) */
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, NULL, 9, NULL), E4, I, "num_topk");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, 0, NULL), E4, I, "num_topk");
+  CHECK(h == NULL);
+  /* the alignment is ignored outside HIGH_THROUGHPUT EXPERT_MAJOR (was ncclInvalidArgument) */
+  h = NULL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &halign, 2, NULL), ncclSuccess, I, NULL);
+  CHECK(h != NULL);
+  if (h) EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
 }
 
 static void test_update_and_create(ncclEpGroup_t g) {
@@ -252,9 +295,29 @@ static void test_ops(ncclEpGroup_t g) {
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, &dc, NULL), E4, D, "pass_direction");
   dc.pass_direction = (ncclEpPassDir_t)-1;
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, NULL, &dc, NULL), E4, D, "pass_direction");
+  /* recv_topk_idx_kind: an EXPERT_MAJOR dispatch writes no expert ids and ignores it, as NCCL EP
+   * (was refused in every layout): the call gets as far as the shape of outputs->tokens, which is
+   * 2-D here. RANK_MAJOR refuses it (NCCL EP's kernel traps on it). */
   li.recv_topk_idx_kind = (ncclEpExpertIdKind_t)3;
-  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "recv_topk_idx_kind");
+  li.expert_counters = NULL;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "outputs->tokens");
+  {
+    ncclEpHandle_t rm = NULL;
+    EXPECT_RC(ncclEpCreateHandle(&rm, g, NCCL_EP_LAYOUT_RANK_MAJOR, &topk, NULL, NULL, NULL), ncclSuccess,
+              "ncclEpCreateHandle", NULL);
+    if (rm) {
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, &li, NULL, NULL), E4, D, "recv_topk_idx_kind is 3");
+      li.recv_topk_idx_kind = (ncclEpExpertIdKind_t)-1;
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, &li, NULL, NULL), E4, D, "recv_topk_idx_kind is -1");
+      EXPECT_RC(ncclEpHandleDestroy(rm), ncclSuccess, "ncclEpHandleDestroy", NULL);
+    }
+  }
   li.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_AUTO;
+  /* the handle-time outputs are no dispatch argument: never read (NCCL EP does not look at them) */
+  li.expert_offsets = &garbage;
+  li.recv_total_counter = &garbage;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "outputs->tokens");
+  li.expert_offsets = li.recv_total_counter = NULL;
   li.expert_counters = &garbage;
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, NULL, NULL), E4, D, "layout_info->expert_counters");
   di.tokens = NULL;
@@ -288,6 +351,11 @@ static void test_ops(ncclEpGroup_t g) {
   co.tokens = &garbage;
   EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "outputs->tokens");
   co.tokens = &x;
+  /* LOW_LATENCY combine never reads inputs->topk_weights: not even its descriptor, as NCCL EP
+   * (the call gets as far as the 2-D inputs->tokens of this expert-major handle) */
+  ci.topk_weights = &garbage;
+  EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "inputs->tokens must be 3-D");
+  ci.topk_weights = NULL;
   ci.scales = &garbage;
   EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "inputs->scales");
 
@@ -355,8 +423,17 @@ static void test_ht_rules(ncclComm_t comm) {
   EXPECT_RC(ncclEpCreateGroup(&g, comm, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 2), ncclSuccess, M, NULL);
   EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &hc, &sz, 1), ncclSuccess, M, NULL);
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, &sz, 2), E5, M, "HIGH_THROUGHPUT");
-  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 3), E5, M, "config->num_topk");
+  /* sized as NCCL EP sizes them (it checks neither the layout's mode nor config->num_topk here;
+   * ncclEpInitHandle does): both were ncclInvalidUsage */
+  size_t sz_flat = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz_flat, 2), ncclSuccess, M, NULL);
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, &sz, 2), ncclSuccess, M, NULL);
+  CHECK(sz == sz_flat);
+  sz = 0;
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 3), ncclSuccess, M, NULL);
+  CHECK(sz > sz_flat);
+  EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_FLAT, NULL, &sz, 0), E4, M, "num_topk");
 
   /* Handles and routing: the rules that come before any GPU work (this group is in eager mode:
    * max_recv_tokens_per_rank is 0). */
@@ -370,9 +447,21 @@ static void test_ht_rules(ncclComm_t comm) {
   ncclEpHandle_t h = (ncclEpHandle_t)SENTINEL;
   EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &h3, 2, NULL), E4, I, "power of two");
   CHECK(h == NULL);
+  /* HIGH_THROUGHPUT K <= 0: NCCL EP's ncclInvalidUsage (was ncclInvalidArgument) */
   h = (ncclEpHandle_t)SENTINEL;
-  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 0, NULL), E4, I, "num_topk");
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 0, NULL), E5, I, "num_topk");
   CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, -1, NULL), E5, I, "num_topk");
+  CHECK(h == NULL);
+  h = (ncclEpHandle_t)SENTINEL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, NULL, 3, NULL), E5, I, "config->num_topk");
+  CHECK(h == NULL);
+  /* FLAT ignores the alignment (was ncclInvalidArgument) */
+  h = NULL;
+  EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_FLAT, &h3, 2, NULL), ncclSuccess, I, NULL);
+  CHECK(h != NULL);
+  if (h) EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
   h = (ncclEpHandle_t)SENTINEL;
   EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, 2, NULL), E5, I, "FLAT or EXPERT_MAJOR");
   CHECK(h == NULL);
@@ -383,6 +472,40 @@ static void test_ht_rules(ncclComm_t comm) {
     EXPECT_RC(ncclEpUpdateHandle(h, &wrong_k, NULL, NULL), E4, U, "topk_idx");
     EXPECT_RC(ncclEpUpdateHandle(h, &too_many, NULL, NULL), E4, U, "max_dispatch_tokens_per_rank");
     EXPECT_RC(ncclEpUpdateHandle(h, &flt, NULL, NULL), E4, U, "ncclInt64");
+    /* layout_info: FLAT ignores expert_offsets and src_rank_counters, as NCCL EP (both were
+     * ncclInvalidArgument): the update gets past the rules to the missing GPU state. */
+    size_t s8[1] = {8}, s1[1] = {1};
+    ncclEpTensor_t c32 = tensor(1, ncclInt32, s8), c64 = tensor(1, ncclInt64, s8), tot = tensor(1, ncclInt32, s1);
+    ncclEpTensor_t odd = tensor(1, ncclFloat64, s1);
+    ncclEpLayoutInfo_t li = NCCL_EP_LAYOUT_INFO_INIT;
+    li.expert_counters = &c32;
+    li.recv_total_counter = &tot;
+    li.expert_offsets = &odd;
+    li.src_rank_counters = &odd;
+    EXPECT_RC(ncclEpUpdateHandle(h, &ok32, &li, NULL), E5, U, "GPU state");
+    li.expert_counters = &c64; /* FLAT counters are int32 */
+    EXPECT_RC(ncclEpUpdateHandle(h, &ok32, &li, NULL), E4, U, "expert_counters");
+    /* recv_topk_idx_kind: refused in a forward HIGH_THROUGHPUT dispatch (NCCL EP's kernel traps
+     * on it), ignored in a backward one (which then needs the routing this handle lacks) */
+    size_t sx[2] = {4, 128};
+    ncclEpTensor_t x = tensor(2, ncclBfloat16, sx), y = tensor(2, ncclBfloat16, sx);
+    ncclEpDispatchInputs_t di = NCCL_EP_DISPATCH_INPUTS_INIT;
+    ncclEpDispatchOutputs_t dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+    ncclEpDispatchConfig_t dc = NCCL_EP_DISPATCH_CONFIG_INIT;
+    ncclEpLayoutInfo_t dli = NCCL_EP_LAYOUT_INFO_INIT;
+    di.tokens = &x;
+    dout.tokens = &y;
+    dli.recv_topk_idx_kind = (ncclEpExpertIdKind_t)3;
+    EXPECT_RC(ncclEpDispatch(h, &di, &dout, &dli, &dc, NULL), E4, "ncclEpDispatch", "recv_topk_idx_kind is 3");
+    dc.pass_direction = NCCL_EP_BWD_PASS;
+    EXPECT_RC(ncclEpDispatch(h, &di, &dout, &dli, &dc, NULL), E5, "ncclEpDispatch", "routing");
+    /* HT dispatch reads no layout_info tensor (NCCL EP takes only the kind from it) */
+    ncclEpTensor_t junk;
+    memset(&junk, 0x5A, sizeof junk);
+    dc.pass_direction = NCCL_EP_FWD_PASS;
+    dli.recv_topk_idx_kind = NCCL_EP_EXPERT_ID_GLOBAL;
+    dli.expert_counters = dli.src_rank_counters = dli.expert_offsets = dli.recv_total_counter = &junk;
+    EXPECT_RC(ncclEpDispatch(h, &di, &dout, &dli, &dc, NULL), E5, "ncclEpDispatch", "routing");
     EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
   }
   h = (ncclEpHandle_t)SENTINEL;

@@ -164,17 +164,19 @@ static int part2_with_fake_nccl(void) {
     fake_comm_destroy(comm);
     return 0;
   }
-  /* accepted, so the poison after byte 96 (zero_copy = overflow_policy = -1) was not read */
+  /* accepted, so the poison after byte 96 (zero_copy = overflow_policy = -1, num_topk = 0xFFFFFFFF)
+   * was not read */
   EXPECT_RC(rc, ncclSuccess, "ncclEpCreateGroup", NULL);
   if (!g) return 1;
   EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
 
-  /* control: a v2-sized config with that poison in its v2 fields is refused */
+  /* control: a v2-sized config with that poison in its v2 fields is refused, for its num_topk
+   * (NCCL EP takes any zero_copy and overflow_policy value, and so do we) */
   {
     ncclEpGroupConfig_t v2 = NCCL_EP_GROUP_CONFIG_INIT;
     memcpy(&v2, &gcfg, sizeof v2);
     v2.size = sizeof v2;
-    EXPECT_RC(ncclEpCreateGroup(&g, comm, &v2), E4, "ncclEpCreateGroup", "zero_copy");
+    EXPECT_RC(ncclEpCreateGroup(&g, comm, &v2), E4, "ncclEpCreateGroup", "num_topk");
   }
   /* a size between v1 and v2 is read byte-wise: 100 covers zero_copy, not overflow_policy */
   reset_v1();
@@ -230,11 +232,18 @@ static int part2_with_fake_nccl(void) {
   NOT_ABOUT("ncclEpDispatchConfig_t");
   NOT_ABOUT("quant_recipe");
   {
-    /* control: the same poison inside a v2 layout info is refused */
+    /* control: the same poison inside a v2 layout info is refused where the kind is used (a
+     * RANK_MAJOR dispatch writes expert ids; EXPERT_MAJOR ignores the kind, as NCCL EP does) */
     ncclEpLayoutInfo_t v2 = NCCL_EP_LAYOUT_INFO_INIT;
     memcpy(&v2, &linfo, sizeof v2);
     v2.size = sizeof v2;
-    EXPECT_RC(ncclEpDispatch(h, &di, &dout, &v2, NULL, NULL), E4, "ncclEpDispatch", "recv_topk_idx_kind");
+    ncclEpHandle_t rm = NULL;
+    EXPECT_RC(ncclEpCreateHandle(&rm, g, NCCL_EP_LAYOUT_RANK_MAJOR, &topk, NULL, &hc, NULL), ncclSuccess,
+              "ncclEpCreateHandle", NULL);
+    if (rm) {
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, &v2, NULL, NULL), E4, "ncclEpDispatch", "recv_topk_idx_kind");
+      EXPECT_RC(ncclEpHandleDestroy(rm), ncclSuccess, "ncclEpHandleDestroy", NULL);
+    }
   }
 
   /* Combine: the poison after the v1 inputs would be a wild `scales` tensor pointer */

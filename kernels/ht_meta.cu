@@ -37,7 +37,8 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_convert(const HtPara
 #endif
       }
       int out = -1;
-      if (v < -1 || v >= p.num_experts) {
+      // Any negative id is "no expert" (NCCL EP's too); an id >= E is an error.
+      if (v >= p.num_experts) {
         atomicMax(&hdr(p)->bad, B * K - (t * K + k));
       } else if (v >= 0) {
         out = (int)v;

@@ -1171,3 +1171,48 @@ fn ht_silent_rank_times_out() {
     let msg = round(&fresh, &mut rng, None).unwrap_or_else(|e| panic!("round after the timeout: {e}"));
     println!("ht_silent_rank_times_out: a fresh world afterwards is exact ({msg})");
 }
+
+/// Any negative expert id means "none", as in NCCL EP (docs/CONFORMANCE.md): a routing whose
+/// unused entries are −2, −100 or i32::MIN instead of −1 (int32 and int64, both layouts) gives
+/// what the reference gives for −1, forward and backward.
+#[test]
+fn ht_negative_ids_mean_none() {
+    require_gpu!();
+    for (layout, idx64) in [(Layout::Flat, true), (Layout::ExpertMajor, false)] {
+        let c = HtCase {
+            tokens: Some(100),
+            max_tokens: 128,
+            idx64,
+            ..base(2, layout)
+        };
+        let mut rng = SplitMix64::new(if idx64 { 71 } else { 72 });
+        let odd: Vec<Vec<i64>> = gen_world_routing(&c, &mut rng)
+            .iter()
+            .enumerate()
+            .map(|(r, rt)| {
+                rt.iter()
+                    .enumerate()
+                    .map(|(i, &e)| match e < 0 || i % 7 == r {
+                        true => [-2, -100, i32::MIN as i64][i % 3],
+                        false => e,
+                    })
+                    .collect()
+            })
+            .collect();
+        let s = pick_budget(&c, &odd);
+        let w = World::local(c.nranks, &c.group_config(s)).unwrap();
+        let plan = HtPlan::new(c.ref_config(s), &odd).expect("negative ids are none");
+        assert!(plan.routing(0).iter().all(|&e| e >= -1));
+        let mut rr = odd
+            .iter()
+            .map(|rt| routing_tensors(&c, rt))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let hs = create_handles(&c, &w, &mut rr).unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+        w.sync().unwrap();
+        check_layout_info(&c, &plan, &rr).unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+        for pass in [PassDir::Forward, PassDir::Backward] {
+            run_op(&c, &w, &hs, &plan, pass, &mut rng).unwrap_or_else(|e| panic!("{layout:?} {pass:?}: {e}"));
+        }
+    }
+}

@@ -1456,3 +1456,19 @@ fn ll_stress() {
         st.rounds
     );
 }
+
+/// NCCL EP takes a LOW_LATENCY `max_token_bytes` that is no multiple of 16 (docs/CONFORMANCE.md):
+/// our buffer rounds its slots up. Rows of the bound less 8 bytes, both layouts, checked against
+/// the reference.
+#[test]
+fn ll_max_token_bytes_not_a_multiple_of_16() {
+    require_gpu!();
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = base_case(2, layout);
+        let mut cfg = c.group_config();
+        cfg.max_token_bytes += 8;
+        let w = World::local_cfg(&c, &cfg).expect("local groups");
+        let mut rng = SplitMix64::new(90 + layout as u64);
+        round(&c, &w, &mut rng).unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+    }
+}

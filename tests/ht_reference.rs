@@ -133,8 +133,10 @@ fn bad_ids_are_found_in_row_major_order() {
         "−1 and repeats are fine"
     );
     assert_eq!(find_bad_expert_id(&[0, 1, 4, -2], 2, 4), Some((1, 0, 4)));
-    assert_eq!(find_bad_expert_id(&[0, 1, 2, -2], 2, 4), Some((1, 1, -2)));
-    assert_eq!(find_bad_expert_id(&[i64::MIN], 1, 4), Some((0, 0, i64::MIN)));
+    // Any negative id means "none", as in NCCL EP (these two were errors).
+    assert_eq!(find_bad_expert_id(&[0, 1, 2, -2], 2, 4), None);
+    assert_eq!(find_bad_expert_id(&[i64::MIN], 1, 4), None);
+    assert_eq!(find_bad_expert_id(&[-5, 7], 1, 4), Some((1, 0, 7)));
     assert_eq!(topk_from_i32(&[-1, 7]), vec![-1, 7]);
     let bytes: Vec<u8> = [5i32, -1].iter().flat_map(|x| x.to_le_bytes()).collect();
     assert_eq!(topk_from_bytes(&bytes, nccl_ep::abi::enums::dtype::INT32), vec![5, -1]);
@@ -170,6 +172,18 @@ fn plan_reports_the_lowest_rank_with_a_bad_id_and_capture_treats_it_as_none() {
     // Rank 1's token 0 now reaches only expert 0 (rank 0); token 1 only expert 1 (rank 0).
     assert_eq!(plan.rank(0).count, 3);
     assert_eq!(plan.rank(1).count, 1);
+}
+
+#[test]
+fn negative_ids_of_any_value_mean_none() {
+    let cfg = flat_cfg(0);
+    let neg = HtPlan::new(cfg, &[vec![0, -5, i64::MIN, 3], vec![-2, 1, 2, -1]]).unwrap();
+    let ones = HtPlan::new(cfg, &[vec![0, -1, -1, 3], vec![-1, 1, 2, -1]]).unwrap();
+    assert_eq!(neg.routing(0), &[0, -1, -1, 3]);
+    assert_eq!(neg.routing(1), ones.routing(1));
+    for r in 0..2 {
+        assert_eq!(neg.rank(r).count, ones.rank(r).count);
+    }
 }
 
 // ---- the hand-computed world: N=2, E=4 (L=2), K=2, T=3, H=8 ------------------------------------

@@ -109,7 +109,8 @@ pub unsafe extern "C" fn ncclEpxBufferSize(
         let h = check_handle(&p, layout, num_topk as i64, 0)?;
         *out = match p.algorithm {
             Algorithm::LowLatency => {
-                LlLayout::new(p.nranks, p.num_experts, p.max_tokens, p.max_token_bytes, h.num_topk)?.total_bytes
+                let slot = crate::core::config::ll_slot_bytes(p.max_token_bytes);
+                LlLayout::new(p.nranks, p.num_experts, p.max_tokens, slot, h.num_topk)?.total_bytes
             }
             Algorithm::HighThroughput => HtLayout::for_group(&p, h.num_topk, 0)?.total_bytes,
         };

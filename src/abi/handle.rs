@@ -7,14 +7,29 @@ use super::objects;
 use super::tensor::{read_tensor, read_tensor_opt};
 use super::types::*;
 use crate::core::error::Result;
-use crate::core::handle_rules::{HandleParams, check_handle, check_topk_idx, handle_mem_bytes};
+use crate::core::handle_rules::{
+    HandleParams, check_handle, check_topk_idx, handle_mem_bytes, handle_mem_need, mem_size_params,
+};
 use crate::core::tensor::Dim;
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::Group;
 use crate::runtime::handle::{Handle, HandleMem};
 use std::ffi::c_int;
 
-/// Shared checks of MemSize and InitHandle: group, optional config, layout, top-k.
+/// The arguments MemSize and InitHandle share, decoded: the layout and the optional config's
+/// alignment.
+///
+/// # Safety
+/// `config` follows the C contract.
+unsafe fn handle_args(layout: ncclEpLayout_t, config: *const ncclEpHandleConfig_t) -> Result<(Option<Layout>, usize)> {
+    // SAFETY: C contract.
+    let cfg = unsafe { read_opt(config, "config") }?;
+    let layout =
+        Layout::from_raw(layout).map_err(|v| crate::invalid_arg!("layout is {v}, not an ncclEpLayout_t value"))?;
+    Ok((layout, cfg.map_or(0, |c| c.dispatch_output_per_expert_alignment)))
+}
+
+/// The checks of InitHandle: group, optional config, layout, top-k.
 ///
 /// # Safety
 /// `config` follows the C contract.
@@ -25,10 +40,7 @@ unsafe fn handle_params(
     num_topk: c_int,
 ) -> Result<HandleParams> {
     // SAFETY: C contract.
-    let cfg = unsafe { read_opt(config, "config") }?;
-    let layout =
-        Layout::from_raw(layout).map_err(|v| crate::invalid_arg!("layout is {v}, not an ncclEpLayout_t value"))?;
-    let align = cfg.map_or(0, |c| c.dispatch_output_per_expert_alignment);
+    let (layout, align) = unsafe { handle_args(layout, config) }?;
     check_handle(&g.params, layout, num_topk as i64, align)
 }
 
@@ -46,7 +58,9 @@ pub unsafe extern "C" fn ncclEpHandleMemSize(
         // SAFETY: C contract.
         let out = unsafe { out_ptr(size_out, "size_out") }?;
         // SAFETY: C contract.
-        let hp = unsafe { handle_params(g, layout, config, num_topk) }?;
+        let (layout, align) = unsafe { handle_args(layout, config) }?;
+        // As lenient as NCCL EP's (core::handle_rules::mem_size_params); InitHandle checks the rest.
+        let hp = mem_size_params(&g.params, layout, num_topk as i64, align)?;
         *out = handle_mem_bytes(&g.params, &hp);
         Ok(())
     })
@@ -67,13 +81,18 @@ unsafe fn init_handle(
     let g = objects::group(ep_group)?;
     // SAFETY: C contract.
     let hp = unsafe { handle_params(g, layout, config, num_topk) }?;
-    let need = handle_mem_bytes(&g.params, &hp);
+    let need = handle_mem_need(&g.params, &hp)?;
     // SAFETY: C contract.
     let caller_mem = unsafe { read_tensor_opt(handle_mem, "handle_mem") }?;
     let mem = match caller_mem {
         Some(t) => {
             t.expect("handle_mem", &[Dim::AtLeast(need)], &[dtype::UINT8])?;
-            crate::ensure_arg!(t.data % 16 == 0, "handle_mem data must be 16-byte aligned");
+            // The block holds 8-byte fields (NCCL EP's holds int64 arrays: it faults below 8).
+            crate::ensure_arg!(
+                t.data % 8 == 0,
+                "handle_mem data ({:#x}) must be 8-byte aligned",
+                t.data
+            );
             HandleMem::Caller {
                 ptr: t.data,
                 bytes: t.dim(0),

@@ -1,13 +1,13 @@
 //! `ncclEpDispatch`, `ncclEpCombine`, `ncclEpComplete`: check the C structs, copy the tensor
 //! descriptors, and hand the call to the runtime.
 
-use super::enums::{ExpertIdKind, PassDir};
+use super::enums::{Algorithm, ExpertIdKind, Layout, PassDir};
 use super::guard::{ffi_call, read_opt, read_req};
 use super::objects;
 use super::tensor::{read_tensor, read_tensor_opt};
 use super::types::*;
 use crate::core::error::Result;
-use crate::core::op_args::{CombineArgs, DispatchArgs};
+use crate::core::op_args::{CombineArgs, DispatchArgs, recv_kind};
 
 fn pass_dir(v: ncclEpPassDir_t) -> Result<PassDir> {
     PassDir::from_raw(v).ok_or_else(|| {
@@ -36,17 +36,19 @@ pub unsafe extern "C" fn ncclEpDispatch(
             let li = read_opt(layout_info, "layout_info")?;
             let cfg = read_opt(config, "config")?;
             let h = objects::handle(handle)?;
+            let algorithm = objects::group(h.group)?.params.algorithm;
+            // The layout_info tensors NCCL EP reads at dispatch, and only those (an ignored field
+            // may hold anything): LOW_LATENCY's two counters. HT dispatch takes only
+            // recv_topk_idx_kind from layout_info; expert_offsets and recv_total_counter are
+            // handle-time outputs.
+            let ll = algorithm == Algorithm::LowLatency;
             let li_t = |f: fn(&ncclEpLayoutInfo_t) -> *mut ncclEpTensor_t, name| match &li {
-                Some(l) => read_tensor_opt(f(l), name),
-                None => Ok(None),
+                Some(l) if ll => read_tensor_opt(f(l), name),
+                _ => Ok(None),
             };
+            let pass = cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?;
             let recv_kind = match &li {
-                Some(l) => ExpertIdKind::from_raw(l.recv_topk_idx_kind).ok_or_else(|| {
-                    crate::invalid_arg!(
-                        "layout_info->recv_topk_idx_kind is {}, expected 0 (AUTO), 1 (LOCAL) or 2 (GLOBAL)",
-                        l.recv_topk_idx_kind.0
-                    )
-                })?,
+                Some(l) => recv_kind(l.recv_topk_idx_kind.0, algorithm, h.params.layout, pass)?,
                 None => ExpertIdKind::Local,
             };
             let args = DispatchArgs {
@@ -59,13 +61,13 @@ pub unsafe extern "C" fn ncclEpDispatch(
                 out_topk_idx: read_tensor_opt(o.topk_idx, "outputs->topk_idx")?,
                 expert_counters: li_t(|l| l.expert_counters, "layout_info->expert_counters")?,
                 src_rank_counters: li_t(|l| l.src_rank_counters, "layout_info->src_rank_counters")?,
-                expert_offsets: li_t(|l| l.expert_offsets, "layout_info->expert_offsets")?,
-                recv_total_counter: li_t(|l| l.recv_total_counter, "layout_info->recv_total_counter")?,
+                expert_offsets: None,
+                recv_total_counter: None,
                 has_layout_info: li.is_some(),
                 recv_kind,
                 send_only: cfg.is_some_and(|c| c.send_only != 0),
                 round_scales: cfg.is_some_and(|c| c.round_scales != 0),
-                pass: cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?,
+                pass,
                 quant: cfg.map_or(0, |c| c.quant_recipe.0),
             };
             crate::ensure_arg!(
@@ -94,12 +96,21 @@ pub unsafe extern "C" fn ncclEpCombine(
             let o = read_req(outputs, "outputs")?;
             let cfg = read_opt(config, "config")?;
             let h = objects::handle(handle)?;
+            // LOW_LATENCY combine never reads inputs->topk_weights, nor rank-major's
+            // outputs->topk_weights (the caller pre-reduces): NCCL EP does not even look at those
+            // descriptors, so neither do we.
+            let ll = objects::group(h.group)?.params.algorithm == Algorithm::LowLatency;
+            let read_unless = |skip: bool, t, name| if skip { Ok(None) } else { read_tensor_opt(t, name) };
             let args = CombineArgs {
                 tokens: read_tensor(i.tokens, "inputs->tokens")?,
-                in_weights: read_tensor_opt(i.topk_weights, "inputs->topk_weights")?,
+                in_weights: read_unless(ll, i.topk_weights, "inputs->topk_weights")?,
                 in_scales: read_tensor_opt(i.scales, "inputs->scales")?,
                 out_tokens: read_tensor(o.tokens, "outputs->tokens")?,
-                out_weights: read_tensor_opt(o.topk_weights, "outputs->topk_weights")?,
+                out_weights: read_unless(
+                    ll && h.params.layout == Layout::RankMajor,
+                    o.topk_weights,
+                    "outputs->topk_weights",
+                )?,
                 send_only: cfg.is_some_and(|c| c.send_only != 0),
                 pass: cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?,
                 quant: cfg.map_or(0, |c| c.quant_recipe.0),

@@ -1,7 +1,7 @@
 //! Tensor descriptors: `ncclEpTensorAlloc` / `ncclEpTensorDestroy` and the checked read of any
 //! caller descriptor into a [`TensorView`].
 
-use super::enums::{NCCL_EP_TENSOR_ALLOC_MAGIC, NCCL_EP_TENSOR_MAGIC, dtype};
+use super::enums::{NCCL_EP_TENSOR_ALLOC_MAGIC, NCCL_EP_TENSOR_MAGIC};
 use super::guard::{ffi_call, out_ptr, read_opt};
 use super::types::*;
 use crate::core::error::Result;
@@ -74,11 +74,9 @@ pub unsafe fn read_tensor_opt(p: *const ncclEpTensor_t, name: &str) -> Result<Op
         t.ndim
     );
     crate::ensure_arg!(!t.sizes.is_null(), "{name}: sizes is NULL");
-    crate::ensure_arg!(
-        dtype::elem_bytes(t.datatype).is_some(),
-        "{name}: datatype {} is not an ncclDataType_t",
-        t.datatype
-    );
+    // The datatype is not checked here: NCCL EP checks it only where a call uses the tensor (the
+    // rules in core do the same: every tensor a call reads or writes is checked against the types
+    // it may have), and ignores it on the optional tensors it ignores.
     // SAFETY: sizes points at ndim extents (C contract), checked non-NULL above.
     let sizes = unsafe { std::slice::from_raw_parts(t.sizes, t.ndim as usize) }.to_vec();
     let view = TensorView {
@@ -132,10 +130,7 @@ pub unsafe extern "C" fn ncclEpTensorAlloc(
             (1..=MAX_NDIM).contains(&ndim),
             "ndim is {ndim}, expected 1..={MAX_NDIM}"
         );
-        crate::ensure_arg!(
-            dtype::elem_bytes(datatype).is_some(),
-            "datatype {datatype} is not an ncclDataType_t"
-        );
+        // Any datatype, as NCCL EP: a descriptor is not a use (the call that uses it checks it).
         // SAFETY: sizes points at ndim values (C contract), checked non-NULL.
         let mut own: Box<[usize]> = unsafe { std::slice::from_raw_parts(sizes, ndim as usize) }.into();
         let desc = Box::new(ncclEpTensor_t {

@@ -12,6 +12,13 @@ pub const LL_MAX_EXPERTS: u32 = 8192;
 /// Most routing entries (tokens x top-k) of one LL call: the dispatch kernel stages them in
 /// shared memory (128 KiB at this bound).
 pub const LL_MAX_ROUTING: u64 = 32768;
+/// Bytes of one LL token slot for a group's `max_token_bytes`: the bound rounded up to the 16-byte
+/// vectors rows move in (NCCL EP does not require LL's bound to be a multiple of 16; every row a
+/// call may send is a multiple of 16 and at most the bound, so it fits the rounded slot).
+pub fn ll_slot_bytes(max_token_bytes: u32) -> u32 {
+    max_token_bytes.checked_next_multiple_of(16).unwrap_or(0xFFFF_FFF0)
+}
+
 /// Default GPU wait bound when neither the config nor the environment sets one.
 pub const DEFAULT_TIMEOUT_NS: u64 = 100_000_000_000;
 
@@ -96,11 +103,15 @@ pub fn validate_group_config(
         c.max_dispatch_tokens_per_rank > 0,
         "config->max_dispatch_tokens_per_rank is 0 (NCCL_EP_AUTO is not supported for it)"
     );
-    crate::ensure_arg!(
-        c.max_token_bytes.is_multiple_of(16),
-        "config->max_token_bytes is {}, must be a multiple of 16 (rows move as 16-byte vectors)",
-        c.max_token_bytes
-    );
+    // NCCL EP checks this in HIGH_THROUGHPUT only; LOW_LATENCY takes any bound (rows are checked
+    // per call, and the LL buffer rounds its slots up: see `ll_slot_bytes`).
+    if algorithm == Algorithm::HighThroughput {
+        crate::ensure_arg!(
+            c.max_token_bytes.is_multiple_of(16),
+            "config->max_token_bytes is {}, must be a multiple of 16 in HIGH_THROUGHPUT mode (rows move as 16-byte vectors)",
+            c.max_token_bytes
+        );
+    }
     crate::ensure_usage!(
         c.num_experts.is_multiple_of(nranks),
         "config->num_experts ({}) must be a multiple of the number of ranks ({nranks})",
@@ -117,17 +128,12 @@ pub fn validate_group_config(
             c.max_num_sms
         );
     }
-    crate::ensure_arg!(
-        c.zero_copy.0 >= 0 && c.zero_copy.0 <= 2,
-        "config->zero_copy is {}, expected 0 (AUTO), 1 (OFF) or 2 (ON)",
-        c.zero_copy.0
-    );
-    let overflow = OverflowPolicy::from_raw(c.overflow_policy).ok_or_else(|| {
-        crate::invalid_arg!(
-            "config->overflow_policy is {}, expected 0 (AUTO), 1 (TRAP) or 2 (DROP)",
-            c.overflow_policy.0
-        )
-    })?;
+    // zero_copy is not checked: NCCL EP acts only on ON (2), which asks for window-backed
+    // dispatch outputs and combine inputs; every other value keeps the staged path, as AUTO and
+    // OFF do. This library has no window-backed tensors yet, so it always stages (docs/CONFORMANCE.md).
+    // overflow_policy: NCCL EP drops only on DROP (2); every other value traps (AUTO = TRAP), and
+    // LOW_LATENCY ignores the field.
+    let overflow = OverflowPolicy::from_raw(c.overflow_policy).unwrap_or(OverflowPolicy::Trap);
     crate::ensure_arg!(
         c.num_topk <= c.num_experts,
         "config->num_topk ({}) exceeds config->num_experts ({})",
@@ -226,7 +232,9 @@ mod tests {
         assert_eq!(err(&c, 8).0, 4);
         let mut c = ll();
         c.max_token_bytes = 100;
+        c.algorithm = ncclEpAlgorithm_t(1);
         assert!(err(&c, 8).1.contains("multiple of 16"));
+        assert_eq!(err(&c, 8).0, 4);
         let mut c = ll();
         c.max_dispatch_tokens_per_rank = 0;
         assert_eq!(err(&c, 8).0, 4);
@@ -237,12 +245,6 @@ mod tests {
         c.max_num_sms = 200;
         assert_eq!(err(&c, 8).0, 5);
         let mut c = ll();
-        c.zero_copy = ncclEpZeroCopyMode_t(3);
-        assert_eq!(err(&c, 8).0, 4);
-        let mut c = ll();
-        c.overflow_policy = ncclEpOverflowPolicy_t(-1);
-        assert_eq!(err(&c, 8).0, 4);
-        let mut c = ll();
         c.num_topk = 300;
         assert_eq!(err(&c, 8).0, 4);
         unsafe extern "C" fn a(_: *mut *mut std::ffi::c_void, _: usize, _: *mut std::ffi::c_void) -> i32 {
@@ -251,6 +253,42 @@ mod tests {
         let mut c = ll();
         c.alloc.alloc_fn = Some(a);
         assert_eq!(err(&c, 8).0, 5);
+    }
+
+    /// Fields NCCL EP reads without a range check (docs/CONFORMANCE.md): LL `max_token_bytes` need
+    /// not be a multiple of 16; `zero_copy` and `overflow_policy` take any value (only ON and DROP
+    /// act; everything else behaves as AUTO / TRAP).
+    #[test]
+    fn accepts_what_nccl_ep_accepts() {
+        let ok = |c: &ncclEpGroupConfig_t| validate_group_config(c, 0, 8, 132, &EnvOverrides::default());
+        let mut c = ll();
+        c.max_token_bytes = 100;
+        assert_eq!(ok(&c).unwrap().max_token_bytes, 100);
+        assert_eq!(ll_slot_bytes(100), 112);
+        assert_eq!(ll_slot_bytes(14336), 14336);
+        assert_eq!(ll_slot_bytes(1), 16);
+        assert_eq!(ll_slot_bytes(u32::MAX), 0xFFFF_FFF0);
+        for z in [0, 1, 2, 3, -1, 1000] {
+            let mut c = ll();
+            c.zero_copy = ncclEpZeroCopyMode_t(z);
+            assert!(ok(&c).is_ok(), "zero_copy {z}");
+        }
+        for (algo, v, want) in [
+            (0, -1, OverflowPolicy::Trap),
+            (0, 2, OverflowPolicy::Drop),
+            (1, 3, OverflowPolicy::Trap),
+            (1, -7, OverflowPolicy::Trap),
+        ] {
+            let mut c = ll();
+            c.algorithm = ncclEpAlgorithm_t(algo);
+            c.max_recv_tokens_per_rank = 4096;
+            c.overflow_policy = ncclEpOverflowPolicy_t(v);
+            assert_eq!(ok(&c).unwrap().overflow, want, "algorithm {algo}, policy {v}");
+        }
+        // LL ignores DROP's need for a fixed budget (it has no receive budget).
+        let mut c = ll();
+        c.overflow_policy = ncclEpOverflowPolicy_t(2);
+        assert!(ok(&c).is_ok());
     }
 
     #[test]

@@ -231,6 +231,21 @@ impl HtHandleLayout {
              (receive rows {recv_rows}, ranks x max_dispatch_tokens_per_rank x top-k {})",
             (p.nranks as usize).saturating_mul(b).saturating_mul(k)
         );
+        // EXPERT_MAJOR zone offsets are 32-bit sums of padded counts, whatever the budget (NCCL EP's
+        // are too, and overflow): bound the worst padded total.
+        if h.layout == Layout::ExpertMajor && h.expert_alignment > 1 {
+            let (n, l) = (p.nranks as usize, p.local_experts as usize);
+            let worst = n
+                .saturating_mul(b)
+                .saturating_mul(k.min(l))
+                .saturating_add(l.saturating_mul(h.expert_alignment - 1));
+            crate::ensure_usage!(
+                worst < (1 << 31),
+                "config->dispatch_output_per_expert_alignment ({}) is too large: with {l} local experts the padded \
+                 receive rows could reach {worst}, past the kernels' 32-bit indices",
+                h.expert_alignment
+            );
+        }
         let recv_width = match h.layout {
             Layout::ExpertMajor => 2,
             _ => 1 + k,
@@ -375,6 +390,11 @@ mod tests {
         let em = HtHandleLayout::new(&fixed, &hp(Layout::ExpertMajor, 8, 1)).unwrap();
         assert_eq!(em.recv_width, 2);
         assert!(em.total_bytes < h.total_bytes);
+        // A huge alignment is refused whatever the budget (zone offsets are 32-bit).
+        assert!(HtHandleLayout::new(&fixed, &hp(Layout::ExpertMajor, 8, 1 << 20)).is_ok());
+        let e = HtHandleLayout::new(&fixed, &hp(Layout::ExpertMajor, 8, 1 << 40)).unwrap_err();
+        assert_eq!(e.code(), 5);
+        assert!(e.msg.contains("alignment"), "{}", e.msg);
         // 32-bit indices.
         let huge = params(64, 256, 1 << 20, 0, 0);
         assert_eq!(

@@ -149,7 +149,7 @@ pub fn random_tokens(rng: &mut SplitMix64, dt: HtDtype, rows: usize, hidden: usi
 // ---------------------------------------------------------------------------------------------
 // Routing
 
-/// An entry of `topk_idx` that is neither −1 nor an expert id.
+/// An entry of `topk_idx` that is past the last expert (any negative entry means "none").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadExpertId {
     pub rank: usize,
@@ -159,11 +159,12 @@ pub struct BadExpertId {
     pub num_experts: usize,
 }
 
-/// The first entry (row-major) of one rank's routing `[T, K]` that is not in −1..E−1:
-/// `(row, k, value)`.
+/// The first entry (row-major) of one rank's routing `[T, K]` that is E or more: `(row, k, value)`.
+/// Negative entries are "none" whatever their value, as in NCCL EP (which skips every negative
+/// id) and in our LOW_LATENCY mode.
 pub fn find_bad_expert_id(topk: &[i64], k: usize, num_experts: usize) -> Option<(usize, usize, i64)> {
     topk.iter()
-        .position(|&e| e < -1 || e >= num_experts as i64)
+        .position(|&e| e >= num_experts as i64)
         .map(|i| (i / k, i % k, topk[i]))
 }
 
@@ -239,7 +240,7 @@ impl HtPlanError {
     pub fn to_error(&self) -> Error {
         match *self {
             Self::BadExpertId(b) => crate::invalid_arg!(
-                "topk_idx[{}][{}] is {} on rank {}: expert ids must be -1 (none) or in [0, {})",
+                "topk_idx[{}][{}] is {} on rank {}: expert ids must be negative (none, e.g. -1) or in [0, {})",
                 b.row,
                 b.k,
                 b.value,
@@ -248,7 +249,8 @@ impl HtPlanError {
             ),
             Self::Overflow { rank, count, budget } => crate::invalid_usage!(
                 "rank {rank} would receive {count} rows, more than max_recv_tokens_per_rank ({budget}); \
-                 raise it, or set overflow_policy DROP to drop the excess"
+                 raise it (EXPERT_MAJOR counts its alignment padding: up to local experts x (alignment - 1) \
+                 rows more), use NCCL_EP_AUTO (eager mode), or set overflow_policy DROP to drop the excess"
             ),
         }
     }
@@ -364,7 +366,7 @@ impl HtPlan {
             }
             clean.push(
                 rt.iter()
-                    .map(|&x| if x < -1 || x >= e as i64 { -1 } else { x })
+                    .map(|&x| if x < 0 || x >= e as i64 { -1 } else { x })
                     .collect::<Vec<i64>>(),
             );
         }

@@ -66,12 +66,14 @@ fn ht_layout(h: &HandleParams, what: &str) -> Result<Layout> {
     }
 }
 
+/// QUANT_FWD is an NCCL EP recipe this library lacks: `ncclInvalidUsage`, as LOW_LATENCY's
+/// unsupported recipes. DS_FP8E3M4 is LOW_LATENCY-only in NCCL EP too (`ncclInvalidArgument`).
 fn dispatch_recipe(quant: i32) -> Result<()> {
     match quant {
         0 => Ok(()),
-        1 => Err(crate::invalid_arg!(
-            "ncclEpDispatch: config->quant_recipe NCCL_EP_DISP_QUANT_FWD is not supported in HIGH_THROUGHPUT mode \
-             by this library; use NCCL_EP_DISP_QUANT_NONE (bf16, fp16 or fp32 tokens)"
+        1 => Err(crate::invalid_usage!(
+            "ncclEpDispatch: config->quant_recipe NCCL_EP_DISP_QUANT_FWD is not supported by this library yet \
+             (HIGH_THROUGHPUT); use NCCL_EP_DISP_QUANT_NONE (bf16, fp16 or fp32 tokens)"
         )),
         2 => Err(crate::invalid_arg!(
             "ncclEpDispatch: config->quant_recipe NCCL_EP_DISP_QUANT_DS_FP8E3M4 is a LOW_LATENCY recipe; \
@@ -83,14 +85,16 @@ fn dispatch_recipe(quant: i32) -> Result<()> {
     }
 }
 
-/// NVFP4 is rejected although NCCL EP accepts it in HT and combines unquantised: a caller that
-/// asks for a quantised combine should learn that it does not get one.
+/// NVFP4 is rejected with `ncclInvalidUsage`: NCCL EP returns that code for it on GPUs without
+/// FP4 (Hopper), and on FP4 GPUs accepts it in HT and combines unquantised; a caller that asks
+/// for a quantised combine should learn that it does not get one.
 fn combine_recipe(quant: i32) -> Result<()> {
     match quant {
         0 => Ok(()),
-        1 => Err(crate::invalid_arg!(
-            "ncclEpCombine: config->quant_recipe NCCL_EP_COMB_QUANT_NVFP4 is a LOW_LATENCY recipe; \
-             HIGH_THROUGHPUT takes NCCL_EP_COMB_QUANT_NONE (NCCL EP would ignore it and combine unquantised)"
+        1 => Err(crate::invalid_usage!(
+            "ncclEpCombine: config->quant_recipe NCCL_EP_COMB_QUANT_NVFP4 is a LOW_LATENCY recipe that this library \
+             does not support yet; HIGH_THROUGHPUT takes NCCL_EP_COMB_QUANT_NONE (NCCL EP returns ncclInvalidUsage \
+             for NVFP4 on GPUs without FP4, and elsewhere combines unquantised)"
         )),
         q => Err(crate::invalid_arg!(
             "ncclEpCombine: config->quant_recipe {q} is not an ncclEpCombQuant_t"
@@ -213,7 +217,8 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
         PassDir::Forward => {
             let why = "in the forward pass (combine applies no weights; the caller pre-weights)";
             ensure_none(&a.in_weights, "inputs->topk_weights", why)?;
-            ensure_none(&a.out_weights, "outputs->topk_weights", why)?;
+            // outputs->topk_weights is ignored, as NCCL EP ignores it here (its ep_bench passes
+            // the backward pass's [T, K] tensor to every combine): not checked, not written.
         }
         PassDir::Backward => {
             let w = a.in_weights.as_ref().ok_or_else(|| match layout {
@@ -290,19 +295,15 @@ pub struct HtLayoutOutputs {
 }
 
 /// The `layout_info` rules of an HT handle (docs/HT.md, "`layout_info` outputs"):
-/// FLAT `expert_counters` int32 `[>= L]`, no `expert_offsets`; EXPERT_MAJOR `expert_counters`
-/// and `expert_offsets` int32 or int64 `[>= L]`; `recv_total_counter` int32 or int64 `[>= 1]`;
-/// every EM output and `recv_total_counter` share one type (FLAT's int32 counters stand apart);
-/// `src_rank_counters` (a LOW_LATENCY RANK_MAJOR output) must be NULL.
+/// FLAT `expert_counters` int32 `[>= L]`; EXPERT_MAJOR `expert_counters` and `expert_offsets`
+/// int32 or int64 `[>= L]`; `recv_total_counter` int32 or int64 `[>= 1]`; every EM output and
+/// `recv_total_counter` share one type (FLAT's int32 counters stand apart). FLAT's
+/// `expert_offsets` and `src_rank_counters` (a LOW_LATENCY RANK_MAJOR output) are ignored, as
+/// NCCL EP ignores them: not checked, not written.
 pub fn check_layout_info(p: &GroupParams, h: &HandleParams, li: &HtLayoutInfoArgs) -> Result<HtLayoutOutputs> {
     let layout = ht_layout(h, "layout_info")?;
     let l = p.local_experts as usize;
     let ints = [dtype::INT32, dtype::INT64];
-    ensure_none(
-        &li.src_rank_counters,
-        "layout_info->src_rank_counters",
-        "for HIGH_THROUGHPUT (a LOW_LATENCY RANK_MAJOR output)",
-    )?;
     if let Some(t) = &li.recv_total_counter {
         t.expect("layout_info->recv_total_counter", &[Dim::AtLeast(1)], &ints)?;
     }
@@ -313,11 +314,6 @@ pub fn check_layout_info(p: &GroupParams, h: &HandleParams, li: &HtLayoutInfoArg
                 t.expect("layout_info->expert_counters", &[Dim::AtLeast(l)], &[dtype::INT32])
                     .map_err(|e| hint(e, "FLAT counters are int32, one per local expert"))?;
             }
-            ensure_none(
-                &li.expert_offsets,
-                "layout_info->expert_offsets",
-                "for FLAT (rows are not grouped by expert)",
-            )?;
         }
         _ => {
             for (name, t) in [
@@ -501,15 +497,18 @@ mod tests {
     #[test]
     fn dispatch_rejects_recipes_and_scales() {
         let (p, h, topk) = setup(Layout::Flat);
-        for (q, needle) in [
-            (1, "QUANT_FWD"),
-            (2, "LOW_LATENCY recipe"),
-            (9, "not an ncclEpDispQuant_t"),
-        ] {
+        for (q, needle) in [(2, "LOW_LATENCY recipe"), (9, "not an ncclEpDispQuant_t")] {
             let mut a = flat_fwd();
             a.quant = q;
             rejects(&p, &h, &topk, &a, needle);
         }
+        // QUANT_FWD is an NCCL EP recipe this library lacks: ncclInvalidUsage, as in LOW_LATENCY
+        // (was ncclInvalidArgument).
+        let mut a = flat_fwd();
+        a.quant = 1;
+        let (code, msg) = d_err(&p, &h, &topk, &a);
+        assert_eq!(code, 5, "{msg}");
+        assert!(msg.contains("QUANT_FWD") && msg.contains("not supported"), "{msg}");
         let mut a = flat_fwd();
         a.in_scales = Some(tv(&[100, 56], dtype::FLOAT32));
         rejects(&p, &h, &topk, &a, "inputs->scales must be NULL");
@@ -727,11 +726,39 @@ mod tests {
         }
     }
 
+    /// Forward combine ignores `outputs->topk_weights`, as NCCL EP does (its ep_bench passes the
+    /// backward pass's `[T, K]` tensor to every combine). It was `ncclInvalidArgument`.
+    #[test]
+    fn forward_combine_ignores_output_weights() {
+        for layout in [Layout::Flat, Layout::ExpertMajor] {
+            let (p, h, topk) = setup(layout);
+            let plain = check_combine(&p, &h, &topk, &fwd_combine()).unwrap();
+            for w in [
+                tv(&[100, 8], dtype::FLOAT32), // ep_bench's tensor
+                tv(&[3], dtype::BFLOAT16),     // any shape and type: never read nor written
+                TensorView {
+                    dtype: dtype::FLOAT32,
+                    sizes: vec![0, 8],
+                    data: 0,
+                },
+            ] {
+                let mut a = fwd_combine();
+                a.out_weights = Some(w);
+                assert_eq!(check_combine(&p, &h, &topk, &a).unwrap(), plain);
+            }
+        }
+    }
+
     #[test]
     fn combine_rejections() {
         let (p, h, topk) = setup(Layout::Flat);
+        // NVFP4: NCCL EP's code on GPUs without FP4 (was ncclInvalidArgument).
+        let mut a = fwd_combine();
+        a.quant = 1;
+        let e = check_combine(&p, &h, &topk, &a).unwrap_err();
+        assert_eq!(e.code(), 5, "{}", e.msg);
+        assert!(e.msg.contains("NVFP4 is a LOW_LATENCY recipe"), "{}", e.msg);
         let cases: &[CCase] = &[
-            (|a| a.quant = 1, "NVFP4 is a LOW_LATENCY recipe"),
             (|a| a.quant = 4, "not an ncclEpCombQuant_t"),
             (
                 |a| a.in_scales = Some(tv(&[S, 1], dtype::FLOAT32)),
@@ -764,10 +791,6 @@ mod tests {
             (
                 |a| a.in_weights = Some(tv(&[S, 8], dtype::FLOAT32)),
                 "inputs->topk_weights must be NULL in the forward",
-            ),
-            (
-                |a| a.out_weights = Some(tv(&[100, 8], dtype::FLOAT32)),
-                "outputs->topk_weights must be NULL",
             ),
         ];
         for &(f, needle) in cases {
@@ -850,6 +873,24 @@ mod tests {
         assert!(check_layout_info(&p, &h, &li(None, Some((32, I64)), None)).is_ok());
     }
 
+    /// FLAT `expert_offsets` and `src_rank_counters` are ignored, as NCCL EP ignores them (both
+    /// were `ncclInvalidArgument`): not checked, not written.
+    #[test]
+    fn layout_info_ignores_what_nccl_ep_ignores() {
+        let (p, h, _) = setup(Layout::Flat);
+        let mut a = li(Some((32, I32)), Some((1, dtype::FLOAT64)), Some((1, I64)));
+        a.src_rank_counters = Some(tv(&[8], I32));
+        let o = check_layout_info(&p, &h, &a).unwrap();
+        assert_eq!(o.expert_offsets, None);
+        assert_eq!(o.expert_counters.unwrap().dtype, I32);
+        assert_eq!(o.recv_total_counter.unwrap().dtype, I64);
+        let (p, h, _) = setup(Layout::ExpertMajor);
+        let mut a = li(Some((32, I64)), Some((32, I64)), None);
+        a.src_rank_counters = Some(tv(&[3], dtype::FLOAT32));
+        let o = check_layout_info(&p, &h, &a).unwrap();
+        assert_eq!(o.expert_offsets.unwrap().dtype, I64);
+    }
+
     #[test]
     fn layout_info_rejections() {
         use Layout::{ExpertMajor as Em, Flat};
@@ -862,11 +903,6 @@ mod tests {
             Flat,
             &li(Some((31, I32)), None, None),
             "expert_counters must have shape [>=32]",
-        );
-        li_err(
-            Flat,
-            &li(None, Some((32, I32)), None),
-            "expert_offsets must be NULL for FLAT",
         );
         li_err(
             Flat,
@@ -896,9 +932,6 @@ mod tests {
             "recv_total_counter is ncclInt32",
         );
         li_err(Em, &li(None, Some((32, I32)), Some((1, I64))), "share one type");
-        let mut a = li(None, None, None);
-        a.src_rank_counters = Some(tv(&[8], I32));
-        li_err(Flat, &a, "src_rank_counters must be NULL");
         let mut a = li(Some((32, I32)), None, None);
         a.expert_counters.as_mut().unwrap().data = 0;
         li_err(Em, &a, "no data pointer");

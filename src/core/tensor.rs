@@ -12,6 +12,14 @@ pub struct TensorView {
     pub data: u64,
 }
 
+/// A data type for a message; descriptors may carry any value (they are checked where used).
+fn type_name(dt: i32) -> String {
+    match dtype::elem_bytes(dt) {
+        Some(_) => dtype::name(dt).to_string(),
+        None => format!("datatype {dt}, which is not an ncclDataType_t"),
+    }
+}
+
 /// One expected extent in a shape check.
 #[derive(Clone, Copy, Debug)]
 pub enum Dim {
@@ -78,7 +86,7 @@ impl TensorView {
                 dtypes.contains(&self.dtype),
                 "{name} must be {}, got {}",
                 dtypes.iter().map(|&d| dtype::name(d)).collect::<Vec<_>>().join(" or "),
-                dtype::name(self.dtype)
+                type_name(self.dtype)
             );
         }
         crate::ensure_arg!(
@@ -119,6 +127,13 @@ mod tests {
             e.msg
         );
         assert_eq!(e.code(), 4);
+    }
+
+    #[test]
+    fn unknown_types_are_named_by_value() {
+        let e = t(&[4], 13).expect("x", &[Dim::Eq(4)], &[dtype::UINT8]).unwrap_err();
+        assert!(e.msg.contains("must be ncclUint8, got datatype 13"), "{}", e.msg);
+        assert!(t(&[4], -1).expect("x", &[Dim::Eq(4)], &[]).is_ok());
     }
 
     #[test]

@@ -433,7 +433,8 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
     p.in0 = a.tokens.data;
     p.in1 = ptr(&a.in_weights);
     p.out0 = a.out_tokens.data;
-    p.out1 = ptr(&a.out_weights);
+    // Forward combine ignores outputs->topk_weights (NCCL EP does; core::ht_rules): never written.
+    p.out1 = if bwd { ptr(&a.out_weights) } else { 0 };
     if p.staged != 0 {
         let lay = g.ht()?.sized.unwrap_or_else(|| unreachable!());
         let rows = call.recv_rows.min(lay.staging_rows);

@@ -152,7 +152,8 @@ impl LlState {
 /// The buffer layout a handle of top-k `k` uses in this group.
 pub fn layout(g: &Group, k: u32) -> Result<LlLayout> {
     let p = &g.params;
-    LlLayout::new(p.nranks, p.num_experts, p.max_tokens, p.max_token_bytes, k)
+    let slot = crate::core::config::ll_slot_bytes(p.max_token_bytes);
+    LlLayout::new(p.nranks, p.num_experts, p.max_tokens, slot, k)
 }
 
 /// Bytes of this rank's communication buffer (0 before the first handle, for AUTO).
