@@ -1526,7 +1526,7 @@ fn token_type_rounds<T: TestToken>(
                     topk,
                     tokens: Some(t),
                     routing,
-                    idx64: i % 2 == 0,
+                    idx64: i.is_multiple_of(2),
                     global_ids: i % 4 == 1,
                     send_only: i % 5 == 2,
                     ..*base
