@@ -98,6 +98,7 @@ typedef struct {
   int send_only, graph;
   int mask; /* enable_mask: the masked code paths, no rank masked */
   int routing; /* 0 uniform, 1 zipf */
+  int dtype;   /* token type: ncclBfloat16, ncclFloat16 or ncclFloat32 (--dtype) */
   double zipf_s;
   unsigned long long seed;
   const char* csv;
@@ -146,6 +147,33 @@ static uint16_t f2bf(float f) {
   memcpy(&u, &f, 4);
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
+}
+
+/* f32 to fp16, nearest even; values below fp16's normal range become zero (the benchmark's
+ * values are in [-4, 4), and a few flushed tiny values change no timing). */
+static uint16_t f2h(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+  int e = (int)((u >> 23) & 0xff) - 127;
+  if (e < -14) return sign;
+  if (e > 15) return sign | 0x7c00u;
+  uint32_t h = ((uint32_t)(e + 15) << 10) | ((u >> 13) & 0x3ffu), rem = u & 0x1fffu;
+  h += rem > 0x1000u || (rem == 0x1000u && (h & 1u));
+  return (uint16_t)(sign | h);
+}
+
+static size_t elem_bytes(int dt) { return dt == ncclFloat32 ? 4 : 2; }
+
+static const char* dtype_name(int dt) { return dt == ncclFloat32 ? "fp32" : dt == ncclFloat16 ? "fp16" : "bf16"; }
+
+/* n random values lo + span * u (u uniform in [0, 1)) of type dt at p. */
+static void fill_tokens(void* p, size_t n, int dt, double lo, double span, uint64_t* rng) {
+  for (size_t i = 0; i < n; ++i) {
+    float v = (float)(lo + span * rng_unit(rng));
+    if (dt == ncclFloat32) ((float*)p)[i] = v;
+    else ((uint16_t*)p)[i] = dt == ncclFloat16 ? f2h(v) : f2bf(v);
+  }
 }
 
 /* K distinct experts per token: uniform, or Zipf-skewed over the expert ids. */
@@ -209,9 +237,10 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   int L = o->experts / nranks, T = o->tokens, H = o->hidden, K = o->topk, B = o->tokens, N = nranks;
   int em = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR;
   CK(cudaSetDevice(r->dev));
-  size_t xb = (size_t)T * H * 2, tb = (size_t)T * K * 8, wb = (size_t)T * K * 4;
+  size_t eb = elem_bytes(o->dtype);
+  size_t xb = (size_t)T * H * eb, tb = (size_t)T * K * 8, wb = (size_t)T * K * 4;
   size_t rows = em ? (size_t)L * N * B : (size_t)N * B;
-  size_t ob = rows * H * 2;
+  size_t ob = rows * H * eb;
   CK(cudaMalloc(&r->x, xb ? xb : 16));
   CK(cudaMalloc(&r->topk, tb ? tb : 16));
   CK(cudaMalloc(&r->w, wb ? wb : 16));
@@ -222,8 +251,8 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   CK(cudaMalloc(&r->ein, ob));
   CK(cudaMalloc(&r->cw, wb ? wb : 16));
   CK(cudaMalloc(&r->cout, xb ? xb : 16));
-  uint16_t* hx = (uint16_t*)malloc(xb + 2);
-  for (size_t i = 0; i < xb / 2; ++i) hx[i] = f2bf((float)(rng_unit(rng) * 8 - 4));
+  void* hx = malloc(xb + 4);
+  fill_tokens(hx, xb / eb, o->dtype, -4, 8, rng);
   int64_t* ht = (int64_t*)malloc(tb + 8);
   make_routing(ht, T, K, o->experts, o->routing, o->zipf_s, rng);
   float* hw = (float*)malloc(wb + 4);
@@ -235,8 +264,8 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   CK(cudaMemcpy(r->w, hw, wb, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(r->cw, hw, wb, cudaMemcpyHostToDevice));
   /* Expert outputs: random too (never zeros). */
-  uint16_t* he = (uint16_t*)malloc(ob);
-  for (size_t i = 0; i < ob / 2; ++i) he[i] = f2bf((float)(rng_unit(rng) * 2 - 1));
+  void* he = malloc(ob);
+  fill_tokens(he, ob / eb, o->dtype, -1, 2, rng);
   CK(cudaMemcpy(r->ein, he, ob, cudaMemcpyHostToDevice));
   free(hx);
   free(ht);
@@ -253,16 +282,16 @@ static void rank_setup(Rank* r, const Opts* o, int nranks, uint64_t* rng) {
   memcpy(r->sow, r->sidx, sizeof r->sidx);
   r->scw[0] = T; r->scw[1] = K;
   r->scout[0] = T; r->scout[1] = H;
-  r->tx = tensor(r->x, ncclBfloat16, 2, r->sx);
+  r->tx = tensor(r->x, (ncclDataType_t)o->dtype, 2, r->sx);
   r->ttopk = tensor(r->topk, ncclInt64, 2, r->st);
   r->tw = tensor(r->w, ncclFloat32, 2, r->sw);
-  r->tout = tensor(r->out, ncclBfloat16, 3, r->so);
+  r->tout = tensor(r->out, (ncclDataType_t)o->dtype, 3, r->so);
   r->tcnt = tensor(r->cnt, ncclInt32, 1, r->sc);
   r->toidx = tensor(r->oidx, ncclInt32, 3, r->sidx);
   r->tow = tensor(r->ow, ncclFloat32, 3, r->sow);
-  r->tein = tensor(r->ein, ncclBfloat16, 3, r->sein);
+  r->tein = tensor(r->ein, (ncclDataType_t)o->dtype, 3, r->sein);
   r->tcw = tensor(r->cw, ncclFloat32, 2, r->scw);
-  r->tcout = tensor(r->cout, ncclBfloat16, 2, r->scout);
+  r->tcout = tensor(r->cout, (ncclDataType_t)o->dtype, 2, r->scout);
   for (int i = 0; i < 3; ++i) CK(cudaEventCreate(&r->ev[i]));
   r->exec_d = r->exec_c = NULL;
 }
@@ -468,7 +497,7 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
   cfg.algorithm = (ncclEpAlgorithm_t)o->algorithm;
   cfg.num_experts = o->experts;
   cfg.max_dispatch_tokens_per_rank = o->tokens;
-  cfg.max_token_bytes = o->hidden * 2;
+  cfg.max_token_bytes = o->hidden * (unsigned)elem_bytes(o->dtype);
   cfg.enable_mask = o->mask;
   Rank* rk = (Rank*)calloc(nlocal, sizeof(Rank));
   ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
@@ -499,7 +528,8 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
   {
     int L = o->experts / nranks, N = nranks, T = o->tokens, H = o->hidden, K = o->topk;
     size_t rows = o->layout == NCCL_EP_LAYOUT_EXPERT_MAJOR ? (size_t)L * N * T : (size_t)N * T;
-    ours = (size_t)nlocal * (2 * rows * H * 2 + 2 * (size_t)T * H * 2 + (size_t)T * K * 16 + 2 * (size_t)N * T * K * 4);
+    size_t eb = elem_bytes(o->dtype);
+    ours = (size_t)nlocal * (2 * rows * H * eb + 2 * (size_t)T * H * eb + (size_t)T * K * 16 + 2 * (size_t)N * T * K * 4);
   }
   res.mem_mib = ((double)(free0 - free1) - (double)ours) / nlocal / 1048576.0;
   if (bufsz) {
@@ -509,8 +539,8 @@ static Result run_config(const Opts* o, int nranks, int first_rank, int nlocal, 
   timed_rounds(rk, nlocal, o, &res);
   long long sel = 0;
   for (int i = 0; i < nlocal; ++i) sel += rk[i].selections;
-  res.bytes = sel * (long long)o->hidden * 2;
-  res.in_bytes = (long long)nlocal * o->tokens * o->hidden * 2;
+  res.bytes = sel * (long long)o->hidden * (long long)elem_bytes(o->dtype);
+  res.in_bytes = (long long)nlocal * o->tokens * o->hidden * (long long)elem_bytes(o->dtype);
   /* Per-rank bandwidth by upstream's definition (mean selections per rank). */
   double per_rank = (double)res.bytes / nlocal;
   res.disp_gbs = res.disp.p50 > 0 ? per_rank / (res.disp.p50 * 1e-6) / 1e9 : 0;
@@ -537,8 +567,8 @@ static void ht_routing(int64_t* idx, const Opts* o, int rank) {
   make_routing(idx, o->tokens, o->topk, o->experts, o->routing, o->zipf_s, &rng);
 }
 
-/* HT: FLAT or EXPERT_MAJOR, bf16, forward. Bandwidth as upstream ep_bench defines it for HT on one
- * node: received tokens (distinct (source rank, token) pairs with an expert here) x H x 2 bytes,
+/* HT: FLAT or EXPERT_MAJOR, forward. Bandwidth as upstream ep_bench defines it for HT on one
+ * node: received tokens (distinct (source rank, token) pairs with an expert here) x row bytes,
  * per rank, divided by the phase time. The floor counts each received row read once and written
  * once (dispatch), and each contribution read once plus each output row written once (combine). */
 static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nlocal, ncclComm_t comm,
@@ -579,7 +609,8 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   cfg.num_experts = E;
   cfg.max_dispatch_tokens_per_rank = T;
   cfg.max_recv_tokens_per_rank = (unsigned)S;
-  cfg.max_token_bytes = H * 2;
+  size_t eb = elem_bytes(o->dtype);
+  cfg.max_token_bytes = H * (unsigned)eb;
   Rank* rk = (Rank*)calloc(nlocal, sizeof(Rank));
   ncclEpGroup_t* groups = (ncclEpGroup_t*)calloc(nlocal, sizeof(ncclEpGroup_t));
   int dev0;
@@ -597,13 +628,13 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
   CK(cudaDeviceSynchronize());
   CK(cudaMemGetInfo(&f1, &total));
   uint64_t rng = o->seed + 17;
-  size_t xb = (size_t)T * H * 2, ob = (size_t)S * H * 2;
-  uint16_t* hx = (uint16_t*)malloc(xb + 2);
-  uint16_t* he = (uint16_t*)malloc(ob);
+  size_t xb = (size_t)T * H * eb, ob = (size_t)S * H * eb;
+  void* hx = malloc(xb + 4);
+  void* he = malloc(ob);
   float* hw = (float*)malloc((size_t)T * K * 4 + 4);
   for (size_t i = 0; i < (size_t)T * K; ++i) hw[i] = (float)rng_unit(&rng);
-  for (size_t i = 0; i < xb / 2; ++i) hx[i] = f2bf((float)(rng_unit(&rng) * 8 - 4));
-  for (size_t i = 0; i < ob / 2; ++i) he[i] = f2bf((float)(rng_unit(&rng) * 2 - 1));
+  fill_tokens(hx, xb / eb, o->dtype, -4, 8, &rng);
+  fill_tokens(he, ob / eb, o->dtype, -1, 2, &rng);
   for (int i = 0; i < nlocal; ++i) {
     Rank* r = &rk[i];
     r->dev = dev0;
@@ -628,14 +659,14 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
     r->sidx[0] = S; r->sidx[1] = K;
     r->sow[0] = S; r->sow[1] = K;
     memcpy(r->sein, r->so, sizeof r->so);
-    r->tx = tensor(r->x, ncclBfloat16, 2, r->sx);
+    r->tx = tensor(r->x, (ncclDataType_t)o->dtype, 2, r->sx);
     r->ttopk = tensor(r->topk, ncclInt64, 2, r->st);
     r->tw = tensor(r->w, ncclFloat32, 2, r->st);
-    r->tout = tensor(r->out, ncclBfloat16, 2, r->so);
+    r->tout = tensor(r->out, (ncclDataType_t)o->dtype, 2, r->so);
     r->toidx = tensor(r->oidx, ncclInt64, 2, r->sidx);
     r->tow = tensor(r->ow, ncclFloat32, em ? 1 : 2, r->sow);
-    r->tein = tensor(r->ein, ncclBfloat16, 2, r->sein);
-    r->tcout = tensor(r->cout, ncclBfloat16, 2, r->sx);
+    r->tein = tensor(r->ein, (ncclDataType_t)o->dtype, 2, r->sein);
+    r->tcout = tensor(r->cout, (ncclDataType_t)o->dtype, 2, r->sx);
     for (int j = 0; j < 3; ++j) CK(cudaEventCreate(&r->ev[j]));
   }
   free(hx);
@@ -658,7 +689,7 @@ static Result run_config_ht(const Opts* o, int nranks, int first_rank, int nloca
     tok += recv_tok[first_rank + i];
     rows += recv_rows[first_rank + i];
   }
-  long long rb = (long long)H * 2;
+  long long rb = (long long)H * (long long)eb;
   res.bytes = tok * rb;
   res.in_bytes = (long long)nlocal * T * rb;
   res.floor_d_bytes = 2 * (em ? rows : tok) * rb;
@@ -689,7 +720,8 @@ static void usage(void) {
   fprintf(stderr,
           "usage: ep_bench [--local-ranks N] [--mode ll|ht] [--layout em|rm|flat] [--tokens T]\n"
           "                [--hidden H] [--top-k K] [--experts E] [--routing uniform|zipf] [--zipf-s S]\n"
-          "                [--seed S] [--warmup W] [--iters I] [--send-only] [--graph] [--mask]\n"
+          "                [--dtype bf16|fp16|fp32] [--seed S] [--warmup W] [--iters I] [--send-only]\n"
+          "                [--graph] [--mask]\n"
           "                [--sweep-tokens 1,2,4,...] [--sweep-hidden 2048,4096,...] [--csv FILE]\n"
           "                [--plot FILE.png] [--label TEXT]\n");
 }
@@ -705,8 +737,8 @@ static int parse_list(const char* s, int* out, int max) {
 }
 
 int main(int argc, char** argv) {
-  Opts o = {NCCL_EP_ALGO_LOW_LATENCY, NCCL_EP_LAYOUT_EXPERT_MAJOR, 128, 7168, 8, 256, 0, 10, 50, 0, 0, 0, 0, 1.1, 1,
-            NULL, NULL, NULL, NULL, ""};
+  Opts o = {NCCL_EP_ALGO_LOW_LATENCY, NCCL_EP_LAYOUT_EXPERT_MAJOR, 128, 7168, 8, 256, 0, 10, 50, 0, 0, 0, 0,
+            ncclBfloat16, 1.1, 1, NULL, NULL, NULL, NULL, ""};
   for (int i = 1; i < argc; ++i) {
     const char* a = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -722,6 +754,15 @@ int main(int argc, char** argv) {
     else if (ARG("--experts")) o.experts = atoi(v);
     else if (ARG("--routing")) o.routing = !strcmp(v, "zipf") || !strcmp(v, "skewed");
     else if (ARG("--zipf-s")) o.zipf_s = atof(v);
+    else if (ARG("--dtype") || ARG("--datatype")) {
+      if (!strcmp(v, "bf16")) o.dtype = ncclBfloat16;
+      else if (!strcmp(v, "fp16")) o.dtype = ncclFloat16;
+      else if (!strcmp(v, "fp32")) o.dtype = ncclFloat32;
+      else {
+        usage();
+        return 2;
+      }
+    }
     else if (ARG("--seed")) o.seed = strtoull(v, NULL, 10);
     else if (ARG("--warmup")) o.warmup = atoi(v);
     else if (ARG("--iters")) o.iters = atoi(v);
@@ -800,13 +841,13 @@ int main(int argc, char** argv) {
             "gpu,label,ranks,algorithm,layout,tokens,hidden,topk,experts,routing,send_only,graph,"
             "dispatch_us_p50,dispatch_us_p10,dispatch_us_p90,combine_us_p50,combine_us_p10,combine_us_p90,"
             "total_us_p50,dispatch_gbs,combine_gbs,aggregate_dispatch_gbs,aggregate_combine_gbs,host_dispatch_us,"
-            "buffer_mib,measured_mib_per_rank,copy_gbs,floor_us,dispatch_ratio,combine_ratio\n");
+            "buffer_mib,measured_mib_per_rank,copy_gbs,floor_us,dispatch_ratio,combine_ratio,dtype\n");
   }
   const char* lay = o.layout == NCCL_EP_LAYOUT_RANK_MAJOR ? "rm" : o.layout == NCCL_EP_LAYOUT_FLAT ? "flat" : "em";
   if (me == 0)
-    printf("# %s, %d rank(s) (%s), copy bandwidth %.0f GB/s (read+write), %s %s, K=%d, E=%d, %s routing%s%s%s%s\n",
+    printf("# %s, %d rank(s) (%s), copy bandwidth %.0f GB/s (read+write), %s %s %s, K=%d, E=%d, %s routing%s%s%s%s\n",
            prop.name, world, comm ? "MPI/NCCL" : "local group", copy_gbs,
-           o.algorithm == NCCL_EP_ALGO_LOW_LATENCY ? "LL" : "HT", lay, o.topk, o.experts,
+           o.algorithm == NCCL_EP_ALGO_LOW_LATENCY ? "LL" : "HT", lay, dtype_name(o.dtype), o.topk, o.experts,
            o.routing ? "zipf" : "uniform", o.send_only ? ", send_only" : "", o.graph ? ", graph" : "",
            o.mask ? ", enable_mask" : "", gate_wait ? ", gated start" : ", no start gate (times include host launch)");
   int total = nt * nh, done = 0;
@@ -827,12 +868,12 @@ int main(int argc, char** argv) {
       /* Aggregate: all ranks of this process move their bytes in the same time. */
       double agg_d = r.disp_gbs * nlocal, agg_c = r.comb_gbs * nlocal, fl = floor_d_us(&r, copy_gbs);
       if (csv)
-        fprintf(csv, "%s,%s,%d,%s,%s,%d,%d,%d,%d,%s,%d,%d,%.2f,%.2f,%.2f,%.2f,%.2f,%.2f,%.2f,%.1f,%.1f,%.1f,%.1f,%.2f,%.2f,%.2f,%.0f,%.2f,%.3f,%.3f\n",
+        fprintf(csv, "%s,%s,%d,%s,%s,%d,%d,%d,%d,%s,%d,%d,%.2f,%.2f,%.2f,%.2f,%.2f,%.2f,%.2f,%.1f,%.1f,%.1f,%.1f,%.2f,%.2f,%.2f,%.0f,%.2f,%.3f,%.3f,%s\n",
                 prop.name, o.label, world, o.algorithm == NCCL_EP_ALGO_LOW_LATENCY ? "ll" : "ht", lay, c.tokens,
                 c.hidden, c.topk, c.experts, o.routing ? "zipf" : "uniform", o.send_only, o.graph, r.disp.p50,
                 r.disp.p10, r.disp.p90, r.comb.p50, r.comb.p10, r.comb.p90, r.total.p50, r.disp_gbs, r.comb_gbs,
                 agg_d, agg_c, r.host_us, r.buf_mib, r.mem_mib, copy_gbs, fl, floor_d_us(&r, copy_gbs) / r.disp.p50,
-                floor_c_us(&r, copy_gbs) / r.comb.p50);
+                floor_c_us(&r, copy_gbs) / r.comb.p50, dtype_name(o.dtype));
     }
   }
   if (me == 0 && total > 1) fprintf(stderr, "\r%*s\r", 40, "");

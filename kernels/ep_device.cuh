@@ -1,6 +1,7 @@
 // Device pieces both modes use: integer types, memory-ordering loads and stores, L1-bypassing
-// loads, bf16 by bits and the warp row copy. Header-free on purpose: NVRTC compiles the kernels
-// at run time with no CUDA include path; the runtime prepends this file to every kernel source.
+// loads, bf16 and fp16 by bits and the warp row copy. Header-free on purpose: NVRTC compiles the
+// kernels at run time with no CUDA include path; the runtime prepends this file to every kernel
+// source.
 #pragma once
 
 typedef unsigned long long u64;
@@ -68,6 +69,20 @@ __device__ __forceinline__ unsigned short f32_to_bf16(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
   return (unsigned short)(u >> 16);
+}
+
+// IEEE binary16 by bits: exact widening, and narrowing rounded to nearest even (cvt.rn), the
+// rule of the CPU reference's f32_to_f16_rne.
+__device__ __forceinline__ float half_to_f32(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ unsigned short f32_to_half(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
 }
 
 // Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp. Four 16-byte

@@ -13,17 +13,7 @@
 #define ELEMS 8
 #endif
 
-__device__ __forceinline__ float half_to_f32(unsigned short h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-
-__device__ __forceinline__ unsigned short f32_to_half(float f) {
-  unsigned short h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
+// half_to_f32 / f32_to_half: kernels/ep_device.cuh.
 
 
 // Adds the ELEMS values of one 16-byte chunk to acc (in element order).

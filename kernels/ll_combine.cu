@@ -1,8 +1,30 @@
 // Low-latency combine (docs/LL.md). Compiled by NVRTC after ll_common.cuh with:
 //   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64),
-//   EP_MASK (1: the group has enable_mask; 0: no mask code, a timeout traps).
+//   EP_MASK (1: the group has enable_mask; 0: no mask code, a timeout traps),
+//   EP_DTYPE (token type of the expert outputs and of the result: 0 bf16, 1 fp16, 2 fp32).
 // Send: every expert output goes straight into the source rank's combine_recv[token][k].
-// Receive: each token is reduced over its top-k in fp32 and rounded once to bf16.
+// Receive: each token is reduced over its top-k in fp32 and rounded once to the token type.
+
+#ifndef EP_DTYPE
+#define EP_DTYPE 0
+#endif
+
+// A compile-time choice, so that each type has its own kernel with no branch on the type. The
+// reduction works on 16-byte chunks of a row: EP_ELEMS values, widened exactly to fp32
+// (EP_TO_F32) and, for the 16-bit types, rounded back once to nearest even (EP_FROM_F32).
+// (Written inline in the loop: as helper functions the bf16 kernel's code came out scheduled
+// differently from the single-type kernel it replaces.)
+#if EP_DTYPE == 2
+#define EP_ELEMS 4
+#elif EP_DTYPE == 1
+#define EP_ELEMS 8
+#define EP_TO_F32 half_to_f32
+#define EP_FROM_F32 f32_to_half
+#else
+#define EP_ELEMS 8
+#define EP_TO_F32 bf16_to_f32
+#define EP_FROM_F32 f32_to_bf16
+#endif
 
 // Sends the expert outputs of every message this rank received in the matching dispatch, except
 // to sources masked since (not in `active`).
@@ -116,21 +138,33 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
     const int n16 = segment_bytes(p.row_bytes, seg) >> 4;
     int4* out = (int4*)((char*)p.out + (i64)t * p.row_bytes + off);
     for (int c = lane; c < n16; c += 32) {
-      float acc[8];
+      float acc[EP_ELEMS];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+      for (int i = 0; i < EP_ELEMS; ++i) acc[i] = 0.f;
 #pragma unroll
       for (int k = 0; k < EP_TOPK; ++k) {
         if (!(use_mask & (1u << k))) continue;
         int4 v = ld_cg((const int4*)(recv + ((i64)t * K + sk[k]) * p.cmsg + off) + c);
+#if EP_DTYPE == 2
+        const float* f = (const float*)&v;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i] = __fmaf_rn(wk[k], f[i], acc[i]);
+#else
         const unsigned short* h = (const unsigned short*)&v;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = __fmaf_rn(wk[k], bf16_to_f32(h[i]), acc[i]);
+        for (int i = 0; i < 8; ++i) acc[i] = __fmaf_rn(wk[k], EP_TO_F32(h[i]), acc[i]);
+#endif
       }
       int4 o;
+#if EP_DTYPE == 2
+      float* of = (float*)&o;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) of[i] = acc[i];  // fp32: the sums as they are
+#else
       unsigned short* oh = (unsigned short*)&o;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) oh[i] = f32_to_bf16(acc[i]);
+      for (int i = 0; i < 8; ++i) oh[i] = EP_FROM_F32(acc[i]);
+#endif
       out[c] = o;
     }
   }

@@ -42,6 +42,17 @@ fn anchor_config_bytes_for_both_layouts() {
     assert_eq!(size(&c, 64, EM, 8), Ok(236_721_152));
 }
 
+/// fp32 tokens: the caller sizes max_token_bytes = H x 4 (as NCCL EP's ep_bench does); the
+/// buffer follows the bytes, not the type. N=8, B=128, K=8: dmsg = 112 + 28672, data =
+/// align256(1024 x 28784) = 29 474 816, signals 1280, two banks.
+#[test]
+fn fp32_rows_size_by_max_token_bytes() {
+    let mut c = anchor();
+    c.max_token_bytes = 7168 * 4;
+    assert_eq!(size(&c, 8, EM, 8), Ok(2 * (1280 + 29_474_816)));
+    assert_eq!(size(&c, 8, RM, 8), Ok(58_952_192));
+}
+
 #[test]
 fn explicit_rdma_buffer_size_does_not_change_the_answer() {
     let mut c = anchor();

@@ -14,7 +14,7 @@ use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
 use nccl_ep::abi::group::ncclEpGroupDestroy;
 use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
 use nccl_ep::abi::types::*;
-use nccl_ep::core::reference::{Routing, SplitMix64};
+use nccl_ep::core::reference::{Fp16, Fp32, Routing, SplitMix64};
 
 macro_rules! require_gpu {
     () => {
@@ -91,9 +91,16 @@ fn create_handles(c: &Case, w: &World, bufs: &mut [RankBufs]) -> Result<Handles,
 
 /// One full round on an existing world: inputs, handles, dispatch, check, combine, check.
 fn round(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<(), String> {
-    let world = c.world(rng);
+    round_of::<u16>(c, w, rng)
+}
+
+/// `round` with tokens of type `T` (u16 = bf16, Fp16, Fp32) in all four token tensors: fresh
+/// random inputs and expert outputs, poisoned outputs, both checked against the CPU reference
+/// (bf16 combine within 1 ulp, as ever; fp16 and fp32 bit for bit).
+fn round_of<T: TestToken>(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<(), String> {
+    let world = c.world_of::<T>(rng);
     let mut bufs = (0..c.nranks)
-        .map(|r| alloc_rank(c, 0, world.ranks[r].num_tokens))
+        .map(|r| alloc_rank_of(c, 0, world.ranks[r].num_tokens, T::nccl_dtype()))
         .collect::<Result<Vec<_>, _>>()?;
     for (b, inp) in bufs.iter().zip(&world.ranks) {
         load_inputs(c, b, inp)?;
@@ -1471,4 +1478,146 @@ fn ll_max_token_bytes_not_a_multiple_of_16() {
         let mut rng = SplitMix64::new(90 + layout as u64);
         round(&c, &w, &mut rng).unwrap_or_else(|e| panic!("{layout:?}: {e}"));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 and fp32 tokens (no quantisation recipe), as NCCL EP v2 takes them
+
+/// A group config whose `max_token_bytes` holds rows of `hidden` elements of `elem` bytes.
+fn config_for(c: &Case, hidden: usize, elem: usize) -> ncclEpGroupConfig_t {
+    let mut cfg = c.group_config();
+    cfg.max_token_bytes = (hidden * elem) as u32;
+    cfg
+}
+
+/// The rounds of one token type on one local world: H in {7168, a width whose last 2 KiB
+/// segment is a single 16-byte chunk}, K in {1, 8, 31}, T in {0, 1, B}, the three routings,
+/// both index widths, local and global ids, and send_only now and then.
+fn token_type_rounds<T: TestToken>(
+    base: &Case,
+    w: &World,
+    rng: &mut SplitMix64,
+    passed: &mut usize,
+    failed: &mut Vec<String>,
+) {
+    let elem = std::mem::size_of::<T>();
+    // 2 KiB + 16 bytes: one whole segment and a one-chunk tail.
+    let odd = (2048 + 16) / elem;
+    let mut i = 0usize;
+    for hidden in [7168, odd] {
+        for topk in [1, 8, 31] {
+            for t in [0, 1, base.max_tokens] {
+                let routing = match i % 3 {
+                    0 => Routing::Uniform,
+                    1 => Routing::SameRankDups,
+                    _ => Routing::Skewed { rank: base.nranks - 1 },
+                };
+                let c = Case {
+                    hidden,
+                    topk,
+                    tokens: Some(t),
+                    routing,
+                    idx64: i.is_multiple_of(2),
+                    global_ids: i % 4 == 1,
+                    send_only: i % 5 == 2,
+                    ..*base
+                };
+                i += 1;
+                match round_of::<T>(&c, w, rng) {
+                    Ok(()) => *passed += 1,
+                    Err(e) => failed.push(format!("{} {c:?}: {e}", std::any::type_name::<T>())),
+                }
+            }
+        }
+    }
+}
+
+/// fp16 and fp32 tokens on local groups of 1, 2, 4 and 8 ranks, both layouts: dispatch outputs
+/// and combined rows bit for bit against the CPU reference (fresh random data each round,
+/// outputs poisoned with NaN patterns first).
+#[test]
+fn ll_fp16_fp32_matrix() {
+    require_gpu!();
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    for nranks in [1, 2, 4, 8] {
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            // K = 31 needs at least 31 distinct experts.
+            let base = Case {
+                local_experts: 32usize.div_ceil(nranks).max(4),
+                ..base_case(nranks, layout)
+            };
+            let mut rng = SplitMix64::new(0xf16 + nranks as u64 * 10 + layout as u64);
+            let w = World::local_cfg(&base, &config_for(&base, 7168, 2)).expect("local groups");
+            token_type_rounds::<Fp16>(&base, &w, &mut rng, &mut passed, &mut failed);
+            drop(w);
+            let w = World::local_cfg(&base, &config_for(&base, 7168, 4)).expect("local groups");
+            token_type_rounds::<Fp32>(&base, &w, &mut rng, &mut passed, &mut failed);
+        }
+    }
+    println!("ll_fp16_fp32_matrix: {passed} rounds passed, {} failed", failed.len());
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert_eq!(passed, 4 * 2 * 2 * 2 * 3 * 3);
+}
+
+/// One group whose max_token_bytes holds fp32 rows runs bf16, fp16 and fp32 calls in turn
+/// (the buffer and the epochs are shared; each call picks its own combine kernel).
+#[test]
+fn ll_token_types_share_a_group() {
+    require_gpu!();
+    let mut passed = 0;
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let base = Case {
+            hidden: 2048,
+            ..base_case(4, layout)
+        };
+        let w = World::local_cfg(&base, &config_for(&base, 2048, 4)).expect("local groups");
+        let mut rng = SplitMix64::new(0x5eed + layout as u64);
+        for i in 0..6 {
+            let c = Case {
+                send_only: i % 2 == 1,
+                ..base
+            };
+            let r = match i % 3 {
+                0 => round_of::<u16>(&c, &w, &mut rng),
+                1 => round_of::<Fp16>(&c, &w, &mut rng),
+                _ => round_of::<Fp32>(&c, &w, &mut rng),
+            };
+            r.unwrap_or_else(|e| panic!("round {i} {c:?}: {e}"));
+            passed += 1;
+        }
+    }
+    println!("ll_token_types_share_a_group: {passed} rounds passed");
+}
+
+/// NCCL EP's benchmark shape (E = 256, H = 7168, K = 8, and K = 31) with fp16 and fp32 tokens,
+/// B = 128 tokens on every rank, 8 local ranks.
+#[test]
+fn ll_fp16_fp32_benchmark_shape() {
+    require_gpu!();
+    let mut passed = 0;
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let base = Case {
+            local_experts: 32,
+            max_tokens: 128,
+            hidden: 7168,
+            tokens: Some(128),
+            ..base_case(8, layout)
+        };
+        for (elem, is_f32) in [(2, false), (4, true)] {
+            let w = World::local_cfg(&base, &config_for(&base, 7168, elem)).expect("local groups");
+            let mut rng = SplitMix64::new(0xbe4c + elem as u64 + layout as u64);
+            for topk in [8, 31] {
+                let c = Case { topk, ..base };
+                let r = if is_f32 {
+                    round_of::<Fp32>(&c, &w, &mut rng)
+                } else {
+                    round_of::<Fp16>(&c, &w, &mut rng)
+                };
+                r.unwrap_or_else(|e| panic!("{} bytes/elem {c:?}: {e}", elem));
+                passed += 1;
+            }
+        }
+    }
+    println!("ll_fp16_fp32_benchmark_shape: {passed} rounds passed");
 }

@@ -1140,3 +1140,350 @@ fn an_absent_rank_is_a_rank_with_no_tokens_and_zero_outputs() {
     });
     assert!(checked > 100, "{checked}");
 }
+
+// ---- fp16 and fp32 tokens ----------------------------------------------------------------------
+
+#[test]
+fn token_element_types() {
+    use nccl_ep::abi::enums::dtype;
+    assert_eq!(
+        (u16::nccl_dtype(), Fp16::nccl_dtype(), Fp32::nccl_dtype()),
+        (dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32)
+    );
+    assert_eq!(u16::from_f32(1.0), 0x3F80);
+    assert_eq!(Fp16::from_f32(1.0), Fp16(0x3C00));
+    assert_eq!(Fp16(0xC000).to_f32(), -2.0);
+    assert_eq!(Fp16(0x0001).to_f32(), 2f32.powi(-24), "subnormal");
+    // fp16 keeps 10 fraction bits: 1 + 2^-11 is a tie (to even 1.0), 1 + 3·2^-11 one up to 1 + 2^-9.
+    assert_eq!(Fp16::from_f32(1.0 + 2f32.powi(-11)), Fp16(0x3C00));
+    assert_eq!(Fp16::from_f32(1.0 + 3.0 * 2f32.powi(-11)), Fp16(0x3C02));
+    // fp32 is its own bits, signed zero and NaN payloads included.
+    for bits in [0u32, 0x8000_0000, 0x3F80_0001, 0x7FC0_1234, 0xFF80_0000] {
+        assert_eq!(Fp32::from_f32(f32::from_bits(bits)).0, bits);
+        assert_eq!(Fp32(bits).to_f32().to_bits(), bits);
+    }
+    // Every fp16 value survives f32 and back.
+    for h in 0..=u16::MAX {
+        let v = Fp16(h).to_f32();
+        if !v.is_nan() {
+            assert_eq!(Fp16::from_f32(v), Fp16(h), "{h:#06x}");
+        }
+    }
+}
+
+/// Fp16 bits standing for bf16 bits (the same 16 bits), and Fp32 bits built from them.
+fn as_fp16(v: u16) -> Fp16 {
+    Fp16(v)
+}
+fn as_fp32(v: u16) -> Fp32 {
+    Fp32(v as u32 * 0x0001_0001)
+}
+
+fn retype<T: TokenElem>(w: &LlWorld, f: fn(u16) -> T) -> LlWorld<T> {
+    LlWorld {
+        shape: w.shape,
+        ranks: w
+            .ranks
+            .iter()
+            .map(|r| LlRankInput {
+                num_tokens: r.num_tokens,
+                tokens: r.tokens.iter().map(|&v| f(v)).collect(),
+                topk_idx: r.topk_idx.clone(),
+                weights: r.weights.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn retype_out<T: TokenElem>(o: &LlDispatchOut, f: fn(u16) -> T) -> LlDispatchOut<T> {
+    match o {
+        LlDispatchOut::ExpertMajor {
+            tokens,
+            expert_counters,
+        } => LlDispatchOut::ExpertMajor {
+            tokens: tokens.iter().map(|&v| f(v)).collect(),
+            expert_counters: expert_counters.clone(),
+        },
+        LlDispatchOut::RankMajor {
+            tokens,
+            topk_idx,
+            topk_weights,
+            src_rank_counters,
+        } => LlDispatchOut::RankMajor {
+            tokens: tokens.iter().map(|&v| f(v)).collect(),
+            topk_idx: topk_idx.clone(),
+            topk_weights: topk_weights.clone(),
+            src_rank_counters: src_rank_counters.clone(),
+        },
+    }
+}
+
+/// Dispatch copies rows whatever their type: the fp16 and fp32 worlds made of the same bits give
+/// the bf16 outputs, element for element (the rows of fp32 are twice as wide in bytes; the
+/// reference, like the kernels, never looks inside them).
+#[test]
+fn dispatch_moves_bits_whatever_the_type() {
+    for_worlds(|w| {
+        let (w16, w32) = (retype(w, as_fp16), retype(w, as_fp32));
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            for kind in [ExpertIdKind::Local, ExpertIdKind::Global] {
+                let want = ll_dispatch_ref(w, layout, kind, POISON);
+                let p16 = LlPoison {
+                    token: as_fp16(POISON.token),
+                    weight: POISON.weight,
+                };
+                let p32 = LlPoison {
+                    token: as_fp32(POISON.token),
+                    weight: POISON.weight,
+                };
+                let got16 = ll_dispatch_ref(&w16, layout, kind, p16);
+                let got32 = ll_dispatch_ref(&w32, layout, kind, p32);
+                for d in 0..w.shape.nranks {
+                    assert_eq!(got16[d], retype_out(&want[d], as_fp16), "{layout:?} rank {d}");
+                    assert_eq!(got32[d], retype_out(&want[d], as_fp32), "{layout:?} rank {d}");
+                }
+            }
+        }
+    });
+}
+
+/// `round_trips` for fp16 and fp32 tokens: identity experts, EM Σ_k w·x fused in increasing k,
+/// RM x times the number of distinct destination ranks, each summed in fp32 and rounded once to
+/// the token type (fp32: not at all).
+fn typed_round_trips<T: TokenElem>() {
+    let mut worlds = 0;
+    for (i, shape) in shapes().into_iter().enumerate() {
+        for routing in routings(shape.nranks) {
+            for seed in 0..4u64 {
+                let mut rng = SplitMix64::new(seed * 1000 + 77 + i as u64);
+                let w = LlWorld::<T>::random_of(&mut rng, shape, routing);
+                let (h, k, l) = (shape.hidden, shape.topk, shape.local_experts());
+                let poison = LlPoison {
+                    token: T::from_f32(-1234.5),
+                    weight: -1.0,
+                };
+                let em = ll_dispatch_ref(&w, Layout::ExpertMajor, ExpertIdKind::Local, poison);
+                let x: Vec<Vec<T>> = em.iter().map(|o| o.tokens().to_vec()).collect();
+                let cw: Vec<Vec<f32>> = w
+                    .ranks
+                    .iter()
+                    .map(|r| r.weights.iter().map(|v| 1.0 - v).collect())
+                    .collect();
+                let out_em = ll_combine_ref(&w, LlCombineIn::ExpertMajor { x: &x, weights: &cw });
+                let rm = ll_dispatch_ref(&w, Layout::RankMajor, ExpertIdKind::Local, poison);
+                let y: Vec<Vec<T>> = rm.iter().map(|o| o.tokens().to_vec()).collect();
+                let out_rm = ll_combine_ref(&w, LlCombineIn::RankMajor { y: &y });
+                for (s, inp) in w.ranks.iter().enumerate() {
+                    assert_eq!(out_em[s].len(), inp.num_tokens * h);
+                    for t in 0..inp.num_tokens {
+                        let ids = &inp.topk_idx[t * k..][..k];
+                        let mut ranks: Vec<i64> = Vec::new();
+                        for &e in ids.iter().filter(|&&e| e >= 0) {
+                            if !ranks.contains(&(e / l as i64)) {
+                                ranks.push(e / l as i64);
+                            }
+                        }
+                        for j in 0..h {
+                            let v = inp.tokens[t * h + j].to_f32();
+                            let mut acc = 0f32;
+                            for kk in (0..k).filter(|&kk| ids[kk] >= 0) {
+                                acc = cw[s][t * k + kk].mul_add(v, acc);
+                            }
+                            assert_eq!(out_em[s][t * h + j], T::from_f32(acc), "EM {s}/{t}/{j}");
+                            let mut acc = 0f32;
+                            for _ in &ranks {
+                                acc += v;
+                            }
+                            assert_eq!(out_rm[s][t * h + j], T::from_f32(acc), "RM {s}/{t}/{j}");
+                        }
+                    }
+                }
+                worlds += 1;
+            }
+        }
+    }
+    assert!(worlds >= 60);
+}
+
+#[test]
+fn fp16_round_trips() {
+    typed_round_trips::<Fp16>();
+}
+
+#[test]
+fn fp32_round_trips() {
+    typed_round_trips::<Fp32>();
+}
+
+/// Combine accumulates in fp32 whatever the type and rounds once at the end: the fp16 (and
+/// bf16) result is the fp32 result, on the same values, rounded to the type.
+#[test]
+fn combine_rounds_once_to_the_token_type() {
+    fn check<T: TokenElem>(w: &LlWorld, f: fn(u16) -> T, rng: &mut SplitMix64) {
+        let sh = w.shape;
+        let (n, b, l, h, k) = (sh.nranks, sh.max_tokens, sh.local_experts(), sh.hidden, sh.topk);
+        let wt = retype(w, f);
+        let widen = |v: &Vec<Vec<T>>| -> Vec<Vec<Fp32>> {
+            v.iter()
+                .map(|r| r.iter().map(|&e| Fp32::from_f32(e.to_f32())).collect())
+                .collect()
+        };
+        let w32 = LlWorld {
+            shape: sh,
+            ranks: wt
+                .ranks
+                .iter()
+                .map(|r| LlRankInput {
+                    num_tokens: r.num_tokens,
+                    tokens: r.tokens.iter().map(|&e| Fp32::from_f32(e.to_f32())).collect(),
+                    topk_idx: r.topk_idx.clone(),
+                    weights: r.weights.clone(),
+                })
+                .collect(),
+        };
+        // Random expert outputs of type T (bits of random bf16 values in [−2, 2), as T).
+        let x: Vec<Vec<T>> = (0..n)
+            .map(|_| (0..l * n * b * h).map(|_| f(bf(rng.unit_f32() * 4.0 - 2.0))).collect())
+            .collect();
+        let y: Vec<Vec<T>> = (0..n)
+            .map(|_| (0..n * b * h).map(|_| f(bf(rng.unit_f32() * 4.0 - 2.0))).collect())
+            .collect();
+        let ws: Vec<Vec<f32>> = w
+            .ranks
+            .iter()
+            .map(|r| (0..r.num_tokens * k).map(|_| rng.unit_f32()).collect())
+            .collect();
+        let (x32, y32) = (widen(&x), widen(&y));
+        let pairs = [
+            (
+                ll_combine_ref(&wt, LlCombineIn::ExpertMajor { x: &x, weights: &ws }),
+                ll_combine_ref(&w32, LlCombineIn::ExpertMajor { x: &x32, weights: &ws }),
+            ),
+            (
+                ll_combine_ref(&wt, LlCombineIn::RankMajor { y: &y }),
+                ll_combine_ref(&w32, LlCombineIn::RankMajor { y: &y32 }),
+            ),
+        ];
+        for (got, wide) in pairs {
+            for s in 0..n {
+                let want: Vec<T> = wide[s].iter().map(|v| T::from_f32(v.to_f32())).collect();
+                assert_eq!(got[s], want, "rank {s}");
+            }
+        }
+    }
+    let mut rng = SplitMix64::new(99);
+    for_worlds(|w| {
+        check(w, as_fp16, &mut rng);
+        check(w, |v| v, &mut rng);
+    });
+}
+
+/// The shape of a one-rank world of one token of one element, with K experts (all on rank 0).
+fn one_token(topk: usize) -> LlShape {
+    LlShape {
+        nranks: 1,
+        num_experts: topk,
+        max_tokens: 1,
+        hidden: 1,
+        topk,
+    }
+}
+
+fn one_token_world<T: TokenElem>(shape: LlShape, ids: Vec<i64>, weights: Vec<f32>) -> LlWorld<T> {
+    LlWorld {
+        shape,
+        ranks: vec![LlRankInput {
+            num_tokens: 1,
+            tokens: vec![T::default()],
+            topk_idx: ids,
+            weights,
+        }],
+    }
+}
+
+/// fp16: 1 + 2^-11 + 2^-11 is 1 + 2^-10 (0x3C01) summed in fp32 and rounded once; rounding
+/// after each add would stay at 1.0 (each 2^-11 is a tie to even).
+#[test]
+fn fp16_combine_rounds_once_by_hand() {
+    let shape = one_token(3);
+    let w = one_token_world::<Fp16>(shape, vec![0, 1, 2], vec![0.0; 3]);
+    let half_ulp = Fp16::from_f32(2f32.powi(-11));
+    assert_eq!(half_ulp, Fp16(0x1000));
+    let x = vec![vec![Fp16(0x3C00), half_ulp, half_ulp]];
+    let out = ll_combine_ref(
+        &w,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &[vec![1.0; 3]],
+        },
+    );
+    assert_eq!(out[0], vec![Fp16(0x3C01)]);
+    let stepwise = Fp16::from_f32(Fp16::from_f32(1.0 + 2f32.powi(-11)).to_f32() + 2f32.powi(-11));
+    assert_eq!(stepwise, Fp16(0x3C00), "rounding each step differs");
+    // No valid expert: +0.
+    let w = one_token_world::<Fp16>(shape, vec![-1, -1, -1], vec![0.0; 3]);
+    let out = ll_combine_ref(
+        &w,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &[vec![1.0; 3]],
+        },
+    );
+    assert_eq!(out[0], vec![Fp16(0)]);
+}
+
+/// fp32: the output is the fused sum itself. 1·(−1) + (1 + 2^-12)·(1 + 2^-12) is
+/// 2^-11 + 2^-24 fused; with a rounded product (a tie, to even) it would be 2^-11.
+#[test]
+fn fp32_combine_is_the_fused_sum() {
+    let a = 1.0 + 2f32.powi(-12);
+    let shape = one_token(2);
+    let w = one_token_world::<Fp32>(shape, vec![0, 1], vec![0.0; 2]);
+    let x = vec![vec![Fp32::from_f32(-1.0), Fp32::from_f32(a)]];
+    let out = ll_combine_ref(
+        &w,
+        LlCombineIn::ExpertMajor {
+            x: &x,
+            weights: &[vec![1.0, a]],
+        },
+    );
+    let fused = 2f32.powi(-11) + 2f32.powi(-24);
+    assert_eq!(out[0], vec![Fp32(fused.to_bits())]);
+    assert_eq!(a * a - 1.0, 2f32.powi(-11), "unfused differs");
+    // Rank-major adds the destination ranks in first-appearance order: 1 + 2^-24 − 1 is +0,
+    // rank order −1 + 2^-24 + 1 would give 2^-24, which fp32 keeps.
+    let shape = LlShape {
+        nranks: 3,
+        num_experts: 3,
+        max_tokens: 1,
+        hidden: 1,
+        topk: 3,
+    };
+    let empty = LlRankInput {
+        num_tokens: 0,
+        tokens: vec![],
+        topk_idx: vec![],
+        weights: vec![],
+    };
+    let w = LlWorld::<Fp32> {
+        shape,
+        ranks: vec![
+            LlRankInput {
+                num_tokens: 1,
+                tokens: vec![Fp32(0)],
+                topk_idx: vec![2, 1, 0],
+                weights: vec![0.0; 3],
+            },
+            empty.clone(),
+            empty,
+        ],
+    };
+    let tiny = 2f32.powi(-24);
+    let y: Vec<Vec<Fp32>> = [-1.0, tiny, 1.0]
+        .iter()
+        .map(|&v| vec![Fp32::from_f32(v), Fp32(0), Fp32(0)])
+        .collect();
+    let out = ll_combine_ref(&w, LlCombineIn::RankMajor { y: &y });
+    assert_eq!(out[0], vec![Fp32(0)]);
+    assert_eq!((-1.0 + tiny) + 1.0, tiny, "rank order differs");
+}

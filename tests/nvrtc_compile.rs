@@ -97,33 +97,66 @@ fn nvrtc_library_names() {
     assert!(cudarc::get_lib_name_candidates("nvrtc").contains(&"libnvrtc.so.13".to_string()));
 }
 
+/// Compiles every registered variant of every file for every arch, on as many threads as the
+/// machine has (NVRTC is thread-safe, and the library compiles concurrently too): there are
+/// over a thousand variants per arch, most of them LL top-k x layout x index width x mask (x
+/// token type for combine).
 #[test]
 fn every_variant_compiles_for_every_arch() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     if !have_nvrtc() {
         return;
     }
     let (major, minor) = nvrtc::version().unwrap();
     eprintln!("NVRTC {major}.{minor}");
-    let mut n = 0;
+    let mut jobs = Vec::new();
     for arch in archs() {
         for k in KERNEL_FILES {
             for defines in (k.variants)() {
-                let opts = jit::build_options(&arch, &defines).unwrap();
-                let t = Instant::now();
-                let out = nvrtc::compile_to_cubin(k.source.source, k.source.name, &opts)
-                    .unwrap_or_else(|e| panic!("{} [{arch}; {defines}]: {e}", k.source.name));
-                eprintln!(
-                    "{} [{arch}; {defines}]: {} bytes in {:.0} ms",
-                    k.source.name,
-                    out.cubin.len(),
-                    t.elapsed().as_secs_f64() * 1e3
-                );
-                assert_eq!(&out.cubin[..4], b"\x7fELF", "a CUBIN is an ELF file");
-                n += 1;
+                jobs.push((arch.clone(), k, defines));
             }
         }
     }
-    assert!(n > 0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(32);
+    let start = Instant::now();
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((arch, k, defines)) = jobs.get(i) else {
+                        break;
+                    };
+                    let opts = jit::build_options(arch, defines).unwrap();
+                    let t = Instant::now();
+                    let what = format!("{} [{arch}; {defines}]", k.source.name);
+                    match nvrtc::compile_to_cubin(k.source.source, k.source.name, &opts) {
+                        Ok(out) if out.cubin.starts_with(b"\x7fELF") => eprintln!(
+                            "{what}: {} bytes in {:.0} ms",
+                            out.cubin.len(),
+                            t.elapsed().as_secs_f64() * 1e3
+                        ),
+                        Ok(_) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{what}: the CUBIN is no ELF file")),
+                        Err(e) => failures.lock().unwrap().push(format!("{what}: {e}")),
+                    }
+                }
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(!jobs.is_empty());
+    eprintln!(
+        "{} variants compiled in {:.1} s on {threads} threads",
+        jobs.len(),
+        start.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -303,4 +336,46 @@ fn ht_registry_lists_every_module() {
             "{m:?} is not among the registered variants"
         );
     }
+}
+
+/// LL: every kernel the runtime may launch is registered, so `every_variant_compiles_for_every_arch`
+/// compiles each of them: dispatch (byte moves, one variant for every token type) and combine
+/// for each of bf16, fp16 and fp32, over K 1..=32, both layouts, both index widths, with and
+/// without masks.
+#[test]
+fn ll_registry_lists_every_kernel() {
+    use nccl_ep::abi::enums::Layout;
+    use nccl_ep::runtime::kernels::{LlDtype, LlKernel, ll_clean_variants, ll_combine_variants, ll_dispatch_variants};
+    let dispatch = ll_dispatch_variants();
+    let combine = ll_combine_variants();
+    assert_eq!(dispatch.len(), 32 * 2 * 2 * 2);
+    assert_eq!(combine.len(), 3 * 32 * 2 * 2 * 2);
+    assert_eq!(ll_clean_variants().len(), 1);
+    for topk in 1..=32 {
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            for idx64 in [false, true] {
+                for mask in [false, true] {
+                    let d = LlKernel::dispatch(topk, layout, idx64, mask).defines();
+                    assert!(dispatch.contains(&d), "{d} not registered");
+                    assert!(
+                        !d.to_string().contains("EP_DTYPE"),
+                        "dispatch does not depend on the type: {d}"
+                    );
+                    for (i, dt) in LlDtype::all().into_iter().enumerate() {
+                        let c = LlKernel::combine(topk, layout, idx64, mask, dt).defines();
+                        assert!(combine.contains(&c), "{c} not registered");
+                        assert!(c.to_string().contains(&format!("EP_DTYPE={i}")), "{c}");
+                    }
+                }
+            }
+        }
+    }
+    let file = |name: &str| {
+        KERNEL_FILES
+            .iter()
+            .find(|k| k.source.name == name)
+            .unwrap_or_else(|| panic!("{name} is not registered"))
+    };
+    assert_eq!((file("ll_combine.cu").variants)(), combine);
+    assert_eq!((file("ll_dispatch.cu").variants)(), dispatch);
 }

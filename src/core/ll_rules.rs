@@ -1,5 +1,11 @@
 //! Argument rules of low-latency dispatch and combine (no GPU): shapes, data types and which
 //! optional tensors each layout takes. The result is the call's shape, ready for a launch.
+//!
+//! Token types (no quantisation recipe), as NCCL EP: bf16, fp16 or fp32, and one type per call:
+//! dispatch moves rows unconverted, so `outputs->tokens` has the type of `inputs->tokens` (NCCL
+//! EP returns `ncclInvalidArgument` otherwise); combine reduces in fp32 and rounds once to the
+//! type of its expert outputs, which `outputs->tokens` must share (NCCL EP asserts it). A row is
+//! H · element size bytes: a multiple of 16 and at most `max_token_bytes`.
 
 use crate::abi::enums::{Layout, PassDir, dtype};
 use crate::core::config::GroupParams;
@@ -8,13 +14,18 @@ use crate::core::handle_rules::HandleParams;
 use crate::core::op_args::{CombineArgs, DispatchArgs};
 use crate::core::tensor::{Dim, TensorView};
 
+/// Token types of LOW_LATENCY dispatch and combine (`quant_recipe` NONE), as NCCL EP.
+pub const LL_TOKEN_DTYPES: [i32; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32];
+
 /// A checked low-latency call: what the kernels need besides pointers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LlCall {
     /// T: tokens of this rank in this call.
     pub tokens: usize,
-    /// Bytes of one token row (H * 2 for bf16).
+    /// Bytes of one token row: H · element size.
     pub row_bytes: usize,
+    /// The token type of every token tensor of the call (one of [`LL_TOKEN_DTYPES`]).
+    pub dtype: i32,
     pub send_only: bool,
 }
 
@@ -40,22 +51,32 @@ fn common(pass: PassDir, quant: i32, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a token matrix [T, H] and returns H's byte size.
+/// Checks a token matrix [T, H] of one of the LL token types; returns its row bytes.
 fn row_bytes(p: &GroupParams, t: &TensorView, name: &str, rows: usize) -> Result<usize> {
-    t.expect(name, &[Dim::Eq(rows), Dim::Any], &[dtype::BFLOAT16])?;
-    let rb = t.dim(1) * 2;
+    t.expect(name, &[Dim::Eq(rows), Dim::Any], &LL_TOKEN_DTYPES)?;
+    let (h, ty) = (t.dim(1), dtype::name(t.dtype));
+    let rb = h * t.elem_bytes();
     crate::ensure_arg!(
         rb > 0 && rb.is_multiple_of(16),
-        "{name}: a row of {} bf16 values is not a multiple of 16 bytes",
-        t.dim(1)
+        "{name}: a row of {h} {ty} values ({rb} bytes) is not a multiple of 16 bytes"
     );
     crate::ensure_arg!(
         rb <= p.max_token_bytes as usize,
-        "{name}: a row of {} bf16 values ({rb} bytes) exceeds config->max_token_bytes ({})",
-        t.dim(1),
+        "{name}: a row of {h} {ty} values ({rb} bytes) exceeds config->max_token_bytes ({})",
         p.max_token_bytes
     );
     Ok(rb)
+}
+
+/// The call's other token tensor must have the type of `first` (LL converts no type).
+fn same_dtype(t: &TensorView, name: &str, first: &TensorView, first_name: &str, why: &str) -> Result<()> {
+    crate::ensure_arg!(
+        t.dtype == first.dtype,
+        "{name} is {} but {first_name} is {}: {why}, so both must have one type",
+        dtype::name(t.dtype),
+        dtype::name(first.dtype)
+    );
+    Ok(())
 }
 
 /// Sizes one call works with: N, B, L, K, this call's T, and H (elements and row bytes).
@@ -89,7 +110,7 @@ fn call_shape(
         k: h.num_topk as usize,
         t,
         rb,
-        h_elems: rb / 2,
+        h_elems: rows.0.dim(1),
     })
 }
 
@@ -112,12 +133,15 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
         &a.in_scales,
     )?;
     ensure_none(&a.out_scales, "outputs->scales", "without a quantisation recipe")?;
+    let dt = a.tokens.dtype;
+    let why = "LOW_LATENCY dispatch moves token rows unconverted";
+    same_dtype(&a.out_tokens, "outputs->tokens", &a.tokens, "inputs->tokens", why)?;
     match h.layout {
         Layout::ExpertMajor => {
             a.out_tokens.expect(
                 "outputs->tokens",
                 &[Dim::Eq(l), Dim::Eq(n * b), Dim::Eq(h_elems)],
-                &[dtype::BFLOAT16],
+                &[dt],
             )?;
             ensure_none(&a.out_weights, "outputs->topk_weights", "for EXPERT_MAJOR")?;
             ensure_none(&a.out_topk_idx, "outputs->topk_idx", "for EXPERT_MAJOR")?;
@@ -135,11 +159,8 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
             c.expect("layout_info->expert_counters", &[Dim::AtLeast(l)], &[dtype::INT32])?;
         }
         Layout::RankMajor => {
-            a.out_tokens.expect(
-                "outputs->tokens",
-                &[Dim::Eq(n), Dim::Eq(b), Dim::Eq(h_elems)],
-                &[dtype::BFLOAT16],
-            )?;
+            a.out_tokens
+                .expect("outputs->tokens", &[Dim::Eq(n), Dim::Eq(b), Dim::Eq(h_elems)], &[dt])?;
             let w = a.in_weights.as_ref().ok_or_else(|| {
                 crate::invalid_arg!("RANK_MAJOR dispatch needs inputs->topk_weights [{t}, {k}] float32")
             })?;
@@ -169,11 +190,22 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
     Ok(LlCall {
         tokens: t,
         row_bytes: rb,
+        dtype: dt,
         send_only: a.send_only,
     })
 }
 
+/// `topk` is the handle's routing tensor [T, K]. The expert outputs `inputs->tokens` set the
+/// type (checked first, as NCCL EP does); the combined rows `outputs->tokens` [T, H] share it.
 pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &CombineArgs) -> Result<LlCall> {
+    let dt = a.tokens.dtype;
+    crate::ensure_arg!(
+        LL_TOKEN_DTYPES.contains(&dt),
+        "inputs->tokens must be ncclBfloat16, ncclFloat16 or ncclFloat32 (no quantisation recipe), got {}",
+        dtype::name(dt)
+    );
+    let why = "LOW_LATENCY combine rounds its fp32 sums to the type of the expert outputs";
+    same_dtype(&a.out_tokens, "outputs->tokens", &a.tokens, "inputs->tokens", why)?;
     let CallShape {
         n,
         b,
@@ -192,11 +224,8 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
     )?;
     match h.layout {
         Layout::ExpertMajor => {
-            a.tokens.expect(
-                "inputs->tokens",
-                &[Dim::Eq(l), Dim::Eq(n * b), Dim::Eq(h_elems)],
-                &[dtype::BFLOAT16],
-            )?;
+            a.tokens
+                .expect("inputs->tokens", &[Dim::Eq(l), Dim::Eq(n * b), Dim::Eq(h_elems)], &[dt])?;
             let w = a.out_weights.as_ref().ok_or_else(|| {
                 crate::invalid_arg!(
                     "EXPERT_MAJOR combine needs outputs->topk_weights [{t}, {k}] float32 (the routing weights)"
@@ -205,17 +234,15 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
             w.expect("outputs->topk_weights", &[Dim::Eq(t), Dim::Eq(k)], &[dtype::FLOAT32])?;
         }
         Layout::RankMajor => {
-            a.tokens.expect(
-                "inputs->tokens",
-                &[Dim::Eq(n), Dim::Eq(b), Dim::Eq(h_elems)],
-                &[dtype::BFLOAT16],
-            )?;
+            a.tokens
+                .expect("inputs->tokens", &[Dim::Eq(n), Dim::Eq(b), Dim::Eq(h_elems)], &[dt])?;
         }
         Layout::Flat => return Err(crate::invalid_usage!("FLAT is not a LOW_LATENCY layout")),
     }
     Ok(LlCall {
         tokens: t,
         row_bytes: rb,
+        dtype: dt,
         send_only: a.send_only,
     })
 }
@@ -323,5 +350,145 @@ mod tests {
         assert!(check_combine(&p, &h, &topk, &c).unwrap().send_only);
         let he = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
         assert!(check_combine(&p, &he, &topk, &c).is_err());
+    }
+
+    fn combine_args(x: TensorView, out: TensorView) -> CombineArgs {
+        CombineArgs {
+            tokens: x,
+            in_weights: None,
+            in_scales: None,
+            out_weights: Some(tv(&[out.dim(0), 8], dtype::FLOAT32)),
+            out_tokens: out,
+            send_only: false,
+            pass: PassDir::Forward,
+            quant: 0,
+        }
+    }
+
+    /// bf16, fp16 and fp32 rows in both directions; a row is H · element size bytes.
+    #[test]
+    fn token_types_of_both_directions() {
+        let mut p = params(Algorithm::LowLatency);
+        p.max_token_bytes = 4 * 7168;
+        let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
+        let topk = tv(&[100, 8], dtype::INT64);
+        for (dt, eb) in [(dtype::BFLOAT16, 2), (dtype::FLOAT16, 2), (dtype::FLOAT32, 4)] {
+            let mut a = em_args(100);
+            a.tokens = tv(&[100, 7168], dt);
+            a.out_tokens = tv(&[32, 1024, 7168], dt);
+            let c = check_dispatch(&p, &h, &topk, &a).unwrap();
+            assert_eq!((c.tokens, c.row_bytes, c.dtype), (100, 7168 * eb, dt));
+            let x = tv(&[32, 1024, 7168], dt);
+            let c = check_combine(&p, &h, &topk, &combine_args(x, tv(&[100, 7168], dt))).unwrap();
+            assert_eq!((c.tokens, c.row_bytes, c.dtype), (100, 7168 * eb, dt));
+        }
+        // Rank-major takes the same types.
+        let hr = check_handle(&p, Some(Layout::RankMajor), 8, 0).unwrap();
+        let x = tv(&[8, 128, 7168], dtype::FLOAT16);
+        let mut c = combine_args(x, tv(&[100, 7168], dtype::FLOAT16));
+        c.out_weights = None;
+        assert_eq!(check_combine(&p, &hr, &topk, &c).unwrap().row_bytes, 14336);
+    }
+
+    /// The 16-byte row rule and max_token_bytes count bytes, not elements.
+    #[test]
+    fn row_bytes_follow_the_element_size() {
+        let mut p = params(Algorithm::LowLatency);
+        p.max_token_bytes = 32;
+        let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
+        let topk = tv(&[3, 8], dtype::INT32);
+        let run = |p: &GroupParams, dt: i32, hidden: usize| {
+            let mut a = em_args(3);
+            a.tokens = tv(&[3, hidden], dt);
+            a.out_tokens = tv(&[32, 1024, hidden], dt);
+            check_dispatch(p, &h, &topk, &a)
+        };
+        assert_eq!(run(&p, dtype::FLOAT32, 4).unwrap().row_bytes, 16);
+        assert_eq!(run(&p, dtype::FLOAT32, 8).unwrap().row_bytes, 32);
+        assert_eq!(run(&p, dtype::FLOAT16, 8).unwrap().row_bytes, 16);
+        assert_eq!(run(&p, dtype::BFLOAT16, 16).unwrap().row_bytes, 32);
+        // 6 fp32 values are 24 bytes, 12 fp16 values too.
+        for (dt, hidden) in [(dtype::FLOAT32, 6), (dtype::FLOAT16, 12), (dtype::BFLOAT16, 4)] {
+            let e = run(&p, dt, hidden).unwrap_err();
+            assert_eq!(e.code(), 4);
+            assert!(
+                e.msg.contains("inputs->tokens") && e.msg.contains("multiple of 16"),
+                "{}",
+                e.msg
+            );
+            assert!(e.msg.contains(dtype::name(dt)), "{}", e.msg);
+        }
+        // 12 fp32 values (48 bytes) pass the 16-byte rule but not max_token_bytes = 32, which
+        // 24 bf16 values (48 bytes) fail too, and 16 bf16 values (32 bytes) fit.
+        let e = run(&p, dtype::FLOAT32, 12).unwrap_err();
+        assert!(
+            e.msg.contains("48 bytes") && e.msg.contains("max_token_bytes (32)"),
+            "{}",
+            e.msg
+        );
+        assert!(run(&p, dtype::BFLOAT16, 24).is_err());
+        p.max_token_bytes = 48;
+        assert_eq!(run(&p, dtype::FLOAT32, 12).unwrap().row_bytes, 48);
+    }
+
+    /// Other types (no recipe) are rejected naming the tensor; in/out types must agree (NCCL
+    /// EP: ncclInvalidArgument for dispatch, an assertion for combine).
+    #[test]
+    fn other_and_mismatched_token_types() {
+        let mut p = params(Algorithm::LowLatency);
+        p.max_token_bytes = 4 * 7168;
+        let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
+        let topk = tv(&[100, 8], dtype::INT64);
+        for dt in [
+            dtype::INT8,
+            dtype::UINT8,
+            dtype::FLOAT8E4M3,
+            dtype::FLOAT8E5M2,
+            dtype::FLOAT64,
+            dtype::INT32,
+        ] {
+            let mut a = em_args(100);
+            a.tokens = tv(&[100, 7168], dt);
+            a.out_tokens = tv(&[32, 1024, 7168], dt);
+            let e = check_dispatch(&p, &h, &topk, &a).unwrap_err();
+            assert_eq!(e.code(), 4);
+            assert!(
+                e.msg.contains("inputs->tokens") && e.msg.contains(dtype::name(dt)),
+                "{}",
+                e.msg
+            );
+            assert!(e.msg.contains("ncclFloat16"), "names what is accepted: {}", e.msg);
+            let x = tv(&[32, 1024, 7168], dt);
+            let e = check_combine(&p, &h, &topk, &combine_args(x, tv(&[100, 7168], dt))).unwrap_err();
+            assert_eq!(e.code(), 4);
+            assert!(
+                e.msg.contains("inputs->tokens") && e.msg.contains(dtype::name(dt)),
+                "{}",
+                e.msg
+            );
+        }
+        let mut a = em_args(100);
+        a.tokens = tv(&[100, 7168], dtype::FLOAT16);
+        let e = check_dispatch(&p, &h, &topk, &a).unwrap_err();
+        assert_eq!(e.code(), 4);
+        assert!(
+            e.msg
+                .contains("outputs->tokens is ncclBfloat16 but inputs->tokens is ncclFloat16"),
+            "{}",
+            e.msg
+        );
+        let x = tv(&[32, 1024, 7168], dtype::FLOAT32);
+        let e = check_combine(&p, &h, &topk, &combine_args(x, tv(&[100, 7168], dtype::BFLOAT16))).unwrap_err();
+        assert_eq!(e.code(), 4);
+        assert!(
+            e.msg
+                .contains("outputs->tokens is ncclBfloat16 but inputs->tokens is ncclFloat32"),
+            "{}",
+            e.msg
+        );
+        // A valid type on the output does not excuse an invalid input.
+        let x = tv(&[32, 1024, 7168], dtype::INT8);
+        let e = check_combine(&p, &h, &topk, &combine_args(x, tv(&[100, 7168], dtype::BFLOAT16))).unwrap_err();
+        assert!(e.msg.contains("inputs->tokens must be"), "{}", e.msg);
     }
 }

@@ -4,8 +4,14 @@
 //! It computes a whole world (all N ranks) at once from every rank's inputs, so it needs no
 //! messages: each rule of docs/LL.md is applied directly. Malformed inputs are test bugs, so
 //! they panic instead of returning errors.
+//!
+//! Tokens are held as the bits of their element type ([`TokenElem`]): `u16` is bf16 (the
+//! default of every generic type here), [`Fp16`] and [`Fp32`] are the other types that LL moves
+//! without a quantisation recipe. Dispatch copies bits; combine converts to f32 exactly and rounds
+//! once to the output type, which is the input type.
 
-use crate::abi::enums::{ExpertIdKind, Layout};
+use crate::abi::enums::{ExpertIdKind, Layout, dtype};
+use crate::core::ht_reference::{f16_to_f32, f32_to_f16_rne};
 
 // ---------------------------------------------------------------------------------------------
 // bf16
@@ -24,6 +30,67 @@ pub fn f32_to_bf16_rne(x: f32) -> u16 {
     }
     let lsb = (bits >> 16) & 1;
     (bits.wrapping_add(0x7FFF + lsb) >> 16) as u16
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token element types
+
+/// One element of a token row, held as its bits (so equality is bitwise, NaNs included).
+pub trait TokenElem: Copy + PartialEq + std::fmt::Debug + Default + Send + Sync + 'static {
+    /// The `ncclDataType_t` of this type. (A function, not an associated const: cbindgen would
+    /// put the type into nccl_ep.h for a const.)
+    fn nccl_dtype() -> i32;
+    /// The value as f32 (exact for all three types).
+    fn to_f32(self) -> f32;
+    /// `v` rounded once to this type: nearest, ties to even (identity for fp32).
+    fn from_f32(v: f32) -> Self;
+}
+
+/// bf16: the bits of a `__nv_bfloat16`.
+impl TokenElem for u16 {
+    fn nccl_dtype() -> i32 {
+        dtype::BFLOAT16
+    }
+    fn to_f32(self) -> f32 {
+        bf16_to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f32_to_bf16_rne(v)
+    }
+}
+
+/// IEEE binary16 (`ncclFloat16`), as bits.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Fp16(pub u16);
+
+impl TokenElem for Fp16 {
+    fn nccl_dtype() -> i32 {
+        dtype::FLOAT16
+    }
+    fn to_f32(self) -> f32 {
+        f16_to_f32(self.0)
+    }
+    fn from_f32(v: f32) -> Self {
+        Fp16(f32_to_f16_rne(v))
+    }
+}
+
+/// IEEE binary32 (`ncclFloat32`), as bits.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Fp32(pub u32);
+
+impl TokenElem for Fp32 {
+    fn nccl_dtype() -> i32 {
+        dtype::FLOAT32
+    }
+    fn to_f32(self) -> f32 {
+        f32::from_bits(self.0)
+    }
+    fn from_f32(v: f32) -> Self {
+        Fp32(v.to_bits())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -82,13 +149,13 @@ impl LlShape {
     }
 }
 
-/// One rank's dispatch inputs.
+/// One rank's dispatch inputs (tokens of type `T`, bf16 by default).
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlRankInput {
+pub struct LlRankInput<T = u16> {
     /// T <= B.
     pub num_tokens: usize,
-    /// bf16 bits [T, H].
-    pub tokens: Vec<u16>,
+    /// [T, H] elements (bits).
+    pub tokens: Vec<T>,
     /// [T, K]; −1 = no expert, otherwise a global id < E.
     pub topk_idx: Vec<i64>,
     /// [T, K] (dispatched with the tokens; rank-major outputs copy them).
@@ -97,9 +164,9 @@ pub struct LlRankInput {
 
 /// Every rank's inputs of one call.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlWorld {
+pub struct LlWorld<T = u16> {
     pub shape: LlShape,
-    pub ranks: Vec<LlRankInput>,
+    pub ranks: Vec<LlRankInput<T>>,
 }
 
 /// How a generated world routes its tokens.
@@ -114,7 +181,7 @@ pub enum Routing {
     SameRankDups,
 }
 
-impl LlWorld {
+impl<T: TokenElem> LlWorld<T> {
     /// Panics unless every input has its documented shape and range.
     pub fn check(&self) {
         let s = &self.shape;
@@ -133,9 +200,10 @@ impl LlWorld {
         }
     }
 
-    /// A random world: T_r uniform in [0, B] (rank 0 always sends B tokens), bf16 tokens in
-    /// [−4, 4), weights in [0, 1), about one selection in eight −1.
-    pub fn random(rng: &mut SplitMix64, shape: LlShape, routing: Routing) -> Self {
+    /// A random world: T_r uniform in [0, B] (rank 0 always sends B tokens), tokens in [−4, 4)
+    /// rounded to `T`, weights in [0, 1), about one selection in eight −1. The random stream is
+    /// the same for every `T`.
+    pub fn random_of(rng: &mut SplitMix64, shape: LlShape, routing: Routing) -> Self {
         let ranks = (0..shape.nranks)
             .map(|r| {
                 let t = if r == 0 {
@@ -144,7 +212,7 @@ impl LlWorld {
                     rng.below(shape.max_tokens + 1)
                 };
                 let tokens = (0..t * shape.hidden)
-                    .map(|_| f32_to_bf16_rne(rng.unit_f32() * 8.0 - 4.0))
+                    .map(|_| T::from_f32(rng.unit_f32() * 8.0 - 4.0))
                     .collect();
                 let weights = (0..t * shape.topk).map(|_| rng.unit_f32()).collect();
                 LlRankInput {
@@ -158,6 +226,13 @@ impl LlWorld {
         let w = Self { shape, ranks };
         w.check();
         w
+    }
+}
+
+impl LlWorld {
+    /// [`LlWorld::random_of`] with bf16 tokens.
+    pub fn random(rng: &mut SplitMix64, shape: LlShape, routing: Routing) -> Self {
+        Self::random_of(rng, shape, routing)
     }
 }
 
@@ -305,14 +380,14 @@ pub struct LlRoute {
 }
 
 impl LlRoute {
-    pub fn new(world: &LlWorld) -> Self {
+    pub fn new<T: TokenElem>(world: &LlWorld<T>) -> Self {
         Self::with_links(world, LlLinks::all(world.shape.nranks))
     }
 
     /// The routing when only the pairs `links` allows exchange data: slots, `pos` and counts
     /// are what each source computes (over all its tokens); a receiver only places the rows of
     /// linked sources, so its expert-major bases sum linked sources only.
-    pub fn with_links(world: &LlWorld, links: LlLinks) -> Self {
+    pub fn with_links<T: TokenElem>(world: &LlWorld<T>, links: LlLinks) -> Self {
         world.check();
         assert_eq!(links.nranks(), world.shape.nranks, "links of every rank");
         let sh = world.shape;
@@ -409,7 +484,13 @@ impl LlRoute {
     /// s' linked to d. A duplicate k gets the row of its first occurrence (the one row the token
     /// fills at that expert), which is the row expert-major combine reads for it; `None` for no
     /// expert or when s is not linked to d.
-    pub fn em_row(&self, world: &LlWorld, s: usize, t: usize, k: usize) -> Option<(usize, usize, usize)> {
+    pub fn em_row<T: TokenElem>(
+        &self,
+        world: &LlWorld<T>,
+        s: usize,
+        t: usize,
+        k: usize,
+    ) -> Option<(usize, usize, usize)> {
         let e = world.ranks[s].topk_idx[t * self.shape.topk + k];
         if e < 0 {
             return None;
@@ -433,24 +514,24 @@ impl LlRoute {
 /// Values written into output elements the operation must leave untouched, so that tests can
 /// tell "untouched" from "written".
 #[derive(Clone, Copy, Debug)]
-pub struct LlPoison {
-    pub token: u16,
+pub struct LlPoison<T = u16> {
+    pub token: T,
     pub weight: f32,
 }
 
 /// One rank's dispatch outputs.
 #[derive(Clone, Debug, PartialEq)]
-pub enum LlDispatchOut {
+pub enum LlDispatchOut<T = u16> {
     ExpertMajor {
         /// [L, N·B, H]; one row per distinct (source token, expert) pair; rows at or past
         /// `expert_counters[l]` hold the poison.
-        tokens: Vec<u16>,
+        tokens: Vec<T>,
         /// [L].
         expert_counters: Vec<i32>,
     },
     RankMajor {
         /// [N, B, H]; row [s][i] is the i-th token source s sent here; rows i >= n_s poison.
-        tokens: Vec<u16>,
+        tokens: Vec<T>,
         /// [N, B, K]: local or global id where the expert lives here, else −1 (rows i >= n_s: −1).
         /// A duplicate expert id is listed at every position that names it.
         topk_idx: Vec<i32>,
@@ -461,8 +542,8 @@ pub enum LlDispatchOut {
     },
 }
 
-impl LlDispatchOut {
-    pub fn tokens(&self) -> &[u16] {
+impl<T> LlDispatchOut<T> {
+    pub fn tokens(&self) -> &[T] {
         match self {
             Self::ExpertMajor { tokens, .. } | Self::RankMajor { tokens, .. } => tokens,
         }
@@ -470,24 +551,24 @@ impl LlDispatchOut {
 }
 
 /// Dispatch for every rank at once; element r of the result is rank r's output.
-pub fn ll_dispatch_ref(
-    world: &LlWorld,
+pub fn ll_dispatch_ref<T: TokenElem>(
+    world: &LlWorld<T>,
     layout: Layout,
     recv_kind: ExpertIdKind,
-    poison: LlPoison,
-) -> Vec<LlDispatchOut> {
+    poison: LlPoison<T>,
+) -> Vec<LlDispatchOut<T>> {
     ll_dispatch_ref_masked(world, layout, recv_kind, poison, &LlLinks::all(world.shape.nranks))
 }
 
 /// Dispatch with rank masks: a source not linked to a rank is absent there (0 tokens, no rows,
 /// expert-major rows of the other sources packed without it).
-pub fn ll_dispatch_ref_masked(
-    world: &LlWorld,
+pub fn ll_dispatch_ref_masked<T: TokenElem>(
+    world: &LlWorld<T>,
     layout: Layout,
     recv_kind: ExpertIdKind,
-    poison: LlPoison,
+    poison: LlPoison<T>,
     links: &LlLinks,
-) -> Vec<LlDispatchOut> {
+) -> Vec<LlDispatchOut<T>> {
     let route = LlRoute::with_links(world, links.clone());
     let sh = world.shape;
     let (n, b, h, k, l) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk, sh.local_experts());
@@ -571,29 +652,34 @@ pub fn ll_dispatch_ref_masked(
 // ---------------------------------------------------------------------------------------------
 // Combine
 
-/// Every rank's combine inputs.
+/// Every rank's combine inputs (of the output's type `T`: LL combine does not convert types).
 #[derive(Clone, Copy, Debug)]
-pub enum LlCombineIn<'a> {
+pub enum LlCombineIn<'a, T = u16> {
     /// Per rank: expert outputs `x` [L, N·B, H] (rows as dispatch placed them: one per distinct
     /// (token, expert) pair) and the combine weights `w` [T, K] of the rank's own tokens.
-    ExpertMajor { x: &'a [Vec<u16>], weights: &'a [Vec<f32>] },
+    ExpertMajor { x: &'a [Vec<T>], weights: &'a [Vec<f32>] },
     /// Per rank: `y` [N, B, H], already reduced over the rank's local experts by the caller.
-    RankMajor { y: &'a [Vec<u16>] },
+    RankMajor { y: &'a [Vec<T>] },
 }
 
-/// Combine for every rank at once; element r is rank r's output [T_r, H] (bf16 bits).
+/// Combine for every rank at once; element r is rank r's output [T_r, H] (bits of `T`).
 /// EM: out[t] = Σ_k w[t][k]·x_row(t,k) over valid k, fused multiply-add in increasing k, where
 /// a duplicate expert id reads the row of its first occurrence (each occurrence adds its own
 /// weight times that one expert output).
 /// RM: out[t] = Σ y_d[me][slot_d(t)] over the distinct destination ranks d in first-appearance
-/// order. Both accumulate in f32 from +0 and round to bf16 once; no valid expert gives 0.
-pub fn ll_combine_ref(world: &LlWorld, input: LlCombineIn<'_>) -> Vec<Vec<u16>> {
+/// order. Both accumulate in f32 from +0 and round once to `T` (bf16 and fp16: nearest, ties
+/// to even; fp32: no rounding); no valid expert gives +0.
+pub fn ll_combine_ref<T: TokenElem>(world: &LlWorld<T>, input: LlCombineIn<'_, T>) -> Vec<Vec<T>> {
     ll_combine_ref_masked(world, input, &LlLinks::all(world.shape.nranks))
 }
 
 /// Combine with rank masks: contributions of expert ranks not linked to the token's source are
 /// left out, with no renormalisation of the remaining weights.
-pub fn ll_combine_ref_masked(world: &LlWorld, input: LlCombineIn<'_>, links: &LlLinks) -> Vec<Vec<u16>> {
+pub fn ll_combine_ref_masked<T: TokenElem>(
+    world: &LlWorld<T>,
+    input: LlCombineIn<'_, T>,
+    links: &LlLinks,
+) -> Vec<Vec<T>> {
     let route = LlRoute::with_links(world, links.clone());
     let sh = world.shape;
     let (n, b, h, k) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk);
@@ -619,7 +705,7 @@ pub fn ll_combine_ref_masked(world: &LlWorld, input: LlCombineIn<'_>, links: &Ll
     (0..n)
         .map(|s| {
             let t_s = world.ranks[s].num_tokens;
-            let mut out = vec![0u16; t_s * h];
+            let mut out = vec![T::default(); t_s * h];
             let mut acc = vec![0f32; h];
             for t in 0..t_s {
                 acc.fill(0.0);
@@ -632,7 +718,7 @@ pub fn ll_combine_ref_masked(world: &LlWorld, input: LlCombineIn<'_>, links: &Ll
                             let w = weights[s][t * k + kk];
                             let src = &x[d][(le * n * b + row) * h..][..h];
                             for (a, &v) in acc.iter_mut().zip(src) {
-                                *a = w.mul_add(bf16_to_f32(v), *a);
+                                *a = w.mul_add(v.to_f32(), *a);
                             }
                         }
                     }
@@ -640,13 +726,13 @@ pub fn ll_combine_ref_masked(world: &LlWorld, input: LlCombineIn<'_>, links: &Ll
                         for &(d, slot) in route.dests(s, t).iter().filter(|&&(d, _)| route.linked(s, d)) {
                             let src = &y[d][(s * b + slot) * h..][..h];
                             for (a, &v) in acc.iter_mut().zip(src) {
-                                *a += bf16_to_f32(v);
+                                *a += v.to_f32();
                             }
                         }
                     }
                 }
                 for (o, &a) in out[t * h..(t + 1) * h].iter_mut().zip(&acc) {
-                    *o = f32_to_bf16_rne(a);
+                    *o = T::from_f32(a);
                 }
             }
             out

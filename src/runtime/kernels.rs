@@ -1,6 +1,6 @@
 //! Which kernel variant a call needs, its NVRTC source and defines, and its launch.
 
-use crate::abi::enums::Layout;
+use crate::abi::enums::{Layout, dtype};
 use crate::abi::types::cudaStream_t;
 use crate::core::error::Result;
 use crate::cuda::jit::{Defines, KernelSource, get_function};
@@ -55,8 +55,40 @@ pub enum LlKind {
 /// Threads of the clean kernel (one per rank at most; its `__launch_bounds__`).
 pub const LL_CLEAN_THREADS: u32 = 64;
 
-/// One compiled specialisation: the kernel, its top-k, layout, routing-index width and whether
-/// the group masks (`EP_MASK`: kernels of groups without `enable_mask` carry no mask code).
+/// Token type of combine's rows (`EP_DTYPE`). Dispatch moves bytes and has one variant for all
+/// types; combine reduces in fp32 and needs the type at compile time, so that the bf16 kernel
+/// carries no branch for the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LlDtype {
+    Bf16 = 0,
+    F16 = 1,
+    F32 = 2,
+}
+
+impl LlDtype {
+    /// Every type. (A function, not an associated const: cbindgen would put the type into
+    /// nccl_ep.h for a const.)
+    pub fn all() -> [LlDtype; 3] {
+        [LlDtype::Bf16, LlDtype::F16, LlDtype::F32]
+    }
+
+    /// The type of an `ncclDataType_t` the LL rules accepted.
+    pub fn from_nccl(dt: i32) -> Result<Self> {
+        match dt {
+            dtype::BFLOAT16 => Ok(Self::Bf16),
+            dtype::FLOAT16 => Ok(Self::F16),
+            dtype::FLOAT32 => Ok(Self::F32),
+            _ => Err(crate::internal_err!(
+                "LOW_LATENCY has no kernel for tokens of type {}",
+                dtype::name(dt)
+            )),
+        }
+    }
+}
+
+/// One compiled specialisation: the kernel, its top-k, layout, routing-index width, whether
+/// the group masks (`EP_MASK`: kernels of groups without `enable_mask` carry no mask code) and,
+/// for combine, the token type (`Bf16` for the other kernels, which do not depend on it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LlKernel {
     pub kind: LlKind,
@@ -64,6 +96,7 @@ pub struct LlKernel {
     pub expert_major: bool,
     pub idx64: bool,
     pub mask: bool,
+    pub dtype: LlDtype,
 }
 
 impl LlKernel {
@@ -74,15 +107,17 @@ impl LlKernel {
             expert_major: layout == Layout::ExpertMajor,
             idx64,
             mask,
+            dtype: LlDtype::Bf16,
         }
     }
-    pub fn combine(topk: u32, layout: Layout, idx64: bool, mask: bool) -> Self {
+    pub fn combine(topk: u32, layout: Layout, idx64: bool, mask: bool, dtype: LlDtype) -> Self {
         Self {
             kind: LlKind::Combine,
             topk,
             expert_major: layout == Layout::ExpertMajor,
             idx64,
             mask,
+            dtype,
         }
     }
 
@@ -94,6 +129,7 @@ impl LlKernel {
             expert_major: false,
             idx64: false,
             mask: true,
+            dtype: LlDtype::Bf16,
         }
     }
 
@@ -114,31 +150,42 @@ impl LlKernel {
     }
 
     pub fn defines(&self) -> Defines {
-        Defines::new()
+        let d = Defines::new()
             .set("EP_TOPK", self.topk)
             .set("EP_EM", self.expert_major as u32)
             .set("EP_IDX64", self.idx64 as u32)
-            .set("EP_MASK", self.mask as u32)
+            .set("EP_MASK", self.mask as u32);
+        match self.kind {
+            LlKind::Combine => d.set("EP_DTYPE", self.dtype as u32),
+            LlKind::Dispatch | LlKind::Clean => d,
+        }
     }
 
     /// Every variant the library may compile for one kernel: K in 1..=32, both layouts,
-    /// both routing-index widths, with and without masking.
+    /// both routing-index widths, with and without masking, and for combine each token type.
     pub fn variants(kind: LlKind) -> Vec<LlKernel> {
         if kind == LlKind::Clean {
             return vec![Self::clean()];
         }
+        let dtypes = match kind {
+            LlKind::Combine => LlDtype::all().to_vec(),
+            _ => vec![LlDtype::Bf16],
+        };
         let mut v = Vec::new();
-        for topk in 1..=crate::core::config::LL_MAX_TOPK {
-            for expert_major in [false, true] {
-                for idx64 in [false, true] {
-                    for mask in [false, true] {
-                        v.push(LlKernel {
-                            kind,
-                            topk,
-                            expert_major,
-                            idx64,
-                            mask,
-                        });
+        for dtype in dtypes {
+            for topk in 1..=crate::core::config::LL_MAX_TOPK {
+                for expert_major in [false, true] {
+                    for idx64 in [false, true] {
+                        for mask in [false, true] {
+                            v.push(LlKernel {
+                                kind,
+                                topk,
+                                expert_major,
+                                idx64,
+                                mask,
+                                dtype,
+                            });
+                        }
                     }
                 }
             }

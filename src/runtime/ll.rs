@@ -12,7 +12,7 @@ use crate::cuda::memory::{self, PinnedHostMem};
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, Membership};
 use crate::runtime::handle::Handle;
-use crate::runtime::kernels::{LlKernel, launch_ll};
+use crate::runtime::kernels::{LlDtype, LlKernel, launch_ll};
 use crate::runtime::ll_params::{
     EP_STATE_BYTES, ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
 };
@@ -377,7 +377,8 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         h.dispatched,
         "ncclEpCombine needs an ncclEpDispatch on this handle first"
     );
-    // EM: the weights applied on the receiving side are combine's outputs->topk_weights.
+    // EM: the weights applied on the receiving side are combine's outputs->topk_weights. Dispatch
+    // moves rows as bytes (one kernel for every token type); combine has one per type.
     let p = call_params(
         g,
         h,
@@ -392,6 +393,7 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         h.params.layout,
         topk.dtype == dtype::INT64,
         g.params.enable_mask,
+        LlDtype::from_nccl(call.dtype)?,
     );
     run(g, h, kernel, p, call.send_only, stream)
 }

@@ -17,6 +17,40 @@ pub const POISON_TOKEN: u16 = 0x7fa5; // a NaN pattern no computation produces
 pub const POISON_WEIGHT: f32 = -12345.5;
 pub const POISON_INT: i32 = -777;
 
+/// The token types of the LL tests (bits; `u16` is bf16): what outputs are poisoned with, and
+/// how a combined row is compared with the reference.
+pub trait TestToken: TokenElem {
+    /// A NaN pattern no computation produces.
+    fn poison() -> Self;
+    /// Combined rows against the reference.
+    fn compare_combined(what: &str, got: &[Self], want: &[Self]) -> Result<(), String> {
+        compare(what, got, want)
+    }
+}
+
+impl TestToken for u16 {
+    fn poison() -> u16 {
+        POISON_TOKEN
+    }
+    /// bf16 keeps the 1-ulp allowance the bf16 suites were written with.
+    fn compare_combined(what: &str, got: &[u16], want: &[u16]) -> Result<(), String> {
+        compare_bf16_close(what, got, want)
+    }
+}
+
+/// fp16 and fp32 combine outputs must match the reference bit for bit.
+impl TestToken for Fp16 {
+    fn poison() -> Fp16 {
+        Fp16(0x7ea5)
+    }
+}
+
+impl TestToken for Fp32 {
+    fn poison() -> Fp32 {
+        Fp32(0x7fa5_a5a5)
+    }
+}
+
 pub fn last_error() -> String {
     // SAFETY: the extension returns a NUL-terminated thread-local string.
     unsafe { CStr::from_ptr(nccl_ep::abi::ext::ncclEpxGetLastError()) }
@@ -203,8 +237,14 @@ impl Case {
         c
     }
 
-    /// A world of inputs for this case.
+    /// A world of inputs for this case (bf16 tokens).
     pub fn world(&self, rng: &mut SplitMix64) -> LlWorld {
+        self.world_of(rng)
+    }
+
+    /// A world of inputs for this case with tokens of type `T` (the random stream does not
+    /// depend on `T`).
+    pub fn world_of<T: TokenElem>(&self, rng: &mut SplitMix64) -> LlWorld<T> {
         let shape = self.shape();
         let ranks = (0..self.nranks)
             .map(|_| {
@@ -212,7 +252,7 @@ impl Case {
                 LlRankInput {
                     num_tokens: t,
                     tokens: (0..t * shape.hidden)
-                        .map(|_| f32_to_bf16_rne(rng.unit_f32() * 8.0 - 4.0))
+                        .map(|_| T::from_f32(rng.unit_f32() * 8.0 - 4.0))
                         .collect(),
                     topk_idx: gen_routing(rng, shape, t, self.routing),
                     weights: (0..t * shape.topk).map(|_| rng.unit_f32()).collect(),
@@ -240,6 +280,11 @@ pub struct RankBufs {
 }
 
 pub fn alloc_rank(c: &Case, device: i32, t: usize) -> Result<RankBufs, String> {
+    alloc_rank_of(c, device, t, dtype::BFLOAT16)
+}
+
+/// `alloc_rank` with token tensors (dispatch in and out, combine in and out) of type `tok`.
+pub fn alloc_rank_of(c: &Case, device: i32, t: usize, tok: i32) -> Result<RankBufs, String> {
     let (n, l, b, h, k) = (c.nranks, c.local_experts, c.max_tokens, c.hidden, c.topk);
     let (out_sizes, x_sizes) = match c.layout {
         Layout::ExpertMajor => (vec![l, n * b, h], vec![l, n * b, h]),
@@ -247,10 +292,10 @@ pub fn alloc_rank(c: &Case, device: i32, t: usize) -> Result<RankBufs, String> {
     };
     let em = c.layout == Layout::ExpertMajor;
     Ok(RankBufs {
-        tokens: DevTensor::new(device, dtype::BFLOAT16, &[t, h])?,
+        tokens: DevTensor::new(device, tok, &[t, h])?,
         topk: DevTensor::new(device, if c.idx64 { dtype::INT64 } else { dtype::INT32 }, &[t, k])?,
         weights: DevTensor::new(device, dtype::FLOAT32, &[t, k])?,
-        out: DevTensor::new(device, dtype::BFLOAT16, &out_sizes)?,
+        out: DevTensor::new(device, tok, &out_sizes)?,
         counters: DevTensor::new(device, dtype::INT32, &[if em { l } else { n }])?,
         out_idx: (!em)
             .then(|| DevTensor::new(device, dtype::INT32, &[n, b, k]))
@@ -258,9 +303,9 @@ pub fn alloc_rank(c: &Case, device: i32, t: usize) -> Result<RankBufs, String> {
         out_w: (!em)
             .then(|| DevTensor::new(device, dtype::FLOAT32, &[n, b, k]))
             .transpose()?,
-        x: DevTensor::new(device, dtype::BFLOAT16, &x_sizes)?,
+        x: DevTensor::new(device, tok, &x_sizes)?,
         comb_w: DevTensor::new(device, dtype::FLOAT32, &[t, k])?,
-        comb_out: DevTensor::new(device, dtype::BFLOAT16, &[t, h])?,
+        comb_out: DevTensor::new(device, tok, &[t, h])?,
     })
 }
 
@@ -282,7 +327,7 @@ pub fn reshape_rank(c: &Case, b: &mut RankBufs, t: usize) {
 }
 
 /// Uploads a rank's dispatch inputs and poisons its outputs.
-pub fn load_inputs(c: &Case, b: &RankBufs, inp: &LlRankInput) -> Result<(), String> {
+pub fn load_inputs<T: TestToken>(c: &Case, b: &RankBufs, inp: &LlRankInput<T>) -> Result<(), String> {
     b.tokens.upload(&inp.tokens)?;
     if c.idx64 {
         b.topk.upload(&inp.topk_idx)?;
@@ -291,7 +336,7 @@ pub fn load_inputs(c: &Case, b: &RankBufs, inp: &LlRankInput) -> Result<(), Stri
             .upload(&inp.topk_idx.iter().map(|&e| e as i32).collect::<Vec<_>>())?;
     }
     b.weights.upload(&inp.weights)?;
-    b.out.fill(POISON_TOKEN)?;
+    b.out.fill(T::poison())?;
     b.counters.fill(POISON_INT)?;
     if let Some(t) = &b.out_idx {
         t.fill(POISON_INT)?;
@@ -299,7 +344,7 @@ pub fn load_inputs(c: &Case, b: &RankBufs, inp: &LlRankInput) -> Result<(), Stri
     if let Some(t) = &b.out_w {
         t.fill(POISON_WEIGHT)?;
     }
-    b.comb_out.fill(POISON_TOKEN)?;
+    b.comb_out.fill(T::poison())?;
     Ok(())
 }
 
@@ -386,15 +431,15 @@ pub fn compare_bf16_close(what: &str, got: &[u16], want: &[u16]) -> Result<(), S
 }
 
 /// Checks every rank's dispatch outputs against the reference.
-pub fn check_dispatch(c: &Case, world: &LlWorld, bufs: &[RankBufs]) -> Result<(), String> {
+pub fn check_dispatch<T: TestToken>(c: &Case, world: &LlWorld<T>, bufs: &[RankBufs]) -> Result<(), String> {
     let all: Vec<usize> = (0..c.nranks).collect();
     check_dispatch_links(c, world, bufs, &LlLinks::all(c.nranks), &all)
 }
 
 /// Checks the dispatch outputs of `ranks` against the reference with rank masks (`links`).
-pub fn check_dispatch_links(
+pub fn check_dispatch_links<T: TestToken>(
     c: &Case,
-    world: &LlWorld,
+    world: &LlWorld<T>,
     bufs: &[RankBufs],
     links: &LlLinks,
     ranks: &[usize],
@@ -409,7 +454,7 @@ pub fn check_dispatch_links(
         c.layout,
         kind,
         LlPoison {
-            token: POISON_TOKEN,
+            token: T::poison(),
             weight: POISON_WEIGHT,
         },
         links,
@@ -420,7 +465,7 @@ pub fn check_dispatch_links(
         }
         compare(
             &format!("rank {r} dispatch tokens"),
-            &b.out.download::<u16>()?,
+            &b.out.download::<T>()?,
             w.tokens(),
         )?;
         match w {
@@ -461,21 +506,21 @@ pub fn check_dispatch_links(
     Ok(())
 }
 
-/// Per rank: expert outputs (bf16 bits) and EM combine weights.
-pub type CombineInputs = (Vec<Vec<u16>>, Vec<Vec<f32>>);
+/// Per rank: expert outputs (bits of `T`, bf16 by default) and EM combine weights.
+pub type CombineInputs<T = u16> = (Vec<Vec<T>>, Vec<Vec<f32>>);
 
 /// Random expert outputs (and EM combine weights) for every rank; returns them for the reference.
-pub fn load_combine_inputs(
+pub fn load_combine_inputs<T: TestToken>(
     c: &Case,
-    world: &LlWorld,
+    world: &LlWorld<T>,
     bufs: &[RankBufs],
     rng: &mut SplitMix64,
-) -> Result<CombineInputs, String> {
+) -> Result<CombineInputs<T>, String> {
     let mut xs = Vec::new();
     let mut ws = Vec::new();
     for (b, inp) in bufs.iter().zip(&world.ranks) {
-        let n = b.x.bytes / 2;
-        let x: Vec<u16> = (0..n).map(|_| f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0)).collect();
+        let n = b.x.bytes / std::mem::size_of::<T>();
+        let x: Vec<T> = (0..n).map(|_| T::from_f32(rng.unit_f32() * 4.0 - 2.0)).collect();
         b.x.upload(&x)?;
         let w: Vec<f32> = (0..inp.num_tokens * c.topk).map(|_| rng.unit_f32()).collect();
         b.comb_w.upload(&w)?;
@@ -485,11 +530,11 @@ pub fn load_combine_inputs(
     Ok((xs, ws))
 }
 
-pub fn check_combine(
+pub fn check_combine<T: TestToken>(
     c: &Case,
-    world: &LlWorld,
+    world: &LlWorld<T>,
     bufs: &[RankBufs],
-    xs: &[Vec<u16>],
+    xs: &[Vec<T>],
     ws: &[Vec<f32>],
 ) -> Result<(), String> {
     let all: Vec<usize> = (0..c.nranks).collect();
@@ -497,11 +542,11 @@ pub fn check_combine(
 }
 
 /// Checks the combine outputs of `ranks` against the reference with rank masks (`links`).
-pub fn check_combine_links(
+pub fn check_combine_links<T: TestToken>(
     c: &Case,
-    world: &LlWorld,
+    world: &LlWorld<T>,
     bufs: &[RankBufs],
-    xs: &[Vec<u16>],
+    xs: &[Vec<T>],
     ws: &[Vec<f32>],
     links: &LlLinks,
     ranks: &[usize],
@@ -515,7 +560,7 @@ pub fn check_combine_links(
         if !ranks.contains(&r) {
             continue;
         }
-        compare_bf16_close(&format!("rank {r} combine"), &b.comb_out.download::<u16>()?, w)?;
+        T::compare_combined(&format!("rank {r} combine"), &b.comb_out.download::<T>()?, w)?;
     }
     Ok(())
 }
