@@ -171,10 +171,9 @@ impl Group {
     /// destroy barrier when a peer lives in another process (`SharedBuffer::release`; every
     /// rank destroys its group, as NVIDIA's destroy is collective too), then the rest.
     pub fn destroy(mut self) {
-        let Membership::Nccl { comm, .. } = self.membership else {
+        let Membership::Nccl { .. } = self.membership else {
             return;
         };
-        let nranks = self.params.nranks as usize;
         // Every rank enters the barrier (as NVIDIA's destroy), bounded by the group's timeout so
         // that a peer that died cannot hang the survivors.
         let limit = std::time::Duration::from_nanos(self.params.timeout_ns);
@@ -183,9 +182,7 @@ impl Group {
             self.ht.as_mut().and_then(|h| h.shared.take()),
         ];
         for sb in shared.into_iter().flatten() {
-            // SAFETY: the group's communicator, which the caller keeps alive until its groups
-            // are destroyed (as for NVIDIA's library).
-            unsafe { sb.release(comm, nranks, limit) };
+            sb.release(limit);
         }
     }
 }

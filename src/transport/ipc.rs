@@ -29,10 +29,14 @@ enum Phase {
     Exchange = 1,
     GrowAgree = 2,
     GrowClosed = 3,
-    ReleaseClosed = 4,
 }
 
 const TAG_BASE: u32 = 0x4550_0000; // "EP"
+
+/// Bytes past the layouts' part of every shared buffer: one u32 "this rank destroys the group"
+/// flag per rank (at most 64 ranks), written by the peers through their mappings.
+const DESTROY_TAIL: usize = 256;
+const DESTROY_TAG: u32 = TAG_BASE | 0xd0;
 
 impl Phase {
     fn tag(self) -> u32 {
@@ -43,7 +47,6 @@ impl Phase {
             1 => "exchanging new buffers",
             2 => "agreeing to grow the buffer",
             3 => "growing the buffer (mappings closed)",
-            4 => "destroying the group (mappings closed)",
             _ => "not in an NCCL EP buffer step (another collective on the communicator?)",
         }
     }
@@ -96,25 +99,6 @@ impl Record {
 /// # Safety
 /// `comm` is the caller's live communicator; every rank calls this in the same order.
 unsafe fn all_gather(nccl: &Nccl, comm: ncclComm_t, nranks: usize, device: i32, mine: &Record) -> Result<Vec<Record>> {
-    // SAFETY: forwarded.
-    unsafe { all_gather_within(nccl, comm, nranks, device, mine, None) }
-}
-
-/// [`all_gather`] that gives up after `limit` (the destroy barrier: a dead peer must not hang
-/// the survivors' destroy). Giving up leaves the all-gather queued on the legacy stream and its
-/// staging buffer allocated: the communicator is unusable afterwards, as after any NCCL
-/// collective a peer never joined.
-///
-/// # Safety
-/// As [`all_gather`].
-unsafe fn all_gather_within(
-    nccl: &Nccl,
-    comm: ncclComm_t,
-    nranks: usize,
-    device: i32,
-    mine: &Record,
-    limit: Option<std::time::Duration>,
-) -> Result<Vec<Record>> {
     let _g = CtxGuard::enter(device)?;
     let stage = DeviceMem::alloc(device, RECORD_BYTES * (nranks + 1))?;
     let send = stage.ptr() + (RECORD_BYTES * nranks) as u64;
@@ -132,21 +116,6 @@ unsafe fn all_gather_within(
             comm,
             std::ptr::null_mut(),
         )?;
-        if let Some(limit) = limit {
-            let done = memory::Event::new(false)?;
-            done.record(memory::Stream::LEGACY_DEFAULT)?;
-            let start = std::time::Instant::now();
-            while !done.query()? {
-                if start.elapsed() > limit {
-                    std::mem::forget(stage); // the queued all-gather still writes into it
-                    return Err(crate::invalid_usage!(
-                        "not every rank joined within {} ms (a peer is gone, or did not destroy the group)",
-                        limit.as_millis()
-                    ));
-                }
-                std::thread::sleep(std::time::Duration::from_micros(200));
-            }
-        }
         memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
         memory::memcpy_dtoh(&mut all, stage.ptr())?;
     }
@@ -263,7 +232,10 @@ unsafe fn exchange(
 pub struct SharedBuffer {
     /// None once freed or given up (only inside `resize` / `release`).
     buf: Option<DeviceMem>,
+    /// Bytes the layouts may use; the allocation has [`DESTROY_TAIL`] more.
+    usable: usize,
     device: i32,
+    rank: usize,
     ptrs: Vec<u64>,
     opened: OpenedPeers,
     /// Some peer lives in another process (and may map this buffer).
@@ -272,7 +244,7 @@ pub struct SharedBuffer {
 
 impl SharedBuffer {
     pub fn len(&self) -> usize {
-        self.buf.as_ref().map_or(0, |b| b.len())
+        if self.buf.is_some() { self.usable } else { 0 }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -307,37 +279,55 @@ impl SharedBuffer {
     }
 
     /// Group destroy (collective when some peer lives in another process, like NVIDIA's group
-    /// destroy, whose barrier every rank enters): waits for this rank's work, closes its mappings
-    /// of the peers' buffers, waits until every rank has closed theirs, then frees this rank's
-    /// buffer. Every rank enters the barrier whatever its mask says (ranks disagree about who is
-    /// masked, and a barrier some ranks skip hangs the others); it gives up after `limit` (a
-    /// peer that died never comes), keeping the buffer allocated. Never fails: problems are
-    /// logged.
-    ///
-    /// # Safety
-    /// `comm` is the group's live communicator.
-    pub unsafe fn release(mut self, comm: ncclComm_t, nranks: usize, limit: std::time::Duration) {
+    /// destroy, whose barrier every rank enters): waits for this rank's work, tells every rank
+    /// that it is leaving (a flag in each rank's buffer tail, written through the mappings),
+    /// waits up to `limit` for every rank's flag in its own tail, then closes its mappings and
+    /// frees its buffer. No NCCL call: a peer that died must not hang the survivors (a
+    /// collective it never joins would spin on the GPU for good and block their exit); after
+    /// `limit` the buffer is kept allocated instead. Every rank takes the same path whatever its
+    /// mask says (ranks disagree about who is masked). Never fails: problems are logged.
+    pub fn release(mut self, limit: std::time::Duration) {
         let device = self.device;
-        let idle = CtxGuard::enter(device).and_then(|_g| synchronize_current());
-        self.opened.close_all();
+        let Ok(_g) = CtxGuard::enter(device) else {
+            return self.give_up_buffer("the device context could not be entered");
+        };
+        if let Err(e) = synchronize_current() {
+            return self.give_up_buffer(&format!("the device did not synchronise ({})", e.msg));
+        }
         if !self.cross_process {
+            self.opened.close_all();
             return; // drop frees it: no other process maps it
         }
-        let why = match idle {
-            Err(e) => Some(format!("the device did not synchronise ({})", e.msg)),
-            Ok(()) => {
-                let barrier = Nccl::get().and_then(|nccl| {
-                    let mine = Record::mine(Phase::ReleaseClosed, device, self.len());
-                    // SAFETY: the caller's communicator.
-                    let all = unsafe { all_gather_within(nccl, comm, nranks, device, &mine, Some(limit)) }?;
-                    check_phase(&all, Phase::ReleaseClosed)
-                });
-                barrier.err().map(|e| format!("the destroy barrier failed: {}", e.msg))
+        let nranks = self.ptrs.len();
+        let slot = |base: u64, r: usize| base + (self.usable + 4 * r) as u64;
+        for &peer in &self.ptrs {
+            // SAFETY: every rank's allocation has the tail; `peer` is mapped until close_all.
+            // A write to a dead peer's buffer is harmless (the mapping keeps it alive).
+            let _ = unsafe { memory::memcpy_htod(slot(peer, self.rank), &DESTROY_TAG.to_ne_bytes()) };
+        }
+        let own = self.ptr();
+        let start = std::time::Instant::now();
+        let mut seen = vec![0u32; nranks];
+        let arrived = loop {
+            // SAFETY: the tail of this rank's own allocation holds nranks slots.
+            let read = unsafe { memory::memcpy_dtoh(&mut seen, slot(own, 0)) };
+            if read.is_err() || seen.iter().all(|&f| f == DESTROY_TAG) {
+                break read.is_ok();
             }
+            if start.elapsed() > limit {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
         };
-        match why {
-            Some(why) => self.give_up_buffer(&why),
-            None => drop(self.buf.take()),
+        self.opened.close_all();
+        if arrived {
+            drop(self.buf.take());
+        } else {
+            let missing: Vec<usize> = (0..nranks).filter(|&r| seen[r] != DESTROY_TAG).collect();
+            self.give_up_buffer(&format!(
+                "ranks {missing:?} did not destroy the group within {} ms (gone, or destroying later)",
+                limit.as_millis()
+            ));
         }
     }
 }
@@ -357,11 +347,11 @@ impl Drop for SharedBuffer {
 /// # Safety
 /// `comm` is the caller's live communicator.
 unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, bytes: usize) -> Result<SharedBuffer> {
-    let buf = DeviceMem::alloc(device, bytes)?;
+    let buf = DeviceMem::alloc(device, bytes + DESTROY_TAIL)?;
     {
         let _g = CtxGuard::enter(device)?;
-        // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
-        unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
+        // SAFETY: the buffer holds `bytes` + the tail; zero flags are never a valid tag.
+        unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes + DESTROY_TAIL, memory::Stream::LEGACY_DEFAULT)? };
         memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
     }
     let nccl = Nccl::get()?;
@@ -380,7 +370,9 @@ unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, by
     Ok(SharedBuffer {
         cross_process: !opened.is_empty(),
         buf: Some(buf),
+        usable: bytes,
         device,
+        rank,
         ptrs,
         opened,
     })
@@ -456,10 +448,10 @@ mod tests {
         assert_eq!(r.exporter(), Record::mine(Phase::Exchange, 0, 0).exporter());
         let mut all = vec![r; 3];
         assert!(check_phase(&all, Phase::GrowAgree).is_ok());
-        all[2].tag = Phase::ReleaseClosed.tag();
+        all[2].tag = Phase::GrowClosed.tag();
         let e = check_phase(&all, Phase::GrowAgree).unwrap_err();
         assert!(
-            e.msg.contains("rank 2 is destroying the group") && e.msg.contains("agreeing to grow"),
+            e.msg.contains("rank 2 is growing the buffer") && e.msg.contains("agreeing to grow"),
             "{}",
             e.msg
         );

@@ -278,6 +278,7 @@ pub fn ll_mask_kill(r: &Rank, t: &mut Tally) -> Result<(), String> {
         seen.combine.as_secs_f64() * 1e3
     );
     t.record(r, &format!("ll_mask_kill rank {victim} dead, second pair"), bad)?;
-    // The group's destroy sees the masked rank and does not wait for it (no barrier).
+    // The destroy barrier (flags in the peers' buffers, no NCCL) waits up to the group's timeout
+    // for the dead rank, then keeps this rank's buffer allocated and returns.
     g.destroy()
 }
