@@ -289,7 +289,8 @@ ncclResult_t ncclEpGetVersion(int *version);
 ncclResult_t ncclEpCreateGroup(ncclEpGroup_t *ep_group, ncclComm_t comm, const ncclEpGroupConfig_t *config);
 
 /**
- * Destroys a group; all of its handles must be destroyed first.
+ * Destroys a group; all of its handles must be destroyed first. Collective for groups whose
+ * ranks span processes (the buffers are freed only once no peer maps them).
  */
 ncclResult_t ncclEpGroupDestroy(ncclEpGroup_t ep_group);
 
