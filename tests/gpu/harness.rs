@@ -153,7 +153,12 @@ impl DevTensor {
             return Ok(());
         }
         let _g = CtxGuard::enter(self.mem.device()).map_err(|e| e.msg)?;
-        unsafe { memory::memcpy_htod(self.mem.ptr(), v) }.map_err(|e| e.msg)
+        unsafe { memory::memcpy_htod(self.mem.ptr(), v) }.map_err(|e| e.msg)?;
+        // From pageable memory cuMemcpyHtoD may return before its DMA lands, and the ranks'
+        // streams are non-blocking: without this wait a late poison (or input) write can land
+        // after the operation under test (seen once under GPU contention: a combine output that
+        // looked unwritten).
+        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT).map_err(|e| e.msg)
     }
     pub fn download<T: Copy + Default>(&self) -> Result<Vec<T>, String> {
         let n = self.bytes / std::mem::size_of::<T>();
