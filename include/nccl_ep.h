@@ -290,7 +290,8 @@ ncclResult_t ncclEpCreateGroup(ncclEpGroup_t *ep_group, ncclComm_t comm, const n
 
 /**
  * Destroys a group; all of its handles must be destroyed first. Collective for groups whose
- * ranks span processes (the buffers are freed only once no peer maps them).
+ * ranks span processes, as NVIDIA's: it waits (at most the group's timeout) for every rank's
+ * destroy before freeing the buffer the peers map; past the timeout the buffer stays allocated.
  */
 ncclResult_t ncclEpGroupDestroy(ncclEpGroup_t ep_group);
 

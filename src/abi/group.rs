@@ -27,7 +27,8 @@ pub unsafe extern "C" fn ncclEpCreateGroup(
 }
 
 /// Destroys a group; all of its handles must be destroyed first. Collective for groups whose
-/// ranks span processes (the buffers are freed only once no peer maps them).
+/// ranks span processes, as NVIDIA's: it waits (at most the group's timeout) for every rank's
+/// destroy before freeing the buffer the peers map; past the timeout the buffer stays allocated.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpGroupDestroy(ep_group: ncclEpGroup_t) -> ncclResult_t {
     ffi_call("ncclEpGroupDestroy", || {
