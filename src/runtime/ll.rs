@@ -125,19 +125,6 @@ impl LlState {
         self.err.clear_flag()
     }
 
-    /// True when this rank's mask (enable_mask groups) leaves some rank out: a peer that timed
-    /// out and may be gone. Reads the device (synchronous copy).
-    pub fn any_masked(&self, device: i32, nranks: usize) -> Result<bool> {
-        let Some(m) = &self.mask else {
-            return Ok(false);
-        };
-        let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
-        let mut v = vec![0i32; nranks];
-        // SAFETY: the mask block starts with N ints.
-        unsafe { memory::memcpy_dtoh(&mut v, m.ptr())? };
-        Ok(v.contains(&0))
-    }
-
     /// Ranks (bit set) that did not reach the last `ncclEpMaskClean` barrier in time; valid once
     /// that call's stream has been synchronised.
     fn clean_missing(&self) -> u64 {
