@@ -2,7 +2,8 @@
 //! `libnccl_ep.so`. See README.md for the layout of the crate.
 
 pub mod abi;
-pub mod core;
 pub mod cuda;
+pub mod log;
 pub mod runtime;
+pub mod sys;
 pub mod transport;

@@ -118,7 +118,7 @@ fn high_throughput_sizes() {
     let mut ht = anchor();
     ht.algorithm = ncclEpAlgorithm_t(1);
     ht.max_dispatch_tokens_per_rank = 4096;
-    let want = nccl_ep::core::ht_layout::HtLayout::new(8, 256, 4096, 14336, 8, 0)
+    let want = ep_core::ht_layout::HtLayout::new(8, 256, 4096, 14336, 8, 0)
         .unwrap()
         .total_bytes;
     assert_eq!(size(&ht, 8, FLAT, 8), Ok(want));

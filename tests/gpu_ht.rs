@@ -15,16 +15,16 @@
 mod harness;
 
 use cudarc::driver::sys;
+use ep_core::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
+use ep_reference::ht::*;
+use ep_reference::ll::{LlShape, Routing, SplitMix64, gen_routing};
 use harness::{DevTensor, Stream, cu, gpu_present, last_error, nccl_one_rank_comm};
-use nccl_ep::abi::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
 use nccl_ep::abi::group::ncclEpGroupDestroy;
 use nccl_ep::abi::guard::struct_default;
 use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy, ncclEpUpdateHandle};
 use nccl_ep::abi::ops::{ncclEpCombine, ncclEpDispatch};
 use nccl_ep::abi::types::*;
-use nccl_ep::core::ht_reference::*;
-use nccl_ep::core::reference::{LlShape, Routing, SplitMix64, gen_routing};
 use std::time::Instant;
 
 macro_rules! require_gpu {
@@ -165,7 +165,7 @@ impl Drop for Handles {
     }
 }
 
-fn dev(dt: i32, sizes: &[usize]) -> Result<DevTensor, String> {
+fn dev(dt: ep_core::DType, sizes: &[usize]) -> Result<DevTensor, String> {
     DevTensor::new(0, dt, sizes)
 }
 
@@ -230,7 +230,7 @@ fn create_handles(c: &HtCase, w: &World, rr: &mut [RankRouting]) -> Result<Handl
         ep_ok!(ncclEpCreateHandle(
             &mut h,
             w.groups[r],
-            c.layout.raw(),
+            ncclEpLayout_t(c.layout.raw()),
             x.topk.ptr(),
             &li,
             &hc,
@@ -242,7 +242,7 @@ fn create_handles(c: &HtCase, w: &World, rr: &mut [RankRouting]) -> Result<Handl
 }
 
 fn download_ints(t: &DevTensor) -> Result<Vec<i64>, String> {
-    Ok(if t.desc.datatype == dtype::INT64 {
+    Ok(if t.desc.datatype == dtype::INT64.raw() {
         t.download::<i64>()?
     } else {
         t.download::<i32>()?.into_iter().map(|x| x as i64).collect()
@@ -857,7 +857,7 @@ fn ht_one_rank_on_nccl_communicator() {
         ncclEpCreateHandle(
             &mut h,
             w.groups[0],
-            c.layout.raw(),
+            ncclEpLayout_t(c.layout.raw()),
             r.topk.ptr(),
             &li,
             &handle_config(&c),
@@ -881,7 +881,7 @@ fn ht_one_rank_on_nccl_communicator() {
         ncclEpCreateHandle(
             &mut h,
             w.groups[0],
-            c.layout.raw(),
+            ncclEpLayout_t(c.layout.raw()),
             r.topk.ptr(),
             &li,
             &handle_config(&c),

@@ -8,13 +8,13 @@
 #[path = "gpu/harness.rs"]
 mod harness;
 
+use ep_core::enums::Layout;
+use ep_reference::ll::{Fp16, Fp32, Routing, SplitMix64};
 use harness::*;
-use nccl_ep::abi::enums::Layout;
 use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
 use nccl_ep::abi::group::ncclEpGroupDestroy;
 use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
 use nccl_ep::abi::types::*;
-use nccl_ep::core::reference::{Fp16, Fp32, Routing, SplitMix64};
 
 macro_rules! require_gpu {
     () => {
@@ -78,7 +78,7 @@ fn create_handles(c: &Case, w: &World, bufs: &mut [RankBufs]) -> Result<Handles,
         ep_ok!(ncclEpCreateHandle(
             &mut h,
             w.groups[r],
-            c.layout.raw(),
+            ncclEpLayout_t(c.layout.raw()),
             b.topk.ptr(),
             std::ptr::null(),
             std::ptr::null(),
@@ -392,14 +392,23 @@ fn ll_anchor_memory() {
         };
         let cfg = c.group_config();
         let mut planned = 0usize;
-        let r = unsafe { nccl_ep::abi::ext::ncclEpxBufferSize(&cfg, 8, layout.raw(), 8, &mut planned) };
+        let r = unsafe { nccl_ep::abi::ext::ncclEpxBufferSize(&cfg, 8, ncclEpLayout_t(layout.raw()), 8, &mut planned) };
         assert_eq!(r, 0, "{}", last_error());
         let before = free();
         let w = World::local(&c).expect("local groups");
         let mut hs = Handles(Vec::new());
         for &g in &w.groups {
             let mut h = std::ptr::null_mut();
-            let r = unsafe { ncclEpInitHandle(&mut h, g, layout.raw(), std::ptr::null(), 8, std::ptr::null()) };
+            let r = unsafe {
+                ncclEpInitHandle(
+                    &mut h,
+                    g,
+                    ncclEpLayout_t(layout.raw()),
+                    std::ptr::null(),
+                    8,
+                    std::ptr::null(),
+                )
+            };
             assert_eq!(r, 0, "{}", last_error());
             hs.0.push(h);
         }
@@ -446,7 +455,7 @@ fn ll_one_thread_per_rank() {
                         load_inputs(&c, &b, &world.ranks[r])?;
                         let mut rng = SplitMix64::new(100 + r as u64);
                         let x: Vec<u16> = (0..b.x.bytes / 2)
-                            .map(|_| nccl_ep::core::reference::f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0))
+                            .map(|_| ep_reference::ll::f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0))
                             .collect();
                         b.x.upload(&x)?;
                         b.comb_w.upload(&world.ranks[r].weights)?;
@@ -454,7 +463,7 @@ fn ll_one_thread_per_rank() {
                         ep_ok!(ncclEpCreateHandle(
                             &mut h,
                             g as ncclEpGroup_t,
-                            c.layout.raw(),
+                            ncclEpLayout_t(c.layout.raw()),
                             b.topk.ptr(),
                             std::ptr::null(),
                             std::ptr::null(),
@@ -471,11 +480,11 @@ fn ll_one_thread_per_rank() {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         // The reference, with the same expert outputs and weights the threads used.
-        let want = nccl_ep::core::reference::ll_dispatch_ref(
+        let want = ep_reference::ll::ll_dispatch_ref(
             &world,
             layout,
-            nccl_ep::abi::enums::ExpertIdKind::Local,
-            nccl_ep::core::reference::LlPoison {
+            ep_core::enums::ExpertIdKind::Local,
+            ep_reference::ll::LlPoison {
                 token: POISON_TOKEN,
                 weight: POISON_WEIGHT,
             },
@@ -487,16 +496,16 @@ fn ll_one_thread_per_rank() {
             let n = alloc_rank(&c, 0, 0).unwrap().x.bytes / 2;
             xs.push(
                 (0..n)
-                    .map(|_| nccl_ep::core::reference::f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0))
+                    .map(|_| ep_reference::ll::f32_to_bf16_rne(rng.unit_f32() * 4.0 - 2.0))
                     .collect(),
             );
             ws.push(world.ranks[r].weights.clone());
         }
         let input = match layout {
-            Layout::ExpertMajor => nccl_ep::core::reference::LlCombineIn::ExpertMajor { x: &xs, weights: &ws },
-            _ => nccl_ep::core::reference::LlCombineIn::RankMajor { y: &xs },
+            Layout::ExpertMajor => ep_reference::ll::LlCombineIn::ExpertMajor { x: &xs, weights: &ws },
+            _ => ep_reference::ll::LlCombineIn::RankMajor { y: &xs },
         };
-        let want_c = nccl_ep::core::reference::ll_combine_ref(&world, input);
+        let want_c = ep_reference::ll::ll_combine_ref(&world, input);
         for (r, res) in results.into_iter().enumerate() {
             let (out, _counters, comb) = res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
             compare(&format!("rank {r} dispatch"), &out, want[r].tokens()).unwrap();
@@ -510,7 +519,7 @@ fn ll_one_thread_per_rank() {
 // Masks and timeouts (docs/LL.md, "Masks and timeouts"). A "silent" rank is one whose operation
 // is never launched; its peers must time out on it, mask it and finish without it.
 
-use nccl_ep::core::reference::LlLinks;
+use ep_reference::ll::LlLinks;
 use std::time::{Duration, Instant};
 
 /// The wait bound the mask tests configure (NCCL_EP_TIMEOUT_MS overrides it, as for any group).
@@ -530,7 +539,7 @@ fn timeout_world(c: &Case, enable_mask: bool) -> Result<World, String> {
 
 /// Inputs, buffers and handles of one dispatch/combine pair on every rank.
 struct Pair {
-    world: nccl_ep::core::reference::LlWorld,
+    world: ep_reference::ll::LlWorld,
     bufs: Vec<RankBufs>,
     hs: Handles,
 }
@@ -882,10 +891,8 @@ fn ll_trap_child() {
 //   NCCL_EP_STRESS_RANKS    the worlds, e.g. "1,2" (default "1,2,4,8")
 //   NCCL_EP_STRESS_SEED     seed (default 2026)
 
+use ep_reference::ll::{LlCombineIn, LlDispatchOut, LlPoison, LlWorld, ll_combine_ref_masked, ll_dispatch_ref_masked};
 use nccl_ep::abi::handle::{ncclEpInitHandle, ncclEpUpdateHandle};
-use nccl_ep::core::reference::{
-    LlCombineIn, LlDispatchOut, LlPoison, LlWorld, ll_combine_ref_masked, ll_dispatch_ref_masked,
-};
 
 const STRESS_HMAX: usize = 2048;
 const STRESS_HIDDEN: [usize; 6] = [8, 64, 136, 512, 1000, 2048];
@@ -955,7 +962,7 @@ impl StressStats {
 }
 
 /// Uploads a rank's inputs and poisons its outputs on the device (call `sync_legacy` after).
-fn load_fast(c: &Case, b: &RankBufs, inp: &nccl_ep::core::reference::LlRankInput) -> Result<(), String> {
+fn load_fast(c: &Case, b: &RankBufs, inp: &ep_reference::ll::LlRankInput) -> Result<(), String> {
     b.tokens.upload(&inp.tokens)?;
     if c.idx64 {
         b.topk.upload(&inp.topk_idx)?;
@@ -1030,7 +1037,7 @@ fn stress_handle(base: &Case, w: &World, layout: Layout, topk: usize) -> Result<
         ep_ok!(ncclEpInitHandle(
             &mut h,
             g,
-            layout.raw(),
+            ncclEpLayout_t(layout.raw()),
             std::ptr::null(),
             topk as i32,
             std::ptr::null()
@@ -1078,9 +1085,9 @@ fn stage_call(sw: &mut StressWorld, which: Option<usize>, case: Case, rng: &mut 
 fn check_call(call: &Call, bufs: &[RankBufs], links: &LlLinks, st: &mut StressStats, tag: &str) -> Result<(), String> {
     let c = &call.case;
     let kind = if c.global_ids {
-        nccl_ep::abi::enums::ExpertIdKind::Global
+        ep_core::enums::ExpertIdKind::Global
     } else {
-        nccl_ep::abi::enums::ExpertIdKind::Local
+        ep_core::enums::ExpertIdKind::Local
     };
     let poison = LlPoison {
         token: POISON_TOKEN,

@@ -52,16 +52,16 @@ mod masks;
 #[path = "gpu/multi.rs"]
 mod multi;
 
+use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
+use ep_reference::ht::{HtCombineIn, HtConfig, HtDispatchIn, HtDtype, HtPlan, random_tokens};
+use ep_reference::ll::*;
 use harness::*;
 use multi::*;
-use nccl_ep::abi::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use nccl_ep::abi::group::{ncclEpCreateGroup, ncclEpGroupDestroy};
 use nccl_ep::abi::guard::struct_default;
 use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
 use nccl_ep::abi::ops::{ncclEpCombine, ncclEpDispatch};
 use nccl_ep::abi::types::*;
-use nccl_ep::core::ht_reference::{HtCombineIn, HtConfig, HtDispatchIn, HtDtype, HtPlan, random_tokens};
-use nccl_ep::core::reference::*;
 use std::time::Instant;
 
 // ---------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ fn ll_handle(c: &Case, g: &Group, b: &mut RankBufs, s: &Stream) -> Result<Handle
     ep_ok!(ncclEpCreateHandle(
         &mut h,
         g.0,
-        c.layout.raw(),
+        ncclEpLayout_t(c.layout.raw()),
         b.topk.ptr(),
         std::ptr::null(),
         std::ptr::null(),
@@ -385,7 +385,7 @@ fn ll_matrix(r: &Rank, t: &mut Tally) -> Result<(), String> {
         let g = Group::new(r, &c0.group_config())?;
         let s = Stream::new(r.device)?;
         for layout in [Layout::ExpertMajor, Layout::RankMajor] {
-            let mut rng = r.rng("ll_matrix", hidden as u64 * 10 + layout.raw().0 as u64);
+            let mut rng = r.rng("ll_matrix", hidden as u64 * 10 + layout.raw() as u64);
             let mut c = ll_case(r, layout, hidden);
             let routings = [Routing::Uniform, Routing::Skewed { rank: n - 1 }, Routing::SameRankDups];
             let mut i = 0usize;
@@ -422,7 +422,7 @@ fn ll_send_only(r: &Rank, t: &mut Tally) -> Result<(), String> {
         c.send_only = true;
         let g = Group::new(r, &c.group_config())?;
         let s = Stream::new(r.device)?;
-        let mut rng = r.rng("ll_send_only", layout.raw().0 as u64);
+        let mut rng = r.rng("ll_send_only", layout.raw() as u64);
         for i in 0..4 {
             c.routing = [Routing::Uniform, Routing::SameRankDups][i % 2];
             let bad = ll_round(r, &g, &s, &c, &mut rng)?;
@@ -492,7 +492,7 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
         };
         let g = Group::new(r, &c.group_config())?;
         let s = Stream::new(r.device)?;
-        let mut rng = r.rng("ll_graph_replays", layout.raw().0 as u64);
+        let mut rng = r.rng("ll_graph_replays", layout.raw() as u64);
         let first = c.world(&mut rng);
         let mut b = alloc_rank(&c, r.device, 32)?;
         load_inputs(&c, &b, &first.ranks[me])?;
@@ -596,7 +596,7 @@ enum HtOutcome {
     NotImplemented(String),
 }
 
-fn tensor(r: &Rank, dt: i32, sizes: &[usize]) -> Result<DevTensor, String> {
+fn tensor(r: &Rank, dt: DType, sizes: &[usize]) -> Result<DevTensor, String> {
     DevTensor::new(r.device, dt, sizes)
 }
 
@@ -665,7 +665,17 @@ fn ht_round(
     let mut hc: ncclEpHandleConfig_t = struct_default();
     hc.dispatch_output_per_expert_alignment = c.align;
     let mut hp = std::ptr::null_mut();
-    let rc = unsafe { ncclEpCreateHandle(&mut hp, g.0, c.layout.raw(), topk.ptr(), &li, &hc, s.raw()) };
+    let rc = unsafe {
+        ncclEpCreateHandle(
+            &mut hp,
+            g.0,
+            ncclEpLayout_t(c.layout.raw()),
+            topk.ptr(),
+            &li,
+            &hc,
+            s.raw(),
+        )
+    };
     if rc != 0 {
         let e = last_error();
         if not_implemented(&e) {

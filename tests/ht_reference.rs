@@ -1,9 +1,9 @@
 //! The HT CPU reference (src/core/ht_reference.rs) against hand-computed cases and against
 //! independent re-statements of docs/HT.md's rules on random routings.
 
-use nccl_ep::abi::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir};
-use nccl_ep::core::ht_reference::*;
-use nccl_ep::core::reference::{LlShape, Routing, SplitMix64, bf16_to_f32, f32_to_bf16_rne, gen_routing};
+use ep_core::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir};
+use ep_reference::ht::*;
+use ep_reference::ll::{LlShape, Routing, SplitMix64, bf16_to_f32, f32_to_bf16_rne, gen_routing};
 
 const P: u8 = 0xCD;
 
@@ -120,7 +120,7 @@ fn dtype_encode_decode() {
     for dt in HtDtype::all() {
         assert_eq!(HtDtype::from_nccl(dt.nccl()), Some(dt));
     }
-    assert_eq!(HtDtype::from_nccl(nccl_ep::abi::enums::dtype::FLOAT8E4M3), None);
+    assert_eq!(HtDtype::from_nccl(ep_core::enums::dtype::FLOAT8E4M3), None);
 }
 
 // ---- routing validation ----------------------------------------------------------------------
@@ -139,9 +139,9 @@ fn bad_ids_are_found_in_row_major_order() {
     assert_eq!(find_bad_expert_id(&[-5, 7], 1, 4), Some((1, 0, 7)));
     assert_eq!(topk_from_i32(&[-1, 7]), vec![-1, 7]);
     let bytes: Vec<u8> = [5i32, -1].iter().flat_map(|x| x.to_le_bytes()).collect();
-    assert_eq!(topk_from_bytes(&bytes, nccl_ep::abi::enums::dtype::INT32), vec![5, -1]);
+    assert_eq!(topk_from_bytes(&bytes, ep_core::enums::dtype::INT32), vec![5, -1]);
     let bytes: Vec<u8> = [9i64, -1].iter().flat_map(|x| x.to_le_bytes()).collect();
-    assert_eq!(topk_from_bytes(&bytes, nccl_ep::abi::enums::dtype::INT64), vec![9, -1]);
+    assert_eq!(topk_from_bytes(&bytes, ep_core::enums::dtype::INT64), vec![9, -1]);
 }
 
 #[test]

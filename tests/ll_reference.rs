@@ -1,8 +1,8 @@
 //! The LL CPU reference (src/core/reference.rs) against hand-computed cases and against
 //! independent re-statements of docs/LL.md's rules on random worlds.
 
-use nccl_ep::abi::enums::{ExpertIdKind, Layout};
-use nccl_ep::core::reference::*;
+use ep_core::enums::{ExpertIdKind, Layout};
+use ep_reference::ll::*;
 
 const POISON: LlPoison = LlPoison {
     token: 0xDEAD,
@@ -1145,7 +1145,7 @@ fn an_absent_rank_is_a_rank_with_no_tokens_and_zero_outputs() {
 
 #[test]
 fn token_element_types() {
-    use nccl_ep::abi::enums::dtype;
+    use ep_core::enums::dtype;
     assert_eq!(
         (u16::nccl_dtype(), Fp16::nccl_dtype(), Fp32::nccl_dtype()),
         (dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32)

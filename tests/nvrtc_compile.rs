@@ -344,7 +344,7 @@ fn ht_registry_lists_every_module() {
 /// without masks.
 #[test]
 fn ll_registry_lists_every_kernel() {
-    use nccl_ep::abi::enums::Layout;
+    use ep_core::enums::Layout;
     use nccl_ep::runtime::kernels::{LlDtype, LlKernel, ll_clean_variants, ll_combine_variants, ll_dispatch_variants};
     let dispatch = ll_dispatch_variants();
     let combine = ll_combine_variants();

@@ -3,10 +3,10 @@
 use super::enums::{Algorithm, Layout};
 use super::guard::{ffi_call, out_ptr, read_req};
 use super::types::*;
-use crate::core::config::{EnvOverrides, validate_group_config};
-use crate::core::handle_rules::check_handle;
-use crate::core::ht_layout::HtLayout;
-use crate::core::ll_layout::LlLayout;
+use ep_core::config::{EnvOverrides, validate_group_config};
+use ep_core::handle_rules::check_handle;
+use ep_core::ht_layout::HtLayout;
+use ep_core::ll_layout::LlLayout;
 use std::ffi::{c_char, c_int};
 
 /// The message of the last failed `ncclEp*`/`ncclEpx*` call on this thread ("" if none).
@@ -30,8 +30,8 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
     config: *const ncclEpGroupConfig_t,
 ) -> ncclResult_t {
     super::guard::ffi_call("ncclEpxCreateLocalGroups", || {
-        crate::ensure_arg!(!groups.is_null(), "groups is NULL");
-        crate::ensure_arg!(
+        ep_core::ensure_arg!(!groups.is_null(), "groups is NULL");
+        ep_core::ensure_arg!(
             num_ranks >= 1 && num_ranks as usize <= crate::runtime::ll_params::LL_MAX_RANKS,
             "num_ranks is {num_ranks}, expected 1..={}",
             crate::runtime::ll_params::LL_MAX_RANKS
@@ -42,6 +42,7 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
         out.fill(std::ptr::null_mut());
         // SAFETY: C contract.
         let cfg = unsafe { super::guard::read_req(config, "config") }?;
+        let (gcfg, alloc) = super::convert::group_config(&cfg);
         let devs: Vec<i32> = if devices.is_null() {
             let d = crate::cuda::context::current_device()?.unwrap_or(0);
             vec![d; n]
@@ -51,7 +52,7 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
         };
         let count = crate::cuda::driver::device_count()?;
         for (r, &d) in devs.iter().enumerate() {
-            crate::ensure_arg!(
+            ep_core::ensure_arg!(
                 d >= 0 && d < count,
                 "devices[{r}] is {d}, but there are {count} CUDA devices"
             );
@@ -59,7 +60,7 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
         for &a in &devs {
             for &b in &devs {
                 if a != b {
-                    crate::ensure_usage!(
+                    ep_core::ensure_usage!(
                         crate::cuda::driver::can_access_peer(a, b)?,
                         "device {a} cannot access device {b} directly (no P2P); local groups need P2P between their devices"
                     );
@@ -70,7 +71,7 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
         let world = std::sync::Arc::new(crate::transport::local::LocalWorld::new(devs));
         let mut made = Vec::with_capacity(n);
         for r in 0..n {
-            match crate::runtime::group::Group::local(&world, r, &cfg) {
+            match crate::runtime::group::Group::local(&world, r, &gcfg, alloc) {
                 Ok(g) => made.push(g),
                 Err(e) => return Err(e.context(format_args!("local rank {r}"))),
             }
@@ -102,14 +103,15 @@ pub unsafe extern "C" fn ncclEpxBufferSize(
         let out = unsafe { out_ptr(bytes, "bytes") }?;
         // SAFETY: C contract.
         let cfg = unsafe { read_req(config, "config") }?;
-        crate::ensure_arg!(num_ranks > 0, "num_ranks is {num_ranks}, must be at least 1");
-        let p = validate_group_config(&cfg, 0, num_ranks as u32, 0, &EnvOverrides::default())?;
-        let layout =
-            Layout::from_raw(layout).map_err(|v| crate::invalid_arg!("layout is {v}, not an ncclEpLayout_t value"))?;
+        ep_core::ensure_arg!(num_ranks > 0, "num_ranks is {num_ranks}, must be at least 1");
+        let (gcfg, _) = super::convert::group_config(&cfg);
+        let p = validate_group_config(&gcfg, 0, num_ranks as u32, 0, &EnvOverrides::default())?;
+        let layout = Layout::from_raw(layout.0)
+            .map_err(|v| ep_core::invalid_arg!("layout is {v}, not an ncclEpLayout_t value"))?;
         let h = check_handle(&p, layout, num_topk as i64, 0)?;
         *out = match p.algorithm {
             Algorithm::LowLatency => {
-                let slot = crate::core::config::ll_slot_bytes(p.max_token_bytes);
+                let slot = ep_core::config::ll_slot_bytes(p.max_token_bytes);
                 LlLayout::new(p.nranks, p.num_experts, p.max_tokens, slot, h.num_topk)?.total_bytes
             }
             Algorithm::HighThroughput => HtLayout::for_group(&p, h.num_topk, 0)?.total_bytes,

@@ -18,9 +18,10 @@ pub unsafe extern "C" fn ncclEpCreateGroup(
         *out = std::ptr::null_mut();
         // SAFETY: C contract.
         let cfg = unsafe { read_req(config, "config") }?;
-        crate::ensure_arg!(!comm.is_null(), "comm is NULL");
+        ep_core::ensure_arg!(!comm.is_null(), "comm is NULL");
+        let (cfg, alloc) = super::convert::group_config(&cfg);
         // SAFETY: C contract: comm is the caller's live communicator.
-        let g = unsafe { Group::from_comm(comm, &cfg) }?;
+        let g = unsafe { Group::from_comm(comm, &cfg, alloc) }?;
         *out = objects::publish_group(g);
         Ok(())
     })
@@ -36,7 +37,7 @@ pub unsafe extern "C" fn ncclEpGroupDestroy(ep_group: ncclEpGroup_t) -> ncclResu
             return Ok(());
         }
         let g = objects::group(ep_group)?;
-        crate::ensure_usage!(
+        ep_core::ensure_usage!(
             g.live_handles == 0,
             "the group still has {} live handle(s); destroy them with ncclEpHandleDestroy first",
             g.live_handles

@@ -3,43 +3,17 @@
 
 use super::enums::{NCCL_EP_MAGIC, NCCL_INTERNAL_ERROR, NCCL_SUCCESS};
 use super::types::*;
-use crate::core::error::{Error, ErrorKind, Result};
+use ep_core::error::{Error, ErrorKind, Result};
 use std::cell::RefCell;
 use std::ffi::{CString, c_char};
 use std::mem::{MaybeUninit, size_of};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::OnceLock;
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
-/// Log level from `NCCL_EP_DEBUG` (read once): 0 off, 1 WARN, 2 INFO.
-pub fn debug_level() -> u8 {
-    static LEVEL: OnceLock<u8> = OnceLock::new();
-    *LEVEL.get_or_init(|| match std::env::var("NCCL_EP_DEBUG") {
-        Ok(v) => match v.trim().to_ascii_uppercase().as_str() {
-            "INFO" | "TRACE" | "2" => 2,
-            "" | "0" | "OFF" | "FALSE" | "NONE" => 0,
-            _ => 1,
-        },
-        Err(_) => 0,
-    })
-}
-
-/// Writes an INFO line to stderr when `NCCL_EP_DEBUG=INFO`.
-pub fn log_info(msg: impl std::fmt::Display) {
-    if debug_level() >= 2 {
-        eprintln!("NCCL EP INFO {msg}");
-    }
-}
-
-/// Writes a WARN line to stderr when `NCCL_EP_DEBUG` is WARN or INFO.
-pub fn log_warn(msg: impl std::fmt::Display) {
-    if debug_level() >= 1 {
-        eprintln!("NCCL EP WARN {msg}");
-    }
-}
+pub use crate::log::{debug_level, log_info, log_warn};
 
 fn record(func: &str, err: &Error) {
     let text = format!("{func}: {}", err.msg);
@@ -137,14 +111,14 @@ pub unsafe fn read_opt<T: VersionedStruct>(p: *const T, arg: &str) -> Result<Opt
         )
     };
     if size < T::V1_SIZE {
-        return Err(crate::invalid_arg!(
+        return Err(ep_core::invalid_arg!(
             "{arg}: {}.size is {size}, smaller than the smallest valid size {} (initialise it with its INIT macro)",
             T::NAME,
             T::V1_SIZE
         ));
     }
     if magic != NCCL_EP_MAGIC {
-        return Err(crate::invalid_arg!(
+        return Err(ep_core::invalid_arg!(
             "{arg}: {}.magic is {magic:#010x}, expected {NCCL_EP_MAGIC:#010x} (initialise it with its INIT macro)",
             T::NAME
         ));
@@ -168,7 +142,7 @@ pub unsafe fn read_opt<T: VersionedStruct>(p: *const T, arg: &str) -> Result<Opt
 /// As [`read_opt`].
 pub unsafe fn read_req<T: VersionedStruct>(p: *const T, arg: &str) -> Result<T> {
     // SAFETY: forwarded contract.
-    unsafe { read_opt(p, arg) }?.ok_or_else(|| crate::invalid_arg!("{arg} is NULL ({} required)", T::NAME))
+    unsafe { read_opt(p, arg) }?.ok_or_else(|| ep_core::invalid_arg!("{arg} is NULL ({} required)", T::NAME))
 }
 
 /// Checks an out-pointer argument and gives it back as a mutable reference.
@@ -177,5 +151,5 @@ pub unsafe fn read_req<T: VersionedStruct>(p: *const T, arg: &str) -> Result<T> 
 /// `p` is NULL or valid for writes of `T`.
 pub unsafe fn out_ptr<'a, T>(p: *mut T, arg: &str) -> Result<&'a mut T> {
     // SAFETY: non-NULL out-pointers are writable by the C contract.
-    unsafe { p.as_mut() }.ok_or_else(|| crate::invalid_arg!("{arg} is NULL"))
+    unsafe { p.as_mut() }.ok_or_else(|| ep_core::invalid_arg!("{arg} is NULL"))
 }

@@ -6,14 +6,14 @@ use super::guard::{ffi_call, out_ptr, read_opt};
 use super::objects;
 use super::tensor::{read_tensor, read_tensor_opt};
 use super::types::*;
-use crate::core::error::Result;
-use crate::core::handle_rules::{
-    HandleParams, check_handle, check_topk_idx, handle_mem_bytes, handle_mem_need, mem_size_params,
-};
-use crate::core::tensor::Dim;
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::Group;
 use crate::runtime::handle::{Handle, HandleMem};
+use ep_core::error::Result;
+use ep_core::handle_rules::{
+    HandleParams, check_handle, check_topk_idx, handle_mem_bytes, handle_mem_need, mem_size_params,
+};
+use ep_core::tensor::Dim;
 use std::ffi::c_int;
 
 /// The arguments MemSize and InitHandle share, decoded: the layout and the optional config's
@@ -25,7 +25,7 @@ unsafe fn handle_args(layout: ncclEpLayout_t, config: *const ncclEpHandleConfig_
     // SAFETY: C contract.
     let cfg = unsafe { read_opt(config, "config") }?;
     let layout =
-        Layout::from_raw(layout).map_err(|v| crate::invalid_arg!("layout is {v}, not an ncclEpLayout_t value"))?;
+        Layout::from_raw(layout.0).map_err(|v| ep_core::invalid_arg!("layout is {v}, not an ncclEpLayout_t value"))?;
     Ok((layout, cfg.map_or(0, |c| c.dispatch_output_per_expert_alignment)))
 }
 
@@ -88,7 +88,7 @@ unsafe fn init_handle(
         Some(t) => {
             t.expect("handle_mem", &[Dim::AtLeast(need)], &[dtype::UINT8])?;
             // The block holds 8-byte fields (NCCL EP's holds int64 arrays: it faults below 8).
-            crate::ensure_arg!(
+            ep_core::ensure_arg!(
                 t.data % 8 == 0,
                 "handle_mem data ({:#x}) must be 8-byte aligned",
                 t.data
@@ -120,7 +120,7 @@ unsafe fn init_handle(
     }
     g.live_handles += 1;
     Ok(Handle {
-        group: ep_group,
+        group: ep_group as usize,
         params: hp,
         topk_idx: None,
         mem,
@@ -131,7 +131,7 @@ unsafe fn init_handle(
 
 /// Gives a half-built handle back without leaking the group's handle count.
 fn discard(h: Handle) {
-    if let Ok(g) = objects::group(h.group) {
+    if let Ok(g) = objects::group(h.group as ncclEpGroup_t) {
         g.live_handles = g.live_handles.saturating_sub(1);
     }
 }
@@ -146,14 +146,14 @@ unsafe fn update_handle(
     layout_info: *const ncclEpLayoutInfo_t,
     stream: cudaStream_t,
 ) -> Result<()> {
-    let g = objects::group(h.group)?;
+    let g = objects::group(h.group as ncclEpGroup_t)?;
     // SAFETY: C contract.
     let t = unsafe { read_tensor(topk_idx, "topk_idx") }?;
     // SAFETY: C contract.
     let li = unsafe { read_opt(layout_info, "layout_info") }?;
     check_topk_idx(&g.params, &h.params, &t)?;
     if g.params.algorithm == Algorithm::LowLatency {
-        crate::ensure_usage!(
+        ep_core::ensure_usage!(
             li.is_none(),
             "layout_info must be NULL for a LOW_LATENCY handle (its counters come from ncclEpDispatch)"
         );
@@ -162,7 +162,7 @@ unsafe fn update_handle(
     }
     // SAFETY: C contract (each tensor pointer of layout_info may be NULL).
     let outs = unsafe { ht_layout_info(g, &h.params, li.as_ref()) }?;
-    crate::ensure_usage!(
+    ep_core::ensure_usage!(
         g.ht.is_some(),
         "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded"
     );
@@ -177,8 +177,8 @@ unsafe fn ht_layout_info(
     g: &Group,
     hp: &HandleParams,
     li: Option<&ncclEpLayoutInfo_t>,
-) -> Result<crate::core::ht_rules::HtLayoutOutputs> {
-    let mut a = crate::core::ht_rules::HtLayoutInfoArgs::default();
+) -> Result<ep_core::ht_rules::HtLayoutOutputs> {
+    let mut a = ep_core::ht_rules::HtLayoutInfoArgs::default();
     if let Some(li) = li {
         // SAFETY: C contract.
         unsafe {
@@ -188,7 +188,7 @@ unsafe fn ht_layout_info(
             a.recv_total_counter = read_tensor_opt(li.recv_total_counter, "layout_info->recv_total_counter")?;
         }
     }
-    crate::core::ht_rules::check_layout_info(&g.params, hp, &a)
+    ep_core::ht_rules::check_layout_info(&g.params, hp, &a)
 }
 
 /// Creates a handle without routing; `ncclEpUpdateHandle` sets it.
@@ -248,12 +248,12 @@ pub unsafe extern "C" fn ncclEpCreateHandle(
         let t = unsafe { read_tensor(topk_idx, "topk_idx") }?;
         // SAFETY: C contract.
         unsafe { read_opt(layout_info, "layout_info") }?;
-        crate::ensure_arg!(
+        ep_core::ensure_arg!(
             t.ndim() == 2,
             "topk_idx must be 2-D [tokens, top-k], got {}-D",
             t.ndim()
         );
-        let k = c_int::try_from(t.dim(1)).map_err(|_| crate::invalid_arg!("topk_idx has {} columns", t.dim(1)))?;
+        let k = c_int::try_from(t.dim(1)).map_err(|_| ep_core::invalid_arg!("topk_idx has {} columns", t.dim(1)))?;
         // SAFETY: C contract.
         let mut h = unsafe { init_handle(ep_group, layout, config, k, std::ptr::null(), Some(stream)) }?;
         // SAFETY: C contract.

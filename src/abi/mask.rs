@@ -5,18 +5,18 @@ use super::enums::Algorithm;
 use super::guard::{ffi_call, out_ptr};
 use super::objects;
 use super::types::*;
-use crate::core::error::Result;
 use crate::runtime::group::Group;
+use ep_core::error::Result;
 use std::ffi::c_int;
 
 /// The group, if it is a low-latency group with masking enabled.
 fn masked_group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
     let g = objects::group(p)?;
-    crate::ensure_usage!(
+    ep_core::ensure_usage!(
         g.params.algorithm == Algorithm::LowLatency,
         "rank masks exist only for LOW_LATENCY groups"
     );
-    crate::ensure_usage!(g.params.enable_mask, "the group was created with enable_mask = 0");
+    ep_core::ensure_usage!(g.params.enable_mask, "the group was created with enable_mask = 0");
     Ok(g)
 }
 
@@ -40,7 +40,7 @@ pub unsafe extern "C" fn ncclEpMaskQuery(
 ) -> ncclResult_t {
     ffi_call("ncclEpMaskQuery", || {
         let g = masked_group(ep_group)?;
-        crate::ensure_arg!(!mask_status.is_null(), "mask_status is NULL");
+        ep_core::ensure_arg!(!mask_status.is_null(), "mask_status is NULL");
         crate::runtime::ll::mask_query(g, mask_status as u64, stream)
     })
 }
@@ -54,7 +54,7 @@ pub unsafe extern "C" fn ncclEpMaskUpdate(
 ) -> ncclResult_t {
     ffi_call("ncclEpMaskUpdate", || {
         let g = masked_group(ep_group)?;
-        crate::ensure_arg!(!mask.is_null(), "mask is NULL");
+        ep_core::ensure_arg!(!mask.is_null(), "mask is NULL");
         crate::runtime::ll::mask_update(g, mask, stream)
     })
 }

@@ -5,6 +5,7 @@
 //! for what the C API documents (structs for their `size` bytes, tensors' `sizes` for `ndim`).
 #![allow(clippy::missing_safety_doc)]
 
+pub mod convert;
 pub mod enums;
 pub mod ext;
 pub mod group;

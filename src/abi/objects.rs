@@ -4,8 +4,8 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use super::types::{ncclEpGroup, ncclEpGroup_t, ncclEpHandle, ncclEpHandle_t};
-use crate::core::error::Result;
 use crate::runtime::{group::Group, handle::Handle};
+use ep_core::error::Result;
 use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -39,8 +39,8 @@ pub fn publish_handle(h: Handle) -> ncclEpHandle_t {
 
 /// The group behind a C pointer, if it is one we handed out and have not destroyed.
 pub fn group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
-    crate::ensure_arg!(!p.is_null(), "ep_group is NULL");
-    crate::ensure_arg!(
+    ep_core::ensure_arg!(!p.is_null(), "ep_group is NULL");
+    ep_core::ensure_arg!(
         live_groups().contains(&(p as usize)),
         "ep_group {p:p} is not a live group (destroyed already, or never created)"
     );
@@ -50,8 +50,8 @@ pub fn group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
 }
 
 pub fn handle<'a>(p: ncclEpHandle_t) -> Result<&'a mut Handle> {
-    crate::ensure_arg!(!p.is_null(), "handle is NULL");
-    crate::ensure_arg!(
+    ep_core::ensure_arg!(!p.is_null(), "handle is NULL");
+    ep_core::ensure_arg!(
         live_handles().contains(&(p as usize)),
         "handle {p:p} is not a live handle (destroyed already, or never created)"
     );

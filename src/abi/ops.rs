@@ -6,12 +6,12 @@ use super::guard::{ffi_call, read_opt, read_req};
 use super::objects;
 use super::tensor::{read_tensor, read_tensor_opt};
 use super::types::*;
-use crate::core::error::Result;
-use crate::core::op_args::{CombineArgs, DispatchArgs, recv_kind};
+use ep_core::error::Result;
+use ep_core::op_args::{CombineArgs, DispatchArgs, recv_kind};
 
 fn pass_dir(v: ncclEpPassDir_t) -> Result<PassDir> {
-    PassDir::from_raw(v).ok_or_else(|| {
-        crate::invalid_arg!(
+    PassDir::from_raw(v.0).ok_or_else(|| {
+        ep_core::invalid_arg!(
             "config->pass_direction is {}, expected NCCL_EP_FWD_PASS (0) or NCCL_EP_BWD_PASS (1)",
             v.0
         )
@@ -36,7 +36,7 @@ pub unsafe extern "C" fn ncclEpDispatch(
             let li = read_opt(layout_info, "layout_info")?;
             let cfg = read_opt(config, "config")?;
             let h = objects::handle(handle)?;
-            let algorithm = objects::group(h.group)?.params.algorithm;
+            let algorithm = objects::group(h.group as ncclEpGroup_t)?.params.algorithm;
             // The layout_info tensors NCCL EP reads at dispatch, and only those (an ignored field
             // may hold anything): LOW_LATENCY's two counters. HT dispatch takes only
             // recv_topk_idx_kind from layout_info; expert_offsets and recv_total_counter are
@@ -70,12 +70,12 @@ pub unsafe extern "C" fn ncclEpDispatch(
                 pass,
                 quant: cfg.map_or(0, |c| c.quant_recipe.0),
             };
-            crate::ensure_arg!(
+            ep_core::ensure_arg!(
                 (0..=2).contains(&args.quant),
                 "config->quant_recipe is {}, not an ncclEpDispQuant_t",
                 args.quant
             );
-            crate::runtime::ops::dispatch(h, &args, stream)
+            crate::runtime::ops::dispatch(objects::group(h.group as ncclEpGroup_t)?, h, &args, stream)
         }
     })
 }
@@ -99,7 +99,7 @@ pub unsafe extern "C" fn ncclEpCombine(
             // LOW_LATENCY combine never reads inputs->topk_weights, nor rank-major's
             // outputs->topk_weights (the caller pre-reduces): NCCL EP does not even look at those
             // descriptors, so neither do we.
-            let ll = objects::group(h.group)?.params.algorithm == Algorithm::LowLatency;
+            let ll = objects::group(h.group as ncclEpGroup_t)?.params.algorithm == Algorithm::LowLatency;
             let read_unless = |skip: bool, t, name| if skip { Ok(None) } else { read_tensor_opt(t, name) };
             let args = CombineArgs {
                 tokens: read_tensor(i.tokens, "inputs->tokens")?,
@@ -115,12 +115,12 @@ pub unsafe extern "C" fn ncclEpCombine(
                 pass: cfg.map_or(Ok(PassDir::Forward), |c| pass_dir(c.pass_direction))?,
                 quant: cfg.map_or(0, |c| c.quant_recipe.0),
             };
-            crate::ensure_arg!(
+            ep_core::ensure_arg!(
                 (0..=1).contains(&args.quant),
                 "config->quant_recipe is {}, not an ncclEpCombQuant_t",
                 args.quant
             );
-            crate::runtime::ops::combine(h, &args, stream)
+            crate::runtime::ops::combine(objects::group(h.group as ncclEpGroup_t)?, h, &args, stream)
         }
     })
 }
@@ -136,6 +136,6 @@ pub unsafe extern "C" fn ncclEpComplete(
         // SAFETY: C contract.
         unsafe { read_opt(config, "config") }?;
         let h = objects::handle(handle)?;
-        crate::runtime::ops::complete(h, stream)
+        crate::runtime::ops::complete(objects::group(h.group as ncclEpGroup_t)?, h, stream)
     })
 }

@@ -4,8 +4,8 @@
 use super::enums::{NCCL_EP_TENSOR_ALLOC_MAGIC, NCCL_EP_TENSOR_MAGIC};
 use super::guard::{ffi_call, out_ptr, read_opt};
 use super::types::*;
-use crate::core::error::Result;
-use crate::core::tensor::TensorView;
+use ep_core::error::Result;
+use ep_core::tensor::TensorView;
 use std::collections::HashMap;
 use std::ffi::c_uint;
 use std::sync::Mutex;
@@ -52,52 +52,44 @@ pub unsafe fn read_tensor_opt(p: *const ncclEpTensor_t, name: &str) -> Result<Op
             let ok = reg
                 .get(&(p as usize))
                 .is_some_and(|o| std::ptr::eq(o.sizes.as_ptr(), t.sizes));
-            crate::ensure_arg!(
+            ep_core::ensure_arg!(
                 ok,
                 "{name} claims to come from ncclEpTensorAlloc but is not a live descriptor of it (or its sizes pointer was changed)"
             );
         }
         m => {
-            return Err(crate::invalid_arg!(
+            return Err(ep_core::invalid_arg!(
                 "{name}: tensor magic is {m:#010x}; initialise the descriptor with NCCL_EP_TENSOR_INIT or ncclEpTensorAlloc"
             ));
         }
     }
-    crate::ensure_arg!(
+    ep_core::ensure_arg!(
         t.size >= 48,
         "{name}: tensor size field is {}, expected at least 48",
         t.size
     );
-    crate::ensure_arg!(
+    ep_core::ensure_arg!(
         (1..=MAX_NDIM).contains(&t.ndim),
         "{name}: ndim is {}, expected 1..={MAX_NDIM}",
         t.ndim
     );
-    crate::ensure_arg!(!t.sizes.is_null(), "{name}: sizes is NULL");
+    ep_core::ensure_arg!(!t.sizes.is_null(), "{name}: sizes is NULL");
     // The datatype is not checked here: NCCL EP checks it only where a call uses the tensor (the
     // rules in core do the same: every tensor a call reads or writes is checked against the types
     // it may have), and ignores it on the optional tensors it ignores.
     // SAFETY: sizes points at ndim extents (C contract), checked non-NULL above.
     let sizes = unsafe { std::slice::from_raw_parts(t.sizes, t.ndim as usize) }.to_vec();
-    let view = TensorView {
-        dtype: t.datatype,
-        sizes,
-        data: t.data as u64,
-    };
+    // Checked extents: a count or byte size that does not fit in usize is refused here.
+    let view = TensorView::new(t.datatype, sizes, t.data as u64).map_err(|e| e.context(name))?;
     if t.data.is_null() && !view.is_empty() {
-        crate::ensure_arg!(
+        ep_core::ensure_arg!(
             !t.win_hdl.is_null(),
             "{name}: data and win_hdl are both NULL and the tensor is not empty"
         );
-        return Err(crate::invalid_usage!(
+        return Err(ep_core::invalid_usage!(
             "{name}: window-backed tensors (data == NULL, win_hdl set) are not supported yet; pass a device pointer in data"
         ));
     }
-    crate::ensure_arg!(
-        view.numel().checked_mul(view.elem_bytes()).is_some(),
-        "{name}: extents {:?} overflow",
-        view.sizes
-    );
     Ok(Some(view))
 }
 
@@ -107,7 +99,7 @@ pub unsafe fn read_tensor_opt(p: *const ncclEpTensor_t, name: &str) -> Result<Op
 /// As [`read_tensor_opt`].
 pub unsafe fn read_tensor(p: *const ncclEpTensor_t, name: &str) -> Result<TensorView> {
     // SAFETY: forwarded contract.
-    unsafe { read_tensor_opt(p, name) }?.ok_or_else(|| crate::invalid_arg!("{name} is NULL (a tensor is required)"))
+    unsafe { read_tensor_opt(p, name) }?.ok_or_else(|| ep_core::invalid_arg!("{name} is NULL (a tensor is required)"))
 }
 
 /// Allocates a descriptor (not its data) of `ndim` extents; the caller sets `data` afterwards.
@@ -125,8 +117,8 @@ pub unsafe extern "C" fn ncclEpTensorAlloc(
         *out = std::ptr::null_mut();
         // SAFETY: C contract.
         unsafe { read_opt(config, "config") }?;
-        crate::ensure_arg!(!sizes.is_null(), "sizes is NULL");
-        crate::ensure_arg!(
+        ep_core::ensure_arg!(!sizes.is_null(), "sizes is NULL");
+        ep_core::ensure_arg!(
             (1..=MAX_NDIM).contains(&ndim),
             "ndim is {ndim}, expected 1..={MAX_NDIM}"
         );
@@ -163,10 +155,10 @@ pub unsafe extern "C" fn ncclEpTensorDestroy(tensor: *mut ncclEpTensor_t) -> ncc
                 reg.remove(&(tensor as usize));
                 Ok(())
             }
-            Some(_) => Err(crate::invalid_arg!(
+            Some(_) => Err(ep_core::invalid_arg!(
                 "tensor: its sizes pointer was changed after ncclEpTensorAlloc; not freeing it"
             )),
-            None => Err(crate::invalid_arg!(
+            None => Err(ep_core::invalid_arg!(
                 "tensor was not allocated by ncclEpTensorAlloc (or was already destroyed); stack descriptors need no destroy"
             )),
         }

@@ -8,23 +8,11 @@
 
 use std::ffi::{c_int, c_uint, c_ulong, c_void};
 
-// ---- types owned by nccl.h / cuda_runtime.h (declared here, never emitted) ----
-
-/// Opaque NCCL communicator (`struct ncclComm` in nccl.h).
-pub enum ncclComm {}
-pub type ncclComm_t = *mut ncclComm;
-/// Opaque NCCL window (`ncclWindow_t` in nccl.h); we only pass it through.
-pub enum ncclWindow_vidmem {}
-pub type ncclWindow_t = *mut ncclWindow_vidmem;
-/// Opaque CUDA stream (`cudaStream_t` / `CUstream`).
-pub enum CUstream_st {}
-pub type cudaStream_t = *mut CUstream_st;
-/// `ncclResult_t` from nccl.h, a 4-byte enum.
-pub type ncclResult_t = c_int;
-/// `ncclDataType_t` from nccl.h, a 4-byte enum.
-pub type ncclDataType_t = c_int;
-/// `cudaError_t` from the CUDA runtime, a 4-byte enum.
-pub type cudaError_t = c_int;
+// ---- types owned by nccl.h / cuda_runtime.h (declared in crate::sys, never emitted) ----
+pub use crate::sys::{
+    CUstream_st, cudaError_t, cudaStream_t, ncclComm, ncclComm_t, ncclDataType_t, ncclResult_t, ncclWindow_t,
+    ncclWindow_vidmem,
+};
 
 macro_rules! c_enum_int {
     ($($name:ident),*) => {$(

@@ -13,7 +13,7 @@ use cudarc::driver::sys;
 
 use super::driver::{CUcontext, check, cu_device, driver};
 use super::memory::Stream;
-use crate::core::error::Result;
+use ep_core::error::Result;
 
 /// device ordinal -> retained primary context (stored as an address).
 fn primaries() -> &'static Mutex<HashMap<i32, usize>> {
@@ -156,7 +156,7 @@ pub fn stream_device(stream: Stream) -> Result<i32> {
 /// Fails with InvalidArgument unless `stream` runs on `device`.
 pub fn ensure_stream_on_device(stream: Stream, device: i32) -> Result<()> {
     let d = stream_device(stream)?;
-    crate::ensure_arg!(
+    ep_core::ensure_arg!(
         d == device,
         "stream {:p} belongs to CUDA device {d}, expected device {device}",
         stream.raw()
@@ -167,7 +167,7 @@ pub fn ensure_stream_on_device(stream: Stream, device: i32) -> Result<()> {
 /// Lets the current context of `device` access memory of `peer` (`cuCtxEnablePeerAccess`); doing
 /// it twice is fine.
 pub fn enable_peer_access(device: i32, peer: i32) -> Result<()> {
-    crate::ensure_arg!(device != peer, "peer access from device {device} to itself");
+    ep_core::ensure_arg!(device != peer, "peer access from device {device} to itself");
     let peer_ctx = primary_context(peer)?;
     let _g = CtxGuard::enter(device)?;
     let r = unsafe { sys::cuCtxEnablePeerAccess(peer_ctx, 0) };

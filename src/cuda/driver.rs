@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 
-use crate::core::error::{Error, ErrorKind, Result};
+use ep_core::error::{Error, ErrorKind, Result};
 
 pub use sys::{CUcontext, CUdevice, CUdeviceptr, CUevent, CUfunction, CUmodule, CUresult, CUstream};
 
@@ -159,7 +159,7 @@ pub fn device_count() -> Result<i32> {
 pub fn cu_device(ordinal: i32) -> Result<CUdevice> {
     let n = device_count()?;
     if ordinal < 0 || ordinal >= n {
-        return Err(crate::invalid_arg!(
+        return Err(ep_core::invalid_arg!(
             "CUDA device {ordinal} does not exist ({n} visible)"
         ));
     }

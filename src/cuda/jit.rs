@@ -18,7 +18,7 @@ use super::context::{CtxGuard, current_context};
 use super::driver::compute_capability;
 use super::module::{Function, Module};
 use super::nvrtc;
-use crate::core::error::Result;
+use ep_core::error::Result;
 
 /// A kernel source file shipped inside the library.
 #[derive(Clone, Copy, Debug)]
@@ -86,7 +86,7 @@ pub fn build_options(arch: &str, defines: &Defines) -> Result<Vec<String>> {
         .strip_prefix("sm_")
         .map(|s| s.strip_suffix('a').unwrap_or(s))
         .unwrap_or("");
-    crate::ensure_arg!(
+    ep_core::ensure_arg!(
         !digits.is_empty() && digits.len() <= 4 && digits.bytes().all(|b| b.is_ascii_digit()),
         "bad GPU architecture {arch:?} (want sm_XY or sm_XYa)"
     );
@@ -101,8 +101,8 @@ pub fn build_options(arch: &str, defines: &Defines) -> Result<Vec<String>> {
             .bytes()
             .enumerate()
             .all(|(i, b)| b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()));
-        crate::ensure_arg!(!name.is_empty() && ident, "bad define name {name:?}");
-        crate::ensure_arg!(
+        ep_core::ensure_arg!(!name.is_empty() && ident, "bad define name {name:?}");
+        ep_core::ensure_arg!(
             !value.is_empty() && !value.chars().any(|c| c.is_control()),
             "bad value {value:?} for define {name}"
         );
@@ -241,7 +241,7 @@ fn loaded() -> &'static Mutex<Loaded> {
 /// first use. A context must be current (use [`CtxGuard`]).
 pub fn load_function(cubin: &Cubin, func: &str) -> Result<Function> {
     let ctx = current_context()? as usize;
-    crate::ensure_usage!(ctx != 0, "no CUDA context is current to load {}", cubin.name);
+    ep_core::ensure_usage!(ctx != 0, "no CUDA context is current to load {}", cubin.name);
     let mut l = loaded().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(&f) = l.functions.get(&(cubin.key.hash, ctx, func.to_owned())) {
         return Ok(f);

@@ -11,7 +11,7 @@ use cudarc::driver::sys;
 
 use super::context::CtxGuard;
 use super::driver::{CUdeviceptr, CUevent, CUstream, check, driver};
-use crate::core::error::Result;
+use ep_core::error::Result;
 
 /// A caller's stream: a `cudaStream_t` received over the C ABI. It is the same type as the
 /// driver's `CUstream`; `0` is the legacy default stream, `0x1`/`0x2` are
@@ -49,7 +49,7 @@ pub unsafe fn stream_from_raw(raw: *mut c_void) -> Stream {
 /// `cuMemAlloc` in the current context.
 pub fn mem_alloc(bytes: usize) -> Result<CUdeviceptr> {
     driver()?;
-    crate::ensure_arg!(bytes > 0, "device allocation of 0 bytes");
+    ep_core::ensure_arg!(bytes > 0, "device allocation of 0 bytes");
     let mut p: CUdeviceptr = 0;
     check(
         unsafe { sys::cuMemAlloc_v2(&mut p, bytes) },
@@ -85,7 +85,7 @@ pub unsafe fn memset_d8_async(dst: CUdeviceptr, value: u8, count: usize, stream:
 /// As [`memset_d8_async`], for `4 * count` bytes.
 pub unsafe fn memset_d32_async(dst: CUdeviceptr, value: u32, count: usize, stream: Stream) -> Result<()> {
     driver()?;
-    crate::ensure_arg!(
+    ep_core::ensure_arg!(
         dst.is_multiple_of(4),
         "cuMemsetD32Async destination {dst:#x} is not 4-byte aligned"
     );
@@ -292,7 +292,7 @@ impl DeviceMem {
     /// drop with `cuMemFree`, which waits for the device.
     pub fn alloc_async(device: i32, bytes: usize, stream: Stream) -> Result<Self> {
         driver()?;
-        crate::ensure_arg!(bytes > 0, "device allocation of 0 bytes");
+        ep_core::ensure_arg!(bytes > 0, "device allocation of 0 bytes");
         let _g = CtxGuard::enter(device)?;
         let mut p: CUdeviceptr = 0;
         check(
@@ -339,7 +339,7 @@ unsafe impl Sync for PinnedHostMem {}
 
 impl PinnedHostMem {
     pub fn alloc(device: i32, bytes: usize) -> Result<Self> {
-        crate::ensure_arg!(bytes > 0, "pinned host allocation of 0 bytes");
+        ep_core::ensure_arg!(bytes > 0, "pinned host allocation of 0 bytes");
         let _g = CtxGuard::enter(device)?;
         let mut host: *mut c_void = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;

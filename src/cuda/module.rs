@@ -6,7 +6,7 @@ use cudarc::driver::sys;
 
 use super::driver::{CUfunction, CUmodule, check, driver};
 use super::memory::Stream;
-use crate::core::error::Result;
+use ep_core::error::Result;
 
 /// A module loaded into a context. Handles are plain values: the JIT cache keeps modules loaded
 /// for the life of the process, so nothing unloads them implicitly.
@@ -23,7 +23,7 @@ impl Module {
     /// `cuModuleLoadData` of a cubin (or fatbin/PTX) image into the current context.
     pub fn load(image: &[u8]) -> Result<Self> {
         driver()?;
-        crate::ensure_arg!(!image.is_empty(), "empty module image");
+        ep_core::ensure_arg!(!image.is_empty(), "empty module image");
         // The loader reads the ELF in place; give it 8-byte alignment, and a NUL in case it is PTX.
         let mut aligned = vec![0u64; image.len().div_ceil(8) + 1];
         unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr().cast::<u8>(), image.len()) };
@@ -41,7 +41,7 @@ impl Module {
 
     /// `cuModuleGetFunction` of an `extern "C"` kernel.
     pub fn function(&self, name: &str) -> Result<Function> {
-        let c = CString::new(name).map_err(|_| crate::invalid_arg!("kernel name {name:?} contains NUL"))?;
+        let c = CString::new(name).map_err(|_| ep_core::invalid_arg!("kernel name {name:?} contains NUL"))?;
         let mut raw: CUfunction = std::ptr::null_mut();
         check(
             unsafe { sys::cuModuleGetFunction(&mut raw, self.raw, c.as_ptr()) },
@@ -118,7 +118,7 @@ impl Function {
     /// Allows launches with up to `bytes` of dynamic shared memory
     /// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`); needed above 48 KiB.
     pub fn set_max_dynamic_smem(&self, bytes: usize) -> Result<()> {
-        let v = i32::try_from(bytes).map_err(|_| crate::invalid_arg!("{bytes} bytes of shared memory"))?;
+        let v = i32::try_from(bytes).map_err(|_| ep_core::invalid_arg!("{bytes} bytes of shared memory"))?;
         let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         check(
             unsafe { sys::cuFuncSetAttribute(self.raw, attr, v) },

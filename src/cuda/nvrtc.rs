@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 
 use cudarc::nvrtc::sys;
 
-use crate::core::error::{Error, ErrorKind, Result};
+use ep_core::error::{Error, ErrorKind, Result};
 
 /// Every NVRTC entry point used here; all exist since CUDA 11.1.
 const SYMBOLS: &[&str] = &[
@@ -195,11 +195,11 @@ impl Program {
 /// `program_name` appears in diagnostics. On failure the error carries NVRTC's log.
 pub fn compile_to_cubin(source: &str, program_name: &str, options: &[String]) -> Result<CompileOutput> {
     nvrtc()?;
-    let src = CString::new(source).map_err(|_| crate::invalid_arg!("{program_name}: source contains NUL"))?;
-    let name = CString::new(program_name).map_err(|_| crate::invalid_arg!("program name contains NUL"))?;
+    let src = CString::new(source).map_err(|_| ep_core::invalid_arg!("{program_name}: source contains NUL"))?;
+    let name = CString::new(program_name).map_err(|_| ep_core::invalid_arg!("program name contains NUL"))?;
     let opts = options
         .iter()
-        .map(|o| CString::new(o.as_str()).map_err(|_| crate::invalid_arg!("NVRTC option {o:?} contains NUL")))
+        .map(|o| CString::new(o.as_str()).map_err(|_| ep_core::invalid_arg!("NVRTC option {o:?} contains NUL")))
         .collect::<Result<Vec<_>>>()?;
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
 

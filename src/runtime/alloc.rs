@@ -1,16 +1,22 @@
 //! Device memory that belongs to a group: from the caller's allocator when the config has one
 //! (for everything not shared with peers), else from the driver.
 
-use crate::abi::types::ncclEpAllocConfig_t;
-use crate::core::error::{Error, ErrorKind, Result};
 use crate::cuda::context::CtxGuard;
 use crate::cuda::memory::DeviceMem;
+use ep_core::error::{Error, ErrorKind, Result};
 use std::ffi::c_void;
 
-/// The caller's allocator callbacks (both set, checked at group creation).
+/// `ncclEpAllocFn_t`: allocates `size` bytes of device memory into `*ptr`, returns a CUDA error.
+pub type AllocFn = unsafe extern "C" fn(ptr: *mut *mut c_void, size: usize, context: *mut c_void) -> i32;
+/// `ncclEpFreeFn_t`: frees memory the matching [`AllocFn`] returned.
+pub type FreeFn = unsafe extern "C" fn(ptr: *mut c_void, context: *mut c_void) -> i32;
+
+/// The caller's allocator callbacks (both set: checked at group creation).
 #[derive(Clone, Copy, Debug)]
 pub struct CustomAlloc {
-    pub cfg: ncclEpAllocConfig_t,
+    pub alloc_fn: AllocFn,
+    pub free_fn: FreeFn,
+    pub context: *mut c_void,
 }
 
 // SAFETY: the callbacks and their context are the caller's, who promises they may be called from
@@ -36,14 +42,11 @@ impl GroupMem {
         let Some(a) = custom else {
             return Ok(GroupMem::Driver(DeviceMem::alloc(device, bytes)?));
         };
-        let f = a
-            .cfg
-            .alloc_fn
-            .ok_or_else(|| crate::internal_err!("custom allocator without alloc_fn"))?;
+        let f = a.alloc_fn;
         let _g = CtxGuard::enter(device)?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: the caller's callback, called as its typedef documents.
-        let r = unsafe { f(&mut p, bytes, a.cfg.context) };
+        let r = unsafe { f(&mut p, bytes, a.context) };
         if r != 0 || p.is_null() {
             return Err(Error::new(
                 ErrorKind::Cuda,
@@ -80,11 +83,10 @@ impl GroupMem {
 impl Drop for GroupMem {
     fn drop(&mut self) {
         if let GroupMem::Custom { ptr, device, alloc, .. } = self
-            && let Some(f) = alloc.cfg.free_fn
             && let Ok(_g) = CtxGuard::enter(*device)
         {
             // SAFETY: frees what the matching alloc_fn returned.
-            unsafe { f(*ptr as *mut c_void, alloc.cfg.context) };
+            unsafe { (alloc.free_fn)(*ptr as *mut c_void, alloc.context) };
         }
     }
 }

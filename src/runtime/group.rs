@@ -1,13 +1,13 @@
 //! An EP group: validated parameters, where its ranks live, and its GPU state.
 
-use crate::abi::enums::Algorithm;
-use crate::abi::types::{ncclComm_t, ncclEpGroupConfig_t};
-use crate::core::config::{EnvOverrides, GroupParams, validate_group_config};
-use crate::core::error::Result;
 use crate::runtime::alloc::CustomAlloc;
 use crate::runtime::ht::HtState;
 use crate::runtime::ll::{self, LlState};
+use crate::sys::ncclComm_t;
 use crate::transport::local::LocalWorld;
+use ep_core::config::{EnvOverrides, GroupConfig, GroupParams, validate_group_config};
+use ep_core::enums::Algorithm;
+use ep_core::error::Result;
 use std::sync::Arc;
 
 /// How this rank reaches its peers.
@@ -45,13 +45,13 @@ impl Group {
     ///
     /// # Safety
     /// `comm` is the caller's live communicator.
-    pub unsafe fn from_comm(comm: ncclComm_t, cfg: &ncclEpGroupConfig_t) -> Result<Group> {
+    pub unsafe fn from_comm(comm: ncclComm_t, cfg: &GroupConfig, alloc: Option<CustomAlloc>) -> Result<Group> {
         let nccl = crate::transport::nccl::Nccl::get()?;
         // SAFETY: the caller passes its live communicator (C contract of ncclEpCreateGroup).
         let (rank, nranks, device) = unsafe { nccl.comm_info(comm) }?;
         let sms = device_sms(device)?;
         let params = validate_group_config(cfg, rank, nranks, sms, &EnvOverrides::from_env())?;
-        crate::abi::guard::log_info(format_args!(
+        crate::log::log_info(format_args!(
             "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}",
             params.num_experts, nccl.version
         ));
@@ -62,13 +62,13 @@ impl Group {
                 comm,
                 nccl_version: nccl.version,
             },
-            cfg,
+            alloc,
             1,
         )
     }
 
     /// Creates rank `rank` of a local group (no communicator).
-    pub fn local(world: &Arc<LocalWorld>, rank: usize, cfg: &ncclEpGroupConfig_t) -> Result<Group> {
+    pub fn local(world: &Arc<LocalWorld>, rank: usize, cfg: &GroupConfig, alloc: Option<CustomAlloc>) -> Result<Group> {
         let device = world.devices[rank];
         let sms = device_sms(device)?;
         let params = validate_group_config(cfg, rank as u32, world.nranks() as u32, sms, &EnvOverrides::from_env())?;
@@ -77,7 +77,7 @@ impl Group {
             params,
             device,
             Membership::Local { world: world.clone() },
-            cfg,
+            alloc,
             on_device,
         )
     }
@@ -86,10 +86,11 @@ impl Group {
         params: GroupParams,
         device: i32,
         membership: Membership,
-        cfg: &ncclEpGroupConfig_t,
+        alloc: Option<CustomAlloc>,
         ranks_on_device: usize,
     ) -> Result<Group> {
-        let custom_alloc = cfg.alloc.alloc_fn.is_some().then_some(CustomAlloc { cfg: cfg.alloc });
+        // validate_group_config refused one callback without the other.
+        let custom_alloc = alloc;
         let mut g = Group {
             params,
             device,
@@ -135,14 +136,14 @@ impl Group {
     }
 
     /// Why the `mode` state is missing: no CUDA driver, or a group of the other mode.
-    fn no_state(&self, mode: Algorithm) -> crate::core::error::Error {
+    fn no_state(&self, mode: Algorithm) -> ep_core::error::Error {
         if self.params.algorithm == mode {
-            crate::core::error::Error::new(
-                crate::core::error::ErrorKind::Cuda,
+            ep_core::error::Error::new(
+                ep_core::error::ErrorKind::Cuda,
                 "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded",
             )
         } else {
-            crate::invalid_usage!("this is not a {} group", mode.short())
+            ep_core::invalid_usage!("this is not a {} group", mode.short())
         }
     }
 

@@ -1,10 +1,9 @@
 //! A routing handle: layout, top-k, the caller's routing tensor and the metadata block that
 //! dispatch writes and combine reads.
 
-use crate::abi::types::ncclEpGroup_t;
-use crate::core::handle_rules::HandleParams;
-use crate::core::tensor::TensorView;
 use crate::runtime::alloc::GroupMem;
+use ep_core::handle_rules::HandleParams;
+use ep_core::tensor::TensorView;
 
 /// Where the handle's metadata block lives.
 #[derive(Debug)]
@@ -18,8 +17,9 @@ pub enum HandleMem {
 }
 
 pub struct Handle {
-    /// The owning group (kept alive: a group with live handles refuses to be destroyed).
-    pub group: ncclEpGroup_t,
+    /// The owning group's C object, by address: the ABI layer's registry resolves it (kept
+    /// alive: a group with live handles refuses to be destroyed).
+    pub group: usize,
     pub params: HandleParams,
     /// The last routing given to `ncclEpUpdateHandle`/`ncclEpCreateHandle`.
     pub topk_idx: Option<TensorView>,

@@ -7,15 +7,6 @@
 //! done reading their data and waits until they are done with its own, then advances the
 //! group epoch). Flags carry `epoch + 1`, so they are never cleaned.
 
-use crate::abi::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
-use crate::abi::types::cudaStream_t;
-use crate::core::error::Result;
-use crate::core::handle_rules::HandleParams;
-use crate::core::ht_layout::{HT_PIECES, HtHandleLayout, HtLayout, staging_rows};
-use crate::core::ht_reference::{BadExpertId, HtPlanError};
-use crate::core::ht_rules::{HtLayoutOutputs, check_combine, check_dispatch};
-use crate::core::op_args::{CombineArgs, DispatchArgs};
-use crate::core::tensor::TensorView;
 use crate::cuda::memory::{self, PinnedHostMem, Stream};
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, Membership};
@@ -23,7 +14,16 @@ use crate::runtime::handle::Handle;
 use crate::runtime::ht_kernels::{HtDtype, HtModule, launch_ht};
 use crate::runtime::ht_params::{HtHdr, HtParams};
 use crate::runtime::ll_params::EP_STATE_BYTES;
+use crate::sys::cudaStream_t;
 use crate::transport::ipc::SharedBuffer;
+use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
+use ep_core::error::Result;
+use ep_core::handle_rules::HandleParams;
+use ep_core::ht_errors::{BadExpertId, HtPlanError};
+use ep_core::ht_layout::{HT_PIECES, HtHandleLayout, HtLayout, staging_rows};
+use ep_core::ht_rules::{HtLayoutOutputs, check_combine, check_dispatch};
+use ep_core::op_args::{CombineArgs, DispatchArgs};
+use ep_core::tensor::TensorView;
 
 /// The high-throughput state of one rank's group.
 pub struct HtState {
@@ -140,7 +140,7 @@ pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
         allocate(g, want.total_bytes)?;
     }
     g.ht_mut()?.sized = Some(want);
-    crate::abi::guard::log_info(format_args!(
+    crate::log::log_info(format_args!(
         "rank {}: high-throughput buffer of {} bytes (K = {k}, {} staging rows)",
         g.params.rank, want.total_bytes, want.staging_rows
     ));
@@ -152,14 +152,14 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     let st = g.ht()?;
     let lay = st
         .sized
-        .ok_or_else(|| crate::invalid_usage!("the group has no high-throughput buffer yet"))?;
+        .ok_or_else(|| ep_core::invalid_usage!("the group has no high-throughput buffer yet"))?;
     let peers = match &g.membership {
         Membership::Local { world } => world.peers(lay.total_bytes)?.0,
         Membership::Nccl { .. } => st
             .shared
             .as_ref()
             .map(|b| b.peers().to_vec())
-            .ok_or_else(|| crate::invalid_usage!("the group has no high-throughput buffer yet"))?,
+            .ok_or_else(|| ep_core::invalid_usage!("the group has no high-throughput buffer yet"))?,
     };
     let hl = HtHandleLayout::new(&g.params, &h.params)?;
     let mut p = HtParams::default();
@@ -255,9 +255,8 @@ pub fn update(
     let mut p = base_params(g, h)?;
     p.rows = rows as i32;
     p.in0 = topk.data;
-    let out = |c: &Option<crate::core::ht_rules::CounterOut>| {
-        c.map_or((0, 0), |c| (c.data, (c.dtype == dtype::INT64) as i32))
-    };
+    let out =
+        |c: &Option<ep_core::ht_rules::CounterOut>| c.map_or((0, 0), |c| (c.data, (c.dtype == dtype::INT64) as i32));
     (p.out0, p.ec64) = out(&outs.expert_counters);
     let (o1, e1) = out(&outs.expert_offsets);
     (p.out1, p.ec64) = (o1, p.ec64.max(e1));
@@ -265,7 +264,7 @@ pub fn update(
     p.capturing = cap as i32;
     let em = h.params.layout == Layout::ExpertMajor;
     let m = HtModule::Meta {
-        idx64: topk.dtype == dtype::INT64,
+        idx64: topk.is(dtype::INT64),
         em,
     };
     let blocks = g.ht()?.blocks;
@@ -335,7 +334,7 @@ fn check_pending(g: &Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> 
 
 fn routed(h: &Handle) -> Result<usize> {
     h.topk_idx.as_ref().map(|t| t.dim(0)).ok_or_else(|| {
-        crate::invalid_usage!(
+        ep_core::invalid_usage!(
             "the handle has no routing: call ncclEpUpdateHandle (or ncclEpCreateHandle) first, and check that it succeeded"
         )
     })
@@ -344,7 +343,7 @@ fn routed(h: &Handle) -> Result<usize> {
 /// The rows this rank received (after drops): the device count, read on the host (eager mode
 /// only: this synchronises the stream).
 fn eager_count(g: &Group, h: &Handle, stream: cudaStream_t, what: &str) -> Result<usize> {
-    crate::ensure_usage!(
+    ep_core::ensure_usage!(
         !capturing(stream)?,
         "{what} in eager mode (max_recv_tokens_per_rank = 0) reads the receive count on the host and cannot be captured in a CUDA graph"
     );
@@ -372,7 +371,7 @@ fn finish(g: &Group, m: HtModule, name: &'static str, p: &HtParams, stream: cuda
     launch_ht(g.device, m, "ht_close", p, 1, 0, stream)
 }
 
-fn token_dtype(dt: i32) -> HtDtype {
+fn token_dtype(dt: DType) -> HtDtype {
     match dt {
         dtype::FLOAT16 => HtDtype::F16,
         dtype::FLOAT32 => HtDtype::F32,
@@ -391,7 +390,7 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
     let hl = HtHandleLayout::new(&g.params, &h.params)?;
     if call.eager {
         let count = eager_count(g, h, stream, "ncclEpDispatch")?;
-        crate::ensure_arg!(
+        ep_core::ensure_arg!(
             count <= call.recv_rows,
             "this rank receives {count} rows (recv_total_counter after the update), but the dispatch outputs hold {}",
             call.recv_rows

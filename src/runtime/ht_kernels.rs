@@ -1,11 +1,11 @@
 //! The high-throughput kernels: NVRTC sources, specialisations and launches.
 
-use crate::abi::types::cudaStream_t;
-use crate::core::error::Result;
 use crate::cuda::jit::{Defines, KernelSource, get_function};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
 use crate::runtime::ht_params::HtParams;
+use crate::sys::cudaStream_t;
+use ep_core::error::Result;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Mutex, OnceLock};
@@ -152,7 +152,7 @@ impl HtModule {
         }
         m.get(&(*self, name, device))
             .copied()
-            .ok_or_else(|| crate::internal_err!("{name} is not a kernel of {}", self.source().name))
+            .ok_or_else(|| ep_core::internal_err!("{name} is not a kernel of {}", self.source().name))
     }
 }
 

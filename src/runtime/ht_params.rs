@@ -1,7 +1,7 @@
 //! The argument block of the high-throughput kernels; mirrors `struct HtParams` in
 //! kernels/ht_common.cuh field for field (the kernels take it by value).
 
-use crate::core::ht_layout::HT_MAX_RANKS;
+use ep_core::ht_layout::HT_MAX_RANKS;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -1,12 +1,12 @@
 //! Which kernel variant a call needs, its NVRTC source and defines, and its launch.
 
-use crate::abi::enums::{Layout, dtype};
-use crate::abi::types::cudaStream_t;
-use crate::core::error::Result;
 use crate::cuda::jit::{Defines, KernelSource, get_function};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
 use crate::runtime::ll_params::LlParams;
+use crate::sys::cudaStream_t;
+use ep_core::enums::{DType, Layout, dtype};
+use ep_core::error::Result;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Mutex, OnceLock};
@@ -73,14 +73,14 @@ impl LlDtype {
     }
 
     /// The type of an `ncclDataType_t` the LL rules accepted.
-    pub fn from_nccl(dt: i32) -> Result<Self> {
+    pub fn from_nccl(dt: DType) -> Result<Self> {
         match dt {
             dtype::BFLOAT16 => Ok(Self::Bf16),
             dtype::FLOAT16 => Ok(Self::F16),
             dtype::FLOAT32 => Ok(Self::F32),
-            _ => Err(crate::internal_err!(
+            _ => Err(ep_core::internal_err!(
                 "LOW_LATENCY has no kernel for tokens of type {}",
-                dtype::name(dt)
+                dt.name()
             )),
         }
     }
@@ -173,7 +173,7 @@ impl LlKernel {
         };
         let mut v = Vec::new();
         for dtype in dtypes {
-            for topk in 1..=crate::core::config::LL_MAX_TOPK {
+            for topk in 1..=ep_core::config::LL_MAX_TOPK {
                 for expert_major in [false, true] {
                     for idx64 in [false, true] {
                         for mask in [false, true] {

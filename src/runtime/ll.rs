@@ -1,13 +1,6 @@
 //! Low-latency mode on the GPU: the group's buffer and device state, and dispatch / combine /
 //! complete launches (protocol in docs/LL.md).
 
-use crate::abi::enums::{ExpertIdKind, Layout, dtype};
-use crate::abi::types::cudaStream_t;
-use crate::core::error::Result;
-use crate::core::ll_layout::LlLayout;
-use crate::core::ll_rules::{LlCall, check_combine, check_dispatch};
-use crate::core::op_args::{CombineArgs, DispatchArgs};
-use crate::core::tensor::TensorView;
 use crate::cuda::memory::{self, PinnedHostMem};
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, Membership};
@@ -16,7 +9,14 @@ use crate::runtime::kernels::{LlDtype, LlKernel, launch_ll};
 use crate::runtime::ll_params::{
     EP_STATE_BYTES, ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
 };
+use crate::sys::cudaStream_t;
 use crate::transport::ipc::SharedBuffer;
+use ep_core::enums::{ExpertIdKind, Layout, dtype};
+use ep_core::error::Result;
+use ep_core::ll_layout::LlLayout;
+use ep_core::ll_rules::{LlCall, check_combine, check_dispatch};
+use ep_core::op_args::{CombineArgs, DispatchArgs};
+use ep_core::tensor::TensorView;
 
 /// Threads per block of the LL kernels (their `__launch_bounds__`).
 pub const LL_THREADS: u32 = 512;
@@ -59,7 +59,7 @@ impl LlState {
     pub fn new(g: &Group, ranks_on_device: usize) -> Result<LlState> {
         let dev = g.device;
         let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
-        crate::ensure_usage!(
+        ep_core::ensure_usage!(
             g.params.nranks as usize <= LL_MAX_RANKS,
             "LOW_LATENCY groups support at most {LL_MAX_RANKS} ranks, this one has {}",
             g.params.nranks
@@ -139,7 +139,7 @@ impl LlState {
 /// The buffer layout a handle of top-k `k` uses in this group.
 pub fn layout(g: &Group, k: u32) -> Result<LlLayout> {
     let p = &g.params;
-    let slot = crate::core::config::ll_slot_bytes(p.max_token_bytes);
+    let slot = ep_core::config::ll_slot_bytes(p.max_token_bytes);
     LlLayout::new(p.nranks, p.num_experts, p.max_tokens, slot, k)
 }
 
@@ -161,7 +161,7 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
     }
     let explicit = g.params.rdma_buffer_size as usize;
     let bytes = if explicit != 0 {
-        crate::ensure_usage!(
+        ep_core::ensure_usage!(
             have == 0 && lay.fits(explicit),
             "config->rdma_buffer_size ({explicit} bytes) is too small for this handle, which needs {} bytes \
              (ncclEpxBufferSize gives the exact figure; NCCL_EP_AUTO sizes it for you)",
@@ -183,7 +183,7 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
             unsafe { crate::transport::ipc::resize(&mut g.ll_mut()?.shared, comm, rank, nranks, dev, bytes) }?;
         }
     }
-    crate::abi::guard::log_info(format_args!(
+    crate::log::log_info(format_args!(
         "rank {rank}: low-latency buffer of {bytes} bytes (K = {})",
         lay.topk
     ));
@@ -196,9 +196,9 @@ fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     let (peers, bytes) = match (&ll.shared, &g.membership) {
         (_, Membership::Local { world }) => world.peers(lay.total_bytes)?,
         (Some(sb), _) => (sb.peers().to_vec(), sb.len()),
-        (None, _) => return Err(crate::invalid_usage!("the group has no low-latency buffer yet")),
+        (None, _) => return Err(ep_core::invalid_usage!("the group has no low-latency buffer yet")),
     };
-    crate::ensure_usage!(lay.fits(bytes), "the low-latency buffer is too small for this handle");
+    ep_core::ensure_usage!(lay.fits(bytes), "the low-latency buffer is too small for this handle");
     let mut p = LlParams::default();
     p.peers[..peers.len()].copy_from_slice(&peers);
     p.bank_stride = LlLayout::bank_stride(bytes) as u64;
@@ -226,14 +226,14 @@ fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
 }
 
 fn no_pending(g: &Group) -> Result<()> {
-    crate::ensure_usage!(
+    ep_core::ensure_usage!(
         g.ll()?.pending.is_none(),
         "a send_only operation is pending on this group: call ncclEpComplete before the next dispatch or combine"
     );
     Ok(())
 }
 
-fn opt_ptr(t: &Option<crate::core::tensor::TensorView>) -> u64 {
+fn opt_ptr(t: &Option<ep_core::tensor::TensorView>) -> u64 {
     t.as_ref().map_or(0, |t| t.data)
 }
 
@@ -297,7 +297,7 @@ fn run(
 /// The handle's routing (set by ncclEpUpdateHandle / ncclEpCreateHandle).
 fn routing(h: &Handle) -> Result<TensorView> {
     h.topk_idx.clone().ok_or_else(|| {
-        crate::invalid_usage!("the handle has no routing: call ncclEpUpdateHandle (or ncclEpCreateHandle) first")
+        ep_core::invalid_usage!("the handle has no routing: call ncclEpUpdateHandle (or ncclEpCreateHandle) first")
     })
 }
 
@@ -349,7 +349,7 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
     let kernel = LlKernel::dispatch(
         h.params.num_topk,
         h.params.layout,
-        topk.dtype == dtype::INT64,
+        topk.is(dtype::INT64),
         g.params.enable_mask,
     );
     run(g, h, kernel, p, call.send_only, stream)?;
@@ -360,7 +360,7 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
 pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStream_t) -> Result<()> {
     let topk = routing(h)?;
     let call = check_combine(&g.params, &h.params, &topk, a)?;
-    crate::ensure_usage!(
+    ep_core::ensure_usage!(
         h.dispatched,
         "ncclEpCombine needs an ncclEpDispatch on this handle first"
     );
@@ -378,7 +378,7 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
     let kernel = LlKernel::combine(
         h.params.num_topk,
         h.params.layout,
-        topk.dtype == dtype::INT64,
+        topk.is(dtype::INT64),
         g.params.enable_mask,
         LlDtype::from_nccl(call.dtype)?,
     );
@@ -410,7 +410,7 @@ fn mask_ptr(g: &Group) -> Result<u64> {
         .mask
         .as_ref()
         .map(GroupMem::ptr)
-        .ok_or_else(|| crate::internal_err!("a group with enable_mask has no mask buffer"))
+        .ok_or_else(|| ep_core::internal_err!("a group with enable_mask has no mask buffer"))
 }
 
 /// `ncclEpMaskQuery`: copies the mask (`int[N]`, 1 active, 0 masked) into the caller's device
@@ -452,11 +452,11 @@ pub fn mask_update(g: &Group, host: *const std::ffi::c_int, stream: cudaStream_t
 /// stay masked and the call fails with `ncclTimeout` (the async error flag is raised too).
 pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
     let mask = mask_ptr(g)?;
-    crate::ensure_usage!(
+    ep_core::ensure_usage!(
         g.ll()?.pending.is_none(),
         "a send_only operation is pending on this group: call ncclEpComplete before ncclEpMaskClean"
     );
-    crate::ensure_usage!(
+    ep_core::ensure_usage!(
         buffer_bytes(g)? > 0,
         "the group has no low-latency buffer yet (NCCL_EP_AUTO allocates it at the first handle): \
          create a handle before ncclEpMaskClean"
@@ -489,8 +489,8 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
         }
     }
     memory::stream_synchronize(s)?;
-    Err(crate::core::error::Error::new(
-        crate::core::error::ErrorKind::Timeout,
+    Err(ep_core::error::Error::new(
+        ep_core::error::ErrorKind::Timeout,
         format!(
             "rank(s) {} did not reach ncclEpMaskClean within {:.1} ms: they stay masked (the async error flag is raised)",
             ranks.join(", "),

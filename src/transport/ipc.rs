@@ -13,13 +13,13 @@
 //! barrier too; where that barrier runs out of time (a peer died) the
 //! buffer is left allocated instead of freed.
 
-use crate::abi::types::ncclComm_t;
-use crate::core::error::Result;
 use crate::cuda::context::{CtxGuard, synchronize_current};
 use crate::cuda::memory::{self, DeviceMem};
+use crate::sys::ncclComm_t;
 use crate::transport::identity;
 use crate::transport::ipc_maps::{self, Exporter, MapKey};
 use crate::transport::nccl::Nccl;
+use ep_core::error::Result;
 
 /// The step of a protocol a record belongs to; every all-gather here has the same size, so a
 /// rank that is at another step shows up as a wrong tag instead of garbage.
@@ -128,7 +128,7 @@ unsafe fn all_gather(nccl: &Nccl, comm: ncclComm_t, nranks: usize, device: i32, 
 /// Fails unless every rank sent a record of `phase`.
 fn check_phase(all: &[Record], phase: Phase) -> Result<()> {
     for (r, rec) in all.iter().enumerate() {
-        crate::ensure_usage!(
+        ep_core::ensure_usage!(
             rec.tag == phase.tag(),
             "rank {r} is {} while this rank is {}: every rank must create handles and destroy groups \
              of the communicator in the same order",
@@ -189,7 +189,7 @@ unsafe fn exchange(
     let mut ptrs = Vec::with_capacity(nranks);
     let mut opened = OpenedPeers::default();
     for (r, rec) in all.iter().enumerate() {
-        crate::ensure_usage!(
+        ep_core::ensure_usage!(
             rec.bytes == mine.bytes,
             "rank {r} has a {} byte communication buffer, this rank {} bytes: every rank must create the same handles in the same order",
             rec.bytes,
@@ -198,7 +198,7 @@ unsafe fn exchange(
         if r == rank {
             ptrs.push(mine.ptr);
         } else if rec.host != mine.host {
-            return Err(crate::invalid_usage!(
+            return Err(ep_core::invalid_usage!(
                 "rank {r} is on another host: reaching it needs the RDMA transport (NCCL GIN), which this build does not have yet"
             ));
         } else if rec.exporter() == mine.exporter() {
@@ -214,7 +214,7 @@ unsafe fn exchange(
                 handle: rec.ipc,
             };
             let p = ipc_maps::open(key, rec.ptr, rec.bytes).map_err(|e| {
-                crate::invalid_usage!(
+                ep_core::invalid_usage!(
                     "cannot map rank {r}'s buffer (process {}) through CUDA IPC ({}); peers that P2P cannot reach need the RDMA transport, which this build does not have yet",
                     rec.pid,
                     e.msg
@@ -270,7 +270,7 @@ impl SharedBuffer {
     /// map it.
     fn give_up_buffer(&mut self, why: &str) {
         if let Some(b) = self.buf.take() {
-            crate::abi::guard::log_warn(format_args!(
+            crate::log::log_warn(format_args!(
                 "keeping a {} byte communication buffer allocated until the process exits: {why}",
                 b.len()
             ));
@@ -360,7 +360,7 @@ unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, by
         Ok(x) => x,
         Err(e) => {
             // Peers that got past the all-gather may have mapped it: never free it.
-            crate::abi::guard::log_warn(format_args!(
+            crate::log::log_warn(format_args!(
                 "keeping a {bytes} byte communication buffer allocated until the process exits: its exchange failed"
             ));
             std::mem::forget(buf);
@@ -411,7 +411,7 @@ pub unsafe fn resize(
         let all = unsafe { all_gather(nccl, comm, nranks, device, &mine) }?;
         check_phase(&all, Phase::GrowAgree)?;
         for (r, rec) in all.iter().enumerate() {
-            crate::ensure_usage!(
+            ep_core::ensure_usage!(
                 rec.bytes == mine.bytes,
                 "rank {r} grows its communication buffer to {} bytes, this rank to {}: every rank must create the same handles in the same order",
                 rec.bytes,

@@ -8,8 +8,8 @@
 //! CUDA_ERROR_NOT_PERMITTED): with every mapping recorded here, such an overlap is reported as
 //! what it is before CUDA is asked.
 
-use crate::core::error::Result;
 use crate::cuda::memory::{self, IpcMemHandle};
+use ep_core::error::Result;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -58,7 +58,7 @@ impl Maps {
         if let Some((_, old)) = self.m.iter().find(|(k, m)| {
             k.exporter == key.exporter && k.device == key.device && m.base < base + bytes && base < m.base + m.bytes
         }) {
-            return Err(crate::internal_err!(
+            return Err(ep_core::internal_err!(
                 "process {} exported a new buffer at {base:#x} (+{bytes} bytes) over an older one \
                  ({:#x}, +{} bytes) that this process still maps ({} reference(s)): it freed memory \
                  another process still mapped; groups must be grown and destroyed by every rank in \
@@ -126,7 +126,7 @@ pub fn close(key: &MapKey) {
             unsafe { memory::ipc_close_mem_handle(ptr) }
         });
         if let Err(e) = r {
-            crate::abi::guard::log_warn(format_args!(
+            crate::log::log_warn(format_args!(
                 "closing the CUDA IPC mapping {ptr:#x} of process {}: {}",
                 key.exporter.pid, e.msg
             ));
@@ -203,7 +203,7 @@ mod tests {
     fn failed_open_records_nothing() {
         let mut m = Maps::default();
         assert!(
-            m.acquire(key(1, 0, 1), 0, 16, || Err(crate::internal_err!("no")))
+            m.acquire(key(1, 0, 1), 0, 16, || Err(ep_core::internal_err!("no")))
                 .is_err()
         );
         assert!(m.is_empty());

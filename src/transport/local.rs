@@ -2,8 +2,8 @@
 //! owns every rank's communication buffer, so that whichever rank's thread sizes them first
 //! sizes them all: ranks may be driven by one thread or by one thread each.
 
-use crate::core::error::Result;
 use crate::cuda::memory::{self, DeviceMem};
+use ep_core::error::Result;
 use std::sync::{Mutex, MutexGuard};
 
 /// What the ranks of one local group share.
@@ -73,7 +73,7 @@ impl LocalWorld {
     pub fn peers(&self, need: usize) -> Result<(Vec<u64>, usize)> {
         let bufs = self.lock();
         let bytes = bufs.first().map_or(0, |b| b.len());
-        crate::ensure_usage!(
+        ep_core::ensure_usage!(
             bytes >= need,
             "the local group has no communication buffer of {need} bytes yet: create the handle \
              (ncclEpInitHandle/ncclEpCreateHandle) before the first dispatch"

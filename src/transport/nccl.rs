@@ -2,8 +2,8 @@
 //! `libnccl.so.2` the caller already loaded (so we use the NCCL that made the communicator),
 //! falling back to loading it by name. Missing libraries or symbols are errors, never panics.
 
-use crate::abi::types::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclResult_t};
-use crate::core::error::{Error, ErrorKind, Result};
+use crate::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclResult_t};
+use ep_core::error::{Error, ErrorKind, Result};
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::OnceLock;
 
@@ -136,7 +136,7 @@ impl Nccl {
             self.check("ncclCommUserRank", (self.comm_user_rank)(comm, &mut r))?;
             self.check("ncclCommCuDevice", (self.comm_cu_device)(comm, &mut d))?;
         }
-        crate::ensure_arg!(n >= 1 && r >= 0 && r < n, "the communicator reports rank {r} of {n}");
+        ep_core::ensure_arg!(n >= 1 && r >= 0 && r < n, "the communicator reports rank {r} of {n}");
         Ok((r as u32, n as u32, d))
     }
 

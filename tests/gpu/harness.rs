@@ -4,11 +4,11 @@
 #![allow(dead_code, clippy::macro_metavars_in_unsafe)]
 
 use cudarc::driver::sys;
-use nccl_ep::abi::enums::{ExpertIdKind, Layout, dtype};
+use ep_core::enums::{DType, ExpertIdKind, Layout, dtype};
+use ep_reference::ll::*;
 use nccl_ep::abi::guard::struct_default;
 use nccl_ep::abi::ops::{ncclEpCombine, ncclEpComplete, ncclEpDispatch};
 use nccl_ep::abi::types::*;
-use nccl_ep::core::reference::*;
 use nccl_ep::cuda::context::CtxGuard;
 use nccl_ep::cuda::memory::{self, DeviceMem};
 use std::ffi::{CStr, c_void};
@@ -122,8 +122,8 @@ pub struct DevTensor {
 }
 
 impl DevTensor {
-    pub fn new(device: i32, dt: i32, sizes: &[usize]) -> Result<DevTensor, String> {
-        let elem = dtype::elem_bytes(dt).unwrap();
+    pub fn new(device: i32, dt: DType, sizes: &[usize]) -> Result<DevTensor, String> {
+        let elem = dt.elem_bytes();
         let bytes = sizes.iter().product::<usize>() * elem;
         let mem = DeviceMem::alloc(device, bytes.max(16)).map_err(|e| e.msg)?;
         let mut sizes: Box<[usize]> = sizes.into();
@@ -131,7 +131,7 @@ impl DevTensor {
             size: 48,
             magic: 0xCAFE_CAFE,
             ndim: sizes.len() as u32,
-            datatype: dt,
+            datatype: dt.raw(),
             data: mem.ptr() as *mut c_void,
             win_hdl: std::ptr::null_mut(),
             win_offset: 0,
@@ -186,12 +186,12 @@ impl DevTensor {
             .map_err(|e| e.msg)
     }
     /// New extents (same rank, at most the allocation) and data type; the descriptor follows.
-    pub fn reshape(&mut self, dt: i32, sizes: &[usize]) {
+    pub fn reshape(&mut self, dt: DType, sizes: &[usize]) {
         assert_eq!(sizes.len(), self.sizes.len(), "reshape keeps the rank");
-        let bytes = sizes.iter().product::<usize>() * dtype::elem_bytes(dt).unwrap();
+        let bytes = sizes.iter().product::<usize>() * dt.elem_bytes();
         assert!(bytes <= self.mem.len().max(16), "reshape past the allocation");
         self.sizes.copy_from_slice(sizes);
-        self.desc.datatype = dt;
+        self.desc.datatype = dt.raw();
         self.bytes = bytes;
     }
 }
@@ -289,7 +289,7 @@ pub fn alloc_rank(c: &Case, device: i32, t: usize) -> Result<RankBufs, String> {
 }
 
 /// `alloc_rank` with token tensors (dispatch in and out, combine in and out) of type `tok`.
-pub fn alloc_rank_of(c: &Case, device: i32, t: usize, tok: i32) -> Result<RankBufs, String> {
+pub fn alloc_rank_of(c: &Case, device: i32, t: usize, tok: DType) -> Result<RankBufs, String> {
     let (n, l, b, h, k) = (c.nranks, c.local_experts, c.max_tokens, c.hidden, c.topk);
     let (out_sizes, x_sizes) = match c.layout {
         Layout::ExpertMajor => (vec![l, n * b, h], vec![l, n * b, h]),

@@ -19,7 +19,7 @@ fn routed(r: &Rank, g: &Group, case: Case) -> Result<Routed, String> {
     ep_ok!(ncclEpInitHandle(
         &mut h,
         g.0,
-        case.layout.raw(),
+        ncclEpLayout_t(case.layout.raw()),
         std::ptr::null(),
         case.topk as i32,
         std::ptr::null()

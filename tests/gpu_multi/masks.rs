@@ -163,7 +163,7 @@ pub fn ll_mask_silent(r: &Rank, t: &mut Tally) -> Result<(), String> {
     let timeout = effective_timeout();
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let c = mask_case(r, layout);
-        let mut rng = r.rng("ll_mask_silent", layout.raw().0 as u64);
+        let mut rng = r.rng("ll_mask_silent", layout.raw() as u64);
         warm_up(r, &c, &mut rng, t)?;
         let g = Group::new(r, &mask_config(&c, MASK_TIMEOUT_NS))?;
         let s = Stream::new(r.device)?;

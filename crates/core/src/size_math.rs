@@ -1,7 +1,7 @@
 //! Checked size arithmetic for the buffer planners: an overflow is an `ncclInvalidArgument`
 //! naming the buffer, never a wrapped size.
 
-use crate::core::error::Result;
+use crate::error::Result;
 
 pub fn mul(a: usize, b: usize, buffer: &str) -> Result<usize> {
     a.checked_mul(b)

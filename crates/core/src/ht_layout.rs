@@ -7,10 +7,10 @@
 //! "counter" `c` in `[0, E + N)`: `c < E` is expert `c` (first occurrences in a row), `c = E + d`
 //! is destination rank `d` (a token counts once per rank).
 
-use crate::abi::enums::Layout;
-use crate::core::config::GroupParams;
-use crate::core::error::Result;
-use crate::core::handle_rules::HandleParams;
+use crate::config::GroupParams;
+use crate::enums::Layout;
+use crate::error::Result;
+use crate::handle_rules::HandleParams;
 
 /// Regions start on this boundary (vector accesses; flags never share a sector with data).
 pub const REGION_ALIGN: usize = 256;
@@ -28,15 +28,15 @@ pub const HT_PTR_SLOTS: usize = 4;
 pub const HT_HDR_BYTES: usize = 256;
 
 fn mul(a: usize, b: usize) -> Result<usize> {
-    crate::core::size_math::mul(a, b, "high-throughput")
+    crate::size_math::mul(a, b, "high-throughput")
 }
 
 fn add(a: usize, b: usize) -> Result<usize> {
-    crate::core::size_math::add(a, b, "high-throughput")
+    crate::size_math::add(a, b, "high-throughput")
 }
 
 fn align(x: usize) -> Result<usize> {
-    crate::core::size_math::align_up(x, REGION_ALIGN, "high-throughput")
+    crate::size_math::align_up(x, REGION_ALIGN, "high-throughput")
 }
 
 /// Tokens per piece: B / 32 rounded up to a whole warp (a warp scans 32 tokens at a time).
@@ -113,7 +113,7 @@ impl HtLayout {
         topk: u32,
         staging_rows: usize,
     ) -> Result<Self> {
-        crate::core::config::check_geometry(nranks, num_experts, max_tokens, topk)?;
+        crate::config::check_geometry(nranks, num_experts, max_tokens, topk)?;
         crate::ensure_usage!(
             nranks <= HT_MAX_RANKS,
             "HIGH_THROUGHPUT groups support at most {HT_MAX_RANKS} ranks, this one has {nranks}"
@@ -268,7 +268,7 @@ impl HtHandleLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::enums::{Algorithm, OverflowPolicy};
+    use crate::enums::{Algorithm, OverflowPolicy};
 
     fn params(n: u32, e: u32, b: u32, s: u32, topk: u32) -> GroupParams {
         GroupParams {

@@ -1,9 +1,9 @@
 //! The arguments of one dispatch or combine call, after the C structs were checked and every
 //! tensor descriptor was copied into a [`TensorView`].
 
-use crate::abi::enums::{Algorithm, ExpertIdKind, Layout, PassDir};
-use crate::core::error::Result;
-use crate::core::tensor::TensorView;
+use crate::enums::{Algorithm, ExpertIdKind, Layout, PassDir};
+use crate::error::Result;
+use crate::tensor::TensorView;
 
 /// `layout_info->recv_topk_idx_kind` of a dispatch, resolved as NCCL EP resolves it: AUTO (0) is
 /// LOCAL, LOCAL (1) and GLOBAL (2) stand. Another value matters only where the dispatch writes

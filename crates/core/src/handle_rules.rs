@@ -2,10 +2,10 @@
 //! that need no GPU: which (algorithm, layout, top-k, alignment) combinations are valid, and
 //! how the routing tensor must look.
 
-use crate::abi::enums::{Algorithm, Layout, dtype};
-use crate::core::config::{GroupParams, LL_MAX_ROUTING, LL_MAX_TOPK};
-use crate::core::error::Result;
-use crate::core::tensor::{Dim, TensorView};
+use crate::config::{GroupParams, LL_MAX_ROUTING, LL_MAX_TOPK};
+use crate::enums::{Algorithm, Layout, dtype};
+use crate::error::Result;
+use crate::tensor::{Dim, TensorView};
 
 /// A handle's fixed parameters after validation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +139,7 @@ pub fn check_topk_idx(p: &GroupParams, h: &HandleParams, t: &TensorView) -> Resu
 #[cfg(test)]
 pub(crate) mod tests_support {
     use super::*;
-    use crate::abi::enums::OverflowPolicy;
+    use crate::enums::OverflowPolicy;
 
     pub fn params(algo: Algorithm) -> GroupParams {
         GroupParams {
@@ -166,6 +166,7 @@ pub(crate) mod tests_support {
 mod tests {
     use super::tests_support::params;
     use super::*;
+    use crate::enums::DType;
 
     #[test]
     fn layout_and_topk_rules() {
@@ -271,11 +272,7 @@ mod tests {
     fn topk_tensor_rules() {
         let p = params(Algorithm::LowLatency);
         let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
-        let mk = |s: &[usize], dt| TensorView {
-            dtype: dt,
-            sizes: s.to_vec(),
-            data: 1,
-        };
+        let mk = |s: &[usize], dt: DType| TensorView::new(dt.raw(), s.to_vec(), 1).unwrap();
         assert!(check_topk_idx(&p, &h, &mk(&[128, 8], dtype::INT64)).is_ok());
         assert!(check_topk_idx(&p, &h, &mk(&[3, 8], dtype::INT32)).is_ok());
         assert!(check_topk_idx(&p, &h, &mk(&[129, 8], dtype::INT64)).is_err());
@@ -290,7 +287,7 @@ mod tests {
 pub fn handle_mem_need(p: &GroupParams, h: &HandleParams) -> Result<usize> {
     match p.algorithm {
         Algorithm::LowLatency => Ok(handle_mem_bytes(p, h)),
-        Algorithm::HighThroughput => Ok(crate::core::ht_layout::HtHandleLayout::new(p, h)?.total_bytes),
+        Algorithm::HighThroughput => Ok(crate::ht_layout::HtHandleLayout::new(p, h)?.total_bytes),
     }
 }
 
@@ -300,10 +297,8 @@ pub fn handle_mem_need(p: &GroupParams, h: &HandleParams) -> Result<usize> {
 /// `usize::MAX` when the HT block would not fit in memory at all.
 pub fn handle_mem_bytes(p: &GroupParams, h: &HandleParams) -> usize {
     match p.algorithm {
-        Algorithm::LowLatency => crate::core::ll_layout::handle_mem_bytes(p.nranks, p.max_tokens, h.num_topk),
-        Algorithm::HighThroughput => {
-            crate::core::ht_layout::HtHandleLayout::new(p, h).map_or(usize::MAX, |l| l.total_bytes)
-        }
+        Algorithm::LowLatency => crate::ll_layout::handle_mem_bytes(p.nranks, p.max_tokens, h.num_topk),
+        Algorithm::HighThroughput => crate::ht_layout::HtHandleLayout::new(p, h).map_or(usize::MAX, |l| l.total_bytes),
     }
 }
 

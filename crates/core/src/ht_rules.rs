@@ -8,15 +8,15 @@
 //! when it reads it. Combine's `inputs` need only `count` rows (docs/HT.md), so for combine
 //! `recv_rows` is always left to the runtime.
 
-use crate::abi::enums::{ExpertIdKind, Layout, PassDir, dtype};
-use crate::core::config::GroupParams;
-use crate::core::error::{Error, Result};
-use crate::core::handle_rules::HandleParams;
-use crate::core::op_args::{CombineArgs, DispatchArgs};
-use crate::core::tensor::{Dim, TensorView};
+use crate::config::GroupParams;
+use crate::enums::{DType, ExpertIdKind, Layout, PassDir, dtype};
+use crate::error::{Error, Result};
+use crate::handle_rules::HandleParams;
+use crate::op_args::{CombineArgs, DispatchArgs};
+use crate::tensor::{Dim, TensorView};
 
 /// Token types of HT dispatch and combine (`quant_recipe` NONE).
-pub const HT_TOKEN_DTYPES: [i32; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32];
+pub const HT_TOKEN_DTYPES: [DType; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32];
 
 /// A checked HT dispatch or combine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub struct HtCall {
     /// Bytes of one token row (H · element size): a multiple of 16, at most `max_token_bytes`.
     pub row_bytes: usize,
     /// `ncclBfloat16`, `ncclFloat16` or `ncclFloat32` (inputs and outputs alike).
-    pub dtype: i32,
+    pub dtype: DType,
     pub elem_bytes: usize,
     /// The fewest rows among the receive-side tensors the call was given (dispatch: `outputs`
     /// tokens, and top-k ids and weights where given; combine: `inputs` tokens, and weights in
@@ -106,18 +106,18 @@ fn combine_recipe(quant: i32) -> Result<()> {
 fn token_matrix(p: &GroupParams, t: &TensorView, name: &str, rows: Dim) -> Result<(usize, usize)> {
     t.expect(name, &[rows, Dim::Any], &HT_TOKEN_DTYPES)?;
     let h = t.dim(1);
-    let eb = t.elem_bytes();
+    let eb = t.elem_bytes()?;
     let rb = h * eb;
-    crate::ensure_arg!(h > 0, "{name} has rows of 0 elements (shape {:?})", t.sizes);
+    crate::ensure_arg!(h > 0, "{name} has rows of 0 elements (shape {:?})", t.sizes());
     crate::ensure_arg!(
         rb.is_multiple_of(16),
         "{name}: a row of {h} {} values is {rb} bytes, not a multiple of 16",
-        dtype::name(t.dtype)
+        t.type_name()
     );
     crate::ensure_arg!(
         rb <= p.max_token_bytes as usize,
         "{name}: a row of {h} {} values ({rb} bytes) exceeds config->max_token_bytes ({})",
-        dtype::name(t.dtype),
+        t.type_name(),
         p.max_token_bytes
     );
     Ok((h, rb))
@@ -139,7 +139,7 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
     ensure_none(&a.out_scales, "outputs->scales", "without a quantisation recipe")?;
     let (t, k) = (topk.dim(0), h.num_topk as usize);
     let (hidden, rb) = token_matrix(p, &a.tokens, "inputs->tokens", Dim::Eq(t))?;
-    let dt = a.tokens.dtype;
+    let dt = a.tokens.dtype()?;
     let recv = recv_dim(p);
     a.out_tokens
         .expect("outputs->tokens", &[recv, Dim::Eq(hidden)], &[dt])
@@ -193,7 +193,7 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
         hidden,
         row_bytes: rb,
         dtype: dt,
-        elem_bytes: a.tokens.elem_bytes(),
+        elem_bytes: a.tokens.elem_bytes()?,
         recv_rows,
         eager: p.max_recv_tokens == 0,
         pass: a.pass,
@@ -208,7 +208,7 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
     ensure_none(&a.in_scales, "inputs->scales", "without a quantisation recipe")?;
     let (t, k) = (topk.dim(0), h.num_topk as usize);
     let (hidden, rb) = token_matrix(p, &a.out_tokens, "outputs->tokens", Dim::Eq(t))?;
-    let dt = a.out_tokens.dtype;
+    let dt = a.out_tokens.dtype()?;
     a.tokens
         .expect("inputs->tokens", &[Dim::Any, Dim::Eq(hidden)], &[dt])
         .map_err(|e| hint(e, "the rows this rank received, same type and width as outputs->tokens"))?;
@@ -248,7 +248,7 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
         hidden,
         row_bytes: rb,
         dtype: dt,
-        elem_bytes: a.out_tokens.elem_bytes(),
+        elem_bytes: a.out_tokens.elem_bytes()?,
         recv_rows,
         eager: p.max_recv_tokens == 0,
         pass: a.pass,
@@ -273,14 +273,14 @@ pub struct HtLayoutInfoArgs {
 pub struct CounterOut {
     pub data: u64,
     /// `ncclInt32` or `ncclInt64`.
-    pub dtype: i32,
+    pub dtype: DType,
 }
 
 impl CounterOut {
     fn of(t: &TensorView) -> Self {
         Self {
             data: t.data,
-            dtype: t.dtype,
+            dtype: t.dtype().expect("checked by the rule"),
         }
     }
 }
@@ -307,7 +307,7 @@ pub fn check_layout_info(p: &GroupParams, h: &HandleParams, li: &HtLayoutInfoArg
     if let Some(t) = &li.recv_total_counter {
         t.expect("layout_info->recv_total_counter", &[Dim::AtLeast(1)], &ints)?;
     }
-    let mut shared: Vec<(&str, i32)> = Vec::new();
+    let mut shared: Vec<(&str, DType)> = Vec::new();
     match layout {
         Layout::Flat => {
             if let Some(t) = &li.expert_counters {
@@ -322,21 +322,21 @@ pub fn check_layout_info(p: &GroupParams, h: &HandleParams, li: &HtLayoutInfoArg
             ] {
                 if let Some(t) = t {
                     t.expect(name, &[Dim::AtLeast(l)], &ints)?;
-                    shared.push((name, t.dtype));
+                    shared.push((name, t.dtype()?));
                 }
             }
         }
     }
     if let Some(t) = &li.recv_total_counter {
-        shared.push(("layout_info->recv_total_counter", t.dtype));
+        shared.push(("layout_info->recv_total_counter", t.dtype()?));
     }
     if let Some(&(first, dt)) = shared.first()
         && let Some(&(other, odt)) = shared.iter().find(|&&(_, d)| d != dt)
     {
         return Err(crate::invalid_arg!(
             "{other} is {} but {first} is {}: the integer outputs of layout_info share one type",
-            dtype::name(odt),
-            dtype::name(dt)
+            odt.name(),
+            dt.name()
         ));
     }
     Ok(HtLayoutOutputs {
@@ -352,24 +352,20 @@ pub fn check_layout_info(p: &GroupParams, h: &HandleParams, li: &HtLayoutInfoArg
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::enums::Algorithm;
-    use crate::core::handle_rules::{check_handle, tests_support::params};
+    use crate::enums::Algorithm;
+    use crate::handle_rules::{check_handle, tests_support::params};
 
     // The group of tests_support::params(HT): N=8, E=256 (L=32), B=128, S=1024, Hb=14336.
     const S: usize = 1024;
-    const I32: i32 = dtype::INT32;
-    const I64: i32 = dtype::INT64;
+    const I32: DType = dtype::INT32;
+    const I64: DType = dtype::INT64;
 
     /// An edit of a valid call and a piece of the message its rejection must carry.
     type DCase = (fn(&mut DispatchArgs), &'static str);
     type CCase = (fn(&mut CombineArgs), &'static str);
 
-    fn tv(s: &[usize], dt: i32) -> TensorView {
-        TensorView {
-            dtype: dt,
-            sizes: s.to_vec(),
-            data: 0x100,
-        }
+    fn tv(s: &[usize], dt: impl Into<i32>) -> TensorView {
+        TensorView::new(dt.into(), s.to_vec(), 0x100).unwrap()
     }
 
     fn setup(layout: Layout) -> (GroupParams, HandleParams, TensorView) {
@@ -481,16 +477,8 @@ mod tests {
         // Zero tokens: empty inputs without data.
         let topk0 = tv(&[0, 8], dtype::INT32);
         let mut a = em_fwd();
-        a.tokens = TensorView {
-            dtype: dtype::BFLOAT16,
-            sizes: vec![0, 7168],
-            data: 0,
-        };
-        a.in_weights = Some(TensorView {
-            dtype: dtype::FLOAT32,
-            sizes: vec![0, 8],
-            data: 0,
-        });
+        a.tokens = TensorView::new(dtype::BFLOAT16.raw(), vec![0, 7168], 0).unwrap();
+        a.in_weights = Some(TensorView::new(dtype::FLOAT32.raw(), vec![0, 8], 0).unwrap());
         assert_eq!(check_dispatch(&p, &h, &topk0, &a).unwrap().tokens, 0);
     }
 
@@ -651,11 +639,7 @@ mod tests {
         assert!(c.eager);
         assert_eq!(c.recv_rows, 5, "the fewest rows of the receive-side tensors");
         // Zero rows: empty tensors without data are fine.
-        a.out_tokens = TensorView {
-            dtype: dtype::BFLOAT16,
-            sizes: vec![0, 7168],
-            data: 0,
-        };
+        a.out_tokens = TensorView::new(dtype::BFLOAT16.raw(), vec![0, 7168], 0).unwrap();
         assert_eq!(check_dispatch(&p, &h, &topk, &a).unwrap().recv_rows, 0);
     }
 
@@ -736,11 +720,7 @@ mod tests {
             for w in [
                 tv(&[100, 8], dtype::FLOAT32), // ep_bench's tensor
                 tv(&[3], dtype::BFLOAT16),     // any shape and type: never read nor written
-                TensorView {
-                    dtype: dtype::FLOAT32,
-                    sizes: vec![0, 8],
-                    data: 0,
-                },
+                TensorView::new(dtype::FLOAT32.raw(), vec![0, 8], 0).unwrap(),
             ] {
                 let mut a = fwd_combine();
                 a.out_weights = Some(w);
@@ -830,8 +810,8 @@ mod tests {
         c_rejects(&p, &h, &topk, &a, "needs inputs->topk_weights [>= count] float32");
     }
 
-    fn li(ec: Option<(usize, i32)>, eo: Option<(usize, i32)>, rt: Option<(usize, i32)>) -> HtLayoutInfoArgs {
-        let m = |x: Option<(usize, i32)>| x.map(|(n, dt)| tv(&[n], dt));
+    fn li(ec: Option<(usize, DType)>, eo: Option<(usize, DType)>, rt: Option<(usize, DType)>) -> HtLayoutInfoArgs {
+        let m = |x: Option<(usize, DType)>| x.map(|(n, dt)| tv(&[n], dt));
         HtLayoutInfoArgs {
             expert_counters: m(ec),
             src_rank_counters: None,
@@ -924,7 +904,7 @@ mod tests {
             &li(None, Some((16, I32)), None),
             "expert_offsets must have shape [>=32]",
         );
-        li_err(Em, &li(Some((32, 1)), None, None), "expert_counters must be");
+        li_err(Em, &li(Some((32, dtype::UINT8)), None, None), "expert_counters must be");
         li_err(Em, &li(Some((32, I64)), Some((32, I32)), None), "share one type");
         li_err(
             Em,

@@ -6,8 +6,8 @@
 //! parameter of the offset functions, not a field: the group fixes it from the allocation
 //! (`allocated / 2`), which can exceed `bank_bytes` when the buffer was sized for a larger K.
 
-use crate::core::config::LL_MAX_TOPK;
-use crate::core::error::Result;
+use crate::config::LL_MAX_TOPK;
+use crate::error::Result;
 
 /// Regions start on this boundary so kernels can use wide vector accesses and the signal region
 /// never shares a cache sector with token data.
@@ -64,21 +64,21 @@ pub struct LlLayout {
 }
 
 fn mul(a: usize, b: usize) -> Result<usize> {
-    crate::core::size_math::mul(a, b, "low-latency")
+    crate::size_math::mul(a, b, "low-latency")
 }
 
 fn add(a: usize, b: usize) -> Result<usize> {
-    crate::core::size_math::add(a, b, "low-latency")
+    crate::size_math::add(a, b, "low-latency")
 }
 
 fn align_up(x: usize, a: usize) -> Result<usize> {
-    crate::core::size_math::align_up(x, a, "low-latency")
+    crate::size_math::align_up(x, a, "low-latency")
 }
 
 impl LlLayout {
     /// Plans the buffer for N ranks, E experts, B tokens per rank, Hb bytes per token and top-k K.
     pub fn new(nranks: u32, num_experts: u32, max_tokens: u32, max_token_bytes: u32, topk: u32) -> Result<Self> {
-        crate::core::config::check_geometry(nranks, num_experts, max_tokens, topk)?;
+        crate::config::check_geometry(nranks, num_experts, max_tokens, topk)?;
         crate::ensure_arg!(max_token_bytes > 0, "max_token_bytes is 0");
         crate::ensure_arg!(
             max_token_bytes.is_multiple_of(16),
@@ -431,8 +431,8 @@ mod tests {
 
     #[test]
     fn handle_meta_matches_handle_rules() {
-        use crate::abi::enums::{Algorithm, Layout};
-        use crate::core::handle_rules::{self, tests_support::params};
+        use crate::enums::{Algorithm, Layout};
+        use crate::handle_rules::{self, tests_support::params};
         let mut p = params(Algorithm::LowLatency);
         for (n, b, k) in [(8, 128, 8), (64, 128, 8), (1, 1, 1), (3, 7, 32)] {
             p.nranks = n;

@@ -10,9 +10,9 @@
 //! too small outputs) are test bugs and panic; routing errors that the library reports to its
 //! caller are [`HtPlanError`]s.
 
-use crate::abi::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
-use crate::core::error::Error;
-use crate::core::reference::{SplitMix64, bf16_to_f32, f32_to_bf16_rne};
+use crate::ll::{SplitMix64, bf16_to_f32, f32_to_bf16_rne};
+use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
+pub use ep_core::ht_errors::{BadExpertId, HtPlanError};
 
 // ---------------------------------------------------------------------------------------------
 // Token data types
@@ -33,7 +33,7 @@ impl HtDtype {
     }
 
     /// The token type of an `ncclDataType_t`, or None for one HT does not move.
-    pub fn from_nccl(dt: i32) -> Option<Self> {
+    pub fn from_nccl(dt: DType) -> Option<Self> {
         match dt {
             dtype::BFLOAT16 => Some(Self::Bf16),
             dtype::FLOAT16 => Some(Self::F16),
@@ -41,7 +41,7 @@ impl HtDtype {
             _ => None,
         }
     }
-    pub fn nccl(self) -> i32 {
+    pub fn nccl(self) -> DType {
         match self {
             Self::Bf16 => dtype::BFLOAT16,
             Self::F16 => dtype::FLOAT16,
@@ -149,16 +149,6 @@ pub fn random_tokens(rng: &mut SplitMix64, dt: HtDtype, rows: usize, hidden: usi
 // ---------------------------------------------------------------------------------------------
 // Routing
 
-/// An entry of `topk_idx` that is past the last expert (any negative entry means "none").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BadExpertId {
-    pub rank: usize,
-    pub row: usize,
-    pub k: usize,
-    pub value: i64,
-    pub num_experts: usize,
-}
-
 /// The first entry (row-major) of one rank's routing `[T, K]` that is E or more: `(row, k, value)`.
 /// Negative entries are "none" whatever their value, as in NCCL EP (which skips every negative
 /// id) and in our LOW_LATENCY mode.
@@ -174,7 +164,7 @@ pub fn topk_from_i32(v: &[i32]) -> Vec<i64> {
 }
 
 /// A routing tensor's little-endian bytes (`ncclInt32` or `ncclInt64`) as i64.
-pub fn topk_from_bytes(bytes: &[u8], dt: i32) -> Vec<i64> {
+pub fn topk_from_bytes(bytes: &[u8], dt: DType) -> Vec<i64> {
     match dt {
         dtype::INT32 => bytes
             .chunks_exact(4)
@@ -184,7 +174,7 @@ pub fn topk_from_bytes(bytes: &[u8], dt: i32) -> Vec<i64> {
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
             .collect(),
-        _ => panic!("topk_idx is int32 or int64, not {}", dtype::name(dt)),
+        _ => panic!("topk_idx is int32 or int64, not {}", dt.name()),
     }
 }
 
@@ -220,38 +210,6 @@ impl HtConfig {
             0
         } else {
             c.next_multiple_of(self.alignment.max(1))
-        }
-    }
-}
-
-/// Why `ncclEpUpdateHandle` fails (outside graph capture).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HtPlanError {
-    /// An expert id outside −1..E−1 (the lowest rank that has one, its first entry).
-    BadExpertId(BadExpertId),
-    /// TRAP: a rank receives more than S rows (the lowest such rank; `count` is its FLAT row
-    /// count or EM padded total).
-    Overflow { rank: usize, count: usize, budget: usize },
-}
-
-impl HtPlanError {
-    /// The library error this is reported as: `ncclInvalidArgument` for a bad id,
-    /// `ncclInvalidUsage` for an overflow.
-    pub fn to_error(&self) -> Error {
-        match *self {
-            Self::BadExpertId(b) => crate::invalid_arg!(
-                "topk_idx[{}][{}] is {} on rank {}: expert ids must be negative (none, e.g. -1) or in [0, {})",
-                b.row,
-                b.k,
-                b.value,
-                b.rank,
-                b.num_experts
-            ),
-            Self::Overflow { rank, count, budget } => crate::invalid_usage!(
-                "rank {rank} would receive {count} rows, more than max_recv_tokens_per_rank ({budget}); \
-                 raise it (EXPERT_MAJOR counts its alignment padding: up to local experts x (alignment - 1) \
-                 rows more), use NCCL_EP_AUTO (eager mode), or set overflow_policy DROP to drop the excess"
-            ),
         }
     }
 }

@@ -7,15 +7,15 @@
 //! type of its expert outputs, which `outputs->tokens` must share (NCCL EP asserts it). A row is
 //! H · element size bytes: a multiple of 16 and at most `max_token_bytes`.
 
-use crate::abi::enums::{Layout, PassDir, dtype};
-use crate::core::config::GroupParams;
-use crate::core::error::Result;
-use crate::core::handle_rules::HandleParams;
-use crate::core::op_args::{CombineArgs, DispatchArgs};
-use crate::core::tensor::{Dim, TensorView};
+use crate::config::GroupParams;
+use crate::enums::{DType, Layout, PassDir, dtype};
+use crate::error::Result;
+use crate::handle_rules::HandleParams;
+use crate::op_args::{CombineArgs, DispatchArgs};
+use crate::tensor::{Dim, TensorView};
 
 /// Token types of LOW_LATENCY dispatch and combine (`quant_recipe` NONE), as NCCL EP.
-pub const LL_TOKEN_DTYPES: [i32; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32];
+pub const LL_TOKEN_DTYPES: [DType; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32];
 
 /// A checked low-latency call: what the kernels need besides pointers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub struct LlCall {
     /// Bytes of one token row: H · element size.
     pub row_bytes: usize,
     /// The token type of every token tensor of the call (one of [`LL_TOKEN_DTYPES`]).
-    pub dtype: i32,
+    pub dtype: DType,
     pub send_only: bool,
 }
 
@@ -54,8 +54,8 @@ fn common(pass: PassDir, quant: i32, what: &str) -> Result<()> {
 /// Checks a token matrix [T, H] of one of the LL token types; returns its row bytes.
 fn row_bytes(p: &GroupParams, t: &TensorView, name: &str, rows: usize) -> Result<usize> {
     t.expect(name, &[Dim::Eq(rows), Dim::Any], &LL_TOKEN_DTYPES)?;
-    let (h, ty) = (t.dim(1), dtype::name(t.dtype));
-    let rb = h * t.elem_bytes();
+    let (h, ty) = (t.dim(1), t.type_name());
+    let rb = h * t.elem_bytes()?;
     crate::ensure_arg!(
         rb > 0 && rb.is_multiple_of(16),
         "{name}: a row of {h} {ty} values ({rb} bytes) is not a multiple of 16 bytes"
@@ -71,10 +71,10 @@ fn row_bytes(p: &GroupParams, t: &TensorView, name: &str, rows: usize) -> Result
 /// The call's other token tensor must have the type of `first` (LL converts no type).
 fn same_dtype(t: &TensorView, name: &str, first: &TensorView, first_name: &str, why: &str) -> Result<()> {
     crate::ensure_arg!(
-        t.dtype == first.dtype,
+        t.raw_dtype() == first.raw_dtype(),
         "{name} is {} but {first_name} is {}: {why}, so both must have one type",
-        dtype::name(t.dtype),
-        dtype::name(first.dtype)
+        t.type_name(),
+        first.type_name()
     );
     Ok(())
 }
@@ -133,7 +133,7 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
         &a.in_scales,
     )?;
     ensure_none(&a.out_scales, "outputs->scales", "without a quantisation recipe")?;
-    let dt = a.tokens.dtype;
+    let dt = a.tokens.dtype()?;
     let why = "LOW_LATENCY dispatch moves token rows unconverted";
     same_dtype(&a.out_tokens, "outputs->tokens", &a.tokens, "inputs->tokens", why)?;
     match h.layout {
@@ -198,12 +198,14 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
 /// `topk` is the handle's routing tensor [T, K]. The expert outputs `inputs->tokens` set the
 /// type (checked first, as NCCL EP does); the combined rows `outputs->tokens` [T, H] share it.
 pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &CombineArgs) -> Result<LlCall> {
-    let dt = a.tokens.dtype;
-    crate::ensure_arg!(
-        LL_TOKEN_DTYPES.contains(&dt),
-        "inputs->tokens must be ncclBfloat16, ncclFloat16 or ncclFloat32 (no quantisation recipe), got {}",
-        dtype::name(dt)
-    );
+    let dt = DType::from_raw(a.tokens.raw_dtype())
+        .filter(|d| LL_TOKEN_DTYPES.contains(d))
+        .ok_or_else(|| {
+            crate::invalid_arg!(
+                "inputs->tokens must be ncclBfloat16, ncclFloat16 or ncclFloat32 (no quantisation recipe), got {}",
+                a.tokens.type_name()
+            )
+        })?;
     let why = "LOW_LATENCY combine rounds its fp32 sums to the type of the expert outputs";
     same_dtype(&a.out_tokens, "outputs->tokens", &a.tokens, "inputs->tokens", why)?;
     let CallShape {
@@ -250,15 +252,11 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::enums::{Algorithm, ExpertIdKind};
-    use crate::core::handle_rules::{check_handle, tests_support::params};
+    use crate::enums::{Algorithm, ExpertIdKind};
+    use crate::handle_rules::{check_handle, tests_support::params};
 
-    fn tv(s: &[usize], dt: i32) -> TensorView {
-        TensorView {
-            dtype: dt,
-            sizes: s.to_vec(),
-            data: 0x100,
-        }
+    fn tv(s: &[usize], dt: impl Into<i32>) -> TensorView {
+        TensorView::new(dt.into(), s.to_vec(), 0x100).unwrap()
     }
 
     fn em_args(t: usize) -> DispatchArgs {
@@ -397,7 +395,7 @@ mod tests {
         p.max_token_bytes = 32;
         let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
         let topk = tv(&[3, 8], dtype::INT32);
-        let run = |p: &GroupParams, dt: i32, hidden: usize| {
+        let run = |p: &GroupParams, dt: DType, hidden: usize| {
             let mut a = em_args(3);
             a.tokens = tv(&[3, hidden], dt);
             a.out_tokens = tv(&[32, 1024, hidden], dt);
@@ -416,7 +414,7 @@ mod tests {
                 "{}",
                 e.msg
             );
-            assert!(e.msg.contains(dtype::name(dt)), "{}", e.msg);
+            assert!(e.msg.contains(dt.name()), "{}", e.msg);
         }
         // 12 fp32 values (48 bytes) pass the 16-byte rule but not max_token_bytes = 32, which
         // 24 bf16 values (48 bytes) fail too, and 16 bf16 values (32 bytes) fit.
@@ -453,7 +451,7 @@ mod tests {
             let e = check_dispatch(&p, &h, &topk, &a).unwrap_err();
             assert_eq!(e.code(), 4);
             assert!(
-                e.msg.contains("inputs->tokens") && e.msg.contains(dtype::name(dt)),
+                e.msg.contains("inputs->tokens") && e.msg.contains(dt.name()),
                 "{}",
                 e.msg
             );
@@ -462,7 +460,7 @@ mod tests {
             let e = check_combine(&p, &h, &topk, &combine_args(x, tv(&[100, 7168], dt))).unwrap_err();
             assert_eq!(e.code(), 4);
             assert!(
-                e.msg.contains("inputs->tokens") && e.msg.contains(dtype::name(dt)),
+                e.msg.contains("inputs->tokens") && e.msg.contains(dt.name()),
                 "{}",
                 e.msg
             );

@@ -1,9 +1,8 @@
 //! Group configuration: every rule of `ncclEpCreateGroup` that needs no GPU, and the
 //! resolution of AUTO fields, as one pure function.
 
-use crate::abi::enums::{Algorithm, OverflowPolicy};
-use crate::abi::types::ncclEpGroupConfig_t;
-use crate::core::error::Result;
+use crate::enums::{Algorithm, OverflowPolicy};
+use crate::error::Result;
 
 /// Largest LL top-k (upstream v2's bound; our kernels are specialised on K up to this).
 pub const LL_MAX_TOPK: u32 = 32;
@@ -21,6 +20,29 @@ pub fn ll_slot_bytes(max_token_bytes: u32) -> u32 {
 
 /// Default GPU wait bound when neither the config nor the environment sets one.
 pub const DEFAULT_TIMEOUT_NS: u64 = 100_000_000_000;
+
+/// The fields of `ncclEpGroupConfig_t` as the caller set them: decoded from C, not yet checked
+/// (enumerations stay integers here because NCCL EP accepts unknown values in some of them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub algorithm: i32,
+    pub num_experts: u32,
+    pub max_dispatch_tokens_per_rank: u32,
+    pub max_recv_tokens_per_rank: u32,
+    pub max_token_bytes: u32,
+    pub rdma_buffer_size: u64,
+    pub max_num_sms: u32,
+    /// `alloc.alloc_fn` is set.
+    pub has_alloc_fn: bool,
+    /// `alloc.free_fn` is set.
+    pub has_free_fn: bool,
+    pub enable_mask: i32,
+    pub timeout_ns: u64,
+    /// API v2 (0 = AUTO for a v1 caller).
+    pub zero_copy: i32,
+    pub overflow_policy: i32,
+    pub num_topk: u32,
+}
 
 /// A group's validated parameters with AUTO fields resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,7 +102,7 @@ pub fn check_geometry(nranks: u32, num_experts: u32, max_tokens: u32, topk: u32)
 /// Checks a decoded config for a group of `nranks` ranks on a device with `device_sms` SMs.
 /// `rank` and `nranks` come from the communicator; `device_sms` may be 0 when unknown.
 pub fn validate_group_config(
-    c: &ncclEpGroupConfig_t,
+    c: &GroupConfig,
     rank: u32,
     nranks: u32,
     device_sms: u32,
@@ -89,7 +111,7 @@ pub fn validate_group_config(
     let algorithm = Algorithm::from_raw(c.algorithm).ok_or_else(|| {
         crate::invalid_arg!(
             "config->algorithm is {}, expected NCCL_EP_ALGO_LOW_LATENCY (0) or NCCL_EP_ALGO_HIGH_THROUGHPUT (1)",
-            c.algorithm.0
+            c.algorithm
         )
     })?;
     crate::ensure_arg!(nranks >= 1, "the communicator has {nranks} ranks");
@@ -118,7 +140,7 @@ pub fn validate_group_config(
         c.num_experts
     );
     crate::ensure_usage!(
-        c.alloc.alloc_fn.is_some() == c.alloc.free_fn.is_some(),
+        c.has_alloc_fn == c.has_free_fn,
         "config->alloc: set both alloc_fn and free_fn, or neither"
     );
     if c.max_num_sms != 0 && device_sms != 0 {
@@ -185,27 +207,24 @@ pub fn validate_group_config(
         timeout_ns,
         overflow,
         num_topk: c.num_topk,
-        custom_alloc: c.alloc.alloc_fn.is_some(),
+        custom_alloc: c.has_alloc_fn,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::guard::struct_default;
-    use crate::abi::types::*;
 
-    fn ll() -> ncclEpGroupConfig_t {
-        let mut c: ncclEpGroupConfig_t = struct_default();
-        c.version = 2;
-        c.algorithm = ncclEpAlgorithm_t(0);
+    fn ll() -> GroupConfig {
+        let mut c = GroupConfig::default();
+        c.algorithm = 0;
         c.num_experts = 256;
         c.max_dispatch_tokens_per_rank = 128;
         c.max_token_bytes = 14336;
         c
     }
 
-    fn err(c: &ncclEpGroupConfig_t, n: u32) -> (i32, String) {
+    fn err(c: &GroupConfig, n: u32) -> (i32, String) {
         let e = validate_group_config(c, 0, n, 132, &EnvOverrides::default()).unwrap_err();
         (e.code(), e.msg)
     }
@@ -222,7 +241,7 @@ mod tests {
     #[test]
     fn rejects_each_bad_field_with_its_code() {
         let mut c = ll();
-        c.algorithm = ncclEpAlgorithm_t(7);
+        c.algorithm = 7;
         assert_eq!(err(&c, 8).0, 4);
         let mut c = ll();
         c.num_experts = 0;
@@ -232,7 +251,7 @@ mod tests {
         assert_eq!(err(&c, 8).0, 4);
         let mut c = ll();
         c.max_token_bytes = 100;
-        c.algorithm = ncclEpAlgorithm_t(1);
+        c.algorithm = 1;
         assert!(err(&c, 8).1.contains("multiple of 16"));
         assert_eq!(err(&c, 8).0, 4);
         let mut c = ll();
@@ -247,11 +266,8 @@ mod tests {
         let mut c = ll();
         c.num_topk = 300;
         assert_eq!(err(&c, 8).0, 4);
-        unsafe extern "C" fn a(_: *mut *mut std::ffi::c_void, _: usize, _: *mut std::ffi::c_void) -> i32 {
-            0
-        }
         let mut c = ll();
-        c.alloc.alloc_fn = Some(a);
+        c.has_alloc_fn = true;
         assert_eq!(err(&c, 8).0, 5);
     }
 
@@ -260,7 +276,7 @@ mod tests {
     /// act; everything else behaves as AUTO / TRAP).
     #[test]
     fn accepts_what_nccl_ep_accepts() {
-        let ok = |c: &ncclEpGroupConfig_t| validate_group_config(c, 0, 8, 132, &EnvOverrides::default());
+        let ok = |c: &GroupConfig| validate_group_config(c, 0, 8, 132, &EnvOverrides::default());
         let mut c = ll();
         c.max_token_bytes = 100;
         assert_eq!(ok(&c).unwrap().max_token_bytes, 100);
@@ -270,7 +286,7 @@ mod tests {
         assert_eq!(ll_slot_bytes(u32::MAX), 0xFFFF_FFF0);
         for z in [0, 1, 2, 3, -1, 1000] {
             let mut c = ll();
-            c.zero_copy = ncclEpZeroCopyMode_t(z);
+            c.zero_copy = z;
             assert!(ok(&c).is_ok(), "zero_copy {z}");
         }
         for (algo, v, want) in [
@@ -280,25 +296,25 @@ mod tests {
             (1, -7, OverflowPolicy::Trap),
         ] {
             let mut c = ll();
-            c.algorithm = ncclEpAlgorithm_t(algo);
+            c.algorithm = algo;
             c.max_recv_tokens_per_rank = 4096;
-            c.overflow_policy = ncclEpOverflowPolicy_t(v);
+            c.overflow_policy = v;
             assert_eq!(ok(&c).unwrap().overflow, want, "algorithm {algo}, policy {v}");
         }
         // LL ignores DROP's need for a fixed budget (it has no receive budget).
         let mut c = ll();
-        c.overflow_policy = ncclEpOverflowPolicy_t(2);
+        c.overflow_policy = 2;
         assert!(ok(&c).is_ok());
     }
 
     #[test]
     fn ht_receive_budget_rules() {
         let mut c = ll();
-        c.algorithm = ncclEpAlgorithm_t(1);
+        c.algorithm = 1;
         c.max_recv_tokens_per_rank = 64;
         assert_eq!(err(&c, 8).0, 4);
         c.max_recv_tokens_per_rank = 0;
-        c.overflow_policy = ncclEpOverflowPolicy_t(2);
+        c.overflow_policy = 2;
         assert_eq!(err(&c, 8).0, 5);
         c.max_recv_tokens_per_rank = 4096;
         assert!(validate_group_config(&c, 0, 8, 132, &EnvOverrides::default()).is_ok());

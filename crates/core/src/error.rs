@@ -62,15 +62,15 @@ impl std::error::Error for Error {}
 /// `return Err(invalid_arg!("..."))`-style constructors.
 #[macro_export]
 macro_rules! invalid_arg {
-    ($($t:tt)*) => { $crate::core::error::Error::new($crate::core::error::ErrorKind::InvalidArgument, format!($($t)*)) };
+    ($($t:tt)*) => { $crate::error::Error::new($crate::error::ErrorKind::InvalidArgument, format!($($t)*)) };
 }
 #[macro_export]
 macro_rules! invalid_usage {
-    ($($t:tt)*) => { $crate::core::error::Error::new($crate::core::error::ErrorKind::InvalidUsage, format!($($t)*)) };
+    ($($t:tt)*) => { $crate::error::Error::new($crate::error::ErrorKind::InvalidUsage, format!($($t)*)) };
 }
 #[macro_export]
 macro_rules! internal_err {
-    ($($t:tt)*) => { $crate::core::error::Error::new($crate::core::error::ErrorKind::Internal, format!($($t)*)) };
+    ($($t:tt)*) => { $crate::error::Error::new($crate::error::ErrorKind::Internal, format!($($t)*)) };
 }
 /// Fails with InvalidArgument unless the condition holds.
 #[macro_export]

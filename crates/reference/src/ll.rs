@@ -10,8 +10,8 @@
 //! without a quantisation recipe. Dispatch copies bits; combine converts to f32 exactly and rounds
 //! once to the output type, which is the input type.
 
-use crate::abi::enums::{ExpertIdKind, Layout, dtype};
-use crate::core::ht_reference::{f16_to_f32, f32_to_f16_rne};
+use crate::ht::{f16_to_f32, f32_to_f16_rne};
+use ep_core::enums::{DType, ExpertIdKind, Layout, dtype};
 
 // ---------------------------------------------------------------------------------------------
 // bf16
@@ -39,7 +39,7 @@ pub fn f32_to_bf16_rne(x: f32) -> u16 {
 pub trait TokenElem: Copy + PartialEq + std::fmt::Debug + Default + Send + Sync + 'static {
     /// The `ncclDataType_t` of this type. (A function, not an associated const: cbindgen would
     /// put the type into nccl_ep.h for a const.)
-    fn nccl_dtype() -> i32;
+    fn nccl_dtype() -> DType;
     /// The value as f32 (exact for all three types).
     fn to_f32(self) -> f32;
     /// `v` rounded once to this type: nearest, ties to even (identity for fp32).
@@ -48,7 +48,7 @@ pub trait TokenElem: Copy + PartialEq + std::fmt::Debug + Default + Send + Sync 
 
 /// bf16: the bits of a `__nv_bfloat16`.
 impl TokenElem for u16 {
-    fn nccl_dtype() -> i32 {
+    fn nccl_dtype() -> DType {
         dtype::BFLOAT16
     }
     fn to_f32(self) -> f32 {
@@ -65,7 +65,7 @@ impl TokenElem for u16 {
 pub struct Fp16(pub u16);
 
 impl TokenElem for Fp16 {
-    fn nccl_dtype() -> i32 {
+    fn nccl_dtype() -> DType {
         dtype::FLOAT16
     }
     fn to_f32(self) -> f32 {
@@ -82,7 +82,7 @@ impl TokenElem for Fp16 {
 pub struct Fp32(pub u32);
 
 impl TokenElem for Fp32 {
-    fn nccl_dtype() -> i32 {
+    fn nccl_dtype() -> DType {
         dtype::FLOAT32
     }
     fn to_f32(self) -> f32 {
