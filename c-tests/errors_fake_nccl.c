@@ -125,6 +125,11 @@ static void test_tensor_reads(ncclEpGroup_t g) {
   BAD_TENSOR((t.data = NULL, t.win_hdl = (ncclWindow_t)SENTINEL), E5, "window");
   BAD_TENSOR(t.datatype = ncclFloat32, E4, "ncclUint8");
   BAD_TENSOR(t.ndim = 2, E4, "1-D");
+  /* extents whose element count wraps size_t (2^40 x 2^40 = 2^80, 0 when wrapped) or whose
+   * byte count does not fit: refused when the descriptor is read, never a wrapped size */
+  size_t wrap[2] = {(size_t)1 << 40, (size_t)1 << 40}, wrap_bytes[2] = {(size_t)1 << 62, 2};
+  BAD_TENSOR((t.ndim = 2, t.sizes = wrap), E4, "overflow");
+  BAD_TENSOR((t.ndim = 2, t.sizes = wrap_bytes, t.datatype = ncclFloat32), E4, "overflow");
 #undef BAD_TENSOR
   if (need > 0) {
     size_t small[1] = {need - 1};

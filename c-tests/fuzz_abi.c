@@ -456,6 +456,12 @@ static ncclEpTensor_t *mk_tensor(int kind, const Hints *h, int null_pct) {
     for (unsigned i = 0; i < 8; i++) s[i] = rand_extent(s[i] ? s[i] : 4);
   } else if (bad() && chance(30)) {
     s[below(ndim ? ndim : 1)] = rand_extent(s[0]);
+  } else if (ndim >= 2 && bad() && chance(20)) {
+    /* Extents whose product wraps a 64-bit size_t (e.g. 2^40 x 2^40 = 2^80 -> 0, or a product
+     * that fits but whose byte count does not): the library must refuse them, not compute a
+     * wrapped element count. */
+    s[0] = (size_t)1 << (32 + below(31));
+    s[1] = chance(50) ? s[0] : ((size_t)1 << (62 - below(3)));
   }
   if (bad() && chance(30)) {
     switch (below(5)) {
