@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test`: installs the test dependencies (scripts/deps.sh), runs the Rust tests (cargo test
-# --release), builds and runs the C tests (ctest in build/c-tests), and ends with ONE line
+# --release --workspace: the crates under crates/ too), builds and runs the C tests (ctest in build/c-tests), and ends with ONE line
 # "N passed, M failed, K skipped" over both. Exits non-zero if anything failed or did not build.
 # K counts cargo's ignored (and filtered-out) tests plus ctest's skipped ones: a test that did not
 # run is never counted as passed.
@@ -60,11 +60,11 @@ if [[ "${NCCL_EP_SKIP_CARGO:-0}" != 1 ]]; then
     # The GPU tests serialise themselves per binary (tests/gpu/harness.rs, require_gpu).
     test_args=(-- --include-ignored)
     [[ "${NCCL_EP_HT_FULL:-0}" == 1 ]] || test_args+=(--skip ht_full_matrix)
-    section "cargo test --release ${test_args[*]} (GPU tests on)"
-    timeout "${NCCL_EP_GPU_TEST_TIMEOUT:-3600}" cargo test --release "${test_args[@]}" 2>&1 | tee "$LOGS/cargo.log"
+    section "cargo test --release --workspace ${test_args[*]} (GPU tests on)"
+    timeout "${NCCL_EP_GPU_TEST_TIMEOUT:-3600}" cargo test --release --workspace "${test_args[@]}" 2>&1 | tee "$LOGS/cargo.log"
   else
-    section "cargo test --release (GPU tests off: cargo counts them as ignored)"
-    cargo test --release 2>&1 | tee "$LOGS/cargo.log"
+    section "cargo test --release --workspace (GPU tests off: cargo counts them as ignored)"
+    cargo test --release --workspace 2>&1 | tee "$LOGS/cargo.log"
   fi
   cargo_rc=${PIPESTATUS[0]}
 fi
