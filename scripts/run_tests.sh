@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: installs the test dependencies (scripts/deps.sh), runs the Rust tests (cargo test
-# --release --workspace: the crates under crates/ too), builds and runs the C tests (ctest in build/c-tests), and ends with ONE line
-# "N passed, M failed, K skipped" over both. Exits non-zero if anything failed or did not build.
+# --release --workspace: the crates under crates/ too), builds and runs the C tests (ctest in
+# build/c-tests), and ends with ONE line "N passed, M failed, K skipped" over both. Exits
+# non-zero if anything failed or did not build.
 # K counts cargo's ignored (and filtered-out) tests plus ctest's skipped ones: a test that did not
 # run is never counted as passed.
 # The Rust GPU tests (tests/gpu_ll.rs, gpu_ht.rs, gpu_multi.rs, nvrtc_compile.rs's selftest) are
