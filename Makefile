@@ -4,6 +4,7 @@
 #   make header                     regenerate include/*.h from src/abi with cbindgen
 #   make install PREFIX=/opt/x      lib/libnccl_ep.so.0.1.0 (+ .so.0, .so), include/, pkg-config, CMake package
 #   make test                       deps, cargo tests, C tests (ctest); last line "N passed, M failed, K skipped"
+#                                   (GPU tests are #[ignore]d: K without a GPU; NCCL_EP_GPU_TESTS=1 runs them)
 #   make bench                      the benchmark (needs an NVIDIA GPU)
 #   make fuzz FUZZ_SECONDS=N        the ABI fuzzer (c-tests/fuzz_abi.c) for N s (default 60); no GPU
 #   make clean

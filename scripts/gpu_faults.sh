@@ -4,7 +4,8 @@
 # tests/gpu_ll.rs. Each step has its own time limit; logs go to $OUT (or build/gpu-check).
 # STRESS_SECONDS > 0 stops the stress test after that long (it reports how many rounds ran).
 #   scripts/gpu_faults.sh DIR [STRESS_ROUNDS [STRESS_SECONDS]]
-# DIR holds gpu_ll (the cargo test binary of tests/gpu_ll.rs), built elsewhere.
+# DIR holds gpu_ll (the cargo test binary of tests/gpu_ll.rs), built elsewhere. Its tests are
+# #[ignore]d (they need a GPU), so every step runs with --include-ignored.
 set -uo pipefail
 DIR="$(cd "$1" && pwd)"
 ROUNDS="${2:-10000}"
@@ -25,18 +26,18 @@ step() { # name limit command...
   [[ $r == 0 ]] || rc=1
 }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-step faults 90 "$B" --test-threads=1 --nocapture ll_mask ll_timeout_without_mask_traps
+step faults 90 "$B" --include-ignored --test-threads=1 --nocapture ll_mask ll_timeout_without_mask_traps
 NCCL_EP_STRESS_ROUNDS=$ROUNDS NCCL_EP_STRESS_SECONDS=$SECS \
-  step stress "$((SECS > 0 ? SECS + 40 : 400))" "$B" --test-threads=1 --nocapture --exact ll_stress
-step suite 150 "$B" --test-threads=1 --nocapture --skip ll_mask --skip ll_stress --skip ll_timeout_without_mask_traps
+  step stress "$((SECS > 0 ? SECS + 40 : 400))" "$B" --include-ignored --test-threads=1 --nocapture --exact ll_stress
+step suite 150 "$B" --include-ignored --test-threads=1 --nocapture --skip ll_mask --skip ll_stress --skip ll_timeout_without_mask_traps
 if [[ -n "$SAN" ]]; then
   export NCCL_EP_TIMEOUT_MS=4000 NCCL_EP_TEST_LOOSE_TIMING=1
   NCCL_EP_STRESS_ROUNDS=60 NCCL_EP_STRESS_RANKS=1 \
-    step memcheck_1rank 60 "$SAN" --tool memcheck --error-exitcode 9 "$B" --test-threads=1 --nocapture --exact ll_stress
+    step memcheck_1rank 60 "$SAN" --tool memcheck --error-exitcode 9 "$B" --include-ignored --test-threads=1 --nocapture --exact ll_stress
   NCCL_EP_STRESS_ROUNDS=30 NCCL_EP_STRESS_RANKS=2,4 \
-    step memcheck_multi 60 "$SAN" --tool memcheck --error-exitcode 9 "$B" --test-threads=1 --nocapture ll_stress ll_mask
+    step memcheck_multi 60 "$SAN" --tool memcheck --error-exitcode 9 "$B" --include-ignored --test-threads=1 --nocapture ll_stress ll_mask
   NCCL_EP_STRESS_ROUNDS=20 NCCL_EP_STRESS_RANKS=1,2 \
-    step racecheck 60 "$SAN" --tool racecheck --error-exitcode 9 "$B" --test-threads=1 --nocapture --exact ll_stress
+    step racecheck 60 "$SAN" --tool racecheck --error-exitcode 9 "$B" --include-ignored --test-threads=1 --nocapture --exact ll_stress
   unset NCCL_EP_TIMEOUT_MS NCCL_EP_TEST_LOOSE_TIMING
 else
   echo "== compute-sanitizer not found"

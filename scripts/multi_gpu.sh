@@ -6,7 +6,8 @@
 #
 # DIR holds `gpu_multi` (the cargo test binary target/release/deps/gpu_multi-<hash>, copied under
 # that name; it links the library statically) and may hold `libnccl_ep.so` (not used here: it is
-# for `make bench` with NCCL_EP_LIB=DIR/libnccl_ep.so). N = ranks, one process each (default:
+# for `make bench` with NCCL_EP_LIB=DIR/libnccl_ep.so). Its `multi_gpu` test is #[ignore]d (it
+# needs a GPU), so every run here passes --include-ignored. N = ranks, one process each (default:
 # every visible GPU). N may exceed the GPUs: then several processes share each GPU (one
 # communicator; NCCL >= 2.30 with NCCL_MULTI_RANK_GPU_ENABLE=1, which this script sets; the
 # processes time-slice the GPU, so this checks correctness, not speed). It runs
@@ -151,7 +152,7 @@ run_plain() {
   local prefix="$1" pids=() r
   statuses=()
   for ((r = 0; r < N; r++)); do
-    EP_RANK=$r EP_WORLD=$N EP_LOCAL_RANK=$r timeout "$((T + 60))" "$BIN" --nocapture \
+    EP_RANK=$r EP_WORLD=$N EP_LOCAL_RANK=$r timeout "$((T + 60))" "$BIN" --include-ignored --nocapture \
       >"$LOGDIR/${prefix}rank-$r.log" 2>&1 &
     pids+=($!)
   done
@@ -197,7 +198,7 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 && "$KILL" != only ]]; then
       r=${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-${PMIX_RANK:-}}}
       if [ -z "$r" ]; then echo "the launcher set no rank variable" >"$1/rank-unknown-$$.log"; exit 3; fi
       if [ -z "${OMPI_COMM_WORLD_RANK:-}${PMI_RANK:-}" ]; then export EP_RANK=$r EP_WORLD=$2; fi
-      exec "$0" --nocapture >"$1/rank-$r.log" 2>&1' \
+      exec "$0" --include-ignored --nocapture >"$1/rank-$r.log" 2>&1' \
       "$BIN" "$LOGDIR" "$N" >"$LOGDIR/mpirun.log" 2>&1
     status=$?
     for ((r = 0; r < N; r++)); do
@@ -219,7 +220,7 @@ if [[ "${MULTI_GPU_THREADS:-1}" != 0 && "$KILL" != only ]]; then
   echo "== one process, one thread per GPU (ncclCommInitAll over $NT GPU(s))"
   start=$(date +%s)
   (unset OMPI_COMM_WORLD_RANK OMPI_COMM_WORLD_SIZE PMI_RANK PMI_SIZE EP_BOOTSTRAP_DIR EP_BOOTSTRAP_TAG
-   EP_MULTI_GPUS=$NT timeout "$((T + 60))" "$BIN" --nocapture >"$LOGDIR/threads.log" 2>&1)
+   EP_MULTI_GPUS=$NT timeout "$((T + 60))" "$BIN" --include-ignored --nocapture >"$LOGDIR/threads.log" 2>&1)
   summarize "$LOGDIR/threads.log" "[threads]" "$?"
   echo "   ($(( $(date +%s) - start )) s)"
 fi

@@ -2,8 +2,10 @@
 //! Low-latency dispatch and combine on a real GPU, checked against the CPU reference: local
 //! groups of 1, 2, 4 and 8 ranks on one device, one rank on a real NCCL communicator, both
 //! layouts, several top-k, hidden sizes, token counts and routings, send_only, two handles
-//! interleaved on one group and CUDA-graph replays. Without a GPU every test prints "skipped".
-//! Run on a GPU machine with `--test-threads=1 --nocapture`.
+//! interleaved on one group and CUDA-graph replays. Every test is `#[ignore]`d (it needs an
+//! NVIDIA GPU) and fails when run without one. On a GPU machine: `cargo test --release --test
+//! gpu_ll -- --include-ignored --nocapture`, or the prebuilt binary through scripts/gpu_check.sh
+//! and scripts/gpu_faults.sh (docs/BUILDING.md, "GPU tests").
 
 #[path = "gpu/harness.rs"]
 mod harness;
@@ -15,15 +17,6 @@ use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
 use nccl_ep::abi::group::ncclEpGroupDestroy;
 use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
 use nccl_ep::abi::types::*;
-
-macro_rules! require_gpu {
-    () => {
-        if !gpu_present() {
-            println!("skipped: no CUDA device");
-            return;
-        }
-    };
-}
 
 /// Groups and streams of one local world, destroyed in order.
 struct World {
@@ -150,8 +143,9 @@ fn base_case(nranks: usize, layout: Layout) -> Case {
 /// The issue's matrix: ranks {1,2,4,8} x layouts x K {1,2,8} x H {2048,7168} x T {0,1,B/2,B}
 /// x routing {uniform, skewed, same-rank duplicates}.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_local_groups_matrix() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let mut passed = 0;
     let mut failed = Vec::new();
     for nranks in [1, 2, 4, 8] {
@@ -191,8 +185,9 @@ fn ll_local_groups_matrix() {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_send_only_and_random_token_counts() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let mut passed = 0;
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let mut c = base_case(4, layout);
@@ -209,8 +204,9 @@ fn ll_send_only_and_random_token_counts() {
 
 /// Two handles of different layout and top-k on one group: D(A) D(B) C(A) C(B).
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_two_handles_interleaved() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let a = Case {
         topk: 2,
         ..base_case(4, Layout::ExpertMajor)
@@ -267,8 +263,9 @@ fn ll_two_handles_interleaved() {
 /// Dispatch + combine of every rank captured once into CUDA graphs, replayed 100 times with new
 /// tokens, routing and expert outputs each time; every replay is checked.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_graph_replays() {
-    require_gpu!();
+    let _gpu = require_gpu();
     use cudarc::driver::sys;
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let c = Case {
@@ -334,15 +331,11 @@ fn ll_graph_replays() {
 
 /// One rank on a real NCCL communicator (the caller's libnccl.so.2), both layouts.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_one_rank_on_nccl_communicator() {
-    require_gpu!();
-    let comm = match nccl_one_rank_comm() {
-        Ok(c) => c,
-        Err(e) => {
-            println!("skipped: {e}");
-            return;
-        }
-    };
+    let _gpu = require_gpu();
+    // No skip without NCCL: a GPU machine that runs these tests has libnccl.so.2.
+    let comm = nccl_one_rank_comm().unwrap_or_else(|e| panic!("a one-rank NCCL communicator: {e}"));
     let mut passed = 0;
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let mut c = base_case(1, layout);
@@ -371,8 +364,9 @@ fn ll_one_rank_on_nccl_communicator() {
 /// Buffer bytes at the anchor config (8 local ranks, E=256, B=128, H=7168, K=8): the planner's
 /// figure and the device memory that groups + handles really take.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_anchor_memory() {
-    require_gpu!();
+    let _gpu = require_gpu();
     use cudarc::driver::sys;
     use nccl_ep::abi::handle::ncclEpInitHandle;
     let free = || {
@@ -434,8 +428,9 @@ type RankOutputs = (Vec<u16>, Vec<i32>, Vec<u16>);
 /// One host thread per rank: each thread creates its handle and issues its own dispatch and
 /// combine (the ranks of a local group wait for each other on the GPU, not on the host).
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_one_thread_per_rank() {
-    require_gpu!();
+    let _gpu = require_gpu();
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let c = Case {
             tokens: Some(48),
@@ -577,8 +572,9 @@ fn mask_clean_all(w: &World) -> Vec<i32> {
 /// raise the async flag and deliver everything else exactly; combine then runs without it and
 /// without waiting; ncclEpMaskClean restores the group and a round with all ranks is exact.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_mask_silent_rank() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let timeout = effective_timeout();
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let c = base_case(4, layout);
@@ -692,8 +688,9 @@ fn ll_mask_silent_rank() {
 /// A rank that starts its dispatch a quarter of the timeout late: nobody is masked, no flag,
 /// exact results.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_mask_late_rank_within_timeout() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let timeout = effective_timeout();
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let c = base_case(4, layout);
@@ -738,8 +735,9 @@ fn ll_mask_late_rank_within_timeout() {
 /// mask has only itself, runs alone. No waits, no flag, exact against the masked reference; then
 /// all-ones masks and an exact round.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_mask_update_by_hand() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let timeout = effective_timeout();
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let c = base_case(4, layout);
@@ -812,17 +810,21 @@ fn ll_mask_update_by_hand() {
 }
 
 /// Without enable_mask a timeout is fatal, as upstream: the kernel prints who waited for whom in
-/// which phase and traps. The trap loses the CUDA context, so it runs in a child process (the
-/// ignored test below).
+/// which phase and traps. The trap loses the CUDA context, so the trapping half runs in a child
+/// process: this same test, re-run with NCCL_EP_TRAP_CHILD=1 (`trap_child`).
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_timeout_without_mask_traps() {
-    require_gpu!();
+    let _gpu = require_gpu();
+    if std::env::var_os("NCCL_EP_TRAP_CHILD").is_some() {
+        trap_child();
+    }
     let exe = std::env::current_exe().unwrap();
     let t0 = Instant::now();
     let out = std::process::Command::new(exe)
         .args([
             "--exact",
-            "ll_trap_child",
+            "ll_timeout_without_mask_traps",
             "--ignored",
             "--nocapture",
             "--test-threads=1",
@@ -854,15 +856,11 @@ fn ll_timeout_without_mask_traps() {
     assert!(msg, "no device message naming rank 0, rank 1 and the phase:\n{text}");
 }
 
-#[test]
-#[ignore = "run by ll_timeout_without_mask_traps in a child process: it loses its CUDA context"]
-fn ll_trap_child() {
+/// The child's half of ll_timeout_without_mask_traps: rank 0 of two dispatches alone and
+/// waits for rank 1 until the kernel traps; prints what the stream reported, then exits
+/// without running any destructor (the context is gone).
+fn trap_child() -> ! {
     use std::io::Write;
-    if std::env::var_os("NCCL_EP_TRAP_CHILD").is_none() {
-        println!("skipped: only runs as ll_timeout_without_mask_traps's child");
-        return;
-    }
-    require_gpu!();
     let c = base_case(2, Layout::ExpertMajor);
     let w = timeout_world(&c, false).expect("local groups");
     let mut rng = SplitMix64::new(3);
@@ -1408,8 +1406,9 @@ fn stress_round(sw: &mut StressWorld, rng: &mut SplitMix64, st: &mut StressStats
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_stress() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let rounds = env_num("NCCL_EP_STRESS_ROUNDS", 200);
     let seconds = env_num("NCCL_EP_STRESS_SECONDS", 0);
     let seed = env_num("NCCL_EP_STRESS_SEED", 2026);
@@ -1475,8 +1474,9 @@ fn ll_stress() {
 /// our buffer rounds its slots up. Rows of the bound less 8 bytes, both layouts, checked against
 /// the reference.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_max_token_bytes_not_a_multiple_of_16() {
-    require_gpu!();
+    let _gpu = require_gpu();
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let c = base_case(2, layout);
         let mut cfg = c.group_config();
@@ -1543,8 +1543,9 @@ fn token_type_rounds<T: TestToken>(
 /// and combined rows bit for bit against the CPU reference (fresh random data each round,
 /// outputs poisoned with NaN patterns first).
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_fp16_fp32_matrix() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let mut passed = 0;
     let mut failed = Vec::new();
     for nranks in [1, 2, 4, 8] {
@@ -1570,8 +1571,9 @@ fn ll_fp16_fp32_matrix() {
 /// One group whose max_token_bytes holds fp32 rows runs bf16, fp16 and fp32 calls in turn
 /// (the buffer and the epochs are shared; each call picks its own combine kernel).
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_token_types_share_a_group() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let mut passed = 0;
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let base = Case {
@@ -1600,8 +1602,9 @@ fn ll_token_types_share_a_group() {
 /// NCCL EP's benchmark shape (E = 256, H = 7168, K = 8, and K = 31) with fp16 and fp32 tokens,
 /// B = 128 tokens on every rank, 8 local ranks.
 #[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
 fn ll_fp16_fp32_benchmark_shape() {
-    require_gpu!();
+    let _gpu = require_gpu();
     let mut passed = 0;
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let base = Case {

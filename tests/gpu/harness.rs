@@ -82,9 +82,32 @@ pub fn cu(r: sys::CUresult, what: &str) -> Result<(), String> {
     }
 }
 
-/// True when a CUDA device can be used (the GPU tests skip otherwise).
-pub fn gpu_present() -> bool {
-    nccl_ep::cuda::driver::driver_available() && nccl_ep::cuda::driver::device_count().unwrap_or(0) > 0
+/// Why no CUDA device can be used here, or None when one can.
+pub fn no_gpu_reason() -> Option<String> {
+    match nccl_ep::cuda::driver::device_count() {
+        Ok(n) if n > 0 => None,
+        Ok(_) => Some("the CUDA driver sees no device".into()),
+        Err(e) => Some(e.msg),
+    }
+}
+
+/// The first line of every GPU test. GPU tests are `#[ignore]`d, so that cargo counts them as
+/// ignored (not passed) on a machine without a GPU; once asked for (`--ignored`,
+/// `--include-ignored`) they must run, so this FAILS without a device rather than skip.
+/// The guard it returns makes the GPU tests of one test binary run one at a time even without
+/// `--test-threads=1` (the mask and timeout tests time their peers; two tests sharing the GPU
+/// would make them flaky). Keep it alive for the whole test: `let _gpu = require_gpu();`.
+pub fn require_gpu() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that panicked while holding it poisons it; the next test may still run.
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(why) = no_gpu_reason() {
+        panic!(
+            "this test needs an NVIDIA GPU and none is usable here ({why}); it is #[ignore]d \
+             for that reason: run it on a GPU machine (docs/BUILDING.md, \"GPU tests\")"
+        );
+    }
+    guard
 }
 
 pub struct Stream(pub sys::CUstream);
