@@ -15,7 +15,7 @@ pub fn group_config(c: &ncclEpGroupConfig_t) -> (GroupConfig, Option<CustomAlloc
         max_dispatch_tokens_per_rank: c.max_dispatch_tokens_per_rank,
         max_recv_tokens_per_rank: c.max_recv_tokens_per_rank,
         max_token_bytes: c.max_token_bytes,
-        rdma_buffer_size: c.rdma_buffer_size as u64,
+        rdma_buffer_size: c.rdma_buffer_size,
         max_num_sms: c.max_num_sms,
         has_alloc_fn: c.alloc.alloc_fn.is_some(),
         has_free_fn: c.alloc.free_fn.is_some(),
