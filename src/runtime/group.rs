@@ -5,6 +5,7 @@ use crate::runtime::ht::HtState;
 use crate::runtime::ll::{self, LlState};
 use crate::sys::ncclComm_t;
 use crate::transport::local::LocalWorld;
+use crate::transport::peers::PeerBuffers;
 use ep_core::config::{EnvOverrides, GroupConfig, GroupParams, validate_group_config};
 use ep_core::enums::Algorithm;
 use ep_core::error::Result;
@@ -147,6 +148,16 @@ impl Group {
         }
     }
 
+    /// This rank's (still empty) peer buffers: the one place that asks how the ranks reach
+    /// each other (LL and HT hold the result and never look at `membership`).
+    pub fn peer_buffers(&self) -> PeerBuffers {
+        let (rank, nranks) = (self.params.rank as usize, self.params.nranks as usize);
+        match &self.membership {
+            Membership::Local { world } => PeerBuffers::local(world.clone(), rank),
+            Membership::Nccl { comm, .. } => PeerBuffers::nccl(*comm, rank, nranks, self.device),
+        }
+    }
+
     /// True when the group has GPU state (LL or HT).
     pub fn has_gpu_state(&self) -> bool {
         self.ll.is_some() || self.ht.is_some()
@@ -168,22 +179,18 @@ impl Group {
         }
     }
 
-    /// `ncclEpGroupDestroy`: releases the communication buffer of an NCCL group through the
-    /// destroy barrier when a peer lives in another process (`SharedBuffer::release`; every
-    /// rank destroys its group, as NVIDIA's destroy is collective too), then the rest.
+    /// `ncclEpGroupDestroy`: releases the communication buffer through its transport (NCCL
+    /// groups: the destroy barrier when a peer lives in another process, `SharedBuffer::release`;
+    /// every rank destroys its group, as NVIDIA's destroy is collective too), then the rest.
     pub fn destroy(mut self) {
-        let Membership::Nccl { .. } = self.membership else {
-            return;
-        };
         // Every rank enters the barrier (as NVIDIA's destroy), bounded by the group's timeout so
         // that a peer that died cannot hang the survivors.
         let limit = std::time::Duration::from_nanos(self.params.timeout_ns);
-        let shared = [
-            self.ll.as_mut().and_then(|l| l.shared.take()),
-            self.ht.as_mut().and_then(|h| h.shared.take()),
-        ];
-        for sb in shared.into_iter().flatten() {
-            sb.release(limit);
+        if let Some(l) = self.ll.as_mut() {
+            l.buffers.release(limit);
+        }
+        if let Some(h) = self.ht.as_mut() {
+            h.buffers.release(limit);
         }
     }
 }
