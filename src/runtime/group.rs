@@ -1,8 +1,10 @@
 //! An EP group: validated parameters, where its ranks live, and its GPU state.
 
-use crate::runtime::alloc::CustomAlloc;
+use crate::cuda::memory;
+use crate::runtime::alloc::{CustomAlloc, GroupMem};
 use crate::runtime::ht::HtState;
 use crate::runtime::ll::{self, LlState};
+use crate::runtime::ll_params::EP_STATE_BYTES;
 use crate::sys::ncclComm_t;
 use crate::transport::local::LocalWorld;
 use crate::transport::peers::PeerBuffers;
@@ -156,6 +158,28 @@ impl Group {
             Membership::Local { world } => PeerBuffers::local(world.clone(), rank),
             Membership::Nccl { comm, .. } => PeerBuffers::nccl(*comm, rank, nranks, self.device),
         }
+    }
+
+    /// A zeroed `struct EpState` (the device epoch and block counters LL and HT kernels share),
+    /// from the caller's allocator when the config has one.
+    pub fn zeroed_ep_state(&self) -> Result<GroupMem> {
+        let state = GroupMem::alloc(self.device, EP_STATE_BYTES, self.custom_alloc)?;
+        let _ctx = crate::cuda::context::CtxGuard::enter(self.device)?;
+        // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
+        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, memory::Stream::LEGACY_DEFAULT)? };
+        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
+        Ok(state)
+    }
+
+    /// Blocks of each data-parallel kernel: this device's SMs shared among the group's ranks on
+    /// it, at most `max_num_sms` when the config sets it.
+    pub fn kernel_blocks(&self, ranks_on_device: usize) -> Result<u32> {
+        let sms = crate::cuda::driver::sm_count(self.device)? as u32;
+        let blocks = (sms / ranks_on_device.max(1) as u32).max(1);
+        Ok(match self.params.max_num_sms {
+            0 => blocks,
+            max => blocks.min(max),
+        })
     }
 
     /// True when the group has GPU state (LL or HT).

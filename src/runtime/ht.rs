@@ -13,7 +13,6 @@ use crate::runtime::group::Group;
 use crate::runtime::handle::Handle;
 use crate::runtime::ht_kernels::{HtDtype, HtModule, launch_ht};
 use crate::runtime::ht_params::{HtHdr, HtParams};
-use crate::runtime::ll_params::EP_STATE_BYTES;
 use crate::sys::cudaStream_t;
 use crate::transport::peers::PeerBuffers;
 use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
@@ -51,17 +50,10 @@ impl HtState {
         let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
         // Checks N and E against the kernels' limits now rather than at the first handle.
         HtLayout::for_group(&g.params, 1, 0)?;
-        let state = GroupMem::alloc(dev, EP_STATE_BYTES, g.custom_alloc)?;
-        // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
-        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, Stream::LEGACY_DEFAULT)? };
-        memory::stream_synchronize(Stream::LEGACY_DEFAULT)?;
+        let state = g.zeroed_ep_state()?;
         let err = PinnedHostMem::alloc(dev, 4)?;
         let hdr_host = PinnedHostMem::alloc(dev, std::mem::size_of::<HtHdr>())?;
-        let sms = crate::cuda::driver::sm_count(dev)? as u32;
-        let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
-        if g.params.max_num_sms != 0 {
-            blocks = blocks.min(g.params.max_num_sms);
-        }
+        let blocks = g.kernel_blocks(ranks_on_device)?;
         let khz = crate::cuda::driver::device_attribute(
             dev,
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,

@@ -7,7 +7,7 @@ use crate::runtime::group::Group;
 use crate::runtime::handle::Handle;
 use crate::runtime::kernels::{LlDtype, LlKernel, launch_ll};
 use crate::runtime::ll_params::{
-    EP_STATE_BYTES, ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
+    ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
 };
 use crate::sys::cudaStream_t;
 use crate::transport::peers::PeerBuffers;
@@ -63,9 +63,7 @@ impl LlState {
             "LOW_LATENCY groups support at most {LL_MAX_RANKS} ranks, this one has {}",
             g.params.nranks
         );
-        let state = GroupMem::alloc(dev, EP_STATE_BYTES, g.custom_alloc)?;
-        // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
-        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, memory::Stream::LEGACY_DEFAULT)? };
+        let state = g.zeroed_ep_state()?;
         let mask = if g.params.enable_mask {
             let m = GroupMem::alloc(dev, MASK_BLOCK_BYTES, g.custom_alloc)?;
             // SAFETY: the block holds MASK_BLOCK_BYTES: 64 ints of 1, then zeroed decisions
@@ -89,11 +87,7 @@ impl LlState {
             crate::runtime::kernels::preload(dev, LlKernel::clean())?;
         }
         let err = PinnedHostMem::alloc(dev, ERR_BLOCK_BYTES)?;
-        let sms = crate::cuda::driver::sm_count(dev)? as u32;
-        let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
-        if g.params.max_num_sms != 0 {
-            blocks = blocks.min(g.params.max_num_sms);
-        }
+        let blocks = g.kernel_blocks(ranks_on_device)?;
         // Kernels measure waits with the GPU's nanosecond timer (%globaltimer), not in SM cycles,
         // whose rate varies with the clock.
         let timeout_ns = g.params.timeout_ns.min(i64::MAX as u64) as i64;
