@@ -1,10 +1,13 @@
 //! An EP group: validated parameters, where its ranks live, and its GPU state.
 
-use crate::runtime::alloc::CustomAlloc;
+use crate::cuda::memory;
+use crate::runtime::alloc::{CustomAlloc, GroupMem};
 use crate::runtime::ht::HtState;
 use crate::runtime::ll::{self, LlState};
+use crate::runtime::ll_params::EP_STATE_BYTES;
 use crate::sys::ncclComm_t;
 use crate::transport::local::LocalWorld;
+use crate::transport::peers::PeerBuffers;
 use ep_core::config::{EnvOverrides, GroupConfig, GroupParams, validate_group_config};
 use ep_core::enums::Algorithm;
 use ep_core::error::Result;
@@ -147,6 +150,38 @@ impl Group {
         }
     }
 
+    /// This rank's (still empty) peer buffers: the one place that asks how the ranks reach
+    /// each other (LL and HT hold the result and never look at `membership`).
+    pub fn peer_buffers(&self) -> PeerBuffers {
+        let (rank, nranks) = (self.params.rank as usize, self.params.nranks as usize);
+        match &self.membership {
+            Membership::Local { world } => PeerBuffers::local(world.clone(), rank),
+            Membership::Nccl { comm, .. } => PeerBuffers::nccl(*comm, rank, nranks, self.device),
+        }
+    }
+
+    /// A zeroed `struct EpState` (the device epoch and block counters LL and HT kernels share),
+    /// from the caller's allocator when the config has one.
+    pub fn zeroed_ep_state(&self) -> Result<GroupMem> {
+        let state = GroupMem::alloc(self.device, EP_STATE_BYTES, self.custom_alloc)?;
+        let _ctx = crate::cuda::context::CtxGuard::enter(self.device)?;
+        // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
+        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, memory::Stream::LEGACY_DEFAULT)? };
+        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
+        Ok(state)
+    }
+
+    /// Blocks of each data-parallel kernel: this device's SMs shared among the group's ranks on
+    /// it, at most `max_num_sms` when the config sets it.
+    pub fn kernel_blocks(&self, ranks_on_device: usize) -> Result<u32> {
+        let sms = crate::cuda::driver::sm_count(self.device)? as u32;
+        let blocks = (sms / ranks_on_device.max(1) as u32).max(1);
+        Ok(match self.params.max_num_sms {
+            0 => blocks,
+            max => blocks.min(max),
+        })
+    }
+
     /// True when the group has GPU state (LL or HT).
     pub fn has_gpu_state(&self) -> bool {
         self.ll.is_some() || self.ht.is_some()
@@ -168,22 +203,18 @@ impl Group {
         }
     }
 
-    /// `ncclEpGroupDestroy`: releases the communication buffer of an NCCL group through the
-    /// destroy barrier when a peer lives in another process (`SharedBuffer::release`; every
-    /// rank destroys its group, as NVIDIA's destroy is collective too), then the rest.
+    /// `ncclEpGroupDestroy`: releases the communication buffer through its transport (NCCL
+    /// groups: the destroy barrier when a peer lives in another process, `SharedBuffer::release`;
+    /// every rank destroys its group, as NVIDIA's destroy is collective too), then the rest.
     pub fn destroy(mut self) {
-        let Membership::Nccl { .. } = self.membership else {
-            return;
-        };
         // Every rank enters the barrier (as NVIDIA's destroy), bounded by the group's timeout so
         // that a peer that died cannot hang the survivors.
         let limit = std::time::Duration::from_nanos(self.params.timeout_ns);
-        let shared = [
-            self.ll.as_mut().and_then(|l| l.shared.take()),
-            self.ht.as_mut().and_then(|h| h.shared.take()),
-        ];
-        for sb in shared.into_iter().flatten() {
-            sb.release(limit);
+        if let Some(l) = self.ll.as_mut() {
+            l.buffers.release(limit);
+        }
+        if let Some(h) = self.ht.as_mut() {
+            h.buffers.release(limit);
         }
     }
 }

@@ -9,13 +9,12 @@
 
 use crate::cuda::memory::{self, PinnedHostMem, Stream};
 use crate::runtime::alloc::GroupMem;
-use crate::runtime::group::{Group, Membership};
+use crate::runtime::group::Group;
 use crate::runtime::handle::Handle;
 use crate::runtime::ht_kernels::{HtDtype, HtModule, launch_ht};
 use crate::runtime::ht_params::{HtHdr, HtParams};
-use crate::runtime::ll_params::EP_STATE_BYTES;
 use crate::sys::cudaStream_t;
-use crate::transport::ipc::SharedBuffer;
+use crate::transport::peers::PeerBuffers;
 use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use ep_core::error::Result;
 use ep_core::handle_rules::HandleParams;
@@ -27,10 +26,9 @@ use ep_core::tensor::TensorView;
 
 /// The high-throughput state of one rank's group.
 pub struct HtState {
-    /// This rank's group buffer and every rank's as seen from here, NCCL groups only (local
-    /// groups keep every rank's buffer in their `LocalWorld`); None until the first handle
-    /// sizes it.
-    pub shared: Option<SharedBuffer>,
+    /// This rank's group buffer and every rank's as seen from here; empty until the first
+    /// handle sizes it.
+    pub buffers: PeerBuffers,
     /// Some peer lives in another process: peers read staging copies, never caller tensors.
     pub multi_process: bool,
     /// The largest layout the buffer was sized for.
@@ -52,24 +50,17 @@ impl HtState {
         let _ctx = crate::cuda::context::CtxGuard::enter(dev)?;
         // Checks N and E against the kernels' limits now rather than at the first handle.
         HtLayout::for_group(&g.params, 1, 0)?;
-        let state = GroupMem::alloc(dev, EP_STATE_BYTES, g.custom_alloc)?;
-        // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
-        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, Stream::LEGACY_DEFAULT)? };
-        memory::stream_synchronize(Stream::LEGACY_DEFAULT)?;
+        let state = g.zeroed_ep_state()?;
         let err = PinnedHostMem::alloc(dev, 4)?;
         let hdr_host = PinnedHostMem::alloc(dev, std::mem::size_of::<HtHdr>())?;
-        let sms = crate::cuda::driver::sm_count(dev)? as u32;
-        let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
-        if g.params.max_num_sms != 0 {
-            blocks = blocks.min(g.params.max_num_sms);
-        }
+        let blocks = g.kernel_blocks(ranks_on_device)?;
         let khz = crate::cuda::driver::device_attribute(
             dev,
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,
         )? as i64;
         let timeout_cycles = ((g.params.timeout_ns as i128 * khz as i128) / 1_000_000).min(i64::MAX as i128) as i64;
         Ok(HtState {
-            shared: None,
+            buffers: g.peer_buffers(),
             multi_process: false,
             sized: None,
             state,
@@ -92,26 +83,16 @@ impl HtState {
 
 /// Allocates (NCCL groups: and exchanges) this rank's group buffer of `bytes`, zeroed.
 fn allocate(g: &mut Group, bytes: usize) -> Result<()> {
-    let (rank, nranks, dev) = (g.params.rank as usize, g.params.nranks as usize, g.device);
-    match &g.membership {
-        Membership::Local { world } => world.ensure(bytes),
-        Membership::Nccl { comm, .. } => {
-            let comm = *comm;
-            let st = g.ht_mut()?;
-            // SAFETY: the caller's communicator; all ranks size buffers in lockstep and no
-            // operation of the group is in flight (handles are created collectively).
-            unsafe { crate::transport::ipc::resize(&mut st.shared, comm, rank, nranks, dev, bytes) }?;
-            st.multi_process |= st.shared.as_ref().is_some_and(SharedBuffer::cross_process);
-            Ok(())
-        }
-    }
+    let st = g.ht_mut()?;
+    // All ranks size buffers in lockstep and no operation of the group is in flight (handles
+    // are created collectively).
+    st.buffers.ensure(bytes)?;
+    st.multi_process |= st.buffers.cross_process();
+    Ok(())
 }
 
 fn buffer_bytes(g: &Group) -> Result<usize> {
-    Ok(match &g.membership {
-        Membership::Local { world } => world.buffer_bytes(),
-        Membership::Nccl { .. } => g.ht()?.shared.as_ref().map_or(0, |b| b.len()),
-    })
+    Ok(g.ht()?.buffers.len())
 }
 
 /// Makes sure this rank's group buffer holds handles of (`lay`, `k`): allocated at the first
@@ -153,14 +134,7 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     let lay = st
         .sized
         .ok_or_else(|| ep_core::invalid_usage!("the group has no high-throughput buffer yet"))?;
-    let peers = match &g.membership {
-        Membership::Local { world } => world.peers(lay.total_bytes)?.0,
-        Membership::Nccl { .. } => st
-            .shared
-            .as_ref()
-            .map(|b| b.peers().to_vec())
-            .ok_or_else(|| ep_core::invalid_usage!("the group has no high-throughput buffer yet"))?,
-    };
+    let (peers, _) = st.buffers.peers(lay.total_bytes, "high-throughput")?;
     let hl = HtHandleLayout::new(&g.params, &h.params)?;
     let mut p = HtParams::default();
     p.peers[..peers.len()].copy_from_slice(&peers);
@@ -280,7 +254,7 @@ pub fn update(
     if cap {
         return Ok(());
     }
-    if matches!(g.membership, Membership::Local { .. }) {
+    if g.ht()?.buffers.peers_share_thread() {
         // The ranks of a local group may all be driven by this thread: waiting here for the
         // exchange would wait for updates not issued yet. The next dispatch or combine on the
         // handle checks the result instead.
@@ -355,11 +329,7 @@ fn stage(g: &Group, off: usize, src: u64, bytes: usize, stream: cudaStream_t) ->
     if bytes == 0 || src == 0 {
         return Ok(());
     }
-    let me = g.params.rank as usize;
-    let dst = match &g.membership {
-        Membership::Local { world } => world.peers(0)?.0[me],
-        Membership::Nccl { .. } => g.ht()?.shared.as_ref().map_or(0, |b| b.ptr()),
-    };
+    let dst = g.ht()?.buffers.own();
     // SAFETY: the staging region holds at least `bytes` (sized by the receive bound); the
     // caller's tensor holds them (checked shapes).
     unsafe { memory::memcpy_dtod_async(dst + off as u64, src, bytes, Stream::from_raw(stream.cast())) }

@@ -1,14 +1,13 @@
 //! The high-throughput kernels: NVRTC sources, specialisations and launches.
 
-use crate::cuda::jit::{Defines, KernelSource, get_function};
+use crate::cuda::jit::{Defines, KernelSource};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
 use crate::runtime::ht_params::HtParams;
+use crate::runtime::kernel_cache::{self, KernelModule};
 use crate::sys::cudaStream_t;
 use ep_core::error::Result;
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
 
 /// Threads per block of every HT kernel (their `__launch_bounds__`).
 pub const HT_THREADS: u32 = 512;
@@ -123,36 +122,10 @@ impl HtModule {
         }
     }
 
-    /// The loaded kernel `name` of this module on `device`. The first use of a module on a device
-    /// compiles it (or reads the cache) and loads the code of *every* kernel in it: an
-    /// operation's later launches then load nothing while its first kernel waits for the other
-    /// ranks (a lazy load could wait for that kernel to finish: a deadlock between the ranks of
-    /// a local group).
+    /// The loaded kernel `name` of this module on `device`, from the runtime's kernel cache
+    /// (`runtime::kernel_cache`: the first use of a module on a device loads every kernel in it).
     pub fn function(&self, device: i32, name: &'static str) -> Result<Function> {
-        type Key = (HtModule, &'static str, i32);
-        static LOADED: OnceLock<Mutex<HashMap<Key, Function>>> = OnceLock::new();
-        let map = LOADED.get_or_init(Default::default);
-        if let Some(f) = map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(*self, name, device))
-        {
-            return Ok(*f);
-        }
-        let mut all = Vec::new();
-        for &k in self.kernels() {
-            let f = get_function(device, self.source(), &self.defines(), k)?;
-            let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
-            f.load()?;
-            all.push((k, f));
-        }
-        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
-        for (k, f) in all {
-            m.insert((*self, k, device), f);
-        }
-        m.get(&(*self, name, device))
-            .copied()
-            .ok_or_else(|| ep_core::internal_err!("{name} is not a kernel of {}", self.source().name))
+        kernel_cache::function(KernelModule::Ht(*self), name, device)
     }
 }
 

@@ -1,15 +1,14 @@
 //! Which kernel variant a call needs, its NVRTC source and defines, and its launch.
 
-use crate::cuda::jit::{Defines, KernelSource, get_function};
+use crate::cuda::jit::{Defines, KernelSource};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
+use crate::runtime::kernel_cache::{self, KernelModule};
 use crate::runtime::ll_params::LlParams;
 use crate::sys::cudaStream_t;
 use ep_core::enums::{DType, Layout, dtype};
 use ep_core::error::Result;
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
 
 /// The kernels with the common header prepended, so NVRTC needs no include path.
 pub const LL_DISPATCH: KernelSource = KernelSource {
@@ -134,10 +133,15 @@ impl LlKernel {
     }
 
     pub fn name(&self) -> &'static str {
+        self.kernels()[0]
+    }
+
+    /// The kernels of its module: the one named [`LlKernel::name`].
+    pub fn kernels(&self) -> &'static [&'static str] {
         match self.kind {
-            LlKind::Dispatch => "ll_dispatch",
-            LlKind::Combine => "ll_combine",
-            LlKind::Clean => "ll_clean",
+            LlKind::Dispatch => &["ll_dispatch"],
+            LlKind::Combine => &["ll_combine"],
+            LlKind::Clean => &["ll_clean"],
         }
     }
 
@@ -208,17 +212,10 @@ impl LlKernel {
         }
     }
 
-    /// The loaded kernel for `device`. The first call per (variant, device) compiles or reads the
-    /// disk cache; later calls are one hash-map lookup (this is on every dispatch's host path).
+    /// The loaded kernel for `device` (the runtime's kernel cache: the first call per
+    /// (variant, device) compiles or reads the JIT's caches, later calls are one lookup).
     fn function(&self, device: i32) -> Result<Function> {
-        static LOADED: OnceLock<Mutex<HashMap<(LlKernel, i32), Function>>> = OnceLock::new();
-        let map = LOADED.get_or_init(Default::default);
-        if let Some(f) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&(*self, device)) {
-            return Ok(*f);
-        }
-        let f = get_function(device, self.source(), &self.defines(), self.name())?;
-        map.lock().unwrap_or_else(|p| p.into_inner()).insert((*self, device), f);
-        Ok(f)
+        kernel_cache::function(KernelModule::Ll(*self), self.name(), device)
     }
 }
 

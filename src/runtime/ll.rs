@@ -3,14 +3,14 @@
 
 use crate::cuda::memory::{self, PinnedHostMem};
 use crate::runtime::alloc::GroupMem;
-use crate::runtime::group::{Group, Membership};
+use crate::runtime::group::Group;
 use crate::runtime::handle::Handle;
 use crate::runtime::kernels::{LlDtype, LlKernel, launch_ll};
 use crate::runtime::ll_params::{
-    EP_STATE_BYTES, ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
+    ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
 };
 use crate::sys::cudaStream_t;
-use crate::transport::ipc::SharedBuffer;
+use crate::transport::peers::PeerBuffers;
 use ep_core::enums::{ExpertIdKind, Layout, dtype};
 use ep_core::error::Result;
 use ep_core::ll_layout::LlLayout;
@@ -31,10 +31,9 @@ pub struct Pending {
 
 /// The low-latency state of one rank's group.
 pub struct LlState {
-    /// This rank's communication buffer and every rank's as seen from here, NCCL groups only
-    /// (None until a handle sizes it, for AUTO); local groups keep every rank's buffer in their
-    /// `LocalWorld`, which hands out the peers at each launch.
-    pub shared: Option<SharedBuffer>,
+    /// This rank's communication buffer and every rank's as seen from here (empty until a
+    /// handle sizes it, for AUTO).
+    pub buffers: PeerBuffers,
     /// `struct EpState` (epoch and block counters), zeroed at creation.
     pub state: GroupMem,
     /// Host-mapped status (`ERR_BLOCK_BYTES`): the async error flag the kernels raise when a wait
@@ -64,9 +63,7 @@ impl LlState {
             "LOW_LATENCY groups support at most {LL_MAX_RANKS} ranks, this one has {}",
             g.params.nranks
         );
-        let state = GroupMem::alloc(dev, EP_STATE_BYTES, g.custom_alloc)?;
-        // SAFETY: state holds EP_STATE_BYTES bytes; the legacy stream is synchronised right after.
-        unsafe { memory::memset_d8_async(state.ptr(), 0, EP_STATE_BYTES, memory::Stream::LEGACY_DEFAULT)? };
+        let state = g.zeroed_ep_state()?;
         let mask = if g.params.enable_mask {
             let m = GroupMem::alloc(dev, MASK_BLOCK_BYTES, g.custom_alloc)?;
             // SAFETY: the block holds MASK_BLOCK_BYTES: 64 ints of 1, then zeroed decisions
@@ -90,11 +87,7 @@ impl LlState {
             crate::runtime::kernels::preload(dev, LlKernel::clean())?;
         }
         let err = PinnedHostMem::alloc(dev, ERR_BLOCK_BYTES)?;
-        let sms = crate::cuda::driver::sm_count(dev)? as u32;
-        let mut blocks = (sms / ranks_on_device.max(1) as u32).max(1);
-        if g.params.max_num_sms != 0 {
-            blocks = blocks.min(g.params.max_num_sms);
-        }
+        let blocks = g.kernel_blocks(ranks_on_device)?;
         // Kernels measure waits with the GPU's nanosecond timer (%globaltimer), not in SM cycles,
         // whose rate varies with the clock.
         let timeout_ns = g.params.timeout_ns.min(i64::MAX as u64) as i64;
@@ -103,7 +96,7 @@ impl LlState {
             _ => None,
         };
         Ok(LlState {
-            shared: None,
+            buffers: g.peer_buffers(),
             state,
             err,
             mask,
@@ -145,10 +138,7 @@ pub fn layout(g: &Group, k: u32) -> Result<LlLayout> {
 
 /// Bytes of this rank's communication buffer (0 before the first handle, for AUTO).
 fn buffer_bytes(g: &Group) -> Result<usize> {
-    Ok(match &g.membership {
-        Membership::Local { world } => world.buffer_bytes(),
-        Membership::Nccl { .. } => g.ll()?.shared.as_ref().map_or(0, |b| b.len()),
-    })
+    Ok(g.ll()?.buffers.len())
 }
 
 /// Makes sure this rank's buffer holds `lay` (allocating or growing it for AUTO; collective for
@@ -172,17 +162,9 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
         lay.total_bytes
     };
     let rank = g.params.rank as usize;
-    let nranks = g.params.nranks as usize;
-    let dev = g.device;
-    match &g.membership {
-        Membership::Local { world } => world.ensure(bytes)?,
-        Membership::Nccl { comm, .. } => {
-            let comm = *comm;
-            // SAFETY: the communicator is the caller's; all ranks size buffers in lockstep and
-            // no operation of the group is in flight (handles are created collectively).
-            unsafe { crate::transport::ipc::resize(&mut g.ll_mut()?.shared, comm, rank, nranks, dev, bytes) }?;
-        }
-    }
+    // All ranks size buffers in lockstep and no operation of the group is in flight (handles
+    // are created collectively).
+    g.ll_mut()?.buffers.ensure(bytes)?;
     crate::log::log_info(format_args!(
         "rank {rank}: low-latency buffer of {bytes} bytes (K = {})",
         lay.topk
@@ -193,11 +175,7 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
 /// The parameters every LL launch shares: peers, layout offsets, state.
 fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     let ll = g.ll()?;
-    let (peers, bytes) = match (&ll.shared, &g.membership) {
-        (_, Membership::Local { world }) => world.peers(lay.total_bytes)?,
-        (Some(sb), _) => (sb.peers().to_vec(), sb.len()),
-        (None, _) => return Err(ep_core::invalid_usage!("the group has no low-latency buffer yet")),
-    };
+    let (peers, bytes) = ll.buffers.peers(lay.total_bytes, "low-latency")?;
     ep_core::ensure_usage!(lay.fits(bytes), "the low-latency buffer is too small for this handle");
     let mut p = LlParams::default();
     p.peers[..peers.len()].copy_from_slice(&peers);

@@ -69,6 +69,11 @@ impl LocalWorld {
         Ok(())
     }
 
+    /// Rank `rank`'s buffer (0 before the first handle).
+    pub fn buffer_ptr(&self, rank: usize) -> u64 {
+        self.lock().get(rank).map_or(0, |b| b.ptr())
+    }
+
     /// Every rank's buffer address and their common size, which must be at least `need`.
     pub fn peers(&self, need: usize) -> Result<(Vec<u64>, usize)> {
         let bufs = self.lock();

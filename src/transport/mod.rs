@@ -5,3 +5,4 @@ pub mod ipc;
 pub mod ipc_maps;
 pub mod local;
 pub mod nccl;
+pub mod peers;
