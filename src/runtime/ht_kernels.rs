@@ -6,9 +6,10 @@ use crate::cuda::module::{Function, launch};
 use crate::runtime::ht_params::HtParams;
 use crate::sys::cudaStream_t;
 use ep_core::error::Result;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Threads per block of every HT kernel (their `__launch_bounds__`).
 pub const HT_THREADS: u32 = 512;
@@ -132,11 +133,7 @@ impl HtModule {
         type Key = (HtModule, &'static str, i32);
         static LOADED: OnceLock<Mutex<HashMap<Key, Function>>> = OnceLock::new();
         let map = LOADED.get_or_init(Default::default);
-        if let Some(f) = map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(*self, name, device))
-        {
+        if let Some(f) = map.lock().get(&(*self, name, device)) {
             return Ok(*f);
         }
         let mut all = Vec::new();
@@ -146,7 +143,7 @@ impl HtModule {
             f.load()?;
             all.push((k, f));
         }
-        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = map.lock();
         for (k, f) in all {
             m.insert((*self, k, device), f);
         }

@@ -7,9 +7,10 @@ use crate::runtime::ll_params::LlParams;
 use crate::sys::cudaStream_t;
 use ep_core::enums::{DType, Layout, dtype};
 use ep_core::error::Result;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// The kernels with the common header prepended, so NVRTC needs no include path.
 pub const LL_DISPATCH: KernelSource = KernelSource {
@@ -213,11 +214,11 @@ impl LlKernel {
     fn function(&self, device: i32) -> Result<Function> {
         static LOADED: OnceLock<Mutex<HashMap<(LlKernel, i32), Function>>> = OnceLock::new();
         let map = LOADED.get_or_init(Default::default);
-        if let Some(f) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&(*self, device)) {
+        if let Some(f) = map.lock().get(&(*self, device)) {
             return Ok(*f);
         }
         let f = get_function(device, self.source(), &self.defines(), self.name())?;
-        map.lock().unwrap_or_else(|p| p.into_inner()).insert((*self, device), f);
+        map.lock().insert((*self, device), f);
         Ok(f)
     }
 }
