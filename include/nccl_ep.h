@@ -292,6 +292,8 @@ ncclResult_t ncclEpCreateGroup(ncclEpGroup_t *ep_group, ncclComm_t comm, const n
  * Destroys a group; all of its handles must be destroyed first. Collective for groups whose
  * ranks span processes, as NVIDIA's: it waits (at most the group's timeout) for every rank's
  * destroy before freeing the buffer the peers map; past the timeout the buffer stays allocated.
+ * A call on the group in progress on another thread finishes first; one that comes later
+ * fails with ncclInvalidArgument.
  */
 ncclResult_t ncclEpGroupDestroy(ncclEpGroup_t ep_group);
 
@@ -316,7 +318,11 @@ ncclResult_t ncclEpUpdateHandle(ncclEpHandle_t handle, const ncclEpTensor_t *top
 ncclResult_t ncclEpCreateHandle(ncclEpHandle_t *handle, ncclEpGroup_t ep_group, ncclEpLayout_t layout, const ncclEpTensor_t *topk_idx, const ncclEpLayoutInfo_t *layout_info, const ncclEpHandleConfig_t *config, cudaStream_t stream);
 
 /**
- * Destroys a handle (its group stays).
+ * Destroys a handle (its group stays). A `send_only` operation the handle left pending is
+ * dropped with it, its receive phase never run (as NVIDIA's destroy drops it), and the group
+ * accepts new operations; destroy that handle on every rank alike. A call on the handle in
+ * progress on another thread finishes first; one that comes later fails with
+ * ncclInvalidArgument.
  */
 ncclResult_t ncclEpHandleDestroy(ncclEpHandle_t handle);
 

@@ -30,19 +30,30 @@ pub unsafe extern "C" fn ncclEpCreateGroup(
 /// Destroys a group; all of its handles must be destroyed first. Collective for groups whose
 /// ranks span processes, as NVIDIA's: it waits (at most the group's timeout) for every rank's
 /// destroy before freeing the buffer the peers map; past the timeout the buffer stays allocated.
+/// A call on the group in progress on another thread finishes first; one that comes later
+/// fails with ncclInvalidArgument.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpGroupDestroy(ep_group: ncclEpGroup_t) -> ncclResult_t {
     ffi_call("ncclEpGroupDestroy", || {
         if ep_group.is_null() {
             return Ok(());
         }
-        let g = objects::group(ep_group)?;
+        // The destroy barrier runs here, once, in the caller's destroy and under the group's
+        // lock; never at the drop of a later reference (a call racing the destroy may hold one).
+        let gr = objects::group(ep_group)?;
+        let mut g = gr.lock()?;
         ep_core::ensure_usage!(
             g.live_handles == 0,
             "the group still has {} live handle(s); destroy them with ncclEpHandleDestroy first",
             g.live_handles
         );
-        objects::take_group(ep_group)?.inner.destroy();
+        // Under the lock, so of two racing destroys exactly one gets here (the other failed in
+        // lock(), or finds the entry gone).
+        ep_core::ensure_arg!(
+            objects::unpublish_group(ep_group, &gr),
+            "ep_group {ep_group:p} is not a live group (destroyed already, or never created)"
+        );
+        g.destroy();
         Ok(())
     })
 }

@@ -7,8 +7,8 @@ use super::objects;
 use super::tensor::{read_tensor, read_tensor_opt};
 use super::types::*;
 use crate::runtime::alloc::GroupMem;
-use crate::runtime::group::Group;
-use crate::runtime::handle::{Handle, HandleMem};
+use crate::runtime::group::{Group, GroupRef};
+use crate::runtime::handle::{Handle, HandleId, HandleMem};
 use ep_core::error::Result;
 use ep_core::handle_rules::{
     HandleParams, check_handle, check_topk_idx, handle_mem_bytes, handle_mem_need, mem_size_params,
@@ -54,6 +54,7 @@ pub unsafe extern "C" fn ncclEpHandleMemSize(
     num_topk: c_int,
 ) -> ncclResult_t {
     ffi_call("ncclEpHandleMemSize", || {
+        // The parameters never change: no need for the group's lock.
         let g = objects::group(ep_group)?;
         // SAFETY: C contract.
         let out = unsafe { out_ptr(size_out, "size_out") }?;
@@ -66,19 +67,20 @@ pub unsafe extern "C" fn ncclEpHandleMemSize(
     })
 }
 
-/// The body of InitHandle, shared with CreateHandle.
+/// The body of InitHandle, shared with CreateHandle: `g` is `group`, locked by the caller.
 ///
 /// # Safety
 /// Pointers follow the C contract.
+#[allow(clippy::too_many_arguments)]
 unsafe fn init_handle(
-    ep_group: ncclEpGroup_t,
+    g: &mut Group,
+    group: &GroupRef,
     layout: ncclEpLayout_t,
     config: *const ncclEpHandleConfig_t,
     num_topk: c_int,
     handle_mem: *const ncclEpTensor_t,
     stream: Option<cudaStream_t>,
 ) -> Result<Handle> {
-    let g = objects::group(ep_group)?;
     // SAFETY: C contract.
     let hp = unsafe { handle_params(g, layout, config, num_topk) }?;
     let need = handle_mem_need(&g.params, &hp)?;
@@ -120,33 +122,29 @@ unsafe fn init_handle(
     }
     g.live_handles += 1;
     Ok(Handle {
-        group: ep_group as usize,
+        id: HandleId::next(),
+        group: group.clone(),
         params: hp,
         topk_idx: None,
         mem,
         dispatched: false,
         ht_unchecked: false,
+        destroyed: false,
     })
 }
 
-/// Gives a half-built handle back without leaking the group's handle count.
-fn discard(h: Handle) {
-    if let Ok(g) = objects::group(h.group as ncclEpGroup_t) {
-        g.live_handles = g.live_handles.saturating_sub(1);
-    }
-}
-
-/// Sets the routing of a handle (the body of UpdateHandle).
+/// Sets the routing of a handle (the body of UpdateHandle): `g` is the handle's group, locked
+/// by the caller.
 ///
 /// # Safety
 /// Pointers follow the C contract.
 unsafe fn update_handle(
+    g: &mut Group,
     h: &mut Handle,
     topk_idx: *const ncclEpTensor_t,
     layout_info: *const ncclEpLayoutInfo_t,
     stream: cudaStream_t,
 ) -> Result<()> {
-    let g = objects::group(h.group as ncclEpGroup_t)?;
     // SAFETY: C contract.
     let t = unsafe { read_tensor(topk_idx, "topk_idx") }?;
     // SAFETY: C contract.
@@ -205,8 +203,10 @@ pub unsafe extern "C" fn ncclEpInitHandle(
         // SAFETY: C contract.
         let out = unsafe { out_ptr(handle, "handle") }?;
         *out = std::ptr::null_mut();
+        let gr = objects::group(ep_group)?;
+        let mut g = gr.lock()?;
         // SAFETY: C contract.
-        let h = unsafe { init_handle(ep_group, layout, config, num_topk, handle_mem, None) }?;
+        let h = unsafe { init_handle(&mut g, &gr, layout, config, num_topk, handle_mem, None) }?;
         *out = objects::publish_handle(h);
         Ok(())
     })
@@ -221,9 +221,12 @@ pub unsafe extern "C" fn ncclEpUpdateHandle(
     stream: cudaStream_t,
 ) -> ncclResult_t {
     ffi_call("ncclEpUpdateHandle", || {
-        let h = objects::handle(handle)?;
+        let hr = objects::handle(handle)?;
+        let mut h = hr.lock()?;
+        let gr = h.group.clone();
+        let mut g = gr.lock()?;
         // SAFETY: C contract.
-        unsafe { update_handle(h, topk_idx, layout_info, stream) }
+        unsafe { update_handle(&mut g, &mut h, topk_idx, layout_info, stream) }
     })
 }
 
@@ -242,7 +245,7 @@ pub unsafe extern "C" fn ncclEpCreateHandle(
         // SAFETY: C contract.
         let out = unsafe { out_ptr(handle, "handle") }?;
         *out = std::ptr::null_mut();
-        objects::group(ep_group)?;
+        let gr = objects::group(ep_group)?;
         // Header checks come before anything is built, so a bad struct leaves *handle NULL.
         // SAFETY: C contract.
         let t = unsafe { read_tensor(topk_idx, "topk_idx") }?;
@@ -254,11 +257,14 @@ pub unsafe extern "C" fn ncclEpCreateHandle(
             t.ndim()
         );
         let k = c_int::try_from(t.dim(1)).map_err(|_| ep_core::invalid_arg!("topk_idx has {} columns", t.dim(1)))?;
+        // One lock for both steps: no other call on the group sees the half-built handle.
+        let mut g = gr.lock()?;
         // SAFETY: C contract.
-        let mut h = unsafe { init_handle(ep_group, layout, config, k, std::ptr::null(), Some(stream)) }?;
+        let mut h = unsafe { init_handle(&mut g, &gr, layout, config, k, std::ptr::null(), Some(stream)) }?;
         // SAFETY: C contract.
-        if let Err(e) = unsafe { update_handle(&mut h, topk_idx, layout_info, stream) } {
-            discard(h);
+        if let Err(e) = unsafe { update_handle(&mut g, &mut h, topk_idx, layout_info, stream) } {
+            // Given back without leaking the group's handle count.
+            g.live_handles = g.live_handles.saturating_sub(1);
             return Err(e);
         }
         *out = objects::publish_handle(h);
@@ -266,15 +272,21 @@ pub unsafe extern "C" fn ncclEpCreateHandle(
     })
 }
 
-/// Destroys a handle (its group stays).
+/// Destroys a handle (its group stays). A `send_only` operation the handle left pending is
+/// dropped with it, its receive phase never run (as NVIDIA's destroy drops it), and the group
+/// accepts new operations; destroy that handle on every rank alike. A call on the handle in
+/// progress on another thread finishes first; one that comes later fails with
+/// ncclInvalidArgument.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpHandleDestroy(handle: ncclEpHandle_t) -> ncclResult_t {
     ffi_call("ncclEpHandleDestroy", || {
         if handle.is_null() {
             return Ok(());
         }
-        let h = objects::take_handle(handle)?;
-        discard(h.inner);
-        Ok(())
+        // Out of the registry first: of two racing destroys only one gets it. A call in
+        // progress on the handle finishes first (its lock), or fails afterwards.
+        let hr = objects::take_handle(handle)?;
+        let mut h = hr.lock()?;
+        crate::runtime::ops::destroy_handle(&mut h)
     })
 }

@@ -9,26 +9,34 @@ use crate::runtime::group::Group;
 use ep_core::error::Result;
 use std::ffi::c_int;
 
-/// The group, if it is a low-latency group with masking enabled.
-fn masked_group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
-    let g = objects::group(p)?;
+/// Checks that the group is a low-latency group with masking enabled.
+fn check_masked(g: &Group) -> Result<()> {
     ep_core::ensure_usage!(
         g.params.algorithm == Algorithm::LowLatency,
         "rank masks exist only for LOW_LATENCY groups"
     );
     ep_core::ensure_usage!(g.params.enable_mask, "the group was created with enable_mask = 0");
-    Ok(g)
+    Ok(())
 }
 
-/// The group, if its async error flag can be read: LOW_LATENCY groups with masking enabled (as
-/// upstream), and every HIGH_THROUGHPUT group (no masks, but timeouts and overflows under graph
-/// capture raise the flag; upstream throws here).
-fn async_group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
-    let g = objects::group(p)?;
-    if g.params.algorithm == Algorithm::HighThroughput {
-        return Ok(g);
-    }
-    masked_group(p)
+/// Runs `f` on the locked group, if it is a low-latency group with masking enabled.
+fn with_masked<R>(p: ncclEpGroup_t, f: impl FnOnce(&mut Group) -> Result<R>) -> Result<R> {
+    objects::with_group(p, |g| {
+        check_masked(g)?;
+        f(g)
+    })
+}
+
+/// Runs `f` on the locked group, if its async error flag can be read: LOW_LATENCY groups with
+/// masking enabled (as upstream), and every HIGH_THROUGHPUT group (no masks, but timeouts and
+/// overflows under graph capture raise the flag; upstream throws here).
+fn with_async<R>(p: ncclEpGroup_t, f: impl FnOnce(&mut Group) -> Result<R>) -> Result<R> {
+    objects::with_group(p, |g| {
+        if g.params.algorithm != Algorithm::HighThroughput {
+            check_masked(g)?;
+        }
+        f(g)
+    })
 }
 
 /// Copies the active-rank mask (1 active, 0 masked) into the device array `mask_status[nranks]`.
@@ -39,9 +47,10 @@ pub unsafe extern "C" fn ncclEpMaskQuery(
     stream: cudaStream_t,
 ) -> ncclResult_t {
     ffi_call("ncclEpMaskQuery", || {
-        let g = masked_group(ep_group)?;
-        ep_core::ensure_arg!(!mask_status.is_null(), "mask_status is NULL");
-        crate::runtime::ll::mask_query(g, mask_status as u64, stream)
+        with_masked(ep_group, |g| {
+            ep_core::ensure_arg!(!mask_status.is_null(), "mask_status is NULL");
+            crate::runtime::ll::mask_query(g, mask_status as u64, stream)
+        })
     })
 }
 
@@ -53,9 +62,10 @@ pub unsafe extern "C" fn ncclEpMaskUpdate(
     stream: cudaStream_t,
 ) -> ncclResult_t {
     ffi_call("ncclEpMaskUpdate", || {
-        let g = masked_group(ep_group)?;
-        ep_core::ensure_arg!(!mask.is_null(), "mask is NULL");
-        crate::runtime::ll::mask_update(g, mask, stream)
+        with_masked(ep_group, |g| {
+            ep_core::ensure_arg!(!mask.is_null(), "mask is NULL");
+            crate::runtime::ll::mask_update(g, mask, stream)
+        })
     })
 }
 
@@ -64,8 +74,7 @@ pub unsafe extern "C" fn ncclEpMaskUpdate(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpMaskClean(ep_group: ncclEpGroup_t, stream: cudaStream_t) -> ncclResult_t {
     ffi_call("ncclEpMaskClean", || {
-        let g = masked_group(ep_group)?;
-        crate::runtime::ll::mask_clean(g, stream)
+        with_masked(ep_group, |g| crate::runtime::ll::mask_clean(g, stream))
     })
 }
 
@@ -74,12 +83,13 @@ pub unsafe extern "C" fn ncclEpMaskClean(ep_group: ncclEpGroup_t, stream: cudaSt
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out: *mut c_int) -> ncclResult_t {
     ffi_call("ncclEpGetAsyncError", || {
-        let g = async_group(ep_group)?;
-        // SAFETY: C contract.
-        let out = unsafe { out_ptr(error_out, "error_out") }?;
-        // Without GPU state no kernel ran, so nothing can have timed out.
-        *out = g.async_error() as c_int;
-        Ok(())
+        with_async(ep_group, |g| {
+            // SAFETY: C contract.
+            let out = unsafe { out_ptr(error_out, "error_out") }?;
+            // Without GPU state no kernel ran, so nothing can have timed out.
+            *out = g.async_error() as c_int;
+            Ok(())
+        })
     })
 }
 
@@ -87,8 +97,9 @@ pub unsafe extern "C" fn ncclEpGetAsyncError(ep_group: ncclEpGroup_t, error_out:
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ncclEpErrorClear(ep_group: ncclEpGroup_t) -> ncclResult_t {
     ffi_call("ncclEpErrorClear", || {
-        let g = async_group(ep_group)?;
-        g.clear_async_error();
-        Ok(())
+        with_async(ep_group, |g| {
+            g.clear_async_error();
+            Ok(())
+        })
     })
 }

@@ -1,75 +1,86 @@
-//! Live groups and handles, by address, so that a NULL, stale or foreign pointer from C is
-//! an error code instead of a crash.
-// The pointer arguments are checked against the live set before use, hence safe functions.
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
+//! Live groups and handles, by the address C holds, so that a NULL, stale or foreign pointer
+//! from C is an error code instead of a crash.
+//!
+//! Each registry owns one `Arc` of each live object, under the address of the object the `Arc`
+//! points to (stable while any `Arc` lives). The address is only a key: nothing is ever read
+//! through a pointer C passes. A lookup clones the `Arc` for the call, so a destroy on another
+//! thread (which removes the entry and drops the registry's `Arc`) never frees an object under
+//! a call in progress; the call finds the object marked destroyed once it gets its lock
+//! (`SharedGroup::lock`, `SharedHandle::lock`). One registry per kind: a group's address passed
+//! as a handle (or the reverse, which a stale pointer can become once malloc reuses the
+//! address) is rejected. The registry lock is the innermost: taken last, held only for the map.
 
 use super::types::{ncclEpGroup, ncclEpGroup_t, ncclEpHandle, ncclEpHandle_t};
-use crate::runtime::{group::Group, handle::Handle};
+use crate::runtime::group::{Group, GroupRef, SharedGroup};
+use crate::runtime::handle::{Handle, HandleRef, SharedHandle};
 use ep_core::error::Result;
-use std::collections::HashSet;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
 
-/// Live addresses, one set per kind: a group's address passed as a handle (or the reverse,
-/// which a stale pointer can become once malloc reuses the address) must be rejected.
-fn live_groups() -> MutexGuard<'static, HashSet<usize>> {
-    static L: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
-    L.get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-}
+type Registry<T> = LazyLock<Mutex<HashMap<usize, Arc<T>>>>;
 
-fn live_handles() -> MutexGuard<'static, HashSet<usize>> {
-    static L: OnceLock<Mutex<HashSet<usize>>> = OnceLock::new();
-    L.get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+static GROUPS: Registry<SharedGroup> = LazyLock::new(Default::default);
+static HANDLES: Registry<SharedHandle> = LazyLock::new(Default::default);
+
+fn key<T>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a) as usize
 }
 
 pub fn publish_group(g: Group) -> ncclEpGroup_t {
-    let p = Box::into_raw(Box::new(ncclEpGroup { inner: g }));
-    live_groups().insert(p as usize);
-    p
+    let g = SharedGroup::new(g);
+    let k = key(&g);
+    GROUPS.lock().insert(k, g);
+    k as *mut ncclEpGroup
 }
 
 pub fn publish_handle(h: Handle) -> ncclEpHandle_t {
-    let p = Box::into_raw(Box::new(ncclEpHandle { inner: h }));
-    live_handles().insert(p as usize);
-    p
+    let h = SharedHandle::new(h);
+    let k = key(&h);
+    HANDLES.lock().insert(k, h);
+    k as *mut ncclEpHandle
 }
 
-/// The group behind a C pointer, if it is one we handed out and have not destroyed.
-pub fn group<'a>(p: ncclEpGroup_t) -> Result<&'a mut Group> {
+/// The group behind a C pointer, if it is one we handed out and have not destroyed: a
+/// reference of the caller's own, to lock for the call.
+pub fn group(p: ncclEpGroup_t) -> Result<GroupRef> {
     ep_core::ensure_arg!(!p.is_null(), "ep_group is NULL");
-    ep_core::ensure_arg!(
-        live_groups().contains(&(p as usize)),
-        "ep_group {p:p} is not a live group (destroyed already, or never created)"
-    );
-    // SAFETY: the address is a live Box<ncclEpGroup> we created; callers must not use one group
-    // from several threads at once except as documented.
-    Ok(unsafe { &mut (*p).inner })
+    GROUPS.lock().get(&(p as usize)).cloned().ok_or_else(|| {
+        ep_core::invalid_arg!("ep_group {p:p} is not a live group (destroyed already, or never created)")
+    })
 }
 
-pub fn handle<'a>(p: ncclEpHandle_t) -> Result<&'a mut Handle> {
+pub fn handle(p: ncclEpHandle_t) -> Result<HandleRef> {
     ep_core::ensure_arg!(!p.is_null(), "handle is NULL");
-    ep_core::ensure_arg!(
-        live_handles().contains(&(p as usize)),
-        "handle {p:p} is not a live handle (destroyed already, or never created)"
-    );
-    // SAFETY: as in `group`.
-    Ok(unsafe { &mut (*p).inner })
+    HANDLES
+        .lock()
+        .get(&(p as usize))
+        .cloned()
+        .ok_or_else(|| ep_core::invalid_arg!("handle {p:p} is not a live handle (destroyed already, or never created)"))
 }
 
-/// Removes a group from the live set and gives ownership back.
-pub fn take_group(p: ncclEpGroup_t) -> Result<Box<ncclEpGroup>> {
-    group(p)?;
-    live_groups().remove(&(p as usize));
-    // SAFETY: created by publish_group and now unreachable from C.
-    Ok(unsafe { Box::from_raw(p) })
+/// Runs `f` on the locked group behind `p` (one call's worth).
+pub fn with_group<R>(p: ncclEpGroup_t, f: impl FnOnce(&mut Group) -> Result<R>) -> Result<R> {
+    let g = group(p)?;
+    let mut locked = g.lock()?;
+    f(&mut locked)
 }
 
-pub fn take_handle(p: ncclEpHandle_t) -> Result<Box<ncclEpHandle>> {
-    handle(p)?;
-    live_handles().remove(&(p as usize));
-    // SAFETY: created by publish_handle and now unreachable from C.
-    Ok(unsafe { Box::from_raw(p) })
+/// Removes group `g` (found at `p`) from the live set; false when another thread's destroy
+/// removed it first. The caller holds `g`'s lock, so only one destroy gets true.
+pub fn unpublish_group(p: ncclEpGroup_t, g: &GroupRef) -> bool {
+    let mut live = GROUPS.lock();
+    match live.get(&(p as usize)) {
+        Some(cur) if Arc::ptr_eq(cur, g) => live.remove(&(p as usize)).is_some(),
+        _ => false,
+    }
+}
+
+/// Removes a handle from the live set and gives the registry's reference back.
+pub fn take_handle(p: ncclEpHandle_t) -> Result<HandleRef> {
+    ep_core::ensure_arg!(!p.is_null(), "handle is NULL");
+    HANDLES
+        .lock()
+        .remove(&(p as usize))
+        .ok_or_else(|| ep_core::invalid_arg!("handle {p:p} is not a live handle (destroyed already, or never created)"))
 }

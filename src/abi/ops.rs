@@ -35,8 +35,9 @@ pub unsafe extern "C" fn ncclEpDispatch(
             let o = read_req(outputs, "outputs")?;
             let li = read_opt(layout_info, "layout_info")?;
             let cfg = read_opt(config, "config")?;
-            let h = objects::handle(handle)?;
-            let algorithm = objects::group(h.group as ncclEpGroup_t)?.params.algorithm;
+            let hr = objects::handle(handle)?;
+            let mut h = hr.lock()?;
+            let algorithm = h.group.params.algorithm;
             // The layout_info tensors NCCL EP reads at dispatch, and only those (an ignored field
             // may hold anything): LOW_LATENCY's two counters. HT dispatch takes only
             // recv_topk_idx_kind from layout_info; expert_offsets and recv_total_counter are
@@ -75,7 +76,7 @@ pub unsafe extern "C" fn ncclEpDispatch(
                 "config->quant_recipe is {}, not an ncclEpDispQuant_t",
                 args.quant
             );
-            crate::runtime::ops::dispatch(objects::group(h.group as ncclEpGroup_t)?, h, &args, stream)
+            crate::runtime::ops::dispatch(&mut h, &args, stream)
         }
     })
 }
@@ -95,11 +96,12 @@ pub unsafe extern "C" fn ncclEpCombine(
             let i = read_req(inputs, "inputs")?;
             let o = read_req(outputs, "outputs")?;
             let cfg = read_opt(config, "config")?;
-            let h = objects::handle(handle)?;
+            let hr = objects::handle(handle)?;
+            let mut h = hr.lock()?;
             // LOW_LATENCY combine never reads inputs->topk_weights, nor rank-major's
             // outputs->topk_weights (the caller pre-reduces): NCCL EP does not even look at those
             // descriptors, so neither do we.
-            let ll = objects::group(h.group as ncclEpGroup_t)?.params.algorithm == Algorithm::LowLatency;
+            let ll = h.group.params.algorithm == Algorithm::LowLatency;
             let read_unless = |skip: bool, t, name| if skip { Ok(None) } else { read_tensor_opt(t, name) };
             let args = CombineArgs {
                 tokens: read_tensor(i.tokens, "inputs->tokens")?,
@@ -120,7 +122,7 @@ pub unsafe extern "C" fn ncclEpCombine(
                 "config->quant_recipe is {}, not an ncclEpCombQuant_t",
                 args.quant
             );
-            crate::runtime::ops::combine(objects::group(h.group as ncclEpGroup_t)?, h, &args, stream)
+            crate::runtime::ops::combine(&mut h, &args, stream)
         }
     })
 }
@@ -135,7 +137,8 @@ pub unsafe extern "C" fn ncclEpComplete(
     ffi_call("ncclEpComplete", || {
         // SAFETY: C contract.
         unsafe { read_opt(config, "config") }?;
-        let h = objects::handle(handle)?;
-        crate::runtime::ops::complete(objects::group(h.group as ncclEpGroup_t)?, h, stream)
+        let hr = objects::handle(handle)?;
+        let mut h = hr.lock()?;
+        crate::runtime::ops::complete(&mut h, stream)
     })
 }

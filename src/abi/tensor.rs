@@ -6,9 +6,9 @@ use super::guard::{ffi_call, out_ptr, read_opt};
 use super::types::*;
 use ep_core::error::Result;
 use ep_core::tensor::TensorView;
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::ffi::c_uint;
-use std::sync::Mutex;
 
 /// Bigger ranks than this are a corrupted descriptor, not a tensor.
 pub const MAX_NDIM: u32 = 8;
@@ -30,8 +30,8 @@ fn registry() -> &'static Mutex<HashMap<usize, Owned>> {
     R.get_or_init(Default::default)
 }
 
-fn lock_registry() -> std::sync::MutexGuard<'static, HashMap<usize, Owned>> {
-    registry().lock().unwrap_or_else(|p| p.into_inner())
+fn lock_registry() -> MutexGuard<'static, HashMap<usize, Owned>> {
+    registry().lock()
 }
 
 /// Reads an optional caller tensor: NULL gives `None`; otherwise the descriptor must be

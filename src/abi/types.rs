@@ -37,13 +37,16 @@ c_enum_int!(
 
 // ---- opaque library handles ----
 
+// The pointer C holds is the address of the library's shared object (runtime::group::
+// SharedGroup / runtime::handle::SharedHandle); the library only looks it up in its registry
+// (abi/objects.rs), never reads through it as these marker types.
 /// An EP group: one rank's view of an expert-parallel communicator (opaque to C).
 pub struct ncclEpGroup {
-    pub(crate) inner: crate::runtime::group::Group,
+    _opaque: [u8; 0],
 }
 /// A routing handle bound to a group (opaque to C).
 pub struct ncclEpHandle {
-    pub(crate) inner: crate::runtime::handle::Handle,
+    _opaque: [u8; 0],
 }
 pub type ncclEpGroup_t = *mut ncclEpGroup;
 pub type ncclEpHandle_t = *mut ncclEpHandle;

@@ -11,6 +11,7 @@ use crate::transport::peers::PeerBuffers;
 use ep_core::config::{EnvOverrides, GroupConfig, GroupParams, validate_group_config};
 use ep_core::enums::Algorithm;
 use ep_core::error::Result;
+use parking_lot::{Mutex, MutexGuard};
 use std::sync::Arc;
 
 /// How this rank reaches its peers.
@@ -22,12 +23,20 @@ pub enum Membership {
     Local { world: Arc<LocalWorld> },
 }
 
+// SAFETY: `comm` is the caller's communicator, an opaque handle NCCL lets any thread pass to it;
+// we use it only under the group's lock (one call at a time), as the C API lets the caller make
+// that call from any thread.
+unsafe impl Send for Membership {}
+
 pub struct Group {
     pub params: GroupParams,
     pub device: i32,
     pub membership: Membership,
     /// Handles created on this group and not destroyed yet.
     pub live_handles: usize,
+    /// `ncclEpGroupDestroy` ran: a call that found the group live but got its lock only
+    /// afterwards must fail instead of using it (see [`SharedGroup::lock`]).
+    pub destroyed: bool,
     pub custom_alloc: Option<CustomAlloc>,
     /// Low-latency GPU state (None for HIGH_THROUGHPUT groups).
     pub ll: Option<LlState>,
@@ -99,6 +108,7 @@ impl Group {
             device,
             membership,
             live_handles: 0,
+            destroyed: false,
             custom_alloc,
             ll: None,
             ht: None,
@@ -203,10 +213,13 @@ impl Group {
         }
     }
 
-    /// `ncclEpGroupDestroy`: releases the communication buffer through its transport (NCCL
-    /// groups: the destroy barrier when a peer lives in another process, `SharedBuffer::release`;
-    /// every rank destroys its group, as NVIDIA's destroy is collective too), then the rest.
-    pub fn destroy(mut self) {
+    /// `ncclEpGroupDestroy`, run once, by the caller's destroy, under the group's lock: releases
+    /// the communication buffer through its transport (NCCL groups with a peer in another
+    /// process: the destroy barrier, `SharedBuffer::release`; every rank destroys its group, as
+    /// NVIDIA's destroy is collective too), then frees the GPU state now rather than at the last
+    /// `Arc`'s drop (a call racing the destroy may still hold one; it fails on `destroyed`).
+    pub fn destroy(&mut self) {
+        self.destroyed = true;
         // Every rank enters the barrier (as NVIDIA's destroy), bounded by the group's timeout so
         // that a peer that died cannot hang the survivors.
         let limit = std::time::Duration::from_nanos(self.params.timeout_ns);
@@ -216,5 +229,43 @@ impl Group {
         if let Some(h) = self.ht.as_mut() {
             h.buffers.release(limit);
         }
+        self.ll = None;
+        self.ht = None;
+    }
+}
+
+/// A group as its C pointer (the ABI registry) and its handles share it. One lock serialises
+/// every call on the group, so concurrent calls from several threads are safe (NVIDIA's
+/// library takes no lock: there they are the caller's race). Lock order: a handle's lock, then
+/// its group's, then the ABI registry's; no call holds two groups' locks, so one thread driving
+/// every rank of a local group (each rank its own group) cannot deadlock on them.
+/// `parking_lot`: no poisoning; a call that panics (the ABI turns that into ncclInternalError)
+/// leaves the group as the call left it, as a C error return would.
+pub struct SharedGroup {
+    /// The validated parameters, which never change: readable without the lock.
+    pub params: GroupParams,
+    state: Mutex<Group>,
+}
+
+/// What a handle and the ABI registry hold of a group.
+pub type GroupRef = Arc<SharedGroup>;
+
+impl SharedGroup {
+    pub fn new(g: Group) -> GroupRef {
+        Arc::new(SharedGroup {
+            params: g.params.clone(),
+            state: Mutex::new(g),
+        })
+    }
+
+    /// Locks the group for one call; fails if `ncclEpGroupDestroy` ran meanwhile (the caller
+    /// found the group live, then waited for this lock while another thread destroyed it).
+    pub fn lock(&self) -> Result<MutexGuard<'_, Group>> {
+        let g = self.state.lock();
+        ep_core::ensure_arg!(
+            !g.destroyed,
+            "the group was destroyed (ncclEpGroupDestroy on another thread) while this call waited for it"
+        );
+        Ok(g)
     }
 }

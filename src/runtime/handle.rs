@@ -2,8 +2,27 @@
 //! dispatch writes and combine reads.
 
 use crate::runtime::alloc::GroupMem;
+use crate::runtime::group::GroupRef;
+use ep_core::error::Result;
 use ep_core::handle_rules::HandleParams;
 use ep_core::tensor::TensorView;
+use parking_lot::{Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A handle's identity for the lifetime of the process: never reused, unlike its address (a
+/// pending `send_only` is keyed by it, so a new handle at a freed handle's address cannot
+/// complete the old one's operation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HandleId(u64);
+
+impl HandleId {
+    /// A fresh id (a process-wide counter; 2^64 handles never wrap).
+    pub fn next() -> HandleId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        HandleId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
 
 /// Where the handle's metadata block lives.
 #[derive(Debug)]
@@ -17,9 +36,9 @@ pub enum HandleMem {
 }
 
 pub struct Handle {
-    /// The owning group's C object, by address: the ABI layer's registry resolves it (kept
-    /// alive: a group with live handles refuses to be destroyed).
-    pub group: usize,
+    pub id: HandleId,
+    /// The owning group (the group refuses `ncclEpGroupDestroy` while it has live handles).
+    pub group: GroupRef,
     pub params: HandleParams,
     /// The last routing given to `ncclEpUpdateHandle`/`ncclEpCreateHandle`.
     pub topk_idx: Option<TensorView>,
@@ -29,6 +48,8 @@ pub struct Handle {
     /// HT local groups: the last update was not waited for (one thread may drive every rank),
     /// so the next dispatch or combine checks its result first (docs/HT.md).
     pub ht_unchecked: bool,
+    /// `ncclEpHandleDestroy` ran (see [`SharedHandle::lock`]).
+    pub destroyed: bool,
 }
 
 impl Handle {
@@ -38,5 +59,30 @@ impl Handle {
             HandleMem::Caller { ptr, .. } => *ptr,
             HandleMem::Owned(m) => m.ptr(),
         }
+    }
+}
+
+/// A handle as the ABI registry (and any call in progress on it) holds it. Its lock serialises
+/// the calls on the handle and is taken before its group's (`SharedGroup`); parking_lot, as
+/// there.
+pub struct SharedHandle {
+    state: Mutex<Handle>,
+}
+
+pub type HandleRef = Arc<SharedHandle>;
+
+impl SharedHandle {
+    pub fn new(h: Handle) -> HandleRef {
+        Arc::new(SharedHandle { state: Mutex::new(h) })
+    }
+
+    /// Locks the handle for one call; fails if `ncclEpHandleDestroy` ran meanwhile.
+    pub fn lock(&self) -> Result<MutexGuard<'_, Handle>> {
+        let h = self.state.lock();
+        ep_core::ensure_arg!(
+            !h.destroyed,
+            "the handle was destroyed (ncclEpHandleDestroy on another thread) while this call waited for it"
+        );
+        Ok(h)
     }
 }

@@ -8,8 +8,9 @@ use crate::cuda::module::Function;
 use crate::runtime::ht_kernels::HtModule;
 use crate::runtime::kernels::LlKernel;
 use ep_core::error::Result;
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// One module the runtime compiles: a kernel source file and its specialisation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,11 +57,7 @@ fn loaded() -> &'static Mutex<HashMap<Key, Function>> {
 /// group). Later calls are one hash-map lookup. No lock is held while compiling: two threads
 /// that miss together both ask the JIT, which hands both the same code.
 pub fn function(module: KernelModule, name: &'static str, device: i32) -> Result<Function> {
-    if let Some(f) = loaded()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&(module, name, device))
-    {
+    if let Some(f) = loaded().lock().get(&(module, name, device)) {
         return Ok(*f);
     }
     let mut all = Vec::new();
@@ -70,7 +67,7 @@ pub fn function(module: KernelModule, name: &'static str, device: i32) -> Result
         f.load()?;
         all.push((k, f));
     }
-    let mut m = loaded().lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = loaded().lock();
     for (k, f) in all {
         m.insert((module, k, device), f);
     }

@@ -4,7 +4,7 @@
 use crate::cuda::memory::{self, PinnedHostMem};
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::Group;
-use crate::runtime::handle::Handle;
+use crate::runtime::handle::{Handle, HandleId};
 use crate::runtime::kernels::{LlDtype, LlKernel, launch_ll};
 use crate::runtime::ll_params::{
     ERR_BLOCK_BYTES, LL_MAX_RANKS, LlParams, MASK_BLOCK_BYTES, MASK_DECIDE_OFF, PHASE_RECV, PHASE_SEND,
@@ -21,10 +21,10 @@ use ep_core::tensor::TensorView;
 /// Threads per block of the LL kernels (their `__launch_bounds__`).
 pub const LL_THREADS: u32 = 512;
 
-/// A `send_only` operation whose receive phase waits for `ncclEpComplete`.
+/// A `send_only` operation whose receive phase waits for `ncclEpComplete` on its handle.
 #[derive(Clone, Copy, Debug)]
 pub struct Pending {
-    pub handle: usize,
+    pub handle: HandleId,
     pub kernel: LlKernel,
     pub params: LlParams,
 }
@@ -264,7 +264,7 @@ fn run(
     launch(g, kernel, &mut p, stream)?;
     if send_only {
         g.ll_mut()?.pending = Some(Pending {
-            handle: h as *const Handle as usize,
+            handle: h.id,
             kernel,
             params: p,
         });
@@ -366,17 +366,30 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
 /// Runs the receive phase of this handle's pending `send_only` operation, if any.
 pub fn complete(g: &mut Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
     // Without GPU state nothing can be pending.
-    let Some(pend) = g.ll.as_ref().and_then(|l| l.pending) else {
+    let Some(pend) = g.ll.as_ref().and_then(|l| pending_of(&l.pending, h.id)) else {
         return Ok(());
     };
-    if pend.handle != h as *const Handle as usize {
-        return Ok(());
-    }
     let mut p = pend.params;
     p.phases = PHASE_RECV;
     launch(g, pend.kernel, &mut p, stream)?;
     g.ll_mut()?.pending = None;
     Ok(())
+}
+
+/// The group's pending operation if handle `id` left it.
+fn pending_of(pending: &Option<Pending>, id: HandleId) -> Option<Pending> {
+    pending.filter(|p| p.handle == id)
+}
+
+/// `ncclEpHandleDestroy`: forgets the pending operation of handle `id`, if any (its receive
+/// phase never runs); true when there was one. The epoch stays where the send phase left it,
+/// so the next operation reuses its bank and tag (docs/LL.md, "Epoch, send_only, graphs").
+pub fn forget_pending(pending: &mut Option<Pending>, id: HandleId) -> bool {
+    let mine = pending_of(pending, id).is_some();
+    if mine {
+        *pending = None;
+    }
+    mine
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,4 +488,49 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
             g.params.timeout_ns as f64 / 1e6
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(handle: HandleId) -> Option<Pending> {
+        Some(Pending {
+            handle,
+            kernel: LlKernel::clean(),
+            params: LlParams::default(),
+        })
+    }
+
+    /// The pending table is keyed by handle id: only its own handle completes or forgets it.
+    #[test]
+    fn pending_belongs_to_its_handle() {
+        let (a, b) = (HandleId::next(), HandleId::next());
+        assert_ne!(a, b);
+        let mut slot = op(a);
+        assert!(pending_of(&slot, b).is_none(), "another handle completes nothing");
+        assert_eq!(pending_of(&slot, a).map(|p| p.handle), Some(a));
+        assert!(!forget_pending(&mut slot, b), "destroying another handle keeps it");
+        assert!(slot.is_some());
+        assert!(forget_pending(&mut slot, a), "destroying its handle forgets it");
+        assert!(slot.is_none());
+        assert!(!forget_pending(&mut slot, a), "nothing left to forget");
+    }
+
+    /// A handle made after another was destroyed never inherits its operation, whatever
+    /// address it gets: ids are never reused, across threads too.
+    #[test]
+    fn handle_ids_are_never_reused() {
+        let ids: Vec<HandleId> = std::thread::scope(|s| {
+            let t: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..1000).map(|_| HandleId::next()).collect::<Vec<_>>()))
+                .collect();
+            t.into_iter().flat_map(|t| t.join().unwrap()).collect()
+        });
+        let set: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(set.len(), ids.len());
+        let old = HandleId::next();
+        let slot = op(old);
+        assert!(pending_of(&slot, HandleId::next()).is_none());
+    }
 }
