@@ -2,7 +2,7 @@
 # One call on a GPU machine without Rust: runs the prebuilt GPU tests and the benchmark.
 #   scripts/gpu_check.sh DIR [tests|bench|all] [extra ep_bench args...]
 # DIR holds libnccl_ep.so, gpu_ll and gpu_ht (the cargo test binaries of tests/gpu_ll.rs and
-# tests/gpu_ht.rs), built elsewhere, and optionally nvrtc_compile (tests/nvrtc_compile.rs: its
+# tests/gpu_ht.rs), built elsewhere, optionally gpu_ll_destroy (tests/gpu_ll_destroy.rs) and nvrtc_compile (tests/nvrtc_compile.rs: its
 # GPU selftest runs too). The GPU tests are #[ignore]d (cargo counts them as ignored where there
 # is no GPU), so they run here with --include-ignored; ht_full_matrix (minutes) only with
 # NCCL_EP_HT_FULL=1.
@@ -25,6 +25,12 @@ if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
     NCCL_EP_TIMEOUT_MS=10000 timeout 900 "$DIR/gpu_ht" --include-ignored "${ht_skip[@]}" --test-threads=1 --nocapture \
       >"$OUTDIR/gpu_ht.log" 2>&1 || rc=1
     grep -E '^(ht_.*(passed|FAIL)|test result|test .*FAILED)' "$OUTDIR/gpu_ht.log" | cut -c1-300
+  fi
+  if [[ -x "$DIR/gpu_ll_destroy" ]]; then
+    echo "== GPU tests (tests/gpu_ll_destroy.rs)"
+    NCCL_EP_TIMEOUT_MS=10000 timeout 300 "$DIR/gpu_ll_destroy" --include-ignored --test-threads=1 --nocapture \
+      >"$OUTDIR/gpu_ll_destroy.log" 2>&1 || rc=1
+    grep -E '^(ll_|test result|test .*FAILED)' "$OUTDIR/gpu_ll_destroy.log" | cut -c1-300
   fi
   if [[ -x "$DIR/nvrtc_compile" ]]; then
     echo "== GPU selftest (tests/nvrtc_compile.rs)"
