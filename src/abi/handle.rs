@@ -9,6 +9,8 @@ use super::types::*;
 use crate::runtime::alloc::GroupMem;
 use crate::runtime::group::{Group, GroupRef};
 use crate::runtime::handle::{Handle, HandleId, HandleMem};
+use crate::runtime::ht::HtGroup;
+use crate::runtime::ll::LlGroup;
 use ep_core::error::Result;
 use ep_core::handle_rules::{
     HandleParams, check_handle, check_topk_idx, handle_mem_bytes, handle_mem_need, mem_size_params,
@@ -103,7 +105,7 @@ unsafe fn init_handle(
         // A group without GPU state (no CUDA driver) still validates handles; its operations fail.
         // HT CreateHandle: a stream-ordered allocation, so that the metadata kernels other ranks
         // of a local group already queued may keep running (docs/HT.md, "Local groups").
-        None if g.ht.is_some() && g.custom_alloc.is_none() && stream.is_some() => {
+        None if g.ht().is_ok() && g.custom_alloc.is_none() && stream.is_some() => {
             // SAFETY: the caller's stream (C contract).
             let s = unsafe { crate::cuda::memory::Stream::from_raw(stream.unwrap_or(std::ptr::null_mut()).cast()) };
             HandleMem::Owned(GroupMem::Driver(crate::cuda::memory::DeviceMem::alloc_async(
@@ -113,11 +115,11 @@ unsafe fn init_handle(
         None if g.has_gpu_state() => HandleMem::Owned(GroupMem::alloc(g.device, need, g.custom_alloc)?),
         None => HandleMem::None,
     };
-    if g.ll.is_some() {
+    if g.ll().is_ok() {
         let lay = crate::runtime::ll::layout(g, hp.num_topk)?;
         crate::runtime::ll::ensure_buffer(g, &lay)?;
     }
-    if g.ht.is_some() {
+    if g.ht().is_ok() {
         crate::runtime::ht::ensure_buffer(g, &hp)?;
     }
     g.live_handles += 1;
@@ -161,7 +163,7 @@ unsafe fn update_handle(
     // SAFETY: C contract (each tensor pointer of layout_info may be NULL).
     let outs = unsafe { ht_layout_info(g, &h.params, li.as_ref()) }?;
     ep_core::ensure_usage!(
-        g.ht.is_some(),
+        g.ht().is_ok(),
         "this group has no GPU state: the CUDA driver (libcuda.so.1) could not be loaded"
     );
     crate::runtime::ht::update(g, h, t, &outs, stream)

@@ -2,16 +2,15 @@
 
 use crate::cuda::memory;
 use crate::runtime::alloc::{CustomAlloc, GroupMem};
-use crate::runtime::ht::HtState;
-use crate::runtime::ll::{self, LlState};
 use crate::runtime::ll_params::EP_STATE_BYTES;
 use crate::sys::ncclComm_t;
 use crate::transport::local::LocalWorld;
 use crate::transport::peers::PeerBuffers;
-use ep_core::config::{EnvOverrides, GroupConfig, GroupParams, validate_group_config};
+use ep_core::config::GroupParams;
 use ep_core::enums::Algorithm;
 use ep_core::error::Result;
 use parking_lot::{Mutex, MutexGuard};
+use std::any::Any;
 use std::sync::Arc;
 
 /// How this rank reaches its peers.
@@ -38,114 +37,42 @@ pub struct Group {
     /// afterwards must fail instead of using it (see [`SharedGroup::lock`]).
     pub destroyed: bool,
     pub custom_alloc: Option<CustomAlloc>,
-    /// Low-latency GPU state (None for HIGH_THROUGHPUT groups).
-    pub ll: Option<LlState>,
-    /// High-throughput GPU state (None for LOW_LATENCY groups).
-    pub ht: Option<HtState>,
+    /// The mode's GPU state (`runtime::ll::LlState` or `runtime::ht::HtState`; None without a
+    /// CUDA driver). Held as a trait object so that this module needs neither mode: each mode's
+    /// module reaches its own state through its extension trait (`LlGroup`, `HtGroup`), and the
+    /// constructors that pick the mode live above both (`runtime::create`).
+    pub mode: Option<Box<dyn ModeState>>,
 }
 
-/// SM count of a device, or 0 (unknown) when there is no CUDA driver.
-fn device_sms(device: i32) -> Result<u32> {
-    if !crate::cuda::driver::driver_available() {
-        return Ok(0);
-    }
-    Ok(crate::cuda::driver::sm_count(device)? as u32)
+/// What the group needs of its mode's state, whichever mode it is.
+pub trait ModeState: Any + Send {
+    /// The communication buffer and every peer's view of it.
+    fn buffers_mut(&mut self) -> &mut PeerBuffers;
+    /// A kernel timed out waiting for a peer (or a captured HT update overflowed) since the flag
+    /// was last cleared.
+    fn timed_out(&self) -> bool;
+    /// Clears the flag `timed_out` reads.
+    fn clear_timeout(&self);
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 impl Group {
-    /// Creates this rank's group on the caller's communicator (collective).
-    ///
-    /// # Safety
-    /// `comm` is the caller's live communicator.
-    pub unsafe fn from_comm(comm: ncclComm_t, cfg: &GroupConfig, alloc: Option<CustomAlloc>) -> Result<Group> {
-        let nccl = crate::transport::nccl::Nccl::get()?;
-        // SAFETY: the caller passes its live communicator (C contract of ncclEpCreateGroup).
-        let (rank, nranks, device) = unsafe { nccl.comm_info(comm) }?;
-        let sms = device_sms(device)?;
-        let params = validate_group_config(cfg, rank, nranks, sms, &EnvOverrides::from_env())?;
-        crate::log::log_info(format_args!(
-            "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}",
-            params.num_experts, nccl.version
-        ));
-        Self::finish(
-            params,
-            device,
-            Membership::Nccl {
-                comm,
-                nccl_version: nccl.version,
-            },
-            alloc,
-            1,
-        )
+    /// The mode's state as its own type `T`, or why there is none.
+    pub fn mode_state<T: ModeState>(&self, mode: Algorithm) -> Result<&T> {
+        self.mode
+            .as_deref()
+            .and_then(|m| m.as_any().downcast_ref::<T>())
+            .ok_or_else(|| self.no_state(mode))
     }
 
-    /// Creates rank `rank` of a local group (no communicator).
-    pub fn local(world: &Arc<LocalWorld>, rank: usize, cfg: &GroupConfig, alloc: Option<CustomAlloc>) -> Result<Group> {
-        let device = world.devices[rank];
-        let sms = device_sms(device)?;
-        let params = validate_group_config(cfg, rank as u32, world.nranks() as u32, sms, &EnvOverrides::from_env())?;
-        let on_device = world.ranks_on(device);
-        Self::finish(
-            params,
-            device,
-            Membership::Local { world: world.clone() },
-            alloc,
-            on_device,
-        )
-    }
-
-    fn finish(
-        params: GroupParams,
-        device: i32,
-        membership: Membership,
-        alloc: Option<CustomAlloc>,
-        ranks_on_device: usize,
-    ) -> Result<Group> {
-        // validate_group_config refused one callback without the other.
-        let custom_alloc = alloc;
-        let mut g = Group {
-            params,
-            device,
-            membership,
-            live_handles: 0,
-            destroyed: false,
-            custom_alloc,
-            ll: None,
-            ht: None,
-        };
-        // Without a CUDA driver (tests with a stand-in NCCL) the group exists for validation only.
-        if g.params.algorithm == Algorithm::LowLatency && crate::cuda::driver::driver_available() {
-            g.ll = Some(LlState::new(&g, ranks_on_device)?);
-            let explicit = g.params.rdma_buffer_size;
-            if explicit != 0 {
-                // An explicit size is allocated now; handles must fit in it.
-                let lay = ll::layout(&g, 1)?;
-                ll::ensure_buffer(&mut g, &lay)?;
-            }
-        }
-        if g.params.algorithm == Algorithm::HighThroughput && crate::cuda::driver::driver_available() {
-            // The buffer is sized at the first handle (config->rdma_buffer_size is not used).
-            g.ht = Some(HtState::new(&g, ranks_on_device)?);
-        }
-        Ok(g)
-    }
-
-    pub fn ll(&self) -> Result<&LlState> {
-        self.ll.as_ref().ok_or_else(|| self.no_state(Algorithm::LowLatency))
-    }
-
-    pub fn ll_mut(&mut self) -> Result<&mut LlState> {
-        let err = self.no_state(Algorithm::LowLatency);
-        self.ll.as_mut().ok_or(err)
-    }
-
-    pub fn ht(&self) -> Result<&HtState> {
-        self.ht.as_ref().ok_or_else(|| self.no_state(Algorithm::HighThroughput))
-    }
-
-    pub fn ht_mut(&mut self) -> Result<&mut HtState> {
-        let err = self.no_state(Algorithm::HighThroughput);
-        self.ht.as_mut().ok_or(err)
+    /// As [`Group::mode_state`], mutable.
+    pub fn mode_state_mut<T: ModeState>(&mut self, mode: Algorithm) -> Result<&mut T> {
+        let err = self.no_state(mode);
+        self.mode
+            .as_deref_mut()
+            .and_then(|m| m.as_any_mut().downcast_mut::<T>())
+            .ok_or(err)
     }
 
     /// Why the `mode` state is missing: no CUDA driver, or a group of the other mode.
@@ -194,22 +121,19 @@ impl Group {
 
     /// True when the group has GPU state (LL or HT).
     pub fn has_gpu_state(&self) -> bool {
-        self.ll.is_some() || self.ht.is_some()
+        self.mode.is_some()
     }
 
     /// The group's asynchronous error flag (a GPU wait timed out, or a captured HT update
     /// overflowed under TRAP).
     pub fn async_error(&self) -> bool {
-        self.ll.as_ref().is_some_and(|l| l.timed_out()) || self.ht.as_ref().is_some_and(|h| h.timed_out())
+        self.mode.as_ref().is_some_and(|m| m.timed_out())
     }
 
     /// Clears the flag `async_error` reads.
     pub fn clear_async_error(&self) {
-        if let Some(l) = &self.ll {
-            l.clear_timeout();
-        }
-        if let Some(h) = &self.ht {
-            h.clear_timeout();
+        if let Some(m) = &self.mode {
+            m.clear_timeout();
         }
     }
 
@@ -223,14 +147,10 @@ impl Group {
         // Every rank enters the barrier (as NVIDIA's destroy), bounded by the group's timeout so
         // that a peer that died cannot hang the survivors.
         let limit = std::time::Duration::from_nanos(self.params.timeout_ns);
-        if let Some(l) = self.ll.as_mut() {
-            l.buffers.release(limit);
+        if let Some(m) = self.mode.as_mut() {
+            m.buffers_mut().release(limit);
         }
-        if let Some(h) = self.ht.as_mut() {
-            h.buffers.release(limit);
-        }
-        self.ll = None;
-        self.ht = None;
+        self.mode = None;
     }
 }
 

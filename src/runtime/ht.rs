@@ -9,12 +9,13 @@
 
 use crate::cuda::memory::{self, PinnedHostMem, Stream};
 use crate::runtime::alloc::GroupMem;
-use crate::runtime::group::Group;
+use crate::runtime::group::{Group, ModeState};
 use crate::runtime::handle::Handle;
 use crate::runtime::ht_kernels::{HtDtype, HtModule, launch_ht};
 use crate::runtime::ht_params::{HtHdr, HtParams};
 use crate::sys::cudaStream_t;
 use crate::transport::peers::PeerBuffers;
+use ep_core::enums::Algorithm;
 use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use ep_core::error::Result;
 use ep_core::handle_rules::HandleParams;
@@ -42,6 +43,39 @@ pub struct HtState {
     /// Blocks of the data-parallel kernels.
     pub blocks: u32,
     pub timeout_cycles: i64,
+}
+
+/// The group's high-throughput state (this module's view of [`Group::mode`]).
+pub trait HtGroup {
+    fn ht(&self) -> Result<&HtState>;
+    fn ht_mut(&mut self) -> Result<&mut HtState>;
+}
+
+impl HtGroup for Group {
+    fn ht(&self) -> Result<&HtState> {
+        self.mode_state(Algorithm::HighThroughput)
+    }
+    fn ht_mut(&mut self) -> Result<&mut HtState> {
+        self.mode_state_mut(Algorithm::HighThroughput)
+    }
+}
+
+impl ModeState for HtState {
+    fn buffers_mut(&mut self) -> &mut PeerBuffers {
+        &mut self.buffers
+    }
+    fn timed_out(&self) -> bool {
+        HtState::timed_out(self)
+    }
+    fn clear_timeout(&self) {
+        HtState::clear_timeout(self)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 impl HtState {

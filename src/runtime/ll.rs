@@ -3,7 +3,7 @@
 
 use crate::cuda::memory::{self, PinnedHostMem};
 use crate::runtime::alloc::GroupMem;
-use crate::runtime::group::Group;
+use crate::runtime::group::{Group, ModeState};
 use crate::runtime::handle::{Handle, HandleId};
 use crate::runtime::kernels::{LlDtype, LlKernel, launch_ll};
 use crate::runtime::ll_params::{
@@ -11,6 +11,7 @@ use crate::runtime::ll_params::{
 };
 use crate::sys::cudaStream_t;
 use crate::transport::peers::PeerBuffers;
+use ep_core::enums::Algorithm;
 use ep_core::enums::{ExpertIdKind, Layout, dtype};
 use ep_core::error::Result;
 use ep_core::ll_layout::LlLayout;
@@ -51,6 +52,39 @@ pub struct LlState {
     pub timeout_ns: i64,
     /// `NCCL_EP_PROFILE=1`: per-block phase timestamps (debugging only: each launch then waits).
     pub prof: Option<PinnedHostMem>,
+}
+
+/// The group's low-latency state (this module's view of [`Group::mode`]).
+pub trait LlGroup {
+    fn ll(&self) -> Result<&LlState>;
+    fn ll_mut(&mut self) -> Result<&mut LlState>;
+}
+
+impl LlGroup for Group {
+    fn ll(&self) -> Result<&LlState> {
+        self.mode_state(Algorithm::LowLatency)
+    }
+    fn ll_mut(&mut self) -> Result<&mut LlState> {
+        self.mode_state_mut(Algorithm::LowLatency)
+    }
+}
+
+impl ModeState for LlState {
+    fn buffers_mut(&mut self) -> &mut PeerBuffers {
+        &mut self.buffers
+    }
+    fn timed_out(&self) -> bool {
+        LlState::timed_out(self)
+    }
+    fn clear_timeout(&self) {
+        LlState::clear_timeout(self)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 impl LlState {
@@ -366,7 +400,7 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
 /// Runs the receive phase of this handle's pending `send_only` operation, if any.
 pub fn complete(g: &mut Group, h: &mut Handle, stream: cudaStream_t) -> Result<()> {
     // Without GPU state nothing can be pending.
-    let Some(pend) = g.ll.as_ref().and_then(|l| pending_of(&l.pending, h.id)) else {
+    let Some(pend) = g.ll().ok().and_then(|l| pending_of(&l.pending, h.id)) else {
         return Ok(());
     };
     let mut p = pend.params;

@@ -1,6 +1,7 @@
 //! Groups and handles: the objects behind the C handles, tying the pure core to the GPU.
 
 pub mod alloc;
+pub mod create;
 pub mod group;
 pub mod handle;
 pub mod ht;

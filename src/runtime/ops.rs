@@ -3,6 +3,7 @@
 //! lock (`SharedHandle::lock`), which comes before the group's.
 
 use crate::runtime::handle::{Handle, HandleMem};
+use crate::runtime::ll::LlGroup;
 use crate::runtime::{ht, ll};
 use crate::sys::cudaStream_t;
 use ep_core::enums::Algorithm;
@@ -47,7 +48,7 @@ pub fn destroy_handle(h: &mut Handle) -> Result<()> {
     // A group with live handles refuses to be destroyed, so this lock does not fail.
     let mut g = group.lock()?;
     g.live_handles = g.live_handles.saturating_sub(1);
-    if let Some(l) = g.ll.as_mut() {
+    if let Ok(l) = g.ll_mut() {
         ll::forget_pending(&mut l.pending, h.id);
     }
     drop(g);
