@@ -1,5 +1,5 @@
 //! Proves the NVRTC path without a GPU: every `kernels/*.cu` file compiles to a CUBIN for every
-//! specialisation it registers in `src/cuda/kernels.rs`, for Hopper and (when this NVRTC knows it)
+//! specialisation it registers in `src/runtime/kernel_registry.rs`, for Hopper and (when this NVRTC knows it)
 //! Blackwell.
 //!
 //! NVRTC is found by cudarc's loader (see `src/cuda/nvrtc.rs`): put the directory holding
@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use nccl_ep::cuda::cache::DiskCache;
 use nccl_ep::cuda::jit::{self, Defines, KernelSource, Origin};
-use nccl_ep::cuda::kernels::KERNEL_FILES;
 use nccl_ep::cuda::nvrtc;
+use nccl_ep::runtime::kernel_registry::KERNEL_FILES;
 
 /// False (after printing why) when NVRTC is missing and not required; panics when required.
 fn have_nvrtc() -> bool {
@@ -61,7 +61,7 @@ fn every_kernel_file_is_registered_and_the_registry_matches_disk() {
     for f in cu_files() {
         assert!(
             registered.contains(&f.as_str()),
-            "kernels/{f} is not registered in src/cuda/kernels.rs"
+            "kernels/{f} is not registered in src/runtime/kernel_registry.rs"
         );
     }
     for k in KERNEL_FILES {

@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::driver::sys;
 
 use super::driver::{CUcontext, check, cu_device, driver};
-use super::memory::Stream;
+use super::stream::Stream;
 use crate::core::error::Result;
 
 /// device ordinal -> retained primary context (stored as an address).

@@ -10,41 +10,9 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 
 use super::context::CtxGuard;
-use super::driver::{CUdeviceptr, CUevent, CUstream, check, driver};
+use super::driver::{CUdeviceptr, CUevent, check, driver};
+pub use super::stream::{Stream, stream_from_raw};
 use crate::core::error::Result;
-
-/// A caller's stream: a `cudaStream_t` received over the C ABI. It is the same type as the
-/// driver's `CUstream`; `0` is the legacy default stream, `0x1`/`0x2` are
-/// `cudaStreamLegacy`/`cudaStreamPerThread`. Never created or destroyed here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Stream(CUstream);
-
-// SAFETY: stream handles may be used from any thread.
-unsafe impl Send for Stream {}
-unsafe impl Sync for Stream {}
-
-impl Stream {
-    /// The legacy default stream (`0`), of whichever context is current.
-    pub const LEGACY_DEFAULT: Stream = Stream(std::ptr::null_mut());
-
-    /// # Safety
-    /// `raw` must be a valid stream (or one of the special handles) for as long as it is used.
-    pub unsafe fn from_raw(raw: *mut c_void) -> Self {
-        Self(raw as CUstream)
-    }
-
-    pub fn raw(&self) -> CUstream {
-        self.0
-    }
-}
-
-/// Shorthand for [`Stream::from_raw`].
-///
-/// # Safety
-/// As [`Stream::from_raw`].
-pub unsafe fn stream_from_raw(raw: *mut c_void) -> Stream {
-    unsafe { Stream::from_raw(raw) }
-}
 
 /// `cuMemAlloc` in the current context.
 pub fn mem_alloc(bytes: usize) -> Result<CUdeviceptr> {
@@ -74,7 +42,7 @@ pub unsafe fn mem_free(ptr: CUdeviceptr) -> Result<()> {
 pub unsafe fn memset_d8_async(dst: CUdeviceptr, value: u8, count: usize, stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuMemsetD8Async(dst, value, count, stream.0) },
+        unsafe { sys::cuMemsetD8Async(dst, value, count, stream.raw()) },
         format_args!("cuMemsetD8Async({dst:#x}, {count})"),
     )
 }
@@ -90,7 +58,7 @@ pub unsafe fn memset_d32_async(dst: CUdeviceptr, value: u32, count: usize, strea
         "cuMemsetD32Async destination {dst:#x} is not 4-byte aligned"
     );
     check(
-        unsafe { sys::cuMemsetD32Async(dst, value, count, stream.0) },
+        unsafe { sys::cuMemsetD32Async(dst, value, count, stream.raw()) },
         format_args!("cuMemsetD32Async({dst:#x}, {count} words)"),
     )
 }
@@ -102,7 +70,7 @@ pub unsafe fn memset_d32_async(dst: CUdeviceptr, value: u32, count: usize, strea
 pub unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: *const c_void, bytes: usize, stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, bytes, stream.0) },
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, bytes, stream.raw()) },
         format_args!("cuMemcpyHtoDAsync({bytes} bytes)"),
     )
 }
@@ -114,7 +82,7 @@ pub unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: *const c_void, bytes: usi
 pub unsafe fn memcpy_dtoh_async(dst: *mut c_void, src: CUdeviceptr, bytes: usize, stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuMemcpyDtoHAsync_v2(dst, src, bytes, stream.0) },
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst, src, bytes, stream.raw()) },
         format_args!("cuMemcpyDtoHAsync({bytes} bytes)"),
     )
 }
@@ -126,7 +94,7 @@ pub unsafe fn memcpy_dtoh_async(dst: *mut c_void, src: CUdeviceptr, bytes: usize
 pub unsafe fn memcpy_dtod_async(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.0) },
+        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.raw()) },
         format_args!("cuMemcpyDtoDAsync({bytes} bytes)"),
     )
 }
@@ -144,7 +112,7 @@ pub unsafe fn memcpy_htod<T: Copy>(dst: CUdeviceptr, src: &[T]) -> Result<()> {
     )
 }
 
-/// Device to host, returning when done (ordered after the legacy default stream.0).
+/// Device to host, returning when done (ordered after the legacy default stream).
 ///
 /// # Safety
 /// `src` must be device memory of at least `dst.len()` elements, and every bit pattern a valid `T`.
@@ -173,8 +141,8 @@ pub unsafe fn memcpy_dtod(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> R
 pub fn stream_synchronize(stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuStreamSynchronize(stream.0) },
-        format_args!("cuStreamSynchronize({:p})", stream.0),
+        unsafe { sys::cuStreamSynchronize(stream.raw()) },
+        format_args!("cuStreamSynchronize({:p})", stream.raw()),
     )
 }
 
@@ -192,8 +160,8 @@ pub fn stream_capture_status(stream: Stream) -> Result<CaptureStatus> {
     driver()?;
     let mut s = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     check(
-        unsafe { sys::cuStreamIsCapturing(stream.0, &mut s) },
-        format_args!("cuStreamIsCapturing({:p})", stream.0),
+        unsafe { sys::cuStreamIsCapturing(stream.raw(), &mut s) },
+        format_args!("cuStreamIsCapturing({:p})", stream.raw()),
     )?;
     Ok(match s {
         sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => CaptureStatus::None,
@@ -236,7 +204,7 @@ impl Event {
     }
 
     pub fn record(&self, stream: Stream) -> Result<()> {
-        check(unsafe { sys::cuEventRecord(self.raw, stream.0) }, "cuEventRecord")
+        check(unsafe { sys::cuEventRecord(self.raw, stream.raw()) }, "cuEventRecord")
     }
 
     /// True once all work before the last record has finished.
@@ -255,7 +223,7 @@ impl Event {
     /// Makes `stream` wait for this event on the device (`cuStreamWaitEvent`).
     pub fn wait_on(&self, stream: Stream) -> Result<()> {
         check(
-            unsafe { sys::cuStreamWaitEvent(stream.0, self.raw, 0) },
+            unsafe { sys::cuStreamWaitEvent(stream.raw(), self.raw, 0) },
             "cuStreamWaitEvent",
         )
     }
@@ -296,7 +264,7 @@ impl DeviceMem {
         let _g = CtxGuard::enter(device)?;
         let mut p: CUdeviceptr = 0;
         check(
-            unsafe { sys::cuMemAllocAsync(&mut p, bytes, stream.0) },
+            unsafe { sys::cuMemAllocAsync(&mut p, bytes, stream.raw()) },
             format_args!("cuMemAllocAsync({bytes} bytes)"),
         )?;
         Ok(Self { ptr: p, bytes, device })

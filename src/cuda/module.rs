@@ -5,7 +5,7 @@ use std::ffi::{CString, c_void};
 use cudarc::driver::sys;
 
 use super::driver::{CUfunction, CUmodule, check, driver};
-use super::memory::Stream;
+use super::stream::Stream;
 use crate::core::error::Result;
 
 /// A module loaded into a context. Handles are plain values: the JIT cache keeps modules loaded
