@@ -90,24 +90,31 @@ fn load() -> std::result::Result<Nvrtc, Error> {
 }
 
 fn preload(path: &std::ffi::OsStr) -> Result<()> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(path.as_bytes())
-        .map_err(|_| Error::new(ErrorKind::System, format!("{NVRTC_LIB_ENV} contains NUL")))?;
-    // SAFETY: dlopen of a user-named library; the handle is kept for the life of the process.
-    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    if h.is_null() {
-        let why = unsafe { libc::dlerror() };
-        let why = if why.is_null() {
-            String::new()
-        } else {
-            unsafe { CStr::from_ptr(why) }.to_string_lossy().into()
-        };
-        return Err(Error::new(
-            ErrorKind::System,
-            format!("{NVRTC_LIB_ENV}={}: dlopen failed: {why}", path.to_string_lossy()),
-        ));
+    if path.as_bytes().contains(&0) {
+        return Err(Error::new(ErrorKind::System, format!("{NVRTC_LIB_ENV} contains NUL")));
     }
-    Ok(())
+    // SAFETY: loading the library the user named runs its initialisers, which is what setting
+    // the variable asks for; libnvrtc's have no preconditions on us.
+    match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) } {
+        Ok(lib) => {
+            // Kept loaded for the life of the process: cudarc finds it again by soname.
+            let _ = lib.into_raw();
+            Ok(())
+        }
+        Err(e) => {
+            let why = match e {
+                libloading::Error::DlOpen { source } => source.to_string(),
+                libloading::Error::DlOpenUnknown => String::new(),
+                other => other.to_string(),
+            };
+            Err(Error::new(
+                ErrorKind::System,
+                format!("{NVRTC_LIB_ENV}={}: dlopen failed: {why}", path.to_string_lossy()),
+            ))
+        }
+    }
 }
 
 fn check(r: sys::nvrtcResult, what: &str) -> Result<()> {
@@ -254,5 +261,42 @@ impl WithLog for Error {
             self.msg = format!("{}\n{log}", self.msg);
         }
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn preload_failures_are_system_errors() {
+        let e = preload(OsStr::new("/nonexistent/libnvrtc.so.13")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::System);
+        assert!(
+            e.msg.starts_with(
+                "NCCL_EP_NVRTC_LIB=/nonexistent/libnvrtc.so.13: dlopen failed: /nonexistent/libnvrtc.so.13"
+            ),
+            "dlerror's text follows: {}",
+            e.msg
+        );
+        let e = preload(OsStr::from_bytes(b"/x\0y")).unwrap_err();
+        assert_eq!(
+            (e.kind, e.msg.as_str()),
+            (ErrorKind::System, "NCCL_EP_NVRTC_LIB contains NUL")
+        );
+    }
+
+    /// With or without libnvrtc: a version or a System error, never a panic.
+    #[test]
+    fn availability_never_panics() {
+        match version() {
+            Ok((major, _)) => assert!(major >= 11 && nvrtc_available()),
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::System, "{e}");
+                assert!(!nvrtc_available() && ensure_nvrtc().is_err());
+            }
+        }
     }
 }
