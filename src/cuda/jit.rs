@@ -132,8 +132,8 @@ fn log_enabled() -> bool {
     std::env::var_os("NCCL_EP_JIT_LOG").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-fn memory_cache() -> &'static Mutex<HashMap<u64, Arc<Cubin>>> {
-    static M: OnceLock<Mutex<HashMap<u64, Arc<Cubin>>>> = OnceLock::new();
+fn memory_cache() -> &'static Mutex<HashMap<[u8; 32], Arc<Cubin>>> {
+    static M: OnceLock<Mutex<HashMap<[u8; 32], Arc<Cubin>>>> = OnceLock::new();
     M.get_or_init(Default::default)
 }
 
@@ -225,11 +225,11 @@ pub fn forget_compiled() {
     memory_cache().lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 
-/// `(cache hash, context)` -> loaded module; `(cache hash, context, kernel)` -> function.
+/// `(cache key hash, context)` -> loaded module; `(cache key hash, context, kernel)` -> function.
 #[derive(Default)]
 struct Loaded {
-    modules: HashMap<(u64, usize), Module>,
-    functions: HashMap<(u64, usize, String), Function>,
+    modules: HashMap<([u8; 32], usize), Module>,
+    functions: HashMap<([u8; 32], usize, String), Function>,
 }
 
 fn loaded() -> &'static Mutex<Loaded> {

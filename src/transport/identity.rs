@@ -66,6 +66,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fnv_reference_values() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
     fn boot_id_and_hostid_decide() {
         let a = host_hash("node1", Some("0d6f-aa\n"), None);
         assert_eq!(a, host_hash("node1", Some("0d6f-aa"), None), "trailing newline ignored");
