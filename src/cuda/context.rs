@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 
 use cudarc::driver::sys;
 
@@ -24,7 +26,7 @@ fn primaries() -> &'static Mutex<HashMap<i32, usize>> {
 /// The primary context of a device, retained on first use and kept for the life of the process.
 pub fn primary_context(device: i32) -> Result<CUcontext> {
     driver()?;
-    let mut map = primaries().lock().unwrap_or_else(|e| e.into_inner());
+    let mut map = primaries().lock();
     if let Some(&c) = map.get(&device) {
         return Ok(c as CUcontext);
     }
@@ -40,7 +42,7 @@ pub fn primary_context(device: i32) -> Result<CUcontext> {
 
 /// The device of an already retained primary context, without calling the driver.
 fn known_primary_device(ctx: CUcontext) -> Option<i32> {
-    let map = primaries().lock().unwrap_or_else(|e| e.into_inner());
+    let map = primaries().lock();
     map.iter().find(|&(_, &c)| c == ctx as usize).map(|(&d, _)| d)
 }
 

@@ -10,8 +10,10 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use super::cache::{CacheKey, DiskCache, cache_key};
 use super::context::{CtxGuard, current_context};
@@ -161,7 +163,7 @@ pub fn compile_with_cache(
     let t0 = Instant::now();
     let log = log_enabled();
     {
-        let mem = memory_cache().lock().unwrap_or_else(|e| e.into_inner());
+        let mem = memory_cache().lock();
         if let Some(c) = mem.get(&key.hash).filter(|c| c.key == key) {
             return Ok((c.clone(), Origin::MemoryCache));
         }
@@ -207,7 +209,7 @@ pub fn compile_with_cache(
         name: src.name,
         image,
     });
-    let mut mem = memory_cache().lock().unwrap_or_else(|e| e.into_inner());
+    let mut mem = memory_cache().lock();
     match mem.get(&cubin.key.hash) {
         // Another thread got there first: share its copy.
         Some(c) if c.key == cubin.key => Ok((c.clone(), origin)),
@@ -222,7 +224,7 @@ pub fn compile_with_cache(
 /// Empties the in-process CUBIN cache (loaded kernels stay loaded). For tests and for freeing
 /// memory after warm-up; the next [`compile`] goes to the disk cache or NVRTC again.
 pub fn forget_compiled() {
-    memory_cache().lock().unwrap_or_else(|e| e.into_inner()).clear();
+    memory_cache().lock().clear();
 }
 
 /// `(cache key hash, context)` -> loaded module; `(cache key hash, context, kernel)` -> function.
@@ -242,7 +244,7 @@ fn loaded() -> &'static Mutex<Loaded> {
 pub fn load_function(cubin: &Cubin, func: &str) -> Result<Function> {
     let ctx = current_context()? as usize;
     crate::ensure_usage!(ctx != 0, "no CUDA context is current to load {}", cubin.name);
-    let mut l = loaded().lock().unwrap_or_else(|e| e.into_inner());
+    let mut l = loaded().lock();
     if let Some(&f) = l.functions.get(&(cubin.key.hash, ctx, func.to_owned())) {
         return Ok(f);
     }

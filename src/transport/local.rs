@@ -4,7 +4,7 @@
 
 use crate::core::error::Result;
 use crate::cuda::memory::{self, DeviceMem};
-use std::sync::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
 /// What the ranks of one local group share.
 #[derive(Debug)]
@@ -33,7 +33,7 @@ impl LocalWorld {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<DeviceMem>> {
-        self.buffers.lock().unwrap_or_else(|p| p.into_inner())
+        self.buffers.lock()
     }
 
     /// Bytes of each rank's buffer (0 before the first handle).
