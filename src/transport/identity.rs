@@ -35,11 +35,14 @@ fn hostname() -> String {
     String::from_utf8_lossy(&name[..end]).into_owned()
 }
 
+/// The kernel's random id of this boot, as NCCL reads it.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
 /// This host's identity (computed once).
 pub fn host_id() -> u64 {
     static H: OnceLock<u64> = OnceLock::new();
     *H.get_or_init(|| {
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+        let boot = std::fs::read_to_string(BOOT_ID).ok();
         let env = std::env::var("NCCL_HOSTID").ok();
         host_hash(&hostname(), boot.as_deref(), env.as_deref())
     })
@@ -85,6 +88,17 @@ mod tests {
             host_hash("node9", Some("y"), Some("rack7"))
         );
         assert_eq!(host_hash("n", Some("b"), Some("")), host_hash("n", Some("b"), None));
+    }
+
+    /// `host_id` hashes this machine's name, its boot id (where readable) and `NCCL_HOSTID`.
+    #[test]
+    fn host_id_includes_the_boot_id() {
+        let boot = std::fs::read_to_string(BOOT_ID).ok();
+        let env = std::env::var("NCCL_HOSTID").ok();
+        assert_eq!(host_id(), host_hash(&hostname(), boot.as_deref(), env.as_deref()));
+        if env.as_deref().is_none_or(str::is_empty) && boot.is_some() {
+            assert_ne!(host_id(), host_hash(&hostname(), None, None), "the boot id counts");
+        }
     }
 
     #[test]
