@@ -61,6 +61,9 @@ const SYMBOLS: &[&str] = &[
     "cuOccupancyMaxActiveBlocksPerMultiprocessor",
     "cuLaunchKernel",
     "cuLaunchCooperativeKernel",
+    "cuCtxSynchronize",
+    "cuMemAllocAsync",
+    // Not checked: cuFuncLoad (CUDA 12.4), called only when the driver reports 12.4 or newer.
 ];
 
 /// The loaded and initialised driver.

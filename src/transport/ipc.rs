@@ -347,6 +347,12 @@ impl Drop for SharedBuffer {
 /// # Safety
 /// `comm` is the caller's live communicator.
 unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, bytes: usize) -> Result<SharedBuffer> {
+    // Both group kinds cap the ranks at 64, which the destroy flags rely on.
+    if nranks > DESTROY_TAIL / 4 {
+        return Err(crate::internal_err!(
+            "{nranks} ranks do not fit the {DESTROY_TAIL} byte destroy tail"
+        ));
+    }
     let buf = DeviceMem::alloc(device, bytes + DESTROY_TAIL)?;
     {
         let _g = CtxGuard::enter(device)?;
