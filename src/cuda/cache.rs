@@ -111,6 +111,7 @@ impl DiskCache {
         if get("NCCL_EP_JIT_CACHE").is_some_and(|v| v == "0") {
             return None;
         }
+        // SAFETY: getuid has no preconditions and cannot fail.
         let uid = unsafe { libc::getuid() };
         let (primary, fallback) = default_dirs(get, uid);
         if let Some(d) = primary
@@ -443,6 +444,7 @@ mod tests {
     #[test]
     fn tmp_fallback_must_be_private() {
         use std::os::unix::fs::PermissionsExt;
+        // SAFETY: getuid has no preconditions and cannot fail.
         let uid = unsafe { libc::getuid() };
         let base = scratch("private");
         let c = DiskCache::private_under_tmp(&base.join("jit"), uid).unwrap();

@@ -29,7 +29,8 @@ pub fn host_hash(hostname: &str, boot_id: Option<&str>, nccl_hostid: Option<&str
 
 fn hostname() -> String {
     let mut name = [0u8; 256];
-    // SAFETY: gethostname writes at most len bytes.
+    // SAFETY: `name` is a live buffer of `name.len()` bytes and gethostname writes at most that
+    // many (a failure or truncation leaves zeros or an unterminated name, both handled below).
     unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
     let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
     String::from_utf8_lossy(&name[..end]).into_owned()

@@ -60,7 +60,8 @@ impl LocalWorld {
         for &d in &self.devices {
             let b = DeviceMem::alloc(d, bytes)?;
             let _g = crate::cuda::context::CtxGuard::enter(d)?;
-            // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
+            // SAFETY: the live buffer holds `bytes`, its device's context is current and the
+            // legacy stream is always valid. Zero flags are never a valid tag.
             unsafe { memory::memset_d8_async(b.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
             memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
             fresh.push(b);

@@ -110,7 +110,8 @@ impl Nccl {
         }
         let text = self
             .error_string
-            // SAFETY: ncclGetErrorString returns a static string.
+            // SAFETY: ncclGetErrorString has the prototype we resolved it with and returns a
+            // static NUL-terminated string for every code (unknown ones included), never null.
             .map(|f| unsafe { CStr::from_ptr(f(r)) }.to_string_lossy().into_owned())
             .unwrap_or_default();
         Err(Error::new(
@@ -125,7 +126,8 @@ impl Nccl {
     /// `comm` is a live communicator of this NCCL.
     pub unsafe fn comm_info(&self, comm: ncclComm_t) -> Result<(u32, u32, i32)> {
         let (mut n, mut r, mut d) = (0, 0, 0);
-        // SAFETY: comm is the caller's communicator; outputs are local ints.
+        // SAFETY: the pointers have nccl.h's prototypes; `comm` is a live communicator of this
+        // NCCL (this function's contract); each call writes one int to a live local.
         unsafe {
             self.check("ncclCommCount", (self.comm_count)(comm, &mut n))?;
             self.check("ncclCommUserRank", (self.comm_user_rank)(comm, &mut r))?;
@@ -138,7 +140,9 @@ impl Nccl {
     /// Byte all-gather of `count` bytes per rank between device buffers, on `stream`.
     ///
     /// # Safety
-    /// `send` holds `count` device bytes, `recv` holds `count * nranks`.
+    /// `comm` is a live communicator of this NCCL and `stream` a valid stream of its device;
+    /// `send` holds `count` device bytes, `recv` holds `count * nranks`, both valid until the
+    /// all-gather ran.
     pub unsafe fn all_gather_bytes(
         &self,
         send: *const c_void,
@@ -147,7 +151,8 @@ impl Nccl {
         comm: ncclComm_t,
         stream: cudaStream_t,
     ) -> Result<()> {
-        // SAFETY: forwarded contract; ncclUint8 = 1.
+        // SAFETY: the pointer has ncclAllGather's prototype; buffers, communicator and stream are
+        // as the contract requires; datatype 1 is ncclUint8, so `count` counts bytes.
         self.check("ncclAllGather", unsafe {
             (self.all_gather)(send, recv, count, 1, comm, stream)
         })
@@ -155,7 +160,7 @@ impl Nccl {
 
     pub fn runtime_version(&self) -> i32 {
         let mut v = 0;
-        // SAFETY: a plain query.
+        // SAFETY: ncclGetVersion's prototype; it only writes one int to a live local.
         unsafe { (self.get_version)(&mut v) };
         v
     }
