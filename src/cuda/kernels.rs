@@ -1,6 +1,6 @@
 //! What a kernel registry entry is, and the CUDA layer's own self-test kernel.
 //!
-//! The registry itself, [`crate::runtime::kernel_registry::KERNEL_FILES`], lives with the
+//! The registry itself, `runtime::kernel_registry::KERNEL_FILES`, lives with the
 //! runtime, which owns the kernels; this layer only compiles whatever source it is handed.
 
 use super::jit::{Defines, KernelSource};
