@@ -1,5 +1,5 @@
 //! Proves the NVRTC path without a GPU: every `kernels/*.cu` file compiles to a CUBIN for every
-//! specialisation it registers in `src/cuda/kernels.rs`, for Hopper and (when this NVRTC knows it)
+//! specialisation it registers in `src/runtime/kernel_registry.rs`, for Hopper and (when this NVRTC knows it)
 //! Blackwell.
 //!
 //! NVRTC is found by cudarc's loader (see `src/cuda/nvrtc.rs`): put the directory holding
@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use nccl_ep::cuda::cache::DiskCache;
 use nccl_ep::cuda::jit::{self, Defines, KernelSource, Origin};
-use nccl_ep::cuda::kernels::KERNEL_FILES;
 use nccl_ep::cuda::nvrtc;
+use nccl_ep::runtime::kernel_registry::KERNEL_FILES;
 
 /// False (after printing why) when NVRTC is missing and not required; panics when required.
 fn have_nvrtc() -> bool {
@@ -61,7 +61,7 @@ fn every_kernel_file_is_registered_and_the_registry_matches_disk() {
     for f in cu_files() {
         assert!(
             registered.contains(&f.as_str()),
-            "kernels/{f} is not registered in src/cuda/kernels.rs"
+            "kernels/{f} is not registered in src/runtime/kernel_registry.rs"
         );
     }
     for k in KERNEL_FILES {
@@ -254,15 +254,20 @@ fn selftest_kernel_runs_on_a_gpu() {
         let (ptr, v) = (out.ptr(), 7u32);
         let mut args = nccl_ep::kernel_args![&ptr, &v, &n];
         let s = Stream::LEGACY_DEFAULT;
+        // SAFETY: `out` holds n u32 and outlives the synchronised work below.
         unsafe { memory::memset_d8_async(ptr, 0, n as usize * 4, s) }.unwrap();
+        // SAFETY: ep_selftest(unsigned* out, unsigned v, unsigned n) gets a device pointer and two
+        // u32s, in order; it writes out[0..n), which `out` holds; `args` lives past the launch.
         unsafe { cuda::launch(f, n.div_ceil(256), 256, 0, s, &mut args) }.unwrap();
         cuda::stream_synchronize(s).unwrap();
         let mut host = vec![0u32; n as usize];
+        // SAFETY: `out` holds the n u32 `host` receives; any bits are a valid u32.
         unsafe { memory::memcpy_dtoh(&mut host, ptr) }.unwrap();
         for (i, &x) in host.iter().enumerate() {
             assert_eq!(x, 7 + i as u32 * stride, "out[{i}]");
         }
         // Cooperative launch of the same kernel.
+        // SAFETY: as for the launch above (4 x 256 threads write at most out[0..n)).
         unsafe { cuda::launch_cooperative(f, 4, 256, 0, s, &mut args) }.unwrap();
         cuda::stream_synchronize(s).unwrap();
     }
@@ -270,20 +275,26 @@ fn selftest_kernel_runs_on_a_gpu() {
     // A stream of our own: the device check, async copies, and graph capture.
     let _g = CtxGuard::enter(dev).unwrap();
     let mut raw: sys::CUstream = std::ptr::null_mut();
+    // SAFETY: the driver is loaded (device_count succeeded) and device 0's context current; it
+    // writes one handle (flags 1 = non-blocking).
     assert_eq!(unsafe { sys::cuStreamCreate(&mut raw, 1) }, sys::CUresult::CUDA_SUCCESS);
+    // SAFETY: a stream just created, destroyed only at the end of this test.
     let s = unsafe { Stream::from_raw(raw.cast()) };
     cuda::ensure_stream_on_device(s, dev).unwrap();
     assert_eq!(cuda::stream_device(s).unwrap(), dev);
     assert!(cuda::ensure_stream_on_device(s, dev + 1).is_err());
     let src: Vec<u32> = (0..n).collect();
+    // SAFETY: `src` and `out` both hold n u32 and live past the stream_synchronize below.
     unsafe { memory::memcpy_htod_async(out.ptr(), src.as_ptr().cast(), src.len() * 4, s) }.unwrap();
     let mut back = vec![0u32; n as usize];
+    // SAFETY: as above, for `back`.
     unsafe { memory::memcpy_dtoh_async(back.as_mut_ptr().cast(), out.ptr(), back.len() * 4, s) }.unwrap();
     cuda::stream_synchronize(s).unwrap();
     assert_eq!(back, src);
     assert!(!cuda::stream_is_capturing(s).unwrap());
     let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     assert_eq!(
+        // SAFETY: `raw` is our live stream.
         unsafe { sys::cuStreamBeginCapture_v2(raw, mode) },
         sys::CUresult::CUDA_SUCCESS
     );
@@ -291,22 +302,29 @@ fn selftest_kernel_runs_on_a_gpu() {
     let f = cuda::get_function(dev, &SELFTEST, &Defines::new(), "ep_selftest").unwrap();
     let (ptr, v) = (out.ptr(), 1u32);
     let mut args = nccl_ep::kernel_args![&ptr, &v, &n];
+    // SAFETY: as for the launches above; captured, it runs when the graph is launched, while
+    // `out` is still alive (the kernel arguments are copied at capture).
     unsafe { cuda::launch(f, n.div_ceil(256), 256, 0, s, &mut args) }.unwrap();
     let mut graph: sys::CUgraph = std::ptr::null_mut();
     assert_eq!(
+        // SAFETY: `raw` is our live stream, being captured; it writes one handle.
         unsafe { sys::cuStreamEndCapture(raw, &mut graph) },
         sys::CUresult::CUDA_SUCCESS
     );
     assert!(!cuda::stream_is_capturing(s).unwrap());
     let mut exec: sys::CUgraphExec = std::ptr::null_mut();
     assert_eq!(
+        // SAFETY: `graph` was just captured; it writes one handle.
         unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
         sys::CUresult::CUDA_SUCCESS
     );
+    // SAFETY: a live executable graph and our live stream.
     assert_eq!(unsafe { sys::cuGraphLaunch(exec, raw) }, sys::CUresult::CUDA_SUCCESS);
     cuda::stream_synchronize(s).unwrap();
+    // SAFETY: `out` holds the n u32 `back` receives; any bits are a valid u32.
     unsafe { memory::memcpy_dtoh(&mut back, out.ptr()) }.unwrap();
     assert!(back.iter().enumerate().all(|(i, &x)| x == 1 + i as u32));
+    // SAFETY: each handle is ours, idle (synchronised above) and destroyed once.
     unsafe {
         sys::cuGraphExecDestroy(exec);
         sys::cuGraphDestroy(graph);
@@ -316,8 +334,11 @@ fn selftest_kernel_runs_on_a_gpu() {
     let h = memory::ipc_get_mem_handle(out.ptr()).unwrap();
     assert!(h.iter().any(|&b| b != 0));
     let pinned = memory::PinnedHostMem::alloc(dev, 4096).unwrap();
+    // SAFETY: the mapped allocation holds 4096 bytes = 1024 words and outlives the fill.
     unsafe { memory::memset_d32_async(pinned.device_ptr(), 5, 1024, Stream::LEGACY_DEFAULT) }.unwrap();
     cuda::stream_synchronize(Stream::LEGACY_DEFAULT).unwrap();
+    // SAFETY: word 1023 is the last of the 1024 the live allocation holds (page-aligned); the
+    // device is idle (synchronised), so nothing writes it concurrently.
     assert_eq!(unsafe { *pinned.host_ptr().cast::<u32>().add(1023) }, 5);
 }
 

@@ -1,8 +1,15 @@
 //! The on-disk JIT cache: content-addressed CUBIN files, written atomically.
 //!
-//! * Key: 64-bit FNV-1a over a "key material" string (format version, arch, NVRTC version,
-//!   sorted options, source length and hash) followed by the source text. The material is stored
-//!   in the file too and compared on load, so a hash collision cannot return a wrong kernel.
+//! * Key: SHA-256 over everything that determines the CUBIN: a format version, the target
+//!   architecture, the NVRTC version, the NVRTC options (which hold the `-D` defines and the
+//!   architecture; sorted, as their order does not matter) and the SHA-256 of the source, each
+//!   field length-prefixed so that no two different inputs are hashed as the same bytes. Two
+//!   different compilations share a key only through a SHA-256 collision, so a cache hit never
+//!   returns another kernel. The file also stores the key and a readable description of it
+//!   ("material"), both compared on load, and the SHA-256 of the CUBIN, so a truncated, corrupt
+//!   or foreign file is never used. NVRTC reports only its major.minor version: a patch update
+//!   within one minor version reuses the CUBINs of the previous patch level (same architecture,
+//!   valid code); empty the directory to recompile them.
 //! * Directory: `$NCCL_EP_JIT_CACHE_DIR`, else `${XDG_CACHE_HOME:-$HOME/.cache}/nccl_ep/jit`, else
 //!   (when that cannot be created) `/tmp/nccl_ep-$UID/jit`, which must be ours and private.
 //!   `NCCL_EP_JIT_CACHE=0` turns the disk cache off.
@@ -17,46 +24,36 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use sha2::{Digest, Sha256};
+
 /// Bump when the file layout or anything that affects the produced CUBIN but is not in the key
 /// changes.
-pub const FORMAT_VERSION: u32 = 1;
-const MAGIC: &[u8; 8] = b"NCCLEPJ1";
+pub const FORMAT_VERSION: u32 = 2;
+const MAGIC: &[u8; 8] = b"NCCLEPJ2";
 const MAX_FILE: u64 = 1 << 30;
 
-/// Streaming 64-bit FNV-1a.
-#[derive(Clone, Copy, Debug)]
-pub struct Fnv1a64(u64);
-
-impl Default for Fnv1a64 {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
-impl Fnv1a64 {
-    pub fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    pub fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h = Fnv1a64::default();
-    h.write(bytes);
-    h.finish()
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Identifies one compilation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    pub hash: u64,
-    /// Human-readable description of everything hashed (the source only by length and hash).
+    /// SHA-256 of everything that determines the CUBIN (see the module doc).
+    pub hash: [u8; 32],
+    /// Human-readable description of everything hashed (the source by length and SHA-256).
     pub material: String,
+}
+
+impl CacheKey {
+    /// The key as 64 hex digits (cache file names carry it).
+    pub fn hex(&self) -> String {
+        hex(&self.hash)
+    }
 }
 
 /// The key of compiling `source` with `options` for `arch` with NVRTC `nvrtc_version`. The order
@@ -64,20 +61,32 @@ pub struct CacheKey {
 pub fn cache_key(source: &str, options: &[String], arch: &str, nvrtc_version: (i32, i32)) -> CacheKey {
     let mut sorted: Vec<&str> = options.iter().map(String::as_str).collect();
     sorted.sort_unstable();
+    let source_hash = sha256(source.as_bytes());
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(b"nccl_ep jit");
+    field(&FORMAT_VERSION.to_le_bytes());
+    field(arch.as_bytes());
+    field(&nvrtc_version.0.to_le_bytes());
+    field(&nvrtc_version.1.to_le_bytes());
+    field(&(sorted.len() as u64).to_le_bytes());
+    for o in &sorted {
+        field(o.as_bytes());
+    }
+    field(&source_hash);
     let material = format!(
-        "nccl_ep jit v{FORMAT_VERSION}\narch={arch}\nnvrtc={}.{}\nsource={}:{:016x}\noptions={}\n",
+        "nccl_ep jit v{FORMAT_VERSION}\narch={arch}\nnvrtc={}.{}\nsource={}:{}\noptions={}\n",
         nvrtc_version.0,
         nvrtc_version.1,
         source.len(),
-        fnv1a64(source.as_bytes()),
+        hex(&source_hash),
         sorted.join("\u{1f}"),
     );
-    let mut h = Fnv1a64::default();
-    h.write(material.as_bytes());
-    h.write(&[0]);
-    h.write(source.as_bytes());
     CacheKey {
-        hash: h.finish(),
+        hash: h.finalize().into(),
         material,
     }
 }
@@ -102,6 +111,7 @@ impl DiskCache {
         if get("NCCL_EP_JIT_CACHE").is_some_and(|v| v == "0") {
             return None;
         }
+        // SAFETY: getuid has no preconditions and cannot fail.
         let uid = unsafe { libc::getuid() };
         let (primary, fallback) = default_dirs(get, uid);
         if let Some(d) = primary
@@ -136,7 +146,7 @@ impl DiskCache {
         &self.dir
     }
 
-    /// `<dir>/<name>-<hash>.cubin`, `name` reduced to `[A-Za-z0-9_.-]`.
+    /// `<dir>/<name>-<64 hex digits of the key>.cubin`, `name` reduced to `[A-Za-z0-9_.-]`.
     pub fn path_for(&self, name: &str, key: &CacheKey) -> PathBuf {
         let stem: String = name
             .chars()
@@ -148,7 +158,7 @@ impl DiskCache {
                 }
             })
             .collect();
-        self.dir.join(format!("{stem}-{:016x}.cubin", key.hash))
+        self.dir.join(format!("{stem}-{}.cubin", key.hex()))
     }
 
     /// The stored CUBIN, or `None` when absent or not valid for `key`.
@@ -200,14 +210,17 @@ fn default_dirs(get: impl Fn(&str) -> Option<OsString>, uid: u32) -> (Option<Pat
     (primary, PathBuf::from(format!("/tmp/nccl_ep-{uid}/jit")))
 }
 
+/// `MAGIC | key (32) | material length (u32 LE) | material | CUBIN length (u64 LE) |
+/// SHA-256 of the CUBIN (32) | CUBIN`.
 fn encode(key: &CacheKey, cubin: &[u8]) -> Vec<u8> {
     let m = key.material.as_bytes();
-    let mut out = Vec::with_capacity(8 + 4 + m.len() + 16 + cubin.len());
+    let mut out = Vec::with_capacity(8 + 32 + 4 + m.len() + 8 + 32 + cubin.len());
     out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&key.hash);
     out.extend_from_slice(&(m.len() as u32).to_le_bytes());
     out.extend_from_slice(m);
     out.extend_from_slice(&(cubin.len() as u64).to_le_bytes());
-    out.extend_from_slice(&fnv1a64(cubin).to_le_bytes());
+    out.extend_from_slice(&sha256(cubin));
     out.extend_from_slice(cubin);
     out
 }
@@ -222,7 +235,7 @@ fn decode(bytes: &[u8], key: &CacheKey) -> Option<Vec<u8>> {
         Some(h)
     }
     let mut b = bytes;
-    if take(&mut b, 8)? != MAGIC {
+    if take(&mut b, 8)? != MAGIC || take(&mut b, 32)? != key.hash {
         return None;
     }
     let mlen = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
@@ -230,8 +243,8 @@ fn decode(bytes: &[u8], key: &CacheKey) -> Option<Vec<u8>> {
         return None;
     }
     let len = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
-    let sum = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
-    if len == 0 || b.len() as u64 != len || fnv1a64(b) != sum {
+    let sum = take(&mut b, 32)?;
+    if len == 0 || b.len() as u64 != len || sha256(b) != sum {
         return None;
     }
     Some(b.to_vec())
@@ -252,10 +265,15 @@ mod tests {
     }
 
     #[test]
-    fn fnv_reference_values() {
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    fn sha256_reference_values() {
+        assert_eq!(
+            hex(&sha256(b"")),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            hex(&sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
@@ -284,7 +302,7 @@ mod tests {
             )
             .hash
         );
-        assert_eq!(format!("{:016x}", a.hash), GOLDEN);
+        assert_eq!(a.hex(), GOLDEN);
         for other in [
             cache_key(
                 "src ",
@@ -315,7 +333,23 @@ mod tests {
             assert_ne!(a.material, other.material);
         }
     }
-    const GOLDEN: &str = "697d4a35b70961e5";
+    // Computed independently (Python hashlib) from the layout the module doc describes.
+    const GOLDEN: &str = "f36e8575f27a20edf351c989bf24c36fb4a93badbd13e641eb9a5e9f00a7904e";
+
+    /// Length prefixes keep differently split inputs apart (a joined description would not).
+    #[test]
+    fn keys_do_not_alias() {
+        let a = cache_key("s", &opts(&["-DA=1\u{1f}-DB=2"]), "sm_90", (13, 0));
+        let b = cache_key("s", &opts(&["-DA=1", "-DB=2"]), "sm_90", (13, 0));
+        assert_eq!(a.material, b.material, "the readable description alone is ambiguous");
+        assert_ne!(a.hash, b.hash);
+        // A file with the right description but another key is not this key's.
+        let dir = scratch("alias");
+        let c = DiskCache::at(&dir).unwrap();
+        fs::write(c.path_for("s.cu", &b), encode(&a, b"\x7fELF-a")).unwrap();
+        assert_eq!(c.load("s.cu", &b), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn store_then_load_and_no_temp_files_left() {
@@ -410,6 +444,7 @@ mod tests {
     #[test]
     fn tmp_fallback_must_be_private() {
         use std::os::unix::fs::PermissionsExt;
+        // SAFETY: getuid has no preconditions and cannot fail.
         let uid = unsafe { libc::getuid() };
         let base = scratch("private");
         let c = DiskCache::private_under_tmp(&base.join("jit"), uid).unwrap();

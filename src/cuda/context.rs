@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 
 use cudarc::driver::sys;
 
 use super::driver::{CUcontext, check, cu_device, driver};
-use super::memory::Stream;
+use super::stream::Stream;
 use ep_core::error::Result;
 
 /// device ordinal -> retained primary context (stored as an address).
@@ -24,13 +26,14 @@ fn primaries() -> &'static Mutex<HashMap<i32, usize>> {
 /// The primary context of a device, retained on first use and kept for the life of the process.
 pub fn primary_context(device: i32) -> Result<CUcontext> {
     driver()?;
-    let mut map = primaries().lock().unwrap_or_else(|e| e.into_inner());
+    let mut map = primaries().lock();
     if let Some(&c) = map.get(&device) {
         return Ok(c as CUcontext);
     }
     let dev = cu_device(device)?;
     let mut ctx: CUcontext = std::ptr::null_mut();
     check(
+        // SAFETY: the driver is loaded, `dev` is valid (cu_device) and the output a live local.
         unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
         format_args!("cuDevicePrimaryCtxRetain(device {device})"),
     )?;
@@ -40,7 +43,7 @@ pub fn primary_context(device: i32) -> Result<CUcontext> {
 
 /// The device of an already retained primary context, without calling the driver.
 fn known_primary_device(ctx: CUcontext) -> Option<i32> {
-    let map = primaries().lock().unwrap_or_else(|e| e.into_inner());
+    let map = primaries().lock();
     map.iter().find(|&(_, &c)| c == ctx as usize).map(|(&d, _)| d)
 }
 
@@ -48,6 +51,7 @@ fn known_primary_device(ctx: CUcontext) -> Option<i32> {
 pub fn current_context() -> Result<CUcontext> {
     driver()?;
     let mut ctx: CUcontext = std::ptr::null_mut();
+    // SAFETY: the driver is loaded; it writes one handle (or null) to a live local.
     check(unsafe { sys::cuCtxGetCurrent(&mut ctx) }, "cuCtxGetCurrent")?;
     Ok(ctx)
 }
@@ -58,6 +62,7 @@ pub fn current_device() -> Result<Option<i32>> {
         return Ok(None);
     }
     let mut dev = 0;
+    // SAFETY: the driver is loaded and a context is current; it writes one int.
     check(unsafe { sys::cuCtxGetDevice(&mut dev) }, "cuCtxGetDevice")?;
     Ok(Some(dev))
 }
@@ -76,7 +81,8 @@ impl CtxGuard {
     /// Makes `device`'s primary context current (retaining it on first use).
     pub fn enter(device: i32) -> Result<Self> {
         let ctx = primary_context(device)?;
-        // SAFETY: a retained primary context stays valid for the whole process.
+        // SAFETY: `ctx` is `device`'s primary context, retained by primary_context and never
+        // released, so it stays valid for the whole process, hence for the guard's lifetime.
         unsafe { Self::enter_raw(ctx, device) }
     }
 
@@ -85,6 +91,8 @@ impl CtxGuard {
     unsafe fn enter_raw(ctx: CUcontext, device: i32) -> Result<Self> {
         let prev = current_context()?;
         if prev != ctx {
+            // SAFETY: the driver is loaded (current_context succeeded) and `ctx` is a live
+            // context (this function's contract).
             check(unsafe { sys::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")?;
         }
         Ok(Self {
@@ -108,6 +116,9 @@ impl Drop for CtxGuard {
     fn drop(&mut self) {
         if self.prev != self.ctx {
             // Nothing sensible can be done if this fails; the driver is in a bad state anyway.
+            // SAFETY: the driver is loaded (the guard exists); `prev` was current on this thread
+            // when the guard was made (the guard is not Send) and is null or a context the
+            // caller keeps alive while it is current, as CUDA requires of it.
             let _ = unsafe { sys::cuCtxSetCurrent(self.prev) };
         }
     }
@@ -126,6 +137,8 @@ pub fn stream_context(stream: Stream) -> Result<CUcontext> {
     driver()?;
     let mut ctx: CUcontext = std::ptr::null_mut();
     check(
+        // SAFETY: the driver is loaded; `stream` is valid or a special handle (Stream::from_raw's
+        // contract) and the output a live local.
         unsafe { sys::cuStreamGetCtx(stream.raw(), &mut ctx) },
         format_args!("cuStreamGetCtx({:p})", stream.raw()),
     )?;
@@ -140,16 +153,19 @@ pub unsafe fn context_device(ctx: CUcontext) -> Result<i32> {
     if let Some(d) = known_primary_device(ctx) {
         return Ok(d);
     }
-    // SAFETY: per the contract; device -1 is not used by the guard.
+    // SAFETY: `ctx` is live (this function's contract) for the guard's short life; the device
+    // -1 is only stored, never used, by the guard.
     let _g = unsafe { CtxGuard::enter_raw(ctx, -1) }?;
     let mut dev = 0;
+    // SAFETY: the driver is loaded and `ctx` is current; it writes one int.
     check(unsafe { sys::cuCtxGetDevice(&mut dev) }, "cuCtxGetDevice")?;
     Ok(dev)
 }
 
 /// The device a stream runs on.
 pub fn stream_device(stream: Stream) -> Result<i32> {
-    // SAFETY: a valid stream's context lives at least as long as the stream.
+    // SAFETY: cuStreamGetCtx just returned the context of a live stream, and a stream's context
+    // lives at least as long as the stream.
     unsafe { context_device(stream_context(stream)?) }
 }
 
@@ -170,6 +186,8 @@ pub fn enable_peer_access(device: i32, peer: i32) -> Result<()> {
     ep_core::ensure_arg!(device != peer, "peer access from device {device} to itself");
     let peer_ctx = primary_context(peer)?;
     let _g = CtxGuard::enter(device)?;
+    // SAFETY: the driver is loaded; `peer_ctx` is a retained primary context (valid for the
+    // process) and the flags must be 0.
     let r = unsafe { sys::cuCtxEnablePeerAccess(peer_ctx, 0) };
     if r == sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
         return Ok(());
@@ -183,6 +201,7 @@ pub fn enable_peer_access(device: i32, peer: i32) -> Result<()> {
 /// Waits for all work of the current context (used before freeing memory peers may still use).
 pub fn synchronize_current() -> Result<()> {
     driver()?;
+    // SAFETY: the driver is loaded; no arguments (no context current is an error, not UB).
     check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
 }
 

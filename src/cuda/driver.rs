@@ -61,6 +61,9 @@ const SYMBOLS: &[&str] = &[
     "cuOccupancyMaxActiveBlocksPerMultiprocessor",
     "cuLaunchKernel",
     "cuLaunchCooperativeKernel",
+    "cuCtxSynchronize",
+    "cuMemAllocAsync",
+    // Not checked: cuFuncLoad (CUDA 12.4), called only when the driver reports 12.4 or newer.
 ];
 
 /// The loaded and initialised driver.
@@ -89,7 +92,8 @@ pub fn driver_available() -> bool {
 }
 
 fn load_driver() -> std::result::Result<Driver, Error> {
-    // SAFETY: is_culib_present only dlopens and dlcloses candidate names.
+    // SAFETY: is_culib_present only dlopens and dlcloses cudarc's candidate names for libcuda;
+    // the driver's initialisers have no preconditions on us.
     if !unsafe { sys::is_culib_present() } {
         return Err(Error::new(
             ErrorKind::System,
@@ -97,10 +101,11 @@ fn load_driver() -> std::result::Result<Driver, Error> {
         ));
     }
     // culib() cannot panic now that a candidate opened, unless the library vanished in between.
+    // SAFETY: as for is_culib_present: it opens the same library, and keeps it open.
     let lib = std::panic::catch_unwind(|| unsafe { sys::culib() })
         .map_err(|_| Error::new(ErrorKind::System, "the CUDA driver library could not be loaded"))?;
     for name in SYMBOLS {
-        // SAFETY: we only look the symbol up; its type is never used.
+        // SAFETY: the symbol is only looked up, as a plain address; nothing reads or calls it.
         if unsafe { lib.get::<*const std::ffi::c_void>(name.as_bytes()) }.is_err() {
             return Err(Error::new(
                 ErrorKind::System,
@@ -108,8 +113,10 @@ fn load_driver() -> std::result::Result<Driver, Error> {
             ));
         }
     }
+    // SAFETY: every symbol we call exists (checked above); cuInit takes flags 0 and nothing else.
     check(unsafe { sys::cuInit(0) }, "cuInit")?;
     let mut version = 0;
+    // SAFETY: the driver is loaded; it writes one int to a live local.
     check(unsafe { sys::cuDriverGetVersion(&mut version) }, "cuDriverGetVersion")?;
     Ok(Driver { version })
 }
@@ -119,15 +126,18 @@ fn load_driver() -> std::result::Result<Driver, Error> {
 pub(crate) fn error_text(r: CUresult) -> String {
     let mut name: *const std::ffi::c_char = std::ptr::null();
     let mut desc: *const std::ffi::c_char = std::ptr::null();
-    // SAFETY: both functions write a pointer to a static string or fail.
+    // SAFETY: the driver is loaded (this function's precondition); both functions only write a
+    // pointer to a static string into a live local, or fail (for an unknown code) and leave it.
     let (rn, rd) = unsafe { (sys::cuGetErrorName(r, &mut name), sys::cuGetErrorString(r, &mut desc)) };
     let code = r as u32;
     let name = if rn == CUresult::CUDA_SUCCESS && !name.is_null() {
+        // SAFETY: on success `name` points to a NUL-terminated static string of the driver.
         unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
     } else {
         format!("CUDA error {code}")
     };
     if rd == CUresult::CUDA_SUCCESS && !desc.is_null() {
+        // SAFETY: as for `name`.
         format!("{name} ({})", unsafe { CStr::from_ptr(desc) }.to_string_lossy())
     } else {
         name
@@ -151,6 +161,7 @@ pub(crate) fn cuda_error(r: CUresult, what: impl std::fmt::Display) -> Error {
 pub fn device_count() -> Result<i32> {
     driver()?;
     let mut n = 0;
+    // SAFETY: the driver is loaded and initialised (driver() above); it writes one int.
     check(unsafe { sys::cuDeviceGetCount(&mut n) }, "cuDeviceGetCount")?;
     Ok(n)
 }
@@ -165,6 +176,8 @@ pub fn cu_device(ordinal: i32) -> Result<CUdevice> {
     }
     let mut dev = 0;
     check(
+        // SAFETY: the driver is loaded (device_count succeeded); the ordinal is in range and the
+        // output is a live local.
         unsafe { sys::cuDeviceGet(&mut dev, ordinal) },
         format_args!("cuDeviceGet({ordinal})"),
     )?;
@@ -176,6 +189,8 @@ pub fn device_attribute(ordinal: i32, attr: sys::CUdevice_attribute) -> Result<i
     let dev = cu_device(ordinal)?;
     let mut v = 0;
     check(
+        // SAFETY: the driver is loaded and `dev` is a valid device (cu_device); the attribute is
+        // a value of the enum the driver declares; the output is a live local.
         unsafe { sys::cuDeviceGetAttribute(&mut v, attr, dev) },
         format_args!("cuDeviceGetAttribute({attr:?}, device {ordinal})"),
     )?;
@@ -215,6 +230,8 @@ pub fn can_access_peer(a: i32, b: i32) -> Result<bool> {
     }
     let mut v = 0;
     check(
+        // SAFETY: the driver is loaded and both devices are valid (cu_device); the output is a
+        // live local.
         unsafe { sys::cuDeviceCanAccessPeer(&mut v, da, db) },
         format_args!("cuDeviceCanAccessPeer({a}, {b})"),
     )?;

@@ -10,8 +10,10 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use super::cache::{CacheKey, DiskCache, cache_key};
 use super::context::{CtxGuard, current_context};
@@ -132,8 +134,8 @@ fn log_enabled() -> bool {
     std::env::var_os("NCCL_EP_JIT_LOG").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-fn memory_cache() -> &'static Mutex<HashMap<u64, Arc<Cubin>>> {
-    static M: OnceLock<Mutex<HashMap<u64, Arc<Cubin>>>> = OnceLock::new();
+fn memory_cache() -> &'static Mutex<HashMap<[u8; 32], Arc<Cubin>>> {
+    static M: OnceLock<Mutex<HashMap<[u8; 32], Arc<Cubin>>>> = OnceLock::new();
     M.get_or_init(Default::default)
 }
 
@@ -161,7 +163,7 @@ pub fn compile_with_cache(
     let t0 = Instant::now();
     let log = log_enabled();
     {
-        let mem = memory_cache().lock().unwrap_or_else(|e| e.into_inner());
+        let mem = memory_cache().lock();
         if let Some(c) = mem.get(&key.hash).filter(|c| c.key == key) {
             return Ok((c.clone(), Origin::MemoryCache));
         }
@@ -207,7 +209,7 @@ pub fn compile_with_cache(
         name: src.name,
         image,
     });
-    let mut mem = memory_cache().lock().unwrap_or_else(|e| e.into_inner());
+    let mut mem = memory_cache().lock();
     match mem.get(&cubin.key.hash) {
         // Another thread got there first: share its copy.
         Some(c) if c.key == cubin.key => Ok((c.clone(), origin)),
@@ -222,14 +224,14 @@ pub fn compile_with_cache(
 /// Empties the in-process CUBIN cache (loaded kernels stay loaded). For tests and for freeing
 /// memory after warm-up; the next [`compile`] goes to the disk cache or NVRTC again.
 pub fn forget_compiled() {
-    memory_cache().lock().unwrap_or_else(|e| e.into_inner()).clear();
+    memory_cache().lock().clear();
 }
 
-/// `(cache hash, context)` -> loaded module; `(cache hash, context, kernel)` -> function.
+/// `(cache key hash, context)` -> loaded module; `(cache key hash, context, kernel)` -> function.
 #[derive(Default)]
 struct Loaded {
-    modules: HashMap<(u64, usize), Module>,
-    functions: HashMap<(u64, usize, String), Function>,
+    modules: HashMap<([u8; 32], usize), Module>,
+    functions: HashMap<([u8; 32], usize, String), Function>,
 }
 
 fn loaded() -> &'static Mutex<Loaded> {
@@ -242,7 +244,7 @@ fn loaded() -> &'static Mutex<Loaded> {
 pub fn load_function(cubin: &Cubin, func: &str) -> Result<Function> {
     let ctx = current_context()? as usize;
     ep_core::ensure_usage!(ctx != 0, "no CUDA context is current to load {}", cubin.name);
-    let mut l = loaded().lock().unwrap_or_else(|e| e.into_inner());
+    let mut l = loaded().lock();
     if let Some(&f) = l.functions.get(&(cubin.key.hash, ctx, func.to_owned())) {
         return Ok(f);
     }

@@ -1,9 +1,7 @@
-//! The registry of CUDA source files under `kernels/` and their specialisation variants.
+//! What a kernel registry entry is, and the CUDA layer's own self-test kernel.
 //!
-//! Every `kernels/*.cu` file must appear in [`KERNEL_FILES`] (the `nvrtc_compile` test checks
-//! this) together with a function listing the `-D` define sets the library may compile it with,
-//! so CI compiles every variant for every supported architecture. A kernel module exposes its
-//! `SOURCE` and `variants()` and adds one line here.
+//! The registry itself, `runtime::kernel_registry::KERNEL_FILES`, lives with the
+//! runtime, which owns the kernels; this layer only compiles whatever source it is handed.
 
 use super::jit::{Defines, KernelSource};
 
@@ -26,34 +24,3 @@ pub const SELFTEST: KernelSource = KernelSource {
 pub fn selftest_variants() -> Vec<Defines> {
     vec![Defines::new(), Defines::new().set("EP_SELFTEST_STRIDE", 3)]
 }
-
-pub static KERNEL_FILES: &[KernelFile] = &[
-    KernelFile {
-        source: SELFTEST,
-        variants: selftest_variants,
-    },
-    KernelFile {
-        source: crate::runtime::kernels::LL_DISPATCH,
-        variants: crate::runtime::kernels::ll_dispatch_variants,
-    },
-    KernelFile {
-        source: crate::runtime::kernels::LL_COMBINE,
-        variants: crate::runtime::kernels::ll_combine_variants,
-    },
-    KernelFile {
-        source: crate::runtime::kernels::LL_CLEAN,
-        variants: crate::runtime::kernels::ll_clean_variants,
-    },
-    KernelFile {
-        source: crate::runtime::ht_kernels::HT_META,
-        variants: crate::runtime::ht_kernels::ht_meta_variants,
-    },
-    KernelFile {
-        source: crate::runtime::ht_kernels::HT_DISPATCH,
-        variants: crate::runtime::ht_kernels::ht_dispatch_variants,
-    },
-    KernelFile {
-        source: crate::runtime::ht_kernels::HT_COMBINE,
-        variants: crate::runtime::ht_kernels::ht_combine_variants,
-    },
-];

@@ -10,41 +10,9 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 
 use super::context::CtxGuard;
-use super::driver::{CUdeviceptr, CUevent, CUstream, check, driver};
+use super::driver::{CUdeviceptr, CUevent, check, driver};
+pub use super::stream::{Stream, stream_from_raw};
 use ep_core::error::Result;
-
-/// A caller's stream: a `cudaStream_t` received over the C ABI. It is the same type as the
-/// driver's `CUstream`; `0` is the legacy default stream, `0x1`/`0x2` are
-/// `cudaStreamLegacy`/`cudaStreamPerThread`. Never created or destroyed here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Stream(CUstream);
-
-// SAFETY: stream handles may be used from any thread.
-unsafe impl Send for Stream {}
-unsafe impl Sync for Stream {}
-
-impl Stream {
-    /// The legacy default stream (`0`), of whichever context is current.
-    pub const LEGACY_DEFAULT: Stream = Stream(std::ptr::null_mut());
-
-    /// # Safety
-    /// `raw` must be a valid stream (or one of the special handles) for as long as it is used.
-    pub unsafe fn from_raw(raw: *mut c_void) -> Self {
-        Self(raw as CUstream)
-    }
-
-    pub fn raw(&self) -> CUstream {
-        self.0
-    }
-}
-
-/// Shorthand for [`Stream::from_raw`].
-///
-/// # Safety
-/// As [`Stream::from_raw`].
-pub unsafe fn stream_from_raw(raw: *mut c_void) -> Stream {
-    unsafe { Stream::from_raw(raw) }
-}
 
 /// `cuMemAlloc` in the current context.
 pub fn mem_alloc(bytes: usize) -> Result<CUdeviceptr> {
@@ -52,6 +20,8 @@ pub fn mem_alloc(bytes: usize) -> Result<CUdeviceptr> {
     ep_core::ensure_arg!(bytes > 0, "device allocation of 0 bytes");
     let mut p: CUdeviceptr = 0;
     check(
+        // SAFETY: the driver is loaded; it writes one address to a live local (no context
+        // current is an error, not UB).
         unsafe { sys::cuMemAlloc_v2(&mut p, bytes) },
         format_args!("cuMemAlloc({bytes} bytes)"),
     )?;
@@ -64,6 +34,7 @@ pub fn mem_alloc(bytes: usize) -> Result<CUdeviceptr> {
 /// `ptr` must come from [`mem_alloc`] and not be in use by queued work.
 pub unsafe fn mem_free(ptr: CUdeviceptr) -> Result<()> {
     driver()?;
+    // SAFETY: the driver is loaded; `ptr` is an allocation nothing uses any more (contract).
     check(unsafe { sys::cuMemFree_v2(ptr) }, format_args!("cuMemFree({ptr:#x})"))
 }
 
@@ -74,7 +45,9 @@ pub unsafe fn mem_free(ptr: CUdeviceptr) -> Result<()> {
 pub unsafe fn memset_d8_async(dst: CUdeviceptr, value: u8, count: usize, stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuMemsetD8Async(dst, value, count, stream.0) },
+        // SAFETY: the driver is loaded; the range stays valid until the stream reaches it and
+        // `stream` is valid (this function's contract).
+        unsafe { sys::cuMemsetD8Async(dst, value, count, stream.raw()) },
         format_args!("cuMemsetD8Async({dst:#x}, {count})"),
     )
 }
@@ -90,7 +63,8 @@ pub unsafe fn memset_d32_async(dst: CUdeviceptr, value: u32, count: usize, strea
         "cuMemsetD32Async destination {dst:#x} is not 4-byte aligned"
     );
     check(
-        unsafe { sys::cuMemsetD32Async(dst, value, count, stream.0) },
+        // SAFETY: as in memset_d8_async, for the `4 * count` bytes of the contract.
+        unsafe { sys::cuMemsetD32Async(dst, value, count, stream.raw()) },
         format_args!("cuMemsetD32Async({dst:#x}, {count} words)"),
     )
 }
@@ -102,7 +76,9 @@ pub unsafe fn memset_d32_async(dst: CUdeviceptr, value: u32, count: usize, strea
 pub unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: *const c_void, bytes: usize, stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, bytes, stream.0) },
+        // SAFETY: the driver is loaded; both ranges of `bytes` stay valid until the copy ran and
+        // `stream` is valid (this function's contract).
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, bytes, stream.raw()) },
         format_args!("cuMemcpyHtoDAsync({bytes} bytes)"),
     )
 }
@@ -114,7 +90,8 @@ pub unsafe fn memcpy_htod_async(dst: CUdeviceptr, src: *const c_void, bytes: usi
 pub unsafe fn memcpy_dtoh_async(dst: *mut c_void, src: CUdeviceptr, bytes: usize, stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuMemcpyDtoHAsync_v2(dst, src, bytes, stream.0) },
+        // SAFETY: as in memcpy_htod_async.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst, src, bytes, stream.raw()) },
         format_args!("cuMemcpyDtoHAsync({bytes} bytes)"),
     )
 }
@@ -126,7 +103,8 @@ pub unsafe fn memcpy_dtoh_async(dst: *mut c_void, src: CUdeviceptr, bytes: usize
 pub unsafe fn memcpy_dtod_async(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.0) },
+        // SAFETY: as in memcpy_htod_async.
+        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream.raw()) },
         format_args!("cuMemcpyDtoDAsync({bytes} bytes)"),
     )
 }
@@ -139,12 +117,14 @@ pub unsafe fn memcpy_htod<T: Copy>(dst: CUdeviceptr, src: &[T]) -> Result<()> {
     driver()?;
     let bytes = std::mem::size_of_val(src);
     check(
+        // SAFETY: the driver is loaded; `src` is a live slice of exactly `bytes` bytes and `dst`
+        // holds as many (contract); the call returns only when the copy is done.
         unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), bytes) },
         format_args!("cuMemcpyHtoD({bytes} bytes)"),
     )
 }
 
-/// Device to host, returning when done (ordered after the legacy default stream.0).
+/// Device to host, returning when done (ordered after the legacy default stream).
 ///
 /// # Safety
 /// `src` must be device memory of at least `dst.len()` elements, and every bit pattern a valid `T`.
@@ -152,6 +132,9 @@ pub unsafe fn memcpy_dtoh<T: Copy>(dst: &mut [T], src: CUdeviceptr) -> Result<()
     driver()?;
     let bytes = std::mem::size_of_val(dst);
     check(
+        // SAFETY: the driver is loaded; `dst` is a live, exclusively borrowed slice of exactly
+        // `bytes` bytes, `src` holds as many and any bit pattern is a valid `T` (contract); the
+        // call returns only when the copy is done.
         unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, bytes) },
         format_args!("cuMemcpyDtoH({bytes} bytes)"),
     )
@@ -164,6 +147,7 @@ pub unsafe fn memcpy_dtoh<T: Copy>(dst: &mut [T], src: CUdeviceptr) -> Result<()
 pub unsafe fn memcpy_dtod(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> Result<()> {
     driver()?;
     check(
+        // SAFETY: the driver is loaded; both are device ranges of `bytes` (contract).
         unsafe { sys::cuMemcpyDtoD_v2(dst, src, bytes) },
         format_args!("cuMemcpyDtoD({bytes} bytes)"),
     )
@@ -173,8 +157,10 @@ pub unsafe fn memcpy_dtod(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> R
 pub fn stream_synchronize(stream: Stream) -> Result<()> {
     driver()?;
     check(
-        unsafe { sys::cuStreamSynchronize(stream.0) },
-        format_args!("cuStreamSynchronize({:p})", stream.0),
+        // SAFETY: the driver is loaded; `stream` is valid or a special handle (Stream::from_raw's
+        // contract).
+        unsafe { sys::cuStreamSynchronize(stream.raw()) },
+        format_args!("cuStreamSynchronize({:p})", stream.raw()),
     )
 }
 
@@ -192,8 +178,9 @@ pub fn stream_capture_status(stream: Stream) -> Result<CaptureStatus> {
     driver()?;
     let mut s = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     check(
-        unsafe { sys::cuStreamIsCapturing(stream.0, &mut s) },
-        format_args!("cuStreamIsCapturing({:p})", stream.0),
+        // SAFETY: as in stream_synchronize; the output is a live local of the enum's type.
+        unsafe { sys::cuStreamIsCapturing(stream.raw(), &mut s) },
+        format_args!("cuStreamIsCapturing({:p})", stream.raw()),
     )?;
     Ok(match s {
         sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => CaptureStatus::None,
@@ -214,8 +201,11 @@ pub struct Event {
     raw: CUevent,
 }
 
-// SAFETY: event handles may be used from any thread.
+// SAFETY: an event handle is an opaque driver token owned by this value; the driver accepts
+// it from any thread, and destroying it on another thread is allowed.
 unsafe impl Send for Event {}
+// SAFETY: `&Event` only records, queries, waits on or reads the token, all thread-safe driver
+// calls.
 unsafe impl Sync for Event {}
 
 impl Event {
@@ -227,6 +217,7 @@ impl Event {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
         };
         let mut raw: CUevent = std::ptr::null_mut();
+        // SAFETY: the driver is loaded; it writes one handle to a live local.
         check(unsafe { sys::cuEventCreate(&mut raw, flags) }, "cuEventCreate")?;
         Ok(Self { raw })
     }
@@ -236,11 +227,14 @@ impl Event {
     }
 
     pub fn record(&self, stream: Stream) -> Result<()> {
-        check(unsafe { sys::cuEventRecord(self.raw, stream.0) }, "cuEventRecord")
+        // SAFETY: `raw` is a live event of ours (created by `new`, which loaded the driver);
+        // `stream` is valid (Stream::from_raw's contract).
+        check(unsafe { sys::cuEventRecord(self.raw, stream.raw()) }, "cuEventRecord")
     }
 
     /// True once all work before the last record has finished.
     pub fn query(&self) -> Result<bool> {
+        // SAFETY: `raw` is a live event of ours.
         let r = unsafe { sys::cuEventQuery(self.raw) };
         if r == sys::CUresult::CUDA_ERROR_NOT_READY {
             return Ok(false);
@@ -249,13 +243,16 @@ impl Event {
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: `raw` is a live event of ours.
         check(unsafe { sys::cuEventSynchronize(self.raw) }, "cuEventSynchronize")
     }
 
     /// Makes `stream` wait for this event on the device (`cuStreamWaitEvent`).
     pub fn wait_on(&self, stream: Stream) -> Result<()> {
         check(
-            unsafe { sys::cuStreamWaitEvent(stream.0, self.raw, 0) },
+            // SAFETY: `raw` is a live event of ours, `stream` is valid (Stream::from_raw's
+            // contract), flags 0.
+            unsafe { sys::cuStreamWaitEvent(stream.raw(), self.raw, 0) },
             "cuStreamWaitEvent",
         )
     }
@@ -263,6 +260,8 @@ impl Event {
 
 impl Drop for Event {
     fn drop(&mut self) {
+        // SAFETY: `raw` is our live event and is destroyed once; queued records of it complete
+        // anyway (cuEventDestroy allows that).
         let _ = unsafe { sys::cuEventDestroy_v2(self.raw) };
     }
 }
@@ -296,7 +295,9 @@ impl DeviceMem {
         let _g = CtxGuard::enter(device)?;
         let mut p: CUdeviceptr = 0;
         check(
-            unsafe { sys::cuMemAllocAsync(&mut p, bytes, stream.0) },
+            // SAFETY: the driver is loaded and the device's context current; `stream` is valid
+            // (Stream::from_raw's contract); it writes one address to a live local.
+            unsafe { sys::cuMemAllocAsync(&mut p, bytes, stream.raw()) },
             format_args!("cuMemAllocAsync({bytes} bytes)"),
         )?;
         Ok(Self { ptr: p, bytes, device })
@@ -318,6 +319,9 @@ impl DeviceMem {
 impl Drop for DeviceMem {
     fn drop(&mut self) {
         if let Ok(_g) = CtxGuard::enter(self.device) {
+            // SAFETY: `ptr` is this value's own allocation in this device's primary context (now
+            // current), freed only here; cuMemFree waits for the device before it releases it,
+            // so queued work that still uses it completes first.
             let _ = unsafe { mem_free(self.ptr) };
         }
     }
@@ -333,8 +337,11 @@ pub struct PinnedHostMem {
     device: i32,
 }
 
-// SAFETY: the allocation is plain memory owned by this value.
+// SAFETY: the allocation is plain (portable, pinned) memory owned by this value, freed once on
+// drop from whichever thread; nothing in it is tied to a thread.
 unsafe impl Send for PinnedHostMem {}
+// SAFETY: `&PinnedHostMem` only touches the memory through atomics (the flag) or hands out raw
+// pointers, whose use is the caller's unsafe business.
 unsafe impl Sync for PinnedHostMem {}
 
 impl PinnedHostMem {
@@ -344,6 +351,8 @@ impl PinnedHostMem {
         let mut host: *mut c_void = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
         check(
+            // SAFETY: the driver is loaded and the device's context current; it writes one
+            // pointer to a live local.
             unsafe { sys::cuMemHostAlloc(&mut host, bytes, flags) },
             format_args!("cuMemHostAlloc({bytes} bytes)"),
         )?;
@@ -355,9 +364,13 @@ impl PinnedHostMem {
             device,
         };
         check(
+            // SAFETY: `host` is the mapped allocation just made; flags must be 0; it writes one
+            // address into `m`.
             unsafe { sys::cuMemHostGetDevicePointer_v2(&mut m.dev, host, 0) },
             "cuMemHostGetDevicePointer",
         )?;
+        // SAFETY: `host` is a fresh host allocation of at least `bytes` bytes that nothing else
+        // uses yet.
         unsafe { std::ptr::write_bytes(host.cast::<u8>(), 0, bytes) };
         Ok(m)
     }
@@ -369,7 +382,9 @@ impl PinnedHostMem {
     }
     /// Reads the i32 flag at the start of the allocation (kernels raise it with atomics).
     pub fn flag_raised(&self) -> bool {
-        // SAFETY: at least 4 bytes (alloc refuses 0 and rounds nothing down); read as an atomic.
+        // SAFETY: cuMemHostAlloc hands out whole, page-aligned pages, so the first 4 bytes are
+        // mapped and aligned for an AtomicI32 even when fewer were asked for; the memory lives
+        // as long as `self`, and host and device only touch the flag atomically.
         unsafe { (*(self.host as *const std::sync::atomic::AtomicI32)).load(std::sync::atomic::Ordering::Acquire) != 0 }
     }
     /// Clears the flag `flag_raised` reads.
@@ -388,6 +403,7 @@ impl PinnedHostMem {
 impl Drop for PinnedHostMem {
     fn drop(&mut self) {
         if let Ok(_g) = CtxGuard::enter(self.device) {
+            // SAFETY: `host` is this value's own cuMemHostAlloc allocation, freed only here.
             let _ = unsafe { sys::cuMemFreeHost(self.host) };
         }
     }
@@ -401,6 +417,8 @@ pub fn ipc_get_mem_handle(ptr: CUdeviceptr) -> Result<IpcMemHandle> {
     driver()?;
     let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
     check(
+        // SAFETY: the driver is loaded; it writes the handle to a live local (an address that is
+        // no allocation's base is an error, not UB).
         unsafe { sys::cuIpcGetMemHandle(&mut h, ptr) },
         format_args!("cuIpcGetMemHandle({ptr:#x})"),
     )?;
@@ -417,6 +435,8 @@ pub fn ipc_open_mem_handle(handle: &IpcMemHandle) -> Result<CUdeviceptr> {
     let mut p: CUdeviceptr = 0;
     let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
     check(
+        // SAFETY: the driver is loaded; the handle is passed by value and checked by the driver
+        // (a bad one is an error); it writes one address to a live local.
         unsafe { sys::cuIpcOpenMemHandle_v2(&mut p, h, flags) },
         "cuIpcOpenMemHandle",
     )?;
@@ -430,6 +450,8 @@ pub fn ipc_open_mem_handle(handle: &IpcMemHandle) -> Result<CUdeviceptr> {
 pub unsafe fn ipc_close_mem_handle(ptr: CUdeviceptr) -> Result<()> {
     driver()?;
     check(
+        // SAFETY: the driver is loaded; `ptr` is an open mapping of the current context that
+        // nothing uses any more (contract).
         unsafe { sys::cuIpcCloseMemHandle(ptr) },
         format_args!("cuIpcCloseMemHandle({ptr:#x})"),
     )
@@ -460,9 +482,11 @@ mod tests {
         let m = DeviceMem::alloc(0, 1024).unwrap();
         let _g = CtxGuard::enter(0).unwrap();
         let s = Stream::LEGACY_DEFAULT;
+        // SAFETY: `m` holds 1024 bytes = 256 words and outlives the synchronised fill.
         unsafe { memset_d32_async(m.ptr(), 0xdead_beef, 256, s) }.unwrap();
         stream_synchronize(s).unwrap();
         let mut back = vec![0u32; 256];
+        // SAFETY: `m` holds the 256 u32 `back` receives; any bits are a valid u32.
         unsafe { memcpy_dtoh(&mut back, m.ptr()) }.unwrap();
         assert!(back.iter().all(|&v| v == 0xdead_beef));
         assert!(!stream_is_capturing(s).unwrap());

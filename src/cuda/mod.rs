@@ -23,6 +23,26 @@
 //! * **Unresolved (known):** cudarc declares `CUresult`/`nvrtcResult` as Rust enums for the
 //!   CUDA 13.0 headers; a newer library returning a code unknown to 13.0 would be undefined
 //!   behaviour in principle. The calls we make return long-established codes.
+//!
+//! # Module graph
+//! Nothing here imports `crate::runtime`, `crate::transport` or `crate::abi`; from the rest of
+//! the crate only `ep_core::error` and its macros. Inside this layer the imports form a DAG,
+//! listed in dependency order (a module imports only modules in rows above it):
+//!
+//! | module    | imports (within `cuda`)                    |
+//! |-----------|--------------------------------------------|
+//! | `driver`  | —                                          |
+//! | `nvrtc`   | —                                          |
+//! | `cache`   | —                                          |
+//! | `stream`  | `driver`                                   |
+//! | `context` | `driver`, `stream`                         |
+//! | `memory`  | `driver`, `stream`, `context`              |
+//! | `module`  | `driver`, `stream`                         |
+//! | `jit`     | `driver`, `context`, `module`, `nvrtc`, `cache` |
+//! | `kernels` | `jit`                                      |
+//!
+//! The kernel registry (which `kernels/*.cu` exist and their variants) belongs to the runtime:
+//! `crate::runtime::kernel_registry`.
 
 pub mod cache;
 pub mod context;
@@ -32,6 +52,7 @@ pub mod kernels;
 pub mod memory;
 pub mod module;
 pub mod nvrtc;
+pub mod stream;
 
 pub use context::{
     CtxGuard, current_device, enable_peer_access, ensure_stream_on_device, primary_context, stream_device,
@@ -40,5 +61,6 @@ pub use driver::{
     CUdeviceptr, CUstream, can_access_peer, compute_capability, device_count, driver, driver_available, sm_count,
 };
 pub use jit::{Defines, KernelSource, arch_for_cc, compile, get_function};
-pub use memory::{DeviceMem, Event, PinnedHostMem, Stream, stream_from_raw, stream_is_capturing, stream_synchronize};
+pub use memory::{DeviceMem, Event, PinnedHostMem, stream_is_capturing, stream_synchronize};
 pub use module::{Dim3, Function, Module, launch, launch_cooperative};
+pub use stream::{Stream, stream_from_raw};

@@ -5,7 +5,7 @@ use std::ffi::{CString, c_void};
 use cudarc::driver::sys;
 
 use super::driver::{CUfunction, CUmodule, check, driver};
-use super::memory::Stream;
+use super::stream::Stream;
 use ep_core::error::Result;
 
 /// A module loaded into a context. Handles are plain values: the JIT cache keeps modules loaded
@@ -15,8 +15,10 @@ pub struct Module {
     raw: CUmodule,
 }
 
-// SAFETY: module and function handles are usable from any thread once their context is current.
+// SAFETY: a module handle is an opaque driver token, not memory; the driver accepts it from any
+// thread (what it needs is its context current, which every call here documents).
 unsafe impl Send for Module {}
+// SAFETY: as for `Send`: shared references only copy the token.
 unsafe impl Sync for Module {}
 
 impl Module {
@@ -26,9 +28,14 @@ impl Module {
         ep_core::ensure_arg!(!image.is_empty(), "empty module image");
         // The loader reads the ELF in place; give it 8-byte alignment, and a NUL in case it is PTX.
         let mut aligned = vec![0u64; image.len().div_ceil(8) + 1];
+        // SAFETY: `aligned` holds at least `image.len()` + 1 bytes, is a fresh allocation (no
+        // overlap) and any bytes are valid u64s.
         unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr().cast::<u8>(), image.len()) };
         let mut raw: CUmodule = std::ptr::null_mut();
         check(
+            // SAFETY: the driver is loaded; the image is a live, aligned buffer with a NUL after
+            // it, which the driver only reads during the call (it validates the contents); it
+            // writes one handle to a live local.
             unsafe { sys::cuModuleLoadData(&mut raw, aligned.as_ptr().cast()) },
             format_args!("cuModuleLoadData({} bytes)", image.len()),
         )?;
@@ -44,6 +51,8 @@ impl Module {
         let c = CString::new(name).map_err(|_| ep_core::invalid_arg!("kernel name {name:?} contains NUL"))?;
         let mut raw: CUfunction = std::ptr::null_mut();
         check(
+            // SAFETY: `raw` is a loaded module (only `load` makes one and only the unsafe `unload`
+            // ends it); the name is a live NUL-terminated string; the output a live local.
             unsafe { sys::cuModuleGetFunction(&mut raw, self.raw, c.as_ptr()) },
             format_args!("cuModuleGetFunction({name})"),
         )?;
@@ -53,8 +62,10 @@ impl Module {
     /// `cuModuleUnload`.
     ///
     /// # Safety
-    /// No function of the module may be used afterwards, and its context must be current.
+    /// Neither the module (no copy of it) nor any function of it may be used afterwards, and its
+    /// context must be current.
     pub unsafe fn unload(self) -> Result<()> {
+        // SAFETY: the caller's contract; the module exists, so the driver was loaded.
         check(unsafe { sys::cuModuleUnload(self.raw) }, "cuModuleUnload")
     }
 }
@@ -65,8 +76,9 @@ pub struct Function {
     raw: CUfunction,
 }
 
-// SAFETY: see Module.
+// SAFETY: as for Module: an opaque driver token the driver accepts from any thread.
 unsafe impl Send for Function {}
+// SAFETY: as for Module.
 unsafe impl Sync for Function {}
 
 /// Grid or block dimensions.
@@ -98,6 +110,8 @@ impl Function {
     pub fn attribute(&self, attr: sys::CUfunction_attribute) -> Result<i32> {
         let mut v = 0;
         check(
+            // SAFETY: `raw` is a function of a module that is still loaded (modules are unloaded
+            // only through the unsafe `unload`); the output is a live local.
             unsafe { sys::cuFuncGetAttribute(&mut v, attr, self.raw) },
             format_args!("cuFuncGetAttribute({attr:?})"),
         )?;
@@ -112,6 +126,8 @@ impl Function {
         if driver()?.version() < 12040 {
             return Ok(());
         }
+        // SAFETY: `raw` is a function of a loaded module (as in `attribute`); the symbol exists
+        // from driver 12.4 on, checked just above.
         check(unsafe { sys::cuFuncLoad(self.raw) }, "cuFuncLoad")
     }
 
@@ -121,6 +137,7 @@ impl Function {
         let v = i32::try_from(bytes).map_err(|_| ep_core::invalid_arg!("{bytes} bytes of shared memory"))?;
         let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         check(
+            // SAFETY: `raw` is a function of a loaded module (as in `attribute`).
             unsafe { sys::cuFuncSetAttribute(self.raw, attr, v) },
             format_args!("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {bytes})"),
         )
@@ -130,6 +147,8 @@ impl Function {
     pub fn max_active_blocks_per_sm(&self, block_threads: u32, dynamic_smem: usize) -> Result<i32> {
         let mut n = 0;
         check(
+            // SAFETY: `raw` is a function of a loaded module (as in `attribute`); the output is
+            // a live local.
             unsafe {
                 sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, self.raw, block_threads as i32, dynamic_smem)
             },
@@ -153,7 +172,7 @@ pub unsafe fn launch(
     stream: Stream,
     args: &mut [*mut c_void],
 ) -> Result<()> {
-    // SAFETY: forwarded contract.
+    // SAFETY: launch_with's contract is this function's, which the caller upholds.
     unsafe { launch_with(f, grid.into(), block.into(), smem, stream, args, false) }
 }
 
@@ -170,7 +189,7 @@ pub unsafe fn launch_cooperative(
     stream: Stream,
     args: &mut [*mut c_void],
 ) -> Result<()> {
-    // SAFETY: forwarded contract.
+    // SAFETY: launch_with's contract is this function's, which the caller upholds.
     unsafe { launch_with(f, grid.into(), block.into(), smem, stream, args, true) }
 }
 
@@ -199,7 +218,11 @@ unsafe fn launch_with(
             "cuLaunchKernel"
         },
     );
-    // SAFETY: the caller guarantees the arguments match the kernel.
+    // SAFETY: the driver is loaded; `f` is a function of a loaded module; `params` is null for
+    // no arguments or points at `args.len()` live pointers, each to a value of the matching
+    // parameter type, and everything the kernel touches stays valid until it ran (the caller's
+    // contract); the driver copies the values before returning; `s` is a valid stream
+    // (Stream::from_raw's contract); no `extra` array.
     let r = unsafe {
         if cooperative {
             sys::cuLaunchCooperativeKernel(f.raw, g.x, g.y, g.z, b.x, b.y, b.z, smem, s, params)

@@ -61,7 +61,8 @@ fn load() -> std::result::Result<Nvrtc, Error> {
     if let Some(path) = std::env::var_os(NVRTC_LIB_ENV).filter(|p| !p.is_empty()) {
         preload(&path)?;
     }
-    // SAFETY: only dlopens and dlcloses candidate names.
+    // SAFETY: only dlopens and dlcloses cudarc's candidate names for libnvrtc, whose
+    // initialisers have no preconditions on us.
     if !unsafe { sys::is_culib_present() } {
         return Err(Error::new(
             ErrorKind::System,
@@ -72,9 +73,11 @@ fn load() -> std::result::Result<Nvrtc, Error> {
             ),
         ));
     }
+    // SAFETY: as for is_culib_present: it opens the same library, and keeps it open.
     let lib = std::panic::catch_unwind(|| unsafe { sys::culib() })
         .map_err(|_| Error::new(ErrorKind::System, "libnvrtc could not be loaded"))?;
     for name in SYMBOLS {
+        // SAFETY: the symbol is only looked up, as a plain address; nothing reads or calls it.
         if unsafe { lib.get::<*const std::ffi::c_void>(name.as_bytes()) }.is_err() {
             return Err(Error::new(
                 ErrorKind::System,
@@ -83,6 +86,7 @@ fn load() -> std::result::Result<Nvrtc, Error> {
         }
     }
     let (mut major, mut minor) = (0, 0);
+    // SAFETY: every symbol we call exists (checked above); it writes two ints to live locals.
     check(unsafe { sys::nvrtcVersion(&mut major, &mut minor) }, "nvrtcVersion")?;
     Ok(Nvrtc {
         version: (major, minor),
@@ -90,34 +94,44 @@ fn load() -> std::result::Result<Nvrtc, Error> {
 }
 
 fn preload(path: &std::ffi::OsStr) -> Result<()> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(path.as_bytes())
-        .map_err(|_| Error::new(ErrorKind::System, format!("{NVRTC_LIB_ENV} contains NUL")))?;
-    // SAFETY: dlopen of a user-named library; the handle is kept for the life of the process.
-    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    if h.is_null() {
-        let why = unsafe { libc::dlerror() };
-        let why = if why.is_null() {
-            String::new()
-        } else {
-            unsafe { CStr::from_ptr(why) }.to_string_lossy().into()
-        };
-        return Err(Error::new(
-            ErrorKind::System,
-            format!("{NVRTC_LIB_ENV}={}: dlopen failed: {why}", path.to_string_lossy()),
-        ));
+    if path.as_bytes().contains(&0) {
+        return Err(Error::new(ErrorKind::System, format!("{NVRTC_LIB_ENV} contains NUL")));
     }
-    Ok(())
+    // SAFETY: loading the library the user named runs its initialisers, which is what setting
+    // the variable asks for; libnvrtc's have no preconditions on us.
+    match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) } {
+        Ok(lib) => {
+            // Kept loaded for the life of the process: cudarc finds it again by soname.
+            let _ = lib.into_raw();
+            Ok(())
+        }
+        Err(e) => {
+            let why = match e {
+                libloading::Error::DlOpen { source } => source.to_string(),
+                libloading::Error::DlOpenUnknown => String::new(),
+                other => other.to_string(),
+            };
+            Err(Error::new(
+                ErrorKind::System,
+                format!("{NVRTC_LIB_ENV}={}: dlopen failed: {why}", path.to_string_lossy()),
+            ))
+        }
+    }
 }
 
 fn check(r: sys::nvrtcResult, what: &str) -> Result<()> {
     if r == sys::nvrtcResult::NVRTC_SUCCESS {
         return Ok(());
     }
+    // SAFETY: only called once libnvrtc is loaded with its symbols checked (every `r` comes
+    // from an NVRTC call); it returns a static string or null for any code.
     let s = unsafe { sys::nvrtcGetErrorString(r) };
     let text = if s.is_null() {
         format!("NVRTC error {}", r as u32)
     } else {
+        // SAFETY: non-null, so a NUL-terminated static string of libnvrtc.
         unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
     };
     Err(Error::new(ErrorKind::Cuda, format!("{what} failed: {text}")))
@@ -143,12 +157,14 @@ pub fn supported_archs() -> Result<Vec<i32>> {
     nvrtc()?;
     let mut n = 0;
     check(
+        // SAFETY: libnvrtc is loaded (nvrtc() above); it writes one int to a live local.
         unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) },
         "nvrtcGetNumSupportedArchs",
     )?;
     let mut v = vec![0; n.max(0) as usize];
     if !v.is_empty() {
         check(
+            // SAFETY: `v` has room for the `n` ints NVRTC just said it will write.
             unsafe { sys::nvrtcGetSupportedArchs(v.as_mut_ptr()) },
             "nvrtcGetSupportedArchs",
         )?;
@@ -169,6 +185,8 @@ struct Program(sys::nvrtcProgram);
 
 impl Drop for Program {
     fn drop(&mut self) {
+        // SAFETY: the program was created by nvrtcCreateProgram (libnvrtc loaded) and is
+        // destroyed only here.
         let _ = unsafe { sys::nvrtcDestroyProgram(&mut self.0) };
     }
 }
@@ -176,10 +194,12 @@ impl Drop for Program {
 impl Program {
     fn log(&self) -> String {
         let mut n = 0usize;
+        // SAFETY: a live program; it writes one size to a live local.
         if unsafe { sys::nvrtcGetProgramLogSize(self.0, &mut n) } != sys::nvrtcResult::NVRTC_SUCCESS || n <= 1 {
             return String::new();
         }
         let mut buf = vec![0u8; n];
+        // SAFETY: a live program; `buf` holds the `n` bytes (NUL included) NVRTC said the log has.
         if unsafe { sys::nvrtcGetProgramLog(self.0, buf.as_mut_ptr().cast::<c_char>()) }
             != sys::nvrtcResult::NVRTC_SUCCESS
         {
@@ -205,6 +225,8 @@ pub fn compile_to_cubin(source: &str, program_name: &str, options: &[String]) ->
 
     let mut raw: sys::nvrtcProgram = std::ptr::null_mut();
     check(
+        // SAFETY: libnvrtc is loaded (nvrtc() above); source and name are live NUL-terminated
+        // strings, copied by NVRTC; no headers (count 0, null arrays); the output a live local.
         unsafe {
             sys::nvrtcCreateProgram(
                 &mut raw,
@@ -218,6 +240,8 @@ pub fn compile_to_cubin(source: &str, program_name: &str, options: &[String]) ->
         "nvrtcCreateProgram",
     )?;
     let prog = Program(raw);
+    // SAFETY: a live program; `opt_ptrs` holds `len` pointers to NUL-terminated strings that
+    // `opts` keeps alive during the call.
     let r = unsafe { sys::nvrtcCompileProgram(prog.0, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
     let log = prog.log();
     if let Err(e) = check(r, "nvrtcCompileProgram") {
@@ -227,6 +251,7 @@ pub fn compile_to_cubin(source: &str, program_name: &str, options: &[String]) ->
     }
     let mut size = 0usize;
     check(
+        // SAFETY: a live, compiled program; it writes one size to a live local.
         unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) },
         "nvrtcGetCUBINSize",
     )?;
@@ -238,6 +263,7 @@ pub fn compile_to_cubin(source: &str, program_name: &str, options: &[String]) ->
     }
     let mut cubin = vec![0u8; size];
     check(
+        // SAFETY: a live, compiled program; `cubin` holds the `size` bytes NVRTC said it writes.
         unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast::<c_char>()) },
         "nvrtcGetCUBIN",
     )?;
@@ -254,5 +280,42 @@ impl WithLog for Error {
             self.msg = format!("{}\n{log}", self.msg);
         }
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn preload_failures_are_system_errors() {
+        let e = preload(OsStr::new("/nonexistent/libnvrtc.so.13")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::System);
+        assert!(
+            e.msg.starts_with(
+                "NCCL_EP_NVRTC_LIB=/nonexistent/libnvrtc.so.13: dlopen failed: /nonexistent/libnvrtc.so.13"
+            ),
+            "dlerror's text follows: {}",
+            e.msg
+        );
+        let e = preload(OsStr::from_bytes(b"/x\0y")).unwrap_err();
+        assert_eq!(
+            (e.kind, e.msg.as_str()),
+            (ErrorKind::System, "NCCL_EP_NVRTC_LIB contains NUL")
+        );
+    }
+
+    /// With or without libnvrtc: a version or a System error, never a panic.
+    #[test]
+    fn availability_never_panics() {
+        match version() {
+            Ok((major, _)) => assert!(major >= 11 && nvrtc_available()),
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::System, "{e}");
+                assert!(!nvrtc_available() && ensure_nvrtc().is_err());
+            }
+        }
     }
 }

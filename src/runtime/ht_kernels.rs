@@ -137,7 +137,7 @@ fn variants(pick: fn(&HtModule) -> bool) -> Vec<Defines> {
         .collect()
 }
 
-/// Define sets of every ht_meta.cu module (for the NVRTC registry in `cuda::kernels`).
+/// Define sets of every ht_meta.cu module (for the NVRTC registry in `kernel_registry`).
 pub fn ht_meta_variants() -> Vec<Defines> {
     variants(|m| matches!(m, HtModule::Meta { .. }))
 }

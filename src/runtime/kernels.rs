@@ -248,7 +248,7 @@ pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cu
     }
 }
 
-/// Define sets of every dispatch variant (for the NVRTC registry in `cuda::kernels`).
+/// Define sets of every dispatch variant (for the NVRTC registry in `kernel_registry`).
 pub fn ll_dispatch_variants() -> Vec<Defines> {
     LlKernel::variants(LlKind::Dispatch)
         .iter()

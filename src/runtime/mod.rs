@@ -8,6 +8,7 @@ pub mod ht;
 pub mod ht_kernels;
 pub mod ht_params;
 pub mod kernel_cache;
+pub mod kernel_registry;
 pub mod kernels;
 pub mod ll;
 pub mod ll_params;

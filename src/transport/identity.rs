@@ -29,17 +29,21 @@ pub fn host_hash(hostname: &str, boot_id: Option<&str>, nccl_hostid: Option<&str
 
 fn hostname() -> String {
     let mut name = [0u8; 256];
-    // SAFETY: gethostname writes at most len bytes.
+    // SAFETY: `name` is a live buffer of `name.len()` bytes and gethostname writes at most that
+    // many (a failure or truncation leaves zeros or an unterminated name, both handled below).
     unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) };
     let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
     String::from_utf8_lossy(&name[..end]).into_owned()
 }
 
+/// The kernel's random id of this boot, as NCCL reads it.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
 /// This host's identity (computed once).
 pub fn host_id() -> u64 {
     static H: OnceLock<u64> = OnceLock::new();
     *H.get_or_init(|| {
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+        let boot = std::fs::read_to_string(BOOT_ID).ok();
         let env = std::env::var("NCCL_HOSTID").ok();
         host_hash(&hostname(), boot.as_deref(), env.as_deref())
     })
@@ -66,6 +70,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fnv_reference_values() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
     fn boot_id_and_hostid_decide() {
         let a = host_hash("node1", Some("0d6f-aa\n"), None);
         assert_eq!(a, host_hash("node1", Some("0d6f-aa"), None), "trailing newline ignored");
@@ -78,6 +89,17 @@ mod tests {
             host_hash("node9", Some("y"), Some("rack7"))
         );
         assert_eq!(host_hash("n", Some("b"), Some("")), host_hash("n", Some("b"), None));
+    }
+
+    /// `host_id` hashes this machine's name, its boot id (where readable) and `NCCL_HOSTID`.
+    #[test]
+    fn host_id_includes_the_boot_id() {
+        let boot = std::fs::read_to_string(BOOT_ID).ok();
+        let env = std::env::var("NCCL_HOSTID").ok();
+        assert_eq!(host_id(), host_hash(&hostname(), boot.as_deref(), env.as_deref()));
+        if env.as_deref().is_none_or(str::is_empty) && boot.is_some() {
+            assert_ne!(host_id(), host_hash(&hostname(), None, None), "the boot id counts");
+        }
     }
 
     #[test]

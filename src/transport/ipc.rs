@@ -103,7 +103,11 @@ unsafe fn all_gather(nccl: &Nccl, comm: ncclComm_t, nranks: usize, device: i32, 
     let stage = DeviceMem::alloc(device, RECORD_BYTES * (nranks + 1))?;
     let send = stage.ptr() + (RECORD_BYTES * nranks) as u64;
     let mut all = vec![0u8; RECORD_BYTES * nranks];
-    // SAFETY: the staging buffer holds nranks + 1 records; the stream 0 is the legacy stream.
+    // SAFETY: `Record` is repr(C) with explicit padding, so its RECORD_BYTES are initialised
+    // bytes; `send` is the last of the nranks + 1 record slots of the live staging buffer and
+    // `stage.ptr()` holds the nranks records the all-gather writes; `comm` is live and every rank
+    // joins (this function's contract); stream null is the legacy stream, which orders the
+    // blocking copies around the all-gather, synchronised before `all` is read back.
     unsafe {
         memory::memcpy_htod(
             send,
@@ -120,7 +124,8 @@ unsafe fn all_gather(nccl: &Nccl, comm: ncclComm_t, nranks: usize, device: i32, 
         memory::memcpy_dtoh(&mut all, stage.ptr())?;
     }
     Ok((0..nranks)
-        // SAFETY: `all` holds nranks packed records written by the all-gather.
+        // SAFETY: `all` holds nranks packed records (read unaligned), and every bit pattern is a
+        // valid `Record` (integers and bytes only).
         .map(|r| unsafe { std::ptr::read_unaligned(all.as_ptr().add(r * RECORD_BYTES).cast::<Record>()) })
         .collect())
 }
@@ -183,7 +188,7 @@ unsafe fn exchange(
     let mut mine = Record::mine(Phase::Exchange, device, buf.len());
     mine.ptr = buf.ptr();
     mine.ipc = memory::ipc_get_mem_handle(buf.ptr())?;
-    // SAFETY: forwarded from the caller.
+    // SAFETY: all_gather's contract is this function's (live communicator, same order).
     let all = unsafe { all_gather(nccl, comm, nranks, device, &mine) }?;
     check_phase(&all, Phase::Exchange)?;
     let mut ptrs = Vec::with_capacity(nranks);
@@ -301,15 +306,18 @@ impl SharedBuffer {
         let nranks = self.ptrs.len();
         let slot = |base: u64, r: usize| base + (self.usable + 4 * r) as u64;
         for &peer in &self.ptrs {
-            // SAFETY: every rank's allocation has the tail; `peer` is mapped until close_all.
-            // A write to a dead peer's buffer is harmless (the mapping keeps it alive).
+            // SAFETY: every rank's allocation has the DESTROY_TAIL bytes after `usable`, and
+            // slot(_, rank) lies in them as nranks <= DESTROY_TAIL / 4 (allocate checks it);
+            // `peer` is this rank's own buffer or a mapping kept until close_all below. A write
+            // to a dead peer's buffer is harmless (the mapping keeps the memory alive).
             let _ = unsafe { memory::memcpy_htod(slot(peer, self.rank), &DESTROY_TAG.to_ne_bytes()) };
         }
         let own = self.ptr();
         let start = std::time::Instant::now();
         let mut seen = vec![0u32; nranks];
         let arrived = loop {
-            // SAFETY: the tail of this rank's own allocation holds nranks slots.
+            // SAFETY: the tail of this rank's own live allocation holds the nranks u32 slots
+            // (nranks <= DESTROY_TAIL / 4, checked by allocate); any bits are a valid u32.
             let read = unsafe { memory::memcpy_dtoh(&mut seen, slot(own, 0)) };
             if read.is_err() || seen.iter().all(|&f| f == DESTROY_TAG) {
                 break read.is_ok();
@@ -347,15 +355,23 @@ impl Drop for SharedBuffer {
 /// # Safety
 /// `comm` is the caller's live communicator.
 unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, bytes: usize) -> Result<SharedBuffer> {
+    // Both group kinds cap the ranks at 64, which the destroy flags rely on.
+    if nranks > DESTROY_TAIL / 4 {
+        return Err(ep_core::internal_err!(
+            "{nranks} ranks do not fit the {DESTROY_TAIL} byte destroy tail"
+        ));
+    }
     let buf = DeviceMem::alloc(device, bytes + DESTROY_TAIL)?;
     {
         let _g = CtxGuard::enter(device)?;
-        // SAFETY: the buffer holds `bytes` + the tail; zero flags are never a valid tag.
+        // SAFETY: the live buffer holds `bytes` + the tail, its device's context is current and
+        // the legacy stream is always valid. Zero flags are never a valid tag.
         unsafe { memory::memset_d8_async(buf.ptr(), 0, bytes + DESTROY_TAIL, memory::Stream::LEGACY_DEFAULT)? };
         memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
     }
     let nccl = Nccl::get()?;
-    // SAFETY: forwarded from the caller.
+    // SAFETY: exchange's contract is this function's (live communicator; every rank calls
+    // collectively in the same order, as the callers of resize promise).
     let (ptrs, opened) = match unsafe { exchange(nccl, comm, rank, nranks, device, &buf) } {
         Ok(x) => x,
         Err(e) => {
@@ -407,7 +423,7 @@ pub unsafe fn resize(
             synchronize_current()?;
         }
         let mine = Record::mine(Phase::GrowAgree, device, bytes);
-        // SAFETY: forwarded from the caller.
+        // SAFETY: all_gather's contract is this function's (live communicator, same order).
         let all = unsafe { all_gather(nccl, comm, nranks, device, &mine) }?;
         check_phase(&all, Phase::GrowAgree)?;
         for (r, rec) in all.iter().enumerate() {
@@ -420,7 +436,7 @@ pub unsafe fn resize(
         }
         old.opened.close_all();
         let mine = Record::mine(Phase::GrowClosed, device, bytes);
-        // SAFETY: forwarded from the caller.
+        // SAFETY: as for the first all-gather.
         let closed = unsafe { all_gather(nccl, comm, nranks, device, &mine) }
             .and_then(|all| check_phase(&all, Phase::GrowClosed));
         let mut old = slot.take().expect("checked above");
@@ -431,7 +447,7 @@ pub unsafe fn resize(
         // Nobody maps it any more: free it before allocating the larger one.
         drop(old.buf.take());
     }
-    // SAFETY: forwarded from the caller.
+    // SAFETY: allocate's contract (a live communicator) is part of this function's.
     *slot = Some(unsafe { allocate(comm, rank, nranks, device, bytes) }?);
     Ok(())
 }

@@ -10,8 +10,9 @@
 
 use crate::cuda::memory::{self, IpcMemHandle};
 use ep_core::error::Result;
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 
 /// A process of some host (see `transport::identity`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -106,9 +107,7 @@ impl Maps {
 
 fn maps() -> MutexGuard<'static, Maps> {
     static M: OnceLock<Mutex<Maps>> = OnceLock::new();
-    M.get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+    M.get_or_init(Default::default).lock()
 }
 
 /// Maps `key` into the current context (which must be `key.device`'s primary context).

@@ -4,7 +4,7 @@
 
 use crate::cuda::memory::{self, DeviceMem};
 use ep_core::error::Result;
-use std::sync::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
 /// What the ranks of one local group share.
 #[derive(Debug)]
@@ -33,7 +33,7 @@ impl LocalWorld {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<DeviceMem>> {
-        self.buffers.lock().unwrap_or_else(|p| p.into_inner())
+        self.buffers.lock()
     }
 
     /// Bytes of each rank's buffer (0 before the first handle).
@@ -60,7 +60,8 @@ impl LocalWorld {
         for &d in &self.devices {
             let b = DeviceMem::alloc(d, bytes)?;
             let _g = crate::cuda::context::CtxGuard::enter(d)?;
-            // SAFETY: the buffer holds `bytes`; zero flags are never a valid tag.
+            // SAFETY: the live buffer holds `bytes`, its device's context is current and the
+            // legacy stream is always valid. Zero flags are never a valid tag.
             unsafe { memory::memset_d8_async(b.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)? };
             memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
             fresh.push(b);

@@ -4,7 +4,8 @@
 
 use crate::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclResult_t};
 use ep_core::error::{Error, ErrorKind, Result};
-use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::OnceLock;
 
 type GetVersionFn = unsafe extern "C" fn(*mut c_int) -> ncclResult_t;
@@ -13,7 +14,8 @@ type AllGatherFn =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
 type ErrStrFn = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
 
-/// The resolved NCCL entry points.
+/// The resolved NCCL entry points. Plain function pointers (hence `Send + Sync`) into a library
+/// that is never unloaded.
 pub struct Nccl {
     pub version: i32,
     get_version: GetVersionFn,
@@ -24,69 +26,62 @@ pub struct Nccl {
     error_string: Option<ErrStrFn>,
 }
 
-// SAFETY: plain function pointers into a library that is never unloaded.
-unsafe impl Send for Nccl {}
-unsafe impl Sync for Nccl {}
-
 const LIB_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
 
-fn dlerror_text() -> String {
-    // SAFETY: dlerror returns NULL or a thread-local C string.
-    let p = unsafe { libc::dlerror() };
-    if p.is_null() {
-        "unknown dlopen error".into()
-    } else {
-        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+/// `dlerror`'s text of a failed `dlopen`, as libloading reports it.
+fn dlopen_error_text(e: &libloading::Error) -> String {
+    match e {
+        libloading::Error::DlOpen { source } => source.to_string(),
+        libloading::Error::DlOpenUnknown => "unknown dlopen error".into(),
+        other => other.to_string(),
     }
 }
 
-/// Opens NCCL: the copy already in the process first, else by name. The handle is never closed.
-fn open() -> Result<*mut c_void> {
-    for flags in [
-        libc::RTLD_NOLOAD | libc::RTLD_NOW | libc::RTLD_GLOBAL,
-        libc::RTLD_NOW | libc::RTLD_GLOBAL,
-    ] {
+/// Opens NCCL: the copy already in the process first (`RTLD_NOLOAD`), else by name, trying
+/// `libnccl.so.2` before `libnccl.so` each time. The library is never closed (leaked on purpose:
+/// the function pointers we keep point into it).
+fn open() -> Result<&'static Library> {
+    let mut last = String::from("unknown dlopen error");
+    for flags in [libc::RTLD_NOLOAD | RTLD_NOW | RTLD_GLOBAL, RTLD_NOW | RTLD_GLOBAL] {
         for name in LIB_NAMES {
-            let c = CString::new(name).expect("no NUL");
-            // SAFETY: plain dlopen of a library name.
-            let h = unsafe { libc::dlopen(c.as_ptr(), flags) };
-            if !h.is_null() {
-                return Ok(h);
+            // SAFETY: loading NCCL runs its initialisers, which have no preconditions on us; with
+            // RTLD_NOLOAD nothing new is loaded at all.
+            match unsafe { Library::open(Some(name), flags) } {
+                Ok(lib) => return Ok(Box::leak(Box::new(lib))),
+                Err(e) => last = dlopen_error_text(&e),
             }
         }
     }
     Err(Error::new(
         ErrorKind::System,
         format!(
-            "cannot load NCCL (libnccl.so.2): {}; load NCCL before calling NCCL EP or put it on LD_LIBRARY_PATH",
-            dlerror_text()
+            "cannot load NCCL (libnccl.so.2): {last}; load NCCL before calling NCCL EP or put it on LD_LIBRARY_PATH"
         ),
     ))
-}
-
-fn sym(h: *mut c_void, name: &str) -> Option<*mut c_void> {
-    let c = CString::new(name).expect("no NUL");
-    // SAFETY: dlsym on a live handle.
-    let p = unsafe { libc::dlsym(h, c.as_ptr()) };
-    (!p.is_null()).then_some(p)
 }
 
 /// A required symbol as the function-pointer type `F`.
 ///
 /// # Safety
 /// `F` must be the symbol's true C prototype (a function pointer type).
-unsafe fn need<F: Copy>(h: *mut c_void, name: &str) -> Result<F> {
-    let p =
-        sym(h, name).ok_or_else(|| Error::new(ErrorKind::System, format!("the loaded NCCL has no symbol {name}")))?;
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-    // SAFETY: F is a function pointer of the symbol's prototype (caller's promise).
+unsafe fn need<F: Copy>(lib: &'static Library, name: &str) -> Result<F> {
+    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<*mut c_void>()) };
+    let missing = || Error::new(ErrorKind::System, format!("the loaded NCCL has no symbol {name}"));
+    // SAFETY: looked up as a plain address, which is what every symbol is; nothing is called.
+    let p: *mut c_void = *unsafe { lib.get::<*mut c_void>(name.as_bytes()) }.map_err(|_| missing())?;
+    if p.is_null() {
+        return Err(missing());
+    }
+    // SAFETY: a non-null address of the symbol whose prototype is `F` (the caller's promise),
+    // in a library that stays loaded; `F` is pointer-sized (checked at compile time above).
     Ok(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
 }
 
 impl Nccl {
     fn load() -> Result<Self> {
         let h = open()?;
-        // SAFETY: each symbol gets the prototype nccl.h gives it (all present since NCCL 2.18).
+        // SAFETY: each symbol gets the prototype nccl.h gives it (all present since NCCL 2.18);
+        // ncclGetVersion only writes the int it is given.
         unsafe {
             let get_version: GetVersionFn = need(h, "ncclGetVersion")?;
             let mut version = 0;
@@ -115,7 +110,8 @@ impl Nccl {
         }
         let text = self
             .error_string
-            // SAFETY: ncclGetErrorString returns a static string.
+            // SAFETY: ncclGetErrorString has the prototype we resolved it with and returns a
+            // static NUL-terminated string for every code (unknown ones included), never null.
             .map(|f| unsafe { CStr::from_ptr(f(r)) }.to_string_lossy().into_owned())
             .unwrap_or_default();
         Err(Error::new(
@@ -130,7 +126,8 @@ impl Nccl {
     /// `comm` is a live communicator of this NCCL.
     pub unsafe fn comm_info(&self, comm: ncclComm_t) -> Result<(u32, u32, i32)> {
         let (mut n, mut r, mut d) = (0, 0, 0);
-        // SAFETY: comm is the caller's communicator; outputs are local ints.
+        // SAFETY: the pointers have nccl.h's prototypes; `comm` is a live communicator of this
+        // NCCL (this function's contract); each call writes one int to a live local.
         unsafe {
             self.check("ncclCommCount", (self.comm_count)(comm, &mut n))?;
             self.check("ncclCommUserRank", (self.comm_user_rank)(comm, &mut r))?;
@@ -143,7 +140,9 @@ impl Nccl {
     /// Byte all-gather of `count` bytes per rank between device buffers, on `stream`.
     ///
     /// # Safety
-    /// `send` holds `count` device bytes, `recv` holds `count * nranks`.
+    /// `comm` is a live communicator of this NCCL and `stream` a valid stream of its device;
+    /// `send` holds `count` device bytes, `recv` holds `count * nranks`, both valid until the
+    /// all-gather ran.
     pub unsafe fn all_gather_bytes(
         &self,
         send: *const c_void,
@@ -152,7 +151,8 @@ impl Nccl {
         comm: ncclComm_t,
         stream: cudaStream_t,
     ) -> Result<()> {
-        // SAFETY: forwarded contract; ncclUint8 = 1.
+        // SAFETY: the pointer has ncclAllGather's prototype; buffers, communicator and stream are
+        // as the contract requires; datatype 1 is ncclUint8, so `count` counts bytes.
         self.check("ncclAllGather", unsafe {
             (self.all_gather)(send, recv, count, 1, comm, stream)
         })
@@ -160,8 +160,57 @@ impl Nccl {
 
     pub fn runtime_version(&self) -> i32 {
         let mut v = 0;
-        // SAFETY: a plain query.
+        // SAFETY: ncclGetVersion's prototype; it only writes one int to a live local.
         unsafe { (self.get_version)(&mut v) };
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With or without NCCL on the machine: a binding or a System error, never a panic.
+    #[test]
+    fn loading_never_panics() {
+        match Nccl::get() {
+            Ok(n) => assert!(n.version > 0 && n.runtime_version() == n.version),
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::System, "{e}");
+                assert!(e.msg.starts_with("cannot load NCCL (libnccl.so.2): "), "{}", e.msg);
+                assert!(e.msg.contains("LD_LIBRARY_PATH"), "{}", e.msg);
+                assert!(
+                    !e.msg.contains("unknown dlopen error"),
+                    "dlerror's text is kept: {}",
+                    e.msg
+                );
+            }
+        }
+    }
+
+    /// A missing symbol is a System error naming it; a present one resolves.
+    #[test]
+    fn missing_symbols_are_errors() {
+        // SAFETY: libc is already loaded (RTLD_NOLOAD), so no initialiser runs.
+        let lib = unsafe { Library::open(Some("libc.so.6"), libc::RTLD_NOLOAD | RTLD_NOW) }.unwrap();
+        let lib: &'static Library = Box::leak(Box::new(lib));
+        // SAFETY: the type is never called; only the lookup is under test.
+        let e = unsafe { need::<GetVersionFn>(lib, "ncclNoSuchFunction") }
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::System);
+        assert_eq!(e.msg, "the loaded NCCL has no symbol ncclNoSuchFunction");
+        // SAFETY: getpid's prototype is `pid_t getpid(void)`.
+        let getpid = unsafe { need::<unsafe extern "C" fn() -> libc::pid_t>(lib, "getpid") }.unwrap();
+        // SAFETY: getpid has no preconditions.
+        assert_eq!(unsafe { getpid() } as u32, std::process::id());
+    }
+
+    #[test]
+    fn dlopen_errors_keep_dlerror_text() {
+        // SAFETY: the file does not exist, so nothing is loaded.
+        let e = unsafe { Library::open(Some("libnccl_ep_no_such_library.so.9"), RTLD_NOW) }.unwrap_err();
+        let text = dlopen_error_text(&e);
+        assert!(text.contains("libnccl_ep_no_such_library.so.9"), "{text}");
     }
 }
