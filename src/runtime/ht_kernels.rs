@@ -4,7 +4,7 @@ use crate::cuda::jit::{Defines, KernelSource};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
 use crate::runtime::ht_params::HtParams;
-use crate::runtime::kernel_cache::{self, KernelModule};
+use crate::runtime::kernel_cache::{self, CachedModule};
 use crate::sys::cudaStream_t;
 use ep_core::error::Result;
 use std::ffi::c_void;
@@ -125,7 +125,7 @@ impl HtModule {
     /// The loaded kernel `name` of this module on `device`, from the runtime's kernel cache
     /// (`runtime::kernel_cache`: the first use of a module on a device loads every kernel in it).
     pub fn function(&self, device: i32, name: &'static str) -> Result<Function> {
-        kernel_cache::function(KernelModule::Ht(*self), name, device)
+        kernel_cache::function(*self, name, device)
     }
 }
 
@@ -172,5 +172,17 @@ pub fn launch_ht(
     unsafe {
         let stream = Stream::from_raw(stream.cast());
         launch(f, blocks.max(1), HT_THREADS, smem as u32, stream, &mut args)
+    }
+}
+
+impl CachedModule for HtModule {
+    fn source(&self) -> &'static KernelSource {
+        HtModule::source(self)
+    }
+    fn defines(&self) -> Defines {
+        HtModule::defines(self)
+    }
+    fn kernels(&self) -> &'static [&'static str] {
+        HtModule::kernels(self)
     }
 }

@@ -5,48 +5,29 @@
 
 use crate::cuda::jit::{Defines, KernelSource, get_function};
 use crate::cuda::module::Function;
-use crate::runtime::ht_kernels::HtModule;
-use crate::runtime::kernels::LlKernel;
 use ep_core::error::Result;
 use parking_lot::Mutex;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::OnceLock;
 
-/// One module the runtime compiles: a kernel source file and its specialisation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KernelModule {
-    Ll(LlKernel),
-    Ht(HtModule),
-}
-
-impl KernelModule {
-    fn source(&self) -> &'static KernelSource {
-        match self {
-            KernelModule::Ll(k) => k.source(),
-            KernelModule::Ht(m) => m.source(),
-        }
-    }
-
-    fn defines(&self) -> Defines {
-        match self {
-            KernelModule::Ll(k) => k.defines(),
-            KernelModule::Ht(m) => m.defines(),
-        }
-    }
-
+/// One module the runtime compiles: a kernel source file and its specialisation (LL's
+/// `LlKernel`, HT's `HtModule` implement it; this module names neither, so the cache sits below
+/// both).
+pub trait CachedModule: Copy + Eq + Hash + Send + 'static {
+    fn source(&self) -> &'static KernelSource;
+    fn defines(&self) -> Defines;
     /// The kernels of the module (each LL file has one).
-    fn kernels(&self) -> &'static [&'static str] {
-        match self {
-            KernelModule::Ll(k) => k.kernels(),
-            KernelModule::Ht(m) => m.kernels(),
-        }
-    }
+    fn kernels(&self) -> &'static [&'static str];
 }
 
-type Key = (KernelModule, &'static str, i32);
+type Map<M> = HashMap<(M, &'static str, i32), Function>;
 
-fn loaded() -> &'static Mutex<HashMap<Key, Function>> {
-    static LOADED: OnceLock<Mutex<HashMap<Key, Function>>> = OnceLock::new();
+/// One map per module type, found by its `TypeId` (a generic function cannot own a static per
+/// type parameter).
+fn loaded() -> &'static Mutex<HashMap<TypeId, Box<dyn Any + Send>>> {
+    static LOADED: OnceLock<Mutex<HashMap<TypeId, Box<dyn Any + Send>>>> = OnceLock::new();
     LOADED.get_or_init(Default::default)
 }
 
@@ -54,10 +35,15 @@ fn loaded() -> &'static Mutex<HashMap<Key, Function>> {
 /// compiles it (or reads the JIT's caches) and loads the code of *every* kernel in it: an
 /// operation's later launches then load nothing while its first kernel waits for the other ranks
 /// (a lazy load could wait for that kernel to finish: a deadlock between the ranks of a local
-/// group). Later calls are one hash-map lookup. No lock is held while compiling: two threads
+/// group). Later calls are two hash-map lookups. No lock is held while compiling: two threads
 /// that miss together both ask the JIT, which hands both the same code.
-pub fn function(module: KernelModule, name: &'static str, device: i32) -> Result<Function> {
-    if let Some(f) = loaded().lock().get(&(module, name, device)) {
+pub fn function<M: CachedModule>(module: M, name: &'static str, device: i32) -> Result<Function> {
+    if let Some(f) = loaded()
+        .lock()
+        .get(&TypeId::of::<M>())
+        .and_then(|m| m.downcast_ref::<Map<M>>())
+        .and_then(|m| m.get(&(module, name, device)))
+    {
         return Ok(*f);
     }
     let mut all = Vec::new();
@@ -67,7 +53,12 @@ pub fn function(module: KernelModule, name: &'static str, device: i32) -> Result
         f.load()?;
         all.push((k, f));
     }
-    let mut m = loaded().lock();
+    let mut maps = loaded().lock();
+    let m = maps
+        .entry(TypeId::of::<M>())
+        .or_insert_with(|| Box::new(Map::<M>::new()))
+        .downcast_mut::<Map<M>>()
+        .ok_or_else(|| ep_core::internal_err!("kernel cache: a map of the wrong type"))?;
     for (k, f) in all {
         m.insert((module, k, device), f);
     }
@@ -79,15 +70,16 @@ pub fn function(module: KernelModule, name: &'static str, device: i32) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::kernels::LlKind;
+    use crate::runtime::ht_kernels::HtModule;
+    use crate::runtime::kernels::{LlKernel, LlKind};
 
     #[test]
     fn every_launched_kernel_is_in_its_module() {
         for kind in [LlKind::Dispatch, LlKind::Combine, LlKind::Clean] {
             for k in LlKernel::variants(kind) {
-                let m = KernelModule::Ll(k);
-                assert_eq!(m.kernels(), [k.name()], "{k:?}");
-                assert_eq!(m.source().name, format!("{}.cu", k.name()));
+                let m = k;
+                assert_eq!(CachedModule::kernels(&m), [k.name()], "{k:?}");
+                assert_eq!(CachedModule::source(&m).name, format!("{}.cu", k.name()));
             }
         }
         // The names runtime::ht launches from each module.
@@ -105,13 +97,13 @@ mod tests {
                 HtModule::Dispatch { .. } => &["ht_dispatch", "ht_close"],
                 HtModule::Combine { .. } => &["ht_combine", "ht_close"],
             };
-            let m = KernelModule::Ht(h);
+            let m = h;
             for k in launched {
-                assert!(m.kernels().contains(k), "{k} in {h:?}");
+                assert!(CachedModule::kernels(&m).contains(k), "{k} in {h:?}");
                 assert!(
-                    m.source().source.contains(&format!(" {k}(")),
+                    CachedModule::source(&m).source.contains(&format!(" {k}(")),
                     "{k} in {}",
-                    m.source().name
+                    CachedModule::source(&m).name
                 );
             }
         }

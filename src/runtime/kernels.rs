@@ -3,12 +3,15 @@
 use crate::cuda::jit::{Defines, KernelSource};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
-use crate::runtime::kernel_cache::{self, KernelModule};
+use crate::runtime::kernel_cache::{self, CachedModule};
 use crate::runtime::ll_params::LlParams;
 use crate::sys::cudaStream_t;
 use ep_core::enums::{DType, Layout, dtype};
 use ep_core::error::Result;
 use std::ffi::c_void;
+
+/// Threads per block of the LL dispatch and combine kernels (their `__launch_bounds__`).
+pub const LL_THREADS: u32 = 512;
 
 /// The kernels with the common header prepended, so NVRTC needs no include path.
 pub const LL_DISPATCH: KernelSource = KernelSource {
@@ -215,7 +218,7 @@ impl LlKernel {
     /// The loaded kernel for `device` (the runtime's kernel cache: the first call per
     /// (variant, device) compiles or reads the JIT's caches, later calls are one lookup).
     fn function(&self, device: i32) -> Result<Function> {
-        kernel_cache::function(KernelModule::Ll(*self), self.name(), device)
+        kernel_cache::function(*self, self.name(), device)
     }
 }
 
@@ -230,7 +233,7 @@ pub fn preload(device: i32, k: LlKernel) -> Result<()> {
 pub fn launch_ll(device: i32, k: LlKernel, p: &LlParams, blocks: u32, stream: cudaStream_t) -> Result<()> {
     let threads = match k.kind {
         LlKind::Clean => LL_CLEAN_THREADS,
-        _ => crate::runtime::ll::LL_THREADS,
+        _ => LL_THREADS,
     };
     let _ctx = crate::cuda::context::CtxGuard::enter(device)?;
     let f = k.function(device)?;
@@ -270,4 +273,16 @@ pub fn ll_clean_variants() -> Vec<Defines> {
         .iter()
         .map(LlKernel::defines)
         .collect()
+}
+
+impl CachedModule for LlKernel {
+    fn source(&self) -> &'static KernelSource {
+        LlKernel::source(self)
+    }
+    fn defines(&self) -> Defines {
+        LlKernel::defines(self)
+    }
+    fn kernels(&self) -> &'static [&'static str] {
+        LlKernel::kernels(self)
+    }
 }

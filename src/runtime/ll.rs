@@ -19,9 +19,6 @@ use ep_core::ll_rules::{LlCall, check_combine, check_dispatch};
 use ep_core::op_args::{CombineArgs, DispatchArgs};
 use ep_core::tensor::TensorView;
 
-/// Threads per block of the LL kernels (their `__launch_bounds__`).
-pub const LL_THREADS: u32 = 512;
-
 /// A `send_only` operation whose receive phase waits for `ncclEpComplete` on its handle.
 #[derive(Clone, Copy, Debug)]
 pub struct Pending {
