@@ -29,7 +29,8 @@ pub unsafe extern "C" fn ncclEpDispatch(
     stream: cudaStream_t,
 ) -> ncclResult_t {
     ffi_call("ncclEpDispatch", || {
-        // SAFETY (whole block): every pointer follows the C contract of ncclEpDispatch.
+        // SAFETY: the reads below dereference the caller's pointers, each NULL or valid for its
+        // struct's `size` bytes (the C contract of ncclEpDispatch); nothing else here is unsafe.
         unsafe {
             let i = read_req(inputs, "inputs")?;
             let o = read_req(outputs, "outputs")?;
@@ -91,7 +92,8 @@ pub unsafe extern "C" fn ncclEpCombine(
     stream: cudaStream_t,
 ) -> ncclResult_t {
     ffi_call("ncclEpCombine", || {
-        // SAFETY (whole block): every pointer follows the C contract of ncclEpCombine.
+        // SAFETY: the reads below dereference the caller's pointers, each NULL or valid for its
+        // struct's `size` bytes (the C contract of ncclEpCombine); nothing else here is unsafe.
         unsafe {
             let i = read_req(inputs, "inputs")?;
             let o = read_req(outputs, "outputs")?;

@@ -494,6 +494,8 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
     let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
     // SAFETY: the caller's stream (C contract); the mask holds N ints.
     let s = unsafe { memory::Stream::from_raw(stream.cast()) };
+    // SAFETY: `mask` is this group's mask block (at least N ints, allocated with the group), in
+    // the context entered above; the write is ordered after the clean kernel on the same stream.
     unsafe { memory::memset_d32_async(mask, 1, n, s)? };
     memory::stream_synchronize(s)?;
     let missing = g.ll()?.clean_missing();

@@ -183,6 +183,8 @@ pub struct IpcPeers {
 // SAFETY: the communicator is the caller's, used only from `ensure` (`&mut self`: one thread at a
 // time), as NCCL allows from any thread; the rest is plain data and owned device memory.
 unsafe impl Send for IpcPeers {}
+// SAFETY: shared references only read plain data (pointers, sizes); the communicator is used
+// through `&mut self` only.
 unsafe impl Sync for IpcPeers {}
 
 impl PeerTransport for IpcPeers {

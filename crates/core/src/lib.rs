@@ -4,6 +4,8 @@
 //! The CPU reference that tests compare the GPU against is a separate crate
 //! (`crates/reference`), which the library does not depend on.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod enums;
 pub mod error;

@@ -3,5 +3,7 @@
 //! against (bit for bit), written from the API's definitions; the library does not depend on
 //! it (a dev-dependency of the tests only).
 
+#![forbid(unsafe_code)]
+
 pub mod ht;
 pub mod ll;
