@@ -10,13 +10,15 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Mutex, OnceLock};
 
-/// Threads per block of every HT kernel (their `__launch_bounds__`).
+/// Threads per block of every HT kernel (their `__launch_bounds__`, via ep_params.cuh).
 pub const HT_THREADS: u32 = 512;
 
 pub const HT_META: KernelSource = KernelSource {
     name: "ht_meta.cu",
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
+        "\n",
+        include_str!("../../kernels/ep_params.cuh"),
         "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",
@@ -28,6 +30,8 @@ pub const HT_DISPATCH: KernelSource = KernelSource {
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
         "\n",
+        include_str!("../../kernels/ep_params.cuh"),
+        "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",
         include_str!("../../kernels/ht_dispatch.cu")
@@ -37,6 +41,8 @@ pub const HT_COMBINE: KernelSource = KernelSource {
     name: "ht_combine.cu",
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
+        "\n",
+        include_str!("../../kernels/ep_params.cuh"),
         "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",

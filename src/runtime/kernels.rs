@@ -11,11 +11,14 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Mutex, OnceLock};
 
-/// The kernels with the common header prepended, so NVRTC needs no include path.
+/// The kernels with the common headers prepended (ep_params.cuh is generated from
+/// `runtime::kernel_abi`), so NVRTC needs no include path.
 pub const LL_DISPATCH: KernelSource = KernelSource {
     name: "ll_dispatch.cu",
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
+        "\n",
+        include_str!("../../kernels/ep_params.cuh"),
         "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
@@ -27,6 +30,8 @@ pub const LL_COMBINE: KernelSource = KernelSource {
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
         "\n",
+        include_str!("../../kernels/ep_params.cuh"),
+        "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
         include_str!("../../kernels/ll_combine.cu")
@@ -37,6 +42,8 @@ pub const LL_CLEAN: KernelSource = KernelSource {
     name: "ll_clean.cu",
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
+        "\n",
+        include_str!("../../kernels/ep_params.cuh"),
         "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
@@ -52,7 +59,7 @@ pub enum LlKind {
     Clean,
 }
 
-/// Threads of the clean kernel (one per rank at most; its `__launch_bounds__`).
+/// Threads of the clean kernel (one per rank at most; its `__launch_bounds__`, via ep_params.cuh).
 pub const LL_CLEAN_THREADS: u32 = 64;
 
 /// Token type of combine's rows (`EP_DTYPE`). Dispatch moves bytes and has one variant for all

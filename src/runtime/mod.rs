@@ -6,6 +6,7 @@ pub mod handle;
 pub mod ht;
 pub mod ht_kernels;
 pub mod ht_params;
+pub mod kernel_abi;
 pub mod kernels;
 pub mod ll;
 pub mod ll_params;
