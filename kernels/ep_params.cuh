@@ -191,8 +191,8 @@ struct HtParams {
   u64 recv_off;
   u64 send_off;
   u64 bwd_off;
-  // wait bound in clock cycles (0 = forever)
-  i64 timeout_cycles;
+  // bound on every wait in nanoseconds of %globaltimer (0 = wait forever)
+  i64 timeout_ns;
   int rank;
   int nranks;
   int num_experts;
@@ -252,7 +252,7 @@ static_assert(__builtin_offsetof(HtParams, off_stage_w) == 672 && sizeof(((HtPar
 static_assert(__builtin_offsetof(HtParams, recv_off) == 680 && sizeof(((HtParams*)0)->recv_off) == 8, "HtParams.recv_off: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, send_off) == 688 && sizeof(((HtParams*)0)->send_off) == 8, "HtParams.send_off: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, bwd_off) == 696 && sizeof(((HtParams*)0)->bwd_off) == 8, "HtParams.bwd_off: offset and size in src/runtime/ht_params.rs");
-static_assert(__builtin_offsetof(HtParams, timeout_cycles) == 704 && sizeof(((HtParams*)0)->timeout_cycles) == 8, "HtParams.timeout_cycles: offset and size in src/runtime/ht_params.rs");
+static_assert(__builtin_offsetof(HtParams, timeout_ns) == 704 && sizeof(((HtParams*)0)->timeout_ns) == 8, "HtParams.timeout_ns: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, rank) == 712 && sizeof(((HtParams*)0)->rank) == 4, "HtParams.rank: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, nranks) == 716 && sizeof(((HtParams*)0)->nranks) == 4, "HtParams.nranks: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, num_experts) == 720 && sizeof(((HtParams*)0)->num_experts) == 4, "HtParams.num_experts: offset and size in src/runtime/ht_params.rs");

@@ -9,12 +9,16 @@ __device__ __forceinline__ u32 cur_epoch(const HtParams& p) { return ((volatile 
 __device__ __forceinline__ char* peer_buf(const HtParams& p, int r) { return (char*)p.peers[r]; }
 
 // Waits until the flag holds `tag`; false after a timeout (the host-visible error flag is then
-// raised and the peer counts as absent).
+// raised and the peer counts as absent). Bounded like LL's waits: p.timeout_ns nanoseconds of
+// %globaltimer (0 = forever), the clock read every EP_POLLS_PER_CHECK polls.
 __device__ __forceinline__ bool wait_tag(const u64* flag, u32 tag, const HtParams& p) {
-  i64 start = clock64();
-  while (true) {
+  u64 start = 0;
+  for (u32 polls = 0;; ++polls) {
     if (ld_acquire_sys(flag) == (u64)tag) return true;
-    if (p.timeout_cycles > 0 && clock64() - start > p.timeout_cycles) {
+    if (polls % EP_POLLS_PER_CHECK != 0) continue;
+    const u64 now = now_ns();
+    if (start == 0) start = now;
+    if (p.timeout_ns > 0 && now - start > (u64)p.timeout_ns) {
       if (p.err) atomicExch((int*)p.err, 1);
       return false;
     }

@@ -19,13 +19,6 @@ __device__ __forceinline__ void prof_mark(const LlParams& p, int i) {
   }
 }
 
-// Wall-clock nanoseconds: timeouts are measured in time, not in SM cycles (clocks vary).
-__device__ __forceinline__ u64 now_ns() {
-  u64 t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 __device__ __forceinline__ bool timed_out(const LlParams& p, u64 start) {
   return p.timeout_ns > 0 && now_ns() - start > (u64)p.timeout_ns;
 }
@@ -138,8 +131,8 @@ __device__ __forceinline__ u64 decide(const LlParams& p, int s, u32 tag, u32 val
 // async error flag, and the operation goes on without s. Masking off: a timeout prints which
 // rank and phase and traps (see fatal_timeout). The hot loop only polls the flag: the clock and
 // the other blocks' decisions are looked at every EP_POLLS_PER_CHECK polls (the first timer
-// read starts the clock, so the bound is the timeout plus at most that many polls).
-#define EP_POLLS_PER_CHECK 64
+// read starts the clock, so the bound is the timeout plus at most that many polls;
+// EP_POLLS_PER_CHECK and now_ns are in kernels/ep_device.cuh, HT waits the same way).
 
 // The slow end of a wait with masking on: source s timed out here. Out of line (scalars only).
 __device__ __noinline__ u64 mask_timeout(u64 decide_words, u64 mask, u64 err, int rank, int s, u32 tag,

@@ -43,7 +43,8 @@ pub struct HtState {
     pub hdr_host: PinnedHostMem,
     /// Blocks of the data-parallel kernels.
     pub blocks: u32,
-    pub timeout_cycles: i64,
+    /// Bound on every GPU wait in nanoseconds (0 = none), as LL's: the kernels read %globaltimer.
+    pub timeout_ns: i64,
 }
 
 impl HtState {
@@ -63,11 +64,7 @@ impl HtState {
         if g.params.max_num_sms != 0 {
             blocks = blocks.min(g.params.max_num_sms);
         }
-        let khz = crate::cuda::driver::device_attribute(
-            dev,
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,
-        )? as i64;
-        let timeout_cycles = ((g.params.timeout_ns as i128 * khz as i128) / 1_000_000).min(i64::MAX as i128) as i64;
+        let timeout_ns = g.params.timeout_ns.min(i64::MAX as u64) as i64;
         Ok(HtState {
             shared: None,
             multi_process: false,
@@ -76,7 +73,7 @@ impl HtState {
             err,
             hdr_host,
             blocks,
-            timeout_cycles,
+            timeout_ns,
         })
     }
 
@@ -182,7 +179,7 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     p.recv_off = hl.recv_off as u64;
     p.send_off = hl.send_off as u64;
     p.bwd_off = hl.bwd_off as u64;
-    p.timeout_cycles = st.timeout_cycles;
+    p.timeout_ns = st.timeout_ns;
     p.rank = g.params.rank as i32;
     p.nranks = g.params.nranks as i32;
     p.num_experts = g.params.num_experts as i32;

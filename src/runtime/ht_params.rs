@@ -47,8 +47,8 @@ c_struct! {
         pub recv_off: u64,
         pub send_off: u64,
         pub bwd_off: u64,
-        /// wait bound in clock cycles (0 = forever)
-        pub timeout_cycles: i64,
+        /// bound on every wait in nanoseconds of %globaltimer (0 = wait forever)
+        pub timeout_ns: i64,
         pub rank: i32,
         pub nranks: i32,
         pub num_experts: i32,
