@@ -292,7 +292,7 @@ struct HtHdr {
   // the rest of the 256 bytes (not read by the host)
   int pad[54];
 };
-static_assert(sizeof(HtHdr) == 256, "HtHdr: size of src/runtime/ht_params.rs");
+static_assert(sizeof(HtHdr) == 256, "HtHdr: 256 bytes, the 40 of src/runtime/ht_params.rs padded");
 static_assert(alignof(HtHdr) == 8, "HtHdr: alignment of src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtHdr, count) == 0 && sizeof(((HtHdr*)0)->count) == 4, "HtHdr.count: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtHdr, total) == 4 && sizeof(((HtHdr*)0)->total) == 4, "HtHdr.total: offset and size in src/runtime/ht_params.rs");

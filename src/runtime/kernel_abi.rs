@@ -124,11 +124,12 @@ fn emit_struct<T: CStruct>(out: &mut String, pad_to: Option<usize>) {
         writeln!(out, "  int pad[{}];", (c_size - size) / 4).unwrap();
     }
     writeln!(out, "}};").unwrap();
-    writeln!(
-        out,
-        "static_assert(sizeof({name}) == {c_size}, \"{name}: size of {file}\");"
-    )
-    .unwrap();
+    let what = if c_size > size {
+        format!("{c_size} bytes, the {size} of {file} padded")
+    } else {
+        format!("size of {file}")
+    };
+    writeln!(out, "static_assert(sizeof({name}) == {c_size}, \"{name}: {what}\");").unwrap();
     writeln!(
         out,
         "static_assert(alignof({name}) == {align}, \"{name}: alignment of {file}\");"
