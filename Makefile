@@ -1,7 +1,7 @@
 # nccl-ep-rs: build, install and test libnccl_ep.so (see docs/BUILDING.md).
 #
 #   make build                      cargo build --release -> target/release/libnccl_ep.so
-#   make header                     regenerate include/*.h from src/abi with cbindgen
+#   make header                     regenerate include/*.h (cbindgen, src/abi) and kernels/ep_params.cuh (src/runtime/kernel_abi.rs)
 #   make install PREFIX=/opt/x      lib/libnccl_ep.so.0.1.0 (+ .so.0, .so), include/, pkg-config, CMake package
 #   make test                       deps, cargo tests, C tests (ctest); last line "N passed, M failed, K skipped"
 #                                   (GPU tests are #[ignore]d: K without a GPU; NCCL_EP_GPU_TESTS=1 runs them)
@@ -20,7 +20,7 @@ build:
 	$(CARGO) build --release
 
 header:
-	NCCL_EP_BLESS=1 $(CARGO) test --test header
+	NCCL_EP_BLESS=1 $(CARGO) test --test header --test kernel_params
 
 install:
 ifeq ($(strip $(NCCL_EP_LIB)),)

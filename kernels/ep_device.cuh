@@ -1,5 +1,5 @@
 // Device pieces both modes use: integer types, memory-ordering loads and stores, L1-bypassing
-// loads, bf16 and fp16 by bits and the warp row copy. Header-free on purpose: NVRTC compiles the
+// loads, the wait clock, bf16 and fp16 by bits and the warp row copy. Header-free on purpose: NVRTC compiles the
 // kernels at run time with no CUDA include path; the runtime prepends this file to every kernel
 // source.
 #pragma once
@@ -60,6 +60,18 @@ __device__ __forceinline__ u64 ld_cg_u64(const u64* p) {
   asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p));
   return v;
 }
+
+// Wall-clock nanoseconds (%globaltimer): every wait of both modes is bounded in time, not in SM
+// cycles (clocks vary with the load and between GPUs); the bound is the group's timeout_ns.
+__device__ __forceinline__ u64 now_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// A wait polls its flag and reads the clock only every this many polls, so that the hot loop is
+// a bare poll; the first clock read starts the clock (bound: the timeout plus that many polls).
+#define EP_POLLS_PER_CHECK 64
 
 __device__ __forceinline__ float bf16_to_f32(unsigned short b) { return __uint_as_float(((u32)b) << 16); }
 

@@ -1,83 +1,24 @@
-// Shared pieces of the high-throughput kernels (docs/HT.md, "GPU design"): the argument block,
-// the handle header, the open/close protocol and segment helpers; kernels/ep_device.cuh (loads,
-// stores, copies) comes first.
+// Shared pieces of the high-throughput kernels (docs/HT.md, "GPU design"): the open/close protocol
+// and segment helpers. kernels/ep_device.cuh (loads, stores, copies) and kernels/ep_params.cuh
+// (HtParams, HtHdr, EpState, HT_* constants, generated from the Rust definitions) come first.
 // Header-free on purpose: NVRTC compiles this at run time with no CUDA include path.
 #pragma once
-
-#define HT_MAX_RANKS 64
-#define HT_MAX_TOPK 32
-#define HT_PIECES 32
-#define HT_PTR_SLOTS 4
-#define HT_THREADS 512
-
-// Mirrors `HtParams` in src/runtime/ht_params.rs field for field (8-byte fields first).
-struct HtParams {
-  u64 peers[HT_MAX_RANKS];  // group buffer of every rank (ours included)
-  u64 state;                // group device state (EpState: epoch)
-  u64 err;                  // host-mapped int: raised on a timeout or a captured overflow
-  u64 hmem;                 // handle metadata block (HtHdr, recv, send, bwd tables)
-  u64 in0, in1;             // update: topk_idx; dispatch/combine: tokens, topk_weights (0 = none)
-  u64 out0, out1, out2, out3;  // update: expert_counters, expert_offsets, recv_total_counter;
-                               // dispatch: tokens, topk_idx, topk_weights; combine: tokens, topk_weights
-  u64 off_open, off_done, off_ptrs, off_own, off_all, off_cnt, off_tot, off_zoff, off_rbase, off_sbase;
-  u64 off_stage_tok, off_stage_w;  // staging (groups spanning processes)
-  u64 recv_off, send_off, bwd_off;  // inside hmem
-  i64 timeout_cycles;               // wait bound in clock cycles (0 = forever)
-  int rank, nranks, num_experts, local_experts;
-  int max_tokens;  // B
-  int topk;        // K of the handle
-  int rows;        // T: rows of this rank's routing
-  int recv_rows;   // S: receive bound (fixed budget, or the eager bound)
-  int piece_len;   // tokens per piece of the metadata scans
-  int row_bytes;   // H * element size (multiple of 16)
-  int align;       // EM zone alignment (>= 1)
-  int drop;        // overflow policy DROP (else TRAP)
-  int capturing;   // the update is being captured: a TRAP overflow raises `err`
-  int ec64;        // expert_counters / expert_offsets are int64
-  int tot64;       // recv_total_counter is int64
-  int recv_global; // FLAT dispatch: global expert ids in outputs->topk_idx
-  int staged;      // peers read staging copies (groups spanning processes)
-  int pad;
-};
-static_assert(sizeof(HtParams) == 8 * HT_MAX_RANKS + 25 * 8 + 18 * 4, "HtParams mirrors src/runtime/ht_params.rs");
-
-// The first 256 bytes of a handle's metadata block (int32 words).
-struct HtHdr {
-  int count;           // rows this rank received (after drops): what dispatch writes
-  int total;           // rows before drops (recv_total_counter)
-  int rows;            // T of the routing
-  int bad;             // B*K - (t*K + k) of this rank's first bad routing entry, 0 = none (atomicMax)
-  int overflow_rank;   // first rank whose total exceeds S (+1), 0 = none
-  int overflow_total;  // that rank's total
-  int bad_rank;        // lowest rank with a bad routing entry (+1), 0 = none
-  int bad_code;        // its `bad`
-  i64 bad_value;       // the bad value
-  int pad[54];
-};
-static_assert(sizeof(HtHdr) == 256, "HtHdr is the 256-byte handle header");
-
-// Group-owned device state, zeroed at creation (the same struct LL uses).
-struct EpState {
-  u32 epoch;  // HT operations completed so far; tag = epoch + 1
-  u32 pad[15];
-};
-
-
-
-
-
 
 __device__ __forceinline__ u32 cur_epoch(const HtParams& p) { return ((volatile EpState*)p.state)->epoch; }
 
 __device__ __forceinline__ char* peer_buf(const HtParams& p, int r) { return (char*)p.peers[r]; }
 
 // Waits until the flag holds `tag`; false after a timeout (the host-visible error flag is then
-// raised and the peer counts as absent).
+// raised and the peer counts as absent). Bounded like LL's waits: p.timeout_ns nanoseconds of
+// %globaltimer (0 = forever), the clock read every EP_POLLS_PER_CHECK polls.
 __device__ __forceinline__ bool wait_tag(const u64* flag, u32 tag, const HtParams& p) {
-  i64 start = clock64();
-  while (true) {
+  u64 start = 0;
+  for (u32 polls = 0;; ++polls) {
     if (ld_acquire_sys(flag) == (u64)tag) return true;
-    if (p.timeout_cycles > 0 && clock64() - start > p.timeout_cycles) {
+    if (polls % EP_POLLS_PER_CHECK != 0) continue;
+    const u64 now = now_ns();
+    if (start == 0) start = now;
+    if (p.timeout_ns > 0 && now - start > (u64)p.timeout_ns) {
       if (p.err) atomicExch((int*)p.err, 1);
       return false;
     }
@@ -116,7 +57,6 @@ __device__ u64 open_op(const HtParams& p, u32 tag, const u64* ptrs, u64 (*src_pt
   __syncthreads();
   return present_mask;
 }
-
 
 __device__ __forceinline__ void warp_zero(void* dst, int bytes, int lane) {
   int4* d = (int4*)dst;

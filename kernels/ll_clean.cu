@@ -10,15 +10,15 @@
 // Nothing else needs resetting: flags are tagged with epochs that never go back, so a stale flag
 // never matches (docs/LL.md). The host then sets the mask to all ones and synchronises.
 
-extern "C" __global__ void __launch_bounds__(64) ll_clean(const LlParams p) {
+extern "C" __global__ void __launch_bounds__(LL_CLEAN_THREADS) ll_clean(const LlParams p) {
   const int N = p.nranks;
   EpState* st = (EpState*)p.state;
   const u32 epoch = ((volatile EpState*)st)->epoch;
   const u32 seq = (u32)p.clean_seq;
-  __shared__ int ahead[EP_MAX_RANKS];  // how far each rank's epoch is ahead of ours (<= 0: not)
+  __shared__ int ahead[LL_MAX_RANKS];  // how far each rank's epoch is ahead of ours (<= 0: not)
   __shared__ u64 missing;
   if (threadIdx.x == 0) missing = 0;
-  for (int r = threadIdx.x; r < EP_MAX_RANKS; r += blockDim.x) ahead[r] = 0;
+  for (int r = threadIdx.x; r < LL_MAX_RANKS; r += blockDim.x) ahead[r] = 0;
   __syncthreads();
   for (int d = threadIdx.x; d < N; d += blockDim.x)
     st_release_sys((u64*)((char*)p.peers[d] + p.off_clean) + p.rank, ((u64)seq << 32) | epoch);

@@ -170,10 +170,10 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
   }
 }
 
-extern "C" __global__ void __launch_bounds__(512) ll_combine(const LlParams p) {
+extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine(const LlParams p) {
   prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
-  if (p.phases & EP_SEND) {
+  if (p.phases & PHASE_SEND) {
 #if EP_MASK
     __shared__ u64 active_s;
     active_set(p, &active_s);
@@ -184,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(512) ll_combine(const LlParams p) {
     combine_send(p, epoch, active);
     __syncthreads();
   }
-  if (p.phases & EP_RECV) combine_recv(p, epoch);
+  if (p.phases & PHASE_RECV) combine_recv(p, epoch);
   prof_mark(p, 5);
-  finish_op(p, (p.phases & EP_RECV) != 0);
+  finish_op(p, (p.phases & PHASE_RECV) != 0);
 }

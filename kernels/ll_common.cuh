@@ -1,56 +1,14 @@
-// Shared pieces of the low-latency kernels: the argument block, timeouts and masks, the epoch and
-// block counters; kernels/ep_device.cuh comes first. Header-free on purpose: NVRTC compiles this
-// at run time with no CUDA include path (see docs/LL.md for the buffer layout and protocol).
+// Shared pieces of the low-latency kernels: timeouts and masks, the epoch and block counters.
+// kernels/ep_device.cuh and kernels/ep_params.cuh (LlParams, EpState, LL_MAX_RANKS, generated from
+// the Rust definitions) come first. Header-free on purpose: NVRTC compiles this at run time with
+// no CUDA include path (see docs/LL.md for the buffer layout and protocol).
 #pragma once
-
-#ifndef EP_MAX_RANKS
-#define EP_MAX_RANKS 64
-#endif
 
 // EP_MASK: 1 for groups with enable_mask (mask reads, decision words), 0 for the others, whose
 // kernels carry no mask code at all (a timeout there prints and traps). Default: 1.
 #ifndef EP_MASK
 #define EP_MASK 1
 #endif
-
-// Mirrors `LlParams` in src/runtime/ll_params.rs field for field (8-byte fields first).
-struct LlParams {
-  u64 peers[EP_MAX_RANKS];  // communication buffer of every rank (ours included)
-  u64 bank_stride;          // bytes between bank 0 and bank 1
-  u64 off_dflag;            // inside a bank: dispatch_flag[N] (u64)
-  u64 off_ecount;           // expert_count[N][L] (i32)
-  u64 off_cflag;            // combine_flag[N] (u64)
-  u64 off_data;             // dispatch_recv / combine_recv union
-  u64 x;                    // dispatch: tokens [T,H]; combine: expert outputs
-  u64 topk_idx;             // [T,K] int64 or int32 (EP_IDX64)
-  u64 weights;              // dispatch: [T,K] f32 or 0; combine EM: [T,K] f32
-  u64 out;                  // dispatch: EM [L,N*B,H] / RM [N,B,H]; combine: [T,H]
-  u64 out_counters;         // dispatch EM: expert_counters[L]; RM: src_rank_counters[N] (0 = none)
-  u64 out_topk_idx;         // dispatch RM: [N,B,K] i32
-  u64 out_weights;          // dispatch RM: [N,B,K] f32 (0 = none)
-  u64 meta;                 // handle metadata: n[N], msgs[N], then [N][B][K+1] i32
-  u64 state;                // group device state (EpState)
-  u64 err;                  // host-mapped: int flag (1 after a timeout), then u64 clean_missing
-  u64 prof;                 // NCCL_EP_PROFILE: u64[gridDim.x][8] phase timestamps, else 0
-  u64 mask;                 // enable_mask: int[N] active ranks (1 active), else 0 (masking off)
-  u64 decide;               // enable_mask: u64[N] per-source decision of the current operation
-  u64 off_clean;            // bank 0: clean_flag[N] (u64), the ncclEpMaskClean barrier
-  i64 timeout_ns;           // bound on every wait (0 = wait forever)
-  int rank, nranks;
-  int num_experts, local_experts;
-  int max_tokens, num_tokens;
-  int row_bytes;            // H * element size (multiple of 16)
-  int dmsg, hdr;            // dispatch slot stride and header bytes
-  int cmsg;                 // combine slot stride
-  int phases;               // 1 send, 2 receive, 3 both
-  int recv_global;          // RM: global expert ids in outputs->topk_idx
-  int clean_seq;            // ll_clean: this ncclEpMaskClean's sequence number (from 1)
-  int pad0;
-};
-static_assert(sizeof(LlParams) == 8 * EP_MAX_RANKS + 20 * 8 + 14 * 4, "LlParams mirrors src/runtime/ll_params.rs");
-
-#define EP_SEND 1
-#define EP_RECV 2
 
 // Phase timestamps for NCCL_EP_PROFILE (thread 0 of each block; off when p.prof is 0).
 __device__ __forceinline__ void prof_mark(const LlParams& p, int i) {
@@ -59,23 +17,6 @@ __device__ __forceinline__ void prof_mark(const LlParams& p, int i) {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     ((u64*)p.prof)[blockIdx.x * 8 + i] = t;
   }
-}
-
-
-
-
-
-
-
-
-
-
-
-// Wall-clock nanoseconds: timeouts are measured in time, not in SM cycles (clocks vary).
-__device__ __forceinline__ u64 now_ns() {
-  u64 t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
 }
 
 __device__ __forceinline__ bool timed_out(const LlParams& p, u64 start) {
@@ -98,15 +39,6 @@ __device__ __forceinline__ void raise_error(const LlParams& p) {
 __device__ __noinline__ const char* wait_name(int what) {
   return what == EP_WAIT_DISPATCH ? "dispatch receive" : what == EP_WAIT_COMBINE ? "combine receive" : "ncclEpMaskClean barrier";
 }
-
-// Group-owned device state, zeroed at creation. Operations of a group run in stream order.
-struct EpState {
-  u32 epoch;      // operations completed so far; bank = epoch & 1, tag = epoch + 1
-  u32 done;       // blocks of the current kernel that finished (to advance the epoch)
-  u32 sent_done;  // blocks of the current kernel that finished sending
-  u32 trapping;   // masking off: set by the first thread that reports a timeout (one message)
-  u32 pad[12];
-};
 
 // Device messages, out of line so that the hot kernels carry no printf frames of their own.
 // what: EP_WAIT_*; 3: the kernel's own blocks (sends_done).
@@ -199,8 +131,8 @@ __device__ __forceinline__ u64 decide(const LlParams& p, int s, u32 tag, u32 val
 // async error flag, and the operation goes on without s. Masking off: a timeout prints which
 // rank and phase and traps (see fatal_timeout). The hot loop only polls the flag: the clock and
 // the other blocks' decisions are looked at every EP_POLLS_PER_CHECK polls (the first timer
-// read starts the clock, so the bound is the timeout plus at most that many polls).
-#define EP_POLLS_PER_CHECK 64
+// read starts the clock, so the bound is the timeout plus at most that many polls;
+// EP_POLLS_PER_CHECK and now_ns are in kernels/ep_device.cuh, HT waits the same way).
 
 // The slow end of a wait with masking on: source s timed out here. Out of line (scalars only).
 __device__ __noinline__ u64 mask_timeout(u64 decide_words, u64 mask, u64 err, int rank, int s, u32 tag,
@@ -258,7 +190,6 @@ __device__ __forceinline__ int num_segments(int row_bytes) { return (row_bytes +
 __device__ __forceinline__ int segment_bytes(int row_bytes, int seg) {
   return min(EP_SEG_BYTES, row_bytes - seg * EP_SEG_BYTES);
 }
-
 
 __device__ __forceinline__ int topk_at(const LlParams& p, int t, int k) {
 #if EP_IDX64

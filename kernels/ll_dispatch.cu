@@ -260,11 +260,11 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
   }
 }
 
-extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) {
+extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch(const LlParams p) {
   extern __shared__ int smem[];
   prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
-  if (p.phases & EP_SEND) {
+  if (p.phases & PHASE_SEND) {
 #if EP_MASK
     __shared__ u64 active_s;
     active_set(p, &active_s);
@@ -279,11 +279,11 @@ extern "C" __global__ void __launch_bounds__(512) ll_dispatch(const LlParams p) 
     dispatch_send(p, hist_e, hist_r, idx, routes, epoch, active);
     __syncthreads();
   }
-  if (p.phases & EP_RECV) {
+  if (p.phases & PHASE_RECV) {
     int* counts = smem;
-    int* base = counts + EP_MAX_RANKS;
+    int* base = counts + LL_MAX_RANKS;
     dispatch_recv(p, counts, base, epoch);
   }
   prof_mark(p, 5);
-  finish_op(p, (p.phases & EP_RECV) != 0);
+  finish_op(p, (p.phases & PHASE_RECV) != 0);
 }

@@ -244,8 +244,12 @@ fn reexports(mods: &BTreeMap<String, String>) -> BTreeMap<(String, String), Stri
         let code = code_only(src);
         for stmt in code.split(';') {
             let s = stmt.trim();
-            let Some(rest) = s.strip_prefix("pub use ") else { continue };
-            let Some((child, items)) = rest.split_once("::") else { continue };
+            let Some(rest) = s.strip_prefix("pub use ") else {
+                continue;
+            };
+            let Some((child, items)) = rest.split_once("::") else {
+                continue;
+            };
             let child_mod = if m.is_empty() {
                 child.to_string()
             } else {
@@ -342,7 +346,12 @@ fn modules_have_no_import_circle() {
     }
     // Depth-first search with colours; report one circle.
     let mut colour: BTreeMap<&str, u8> = BTreeMap::new();
-    fn visit<'a>(n: &'a str, g: &'a Graph, colour: &mut BTreeMap<&'a str, u8>, stack: &mut Vec<&'a str>) -> Option<Vec<String>> {
+    fn visit<'a>(
+        n: &'a str,
+        g: &'a Graph,
+        colour: &mut BTreeMap<&'a str, u8>,
+        stack: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
         colour.insert(n, 1);
         stack.push(n);
         for m in g.edges.get(n).into_iter().flatten() {
@@ -377,17 +386,30 @@ fn modules_have_no_import_circle() {
 #[test]
 fn core_crate_is_pure() {
     let core = root().join("crates/core/src");
-    let forbidden = ["nccl_ep::", "crate::abi", "cudarc", "libc", "extern \"C\"", "#[repr(C)]", "*mut ", "*const "];
+    let forbidden = [
+        "nccl_ep::",
+        "crate::abi",
+        "cudarc",
+        "libc",
+        "extern \"C\"",
+        "#[repr(C)]",
+        "*mut ",
+        "*const ",
+    ];
     for (m, text) in modules(&core) {
         let code = code_only(&text);
         for f in forbidden {
-            assert!(!code.contains(f), "crates/core module `{m}` contains `{f}`: the core takes no FFI or CUDA");
+            assert!(
+                !code.contains(f),
+                "crates/core module `{m}` contains `{f}`: the core takes no FFI or CUDA"
+            );
         }
     }
     let manifest = std::fs::read_to_string(root().join("crates/core/Cargo.toml")).unwrap();
     let deps = manifest.split("[dependencies]").nth(1).unwrap_or("");
     assert!(
-        deps.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.starts_with('[')),
+        deps.lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.starts_with('[')),
         "crates/core has dependencies: {deps}"
     );
 }
@@ -400,8 +422,14 @@ fn library_does_not_depend_on_the_reference() {
         .nth(1)
         .and_then(|s| s.split("\n[").next())
         .unwrap_or("");
-    assert!(!deps.contains("reference"), "the library depends on the reference: {deps}");
+    assert!(
+        !deps.contains("reference"),
+        "the library depends on the reference: {deps}"
+    );
     for (m, text) in modules(&root().join("src")) {
-        assert!(!code_only(&text).contains("ep_reference"), "src module `{m}` uses the CPU reference");
+        assert!(
+            !code_only(&text).contains("ep_reference"),
+            "src module `{m}` uses the CPU reference"
+        );
     }
 }

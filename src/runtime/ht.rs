@@ -42,7 +42,8 @@ pub struct HtState {
     pub hdr_host: PinnedHostMem,
     /// Blocks of the data-parallel kernels.
     pub blocks: u32,
-    pub timeout_cycles: i64,
+    /// Bound on every GPU wait in nanoseconds (0 = none), as LL's: the kernels read %globaltimer.
+    pub timeout_ns: i64,
 }
 
 /// The group's high-throughput state (this module's view of [`Group::mode`]).
@@ -88,11 +89,7 @@ impl HtState {
         let err = PinnedHostMem::alloc(dev, 4)?;
         let hdr_host = PinnedHostMem::alloc(dev, std::mem::size_of::<HtHdr>())?;
         let blocks = g.kernel_blocks(ranks_on_device)?;
-        let khz = crate::cuda::driver::device_attribute(
-            dev,
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE,
-        )? as i64;
-        let timeout_cycles = ((g.params.timeout_ns as i128 * khz as i128) / 1_000_000).min(i64::MAX as i128) as i64;
+        let timeout_ns = g.params.timeout_ns.min(i64::MAX as u64) as i64;
         Ok(HtState {
             buffers: g.peer_buffers(),
             multi_process: false,
@@ -101,7 +98,7 @@ impl HtState {
             err,
             hdr_host,
             blocks,
-            timeout_cycles,
+            timeout_ns,
         })
     }
 
@@ -190,7 +187,7 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     p.recv_off = hl.recv_off as u64;
     p.send_off = hl.send_off as u64;
     p.bwd_off = hl.bwd_off as u64;
-    p.timeout_cycles = st.timeout_cycles;
+    p.timeout_ns = st.timeout_ns;
     p.rank = g.params.rank as i32;
     p.nranks = g.params.nranks as i32;
     p.num_experts = g.params.num_experts as i32;

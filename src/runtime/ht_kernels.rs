@@ -3,19 +3,18 @@
 use crate::cuda::jit::{Defines, KernelSource};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
-use crate::runtime::ht_params::HtParams;
+use crate::runtime::ht_params::{HT_THREADS, HtParams};
 use crate::runtime::kernel_cache::{self, CachedModule};
 use crate::sys::cudaStream_t;
 use ep_core::error::Result;
 use std::ffi::c_void;
 
-/// Threads per block of every HT kernel (their `__launch_bounds__`).
-pub const HT_THREADS: u32 = 512;
-
 pub const HT_META: KernelSource = KernelSource {
     name: "ht_meta.cu",
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
+        "\n",
+        include_str!("../../kernels/ep_params.cuh"),
         "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",
@@ -27,6 +26,8 @@ pub const HT_DISPATCH: KernelSource = KernelSource {
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
         "\n",
+        include_str!("../../kernels/ep_params.cuh"),
+        "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",
         include_str!("../../kernels/ht_dispatch.cu")
@@ -36,6 +37,8 @@ pub const HT_COMBINE: KernelSource = KernelSource {
     name: "ht_combine.cu",
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
+        "\n",
+        include_str!("../../kernels/ep_params.cuh"),
         "\n",
         include_str!("../../kernels/ht_common.cuh"),
         "\n",

@@ -4,20 +4,20 @@ use crate::cuda::jit::{Defines, KernelSource};
 use crate::cuda::memory::Stream;
 use crate::cuda::module::{Function, launch};
 use crate::runtime::kernel_cache::{self, CachedModule};
-use crate::runtime::ll_params::LlParams;
+use crate::runtime::ll_params::{LL_CLEAN_THREADS, LL_THREADS, LlParams};
 use crate::sys::cudaStream_t;
 use ep_core::enums::{DType, Layout, dtype};
 use ep_core::error::Result;
 use std::ffi::c_void;
 
-/// Threads per block of the LL dispatch and combine kernels (their `__launch_bounds__`).
-pub const LL_THREADS: u32 = 512;
-
-/// The kernels with the common header prepended, so NVRTC needs no include path.
+/// The kernels with the common headers prepended (ep_params.cuh is generated from
+/// `runtime::kernel_abi`), so NVRTC needs no include path.
 pub const LL_DISPATCH: KernelSource = KernelSource {
     name: "ll_dispatch.cu",
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
+        "\n",
+        include_str!("../../kernels/ep_params.cuh"),
         "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
@@ -29,6 +29,8 @@ pub const LL_COMBINE: KernelSource = KernelSource {
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
         "\n",
+        include_str!("../../kernels/ep_params.cuh"),
+        "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
         include_str!("../../kernels/ll_combine.cu")
@@ -39,6 +41,8 @@ pub const LL_CLEAN: KernelSource = KernelSource {
     name: "ll_clean.cu",
     source: concat!(
         include_str!("../../kernels/ep_device.cuh"),
+        "\n",
+        include_str!("../../kernels/ep_params.cuh"),
         "\n",
         include_str!("../../kernels/ll_common.cuh"),
         "\n",
@@ -53,9 +57,6 @@ pub enum LlKind {
     /// The barrier of `ncclEpMaskClean` (one block; top-k, layout and index width unused).
     Clean,
 }
-
-/// Threads of the clean kernel (one per rank at most; its `__launch_bounds__`).
-pub const LL_CLEAN_THREADS: u32 = 64;
 
 /// Token type of combine's rows (`EP_DTYPE`). Dispatch moves bytes and has one variant for all
 /// types; combine reduces in fp32 and needs the type at compile time, so that the bf16 kernel

@@ -24,7 +24,7 @@ pub const HT_MAX_RANKS: u32 = 64;
 pub const HT_PIECES: usize = 32;
 /// Pointer slots a source publishes per operation (`ptrs[src][0..4]`).
 pub const HT_PTR_SLOTS: usize = 4;
-/// Bytes of the handle header (`struct HtHdr` in kernels/ht_common.cuh).
+/// Bytes of the handle header (`struct HtHdr`, generated into kernels/ep_params.cuh).
 pub const HT_HDR_BYTES: usize = 256;
 
 fn mul(a: usize, b: usize) -> Result<usize> {
