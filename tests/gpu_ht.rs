@@ -1,8 +1,4 @@
-#![allow(
-    clippy::needless_range_loop,
-    clippy::macro_metavars_in_unsafe,
-    clippy::too_many_arguments
-)]
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 //! High-throughput mode on a real GPU, checked bit for bit against the CPU reference
 //! (src/core/ht_reference.rs): the handle's layout_info outputs, forward and backward dispatch
 //! and combine, for both layouts, on local groups of 2, 4 and 8 ranks on one device and one rank
@@ -117,18 +113,17 @@ struct World {
 impl World {
     fn local(n: usize, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
         let mut groups = vec![std::ptr::null_mut(); n];
-        ep_ok!(ncclEpxCreateLocalGroups(
-            groups.as_mut_ptr(),
-            n as i32,
-            std::ptr::null(),
-            cfg
-        ));
+        // SAFETY: `groups` has `n` slots, one per group written; devices may be NULL (all on the
+        // current device); `cfg` is the caller's live config.
+        ep_ok!(unsafe { ncclEpxCreateLocalGroups(groups.as_mut_ptr(), n as i32, std::ptr::null(), cfg) });
         let streams = (0..n).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
         Ok(World { groups, streams })
     }
     fn nccl(comm: ncclComm_t, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
         let mut g = std::ptr::null_mut();
-        ep_ok!(nccl_ep::abi::group::ncclEpCreateGroup(&mut g, comm, cfg));
+        // SAFETY: writes one group to the live local `g`; `comm` is the caller's live
+        // communicator and `cfg` its live config.
+        ep_ok!(unsafe { nccl_ep::abi::group::ncclEpCreateGroup(&mut g, comm, cfg) });
         Ok(World {
             groups: vec![g],
             streams: vec![Stream::new(0)?],
@@ -143,6 +138,8 @@ impl Drop for World {
     fn drop(&mut self) {
         let _ = self.sync();
         for &g in &self.groups {
+            // SAFETY: each group came from the library and is destroyed once, here, after the
+            // streams were synchronised; the library checks a group against its live set.
             unsafe { ncclEpGroupDestroy(g) };
         }
     }
@@ -153,6 +150,9 @@ struct Handles(Vec<ncclEpHandle_t>);
 impl Drop for Handles {
     fn drop(&mut self) {
         for &h in &self.0 {
+            // SAFETY: each handle came from the library and is destroyed once, here (its group
+            // outlives it: `Handles` always drops before its `World`); the library checks a
+            // handle against its live set.
             unsafe { ncclEpHandleDestroy(h) };
         }
     }
@@ -220,15 +220,21 @@ fn create_handles(c: &HtCase, w: &World, rr: &mut [RankRouting]) -> Result<Handl
     for (r, x) in rr.iter_mut().enumerate() {
         let li = layout_info(x);
         let mut h = std::ptr::null_mut();
-        ep_ok!(ncclEpCreateHandle(
-            &mut h,
-            w.groups[r],
-            ncclEpLayout_t(c.layout.raw()),
-            x.topk.ptr(),
-            &li,
-            &hc,
-            w.streams[r].raw()
-        ));
+        // SAFETY: writes one handle to the live local `h`; `w.groups[r]` is a live group; `li`
+        // and `hc` are live locals; every descriptor (with its sizes) is boxed in `x` and its
+        // device buffer owned by `x`, which the caller keeps past the queued work; the stream is
+        // live.
+        ep_ok!(unsafe {
+            ncclEpCreateHandle(
+                &mut h,
+                w.groups[r],
+                ncclEpLayout_t(c.layout.raw()),
+                x.topk.ptr(),
+                &li,
+                &hc,
+                w.streams[r].raw(),
+            )
+        });
         hs.0.push(h);
     }
     Ok(hs)
@@ -337,7 +343,11 @@ fn dispatch_call(c: &HtCase, h: ncclEpHandle_t, o: &mut RankOp, s: &Stream, pass
     if let Some(t) = &mut o.out_w {
         out.topk_weights = t.ptr();
     }
-    ep_ok!(ncclEpDispatch(h, &inp, &out, &li, &cfg, s.raw()));
+    // SAFETY: the four structs are live locals and every tensor pointer a descriptor boxed in `o`
+    // with its sizes array, all read during the call; the device buffers they name belong to
+    // `o`, and freeing one (cuMemFree) waits for the device, so they outlive the queued work;
+    // `h` is the caller's live handle, `s` a live stream (the C contract of ncclEpDispatch).
+    ep_ok!(unsafe { ncclEpDispatch(h, &inp, &out, &li, &cfg, s.raw()) });
     Ok(())
 }
 
@@ -354,7 +364,10 @@ fn combine_call(h: ncclEpHandle_t, o: &mut RankOp, s: &Stream, pass: PassDir) ->
     if let Some(w) = &mut o.comb_w {
         out.topk_weights = w.ptr();
     }
-    ep_ok!(ncclEpCombine(h, &inp, &out, &cfg, s.raw()));
+    // SAFETY: as in `dispatch_call`: live local structs and descriptors in `o`, read during the
+    // call; device buffers of `o`, which outlive the queued work; `h` is the caller's live
+    // handle, `s` a live stream (the C contract of ncclEpCombine).
+    ep_ok!(unsafe { ncclEpCombine(h, &inp, &out, &cfg, s.raw()) });
     Ok(())
 }
 
@@ -842,6 +855,8 @@ fn ht_one_rank_on_nccl_communicator() {
     let mut r = routing_tensors(&c, &rt).unwrap();
     let li = layout_info(&mut r);
     let mut h = std::ptr::null_mut();
+    // SAFETY: writes one handle to the live local `h`; `w.groups[0]` is a live group; `li` and
+    // the config temporary live for the call; the descriptors and buffers belong to `r`.
     let rc = unsafe {
         ncclEpCreateHandle(
             &mut h,
@@ -866,6 +881,7 @@ fn ht_one_rank_on_nccl_communicator() {
     let rt = gen_routing(&mut SplitMix64::new(2), c.shape(), 64, Routing::Uniform);
     let mut r = routing_tensors(&c, &rt).unwrap();
     let li = layout_info(&mut r);
+    // SAFETY: as above, with the new `r` and `li`.
     let rc = unsafe {
         ncclEpCreateHandle(
             &mut h,
@@ -956,7 +972,10 @@ fn ht_stale_longer_then_shorter_routing() {
                 Some(hs) => {
                     for r in 0..4 {
                         let li = layout_info(&mut rr[r]);
-                        ep_ok!(ncclEpUpdateHandle(hs.0[r], rr[r].topk.ptr(), &li, w.streams[r].raw()));
+                        // SAFETY: a live handle of `hs`; `li` is a live local; the descriptors
+                        // and device buffers belong to `rr[r]`, kept past `w.sync()` below; the
+                        // stream is live.
+                        ep_ok!(unsafe { ncclEpUpdateHandle(hs.0[r], rr[r].topk.ptr(), &li, w.streams[r].raw()) });
                     }
                     None
                 }
@@ -1019,17 +1038,24 @@ fn ht_graph_replays() {
                 let st = w.streams[r].0;
                 let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
                 cu(
+                    // SAFETY: `st` is rank r's live stream of device 0, whose context is current.
                     unsafe { sys::cuStreamBeginCapture_v2(st, mode) },
                     "cuStreamBeginCapture",
                 )?;
                 let li = layout_info(&mut rr[r]);
-                ep_ok!(ncclEpUpdateHandle(hs.0[r], rr[r].topk.ptr(), &li, w.streams[r].raw()));
+                // SAFETY: a live handle of `hs`; `li` is a live local; the descriptors and device
+                // buffers belong to `rr[r]`, which outlives every replay of the graph; the stream
+                // is live.
+                ep_ok!(unsafe { ncclEpUpdateHandle(hs.0[r], rr[r].topk.ptr(), &li, w.streams[r].raw()) });
                 dispatch_call(&c, hs.0[r], &mut ops[r], &w.streams[r], PassDir::Forward)?;
                 combine_call(hs.0[r], &mut ops[r], &w.streams[r], PassDir::Forward)?;
                 let mut g = std::ptr::null_mut();
+                // SAFETY: ends the capture begun above on `st`; writes one graph to the local `g`.
                 cu(unsafe { sys::cuStreamEndCapture(st, &mut g) }, "cuStreamEndCapture")?;
                 let mut e = std::ptr::null_mut();
                 cu(
+                    // SAFETY: `g` is the graph just captured (checked above); writes one
+                    // executable graph to the local `e`.
                     unsafe { sys::cuGraphInstantiateWithFlags(&mut e, g, 0) },
                     "cuGraphInstantiate",
                 )?;
@@ -1065,6 +1091,9 @@ fn ht_graph_replays() {
                     }
                 }
                 for r in 0..4 {
+                    // SAFETY: `execs[r]` was instantiated above and is destroyed only after this
+                    // loop; the handles, routing and op buffers it uses live until the end of the
+                    // closure; `w.streams[r]` is live and the context current.
                     cu(unsafe { sys::cuGraphLaunch(execs[r], w.streams[r].0) }, "cuGraphLaunch")?;
                 }
                 w.sync()?;
@@ -1074,6 +1103,8 @@ fn ht_graph_replays() {
                 replays += 1;
             }
             for e in execs {
+                // SAFETY: each exec was instantiated above and is destroyed once, here, after
+                // `w.sync()` waited for its last replay.
                 unsafe { sys::cuGraphExecDestroy(e) };
             }
             Ok(replays)
@@ -1093,7 +1124,8 @@ fn ht_silent_rank_times_out() {
     use nccl_ep::abi::mask::{ncclEpErrorClear, ncclEpGetAsyncError};
     // The test's own timeout must win over a caller-wide NCCL_EP_TIMEOUT_MS (gpu_check.sh sets one).
     let saved = std::env::var("NCCL_EP_TIMEOUT_MS").ok();
-    // SAFETY: the GPU tests run with --test-threads=1; nothing else reads the environment now.
+    // SAFETY: every test of this binary holds the `require_gpu` lock for its whole run, so no
+    // other test thread reads or writes the environment now; the library starts no threads.
     unsafe { std::env::remove_var("NCCL_EP_TIMEOUT_MS") };
     let timeout_ms = 200.0;
     let c = HtCase {
@@ -1123,6 +1155,7 @@ fn ht_silent_rank_times_out() {
     let mut o = alloc_op(&c, &plan, 0, &inp, PassDir::Forward).unwrap();
     let mut err = -1;
     assert_eq!(
+        // SAFETY: `w.groups[0]` is a live group; writes one int to the live local `err`.
         unsafe { ncclEpGetAsyncError(w.groups[0], &mut err) },
         0,
         "{}",
@@ -1136,13 +1169,16 @@ fn ht_silent_rank_times_out() {
         .expect("the waiting rank's stream completes (no trap)");
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     assert_eq!(
+        // SAFETY: as above.
         unsafe { ncclEpGetAsyncError(w.groups[0], &mut err) },
         0,
         "{}",
         last_error()
     );
     assert_eq!(err, 1, "the async error flag is raised after the timeout");
+    // SAFETY: `w.groups[0]` is a live group; the call takes nothing else.
     assert_eq!(unsafe { ncclEpErrorClear(w.groups[0]) }, 0);
+    // SAFETY: as above; writes one int to the live local `err`.
     assert_eq!(unsafe { ncclEpGetAsyncError(w.groups[0], &mut err) }, 0);
     assert_eq!(err, 0, "ncclEpErrorClear clears the flag");
     assert!(

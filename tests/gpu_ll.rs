@@ -1,4 +1,4 @@
-#![allow(clippy::needless_range_loop, clippy::macro_metavars_in_unsafe)]
+#![allow(clippy::needless_range_loop)]
 //! Low-latency dispatch and combine on a real GPU, checked against the CPU reference: local
 //! groups of 1, 2, 4 and 8 ranks on one device, one rank on a real NCCL communicator, both
 //! layouts, several top-k, hidden sizes, token counts and routings, send_only, two handles
@@ -31,12 +31,9 @@ impl World {
     fn local_cfg(c: &Case, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
         let cfg = *cfg;
         let mut groups = vec![std::ptr::null_mut(); c.nranks];
-        ep_ok!(ncclEpxCreateLocalGroups(
-            groups.as_mut_ptr(),
-            c.nranks as i32,
-            std::ptr::null(),
-            &cfg
-        ));
+        // SAFETY: `groups` has `c.nranks` slots, one per group written; devices may be NULL
+        // (all on the current device); `cfg` is a live local config.
+        ep_ok!(unsafe { ncclEpxCreateLocalGroups(groups.as_mut_ptr(), c.nranks as i32, std::ptr::null(), &cfg) });
         let streams = (0..c.nranks).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
         Ok(World { groups, streams })
     }
@@ -49,6 +46,8 @@ impl Drop for World {
     fn drop(&mut self) {
         let _ = self.sync();
         for &g in &self.groups {
+            // SAFETY: each group came from the library and is destroyed once, here, after the
+            // streams were synchronised; the library checks a group against its live set.
             unsafe { ncclEpGroupDestroy(g) };
         }
     }
@@ -59,6 +58,9 @@ struct Handles(Vec<ncclEpHandle_t>);
 impl Drop for Handles {
     fn drop(&mut self) {
         for &h in &self.0 {
+            // SAFETY: each handle came from the library and is destroyed once, here (its group
+            // outlives it: `Handles` always drops before its `World`); the library checks a
+            // handle against its live set.
             unsafe { ncclEpHandleDestroy(h) };
         }
     }
@@ -68,15 +70,20 @@ fn create_handles(c: &Case, w: &World, bufs: &mut [RankBufs]) -> Result<Handles,
     let mut hs = Handles(Vec::new());
     for (r, b) in bufs.iter_mut().enumerate() {
         let mut h = std::ptr::null_mut();
-        ep_ok!(ncclEpCreateHandle(
-            &mut h,
-            w.groups[r],
-            ncclEpLayout_t(c.layout.raw()),
-            b.topk.ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-            w.streams[r].raw()
-        ));
+        // SAFETY: writes one handle to the live local `h`; `w.groups[r]` is a live group; the
+        // top-k descriptor (and its sizes) is boxed in `b` and its device buffer owned by `b`;
+        // config and layout info may be NULL; the stream is live.
+        ep_ok!(unsafe {
+            ncclEpCreateHandle(
+                &mut h,
+                w.groups[r],
+                ncclEpLayout_t(c.layout.raw()),
+                b.topk.ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                w.streams[r].raw(),
+            )
+        });
         hs.0.push(h);
     }
     Ok(hs)
@@ -295,13 +302,17 @@ fn ll_graph_replays() {
             for r in 0..4 {
                 let s = w.streams[r].0;
                 let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+                // SAFETY: `s` is rank r's live stream of device 0, whose context is current.
                 cu(unsafe { sys::cuStreamBeginCapture_v2(s, mode) }, "cuStreamBeginCapture")?;
                 dispatch(&c, hs.0[r], &mut bufs[r], &w.streams[r], false)?;
                 combine(&c, hs.0[r], &mut bufs[r], &w.streams[r], false)?;
                 let mut g = std::ptr::null_mut();
+                // SAFETY: ends the capture begun above on `s`; writes one graph to the local `g`.
                 cu(unsafe { sys::cuStreamEndCapture(s, &mut g) }, "cuStreamEndCapture")?;
                 let mut e = std::ptr::null_mut();
                 cu(
+                    // SAFETY: `g` is the graph just captured (checked above); writes one
+                    // executable graph to the local `e`.
                     unsafe { sys::cuGraphInstantiateWithFlags(&mut e, g, 0) },
                     "cuGraphInstantiate",
                 )?;
@@ -315,6 +326,9 @@ fn ll_graph_replays() {
                 }
                 let (xs, ws) = load_combine_inputs(&c, &world, &bufs, rng)?;
                 for r in 0..4 {
+                    // SAFETY: `execs[r]` was instantiated above and is never destroyed; it uses
+                    // `bufs`, `hs` and the groups, all alive until the end of this closure, and
+                    // `w.streams[r]` is live; the context is current.
                     cu(unsafe { sys::cuGraphLaunch(execs[r], w.streams[r].0) }, "cuGraphLaunch")?;
                 }
                 w.sync()?;
@@ -342,6 +356,8 @@ fn ll_one_rank_on_nccl_communicator() {
         c.hidden = 7168;
         let cfg = c.group_config();
         let mut g = std::ptr::null_mut();
+        // SAFETY: writes one group to the live local `g`; `comm` is the live one-rank
+        // communicator made above; `cfg` is a live local.
         let r = unsafe { nccl_ep::abi::group::ncclEpCreateGroup(&mut g, comm, &cfg) };
         assert_eq!(r, 0, "ncclEpCreateGroup: {}", last_error());
         let w = World {
@@ -372,7 +388,9 @@ fn ll_anchor_memory() {
     let free = || {
         let _g = nccl_ep::cuda::context::CtxGuard::enter(0).unwrap();
         let (mut f, mut t) = (0usize, 0usize);
+        // SAFETY: device 0's context is current (the guard above).
         unsafe { sys::cuCtxSynchronize() };
+        // SAFETY: as above; writes one usize to each of the live locals `f` and `t`.
         unsafe { sys::cuMemGetInfo_v2(&mut f, &mut t) };
         f
     };
@@ -386,6 +404,7 @@ fn ll_anchor_memory() {
         };
         let cfg = c.group_config();
         let mut planned = 0usize;
+        // SAFETY: `cfg` is a live local config; writes one size to the live local `planned`.
         let r = unsafe { nccl_ep::abi::ext::ncclEpxBufferSize(&cfg, 8, ncclEpLayout_t(layout.raw()), 8, &mut planned) };
         assert_eq!(r, 0, "{}", last_error());
         let before = free();
@@ -393,6 +412,8 @@ fn ll_anchor_memory() {
         let mut hs = Handles(Vec::new());
         for &g in &w.groups {
             let mut h = std::ptr::null_mut();
+            // SAFETY: writes one handle to the live local `h`; `g` is a live group of `w`;
+            // config and handle memory may be NULL.
             let r = unsafe {
                 ncclEpInitHandle(
                     &mut h,
@@ -455,15 +476,20 @@ fn ll_one_thread_per_rank() {
                         b.x.upload(&x)?;
                         b.comb_w.upload(&world.ranks[r].weights)?;
                         let mut h = std::ptr::null_mut();
-                        ep_ok!(ncclEpCreateHandle(
-                            &mut h,
-                            g as ncclEpGroup_t,
-                            ncclEpLayout_t(c.layout.raw()),
-                            b.topk.ptr(),
-                            std::ptr::null(),
-                            std::ptr::null(),
-                            s.raw()
-                        ));
+                        // SAFETY: writes one handle to the live local `h`; `g` is rank r's live
+                        // group (the world outlives the scope); the top-k descriptor and its
+                        // device buffer belong to `b`; config and layout info may be NULL.
+                        ep_ok!(unsafe {
+                            ncclEpCreateHandle(
+                                &mut h,
+                                g as ncclEpGroup_t,
+                                ncclEpLayout_t(c.layout.raw()),
+                                b.topk.ptr(),
+                                std::ptr::null(),
+                                std::ptr::null(),
+                                s.raw(),
+                            )
+                        });
                         let _hs = Handles(vec![h]);
                         dispatch(&c, h, &mut b, &s, false)?;
                         combine(&c, h, &mut b, &s, false)?;
@@ -561,6 +587,8 @@ fn mask_clean_all(w: &World) -> Vec<i32> {
             .iter()
             .zip(&ss)
             .map(|(&g, &s)| {
+                // SAFETY: `g` and `s` are one rank's live group and stream of `w`, which outlives
+                // the scope; the group lock serialises concurrent calls on one group.
                 sc.spawn(move || unsafe { nccl_ep::abi::mask::ncclEpMaskClean(g as ncclEpGroup_t, s as cudaStream_t) })
             })
             .collect();
@@ -645,7 +673,8 @@ fn ll_mask_silent_rank() {
             }
             check_combine_links(&c, &pr.world, &pr.bufs, &xs, &ws, &links, &others)?;
             for &r in &others {
-                ep_ok!(nccl_ep::abi::mask::ncclEpErrorClear(w.groups[r]));
+                // SAFETY: `w.groups[r]` is a live group; the call takes nothing else.
+                ep_ok!(unsafe { nccl_ep::abi::mask::ncclEpErrorClear(w.groups[r]) });
                 compare(
                     &format!("rank {r} async error after clear"),
                     &[async_error(w.groups[r])?],
@@ -919,7 +948,8 @@ fn fast_bf16(rng: &mut SplitMix64, n: usize) -> Vec<u16> {
 }
 
 fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: plain integer/float data.
+    // SAFETY: the bytes of `v`, a live slice, for as long as `v` is borrowed; the callers pass
+    // only u16/i32/f32 slices, which have no padding, so every byte is initialised.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
 }
 
@@ -1014,6 +1044,8 @@ impl Drop for StressWorld {
         let _ = self.w.sync();
         if let Some((_, _, execs)) = &self.graph {
             for &e in execs {
+                // SAFETY: each exec was instantiated by `stress_world` and is destroyed once,
+                // here, after the streams that ran it were synchronised.
                 unsafe { cudarc::driver::sys::cuGraphExecDestroy(e) };
             }
         }
@@ -1032,14 +1064,18 @@ fn stress_handle(base: &Case, w: &World, layout: Layout, topk: usize) -> Result<
     let mut bufs = Vec::new();
     for &g in &w.groups {
         let mut h = std::ptr::null_mut();
-        ep_ok!(ncclEpInitHandle(
-            &mut h,
-            g,
-            ncclEpLayout_t(layout.raw()),
-            std::ptr::null(),
-            topk as i32,
-            std::ptr::null()
-        ));
+        // SAFETY: writes one handle to the live local `h`; `g` is a live group of `w`; config
+        // and handle memory may be NULL.
+        ep_ok!(unsafe {
+            ncclEpInitHandle(
+                &mut h,
+                g,
+                ncclEpLayout_t(layout.raw()),
+                std::ptr::null(),
+                topk as i32,
+                std::ptr::null(),
+            )
+        });
         hs.0.push(h);
         bufs.push(alloc_rank(&cap, 0, base.max_tokens)?);
     }
@@ -1068,12 +1104,9 @@ fn stage_call(sw: &mut StressWorld, which: Option<usize>, case: Case, rng: &mut 
         xs.push(x);
         ws.push(wk);
         if which.is_some() {
-            ep_ok!(ncclEpUpdateHandle(
-                sh.hs.0[r],
-                b.topk.ptr(),
-                std::ptr::null(),
-                sw.w.streams[r].raw()
-            ));
+            // SAFETY: a live handle of `sh`; the top-k descriptor and its device buffer belong
+            // to `b` (in `sh`); layout info may be NULL; the stream is live.
+            ep_ok!(unsafe { ncclEpUpdateHandle(sh.hs.0[r], b.topk.ptr(), std::ptr::null(), sw.w.streams[r].raw()) });
         }
     }
     Ok(Call { case, world, xs, ws })
@@ -1239,12 +1272,16 @@ fn stress_world(nranks: usize, rng: &mut SplitMix64) -> Result<StressWorld, Stri
     sync_legacy()?;
     let (gh, _, _) = sw.graph.as_mut().unwrap();
     for r in 0..nranks {
-        ep_ok!(ncclEpUpdateHandle(
-            gh.hs.0[r],
-            gh.bufs[r].topk.ptr(),
-            std::ptr::null(),
-            sw.w.streams[r].raw()
-        ));
+        // SAFETY: a live handle of `gh`; the top-k descriptor and its device buffer belong to
+        // `gh.bufs[r]`; layout info may be NULL; the stream is live.
+        ep_ok!(unsafe {
+            ncclEpUpdateHandle(
+                gh.hs.0[r],
+                gh.bufs[r].topk.ptr(),
+                std::ptr::null(),
+                sw.w.streams[r].raw(),
+            )
+        });
     }
     // One plain round first (loads the kernels outside the capture), then the capture.
     for r in 0..nranks {
@@ -1265,16 +1302,21 @@ fn stress_world(nranks: usize, rng: &mut SplitMix64) -> Result<StressWorld, Stri
     for r in 0..nranks {
         let s = sw.w.streams[r].0;
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        // SAFETY: `s` is rank r's live stream of device 0, whose context is current.
         cu(unsafe { sys::cuStreamBeginCapture_v2(s, mode) }, "cuStreamBeginCapture")?;
         dispatch(&gcase, gh.hs.0[r], &mut gh.bufs[r], &sw.w.streams[r], false)?;
         combine(&gcase, gh.hs.0[r], &mut gh.bufs[r], &sw.w.streams[r], false)?;
         let mut g = std::ptr::null_mut();
+        // SAFETY: ends the capture begun above on `s`; writes one graph to the local `g`.
         cu(unsafe { sys::cuStreamEndCapture(s, &mut g) }, "cuStreamEndCapture")?;
         let mut e = std::ptr::null_mut();
         cu(
+            // SAFETY: `g` is the graph just captured (checked above); writes one executable
+            // graph to the local `e`.
             unsafe { sys::cuGraphInstantiateWithFlags(&mut e, g, 0) },
             "cuGraphInstantiate",
         )?;
+        // SAFETY: `g` is ours, destroyed once; the executable graph `e` does not depend on it.
         unsafe { sys::cuGraphDestroy(g) };
         execs.push(e);
     }
@@ -1342,6 +1384,8 @@ fn stress_round(sw: &mut StressWorld, rng: &mut SplitMix64, st: &mut StressStats
         let (gh, _, execs) = sw.graph.as_ref().unwrap();
         for r in 0..n {
             cu(
+                // SAFETY: `execs[r]` is live until `sw` drops; the handle, buffers and groups it
+                // uses live in `sw` too; `sw.w.streams[r]` is live.
                 unsafe { cudarc::driver::sys::cuGraphLaunch(execs[r], sw.w.streams[r].0) },
                 "cuGraphLaunch",
             )?;

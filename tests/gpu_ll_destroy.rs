@@ -1,4 +1,4 @@
-#![allow(clippy::needless_range_loop, clippy::macro_metavars_in_unsafe)]
+#![allow(clippy::needless_range_loop)]
 //! `ncclEpHandleDestroy` with a `send_only` operation pending, on a real GPU (local groups of
 //! 2 and 4 ranks, both layouts), checked against the CPU reference with poisoned outputs. The
 //! pending operation is keyed by the handle's id and dropped with the handle: before that, a
@@ -27,12 +27,9 @@ impl World {
     fn local(c: &Case) -> Result<World, String> {
         let cfg = c.group_config();
         let mut groups = vec![std::ptr::null_mut(); c.nranks];
-        ep_ok!(ncclEpxCreateLocalGroups(
-            groups.as_mut_ptr(),
-            c.nranks as i32,
-            std::ptr::null(),
-            &cfg
-        ));
+        // SAFETY: `groups` has `c.nranks` slots, one per group written; devices may be NULL
+        // (all on the current device); `cfg` is a live local config.
+        ep_ok!(unsafe { ncclEpxCreateLocalGroups(groups.as_mut_ptr(), c.nranks as i32, std::ptr::null(), &cfg) });
         let streams = (0..c.nranks).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
         Ok(World { groups, streams })
     }
@@ -45,6 +42,8 @@ impl Drop for World {
     fn drop(&mut self) {
         let _ = self.sync();
         for &g in &self.groups {
+            // SAFETY: each group came from the library and is destroyed once, here, after the
+            // streams were synchronised; the library checks a group against its live set.
             unsafe { ncclEpGroupDestroy(g) };
         }
     }
@@ -58,22 +57,29 @@ impl Handles {
         let mut hs = Handles(Vec::new());
         for (r, b) in bufs.iter_mut().enumerate() {
             let mut h = std::ptr::null_mut();
-            ep_ok!(ncclEpCreateHandle(
-                &mut h,
-                w.groups[r],
-                ncclEpLayout_t(c.layout.raw()),
-                b.topk.ptr(),
-                std::ptr::null(),
-                std::ptr::null(),
-                w.streams[r].raw()
-            ));
+            // SAFETY: writes one handle to the live local `h`; `w.groups[r]` is a live group;
+            // the top-k descriptor (and its sizes) is boxed in `b` and its device buffer owned
+            // by `b`; config and layout info may be NULL; the stream is live.
+            ep_ok!(unsafe {
+                ncclEpCreateHandle(
+                    &mut h,
+                    w.groups[r],
+                    ncclEpLayout_t(c.layout.raw()),
+                    b.topk.ptr(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                    w.streams[r].raw(),
+                )
+            });
             hs.0.push(h);
         }
         Ok(hs)
     }
     fn destroy(mut self) -> Result<(), String> {
         for h in std::mem::take(&mut self.0) {
-            ep_ok!(ncclEpHandleDestroy(h));
+            // SAFETY: a handle from `create`, taken out of `self`, so destroyed once (here, not
+            // again on drop); the library checks it against its live set.
+            ep_ok!(unsafe { ncclEpHandleDestroy(h) });
         }
         Ok(())
     }
@@ -82,6 +88,9 @@ impl Handles {
 impl Drop for Handles {
     fn drop(&mut self) {
         for &h in &self.0 {
+            // SAFETY: each handle came from `create` and is destroyed once, here (`destroy`
+            // empties the list when it does so itself); the library checks it against its live
+            // set.
             unsafe { ncclEpHandleDestroy(h) };
         }
     }

@@ -1,8 +1,4 @@
-#![allow(
-    clippy::needless_range_loop,
-    clippy::macro_metavars_in_unsafe,
-    clippy::too_many_arguments
-)]
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 //! Dispatch and combine on real NCCL communicators, checked against the CPU reference on every
 //! rank: one rank per GPU (issue 7), or several processes on one GPU (NCCL >= 2.30 with
 //! `NCCL_MULTI_RANK_GPU_ENABLE=1`; the processes time-slice the GPU, so this checks
@@ -168,13 +164,17 @@ struct Group(ncclEpGroup_t);
 impl Group {
     fn new(r: &Rank, cfg: &ncclEpGroupConfig_t) -> Result<Group, String> {
         let mut g = std::ptr::null_mut();
-        ep_ok!(ncclEpCreateGroup(&mut g, r.comm, cfg));
+        // SAFETY: writes one group to the live local `g`; `r.comm` is this rank's live
+        // communicator and `cfg` the caller's live config.
+        ep_ok!(unsafe { ncclEpCreateGroup(&mut g, r.comm, cfg) });
         Ok(Group(g))
     }
 
     /// `ncclEpGroupDestroy`, every handle of the group destroyed first.
     fn destroy(self) -> Result<(), String> {
-        ep_ok!(ncclEpGroupDestroy(self.0));
+        // SAFETY: `self.0` came from `Group::new`; `self` is consumed, so it is destroyed once;
+        // the library checks it against its live set.
+        ep_ok!(unsafe { ncclEpGroupDestroy(self.0) });
         Ok(())
     }
 }
@@ -183,21 +183,28 @@ struct Handle(ncclEpHandle_t);
 
 impl Drop for Handle {
     fn drop(&mut self) {
+        // SAFETY: `self.0` came from the library and is destroyed once, here; the library checks
+        // it against its live set (so a handle outliving its group gets an error, not a crash).
         unsafe { ncclEpHandleDestroy(self.0) };
     }
 }
 
 fn ll_handle(c: &Case, g: &Group, b: &mut RankBufs, s: &Stream) -> Result<Handle, String> {
     let mut h = std::ptr::null_mut();
-    ep_ok!(ncclEpCreateHandle(
-        &mut h,
-        g.0,
-        ncclEpLayout_t(c.layout.raw()),
-        b.topk.ptr(),
-        std::ptr::null(),
-        std::ptr::null(),
-        s.raw()
-    ));
+    // SAFETY: writes one handle to the live local `h`; `g.0` is live (`Group::destroy` takes the
+    // group by value); the top-k descriptor (and its sizes) is boxed in `b` and its device
+    // buffer owned by `b`; config and layout info may be NULL; the stream is live.
+    ep_ok!(unsafe {
+        ncclEpCreateHandle(
+            &mut h,
+            g.0,
+            ncclEpLayout_t(c.layout.raw()),
+            b.topk.ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            s.raw(),
+        )
+    });
     Ok(Handle(h))
 }
 
@@ -506,12 +513,14 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
         let _ctx = nccl_ep::cuda::context::CtxGuard::enter(r.device).map_err(|e| e.msg)?;
         let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
         cu(
+            // SAFETY: `s` is this rank's live stream on `r.device`, whose context is current.
             unsafe { sys::cuStreamBeginCapture_v2(s.0, mode) },
             "cuStreamBeginCapture",
         )?;
         let captured = dispatch(&c, h.0, &mut b, &s, false).and_then(|_| combine(&c, h.0, &mut b, &s, false));
         let mut graph = std::ptr::null_mut();
         let ended = cu(
+            // SAFETY: ends the capture begun above on `s`; writes one graph to the local `graph`.
             unsafe { sys::cuStreamEndCapture(s.0, &mut graph) },
             "cuStreamEndCapture",
         );
@@ -519,6 +528,8 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
         ended?;
         let mut exec = std::ptr::null_mut();
         cu(
+            // SAFETY: `graph` is the graph just captured (both checked above); writes one
+            // executable graph to the local `exec`.
             unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
             "cuGraphInstantiate",
         )?;
@@ -528,6 +539,8 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
                 load_inputs(&c, &b, &world.ranks[me])?;
                 let (xs, ws) = combine_inputs(&c, &world, &mut rng);
                 upload_combine_inputs(&b, me, &xs, &ws)?;
+                // SAFETY: `exec` is live until after `run`; the handle, buffers and group it uses
+                // outlive it too; `s` is live and its context current.
                 cu(unsafe { sys::cuGraphLaunch(exec, s.0) }, "cuGraphLaunch")?;
                 s.sync()?;
                 let all = LlLinks::all(r.world);
@@ -538,6 +551,9 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
             Ok(())
         };
         let res = run();
+        // SAFETY: `exec` and `graph` were made above and are destroyed once, here; every replay
+        // ended with `s.sync()` (or `run` failed before launching the next), and the driver lets
+        // queued launches finish before it releases an executable graph.
         unsafe {
             sys::cuGraphExecDestroy(exec);
             sys::cuGraphDestroy(graph);
@@ -666,6 +682,9 @@ fn ht_round(
     let mut hc: ncclEpHandleConfig_t = struct_default();
     hc.dispatch_output_per_expert_alignment = c.align;
     let mut hp = std::ptr::null_mut();
+    // SAFETY: writes one handle to the live local `hp`; `g.0` is a live group; `li` and `hc` are
+    // live locals; the descriptors and device buffers belong to `topk`, `counters`, `offsets` and
+    // `total`, which live past the `s.sync()` below; the stream is live.
     let rc = unsafe {
         ncclEpCreateHandle(
             &mut hp,
@@ -746,7 +765,10 @@ fn ht_round(
         ExpertIdKind::Local
     };
     dli.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
-    ep_ok!(ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()));
+    // SAFETY: the four structs are live locals and every tensor pointer a live descriptor of this
+    // function, read during the call; their device buffers live past the `s.sync()` below;
+    // `hd.0` is a live handle, `s` a live stream (the C contract of ncclEpDispatch).
+    ep_ok!(unsafe { ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()) });
     s.sync()?;
     let want = plan.dispatch(
         me,
@@ -783,7 +805,9 @@ fn ht_round(
     let ccfg: ncclEpCombineConfig_t = struct_default();
     ci.tokens = cx.ptr();
     co.tokens = cout.ptr();
-    ep_ok!(ncclEpCombine(hd.0, &ci, &co, &ccfg, s.raw()));
+    // SAFETY: as for the dispatch: live local structs and descriptors, buffers that live past
+    // the `s.sync()` below, a live handle and stream (the C contract of ncclEpCombine).
+    ep_ok!(unsafe { ncclEpCombine(hd.0, &ci, &co, &ccfg, s.raw()) });
     s.sync()?;
     let want_c = plan.combine(
         me,
@@ -947,6 +971,8 @@ fn fail_now(who: &str, e: &str) -> ! {
     // Peers wait for this rank on the GPU and in NCCL: ending the process lets them time out
     // (the groups' timeouts, EP_MULTI_TIMEOUT_S) instead of tearing down half-way here. _exit:
     // the teardown NCCL and CUDA do at exit could wait for those peers in turn.
+    // SAFETY: _exit takes any status and does not return; skipping destructors and exit
+    // handlers is the point, and the output is flushed above.
     unsafe { libc::_exit(1) };
 }
 
@@ -1015,6 +1041,7 @@ fn process_mode(nccl: &NcclLib, l: &Launch, opts: &Opts) -> bool {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
+        // SAFETY: as in `fail_now`: _exit ends the process without the teardown, on purpose.
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     } else if let Err(e) = nccl.destroy(comm, device) {
         println!("{who}: {e}");

@@ -1,7 +1,7 @@
 //! GPU test harness: device buffers, tensor descriptors, streams, and one low-latency round
 //! (dispatch then combine) on a set of groups, checked against the CPU reference.
 
-#![allow(dead_code, clippy::macro_metavars_in_unsafe)]
+#![allow(dead_code)]
 
 use cudarc::driver::sys;
 use ep_core::enums::{DType, ExpertIdKind, Layout, dtype};
@@ -58,11 +58,13 @@ pub fn last_error() -> String {
         .into_owned()
 }
 
-/// Fails with the library's message when a call does not return ncclSuccess.
+/// Fails with the library's message when a call does not return ncclSuccess. The argument is
+/// the call in the caller's own `unsafe { .. }` block, so that each call site carries the
+/// `// SAFETY:` comment for its own pointers.
 #[macro_export]
 macro_rules! ep_ok {
     ($call:expr) => {{
-        let r = unsafe { $call };
+        let r = $call;
         if r != 0 {
             return Err(format!(
                 "{} returned {}: {}",
@@ -117,6 +119,8 @@ impl Stream {
         let _g = CtxGuard::enter(device).map_err(|e| e.msg)?;
         let mut s: sys::CUstream = std::ptr::null_mut();
         cu(
+            // SAFETY: entering the context loaded the driver and made the device's primary
+            // context current; the call writes one handle to the live local `s`.
             unsafe { sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
             "cuStreamCreate",
         )?;
@@ -126,12 +130,16 @@ impl Stream {
         self.0.cast()
     }
     pub fn sync(&self) -> Result<(), String> {
+        // SAFETY: `self.0` was created by `Stream::new` and is destroyed only when `self` drops,
+        // so it is a valid stream for this call.
         memory::stream_synchronize(unsafe { memory::Stream::from_raw(self.0.cast()) }).map_err(|e| e.msg)
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
+        // SAFETY: `self.0` was created by `Stream::new` (which loaded the driver) and is destroyed
+        // only here, once; work still queued on it completes before the driver releases it.
         unsafe { sys::cuStreamDestroy_v2(self.0) };
     }
 }
@@ -176,6 +184,9 @@ impl DevTensor {
             return Ok(());
         }
         let _g = CtxGuard::enter(self.mem.device()).map_err(|e| e.msg)?;
+        // SAFETY: `v` holds exactly `self.bytes` bytes (asserted above) and the allocation holds
+        // at least that many (`new` allocates them, `reshape` never grows past it); its context
+        // is current.
         unsafe { memory::memcpy_htod(self.mem.ptr(), v) }.map_err(|e| e.msg)?;
         // From pageable memory cuMemcpyHtoD may return before its DMA lands, and the ranks'
         // streams are non-blocking: without this wait a late poison (or input) write can land
@@ -188,6 +199,10 @@ impl DevTensor {
         let mut v = vec![T::default(); n];
         if n > 0 {
             let _g = CtxGuard::enter(self.mem.device()).map_err(|e| e.msg)?;
+            // SAFETY: `v` has `self.bytes / size_of::<T>()` elements, no more than the allocation
+            // holds (`self.bytes` never exceeds it), in the context made current above; the
+            // tests read back only integers, floats and their bit newtypes, for which every bit
+            // pattern is a valid `T`.
             unsafe { memory::memcpy_dtoh(&mut v, self.mem.ptr()) }.map_err(|e| e.msg)?;
         }
         Ok(v)
@@ -205,6 +220,9 @@ impl DevTensor {
             return Ok(());
         }
         let _g = CtxGuard::enter(self.mem.device()).map_err(|e| e.msg)?;
+        // SAFETY: `self.bytes / 4` words lie within the allocation (`self.bytes` never exceeds
+        // it), whose context is current; the allocation outlives the queued fill, since dropping
+        // it (cuMemFree) waits for the device first.
         unsafe { memory::memset_d32_async(self.mem.ptr(), word, self.bytes / 4, memory::Stream::LEGACY_DEFAULT) }
             .map_err(|e| e.msg)
     }
@@ -394,7 +412,11 @@ pub fn dispatch(c: &Case, h: ncclEpHandle_t, b: &mut RankBufs, s: &Stream, send_
         li.src_rank_counters = b.counters.ptr();
         li.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
     }
-    ep_ok!(ncclEpDispatch(h, &inp, &out, &li, &cfg, s.raw()));
+    // SAFETY: the four structs are live locals and every tensor pointer a descriptor boxed in `b`
+    // with its sizes array, all read during the call; the device buffers they name belong to
+    // `b`, and freeing one (cuMemFree) waits for the device, so they outlive the queued work;
+    // `h` is the caller's live handle, `s` a live stream (the C contract of ncclEpDispatch).
+    ep_ok!(unsafe { ncclEpDispatch(h, &inp, &out, &li, &cfg, s.raw()) });
     Ok(())
 }
 
@@ -408,12 +430,16 @@ pub fn combine(c: &Case, h: ncclEpHandle_t, b: &mut RankBufs, s: &Stream, send_o
     if c.layout == Layout::ExpertMajor {
         out.topk_weights = b.comb_w.ptr();
     }
-    ep_ok!(ncclEpCombine(h, &inp, &out, &cfg, s.raw()));
+    // SAFETY: as in `dispatch`: live local structs and descriptors in `b`, read during the call;
+    // device buffers of `b`, which outlive the queued work; `h` is the caller's live handle, `s`
+    // a live stream (the C contract of ncclEpCombine).
+    ep_ok!(unsafe { ncclEpCombine(h, &inp, &out, &cfg, s.raw()) });
     Ok(())
 }
 
 pub fn complete(h: ncclEpHandle_t, s: &Stream) -> Result<(), String> {
-    ep_ok!(ncclEpComplete(h, std::ptr::null(), s.raw()));
+    // SAFETY: `h` is the caller's live handle, the config may be NULL, `s` is a live stream.
+    ep_ok!(unsafe { ncclEpComplete(h, std::ptr::null(), s.raw()) });
     Ok(())
 }
 
@@ -618,21 +644,27 @@ pub fn mask_of(g: ncclEpGroup_t, nranks: usize, s: &Stream) -> Result<Vec<i32>, 
 pub fn mask_of_on(device: i32, g: ncclEpGroup_t, nranks: usize, s: &Stream) -> Result<Vec<i32>, String> {
     let t = DevTensor::new(device, dtype::INT32, &[nranks])?;
     t.fill(-1i32)?;
-    ep_ok!(nccl_ep::abi::mask::ncclEpMaskQuery(g, t.mem.ptr() as *mut i32, s.raw()));
+    // SAFETY: `g` is the caller's live group on `device` and `nranks` its rank count (every
+    // caller passes its world size); `t` holds that many device ints, what the query writes, and
+    // lives past `s.sync()` below, which waits for the write.
+    ep_ok!(unsafe { nccl_ep::abi::mask::ncclEpMaskQuery(g, t.mem.ptr() as *mut i32, s.raw()) });
     s.sync()?;
     t.download::<i32>()
 }
 
 /// `ncclEpMaskUpdate` of one rank from a host array (waits for `s`).
 pub fn set_mask(g: ncclEpGroup_t, mask: &[i32], s: &Stream) -> Result<(), String> {
-    ep_ok!(nccl_ep::abi::mask::ncclEpMaskUpdate(g, mask.as_ptr(), s.raw()));
+    // SAFETY: `g` is the caller's live group; `mask` is a host array of one int per rank of it
+    // (every caller builds it for its world size), read during the call; `s` is a live stream.
+    ep_ok!(unsafe { nccl_ep::abi::mask::ncclEpMaskUpdate(g, mask.as_ptr(), s.raw()) });
     s.sync()
 }
 
 /// `ncclEpGetAsyncError` of one rank.
 pub fn async_error(g: ncclEpGroup_t) -> Result<i32, String> {
     let mut e = -1;
-    ep_ok!(nccl_ep::abi::mask::ncclEpGetAsyncError(g, &mut e));
+    // SAFETY: `g` is the caller's live group; the call writes one int to the live local `e`.
+    ep_ok!(unsafe { nccl_ep::abi::mask::ncclEpGetAsyncError(g, &mut e) });
     Ok(e)
 }
 
@@ -644,20 +676,30 @@ pub fn nccl_one_rank_comm() -> Result<ncclComm_t, String> {
     type GetId = unsafe extern "C" fn(*mut UniqueId) -> i32;
     type InitRank = unsafe extern "C" fn(*mut ncclComm_t, i32, UniqueId, i32) -> i32;
     let name = std::ffi::CString::new("libnccl.so.2").unwrap();
+    // SAFETY: `name` is a NUL-terminated string alive for the call.
     let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
     if h.is_null() {
         return Err("libnccl.so.2 not found".into());
     }
+    // SAFETY: `h` is a live handle (never closed; checked non-NULL above) and the temporary
+    // CString lives until the end of the call.
     let sym = |n: &str| unsafe { libc::dlsym(h, std::ffi::CString::new(n).unwrap().as_ptr()) };
     let (gid, init) = (sym("ncclGetUniqueId"), sym("ncclCommInitRank"));
     if gid.is_null() || init.is_null() {
         return Err("NCCL symbols missing".into());
     }
+    // SAFETY: both symbols are non-NULL (checked above) and these are their nccl.h prototypes:
+    // `ncclGetUniqueId(ncclUniqueId*)` and `ncclCommInitRank(ncclComm_t*, int, ncclUniqueId,
+    // int)`, returning the int-sized `ncclResult_t`; `UniqueId` is the 128-byte C struct.
     let gid = unsafe { std::mem::transmute::<*mut libc::c_void, GetId>(gid) };
+    // SAFETY: as above.
     let init = unsafe { std::mem::transmute::<*mut libc::c_void, InitRank>(init) };
     let mut id = UniqueId([0u8; 128]);
     let _g = nccl_ep::cuda::context::CtxGuard::enter(0).map_err(|e| e.msg)?;
     let mut comm = std::ptr::null_mut();
+    // SAFETY: the library is never closed, so both functions stay loaded; `gid` writes 128 bytes
+    // to the live local `id`, `init` one handle to the live local `comm` (a 1-rank world, rank
+    // 0, on device 0, whose context is current).
     unsafe {
         if gid(&mut id) != 0 || init(&mut comm, 1, id, 0) != 0 {
             return Err("ncclCommInitRank failed".into());

@@ -195,7 +195,9 @@ type AllReduceFn =
 type ErrStrFn = unsafe extern "C" fn(c_int) -> *const c_char;
 type GetVersionFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 
-/// The NCCL host functions the multi-GPU tests call.
+/// The NCCL host functions the multi-GPU tests call. Send and Sync by itself (a String, an int
+/// and function pointers), as the threads mode needs; the function pointers stay valid because
+/// the library is never closed.
 pub struct NcclLib {
     pub path: String,
     pub version: i32,
@@ -207,10 +209,6 @@ pub struct NcclLib {
     error_string: ErrStrFn,
 }
 
-// SAFETY: plain function pointers into a library that is never closed.
-unsafe impl Send for NcclLib {}
-unsafe impl Sync for NcclLib {}
-
 const NCCL_INT64: c_int = 4;
 const NCCL_SUM: c_int = 0;
 
@@ -220,21 +218,24 @@ impl NcclLib {
     pub fn open() -> Result<NcclLib, String> {
         let path = std::env::var("EP_NCCL_LIB").unwrap_or_else(|_| "libnccl.so.2".into());
         let c = CString::new(path.clone()).map_err(|_| "EP_NCCL_LIB has a NUL byte".to_string())?;
-        // SAFETY: plain dlopen.
+        // SAFETY: `c` is a NUL-terminated string alive for the call.
         let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
         if h.is_null() {
-            // SAFETY: dlerror returns NULL or a C string.
+            // SAFETY: dlerror takes no arguments; it returns NULL or a C string.
             let why = unsafe { libc::dlerror() };
             let why = if why.is_null() {
                 String::new()
             } else {
+                // SAFETY: non-NULL, so a NUL-terminated string from dlerror, valid until the next
+                // dl* call on this thread; it is copied out at once.
                 unsafe { CStr::from_ptr(why) }.to_string_lossy().into_owned()
             };
             return Err(format!("{path} not found ({why})"));
         }
         let sym = |n: &str| -> Result<*mut c_void, String> {
             let cn = CString::new(n).unwrap();
-            // SAFETY: dlsym on a live handle.
+            // SAFETY: `h` is a live handle (non-NULL, never closed); `cn` is a NUL-terminated
+            // string alive for the call.
             let p = unsafe { libc::dlsym(h, cn.as_ptr()) };
             if p.is_null() {
                 Err(format!("{path} has no {n}"))
@@ -242,7 +243,10 @@ impl NcclLib {
                 Ok(p)
             }
         };
-        // SAFETY: each symbol gets its nccl.h prototype.
+        // SAFETY: every symbol is non-NULL (`sym` checks) and gets its nccl.h prototype
+        // (`ncclResult_t` and `ncclDataType_t`/`ncclRedOp_t` are int-sized C enums, `UniqueId`
+        // the 128-byte C struct); the library is never closed, so the pointers stay valid;
+        // `ncclGetVersion` writes one int to the live local `version`.
         unsafe {
             let get_version: GetVersionFn = std::mem::transmute(sym("ncclGetVersion")?);
             let mut version = 0;
@@ -264,14 +268,15 @@ impl NcclLib {
         if r == 0 {
             return Ok(());
         }
-        // SAFETY: ncclGetErrorString returns a static string.
+        // SAFETY: `error_string` is ncclGetErrorString, which takes any code and returns a static
+        // NUL-terminated string.
         let text = unsafe { CStr::from_ptr((self.error_string)(r)) }.to_string_lossy();
         Err(format!("{what} failed: NCCL error {r} ({text})"))
     }
 
     pub fn unique_id(&self) -> Result<UniqueId, String> {
         let mut id = UniqueId([0; 128]);
-        // SAFETY: writes 128 bytes.
+        // SAFETY: ncclGetUniqueId writes one 128-byte ncclUniqueId to the live local `id`.
         self.check("ncclGetUniqueId", unsafe { (self.get_unique_id)(&mut id) })?;
         Ok(id)
     }
@@ -280,7 +285,8 @@ impl NcclLib {
     pub fn init_rank(&self, world: usize, id: UniqueId, rank: usize, device: i32) -> Result<ncclComm_t, String> {
         let _g = nccl_ep::cuda::context::CtxGuard::enter(device).map_err(|e| e.msg)?;
         let mut comm = std::ptr::null_mut();
-        // SAFETY: plain call; comm is an out-pointer.
+        // SAFETY: ncclCommInitRank takes the id by value and writes one handle to the live local
+        // `comm`; `device`'s context is current (the guard above).
         self.check("ncclCommInitRank", unsafe {
             (self.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int)
         })?;
@@ -291,7 +297,8 @@ impl NcclLib {
     pub fn init_all(&self, n: usize) -> Result<Vec<ncclComm_t>, String> {
         let devs: Vec<c_int> = (0..n as c_int).collect();
         let mut comms = vec![std::ptr::null_mut(); n];
-        // SAFETY: comms has n slots, devs n entries.
+        // SAFETY: ncclCommInitAll writes `n` handles to `comms` (n slots) and reads `n` device
+        // numbers from `devs` (n entries); both live for the call.
         self.check("ncclCommInitAll", unsafe {
             (self.comm_init_all)(comms.as_mut_ptr(), n as c_int, devs.as_ptr())
         })?;
@@ -300,7 +307,8 @@ impl NcclLib {
 
     pub fn destroy(&self, comm: ncclComm_t, device: i32) -> Result<(), String> {
         let _g = nccl_ep::cuda::context::CtxGuard::enter(device).map_err(|e| e.msg)?;
-        // SAFETY: a live communicator, destroyed once.
+        // SAFETY: `comm` is the caller's live communicator, destroyed once (by this call); its
+        // device's context is current (the guard above).
         self.check("ncclCommDestroy", unsafe { (self.comm_destroy)(comm) })
     }
 
@@ -314,11 +322,15 @@ impl NcclLib {
         let mut out = vec![0i64; v.len()];
         let mut s: sys::CUstream = std::ptr::null_mut();
         let flags = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
-        // SAFETY: plain stream creation.
+        // SAFETY: entering the context loaded the driver and made `device`'s context current;
+        // the call writes one handle to the live local `s`.
         if unsafe { sys::cuStreamCreate(&mut s, flags) } != sys::CUresult::CUDA_SUCCESS {
             return Err("cuStreamCreate failed".into());
         }
-        // SAFETY: buf holds v.len() i64; the stream is synchronised before the copy back.
+        // SAFETY: `buf` holds `v.len()` i64 (at least 8 bytes), the extent of both copies and of
+        // the in-place all-reduce; `s` is the stream created above and `comm` the caller's live
+        // communicator on this device, whose context is current; the stream is synchronised
+        // before the copy back, and `buf` outlives it.
         let res = unsafe {
             memory::memcpy_htod(buf.ptr(), v).map_err(|e| e.msg).and_then(|_| {
                 self.check(
@@ -337,7 +349,8 @@ impl NcclLib {
                 memory::memcpy_dtoh(&mut out, buf.ptr()).map_err(|e| e.msg)
             })
         };
-        // SAFETY: the stream is idle (synchronised) or unused.
+        // SAFETY: `s` was created above and is destroyed once, here; the driver lets queued work
+        // finish before it releases the stream.
         unsafe { sys::cuStreamDestroy_v2(s) };
         res.map(|_| out)
     }

@@ -16,14 +16,18 @@ struct Routed {
 
 fn routed(r: &Rank, g: &Group, case: Case) -> Result<Routed, String> {
     let mut h = std::ptr::null_mut();
-    ep_ok!(ncclEpInitHandle(
-        &mut h,
-        g.0,
-        ncclEpLayout_t(case.layout.raw()),
-        std::ptr::null(),
-        case.topk as i32,
-        std::ptr::null()
-    ));
+    // SAFETY: writes one handle to the live local `h`; `g.0` is live (`Group::destroy` takes the
+    // group by value); config and handle memory may be NULL.
+    ep_ok!(unsafe {
+        ncclEpInitHandle(
+            &mut h,
+            g.0,
+            ncclEpLayout_t(case.layout.raw()),
+            std::ptr::null(),
+            case.topk as i32,
+            std::ptr::null(),
+        )
+    });
     let h = Handle(h);
     let b = alloc_rank(&case, r.device, case.max_tokens)?;
     Ok(Routed { case, h, b })
@@ -42,7 +46,9 @@ fn stage(r: &Rank, rt: &mut Routed, s: &Stream, rng: &mut SplitMix64) -> Result<
     let me = r.rank;
     reshape_rank(&rt.case, &mut rt.b, world.ranks[me].num_tokens);
     load_inputs(&rt.case, &rt.b, &world.ranks[me])?;
-    ep_ok!(ncclEpUpdateHandle(rt.h.0, rt.b.topk.ptr(), std::ptr::null(), s.raw()));
+    // SAFETY: `rt.h` is a live handle; the top-k descriptor and its device buffer belong to
+    // `rt.b`; layout info may be NULL; `s` is a live stream.
+    ep_ok!(unsafe { ncclEpUpdateHandle(rt.h.0, rt.b.topk.ptr(), std::ptr::null(), s.raw()) });
     let (xs, ws) = combine_inputs(&rt.case, &world, rng);
     Ok(Staged { world, xs, ws })
 }

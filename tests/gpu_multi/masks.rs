@@ -126,7 +126,8 @@ fn pair_without(
     }
     let links = LlLinks::without(n, &[absent]);
     bad.extend(check_dispatch_rank(c, &world, me, &b, &links)?);
-    ep_ok!(ncclEpErrorClear(g.0));
+    // SAFETY: `g.0` is live (`Group::destroy` takes the group by value); nothing else is passed.
+    ep_ok!(unsafe { ncclEpErrorClear(g.0) });
     if async_error_of(g)? != 0 {
         bad.push("the async error flag is still raised after ncclEpErrorClear".into());
     }
@@ -196,6 +197,7 @@ pub fn ll_mask_silent(r: &Rank, t: &mut Tally) -> Result<(), String> {
         r.barrier()?;
         // Every rank, the silent one included, cleans; then all of them are exact again.
         let t0 = Instant::now();
+        // SAFETY: `g.0` is live (destroyed only below) and `s` a live stream of its device.
         let rc = unsafe { ncclEpMaskClean(g.0, s.raw()) };
         let mut bad = Vec::new();
         if rc != 0 {
@@ -255,6 +257,7 @@ pub fn ll_mask_kill(r: &Rank, t: &mut Tally) -> Result<(), String> {
         println!("{}: KILLING ITSELF (SIGKILL) before its dispatch, as planned", r.who);
         let _ = std::io::stdout().flush();
         std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: raise takes a signal number; SIGKILL ends this process at once, as planned.
         unsafe { libc::raise(libc::SIGKILL) };
         unreachable!("SIGKILL returned");
     }
