@@ -41,11 +41,13 @@ struct EpState {
 };
 static_assert(sizeof(EpState) == 64, "EpState: size of src/runtime/ll_params.rs");
 static_assert(alignof(EpState) == 4, "EpState: alignment of src/runtime/ll_params.rs");
+#ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(EpState, epoch) == 0 && sizeof(((EpState*)0)->epoch) == 4, "EpState.epoch: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(EpState, done) == 4 && sizeof(((EpState*)0)->done) == 4, "EpState.done: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(EpState, sent_done) == 8 && sizeof(((EpState*)0)->sent_done) == 4, "EpState.sent_done: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(EpState, trapping) == 12 && sizeof(((EpState*)0)->trapping) == 4, "EpState.trapping: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(EpState, pad) == 16 && sizeof(((EpState*)0)->pad) == 48, "EpState.pad: offset and size in src/runtime/ll_params.rs");
+#endif
 
 // src/runtime/ll_params.rs
 struct LlParams {
@@ -115,6 +117,7 @@ struct LlParams {
 };
 static_assert(sizeof(LlParams) == 728, "LlParams: size of src/runtime/ll_params.rs");
 static_assert(alignof(LlParams) == 8, "LlParams: alignment of src/runtime/ll_params.rs");
+#ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(LlParams, peers) == 0 && sizeof(((LlParams*)0)->peers) == 512, "LlParams.peers: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, bank_stride) == 512 && sizeof(((LlParams*)0)->bank_stride) == 8, "LlParams.bank_stride: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, off_dflag) == 520 && sizeof(((LlParams*)0)->off_dflag) == 8, "LlParams.off_dflag: offset and size in src/runtime/ll_params.rs");
@@ -150,6 +153,7 @@ static_assert(__builtin_offsetof(LlParams, phases) == 712 && sizeof(((LlParams*)
 static_assert(__builtin_offsetof(LlParams, recv_global) == 716 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, clean_seq) == 720 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, pad0) == 724 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
+#endif
 
 // src/runtime/ht_params.rs
 struct HtParams {
@@ -227,6 +231,7 @@ struct HtParams {
 };
 static_assert(sizeof(HtParams) == 784, "HtParams: size of src/runtime/ht_params.rs");
 static_assert(alignof(HtParams) == 8, "HtParams: alignment of src/runtime/ht_params.rs");
+#ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(HtParams, peers) == 0 && sizeof(((HtParams*)0)->peers) == 512, "HtParams.peers: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, state) == 512 && sizeof(((HtParams*)0)->state) == 8, "HtParams.state: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, err) == 520 && sizeof(((HtParams*)0)->err) == 8, "HtParams.err: offset and size in src/runtime/ht_params.rs");
@@ -271,6 +276,7 @@ static_assert(__builtin_offsetof(HtParams, tot64) == 768 && sizeof(((HtParams*)0
 static_assert(__builtin_offsetof(HtParams, recv_global) == 772 && sizeof(((HtParams*)0)->recv_global) == 4, "HtParams.recv_global: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, staged) == 776 && sizeof(((HtParams*)0)->staged) == 4, "HtParams.staged: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, pad) == 780 && sizeof(((HtParams*)0)->pad) == 4, "HtParams.pad: offset and size in src/runtime/ht_params.rs");
+#endif
 
 // src/runtime/ht_params.rs
 struct HtHdr {
@@ -294,6 +300,7 @@ struct HtHdr {
 };
 static_assert(sizeof(HtHdr) == 256, "HtHdr: 256 bytes, the 40 of src/runtime/ht_params.rs padded");
 static_assert(alignof(HtHdr) == 8, "HtHdr: alignment of src/runtime/ht_params.rs");
+#ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(HtHdr, count) == 0 && sizeof(((HtHdr*)0)->count) == 4, "HtHdr.count: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtHdr, total) == 4 && sizeof(((HtHdr*)0)->total) == 4, "HtHdr.total: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtHdr, rows) == 8 && sizeof(((HtHdr*)0)->rows) == 4, "HtHdr.rows: offset and size in src/runtime/ht_params.rs");
@@ -303,3 +310,4 @@ static_assert(__builtin_offsetof(HtHdr, overflow_total) == 20 && sizeof(((HtHdr*
 static_assert(__builtin_offsetof(HtHdr, bad_rank) == 24 && sizeof(((HtHdr*)0)->bad_rank) == 4, "HtHdr.bad_rank: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtHdr, bad_code) == 28 && sizeof(((HtHdr*)0)->bad_code) == 4, "HtHdr.bad_code: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtHdr, bad_value) == 32 && sizeof(((HtHdr*)0)->bad_value) == 8, "HtHdr.bad_value: offset and size in src/runtime/ht_params.rs");
+#endif

@@ -83,12 +83,19 @@ fn have_nvrtc() -> bool {
     }
 }
 
-fn compile(header: &str) -> Result<(), String> {
+/// `layout_checks`: also the field-offset asserts (EP_LAYOUT_CHECKS; they need an NVRTC with
+/// `__builtin_offsetof`, 13.5 has it, 13.0 does not).
+fn compile(header: &str, layout_checks: bool) -> Result<(), String> {
     let src = format!(
         "{}\n{header}\nextern \"C\" __global__ void ep_params_probe(const LlParams a, const HtParams b, u64* o) {{ o[0] = a.peers[1] + b.bwd_off; }}\n",
         include_str!("../kernels/ep_device.cuh")
     );
-    let opts = jit::build_options(&jit::arch_for_cc(9, 0), &jit::Defines::new()).unwrap();
+    let defines = if layout_checks {
+        jit::Defines::new().set("EP_LAYOUT_CHECKS", 1)
+    } else {
+        jit::Defines::new()
+    };
+    let opts = jit::build_options(&jit::arch_for_cc(9, 0), &defines).unwrap();
     nvrtc::compile_to_cubin(&src, "ep_params_probe.cu", &opts)
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -100,14 +107,16 @@ fn the_layout_asserts_hold_in_nvrtc_and_catch_a_swap() {
         return;
     }
     let h = c_header();
-    compile(&h).expect("the generated header compiles");
+    compile(&h, false).expect("the generated header compiles as the kernels include it");
+    compile(&h, true).expect("the generated header compiles with its field-offset asserts");
     // Swap two fields of equal size (the declarations only): their offsets no longer match.
     let swapped = h
         .replacen("  u64 off_ecount;\n", "  u64 @;\n", 1)
         .replacen("  u64 off_cflag;\n", "  u64 off_ecount;\n", 1)
         .replacen("  u64 @;\n", "  u64 off_cflag;\n", 1);
     assert_ne!(swapped, h);
-    let e = compile(&swapped).expect_err("a swapped field must not compile");
+    compile(&swapped, false).expect("without the offset asserts only sizes are checked");
+    let e = compile(&swapped, true).expect_err("a swapped field must not compile");
     assert!(
         e.contains("LlParams.off_ecount") && e.contains("LlParams.off_cflag"),
         "{e}"

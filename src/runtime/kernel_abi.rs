@@ -128,6 +128,10 @@ pub fn emit_struct<T: CStruct>(out: &mut String, pad_to: Option<usize>) {
         "static_assert(alignof({name}) == {align}, \"{name}: alignment of {file}\");"
     )
     .unwrap();
+    // Field offsets need `__builtin_offsetof`, which NVRTC 13.0 does not have (an H200 with
+    // CUDA 13.0 refused every kernel over it) and 13.5 has: the kernels compile them only under
+    // EP_LAYOUT_CHECKS, which tests/kernel_params.rs sets (sizes and alignment are always checked).
+    writeln!(out, "#ifdef EP_LAYOUT_CHECKS").unwrap();
     for f in T::FIELDS {
         writeln!(
             out,
@@ -136,5 +140,6 @@ pub fn emit_struct<T: CStruct>(out: &mut String, pad_to: Option<usize>) {
         )
         .unwrap();
     }
+    writeln!(out, "#endif").unwrap();
     out.push('\n');
 }
