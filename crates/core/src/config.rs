@@ -216,12 +216,13 @@ mod tests {
     use super::*;
 
     fn ll() -> GroupConfig {
-        let mut c = GroupConfig::default();
-        c.algorithm = 0;
-        c.num_experts = 256;
-        c.max_dispatch_tokens_per_rank = 128;
-        c.max_token_bytes = 14336;
-        c
+        GroupConfig {
+            algorithm: 0,
+            num_experts: 256,
+            max_dispatch_tokens_per_rank: 128,
+            max_token_bytes: 14336,
+            ..Default::default()
+        }
     }
 
     fn err(c: &GroupConfig, n: u32) -> (i32, String) {
