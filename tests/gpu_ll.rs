@@ -9,85 +9,15 @@
 
 #[path = "gpu/harness.rs"]
 mod harness;
+#[path = "gpu/ll_world.rs"]
+mod ll_world;
 
 use ep_core::enums::Layout;
 use ep_reference::ll::{Fp16, Fp32, Routing, SplitMix64};
 use harness::*;
-use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
-use nccl_ep::abi::group::ncclEpGroupDestroy;
-use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
+use ll_world::{Handles, World};
+use nccl_ep::abi::handle::ncclEpCreateHandle;
 use nccl_ep::abi::types::*;
-
-/// Groups and streams of one local world, destroyed in order.
-struct World {
-    groups: Vec<ncclEpGroup_t>,
-    streams: Vec<Stream>,
-}
-
-impl World {
-    fn local(c: &Case) -> Result<World, String> {
-        World::local_cfg(c, &c.group_config())
-    }
-    fn local_cfg(c: &Case, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
-        let cfg = *cfg;
-        let mut groups = vec![std::ptr::null_mut(); c.nranks];
-        // SAFETY: `groups` has `c.nranks` slots, one per group written; devices may be NULL
-        // (all on the current device); `cfg` is a live local config.
-        ep_ok!(unsafe { ncclEpxCreateLocalGroups(groups.as_mut_ptr(), c.nranks as i32, std::ptr::null(), &cfg) });
-        let streams = (0..c.nranks).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
-        Ok(World { groups, streams })
-    }
-    fn sync(&self) -> Result<(), String> {
-        self.streams.iter().try_for_each(|s| s.sync())
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = self.sync();
-        for &g in &self.groups {
-            // SAFETY: each group came from the library and is destroyed once, here, after the
-            // streams were synchronised; the library checks a group against its live set.
-            unsafe { ncclEpGroupDestroy(g) };
-        }
-    }
-}
-
-struct Handles(Vec<ncclEpHandle_t>);
-
-impl Drop for Handles {
-    fn drop(&mut self) {
-        for &h in &self.0 {
-            // SAFETY: each handle came from the library and is destroyed once, here (its group
-            // outlives it: `Handles` always drops before its `World`); the library checks a
-            // handle against its live set.
-            unsafe { ncclEpHandleDestroy(h) };
-        }
-    }
-}
-
-fn create_handles(c: &Case, w: &World, bufs: &mut [RankBufs]) -> Result<Handles, String> {
-    let mut hs = Handles(Vec::new());
-    for (r, b) in bufs.iter_mut().enumerate() {
-        let mut h = std::ptr::null_mut();
-        // SAFETY: writes one handle to the live local `h`; `w.groups[r]` is a live group; the
-        // top-k descriptor (and its sizes) is boxed in `b` and its device buffer owned by `b`;
-        // config and layout info may be NULL; the stream is live.
-        ep_ok!(unsafe {
-            ncclEpCreateHandle(
-                &mut h,
-                w.groups[r],
-                ncclEpLayout_t(c.layout.raw()),
-                b.topk.ptr(),
-                std::ptr::null(),
-                std::ptr::null(),
-                w.streams[r].raw(),
-            )
-        });
-        hs.0.push(h);
-    }
-    Ok(hs)
-}
 
 /// One full round on an existing world: inputs, handles, dispatch, check, combine, check.
 fn round(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<(), String> {
@@ -105,7 +35,7 @@ fn round_of<T: TestToken>(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<(
     for (b, inp) in bufs.iter().zip(&world.ranks) {
         load_inputs(c, b, inp)?;
     }
-    let hs = create_handles(c, w, &mut bufs)?;
+    let hs = Handles::create(c, w, &mut bufs)?;
     for r in 0..c.nranks {
         dispatch(c, hs.0[r], &mut bufs[r], &w.streams[r], c.send_only)?;
     }
@@ -237,8 +167,8 @@ fn ll_two_handles_interleaved() {
                 load_inputs(&a, &ba[r], &wa.ranks[r])?;
                 load_inputs(&b, &bb[r], &wb.ranks[r])?;
             }
-            let ha = create_handles(&a, &w, &mut ba)?;
-            let hb = create_handles(&b, &w, &mut bb)?;
+            let ha = Handles::create(&a, &w, &mut ba)?;
+            let hb = Handles::create(&b, &w, &mut bb)?;
             for r in 0..4 {
                 dispatch(&a, ha.0[r], &mut ba[r], &w.streams[r], false)?;
             }
@@ -287,7 +217,7 @@ fn ll_graph_replays() {
             for (b, inp) in bufs.iter().zip(&first.ranks) {
                 load_inputs(&c, b, inp)?;
             }
-            let hs = create_handles(&c, &w, &mut bufs)?;
+            let hs = Handles::create(&c, &w, &mut bufs)?;
             // One plain round first: compiles and loads the kernels outside the capture.
             for r in 0..4 {
                 dispatch(&c, hs.0[r], &mut bufs[r], &w.streams[r], false)?;
@@ -573,7 +503,7 @@ fn prepare(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<Pair, String> {
     for (b, inp) in bufs.iter().zip(&world.ranks) {
         load_inputs(c, b, inp)?;
     }
-    let hs = create_handles(c, w, &mut bufs)?;
+    let hs = Handles::create(c, w, &mut bufs)?;
     Ok(Pair { world, bufs, hs })
 }
 

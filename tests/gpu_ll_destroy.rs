@@ -8,93 +8,13 @@
 
 #[path = "gpu/harness.rs"]
 mod harness;
+#[path = "gpu/ll_world.rs"]
+mod ll_world;
 
 use ep_core::enums::Layout;
 use ep_reference::ll::{LlWorld, Routing, SplitMix64};
 use harness::*;
-use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
-use nccl_ep::abi::group::ncclEpGroupDestroy;
-use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
-use nccl_ep::abi::types::*;
-
-/// Groups and streams of one local world, destroyed in order.
-struct World {
-    groups: Vec<ncclEpGroup_t>,
-    streams: Vec<Stream>,
-}
-
-impl World {
-    fn local(c: &Case) -> Result<World, String> {
-        let cfg = c.group_config();
-        let mut groups = vec![std::ptr::null_mut(); c.nranks];
-        // SAFETY: `groups` has `c.nranks` slots, one per group written; devices may be NULL
-        // (all on the current device); `cfg` is a live local config.
-        ep_ok!(unsafe { ncclEpxCreateLocalGroups(groups.as_mut_ptr(), c.nranks as i32, std::ptr::null(), &cfg) });
-        let streams = (0..c.nranks).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
-        Ok(World { groups, streams })
-    }
-    fn sync(&self) -> Result<(), String> {
-        self.streams.iter().try_for_each(|s| s.sync())
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = self.sync();
-        for &g in &self.groups {
-            // SAFETY: each group came from the library and is destroyed once, here, after the
-            // streams were synchronised; the library checks a group against its live set.
-            unsafe { ncclEpGroupDestroy(g) };
-        }
-    }
-}
-
-/// One handle per rank; destroyed on drop unless `destroy` did it (checking the return code).
-struct Handles(Vec<ncclEpHandle_t>);
-
-impl Handles {
-    fn create(c: &Case, w: &World, bufs: &mut [RankBufs]) -> Result<Handles, String> {
-        let mut hs = Handles(Vec::new());
-        for (r, b) in bufs.iter_mut().enumerate() {
-            let mut h = std::ptr::null_mut();
-            // SAFETY: writes one handle to the live local `h`; `w.groups[r]` is a live group;
-            // the top-k descriptor (and its sizes) is boxed in `b` and its device buffer owned
-            // by `b`; config and layout info may be NULL; the stream is live.
-            ep_ok!(unsafe {
-                ncclEpCreateHandle(
-                    &mut h,
-                    w.groups[r],
-                    ncclEpLayout_t(c.layout.raw()),
-                    b.topk.ptr(),
-                    std::ptr::null(),
-                    std::ptr::null(),
-                    w.streams[r].raw(),
-                )
-            });
-            hs.0.push(h);
-        }
-        Ok(hs)
-    }
-    fn destroy(mut self) -> Result<(), String> {
-        for h in std::mem::take(&mut self.0) {
-            // SAFETY: a handle from `create`, taken out of `self`, so destroyed once (here, not
-            // again on drop); the library checks it against its live set.
-            ep_ok!(unsafe { ncclEpHandleDestroy(h) });
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Handles {
-    fn drop(&mut self) {
-        for &h in &self.0 {
-            // SAFETY: each handle came from `create` and is destroyed once, here (`destroy`
-            // empties the list when it does so itself); the library checks it against its live
-            // set.
-            unsafe { ncclEpHandleDestroy(h) };
-        }
-    }
-}
+use ll_world::{Handles, World};
 
 fn base_case(nranks: usize, layout: Layout) -> Case {
     Case {
