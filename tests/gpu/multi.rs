@@ -332,22 +332,27 @@ impl NcclLib {
         // communicator on this device, whose context is current; the stream is synchronised
         // before the copy back, and `buf` outlives it.
         let res = unsafe {
-            memory::memcpy_htod(buf.ptr(), v).map_err(|e| e.msg).and_then(|_| {
-                self.check(
-                    "ncclAllReduce",
-                    (self.all_reduce)(
-                        buf.ptr() as *const c_void,
-                        buf.ptr() as *mut c_void,
-                        v.len(),
-                        NCCL_INT64,
-                        NCCL_SUM,
-                        comm,
-                        s.cast(),
-                    ),
-                )?;
-                memory::stream_synchronize(memory::Stream::from_raw(s.cast())).map_err(|e| e.msg)?;
-                memory::memcpy_dtoh(&mut out, buf.ptr()).map_err(|e| e.msg)
-            })
+            memory::memcpy_htod(buf.ptr(), v)
+                // A copy from pageable memory may return before the data lands, and the
+                // all-reduce runs on a non-blocking stream: wait for the copy first.
+                .and_then(|_| memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT))
+                .map_err(|e| e.msg)
+                .and_then(|_| {
+                    self.check(
+                        "ncclAllReduce",
+                        (self.all_reduce)(
+                            buf.ptr() as *const c_void,
+                            buf.ptr() as *mut c_void,
+                            v.len(),
+                            NCCL_INT64,
+                            NCCL_SUM,
+                            comm,
+                            s.cast(),
+                        ),
+                    )?;
+                    memory::stream_synchronize(memory::Stream::from_raw(s.cast())).map_err(|e| e.msg)?;
+                    memory::memcpy_dtoh(&mut out, buf.ptr()).map_err(|e| e.msg)
+                })
         };
         // SAFETY: `s` was created above and is destroyed once, here; the driver lets queued work
         // finish before it releases the stream.
