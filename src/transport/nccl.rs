@@ -38,16 +38,20 @@ fn dlopen_error_text(e: &libloading::Error) -> String {
 }
 
 /// Opens NCCL: the copy already in the process first (`RTLD_NOLOAD`), else by name, trying
-/// `libnccl.so.2` before `libnccl.so` each time. The library is never closed (leaked on purpose:
-/// the function pointers we keep point into it).
+/// `libnccl.so.2` before `libnccl.so` each time. The library is never closed: the function
+/// pointers we keep point into it. It is kept in a static (not leaked), so that leak checkers
+/// see it reachable.
 fn open() -> Result<&'static Library> {
+    static LIB: OnceLock<Library> = OnceLock::new();
     let mut last = String::from("unknown dlopen error");
     for flags in [libc::RTLD_NOLOAD | RTLD_NOW | RTLD_GLOBAL, RTLD_NOW | RTLD_GLOBAL] {
         for name in LIB_NAMES {
             // SAFETY: loading NCCL runs its initialisers, which have no preconditions on us; with
             // RTLD_NOLOAD nothing new is loaded at all.
             match unsafe { Library::open(Some(name), flags) } {
-                Ok(lib) => return Ok(Box::leak(Box::new(lib))),
+                // A second open (only if the first load failed later, on a missing symbol) finds
+                // the first library kept; dropping the new handle only lowers dlopen's count.
+                Ok(lib) => return Ok(LIB.get_or_init(|| lib)),
                 Err(e) => last = dlopen_error_text(&e),
             }
         }
