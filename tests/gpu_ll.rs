@@ -15,7 +15,7 @@ mod ll_world;
 use ep_core::enums::Layout;
 use ep_reference::ll::{Fp16, Fp32, Routing, SplitMix64};
 use harness::*;
-use ll_world::{Handles, World};
+use ll_world::{Handles, World, base_case};
 use nccl_ep::abi::handle::ncclEpCreateHandle;
 use nccl_ep::abi::types::*;
 
@@ -57,24 +57,6 @@ fn round_of<T: TestToken>(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<(
     }
     w.sync()?;
     check_combine(c, &world, &bufs, &xs, &ws)
-}
-
-fn base_case(nranks: usize, layout: Layout) -> Case {
-    Case {
-        nranks,
-        // At least 8 experts in all, so that K = 8 distinct experts exist.
-        local_experts: 4.max(8usize.div_ceil(nranks)),
-        max_tokens: 64,
-        hidden: 2048,
-        topk: 8,
-        tokens: None,
-        layout,
-        routing: Routing::Uniform,
-        send_only: false,
-        idx64: true,
-        global_ids: false,
-        seed: 1,
-    }
 }
 
 /// The matrix: ranks {1,2,4,8} x layouts x K {1,2,8} x H {2048,7168} x T {0,1,B/2,B}

@@ -12,26 +12,9 @@ mod harness;
 mod ll_world;
 
 use ep_core::enums::Layout;
-use ep_reference::ll::{LlWorld, Routing, SplitMix64};
+use ep_reference::ll::{LlWorld, SplitMix64};
 use harness::*;
-use ll_world::{Handles, World};
-
-fn base_case(nranks: usize, layout: Layout) -> Case {
-    Case {
-        nranks,
-        local_experts: 4.max(8usize.div_ceil(nranks)),
-        max_tokens: 64,
-        hidden: 2048,
-        topk: 8,
-        tokens: None,
-        layout,
-        routing: Routing::Uniform,
-        send_only: false,
-        idx64: true,
-        global_ids: false,
-        seed: 1,
-    }
-}
+use ll_world::{Handles, World, base_case};
 
 fn alloc_world(c: &Case, world: &LlWorld) -> Result<Vec<RankBufs>, String> {
     let bufs = (0..c.nranks)

@@ -5,6 +5,8 @@
 
 use crate::ep_ok;
 use crate::harness::*;
+use ep_core::enums::Layout;
+use ep_reference::ll::Routing;
 use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
 use nccl_ep::abi::group::ncclEpGroupDestroy;
 use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
@@ -91,5 +93,24 @@ impl Handles {
             ep_ok!(unsafe { ncclEpHandleDestroy(h) });
         }
         Ok(())
+    }
+}
+
+/// The small LL case both binaries start from (tests vary it).
+pub fn base_case(nranks: usize, layout: Layout) -> Case {
+    Case {
+        nranks,
+        // At least 8 experts in all, so that K = 8 distinct experts exist.
+        local_experts: 4.max(8usize.div_ceil(nranks)),
+        max_tokens: 64,
+        hidden: 2048,
+        topk: 8,
+        tokens: None,
+        layout,
+        routing: Routing::Uniform,
+        send_only: false,
+        idx64: true,
+        global_ids: false,
+        seed: 1,
     }
 }
