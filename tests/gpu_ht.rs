@@ -11,19 +11,20 @@
 
 #[path = "gpu/harness.rs"]
 mod harness;
+#[path = "gpu/world.rs"]
+mod world;
 
 use cudarc::driver::sys;
 use ep_core::enums::{ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use ep_reference::ht::*;
 use ep_reference::ll::{LlShape, Routing, SplitMix64, gen_routing};
 use harness::{DevTensor, Stream, cu, last_error, nccl_one_rank_comm, require_gpu};
-use nccl_ep::abi::ext::ncclEpxCreateLocalGroups;
-use nccl_ep::abi::group::ncclEpGroupDestroy;
 use nccl_ep::abi::guard::struct_default;
-use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy, ncclEpUpdateHandle};
+use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpUpdateHandle};
 use nccl_ep::abi::ops::{ncclEpCombine, ncclEpDispatch};
 use nccl_ep::abi::types::*;
 use std::time::Instant;
+use world::{Handles, World};
 
 /// The byte every output is filled with before a call (what the reference leaves untouched).
 const POISON: u8 = 0xCD;
@@ -101,60 +102,6 @@ impl HtCase {
         c.timeout_ns = 10_000_000_000;
         c.overflow_policy = ncclEpOverflowPolicy_t(if self.budget == Budget::Drop { 2 } else { 1 });
         c
-    }
-}
-
-/// Groups and streams of one world (local ranks, or one rank on a communicator).
-struct World {
-    groups: Vec<ncclEpGroup_t>,
-    streams: Vec<Stream>,
-}
-
-impl World {
-    fn local(n: usize, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
-        let mut groups = vec![std::ptr::null_mut(); n];
-        // SAFETY: `groups` has `n` slots, one per group written; devices may be NULL (all on the
-        // current device); `cfg` is the caller's live config.
-        ep_ok!(unsafe { ncclEpxCreateLocalGroups(groups.as_mut_ptr(), n as i32, std::ptr::null(), cfg) });
-        let streams = (0..n).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
-        Ok(World { groups, streams })
-    }
-    fn nccl(comm: ncclComm_t, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
-        let mut g = std::ptr::null_mut();
-        // SAFETY: writes one group to the live local `g`; `comm` is the caller's live
-        // communicator and `cfg` its live config.
-        ep_ok!(unsafe { nccl_ep::abi::group::ncclEpCreateGroup(&mut g, comm, cfg) });
-        Ok(World {
-            groups: vec![g],
-            streams: vec![Stream::new(0)?],
-        })
-    }
-    fn sync(&self) -> Result<(), String> {
-        self.streams.iter().try_for_each(|s| s.sync())
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = self.sync();
-        for &g in &self.groups {
-            // SAFETY: each group came from the library and is destroyed once, here, after the
-            // streams were synchronised; the library checks a group against its live set.
-            unsafe { ncclEpGroupDestroy(g) };
-        }
-    }
-}
-
-struct Handles(Vec<ncclEpHandle_t>);
-
-impl Drop for Handles {
-    fn drop(&mut self) {
-        for &h in &self.0 {
-            // SAFETY: each handle came from the library and is destroyed once, here (its group
-            // outlives it: `Handles` always drops before its `World`); the library checks a
-            // handle against its live set.
-            unsafe { ncclEpHandleDestroy(h) };
-        }
     }
 }
 
@@ -622,7 +569,7 @@ fn round(c: &HtCase, rng: &mut SplitMix64, comm: Option<ncclComm_t>) -> Result<S
     let cfg = c.group_config(s);
     let w = match comm {
         Some(comm) => World::nccl(comm, &cfg)?,
-        None => World::local(c.nranks, &cfg)?,
+        None => World::local_n(c.nranks, &cfg)?,
     };
     let plan = HtPlan::new(c.ref_config(s), &routing).map_err(|e| format!("reference: {e:?}"))?;
     let mut rr = routing
@@ -912,7 +859,7 @@ fn ht_update_errors_in_local_groups() {
             routing: Routing::Skewed { rank: 0 },
             ..base(2, Layout::Flat)
         };
-        let w = World::local(2, &c.group_config(if bad { 128 } else { 64 })).unwrap();
+        let w = World::local_n(2, &c.group_config(if bad { 128 } else { 64 })).unwrap();
         let mut rng = SplitMix64::new(9);
         let mut routing = gen_world_routing(&c, &mut rng);
         if bad {
@@ -958,7 +905,7 @@ fn ht_stale_longer_then_shorter_routing() {
         };
         let mut rng = SplitMix64::new(77);
         let s = 4 * 512 * 8;
-        let w = World::local(4, &c.group_config(s)).unwrap();
+        let w = World::local_n(4, &c.group_config(s)).unwrap();
         let mut run = |t: usize, hs: Option<&Handles>| -> Result<Option<Handles>, String> {
             let ct = HtCase { tokens: Some(t), ..c };
             let routing = gen_world_routing(&ct, &mut rng);
@@ -1010,7 +957,7 @@ fn ht_graph_replays() {
             ..base(4, layout)
         };
         let s = 4 * 256 * 8;
-        let w = World::local(4, &c.group_config(s)).unwrap();
+        let w = World::local_n(4, &c.group_config(s)).unwrap();
         let mut rng = SplitMix64::new(1234);
         let run = |rng: &mut SplitMix64| -> Result<usize, String> {
             let routing = gen_world_routing(&c, rng);
@@ -1138,7 +1085,7 @@ fn ht_silent_rank_times_out() {
     let s = pick_budget(&c, &routing);
     let mut cfg = c.group_config(s);
     cfg.timeout_ns = (timeout_ms * 1e6) as u64;
-    let w = World::local(2, &cfg).unwrap();
+    let w = World::local_n(2, &cfg).unwrap();
     if let Some(v) = saved {
         // SAFETY: as above.
         unsafe { std::env::set_var("NCCL_EP_TIMEOUT_MS", v) };
@@ -1230,7 +1177,7 @@ fn ht_negative_ids_mean_none() {
             })
             .collect();
         let s = pick_budget(&c, &odd);
-        let w = World::local(c.nranks, &c.group_config(s)).unwrap();
+        let w = World::local_n(c.nranks, &c.group_config(s)).unwrap();
         let plan = HtPlan::new(c.ref_config(s), &odd).expect("negative ids are none");
         assert!(plan.routing(0).iter().all(|&e| e >= -1));
         let mut rr = odd

@@ -9,15 +9,15 @@
 
 #[path = "gpu/harness.rs"]
 mod harness;
-#[path = "gpu/ll_world.rs"]
-mod ll_world;
+#[path = "gpu/world.rs"]
+mod world;
 
 use ep_core::enums::Layout;
 use ep_reference::ll::{Fp16, Fp32, Routing, SplitMix64};
 use harness::*;
-use ll_world::{Handles, World, base_case};
 use nccl_ep::abi::handle::ncclEpCreateHandle;
 use nccl_ep::abi::types::*;
+use world::{Handles, World, base_case};
 
 /// One full round on an existing world: inputs, handles, dispatch, check, combine, check.
 fn round(c: &Case, w: &World, rng: &mut SplitMix64) -> Result<(), String> {

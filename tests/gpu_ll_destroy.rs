@@ -8,13 +8,13 @@
 
 #[path = "gpu/harness.rs"]
 mod harness;
-#[path = "gpu/ll_world.rs"]
-mod ll_world;
+#[path = "gpu/world.rs"]
+mod world;
 
 use ep_core::enums::Layout;
 use ep_reference::ll::{LlWorld, SplitMix64};
 use harness::*;
-use ll_world::{Handles, World, base_case};
+use world::{Handles, World, base_case};
 
 fn alloc_world(c: &Case, world: &LlWorld) -> Result<Vec<RankBufs>, String> {
     let bufs = (0..c.nranks)

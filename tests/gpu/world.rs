@@ -1,5 +1,6 @@
-//! The local groups of one LL case (and their handles), destroyed in order: shared by
-//! tests/gpu_ll.rs and tests/gpu_ll_destroy.rs, which include it after `harness`.
+//! Groups and streams of one world (local ranks, or one rank on a communicator) and their
+//! handles, destroyed in order, plus the small LL case the LL tests start from: shared by
+//! tests/gpu_ll.rs, gpu_ll_destroy.rs and gpu_ht.rs, which include it after `harness`.
 // Each including test binary uses part of it.
 #![allow(dead_code)]
 
@@ -23,13 +24,27 @@ impl World {
         World::local_cfg(c, &c.group_config())
     }
     pub fn local_cfg(c: &Case, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
-        let cfg = *cfg;
-        let mut groups = vec![std::ptr::null_mut(); c.nranks];
-        // SAFETY: `groups` has `c.nranks` slots, one per group written; devices may be NULL
-        // (all on the current device); `cfg` is a live local config.
-        ep_ok!(unsafe { ncclEpxCreateLocalGroups(groups.as_mut_ptr(), c.nranks as i32, std::ptr::null(), &cfg) });
-        let streams = (0..c.nranks).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
+        World::local_n(c.nranks, cfg)
+    }
+    /// `n` local ranks on the current device.
+    pub fn local_n(n: usize, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
+        let mut groups = vec![std::ptr::null_mut(); n];
+        // SAFETY: `groups` has `n` slots, one per group written; devices may be NULL (all on the
+        // current device); `cfg` is the caller's live config.
+        ep_ok!(unsafe { ncclEpxCreateLocalGroups(groups.as_mut_ptr(), n as i32, std::ptr::null(), cfg) });
+        let streams = (0..n).map(|_| Stream::new(0)).collect::<Result<_, _>>()?;
         Ok(World { groups, streams })
+    }
+    /// One rank on the caller's communicator.
+    pub fn nccl(comm: ncclComm_t, cfg: &ncclEpGroupConfig_t) -> Result<World, String> {
+        let mut g = std::ptr::null_mut();
+        // SAFETY: writes one group to the live local `g`; `comm` is the caller's live
+        // communicator and `cfg` its live config.
+        ep_ok!(unsafe { nccl_ep::abi::group::ncclEpCreateGroup(&mut g, comm, cfg) });
+        Ok(World {
+            groups: vec![g],
+            streams: vec![Stream::new(0)?],
+        })
     }
     pub fn sync(&self) -> Result<(), String> {
         self.streams.iter().try_for_each(|s| s.sync())
