@@ -6,6 +6,9 @@
 //! its static_asserts (every field's offset and size, taken from the Rust layout) are checked here
 //! in a second, and a copy with two fields swapped is shown to fail.
 
+#[path = "common/nvrtc.rs"]
+mod common_nvrtc;
+use common_nvrtc::have_nvrtc;
 use std::path::Path;
 
 use nccl_ep::cuda::jit;
@@ -69,18 +72,6 @@ fn every_ll_and_ht_source_carries_the_header() {
         n, 6,
         "ll_dispatch, ll_combine, ll_clean, ht_meta, ht_dispatch, ht_combine"
     );
-}
-
-fn have_nvrtc() -> bool {
-    match nvrtc::ensure_nvrtc() {
-        Ok(()) => true,
-        Err(e) => {
-            let required = std::env::var("NCCL_EP_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
-            assert!(!required, "NCCL_EP_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}");
-            eprintln!("skipped: libnvrtc not found ({e})");
-            false
-        }
-    }
 }
 
 /// `layout_checks`: also the field-offset asserts (EP_LAYOUT_CHECKS; they need an NVRTC with

@@ -8,6 +8,9 @@
 //! "skipped: libnvrtc not found" and pass, unless `NCCL_EP_REQUIRE_NVRTC=1` (CI), which makes a
 //! missing NVRTC a failure.
 
+#[path = "common/nvrtc.rs"]
+mod common_nvrtc;
+use common_nvrtc::have_nvrtc;
 use std::path::Path;
 use std::time::Instant;
 
@@ -15,19 +18,6 @@ use nccl_ep::cuda::cache::DiskCache;
 use nccl_ep::cuda::jit::{self, Defines, KernelSource, Origin};
 use nccl_ep::cuda::nvrtc;
 use nccl_ep::runtime::kernel_registry::KERNEL_FILES;
-
-/// False (after printing why) when NVRTC is missing and not required; panics when required.
-fn have_nvrtc() -> bool {
-    match nvrtc::ensure_nvrtc() {
-        Ok(()) => true,
-        Err(e) => {
-            let required = std::env::var("NCCL_EP_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
-            assert!(!required, "NCCL_EP_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}");
-            eprintln!("skipped: libnvrtc not found ({e})");
-            false
-        }
-    }
-}
 
 fn kernel_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels")
