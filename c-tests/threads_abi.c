@@ -11,24 +11,12 @@
 #include "nccl_ep.h"
 #include "nccl_ep_ext.h"
 #include "test_util.h"
+#include "thread_checks.h"
 
 #define THREADS 8
 #define ROUNDS 300
 
-static atomic_int failures, checks;
 
-#define T_EXPECT(call, want, needle)                                                                \
-  do {                                                                                             \
-    ncclResult_t r_ = (call);                                                                      \
-    atomic_fetch_add(&checks, 1);                                                                  \
-    const char *m_ = r_ == ncclSuccess ? "" : ncclEpxGetLastError();                               \
-    const char *n_ = (needle);                                                                     \
-    if (r_ != (want) || (n_ && !strstr(m_, n_))) {                                                 \
-      atomic_fetch_add(&failures, 1);                                                              \
-      fprintf(stderr, "%s:%d: thread %d: %s returned %d (want %d): %s\n", __FILE__, __LINE__, id,  \
-              #call, (int)r_, (int)(want), m_);                                                    \
-    }                                                                                              \
-  } while (0)
 
 static void *worker(void *arg) {
   int id = (int)(long)arg;

@@ -26,6 +26,7 @@
 #include "nccl_ep.h"
 #include "nccl_ep_ext.h"
 #include "test_util.h"
+#include "thread_checks.h"
 
 #define MAX_THREADS 64
 #define GSLOTS 4
@@ -33,7 +34,6 @@
 #define STALE 4
 
 static int nthreads = 8, iters = 1000;
-static atomic_int failures, checks;
 static ncclComm_t comm1, comm2;
 
 /* One bit per ncclResult_t code. */
@@ -53,19 +53,6 @@ static ncclResult_t allowed_rc(ncclResult_t r, unsigned allowed, int id, const c
   return r;
 }
 #define T_ALLOWED(call, allowed) allowed_rc((call), (allowed), id, #call, __LINE__)
-/* Exactly `want`, and for a failure a message containing `needle` (NULL: any). */
-#define T_EXPECT(call, want, needle)                                                           \
-  do {                                                                                        \
-    ncclResult_t r_ = (call);                                                                 \
-    atomic_fetch_add(&checks, 1);                                                             \
-    const char *m_ = r_ == ncclSuccess ? "" : ncclEpxGetLastError();                          \
-    const char *n_ = (needle);                                                                \
-    if (r_ != (want) || (n_ && !strstr(m_, n_))) {                                            \
-      atomic_fetch_add(&failures, 1);                                                         \
-      fprintf(stderr, "%s:%d: thread %d: %s returned %d (want %d): %s\n", __FILE__, __LINE__, \
-              id, #call, (int)r_, (int)(want), m_);                                           \
-    }                                                                                         \
-  } while (0)
 #define T_CHECK(cond)                                                                   \
   do {                                                                                  \
     atomic_fetch_add(&checks, 1);                                                       \
