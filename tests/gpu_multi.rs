@@ -841,7 +841,7 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
     let mut rng = r.rng("ht_rounds", 0);
     let mut cases = Vec::new();
     for layout in [Layout::Flat, Layout::ExpertMajor] {
-        for (i, dt) in HtDtype::all().into_iter().enumerate() {
+        for (i, dt) in HtDtype::ALL.into_iter().enumerate() {
             cases.push(HtCase {
                 layout,
                 dt,
@@ -858,7 +858,7 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
             for (j, tokens) in [Some(0), Some(HT_B), None].into_iter().enumerate() {
                 cases.push(HtCase {
                     layout,
-                    dt: HtDtype::all()[0],
+                    dt: HtDtype::ALL[0],
                     hidden: 7168,
                     topk,
                     align: if layout == Layout::ExpertMajor && j == 2 { 16 } else { 0 },

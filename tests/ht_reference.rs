@@ -117,7 +117,7 @@ fn dtype_encode_decode() {
     let h = HtDtype::F16.encode(&v);
     assert_eq!(u16::from_le_bytes([h[2], h[3]]), 0xC100);
     assert_eq!(HtDtype::F16.decode(&h)[3], f32::INFINITY);
-    for dt in HtDtype::all() {
+    for dt in HtDtype::ALL {
         assert_eq!(HtDtype::from_nccl(dt.nccl()), Some(dt));
     }
     assert_eq!(HtDtype::from_nccl(ep_core::enums::dtype::FLOAT8E4M3), None);
@@ -1019,7 +1019,7 @@ fn check_case(c: &Case, rng: &mut SplitMix64) -> (bool, bool, bool) {
     // Round trip: dispatch small integers, combine the dispatched rows back: each token comes
     // back times the number of its destinations that kept it (exact in every type).
     let h = 8;
-    let dt = HtDtype::all()[rng.below(3)];
+    let dt = HtDtype::ALL[rng.below(3)];
     let x: Vec<Vec<u8>> = (0..n)
         .map(|s| {
             let v: Vec<f32> = (0..plan.num_tokens(s) * h)
@@ -1140,7 +1140,7 @@ fn random_routings_follow_the_rules() {
 #[test]
 fn random_tokens_are_in_range() {
     let mut rng = SplitMix64::new(1);
-    for dt in HtDtype::all() {
+    for dt in HtDtype::ALL {
         let v = dt.decode(&random_tokens(&mut rng, dt, 5, 16));
         assert_eq!(v.len(), 80);
         assert!(v.iter().all(|x| (-4.0..=4.0).contains(x)));

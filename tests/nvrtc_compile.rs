@@ -375,7 +375,7 @@ fn ll_registry_lists_every_kernel() {
                         !d.to_string().contains("EP_DTYPE"),
                         "dispatch does not depend on the type: {d}"
                     );
-                    for (i, dt) in LlDtype::all().into_iter().enumerate() {
+                    for (i, dt) in LlDtype::ALL.into_iter().enumerate() {
                         let c = LlKernel::combine(topk, layout, idx64, mask, dt).defines();
                         assert!(combine.contains(&c), "{c} not registered");
                         assert!(c.to_string().contains(&format!("EP_DTYPE={i}")), "{c}");

@@ -69,11 +69,8 @@ pub enum LlDtype {
 }
 
 impl LlDtype {
-    /// Every type. (A function, not an associated const: cbindgen would put the type into
-    /// nccl_ep.h for a const.)
-    pub fn all() -> [LlDtype; 3] {
-        [LlDtype::Bf16, LlDtype::F16, LlDtype::F32]
-    }
+    /// Every type.
+    pub const ALL: [LlDtype; 3] = [LlDtype::Bf16, LlDtype::F16, LlDtype::F32];
 
     /// The type of an `ncclDataType_t` the LL rules accepted.
     pub fn from_nccl(dt: DType) -> Result<Self> {
@@ -176,7 +173,7 @@ impl LlKernel {
             return vec![Self::clean()];
         }
         let dtypes = match kind {
-            LlKind::Combine => LlDtype::all().to_vec(),
+            LlKind::Combine => LlDtype::ALL.to_vec(),
             _ => vec![LlDtype::Bf16],
         };
         let mut v = Vec::new();

@@ -135,7 +135,7 @@ pub fn ht_growth(r: &Rank, t: &mut Tally) -> Result<(), String> {
     let mut rng = r.rng("ht_growth", 0);
     let case = |layout, topk, align, tokens, routing| HtCase {
         layout,
-        dt: HtDtype::all()[0],
+        dt: HtDtype::ALL[0],
         hidden: 2048,
         topk,
         align,

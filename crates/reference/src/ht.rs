@@ -26,11 +26,8 @@ pub enum HtDtype {
 }
 
 impl HtDtype {
-    /// Every token type. (A function, not an associated const: cbindgen would put the type
-    /// into nccl_ep.h for a const.)
-    pub fn all() -> [HtDtype; 3] {
-        [HtDtype::Bf16, HtDtype::F16, HtDtype::F32]
-    }
+    /// Every token type.
+    pub const ALL: [HtDtype; 3] = [HtDtype::Bf16, HtDtype::F16, HtDtype::F32];
 
     /// The token type of an `ncclDataType_t`, or None for one HT does not move.
     pub fn from_nccl(dt: DType) -> Option<Self> {
