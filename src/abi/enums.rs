@@ -84,4 +84,3 @@ pub enum ncclEpCombQuantValues {
 
 // The Rust-side enums are the core's (`ep_core::enums`); src/abi converts the integers above
 // into them (`from_raw`) and back (`raw`).
-pub use ep_core::enums::{Algorithm, DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};

@@ -1,9 +1,9 @@
 //! Our extensions (`ncclEpx*`, declared in `include/nccl_ep_ext.h`).
 
-use super::enums::{Algorithm, Layout};
 use super::guard::{ffi_call, out_ptr, read_req};
 use super::types::*;
 use ep_core::config::{EnvOverrides, validate_group_config};
+use ep_core::enums::{Algorithm, Layout};
 use ep_core::handle_rules::check_handle;
 use ep_core::ht_layout::HtLayout;
 use ep_core::ll_layout::LlLayout;

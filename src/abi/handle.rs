@@ -1,7 +1,6 @@
 //! Handle functions: `ncclEpHandleMemSize`, `ncclEpInitHandle`, `ncclEpUpdateHandle`,
 //! `ncclEpCreateHandle`, `ncclEpHandleDestroy`.
 
-use super::enums::{Algorithm, Layout, dtype};
 use super::guard::{ffi_call, out_ptr, read_opt};
 use super::objects;
 use super::tensor::{read_tensor, read_tensor_opt};
@@ -11,6 +10,7 @@ use crate::runtime::group::{Group, GroupRef};
 use crate::runtime::handle::{Handle, HandleId, HandleMem};
 use crate::runtime::ht::HtGroup;
 use crate::runtime::ll::LlGroup;
+use ep_core::enums::{Algorithm, Layout, dtype};
 use ep_core::error::Result;
 use ep_core::handle_rules::{
     HandleParams, check_handle, check_topk_idx, handle_mem_bytes, handle_mem_need, mem_size_params,

@@ -1,11 +1,11 @@
 //! Fault-tolerance entry points: `ncclEpMaskQuery`, `ncclEpMaskUpdate`, `ncclEpMaskClean`,
 //! `ncclEpGetAsyncError`, `ncclEpErrorClear`.
 
-use super::enums::Algorithm;
 use super::guard::{ffi_call, out_ptr};
 use super::objects;
 use super::types::*;
 use crate::runtime::group::Group;
+use ep_core::enums::Algorithm;
 use ep_core::error::Result;
 use std::ffi::c_int;
 

@@ -1,11 +1,11 @@
 //! `ncclEpDispatch`, `ncclEpCombine`, `ncclEpComplete`: check the C structs, copy the tensor
 //! descriptors, and hand the call to the runtime.
 
-use super::enums::{Algorithm, ExpertIdKind, Layout, PassDir};
 use super::guard::{ffi_call, read_opt, read_req};
 use super::objects;
 use super::tensor::{read_tensor, read_tensor_opt};
 use super::types::*;
+use ep_core::enums::{Algorithm, ExpertIdKind, Layout, PassDir};
 use ep_core::error::Result;
 use ep_core::op_args::{CombineArgs, DispatchArgs, recv_kind};
 
