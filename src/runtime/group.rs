@@ -108,6 +108,12 @@ impl Group {
         Ok(state)
     }
 
+    /// The bound on every GPU wait, as the kernels take it: nanoseconds of the GPU's timer
+    /// (`%globaltimer`, not SM cycles, whose rate varies with the clock), 0 = none.
+    pub fn kernel_timeout_ns(&self) -> i64 {
+        self.params.timeout_ns.min(i64::MAX as u64) as i64
+    }
+
     /// Blocks of each data-parallel kernel: this device's SMs shared among the group's ranks on
     /// it, at most `max_num_sms` when the config sets it.
     pub fn kernel_blocks(&self, ranks_on_device: usize) -> Result<u32> {

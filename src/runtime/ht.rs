@@ -89,7 +89,7 @@ impl HtState {
         let err = PinnedHostMem::alloc(dev, 4)?;
         let hdr_host = PinnedHostMem::alloc(dev, std::mem::size_of::<HtHdr>())?;
         let blocks = g.kernel_blocks(ranks_on_device)?;
-        let timeout_ns = g.params.timeout_ns.min(i64::MAX as u64) as i64;
+        let timeout_ns = g.kernel_timeout_ns();
         Ok(HtState {
             buffers: g.peer_buffers(),
             multi_process: false,

@@ -119,9 +119,7 @@ impl LlState {
         }
         let err = PinnedHostMem::alloc(dev, ERR_BLOCK_BYTES)?;
         let blocks = g.kernel_blocks(ranks_on_device)?;
-        // Kernels measure waits with the GPU's nanosecond timer (%globaltimer), not in SM cycles,
-        // whose rate varies with the clock.
-        let timeout_ns = g.params.timeout_ns.min(i64::MAX as u64) as i64;
+        let timeout_ns = g.kernel_timeout_ns();
         let prof = match std::env::var("NCCL_EP_PROFILE").as_deref() {
             Ok("1") => Some(PinnedHostMem::alloc(dev, 64 * blocks as usize)?),
             _ => None,
