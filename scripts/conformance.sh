@@ -33,8 +33,9 @@ work and output
   --csv FILE          default bench/results/conformance-<gpu>-<date>.csv
   --logs DIR          per-run logs (default WORK/logs)
 selection and pacing
-  --phases LIST       comma list of prepare,build,run,report (default build,run,report;
-                      build includes prepare: copying and patching the sources)
+  --phases LIST       comma list of prepare,build,run,report,perf,perf-report (default
+                      build,run,report; build includes prepare: copying and patching the
+                      sources; perf: NVIDIA's ep_bench timing both libraries, issue 15)
   --only REGEX        rows whose key "PROGRAM rRANKS ARGS" matches (bash =~, extended regex)
   --jobs N            rows at a time (default 4); each row runs upstream and ours together
   --max-ranks N       processes in flight over all rows, both libraries (default 32)
@@ -45,6 +46,12 @@ selection and pacing
   --gencode STR       default -gencode=arch=compute_90,code=sm_90
   --make-jobs N       default nproc
   --list              print the selected rows and exit
+perf phase (scripts/conformance/perf.sh)
+  --perf-runs N       runs per library and configuration, alternating (default 2)
+  --perf-only REGEX   configurations "MODE LAYOUT TOKENS HIDDEN" that match (e.g. '^ll em')
+  --perf-warmup N     ep_bench --warmup (default 10)
+  --perf-iters N      ep_bench --iters (default 50)
+  --perf-csv FILE     default bench/results/vs-upstream-<gpu>-<date>.csv
   --dry-run           print every build and run command; run nothing
 EOF
 }
@@ -53,6 +60,7 @@ EP_SRC="" NCCL_SRC="" NCCL_BUILD="" GTEST="" OURS="" WHEELS="" PREBUILT="" PACK=
 WORK="" CSV="" LOGS="" ONLY="" JOBS=4 MAX_RANKS=32 TIMEOUT=240 DEADLINE=0
 MPIRUN_ARGS="" GENCODE="-gencode=arch=compute_90,code=sm_90" PHASES="build,run,report"
 MAKE_JOBS="$(nproc 2>/dev/null || echo 8)" DRY=0 LIST=0
+PERF_RUNS=2 PERF_ONLY="" PERF_WARMUP=10 PERF_ITERS=50 PERF_CSV=""
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 
 die() { echo "conformance: $*" >&2; exit 2; }
@@ -75,12 +83,15 @@ while (($#)); do
     --timeout) TIMEOUT="$val" ;;        --deadline) DEADLINE="$val" ;;
     --mpirun-args) MPIRUN_ARGS="$val" ;; --gencode) GENCODE="$val" ;;
     --phases) PHASES="$val" ;;          --make-jobs) MAKE_JOBS="$val" ;;
+    --perf-runs) PERF_RUNS="$val" ;;    --perf-only) PERF_ONLY="$val" ;;
+    --perf-warmup) PERF_WARMUP="$val" ;; --perf-iters) PERF_ITERS="$val" ;;
+    --perf-csv) PERF_CSV="$val" ;;
     --dry-run) DRY=1 ;;                 --list) LIST=1 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$opt' (--help)" ;;
   esac
 done
-for n in JOBS MAX_RANKS TIMEOUT DEADLINE MAKE_JOBS; do
+for n in JOBS MAX_RANKS TIMEOUT DEADLINE MAKE_JOBS PERF_RUNS PERF_WARMUP PERF_ITERS; do
   [[ "${!n}" =~ ^[0-9]+$ ]] || die "--$(tr 'A-Z_' 'a-z-' <<<"$n") needs a number, got '${!n}'"
 done
 ((JOBS >= 1)) || JOBS=1
@@ -90,6 +101,7 @@ abspath() { [[ -z "$1" ]] && return 0; [[ "$1" == /* ]] && echo "$1" || echo "$P
 EP_SRC="$(abspath "$EP_SRC")" NCCL_SRC="$(abspath "$NCCL_SRC")" NCCL_BUILD="$(abspath "$NCCL_BUILD")"
 GTEST="$(abspath "$GTEST")" OURS="$(abspath "$OURS")" WHEELS="$(abspath "$WHEELS")"
 PREBUILT="$(abspath "$PREBUILT")" PACK="$(abspath "$PACK")" CSV="$(abspath "$CSV")"
+PERF_CSV="$(abspath "$PERF_CSV")"
 LOGS="$(abspath "$LOGS")"
 WORK="$(abspath "${WORK:-$ROOT/build/conformance}")"
 LOGS="${LOGS:-$WORK/logs}"
@@ -99,7 +111,7 @@ EP_BENCH_COMMON="--validate --warmup 1 --iters 2"
 
 has_phase() { [[ ",$PHASES," == *",$1,"* ]]; }
 for p in ${PHASES//,/ }; do
-  case "$p" in prepare|build|run|report) ;; *) die "unknown phase '$p'" ;; esac
+  case "$p" in prepare|build|run|report|perf|perf-report) ;; *) die "unknown phase '$p'" ;; esac
 done
 
 # x CMD...: run, or in --dry-run print, one command (its output is the caller's).
@@ -114,13 +126,15 @@ source "$CONF/rows.sh"
 source "$CONF/build.sh"
 # shellcheck source=scripts/conformance/run.sh
 source "$CONF/run.sh"
+# shellcheck source=scripts/conformance/perf.sh
+source "$CONF/perf.sh"
 
 load_rows "$CONF/rows.txt" || exit 2
 if ((LIST)); then list_rows; exit 0; fi
 
 rc=0
 if [[ -n "$PREBUILT" ]]; then
-  if has_phase build || has_phase run || [[ -n "$PACK" ]]; then use_prebuilt || exit 2; fi
+  if has_phase build || has_phase run || has_phase perf || [[ -n "$PACK" ]]; then use_prebuilt || exit 2; fi
 elif has_phase build; then
   build_all || rc=1
 elif has_phase prepare; then
@@ -129,4 +143,6 @@ fi
 [[ -n "$PACK" ]] && { pack_build || rc=1; }
 if has_phase run; then run_all || exit 3; fi
 if has_phase report && ((!DRY)); then report || rc=1; fi
+if has_phase perf; then run_perf || exit 3; fi
+if has_phase perf-report && ((!DRY)); then perf_report || rc=1; fi
 exit "$rc"

@@ -1,0 +1,80 @@
+# shellcheck shell=bash
+# Sourced by scripts/conformance.sh: the perf phase (issue 15). NVIDIA's own ep_bench, without
+# --validate, against NVIDIA's library ("upstream") and ours, one run at a time on the GPU (never
+# two at once: the times would disturb each other), alternating the libraries: run r of a config
+# starts with upstream when r is odd and with ours when r is even, so a slow drift of the machine
+# (clocks, temperature) does not favour one side.
+#
+# The configurations are generated here (perf_configs), not read from rows.txt: LL {em, rm} x
+# tokens {1, 32, 128, 256, 512} x hidden {2048, 4096, 7168} and HT {flat, em} x tokens
+# {1024, 4096, 8192} at hidden 7168; top-k 8, 256 experts, 1 rank (the one GPU).
+# Each run's log is LOGS/perf/<config id>.<side>.<run>.log; scripts/conformance/perf_report.py
+# turns the logs into bench/results/vs-upstream-<gpu>-<date>.csv (+ -detail.csv, + .png).
+
+PERF_TOPK=8
+PERF_EXPERTS=256
+
+# One line per configuration: "mode layout tokens hidden".
+perf_configs() {
+  local layout t h
+  for layout in em rm; do
+    for h in 2048 4096 7168; do
+      for t in 1 32 128 256 512; do echo "ll $layout $t $h"; done
+    done
+  done
+  for layout in flat em; do
+    for t in 1024 4096 8192; do echo "ht $layout $t 7168"; done
+  done
+}
+
+perf_id() { echo "$1-$2-t$3-h$4"; }
+
+# perf_cmd SIDE MODE LAYOUT TOKENS HIDDEN TIMEOUT: sets CMD to one ep_bench run.
+perf_cmd() {
+  local side="$1" mode="$2" layout="$3" tokens="$4" hidden="$5" t="$6" envw=()
+  mapfile -t envw < <(printf '%s\n' "${ENV_COMMON[@]}" "LD_LIBRARY_PATH=$(side_ldpath "$side")" \
+    "NCCL_EP_JIT_CACHE_DIR=$WORK/jit/$side")
+  CMD=(env "${envw[@]}" timeout -k 10 "$t" "${MPIRUN[@]}" -np 1 "${STDBUF[@]}" "$BUILD/bin/ep_bench"
+    --algorithm "$mode" --layout "$layout" --tokens "$tokens" --hidden "$hidden"
+    --top-k "$PERF_TOPK" --experts "$PERF_EXPERTS" --warmup "$PERF_WARMUP" --iters "$PERF_ITERS")
+}
+
+run_perf() {
+  setup_run || return 1
+  local dir="$LOGS/perf" cfgs=() line mode layout tokens hidden id r side sides n=0 t0 rc
+  mapfile -t cfgs < <(perf_configs | while read -r line; do
+    [[ -z "$PERF_ONLY" || "$line" =~ $PERF_ONLY ]] && echo "$line"
+  done)
+  ((${#cfgs[@]})) || { echo "perf: no configuration matches --perf-only '$PERF_ONLY'"; return 1; }
+  x mkdir -p "$dir" || return 1
+  ((DRY)) || rm -f "$dir"/*.log "$dir/runs.tsv"
+  echo "perf: ${#cfgs[@]} configurations x $PERF_RUNS runs x 2 libraries, warmup $PERF_WARMUP," \
+    "iters $PERF_ITERS, timeout $TIMEOUT s per run"
+  for line in "${cfgs[@]}"; do
+    read -r mode layout tokens hidden <<<"$line"
+    id="$(perf_id "$mode" "$layout" "$tokens" "$hidden")"
+    n=$((n + 1))
+    for ((r = 1; r <= PERF_RUNS; r++)); do
+      if ((r % 2)); then sides=(upstream ours); else sides=(ours upstream); fi
+      for side in "${sides[@]}"; do
+        perf_cmd "$side" "$mode" "$layout" "$tokens" "$hidden" "$TIMEOUT"
+        if ((DRY)); then x "${CMD[@]}"; continue; fi
+        t0=$SECONDS
+        { printf '# %s\n' "${CMD[*]}"; "${CMD[@]}"; } >"$dir/$id.$side.$r.log" 2>&1
+        rc=$?
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$layout" "$tokens" "$hidden" "$side" "$r" "$rc" \
+          "$id.$side.$r.log" >>"$dir/runs.tsv"
+        printf '[%2d/%d] %-22s run %d %-8s exit %-3s %3d s\n' "$n" "${#cfgs[@]}" "$id" "$r" "$side" "$rc" \
+          $((SECONDS - t0))
+      done
+    done
+  done
+}
+
+perf_report() {
+  local dir="$LOGS/perf" csv
+  [[ -f "$dir/runs.tsv" ]] || { echo "perf report: no runs in $dir (perf phase first)"; return 1; }
+  csv="${PERF_CSV:-$ROOT/bench/results/vs-upstream-$(gpu_slug)-$(date +%F).csv}"
+  python3 "$CONF/perf_report.py" --runs "$dir/runs.tsv" --logs "$dir" --csv "$csv" \
+    --topk "$PERF_TOPK" --experts "$PERF_EXPERTS" --ranks 1
+}

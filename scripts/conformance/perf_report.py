@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Turns the perf phase's ep_bench logs (scripts/conformance/perf.sh) into the vs-upstream files.
+
+- CSV (the issue-15 header): mode,layout,tokens,hidden,topk,experts,ranks,phase,upstream_us,ours_us,ratio
+  with kernel-only times (CUPTI, as ep_bench prints them), the median over the runs of each
+  library, ratio = ours / upstream.
+- <csv stem>-detail.csv: per library, the median kernel and host-observed times, the EP-induced
+  memory ep_bench reports (rank 0), how many runs gave a number, and the failed runs.
+- <csv stem>.png when matplotlib is there: the ratio per row, dispatch and combine.
+- A Markdown table on stdout (README's performance table is made from it).
+
+What a "phase" time is: LL prints one kernel-only time per phase. HT prints the dispatch kernel and,
+separately, a "DispatchEpilogue" (NVIDIA's expert-major permute kernels) and, for combine, a
+"CombinePrologue"; the HT phase time here is kernel + epilogue (dispatch) and kernel + prologue
+(combine), so that work a library does in an extra kernel still counts. A kernel time of 0.00 means
+ep_bench found no kernel with the name it looks for; it is reported as missing, never as 0.
+"""
+import argparse
+import csv
+import os
+import re
+import statistics
+import sys
+
+NUM = r"([-+]?[0-9]+(?:\.[0-9]+)?)"
+
+
+def section(text, title):
+    """The lines after a '--- title ---' line up to the next '---' or '===' line."""
+    i = text.find(title)
+    if i < 0:
+        return ""
+    rest = text[i + len(title):]
+    m = re.search(r"\n(---|===)", rest)
+    return rest[: m.start()] if m else rest
+
+
+def grab(text, pattern):
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+def parse_log(path, mode):
+    """{dispatch_kernel, combine_kernel, dispatch_host, combine_host, mem_mb}; None where absent."""
+    try:
+        text = open(path, errors="replace").read()
+    except OSError:
+        return {}
+    out = {"mem_mb": grab(text, r"EP-induced delta:\s+" + NUM + r" MB")}
+    if mode == "ll":
+        host = section(text, "--- Host-observed performance ---")
+        kern = section(text, "--- Kernel-only performance ---")
+        out["dispatch_host"] = grab(host, r"Dispatch:\s+avg=" + NUM)
+        out["combine_host"] = grab(host, r"Combine:\s+avg=" + NUM)
+        out["dispatch_kernel"] = grab(kern, r"Dispatch:\s+avg=" + NUM)
+        out["combine_kernel"] = grab(kern, r"Combine:\s+avg=" + NUM)
+    else:
+        host = section(text, "--- BW based on total time ---")
+        kern = section(text, "--- BW based on kernel time ---")
+        out["dispatch_host"] = grab(host, r"Dispatch:\s+total=" + NUM)
+        out["combine_host"] = grab(host, r"Combine:\s+total=" + NUM)
+        dk = grab(kern, r"Dispatch:\s+kernel=" + NUM)
+        ck = grab(kern, r"Combine:\s+kernel=" + NUM)
+        epi = grab(kern, r"DispatchEpilogue:\s+kernel=" + NUM) or 0.0
+        pro = grab(kern, r"CombinePrologue:\s+kernel=" + NUM) or 0.0
+        out["dispatch_kernel"] = dk + epi if dk else None
+        out["combine_kernel"] = ck + pro if ck else None
+    for k in ("dispatch_kernel", "combine_kernel"):
+        if out.get(k) is not None and out[k] <= 0.0:
+            out[k] = None
+    return out
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, nd=2):
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", required=True, help="runs.tsv of the perf phase")
+    ap.add_argument("--logs", required=True)
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--ranks", type=int, default=1)
+    a = ap.parse_args()
+
+    # (mode, layout, tokens, hidden) -> side -> list of parsed runs; failures kept for the detail.
+    runs, order, failed = {}, [], {}
+    for row in csv.reader(open(a.runs), delimiter="\t"):
+        if len(row) < 8:
+            continue
+        mode, layout, tokens, hidden, side, _run, rc, log = row[:8]
+        key = (mode, layout, int(tokens), int(hidden))
+        if key not in runs:
+            runs[key] = {"upstream": [], "ours": []}
+            order.append(key)
+        parsed = parse_log(os.path.join(a.logs, log), mode)
+        if rc != "0" or parsed.get("dispatch_kernel") is None:
+            failed.setdefault((key, side), []).append(f"{log}: exit {rc}")
+        if rc == "0":
+            runs[key][side].append(parsed)
+
+    stem = a.csv[:-4] if a.csv.endswith(".csv") else a.csv
+    os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
+    main_rows, detail_rows = [], []
+    for key in order:
+        mode, layout, tokens, hidden = key
+        med = {s: {f: median([r.get(f) for r in runs[key][s]]) for f in
+                   ("dispatch_kernel", "combine_kernel", "dispatch_host", "combine_host", "mem_mb")}
+               for s in ("upstream", "ours")}
+        for phase in ("dispatch", "combine"):
+            up, ours = med["upstream"][f"{phase}_kernel"], med["ours"][f"{phase}_kernel"]
+            ratio = ours / up if up and ours else None
+            main_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, phase,
+                              fmt(up), fmt(ours), fmt(ratio, 3)])
+        for s in ("upstream", "ours"):
+            m = med[s]
+            detail_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, s,
+                                fmt(m["dispatch_kernel"]), fmt(m["combine_kernel"]),
+                                fmt(m["dispatch_host"]), fmt(m["combine_host"]), fmt(m["mem_mb"]),
+                                len([r for r in runs[key][s] if r.get("dispatch_kernel") is not None]),
+                                "; ".join(failed.get((key, s), []))])
+
+    with open(a.csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "phase",
+                    "upstream_us", "ours_us", "ratio"])
+        w.writerows(main_rows)
+    with open(stem + "-detail.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "library",
+                    "dispatch_kernel_us", "combine_kernel_us", "dispatch_host_us", "combine_host_us",
+                    "ep_memory_mb", "runs_with_times", "failed_runs"])
+        w.writerows(detail_rows)
+
+    # Markdown table: one line per configuration.
+    print("| mode | layout | tokens | hidden | dispatch up µs | ours | ratio | combine up µs | ours | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i in range(0, len(main_rows), 2):
+        d, c = main_rows[i], main_rows[i + 1]
+        print(f"| {d[0]} | {d[1]} | {d[2]} | {d[3]} | {d[8]} | {d[9]} | {d[10]} | {c[8]} | {c[9]} | {c[10]} |")
+    ratios = [float(r[10]) for r in main_rows if r[10]]
+    if ratios:
+        print(f"\n{len(ratios)} ratios: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f}")
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("perf report: no matplotlib, no PNG", file=sys.stderr)
+        return 0
+    labels = [f"{k[0]} {k[1]} t{k[2]} h{k[3]}" for k in order]
+    disp = [float(r[10]) if r[10] else float("nan") for r in main_rows[0::2]]
+    comb = [float(r[10]) if r[10] else float("nan") for r in main_rows[1::2]]
+    fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(labels)), 4.5))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], disp, 0.4, label="dispatch")
+    ax.bar([x + 0.2 for x in xs], comb, 0.4, label="combine")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(0.8, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_ylabel("ours / NVIDIA (kernel time)")
+    ax.set_title("NVIDIA ep_bench, kernel-only time, ours / NVIDIA's library (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
