@@ -1085,4 +1085,71 @@ mod tests {
         let c = accepts(&p, &h, &em_args(100));
         assert_eq!((c.recipe, c.scale_bytes, c.round_scales), (LlRecipe::None, 0, false));
     }
+
+    /// The buffer and the handle block need nothing per recipe: for every call a recipe accepts,
+    /// at the tightest max_token_bytes it accepts, the message payload (token bytes + scale
+    /// bytes) fits the slot of the layout `ncclEpxBufferSize` reports (dmsg = header + slot),
+    /// and the handle block (`ncclEpHandleMemSize`) depends on N, B and K only.
+    #[test]
+    fn buffer_and_handle_sizes_cover_every_recipe() {
+        use crate::config::ll_slot_bytes;
+        use crate::handle_rules::handle_mem_bytes;
+        use crate::ll_layout::LlLayout;
+        let mut cases: Vec<(Layout, DispatchArgs)> = Vec::new();
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            for (tt, tw, st, sw) in [
+                (dtype::FLOAT8E4M3, 7168, dtype::FLOAT32, 56),
+                (dtype::FLOAT4X2, 3584, dtype::UINT8, 224),
+                (dtype::FLOAT32, 2048, dtype::FLOAT32, 4),
+                (dtype::BFLOAT16, 1024, dtype::FLOAT32, 1024),
+            ] {
+                cases.push((layout, fwd_args(layout, 128, (tt, tw), (st, sw))));
+            }
+            for hid in [512, 7168] {
+                for round in [false, true] {
+                    let mut a = ds_args(layout, 128, hid);
+                    a.round_scales = round;
+                    cases.push((layout, a));
+                }
+            }
+        }
+        let mut p = params(Algorithm::LowLatency);
+        for (layout, a) in cases {
+            let topk = tv(&[128, 8], dtype::INT64);
+            // The smallest bound the call passes: payload, or the bf16 row for DS_FP8E3M4.
+            p.max_token_bytes = 1 << 20;
+            let h = check_handle(&p, Some(layout), 8, 0).unwrap();
+            let c = check_dispatch(&p, &h, &topk, &a).unwrap();
+            let need = c.payload_bytes().max(if c.recipe == LlRecipe::DsFp8 {
+                2 * c.row_bytes
+            } else {
+                0
+            });
+            p.max_token_bytes = need as u32;
+            let c = check_dispatch(&p, &h, &topk, &a).unwrap_or_else(|e| panic!("{}", e.msg));
+            p.max_token_bytes = need as u32 - 1;
+            assert!(
+                check_dispatch(&p, &h, &topk, &a).is_err(),
+                "{need} is the tightest bound"
+            );
+            for hb in [need, need + 1, need + 15] {
+                p.max_token_bytes = hb as u32;
+                let lay = LlLayout::new(
+                    p.nranks,
+                    p.num_experts,
+                    p.max_tokens,
+                    ll_slot_bytes(p.max_token_bytes),
+                    8,
+                )
+                .unwrap();
+                assert!(lay.dmsg_bytes - lay.hdr_bytes >= c.payload_bytes(), "{layout:?} {c:?}");
+                assert!(lay.dmsg_bytes.is_multiple_of(16));
+                let h = check_handle(&p, Some(layout), 8, 0).unwrap();
+                assert_eq!(
+                    handle_mem_bytes(&p, &h),
+                    crate::ll_layout::handle_mem_bytes(p.nranks, p.max_tokens, 8)
+                );
+            }
+        }
+    }
 }
