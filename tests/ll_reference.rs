@@ -1562,12 +1562,26 @@ fn e4m3_codes_round_trip_and_round_to_nearest_even() {
         assert_eq!(f32_to_e4m3_satfinite(x), c, "{x}");
     }
     // The search and the bit statement agree on many values of every binade.
+    // Random f32 of magnitudes 2^-15 .. 2^10 (E4M3's subnormals to past its saturation), and
+    // every midpoint between neighbouring codes (exact ties) and its two f32 neighbours.
     let mut rng = SplitMix64::new(7);
-    for _ in 0..200_000 {
-        let x = f32::from_bits(rng.next_u64() as u32 & 0xC3FF_FFFF | 0x3000_0000 * (rng.below(2) as u32));
-        if !x.is_finite() {
-            continue;
-        }
+    let mut xs: Vec<f32> = (0..200_000)
+        .map(|_| {
+            let m = 1.0 + (rng.next_u64() >> 41) as f32 / (1u32 << 23) as f32;
+            let v = m * 2f32.powi(rng.below(26) as i32 - 15);
+            if rng.one_in(2) { -v } else { v }
+        })
+        .collect();
+    for c in 0..0x7Eu8 {
+        let mid = (e4m3_to_f32(c) + e4m3_to_f32(c + 1)) / 2.0;
+        xs.extend([
+            mid,
+            -mid,
+            f32::from_bits(mid.to_bits() + 1),
+            f32::from_bits(mid.to_bits().max(1) - 1),
+        ]);
+    }
+    for x in xs {
         assert_eq!(f32_to_e4m3_satfinite(x), e4m3_by_bits(x), "{x:e} ({:#x})", x.to_bits());
     }
 }
