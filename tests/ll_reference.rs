@@ -1719,12 +1719,11 @@ fn recipes_are_placements_of_their_rows() {
                     qt.push(a);
                     qs.push(b);
                 }
-                for d in 0..3 {
-                    assert_eq!(
-                        ds[d].tokens,
-                        ll_dispatch_rows_ref(&w, layout, &links, &qt, 512, 0x5A)[d]
-                    );
-                    assert_eq!(ds[d].scales, ll_dispatch_rows_ref(&w, layout, &links, &qs, 16, 0x5A)[d]);
+                let wt = ll_dispatch_rows_ref(&w, layout, &links, &qt, 512, 0x5A);
+                let ws = ll_dispatch_rows_ref(&w, layout, &links, &qs, 16, 0x5A);
+                for (d, o) in ds.iter().enumerate() {
+                    assert_eq!(o.tokens, wt[d]);
+                    assert_eq!(o.scales, ws[d]);
                 }
             }
         }
