@@ -373,6 +373,107 @@ static void test_ops(ncclEpGroup_t g) {
   EXPECT_RC(ncclEpCombine(h, &ci, &co, NULL, NULL), E4, C, "not a live handle");
 }
 
+/* LOW_LATENCY dispatch recipes (NCCL EP v2's validateDispatchRecipe): each rule is
+ * ncclInvalidArgument with a message naming the tensor and the rule; checked before the pass
+ * direction (a backward call with a valid recipe is ncclInvalidUsage, as every LL backward
+ * dispatch). Group: N = 1, E = L = 8, B = 16, max_token_bytes 256. */
+static void test_recipes(ncclEpGroup_t g) {
+  const char *D = "ncclEpDispatch";
+  size_t sk[2] = {4, 2}, sx[2] = {4, 128}, ss[2] = {4, 4}, sy[3] = {8, 16, 128}, sys[3] = {8, 16, 4};
+  size_t sb[2] = {4, 512}, syb[3] = {8, 16, 512}, sds[3] = {8, 16, 4}, sodd[2] = {4, 120};
+  ncclEpTensor_t topk = tensor(2, ncclInt64, sk), counters;
+  size_t sc[1] = {8};
+  counters = tensor(1, ncclInt32, sc);
+  ncclEpHandle_t h = NULL;
+  EXPECT_RC(ncclEpCreateHandle(&h, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &topk, NULL, NULL, NULL), ncclSuccess,
+            "ncclEpCreateHandle", NULL);
+  if (!h) return;
+  /* QUANT_FWD: E4M3 rows of 128 bytes, 4 fp32 scales (16 bytes) per token. */
+  ncclEpTensor_t x = tensor(2, ncclFloat8e4m3, sx), xs = tensor(2, ncclFloat32, ss);
+  ncclEpTensor_t y = tensor(3, ncclFloat8e4m3, sy), ys = tensor(3, ncclFloat32, sys);
+  ncclEpDispatchInputs_t di = NCCL_EP_DISPATCH_INPUTS_INIT;
+  ncclEpDispatchOutputs_t dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+  ncclEpDispatchConfig_t dc = NCCL_EP_DISPATCH_CONFIG_INIT;
+  ncclEpLayoutInfo_t li = NCCL_EP_LAYOUT_INFO_INIT;
+  li.expert_counters = &counters;
+  di.tokens = &x;
+  di.scales = &xs;
+  dout.tokens = &y;
+  dout.scales = &ys;
+  dc.quant_recipe = NCCL_EP_DISP_QUANT_FWD;
+  dc.round_scales = 1;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "round_scales must be 0");
+  dc.round_scales = 0;
+  di.scales = NULL;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "inputs->scales is required");
+  di.scales = &xs;
+  dout.scales = NULL;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "outputs->scales is required");
+  dout.scales = &ys;
+  xs.data = (void *)((uintptr_t)SENTINEL + 4);
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "16-byte aligned");
+  xs.data = SENTINEL;
+  xs.datatype = ncclInt32;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "inputs->scales");
+  xs.datatype = ncclFloat32;
+  x.datatype = ncclInt8;
+  y.datatype = ncclInt8;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "inputs->tokens");
+  x.datatype = ncclFloat8e4m3;
+  y.datatype = ncclFloat8e4m3;
+  x.sizes = sodd; /* 120 bytes: not a multiple of 16 */
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "multiple of 16");
+  x.sizes = sx;
+  ys.datatype = ncclUint8;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "outputs->scales");
+  ys.datatype = ncclFloat32;
+  /* 128 token bytes + 256 scale bytes > max_token_bytes (256) */
+  ncclEpTensor_t big = tensor(2, ncclFloat32, ss), ybig = tensor(3, ncclFloat32, sys);
+  size_t sbig[2] = {4, 64}, sybig[3] = {8, 16, 64};
+  big.sizes = sbig;
+  ybig.sizes = sybig;
+  di.scales = &big;
+  dout.scales = &ybig;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "max_token_bytes");
+  di.scales = &xs;
+  dout.scales = &ys;
+  /* A valid recipe, backward: LOW_LATENCY has no backward dispatch. */
+  dc.pass_direction = NCCL_EP_BWD_PASS;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E5, D, "NCCL_EP_FWD_PASS");
+  dc.pass_direction = NCCL_EP_FWD_PASS;
+
+  /* DS_FP8E3M4: bf16 [4, 512] in (H % 512 == 0), E4M3 [8, 16, 512] and fp32 [8, 16, 4] out;
+   * 2H = 1024 bytes > max_token_bytes (256) is the last rule this group trips. */
+  ncclEpTensor_t xb = tensor(2, ncclBfloat16, sb), yb = tensor(3, ncclFloat8e4m3, syb);
+  ncclEpTensor_t yds = tensor(3, ncclFloat32, sds);
+  di.tokens = &xb;
+  di.scales = NULL;
+  dout.tokens = &yb;
+  dout.scales = &yds;
+  dc.quant_recipe = NCCL_EP_DISP_QUANT_DS_FP8E3M4;
+  dc.round_scales = 1;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "max_token_bytes");
+  xb.datatype = ncclFloat16;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "ncclBfloat16");
+  xb.datatype = ncclBfloat16;
+  yb.datatype = ncclBfloat16;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "ncclFloat8e4m3");
+  yb.datatype = ncclFloat8e4m3;
+  xb.sizes = sx; /* H = 128 */
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "divisible by 512");
+  xb.sizes = sb;
+  di.scales = &xs;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "inputs->scales must be NULL");
+  di.scales = NULL;
+  dout.scales = NULL;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "outputs->scales is required");
+  dout.scales = &ys; /* [8, 16, 4] fp32 would fit H = 512; make it the wrong width */
+  ys.sizes[2] = 8;
+  EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "outputs->scales must have shape");
+  ys.sizes[2] = 4;
+  EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
+}
+
 static void test_masks(ncclComm_t comm) {
   int mask[4] = {1, 1, 1, 1}, err = -1;
   ncclEpGroup_t g = NULL;
@@ -555,6 +656,7 @@ int main(void) {
   test_handle_rules(g);
   test_update_and_create(g);
   test_ops(g);
+  test_recipes(g);
   test_masks(comm4);
   test_ht_rules(comm1);
 

@@ -114,8 +114,19 @@ struct LlParams {
   // ll_clean: this ncclEpMaskClean's sequence number (from 1)
   int clean_seq;
   int pad0;
+  // dispatch QUANT_FWD: inputs->scales [T, S] (scale_bytes per row), else 0
+  u64 x_scales;
+  // dispatch with a recipe: outputs->scales, scale_bytes per output row, else 0
+  u64 out_scales;
+  // dispatch: scale bytes per token, carried after the row_bytes token bytes (0 = none)
+  int scale_bytes;
+  // dispatch recipe: 0 none, 1 QUANT_FWD (raw bytes), 2 DS_FP8E3M4 (bf16 quantised to E4M3)
+  int quant;
+  // DS_FP8E3M4: power-of-two scales
+  int round_scales;
+  int pad1;
 };
-static_assert(sizeof(LlParams) == 728, "LlParams: size of src/runtime/ll_params.rs");
+static_assert(sizeof(LlParams) == 760, "LlParams: size of src/runtime/ll_params.rs");
 static_assert(alignof(LlParams) == 8, "LlParams: alignment of src/runtime/ll_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(LlParams, peers) == 0 && sizeof(((LlParams*)0)->peers) == 512, "LlParams.peers: offset and size in src/runtime/ll_params.rs");
@@ -153,6 +164,12 @@ static_assert(__builtin_offsetof(LlParams, phases) == 712 && sizeof(((LlParams*)
 static_assert(__builtin_offsetof(LlParams, recv_global) == 716 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, clean_seq) == 720 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, pad0) == 724 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, x_scales) == 728 && sizeof(((LlParams*)0)->x_scales) == 8, "LlParams.x_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, out_scales) == 736 && sizeof(((LlParams*)0)->out_scales) == 8, "LlParams.out_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, scale_bytes) == 744 && sizeof(((LlParams*)0)->scale_bytes) == 4, "LlParams.scale_bytes: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, quant) == 748 && sizeof(((LlParams*)0)->quant) == 4, "LlParams.quant: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, round_scales) == 752 && sizeof(((LlParams*)0)->round_scales) == 4, "LlParams.round_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, pad1) == 756 && sizeof(((LlParams*)0)->pad1) == 4, "LlParams.pad1: offset and size in src/runtime/ll_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

@@ -2,6 +2,10 @@
 //   EP_TOPK (1..32), EP_EM (1 expert-major, 0 rank-major), EP_IDX64 (topk_idx is int64),
 //   EP_MASK (1: the group has enable_mask; 0: no mask code, a timeout traps).
 // One kernel runs the send phase, the receive phase, or both (p.phases).
+// Quantisation recipes (p.quant, uniform per launch, docs/LL.md "Quantisation recipes"): the
+// message payload is row_bytes token bytes then scale_bytes scale bytes. QUANT_FWD (1) copies the
+// caller's tokens and scales as bytes; DS_FP8E3M4 (2) quantises bf16 rows to E4M3 on the send
+// side. The receive side is the same for both: token bytes to p.out, scale bytes to p.out_scales.
 //
 // Dynamic shared memory (bytes, LlKernel::smem_bytes in src/runtime/kernels.rs):
 //   send: hist_e[E] + hist_r[align4(N)] + TokenRoute per own token + idx[T*K];
@@ -88,6 +92,65 @@ __device__ void route_tokens(const LlParams& p, int* hist_e, int* hist_r, int* i
   __syncthreads();
 }
 
+// DS_FP8E3M4 (NCCL EP v2's send-side rule, bit for bit): per block of 128 elements
+// amax = max(1e-4, |x|); non-rounded: scale_inv = amax * (1/448) and scale = 448 / amax, both
+// rounded once in fp32; round_scales: scale_inv = 2^e, scale = 2^-e with e = ceil(log2(amax *
+// (1/448))) read off the bits (exponent, +1 if any mantissa bit is set). The stored value is
+// scale_inv; the data is x * scale rounded to E4M3, nearest even, saturated to +-448.
+#define EP_FP8_MARGIN ((float)1e-4)
+#define EP_E4M3_MAX 448.0f
+#define EP_E4M3_MAX_INV (1.0f / 448.0f)
+
+__device__ __forceinline__ float pow2_bits(int e) { return __uint_as_float((u32)(e + 127) << 23); }
+
+__device__ __forceinline__ int log2_ceil_bits(float x) {
+  const u32 b = __float_as_uint(x);
+  return (int)((b >> 23) & 0xffu) - 127 + ((b & 0x7fffffu) != 0u);
+}
+
+// Two floats to two E4M3 bytes (lo in the low byte): round to nearest even, finite values
+// saturated to +-448, NaN to 0x7f (the hardware conversion of sm_89 and later).
+__device__ __forceinline__ u32 e4m3x2(float lo, float hi) {
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Quantises segment `seg` of token t's bf16 row (16 blocks of 128 elements, fewer at the end) into
+// the payload at `pay`: E4M3 bytes at [128·block], the fp32 scale_inv at row_bytes + 4·block.
+// One block per warp step: lane i takes elements 4i..4i+3.
+__device__ void ds_fp8_segment(const LlParams& p, char* pay, int t, int seg, int lane) {
+  const int b0 = seg * (EP_SEG_BYTES / 128), nb = segment_bytes(p.row_bytes, seg) / 128;
+  const char* src = (const char*)p.x + (i64)t * 2 * p.row_bytes;
+  for (int b = b0; b < b0 + nb; ++b) {
+    const uint2 v = *(const uint2*)(src + (i64)b * 256 + lane * 8);
+    const float x0 = __uint_as_float(v.x << 16), x1 = __uint_as_float(v.x & 0xffff0000u);
+    const float x2 = __uint_as_float(v.y << 16), x3 = __uint_as_float(v.y & 0xffff0000u);
+    float amax = fmaxf(fmaxf(fmaxf(fmaxf(EP_FP8_MARGIN, fabsf(x0)), fabsf(x1)), fabsf(x2)), fabsf(x3));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    float scale, scale_inv;
+    if (p.round_scales) {
+      const int e = log2_ceil_bits(__fmul_rn(amax, EP_E4M3_MAX_INV));
+      scale = pow2_bits(-e);
+      scale_inv = pow2_bits(e);
+    } else {
+      scale_inv = __fmul_rn(amax, EP_E4M3_MAX_INV);
+      scale = __fdiv_rn(EP_E4M3_MAX, amax);
+    }
+    const u32 q = e4m3x2(__fmul_rn(x0, scale), __fmul_rn(x1, scale)) |
+                  (e4m3x2(__fmul_rn(x2, scale), __fmul_rn(x3, scale)) << 16);
+    *(u32*)(pay + b * 128 + lane * 4) = q;
+    if (lane == 0) *(float*)(pay + p.row_bytes + b * 4) = scale_inv;
+  }
+}
+
+// Segments of a message payload the send side produces: DS_FP8E3M4 counts E4M3 bytes (each
+// segment writes its own scales too); the others count token and scale bytes together.
+__device__ __forceinline__ int send_segments(const LlParams& p) {
+  return num_segments(p.quant == 2 ? p.row_bytes : p.row_bytes + p.scale_bytes);
+}
+
 // Writes segment `seg` of the message for token t to rank d's dispatch receive slot (the header
 // goes with segment 0).
 __device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int k, int seg, u32 epoch, int lane) {
@@ -102,8 +165,18 @@ __device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int 
       dst->pos = r.pos[lane];
     }
   }
+  if (p.quant == 2) {
+    ds_fp8_segment(p, msg + p.hdr, t, seg, lane);
+    return;
+  }
+  // Payload bytes [off, off + len): token bytes first, then (QUANT_FWD) the caller's scale bytes.
   const i64 off = (i64)seg * EP_SEG_BYTES;
-  warp_copy(msg + p.hdr + off, (const char*)p.x + (i64)t * p.row_bytes + off, segment_bytes(p.row_bytes, seg), lane);
+  const int len = segment_bytes(p.row_bytes + p.scale_bytes, seg);
+  const int tok = max(0, min(len, p.row_bytes - (int)off));
+  if (tok > 0) warp_copy(msg + p.hdr + off, (const char*)p.x + (i64)t * p.row_bytes + off, tok, lane);
+  if (len > tok)
+    warp_copy(msg + p.hdr + off + tok, (const char*)p.x_scales + (i64)t * p.scale_bytes + (off + tok - p.row_bytes),
+              len - tok, lane);
 }
 
 // Masked destinations (not in `active`) get neither messages nor counts nor a flag; slots are
@@ -116,7 +189,7 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
   prof_mark(p, 1);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   // Work items: (own token, top-k entry that is the first of its destination rank, segment).
-  const int nseg = num_segments(p.row_bytes);
+  const int nseg = send_segments(p);
   const int items = (t1 - t0) * EP_TOPK * nseg;
   for (int i = warp; i < items; i += nwarps) {
     const int seg = i % nseg, tk = i / nseg, k = tk % EP_TOPK;
@@ -144,6 +217,28 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
     }
   }
 }
+
+#if EP_EM
+// Stores n16 16-byte chunks from src into every local row of the message: row k of the mask at
+// dst + rows[k] * stride. Reads each chunk once (four in flight per lane).
+__device__ __forceinline__ void store_rows(const int4* src, int n16, char* dst, i64 stride, const int* rows,
+                                           u32 rows_mask, int lane) {
+  for (int c0 = lane; c0 < n16; c0 += 128) {
+    int4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (c0 + 32 * u < n16) v[u] = ld_cg(src + c0 + 32 * u);
+#pragma unroll
+    for (int k = 0; k < EP_TOPK; ++k) {
+      if (!(rows_mask & (1u << k))) continue;
+      int4* d = (int4*)(dst + (i64)rows[k] * stride);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (c0 + 32 * u < n16) d[c0 + 32 * u] = v[u];
+    }
+  }
+}
+#endif
 
 __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epoch) {
   const int N = p.nranks, L = p.local_experts, K = EP_TOPK;
@@ -198,7 +293,9 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
   int total = 0;
   for (int s = 0; s < N; ++s) total += counts[s];
   // Work items: (received message, segment of its payload); segment 0 also does the metadata.
-  const int nseg = num_segments(p.row_bytes);
+  // A payload is row_bytes token bytes, then scale_bytes scale bytes (recipes only).
+  const int pay = p.row_bytes + p.scale_bytes;
+  const int nseg = num_segments(pay);
   for (int it = gwarp; it < total * nseg; it += gwarps) {
     const int seg = it % nseg;
     int s = 0, slot = it / nseg;
@@ -210,7 +307,9 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
     u32 same_e = __match_any_sync(0xffffffffu, in_range ? e : -100 - lane);
     int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
     const i64 off = (i64)seg * EP_SEG_BYTES;
-    const int n16 = segment_bytes(p.row_bytes, seg) >> 4;
+    const int len = segment_bytes(pay, seg);
+    const int tok = max(0, min(len, p.row_bytes - (int)off));  // token bytes of the segment
+    const i64 soff = off + tok - p.row_bytes;                   // scale offset of the rest
     const int4* src = (const int4*)(msg + p.hdr + off);
 #if EP_EM
     // A duplicate expert in the row is delivered once, at its first occurrence.
@@ -225,21 +324,9 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
     int rows[EP_TOPK];
 #pragma unroll
     for (int k = 0; k < EP_TOPK; ++k) rows[k] = __shfl_sync(0xffffffffu, row, k);
-    // Read each 16-byte chunk once (four in flight per lane) and store it into every local row.
-    for (int c0 = lane; c0 < n16; c0 += 128) {
-      int4 v[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        if (c0 + 32 * u < n16) v[u] = ld_cg(src + c0 + 32 * u);
-#pragma unroll
-      for (int k = 0; k < EP_TOPK; ++k) {
-        if (!(rows_mask & (1u << k))) continue;
-        int4* dst = (int4*)((char*)p.out + (i64)rows[k] * p.row_bytes + off);
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (c0 + 32 * u < n16) dst[c0 + 32 * u] = v[u];
-      }
-    }
+    if (tok > 0) store_rows(src, tok >> 4, (char*)p.out + off, p.row_bytes, rows, rows_mask, lane);
+    if (len > tok)
+      store_rows(src + (tok >> 4), (len - tok) >> 4, (char*)p.out_scales + soff, p.scale_bytes, rows, rows_mask, lane);
 #else
     (void)same_e;
     bool local = in_range;
@@ -255,7 +342,8 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
         if (p.out_weights) ((float*)p.out_weights)[orow * K + lane] = __int_as_float(ld_cg_int((const int*)&rec[lane].weight));
       }
     }
-    warp_copy<true>((char*)p.out + orow * p.row_bytes + off, src, n16 << 4, lane);
+    if (tok > 0) warp_copy<true>((char*)p.out + orow * p.row_bytes + off, src, tok, lane);
+    if (len > tok) warp_copy<true>((char*)p.out_scales + orow * p.scale_bytes + soff, src + (tok >> 4), len - tok, lane);
 #endif
   }
 }

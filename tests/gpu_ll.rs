@@ -9,6 +9,8 @@
 
 #[path = "gpu/harness.rs"]
 mod harness;
+#[path = "gpu/quant.rs"]
+mod quant;
 #[path = "gpu/world.rs"]
 mod world;
 
@@ -1586,4 +1588,197 @@ fn ll_fp16_fp32_benchmark_shape() {
         }
     }
     println!("ll_fp16_fp32_benchmark_shape: {passed} rounds passed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch quantisation recipes (QUANT_FWD, DS_FP8E3M4), then an ordinary combine
+
+use ep_reference::ll::LlLinks as QuantLinks;
+use quant::*;
+
+/// One recipe round on a local world: fresh random inputs, poisoned outputs (tokens, scales,
+/// counters, ids, weights), dispatch with the recipe (send_only + ncclEpComplete when the case
+/// says so), every rank's outputs bit for bit against the reference; then random bf16 expert
+/// outputs and an ordinary combine (v2: combine takes the caller's unquantised expert outputs),
+/// checked as in every round.
+fn quant_round(c: &Case, w: &World, rec: Recipe, rng: &mut SplitMix64) -> Result<(), String> {
+    quant_round_with(c, w, rec, rng, &|_| {})
+}
+
+/// `quant_round` with the generated world changed by `prep` first (its token values).
+fn quant_round_with(
+    c: &Case,
+    w: &World,
+    rec: Recipe,
+    rng: &mut SplitMix64,
+    prep: &dyn Fn(&mut ep_reference::ll::LlWorld),
+) -> Result<(), String> {
+    let mut world = c.world(rng);
+    prep(&mut world);
+    let inp = quant_inputs(c, &world, rec, rng);
+    let mut bufs = (0..c.nranks)
+        .map(|r| alloc_rank(c, 0, world.ranks[r].num_tokens))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (b, x) in bufs.iter().zip(&world.ranks) {
+        load_inputs(c, b, x)?;
+    }
+    let mut qs = (0..c.nranks)
+        .map(|r| load_quant(c, 0, rec, &inp, r, world.ranks[r].num_tokens))
+        .collect::<Result<Vec<_>, _>>()?;
+    let hs = Handles::create(c, w, &mut bufs)?;
+    for r in 0..c.nranks {
+        dispatch_quant(c, hs.0[r], &mut bufs[r], &mut qs[r], rec, &w.streams[r], c.send_only)?;
+    }
+    if c.send_only {
+        for r in 0..c.nranks {
+            complete(hs.0[r], &w.streams[r])?;
+        }
+    }
+    w.sync()?;
+    let links = QuantLinks::all(c.nranks);
+    let want = quant_ref(c, &world, rec, &inp, &links);
+    for r in 0..c.nranks {
+        check_quant(&format!("rank {r}"), c, &world, r, &bufs[r], &qs[r], &want[r], &links)?;
+    }
+    let (xs, ws) = load_combine_inputs(c, &world, &bufs, rng)?;
+    for r in 0..c.nranks {
+        combine(c, hs.0[r], &mut bufs[r], &w.streams[r], c.send_only)?;
+    }
+    if c.send_only {
+        for r in 0..c.nranks {
+            complete(hs.0[r], &w.streams[r])?;
+        }
+    }
+    w.sync()?;
+    check_combine(c, &world, &bufs, &xs, &ws)
+}
+
+/// Every recipe of `fwd_recipes` plus DS_FP8E3M4 with and without round_scales on one local
+/// world, varying K, T, routing, index width, id kind and send_only; a plain bf16 round after
+/// every fourth recipe round (one group runs all of them: the buffer depends on Hb only).
+fn quant_rounds(base: &Case, w: &World, rng: &mut SplitMix64, passed: &mut usize, failed: &mut Vec<String>) {
+    let mut recipes = fwd_recipes(base.hidden);
+    recipes.extend([Recipe::Ds { round: false }, Recipe::Ds { round: true }]);
+    for (i, rec) in recipes.into_iter().enumerate() {
+        let c = Case {
+            topk: [8, 1, 2][i % 3],
+            tokens: [None, Some(base.max_tokens), Some(1), Some(0)][i % 4],
+            routing: match i % 3 {
+                0 => Routing::Uniform,
+                1 => Routing::SameRankDups,
+                _ => Routing::Skewed { rank: base.nranks - 1 },
+            },
+            idx64: i.is_multiple_of(2),
+            global_ids: i % 4 == 1,
+            send_only: i % 5 == 3,
+            ..*base
+        };
+        match quant_round(&c, w, rec, rng) {
+            Ok(()) => *passed += 1,
+            Err(e) => failed.push(format!("{rec:?} {c:?}: {e}")),
+        }
+        if i % 4 == 3 {
+            match round(&c, w, rng) {
+                Ok(()) => *passed += 1,
+                Err(e) => failed.push(format!("plain bf16 after recipes {c:?}: {e}")),
+            }
+        }
+    }
+}
+
+/// QUANT_FWD (E4M3/fp32, MXFP8 E4M3/UE8M0, FP4x2/UE8M0, FP4x2/E4M3, E5M2/fp16, bf16/bf16,
+/// fp32/fp32, scales spanning payload segments) and DS_FP8E3M4 (plain and power-of-two scales)
+/// on local groups of 1, 2, 4 and 8 ranks, both layouts, H 2048 and 7168: outputs->tokens and
+/// outputs->scales bit for bit against the CPU reference, then an ordinary combine.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ll_quant_recipes_matrix() {
+    let _gpu = require_gpu();
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    for nranks in [1, 2, 4, 8] {
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            for hidden in [2048, 7168] {
+                let base = Case {
+                    hidden,
+                    ..base_case(nranks, layout)
+                };
+                let w = World::local_cfg(&base, &quant_config(&base)).expect("local groups");
+                let mut rng = SplitMix64::new(0x9a47 + nranks as u64 * 100 + hidden as u64 + layout as u64);
+                quant_rounds(&base, &w, &mut rng, &mut passed, &mut failed);
+            }
+        }
+    }
+    println!(
+        "ll_quant_recipes_matrix: {passed} rounds passed, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    // 10 recipe rounds and 2 plain rounds per world.
+    assert_eq!(passed, 4 * 2 * 2 * 12);
+}
+
+/// NCCL EP's benchmark shape (8 ranks, E = 256, B = T = 128, H = 7168, K = 8): DS_FP8E3M4
+/// with and without round_scales, QUANT_FWD E4M3/fp32 and MXFP8, both layouts.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ll_quant_benchmark_shape() {
+    let _gpu = require_gpu();
+    let mut passed = 0;
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = Case {
+            local_experts: 32,
+            max_tokens: 128,
+            hidden: 7168,
+            tokens: Some(128),
+            ..base_case(8, layout)
+        };
+        let mut cfg = c.group_config();
+        cfg.max_token_bytes = 14336;
+        let w = World::local_cfg(&c, &cfg).expect("local groups");
+        let mut rng = SplitMix64::new(0xd5f8 + layout as u64);
+        let fwd = fwd_recipes(7168);
+        for rec in [Recipe::Ds { round: false }, Recipe::Ds { round: true }, fwd[0], fwd[1]] {
+            quant_round(&c, &w, rec, &mut rng).unwrap_or_else(|e| panic!("{rec:?} {c:?}: {e}"));
+            passed += 1;
+        }
+    }
+    println!("ll_quant_benchmark_shape: {passed} rounds passed");
+}
+
+/// DS_FP8E3M4 on blocks of extreme magnitudes: all-zero blocks and blocks below the 1e-4 amax
+/// floor, tiny (1e-30) and huge (1e30) blocks, -0.0, and plain ones; with power-of-two scales
+/// every product is exact, so E4M3's ties-to-even decides many bytes.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ll_ds_fp8_edge_values() {
+    use ep_reference::ll::{bf16_to_f32, f32_to_bf16_rne};
+    let _gpu = require_gpu();
+    let prep = |w: &mut ep_reference::ll::LlWorld| {
+        let factors = [0.0f32, 1e-30, 1e-6, 3e-5, 1.0, 1e6, 1e30];
+        for r in &mut w.ranks {
+            for (i, blk) in r.tokens.chunks_mut(128).enumerate() {
+                let f = factors[(i * 3 + blk.len()) % factors.len()];
+                for (j, v) in blk.iter_mut().enumerate() {
+                    *v = if j == 5 && f == 0.0 {
+                        0x8000
+                    } else {
+                        f32_to_bf16_rne(bf16_to_f32(*v) * f)
+                    };
+                }
+            }
+        }
+    };
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = Case {
+            hidden: 7168,
+            ..base_case(2, layout)
+        };
+        let w = World::local_cfg(&c, &quant_config(&c)).expect("local groups");
+        let mut rng = SplitMix64::new(0xed9e + layout as u64);
+        for round in [false, true] {
+            let rec = Recipe::Ds { round };
+            quant_round_with(&c, &w, rec, &mut rng, &prep).unwrap_or_else(|e| panic!("{rec:?} {c:?}: {e}"));
+        }
+    }
 }

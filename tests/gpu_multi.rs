@@ -25,7 +25,8 @@
 //! skewed and duplicate-expert routings, int32/int64 ids, local/global ids), LL send_only +
 //! ncclEpComplete, two handles interleaved on one group, AUTO growth (`ll_growth`: a handle
 //! with a larger top-k grows the buffer while an older handle lives, then rounds on both;
-//! `ht_growth`), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
+//! `ht_growth`), LL dispatch quantisation recipes (`ll_quant`: QUANT_FWD and DS_FP8E3M4, both
+//! layouts, then an ordinary combine), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
 //! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), and HT
 //! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment). Opt-in and alone:
 //! `EP_MULTI_ONLY=mask_kill` (`ll_mask_kill`: one process kills itself with SIGKILL before its
@@ -48,6 +49,8 @@ mod harness;
 mod masks;
 #[path = "gpu/multi.rs"]
 mod multi;
+#[path = "gpu/quant.rs"]
+mod quant;
 
 use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use ep_reference::ht::{HtCombineIn, HtConfig, HtDispatchIn, HtDtype, HtPlan, random_tokens};
@@ -889,6 +892,68 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dispatch quantisation recipes
+
+/// LL with QUANT_FWD (E4M3/fp32, FP4x2/UE8M0, MXFP8, E5M2/fp16) and DS_FP8E3M4 (plain and
+/// power-of-two scales), both layouts, H = 2048, random token counts: this rank's
+/// outputs->tokens and outputs->scales bit for bit against the whole world's reference (every
+/// rank regenerates every rank's inputs), then an ordinary combine of bf16 expert outputs.
+fn ll_quant(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    use quant::*;
+    let me = r.rank;
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let mut c = ll_case(r, layout, 2048);
+        let g = Group::new(r, &quant_config(&c))?;
+        let s = Stream::new(r.device)?;
+        let mut rng = r.rng("ll_quant", layout.raw() as u64);
+        let fwd = fwd_recipes(c.hidden);
+        let recipes = [
+            fwd[0],
+            fwd[2],
+            fwd[1],
+            fwd[4],
+            Recipe::Ds { round: false },
+            Recipe::Ds { round: true },
+        ];
+        for (i, rec) in recipes.into_iter().enumerate() {
+            c.routing = [Routing::Uniform, Routing::SameRankDups][i % 2];
+            c.send_only = i % 3 == 2;
+            c.global_ids = i % 2 == 1;
+            let world = c.world(&mut rng);
+            let inp = quant_inputs(&c, &world, rec, &mut rng);
+            let mut b = alloc_rank(&c, r.device, world.ranks[me].num_tokens)?;
+            load_inputs(&c, &b, &world.ranks[me])?;
+            let mut q = load_quant(&c, r.device, rec, &inp, me, world.ranks[me].num_tokens)?;
+            let h = ll_handle(&c, &g, &mut b, &s)?;
+            dispatch_quant(&c, h.0, &mut b, &mut q, rec, &s, c.send_only)?;
+            if c.send_only {
+                complete(h.0, &s)?;
+            }
+            s.sync()?;
+            let all = LlLinks::all(r.world);
+            let want = quant_ref(&c, &world, rec, &inp, &all);
+            let mut bad: Vec<String> = check_quant("this rank", &c, &world, me, &b, &q, &want[me], &all)
+                .err()
+                .into_iter()
+                .collect();
+            let (xs, ws) = combine_inputs(&c, &world, &mut rng);
+            upload_combine_inputs(&b, me, &xs, &ws)?;
+            combine(&c, h.0, &mut b, &s, c.send_only)?;
+            if c.send_only {
+                complete(h.0, &s)?;
+            }
+            s.sync()?;
+            bad.extend(check_combine_rank(&c, &world, me, &b, &xs, &ws, &all)?);
+            drop(h);
+            t.record(r, &format!("ll_quant {rec:?} {}", round_name(&c)), bad)?;
+        }
+        g.destroy()?;
+        r.barrier()?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // The runner
 
 type StepFn = fn(&Rank, &mut Tally) -> Result<(), String>;
@@ -896,6 +961,7 @@ type StepFn = fn(&Rank, &mut Tally) -> Result<(), String>;
 /// Every rank runs these in this order (a step's collectives must line up across ranks).
 const STEPS: &[(&str, StepFn)] = &[
     ("ll_matrix", ll_matrix),
+    ("ll_quant", ll_quant),
     ("ll_send_only", ll_send_only),
     ("ll_two_handles", ll_two_handles),
     ("ll_growth", growth::ll_growth),

@@ -1487,3 +1487,245 @@ fn fp32_combine_is_the_fused_sum() {
     assert_eq!(out[0], vec![Fp32(0)]);
     assert_eq!((-1.0 + tiny) + 1.0, tiny, "rank order differs");
 }
+
+// ---- quantisation recipes ----------------------------------------------------------------------
+
+/// A third statement of E4M3 (fn) rounding, by bits (round to nearest even on the f32 mantissa,
+/// saturating), to check the reference's search against.
+fn e4m3_by_bits(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7F;
+    }
+    let sign = ((x.to_bits() >> 24) & 0x80) as u8;
+    let a = x.abs();
+    if a >= 448.0 {
+        return sign | 0x7E;
+    }
+    // Quantum of the binade (subnormal below 2^-6: quantum 2^-9).
+    let e = if a < 2f32.powi(-6) { -6 } else { a.log2().floor() as i32 };
+    let e = if 2f32.powi(e) > a { e - 1 } else { e }.max(-6);
+    let q = 2f64.powi(e - 3);
+    let m = a as f64 / q; // multiples of the quantum, exact in f64
+    let r = m.floor();
+    let f = m - r;
+    let n = if f > 0.5 || (f == 0.5 && r % 2.0 == 1.0) {
+        r + 1.0
+    } else {
+        r
+    };
+    let v = n * q; // the rounded magnitude
+    if v >= 448.0 {
+        return sign | 0x7E;
+    }
+    let code = if v < 2f64.powi(-6) {
+        (v / 2f64.powi(-9)) as u8
+    } else {
+        let ex = v.log2().floor() as i32;
+        (((ex + 7) as u8) << 3) | ((v / 2f64.powi(ex) - 1.0) * 8.0) as u8
+    };
+    sign | code
+}
+
+#[test]
+fn e4m3_codes_round_trip_and_round_to_nearest_even() {
+    for c in 0..=255u8 {
+        let v = e4m3_to_f32(c);
+        if c & 0x7F == 0x7F {
+            assert!(v.is_nan());
+            continue;
+        }
+        assert_eq!(f32_to_e4m3_satfinite(v), c, "{c:#x} = {v}");
+    }
+    assert_eq!(e4m3_to_f32(0x7E), 448.0);
+    assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+    assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6));
+    // Ties: halfway between codes goes to the even code.
+    assert_eq!(f32_to_e4m3_satfinite(2f32.powi(-10)), 0x00);
+    assert_eq!(f32_to_e4m3_satfinite(3.0 * 2f32.powi(-10)), 0x02);
+    assert_eq!(f32_to_e4m3_satfinite(1.0 + 1.0 / 16.0), 0x38); // 1 and 1.125: even is 1
+    assert_eq!(f32_to_e4m3_satfinite(1.125 + 1.0 / 16.0), 0x3A); // 1.125 and 1.25: even is 1.25
+    assert_eq!(f32_to_e4m3_satfinite(1.0 + 1.0 / 15.0), 0x39);
+    // Saturation and specials.
+    for (x, c) in [
+        (448.0, 0x7E),
+        (449.0, 0x7E),
+        (464.0, 0x7E),
+        (1e30, 0x7E),
+        (f32::INFINITY, 0x7E),
+        (f32::NEG_INFINITY, 0xFE),
+        (-500.0, 0xFE),
+        (-0.0, 0x80),
+        (-1e-9, 0x80),
+        (0.0, 0x00),
+        (f32::NAN, 0x7F),
+    ] {
+        assert_eq!(f32_to_e4m3_satfinite(x), c, "{x}");
+    }
+    // The search and the bit statement agree on many values of every binade.
+    // Random f32 of magnitudes 2^-15 .. 2^10 (E4M3's subnormals to past its saturation), and
+    // every midpoint between neighbouring codes (exact ties) and its two f32 neighbours.
+    let mut rng = SplitMix64::new(7);
+    let mut xs: Vec<f32> = (0..200_000)
+        .map(|_| {
+            let m = 1.0 + (rng.next_u64() >> 41) as f32 / (1u32 << 23) as f32;
+            let v = m * 2f32.powi(rng.below(26) as i32 - 15);
+            if rng.one_in(2) { -v } else { v }
+        })
+        .collect();
+    for c in 0..0x7Eu8 {
+        let mid = (e4m3_to_f32(c) + e4m3_to_f32(c + 1)) / 2.0;
+        xs.extend([
+            mid,
+            -mid,
+            f32::from_bits(mid.to_bits() + 1),
+            f32::from_bits(mid.to_bits().max(1) - 1),
+        ]);
+    }
+    for x in xs {
+        assert_eq!(f32_to_e4m3_satfinite(x), e4m3_by_bits(x), "{x:e} ({:#x})", x.to_bits());
+    }
+}
+
+/// A hand-computed block: amax 2 gives scale 224 (448/2) and scale_inv 2·fl(1/448); with
+/// round_scales the scale is 2^7 (2^-8 < 2/448 <= 2^-7).
+#[test]
+fn ds_fp8_hand_computed_block() {
+    let mut row = vec![0u16; 256];
+    row[0] = bf(1.0);
+    row[1] = bf(-2.0);
+    row[2] = bf(0.5);
+    row[127] = bf(-0.0);
+    // Second block: all zeros, so amax is the 1e-4 floor.
+    let (q, s) = ds_fp8_quantize(&row, false);
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0], 2.0 * (1.0f32 / 448.0));
+    assert_eq!(&q[..3], &[0x76, 0xFE, 0x6E]); // 224 = 1.75·2^7, -448, 112 = 1.75·2^6
+    assert_eq!(q[3], 0x00);
+    assert_eq!(q[127], 0x80);
+    assert_eq!(s[1], (1e-4f64 as f32) * (1.0f32 / 448.0));
+    assert!(q[128..].iter().all(|&c| c == 0));
+    let (q, s) = ds_fp8_quantize(&row, true);
+    assert_eq!(s[0], 2f32.powi(-7));
+    assert_eq!(&q[..3], &[0x70, 0xF8, 0x68]); // 128, -256, 64
+    // 1e-4/448 = 2.23e-7 lies in (2^-23, 2^-22].
+    assert_eq!(s[1], 2f32.powi(-22));
+}
+
+/// On random rows: scales are what the definition says, nothing saturates without round_scales
+/// (|x|·448/amax <= 448 up to one rounding), power-of-two scales are powers of two, and the
+/// dequantised values are within half an E4M3 step of the input.
+#[test]
+fn ds_fp8_properties_on_random_rows() {
+    let mut rng = SplitMix64::new(99);
+    for round in [false, true] {
+        for _ in 0..50 {
+            let mag = 2f32.powi(rng.below(40) as i32 - 20);
+            let row: Vec<u16> = (0..512).map(|_| bf((rng.unit_f32() * 2.0 - 1.0) * mag)).collect();
+            let (q, s) = ds_fp8_quantize(&row, round);
+            for (b, blk) in row.chunks(128).enumerate() {
+                let amax = blk.iter().fold(1e-4f64 as f32, |m, &v| m.max(bf16_to_f32(v).abs()));
+                if round {
+                    assert_eq!(s[b].to_bits() & 0x7F_FFFF, 0, "a power of two");
+                    assert!(s[b] >= amax / 448.0 * 0.999 && s[b] < amax / 448.0 * 2.001);
+                } else {
+                    assert_eq!(s[b], amax * (1.0f32 / 448.0));
+                }
+                for (i, &v) in blk.iter().enumerate() {
+                    let x = bf16_to_f32(v);
+                    let c = q[b * 128 + i];
+                    let deq = e4m3_to_f32(c) * s[b];
+                    // E4M3 keeps 3 mantissa bits (half step 2^-4 relative) and subnormals of 2^-9.
+                    let tol = x.abs() / 16.0 + s[b] * 2f32.powi(-10) + f32::EPSILON * x.abs();
+                    assert!((deq - x).abs() <= tol * 1.0001, "x {x} deq {deq} scale {}", s[b]);
+                    if !round && x.abs() * (448.0 / amax) < 448.0 {
+                        assert_ne!(c & 0x7F, 0x7F);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn le_bytes(v: &[u16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Byte-row placement is token placement: a bf16 world's rows as bytes land where
+/// `ll_dispatch_ref` puts the tokens, in both layouts, with and without an absent rank.
+#[test]
+fn byte_rows_land_where_tokens_land() {
+    let poison = LlPoison {
+        token: 0xABAB,
+        weight: 0.0,
+    };
+    for_worlds(|w| {
+        let n = w.shape.nranks;
+        let rows: Vec<Vec<u8>> = w.ranks.iter().map(|r| le_bytes(&r.tokens)).collect();
+        let mut all_links = vec![LlLinks::all(n)];
+        if n > 1 {
+            all_links.push(LlLinks::without(n, &[n - 1]));
+        }
+        for links in &all_links {
+            for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+                let want = ll_dispatch_ref_masked(w, layout, ExpertIdKind::Local, poison, links);
+                let got = ll_dispatch_rows_ref(w, layout, links, &rows, 2 * w.shape.hidden, 0xAB);
+                for d in 0..n {
+                    assert_eq!(got[d], le_bytes(want[d].tokens()), "rank {d} {layout:?}");
+                }
+            }
+        }
+    });
+}
+
+/// QUANT_FWD moves token and scale bytes as two row sets of one routing; DS_FP8E3M4 is
+/// QUANT_FWD of the quantised rows.
+#[test]
+fn recipes_are_placements_of_their_rows() {
+    let mut rng = SplitMix64::new(5);
+    let shape = LlShape {
+        nranks: 3,
+        num_experts: 12,
+        max_tokens: 6,
+        hidden: 512,
+        topk: 4,
+    };
+    for routing in routings(3) {
+        let w = LlWorld::random(&mut rng, shape, routing);
+        let links = LlLinks::all(3);
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            let tok: Vec<Vec<u8>> = w.ranks.iter().map(|r| le_bytes(&r.tokens)).collect();
+            let sc: Vec<Vec<u8>> = w
+                .ranks
+                .iter()
+                .map(|r| (0..r.num_tokens * 32).map(|i| (i * 7 + 3) as u8).collect())
+                .collect();
+            let o = ll_dispatch_fwd_ref(&w, layout, &links, (&tok, 1024), (&sc, 32), 0x5A);
+            let want_t = ll_dispatch_rows_ref(&w, layout, &links, &tok, 1024, 0x5A);
+            let want_s = ll_dispatch_rows_ref(&w, layout, &links, &sc, 32, 0x5A);
+            for d in 0..3 {
+                assert_eq!(o[d].tokens, want_t[d]);
+                assert_eq!(o[d].scales, want_s[d]);
+            }
+            for round in [false, true] {
+                let ds = ll_dispatch_ds_fp8_ref(&w, layout, &links, round, 0x5A);
+                let (mut qt, mut qs) = (Vec::new(), Vec::new());
+                for r in &w.ranks {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    for row in r.tokens.chunks(512) {
+                        let (q, s) = ds_fp8_quantize(row, round);
+                        a.extend(q);
+                        b.extend(s.iter().flat_map(|v| v.to_le_bytes()));
+                    }
+                    qt.push(a);
+                    qs.push(b);
+                }
+                let wt = ll_dispatch_rows_ref(&w, layout, &links, &qt, 512, 0x5A);
+                let ws = ll_dispatch_rows_ref(&w, layout, &links, &qs, 16, 0x5A);
+                for (d, o) in ds.iter().enumerate() {
+                    assert_eq!(o.tokens, wt[d]);
+                    assert_eq!(o.scales, ws[d]);
+                }
+            }
+        }
+    }
+}

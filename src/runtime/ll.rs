@@ -353,6 +353,13 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
             p.recv_global = (a.recv_kind == ExpertIdKind::Global) as i32;
         }
     }
+    // Recipes (docs/LL.md, "Quantisation recipes"): the scales ride in the payload after the
+    // token bytes; row_bytes is the travelling token row (DS_FP8E3M4: H E4M3 bytes).
+    p.quant = call.recipe as i32;
+    p.scale_bytes = call.scale_bytes as i32;
+    p.round_scales = call.round_scales as i32;
+    p.x_scales = opt_ptr(&a.in_scales);
+    p.out_scales = opt_ptr(&a.out_scales);
     let kernel = LlKernel::dispatch(
         h.params.num_topk,
         h.params.layout,

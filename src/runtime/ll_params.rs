@@ -111,6 +111,17 @@ c_struct! {
         /// ll_clean: this ncclEpMaskClean's sequence number (from 1)
         pub clean_seq: i32,
         pub pad0: i32,
+        /// dispatch QUANT_FWD: inputs->scales [T, S] (scale_bytes per row), else 0
+        pub x_scales: u64,
+        /// dispatch with a recipe: outputs->scales, scale_bytes per output row, else 0
+        pub out_scales: u64,
+        /// dispatch: scale bytes per token, carried after the row_bytes token bytes (0 = none)
+        pub scale_bytes: i32,
+        /// dispatch recipe: 0 none, 1 QUANT_FWD (raw bytes), 2 DS_FP8E3M4 (bf16 quantised to E4M3)
+        pub quant: i32,
+        /// DS_FP8E3M4: power-of-two scales
+        pub round_scales: i32,
+        pub pad1: i32,
     }
 }
 
@@ -128,8 +139,8 @@ mod tests {
     /// The generated C carries the same numbers (kernels/ep_params.cuh, static_asserts).
     #[test]
     fn size_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 20 * 8 + 14 * 4);
-        assert_eq!(std::mem::size_of::<LlParams>(), 728);
+        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 22 * 8 + 18 * 4);
+        assert_eq!(std::mem::size_of::<LlParams>(), 760);
         assert_eq!(EP_STATE_BYTES, 64);
     }
 }

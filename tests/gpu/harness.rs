@@ -522,39 +522,46 @@ pub fn check_dispatch_links<T: TestToken>(
             &b.out.download::<T>()?,
             w.tokens(),
         )?;
-        match w {
-            LlDispatchOut::ExpertMajor { expert_counters, .. } => compare(
-                &format!("rank {r} expert_counters"),
+        check_dispatch_meta(&format!("rank {r}"), b, w)?;
+    }
+    Ok(())
+}
+
+/// Checks a rank's dispatch outputs other than the tokens (counters; rank-major ids and
+/// weights) against its reference output.
+pub fn check_dispatch_meta<T>(who: &str, b: &RankBufs, w: &LlDispatchOut<T>) -> Result<(), String> {
+    match w {
+        LlDispatchOut::ExpertMajor { expert_counters, .. } => compare(
+            &format!("{who} expert_counters"),
+            &b.counters.download::<i32>()?,
+            expert_counters,
+        )?,
+        LlDispatchOut::RankMajor {
+            topk_idx,
+            topk_weights,
+            src_rank_counters,
+            ..
+        } => {
+            compare(
+                &format!("{who} src_rank_counters"),
                 &b.counters.download::<i32>()?,
-                expert_counters,
-            )?,
-            LlDispatchOut::RankMajor {
-                topk_idx,
-                topk_weights,
                 src_rank_counters,
-                ..
-            } => {
-                compare(
-                    &format!("rank {r} src_rank_counters"),
-                    &b.counters.download::<i32>()?,
-                    src_rank_counters,
-                )?;
-                compare(
-                    &format!("rank {r} topk_idx"),
-                    &b.out_idx.as_ref().unwrap().download::<i32>()?,
-                    topk_idx,
-                )?;
-                let gw: Vec<u32> = b
-                    .out_w
-                    .as_ref()
-                    .unwrap()
-                    .download::<f32>()?
-                    .iter()
-                    .map(|f| f.to_bits())
-                    .collect();
-                let ww: Vec<u32> = topk_weights.iter().map(|f| f.to_bits()).collect();
-                compare(&format!("rank {r} topk_weights"), &gw, &ww)?;
-            }
+            )?;
+            compare(
+                &format!("{who} topk_idx"),
+                &b.out_idx.as_ref().unwrap().download::<i32>()?,
+                topk_idx,
+            )?;
+            let gw: Vec<u32> = b
+                .out_w
+                .as_ref()
+                .unwrap()
+                .download::<f32>()?
+                .iter()
+                .map(|f| f.to_bits())
+                .collect();
+            let ww: Vec<u32> = topk_weights.iter().map(|f| f.to_bits()).collect();
+            compare(&format!("{who} topk_weights"), &gw, &ww)?;
         }
     }
     Ok(())

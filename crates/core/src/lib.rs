@@ -14,6 +14,7 @@ pub mod ht_errors;
 pub mod ht_layout;
 pub mod ht_rules;
 pub mod ll_layout;
+pub mod ll_recipes;
 pub mod ll_rules;
 pub mod op_args;
 pub mod size_math;

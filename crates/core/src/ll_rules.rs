@@ -6,6 +6,8 @@
 //! EP returns `ncclInvalidArgument` otherwise); combine reduces in fp32 and rounds once to the
 //! type of its expert outputs, which `outputs->tokens` must share (NCCL EP asserts it). A row is
 //! H · element size bytes: a multiple of 16 and at most `max_token_bytes`.
+//!
+//! Dispatch quantisation recipes: crate::ll_recipes, checked first.
 
 use crate::config::GroupParams;
 use crate::enums::{DType, Layout, PassDir, dtype};
@@ -13,6 +15,9 @@ use crate::error::Result;
 use crate::handle_rules::HandleParams;
 use crate::op_args::{CombineArgs, DispatchArgs};
 use crate::tensor::{Dim, TensorView};
+
+use crate::ll_recipes::dispatch_recipe;
+pub use crate::ll_recipes::{DS_FP8_BLOCK, FWD_SCALE_DTYPES, FWD_TOKEN_DTYPES, LlRecipe};
 
 /// Token types of LOW_LATENCY dispatch and combine (`quant_recipe` NONE), as NCCL EP.
 pub const LL_TOKEN_DTYPES: [DType; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32];
@@ -22,14 +27,29 @@ pub const LL_TOKEN_DTYPES: [DType; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype:
 pub struct LlCall {
     /// T: tokens of this rank in this call.
     pub tokens: usize,
-    /// Bytes of one token row: H · element size.
+    /// Bytes of one token row as it travels and lands in `outputs->tokens`: H · element size
+    /// (DS_FP8E3M4: H, one E4M3 byte per bf16 input element).
     pub row_bytes: usize,
-    /// The token type of every token tensor of the call (one of [`LL_TOKEN_DTYPES`]).
+    /// The type of `inputs->tokens` (one of [`LL_TOKEN_DTYPES`] without a recipe, of
+    /// [`FWD_TOKEN_DTYPES`] with QUANT_FWD, bf16 with DS_FP8E3M4).
     pub dtype: DType,
     pub send_only: bool,
+    /// Dispatch recipe (None for combine).
+    pub recipe: LlRecipe,
+    /// Scale bytes per token, carried after the token bytes (0 without a recipe).
+    pub scale_bytes: usize,
+    /// DS_FP8E3M4: power-of-two scales (`config->round_scales`).
+    pub round_scales: bool,
 }
 
-fn ensure_none(t: &Option<TensorView>, name: &str, why: &str) -> Result<()> {
+impl LlCall {
+    /// Bytes of one message payload: token bytes then scale bytes (at most `max_token_bytes`).
+    pub fn payload_bytes(&self) -> usize {
+        self.row_bytes + self.scale_bytes
+    }
+}
+
+pub(crate) fn ensure_none(t: &Option<TensorView>, name: &str, why: &str) -> Result<()> {
     crate::ensure_arg!(t.is_none(), "{name} must be NULL {why}");
     Ok(())
 }
@@ -69,7 +89,7 @@ fn row_bytes(p: &GroupParams, t: &TensorView, name: &str, rows: usize) -> Result
 }
 
 /// The call's other token tensor must have the type of `first` (LL converts no type).
-fn same_dtype(t: &TensorView, name: &str, first: &TensorView, first_name: &str, why: &str) -> Result<()> {
+pub(crate) fn same_dtype(t: &TensorView, name: &str, first: &TensorView, first_name: &str, why: &str) -> Result<()> {
     crate::ensure_arg!(
         t.raw_dtype() == first.raw_dtype(),
         "{name} is {} but {first_name} is {}: {why}, so both must have one type",
@@ -114,34 +134,43 @@ fn call_shape(
     })
 }
 
-/// `topk` is the handle's routing tensor [T, K].
+/// `topk` is the handle's routing tensor [T, K]. The recipe comes first (NCCL EP checks it
+/// before the pass direction).
 pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &DispatchArgs) -> Result<LlCall> {
-    let CallShape {
-        n,
-        b,
-        l,
-        k,
-        t,
-        rb,
-        h_elems,
-    } = call_shape(
-        p,
-        h,
-        topk,
-        (a.pass, a.quant, "ncclEpDispatch"),
-        (&a.tokens, "inputs->tokens"),
-        &a.in_scales,
-    )?;
-    ensure_none(&a.out_scales, "outputs->scales", "without a quantisation recipe")?;
-    let dt = a.tokens.dtype()?;
-    let why = "LOW_LATENCY dispatch moves token rows unconverted";
-    same_dtype(&a.out_tokens, "outputs->tokens", &a.tokens, "inputs->tokens", why)?;
+    let r = dispatch_recipe(p, h, a)?;
+    common(a.pass, 0, "ncclEpDispatch")?;
+    let (n, b, l, k) = (
+        p.nranks as usize,
+        p.max_tokens as usize,
+        p.local_experts as usize,
+        h.num_topk as usize,
+    );
+    let t = topk.dim(0);
+    let (rb, dt) = match r.recipe {
+        LlRecipe::None => {
+            let rb = row_bytes(p, &a.tokens, "inputs->tokens", t)?;
+            let why = "LOW_LATENCY dispatch moves token rows unconverted";
+            same_dtype(&a.out_tokens, "outputs->tokens", &a.tokens, "inputs->tokens", why)?;
+            (rb, a.tokens.dtype()?)
+        }
+        LlRecipe::Forward => {
+            a.tokens
+                .expect("inputs->tokens", &[Dim::Eq(t), Dim::Any], &FWD_TOKEN_DTYPES)?;
+            (r.row_bytes, a.tokens.dtype()?)
+        }
+        // The bf16 input row itself must fit too (NCCL EP asserts 2H <= max_token_bytes).
+        LlRecipe::DsFp8 => {
+            row_bytes(p, &a.tokens, "inputs->tokens", t)?;
+            (r.row_bytes, dtype::BFLOAT16)
+        }
+    };
+    let (dt_out, h_elems) = (r.out_dtype, r.out_width);
     match h.layout {
         Layout::ExpertMajor => {
             a.out_tokens.expect(
                 "outputs->tokens",
                 &[Dim::Eq(l), Dim::Eq(n * b), Dim::Eq(h_elems)],
-                &[dt],
+                &[dt_out],
             )?;
             ensure_none(&a.out_weights, "outputs->topk_weights", "for EXPERT_MAJOR")?;
             ensure_none(&a.out_topk_idx, "outputs->topk_idx", "for EXPERT_MAJOR")?;
@@ -159,8 +188,11 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
             c.expect("layout_info->expert_counters", &[Dim::AtLeast(l)], &[dtype::INT32])?;
         }
         Layout::RankMajor => {
-            a.out_tokens
-                .expect("outputs->tokens", &[Dim::Eq(n), Dim::Eq(b), Dim::Eq(h_elems)], &[dt])?;
+            a.out_tokens.expect(
+                "outputs->tokens",
+                &[Dim::Eq(n), Dim::Eq(b), Dim::Eq(h_elems)],
+                &[dt_out],
+            )?;
             let w = a.in_weights.as_ref().ok_or_else(|| {
                 crate::invalid_arg!("RANK_MAJOR dispatch needs inputs->topk_weights [{t}, {k}] float32")
             })?;
@@ -192,6 +224,9 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
         row_bytes: rb,
         dtype: dt,
         send_only: a.send_only,
+        recipe: r.recipe,
+        scale_bytes: r.scale_bytes,
+        round_scales: r.recipe == LlRecipe::DsFp8 && a.round_scales,
     })
 }
 
@@ -246,6 +281,9 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
         row_bytes: rb,
         dtype: dt,
         send_only: a.send_only,
+        recipe: LlRecipe::None,
+        scale_bytes: 0,
+        round_scales: false,
     })
 }
 

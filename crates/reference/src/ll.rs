@@ -739,3 +739,189 @@ pub fn ll_combine_ref_masked<T: TokenElem>(
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch quantisation recipes (docs/LL.md, "Quantisation recipes")
+//
+// Both recipes place rows exactly as a dispatch without a recipe does; only what a row holds
+// differs. QUANT_FWD: the caller's token bytes and scale bytes, unconverted. DS_FP8E3M4: the
+// bf16 row quantised to E4M3 bytes plus one fp32 scale per 128 elements, from NCCL EP v2's
+// definition (written here from the definition, independently of the kernel's bit tricks).
+
+/// Elements per DS_FP8E3M4 scale.
+pub const DS_FP8_BLOCK: usize = 128;
+
+/// The finite magnitude of E4M3 (fn) code `c` (0..=0x7E): exponent bias 7, subnormals m·2^-9.
+fn e4m3_magnitude(c: u8) -> f64 {
+    let (e, m) = ((c >> 3) as i32, (c & 7) as f64);
+    if e == 0 {
+        m * 2f64.powi(-9)
+    } else {
+        (1.0 + m / 8.0) * 2f64.powi(e - 7)
+    }
+}
+
+/// E4M3 bits to f32 (exact); 0x7F and 0xFF are NaN.
+pub fn e4m3_to_f32(c: u8) -> f32 {
+    if c & 0x7F == 0x7F {
+        return f32::NAN;
+    }
+    let v = e4m3_magnitude(c & 0x7F) as f32;
+    if c & 0x80 != 0 { -v } else { v }
+}
+
+/// f32 to E4M3 (fn) bits: the nearest finite value, ties to the even code, magnitudes past 448
+/// (infinity too) saturated to 448, NaN to 0x7F; the sign is kept (−0 and negative values that
+/// round to zero give 0x80). A search over the 127 finite magnitudes, in f64 (exact).
+pub fn f32_to_e4m3_satfinite(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7F;
+    }
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = (x as f64).abs();
+    // The largest code whose magnitude does not exceed |x|.
+    let below = (0u8..=0x7E).rev().find(|&c| e4m3_magnitude(c) <= a).unwrap_or(0);
+    if below == 0x7E {
+        return sign | 0x7E;
+    }
+    let (lo, hi) = (a - e4m3_magnitude(below), e4m3_magnitude(below + 1) - a);
+    let code = if lo < hi || (lo == hi && below % 2 == 0) {
+        below
+    } else {
+        below + 1
+    };
+    sign | code
+}
+
+/// One bf16 row quantised by DS_FP8E3M4: (E4M3 bytes [H], fp32 scales [H/128]). Per block of
+/// 128: amax = max(1e-4, |x|) (the float nearest 1e-4, as NCCL EP's constant, converted from the
+/// double); without round_scales scale_inv = amax · fl(1/448) and scale = 448 / amax, each
+/// one f32 rounding; with round_scales scale_inv = 2^e and scale = 2^−e for the smallest e with
+/// 2^e ≥ amax · fl(1/448). The bytes are E4M3(x · scale); the stored scale is scale_inv.
+pub fn ds_fp8_quantize(row: &[u16], round_scales: bool) -> (Vec<u8>, Vec<f32>) {
+    assert!(row.len().is_multiple_of(DS_FP8_BLOCK), "H % 128 != 0");
+    let margin = 1e-4f64 as f32;
+    let inv448 = 1.0f32 / 448.0f32;
+    let mut bytes = Vec::with_capacity(row.len());
+    let mut scales = Vec::with_capacity(row.len() / DS_FP8_BLOCK);
+    for blk in row.chunks(DS_FP8_BLOCK) {
+        let amax = blk.iter().fold(margin, |m, &b| m.max(bf16_to_f32(b).abs()));
+        let y = amax * inv448;
+        let (scale, scale_inv) = if round_scales {
+            // Smallest power of two >= y (y is a normal float here: amax >= 1e-4).
+            let mut e = -150i32;
+            while 2f64.powi(e) < y as f64 {
+                e += 1;
+            }
+            (2f64.powi(-e) as f32, 2f64.powi(e) as f32)
+        } else {
+            (448.0f32 / amax, y)
+        };
+        bytes.extend(blk.iter().map(|&b| f32_to_e4m3_satfinite(bf16_to_f32(b) * scale)));
+        scales.push(scale_inv);
+    }
+    (bytes, scales)
+}
+
+/// Places byte rows as a dispatch places token rows: `rows[s]` is rank s's [T_s, `row_bytes`]
+/// rows; element d of the result is rank d's output, EM [L, N·B, row_bytes] (one row per
+/// distinct (token, local expert) pair), RM [N, B, row_bytes]; untouched bytes are `poison`.
+/// The routing (and masks, `links`) are the world's; its token values are not read.
+pub fn ll_dispatch_rows_ref<T: TokenElem>(
+    world: &LlWorld<T>,
+    layout: Layout,
+    links: &LlLinks,
+    rows: &[Vec<u8>],
+    row_bytes: usize,
+    poison: u8,
+) -> Vec<Vec<u8>> {
+    let route = LlRoute::with_links(world, links.clone());
+    let sh = world.shape;
+    let (n, b, k, l) = (sh.nranks, sh.max_tokens, sh.topk, sh.local_experts());
+    assert_eq!(rows.len(), n, "rows of every rank");
+    for (s, r) in rows.iter().enumerate() {
+        assert_eq!(r.len(), world.ranks[s].num_tokens * row_bytes, "rank {s}: rows shape");
+    }
+    let row = |s: usize, t: usize| &rows[s][t * row_bytes..(t + 1) * row_bytes];
+    let out_rows = if layout == Layout::ExpertMajor {
+        l * n * b
+    } else {
+        n * b
+    };
+    let mut outs = vec![vec![poison; out_rows * row_bytes]; n];
+    for s in 0..n {
+        for t in 0..world.ranks[s].num_tokens {
+            match layout {
+                Layout::ExpertMajor => {
+                    for kk in (0..k).filter(|&kk| route.em_first_k(s, t, kk) == Some(kk)) {
+                        if let Some((d, le, r)) = route.em_row(world, s, t, kk) {
+                            let at = (le * n * b + r) * row_bytes;
+                            outs[d][at..at + row_bytes].copy_from_slice(row(s, t));
+                        }
+                    }
+                }
+                Layout::RankMajor => {
+                    for &(d, i) in route.dests(s, t).iter().filter(|&&(d, _)| route.linked(s, d)) {
+                        let at = (s * b + i) * row_bytes;
+                        outs[d][at..at + row_bytes].copy_from_slice(row(s, t));
+                    }
+                }
+                Layout::Flat => panic!("LOW_LATENCY has no FLAT layout"),
+            }
+        }
+    }
+    outs
+}
+
+/// One rank's outputs of a dispatch with a recipe: `outputs->tokens` and `outputs->scales` as
+/// bytes (EM [L, N·B, row] / RM [N, B, row]); counters, ids and weights are those of
+/// [`ll_dispatch_ref`] on the same routing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlQuantOut {
+    pub tokens: Vec<u8>,
+    pub scales: Vec<u8>,
+}
+
+/// QUANT_FWD for every rank: `tokens[s]` [T_s, token_bytes] and `scales[s]` [T_s, scale_bytes]
+/// travel unconverted; untouched output bytes are `poison`.
+#[allow(clippy::too_many_arguments)]
+pub fn ll_dispatch_fwd_ref<T: TokenElem>(
+    world: &LlWorld<T>,
+    layout: Layout,
+    links: &LlLinks,
+    (tokens, token_bytes): (&[Vec<u8>], usize),
+    (scales, scale_bytes): (&[Vec<u8>], usize),
+    poison: u8,
+) -> Vec<LlQuantOut> {
+    let t = ll_dispatch_rows_ref(world, layout, links, tokens, token_bytes, poison);
+    let s = ll_dispatch_rows_ref(world, layout, links, scales, scale_bytes, poison);
+    t.into_iter()
+        .zip(s)
+        .map(|(tokens, scales)| LlQuantOut { tokens, scales })
+        .collect()
+}
+
+/// DS_FP8E3M4 for every rank of a bf16 world: each token row quantised by [`ds_fp8_quantize`],
+/// its E4M3 bytes to `outputs->tokens` and its fp32 scales (little-endian bytes) to
+/// `outputs->scales`; untouched output bytes are `poison`.
+pub fn ll_dispatch_ds_fp8_ref(
+    world: &LlWorld<u16>,
+    layout: Layout,
+    links: &LlLinks,
+    round_scales: bool,
+    poison: u8,
+) -> Vec<LlQuantOut> {
+    let h = world.shape.hidden;
+    let (mut tok, mut sc) = (Vec::new(), Vec::new());
+    for r in &world.ranks {
+        let (mut tb, mut sb) = (Vec::new(), Vec::new());
+        for row in r.tokens.chunks(h.max(1)).take(r.num_tokens) {
+            let (q, s) = ds_fp8_quantize(row, round_scales);
+            tb.extend(q);
+            sb.extend(s.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        tok.push(tb);
+        sc.push(sb);
+    }
+    ll_dispatch_fwd_ref(world, layout, links, (&tok, h), (&sc, 4 * (h / DS_FP8_BLOCK)), poison)
+}
