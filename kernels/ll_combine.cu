@@ -39,11 +39,14 @@
 //   [0, H/2)          E2M1 codes, element 2i in the low nibble of byte i
 //   [H/2, H/2 + H/16) E4M3 block scales, one per 16 elements
 //   then the row's f32 global scale g (the caller's 2688 / amax, or 0).
-// Per block: m = max |x|, sc = E4M3(g · (m · RN(1/6))), inv = 1 / (value(sc) · (1/g)), each
-// value E2M1(x · inv); the receiver adds value · ((value(sc) · (1/g)) · w) with one fused
-// multiply-add per contribution. Every operation is an explicit IEEE round-to-nearest
-// intrinsic (no contraction, no approximate reciprocal), so the result is what the CPU
-// reference computes (ep_reference::ll::nvfp4_encode_row / nvfp4_decode_add), bit for bit.
+// Per block: m = max |x|, sc = E4M3(g · (m · rcp(6))), inv = rcp(value(sc) · rcp(g)) (0 when
+// sc is 0), each value E2M1(x · inv); the receiver adds value · ((value(sc) · (1/g)) · w)
+// with one fused multiply-add per contribution (1/g: IEEE division, 1 where it is infinite).
+// This is NCCL EP's arithmetic (DeepEP's rule), operation for operation, so that its callers
+// (ep_bench --validate compares bit for bit) see the same results: the sender's rcp is
+// `rcp.approx.ftz.f32`, as NCCL EP's; every other operation is an explicit round-to-nearest
+// intrinsic (no contraction), so the CPU reference (ep_reference::ll::nvfp4_encode_row_with,
+// nvfp4_decode_add) gives the same bits when handed the GPU's reciprocals.
 //
 // The conversions: sm_100 and later families with FP4 (arch-specific or family-specific
 // targets) use the cvt instructions; every other target (sm_90: Hopper has none) converts in
@@ -64,8 +67,8 @@
 // f32 to E2M1 (4 bits) in software: the rounding midpoints of the grid 0, .5, 1, 1.5, 2, 3, 4,
 // 6, ties to the even code; above 6 (and NaN) the largest code.
 __device__ __forceinline__ u32 f32_to_e2m1_sw(float x) {
-  const u32 s = (__float_as_uint(x) >> 31) << 3;
   const float a = fabsf(x);
+  const u32 s = a == a ? (__float_as_uint(x) >> 31) << 3 : 0u;  // NaN: 7, whatever its sign
   const u32 c = a <= 0.25f ? 0u
                 : a < 0.75f ? 1u
                 : a <= 1.25f ? 2u
@@ -142,12 +145,19 @@ __device__ __forceinline__ float e4m3_val(u32 c) {
   return __uint_as_float(__float_as_uint(v) | ((c & 0x80u) << 24));
 }
 
+// The sender's reciprocal: NCCL EP's (within 1 ulp of 1/x; subnormals flushed).
+__device__ __forceinline__ float nvfp4_rcp(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
 // Encodes elements [e0, e0 + n) of bf16 row `src` (n a multiple of 256, so that every lane runs
 // the same iterations: the two lanes of a 16-element block exchange their maxima) into the
 // message `msg` of a row of H elements with global scale g.
 __device__ __forceinline__ void nvfp4_encode(char* msg, const char* src, int e0, int n, int H, float g, int lane) {
-  const float rcp6 = __uint_as_float(0x3e2aaaabu);  // 1/6 rounded to nearest
-  const float rg = g != 0.f ? __frcp_rn(g) : 0.f;
+  const float rcp6 = nvfp4_rcp(6.f);
+  const float rg = g != 0.f ? nvfp4_rcp(g) : 0.f;
   for (int c = lane; c < n / 8; c += 32) {
     const int e = e0 + 8 * c;
     const int4 v = *((const int4*)src + e / 8);
@@ -161,8 +171,8 @@ __device__ __forceinline__ void nvfp4_encode(char* msg, const char* src, int e0,
     }
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
     const u32 sc = f32_to_e4m3(__fmul_rn(g, __fmul_rn(m, rcp6)));
-    const float d = __fmul_rn(e4m3_val(sc), rg);
-    const float inv = d != 0.f ? __frcp_rn(d) : 0.f;
+    const float scv = e4m3_val(sc);
+    const float inv = scv != 0.f ? nvfp4_rcp(__fmul_rn(scv, rg)) : 0.f;
     float y[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) y[j] = __fmul_rn(x[j], inv);

@@ -1592,8 +1592,9 @@ fn ll_fp16_fp32_benchmark_shape() {
 // NVFP4 combine (NCCL_EP_COMB_QUANT_NVFP4): NVIDIA's library refuses it on Hopper; ours runs it
 // everywhere (software E2M1/E4M3 conversion on sm_90). Checked bit for bit against the CPU
 // reference (ep_reference::ll::ll_combine_nvfp4_ref_masked), which encodes every expert output
-// from the format's definition and decodes it in the kernel's order; tests/ll_reference.rs bounds
-// that reference's distance from the exact bf16 combine.
+// from the format's definition and decodes it in the kernel's order, with the sender's
+// reciprocals (`rcp.approx.ftz.f32`, NCCL EP's) taken from this GPU (harness::GpuRcp);
+// tests/ll_reference.rs bounds that reference's distance from the exact bf16 combine.
 
 use ep_reference::ll::{ll_combine_nvfp4_ref_masked, nvfp4_global_scale};
 use nccl_ep::abi::ops::ncclEpCombine;
@@ -1703,7 +1704,9 @@ fn nvfp4_round(c: &Case, w: &World, rng: &mut SplitMix64, links: &LlLinks) -> Re
         Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: &xs, weights: &ws },
         _ => LlCombineIn::RankMajor { y: &xs },
     };
-    let want = ll_combine_nvfp4_ref_masked(&world, input, &ss, links);
+    let mut rcp = GpuRcp::default();
+    rcp.for_scales(0, &ss.concat())?;
+    let want = ll_combine_nvfp4_ref_masked(&world, input, &ss, links, &|x| rcp.get(x));
     for (r, (bb, wr)) in bufs.iter().zip(&want).enumerate() {
         compare(&format!("rank {r} NVFP4 combine"), &bb.comb_out.download::<u16>()?, wr)?;
     }

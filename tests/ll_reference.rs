@@ -1495,8 +1495,9 @@ fn fp32_combine_is_the_fused_sum() {
 /// a bit-level round-to-nearest-even. The reference finds the nearest table value instead; the
 /// two must agree on every input.
 fn kernel_e2m1(x: f32) -> u8 {
-    let s = ((x.to_bits() >> 31) << 3) as u8;
     let a = x.abs();
+    #[allow(clippy::eq_op)]
+    let s = if a == a { ((x.to_bits() >> 31) << 3) as u8 } else { 0 };
     let c = if a <= 0.25 {
         0
     } else if a < 0.75 {

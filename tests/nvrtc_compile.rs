@@ -10,6 +10,8 @@
 
 #[path = "common/nvrtc.rs"]
 mod common_nvrtc;
+#[path = "gpu/harness.rs"]
+mod harness;
 use common_nvrtc::have_nvrtc;
 use std::path::Path;
 use std::time::Instant;
@@ -442,4 +444,16 @@ fn nvfp4_combine_compiles_software_and_hardware_paths() {
             }
         }
     }
+}
+
+/// The GPU tests' reciprocal oracle (tests/gpu/harness.rs, `GpuRcp`) compiles for sm_90a, so
+/// that the NVFP4 GPU tests cannot fail on it.
+#[test]
+fn nvfp4_rcp_oracle_compiles() {
+    if !have_nvrtc() {
+        return;
+    }
+    let opts = jit::build_options(&jit::arch_for_cc(9, 0), &Defines::new()).unwrap();
+    let out = nvrtc::compile_to_cubin(harness::RCP_ORACLE.source, harness::RCP_ORACLE.name, &opts).unwrap();
+    assert!(out.cubin.starts_with(b"\x7fELF"));
 }

@@ -784,12 +784,15 @@ fn nearest_code(a: f32, count: u8, value: impl Fn(u8) -> f32) -> u8 {
 }
 
 /// f32 to E2M1: nearest, ties to even, saturating to ±6 (`cvt.rn.satfinite.e2m1x2.f32`).
-/// The sign is kept (a negative value that rounds to 0 gives −0, code 8); NaN gives 7 with
-/// its sign bit.
+/// The sign is kept (a negative value that rounds to 0 gives −0, code 8); NaN (which finite
+/// rows and scales never produce) gives 7, whatever its sign bit.
 pub fn f32_to_e2m1(x: f32) -> u8 {
+    if x.is_nan() {
+        return 7;
+    }
     let sign = if x.is_sign_negative() { 8 } else { 0 };
     let a = x.abs();
-    if a.is_nan() || a >= 6.0 {
+    if a >= 6.0 {
         return 7 | sign;
     }
     nearest_code(a, 8, |c| E2M1_VALUES[c as usize]) | sign
@@ -824,24 +827,48 @@ pub fn nvfp4_slot_bytes(hidden: usize) -> usize {
     (hidden / 2 + hidden / NVFP4_BLOCK + 4).next_multiple_of(16)
 }
 
+/// The reciprocal the sender uses: NCCL EP's kernel (and our kernel, to stay bit-compatible with
+/// it and with its `ep_bench --validate`) uses `rcp.approx.ftz.f32`, which is within 1 ulp of
+/// 1/x but not always the nearest float, and which no CPU computes. The reference therefore
+/// takes the reciprocal as a function: [`nvfp4_rcp_rn`] here, the GPU's own results in the GPU
+/// tests (tests/gpu/harness.rs, `GpuRcp`).
+pub type Nvfp4Rcp<'a> = &'a dyn Fn(f32) -> f32;
+
+/// 1/x rounded to nearest, with the flush-to-zero of `rcp.approx.ftz.f32`: a subnormal x counts
+/// as ±0 (giving ±inf) and a subnormal result becomes ±0.
+pub fn nvfp4_rcp_rn(x: f32) -> f32 {
+    let x = if x.is_subnormal() { 0.0f32.copysign(x) } else { x };
+    let r = 1.0 / x;
+    if r.is_subnormal() { 0.0f32.copysign(r) } else { r }
+}
+
+/// The wire message of one bf16 row with global scale `g` (padding zero), with
+/// [`nvfp4_rcp_rn`] as the sender's reciprocal ([`nvfp4_encode_row_with`]).
+pub fn nvfp4_encode_row(row: &[u16], g: f32) -> Vec<u8> {
+    nvfp4_encode_row_with(row, g, &nvfp4_rcp_rn)
+}
+
 /// The wire message of one bf16 row with global scale `g` (padding zero):
 /// bytes [0, H/2): E2M1 pairs, element 2i in the low nibble of byte i;
 /// [H/2, H/2 + H/16): E4M3 block scales, block j = elements 16j..16j+16;
 /// then `g` as 4 little-endian bytes.
-/// Per block, in f32 with one rounding per operation:
-///   m = max |x|; s = g · (m · RN(1/6)); sc = E4M3(s); rg = 1/g (0 if g = 0);
-///   d = value(sc) · rg; inv = 1/d (0 if d = 0); code_i = E2M1(x_i · inv).
-pub fn nvfp4_encode_row(row: &[u16], g: f32) -> Vec<u8> {
+/// Per block, in f32 with one rounding per operation (rcp: the sender's reciprocal):
+///   m = max |x|; s = g · (m · rcp(6)); sc = E4M3(s); rg = rcp(g) (0 if g = 0);
+///   d = value(sc) · rg; inv = rcp(d) (0 if value(sc) = 0); code_i = E2M1(x_i · inv).
+pub fn nvfp4_encode_row_with(row: &[u16], g: f32, rcp: Nvfp4Rcp<'_>) -> Vec<u8> {
     let h = row.len();
     assert!(h.is_multiple_of(NVFP4_BLOCK), "H is whole blocks");
     let mut out = vec![0u8; nvfp4_slot_bytes(h)];
-    let rcp6 = 1.0f32 / 6.0;
-    let rg = if g != 0.0 { 1.0 / g } else { 0.0 };
+    let rcp6 = rcp(6.0);
+    let rg = if g != 0.0 { rcp(g) } else { 0.0 };
     for (j, blk) in row.chunks(NVFP4_BLOCK).enumerate() {
         let m = blk.iter().map(|&b| bf16_to_f32(b).abs()).fold(0f32, f32::max);
         let sc = f32_to_e4m3(g * (m * rcp6));
-        let d = e4m3_to_f32(sc) * rg;
-        let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let inv = if e4m3_to_f32(sc) != 0.0 {
+            rcp(e4m3_to_f32(sc) * rg)
+        } else {
+            0.0
+        };
         out[h / 2 + j] = sc;
         for (i, &b) in blk.iter().enumerate() {
             let code = f32_to_e2m1(bf16_to_f32(b) * inv);
@@ -851,6 +878,19 @@ pub fn nvfp4_encode_row(row: &[u16], g: f32) -> Vec<u8> {
     }
     out[h / 2 + h / NVFP4_BLOCK..][..4].copy_from_slice(&g.to_le_bytes());
     out
+}
+
+/// Every value the sender passes to its reciprocal for rows with global scales `gs`, given
+/// rcp(g) for each (`rg`): 6, each g, and value(sc) · rg for every E4M3 code sc > 0 (a superset
+/// of what the rows need, which the GPU tests evaluate on the GPU in two rounds).
+pub fn nvfp4_rcp_inputs(gs: &[f32], rg: impl Fn(f32) -> f32) -> Vec<f32> {
+    let mut v = vec![6.0f32];
+    for &g in gs.iter().filter(|&&g| g != 0.0) {
+        v.push(g);
+        let r = rg(g);
+        v.extend((1..0x7Fu8).map(|c| e4m3_to_f32(c) * r));
+    }
+    v
 }
 
 /// Adds `w` times the row a message decodes to into `acc` [H]: rg = 1/g (1 when that is
@@ -873,17 +913,20 @@ pub fn nvfp4_decode_add(msg: &[u8], w: f32, acc: &mut [f32]) {
 /// NVFP4 combine for every rank: as [`ll_combine_ref`] (bf16 only), except that each expert
 /// output is encoded with its row's global scale (`scales[d]`, one per row of rank d's
 /// `x`/`y`: [L·N·B] or [N·B]) and decoded on the receiving side, where the contributions are
-/// accumulated in f32 in the same order with the decode's fused multiply-add.
+/// accumulated in f32 in the same order with the decode's fused multiply-add. The sender's
+/// reciprocal is [`nvfp4_rcp_rn`].
 pub fn ll_combine_nvfp4_ref(world: &LlWorld, input: LlCombineIn<'_>, scales: &[Vec<f32>]) -> Vec<Vec<u16>> {
-    ll_combine_nvfp4_ref_masked(world, input, scales, &LlLinks::all(world.shape.nranks))
+    ll_combine_nvfp4_ref_masked(world, input, scales, &LlLinks::all(world.shape.nranks), &nvfp4_rcp_rn)
 }
 
-/// [`ll_combine_nvfp4_ref`] with rank masks (contributions of unlinked pairs left out).
+/// [`ll_combine_nvfp4_ref`] with rank masks (contributions of unlinked pairs left out) and the
+/// sender's reciprocal `rcp`.
 pub fn ll_combine_nvfp4_ref_masked(
     world: &LlWorld,
     input: LlCombineIn<'_>,
     scales: &[Vec<f32>],
     links: &LlLinks,
+    rcp: Nvfp4Rcp<'_>,
 ) -> Vec<Vec<u16>> {
     let route = LlRoute::with_links(world, links.clone());
     let sh = world.shape;
@@ -898,7 +941,7 @@ pub fn ll_combine_nvfp4_ref_masked(
         assert_eq!(sd.len(), rows_per_rank, "rank {d}: scales shape");
     }
     // (rank d, row index) -> the message it sends.
-    let msg = |src: &[u16], d: usize, row: usize| nvfp4_encode_row(&src[row * h..][..h], scales[d][row]);
+    let msg = |src: &[u16], d: usize, row: usize| nvfp4_encode_row_with(&src[row * h..][..h], scales[d][row], rcp);
     (0..n)
         .map(|s| {
             let t_s = world.ranks[s].num_tokens;
