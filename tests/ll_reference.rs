@@ -1771,8 +1771,9 @@ fn nvfp4_combine_error_bound() {
             }
         }
     }
-    // The bound is not vacuous: some element comes within a factor of 4 of it.
-    assert!(worst > 0.25 && worst <= 1.0, "worst error / bound = {worst}");
+    // The bound is not vacuous: some element uses more than half of it (0.965 with this seed).
+    eprintln!("NVFP4 combine: worst error / bound = {worst:.3}");
+    assert!(worst > 0.5 && worst <= 1.0, "worst error / bound = {worst}");
 }
 
 /// Same routing, same order: on rows already on the E2M1 grid with block maxima 6·2^j (so
