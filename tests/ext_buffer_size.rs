@@ -128,3 +128,26 @@ fn high_throughput_sizes() {
     assert!(want < 2 << 20, "{want}");
     assert_eq!(size(&ht, 8, FLAT, 33).unwrap_err().0, 4);
 }
+
+/// NCCL_EP_COMB_QUANT_NVFP4 needs nothing more: its combine message, align16(H/2 + H/16 + 4)
+/// bytes, is smaller than the bf16 row (2H bytes = max_token_bytes) every combine slot holds,
+/// for every H the recipe accepts (a multiple of 512), so ncclEpxBufferSize (which has no
+/// recipe argument) and the buffer a group allocates are those of the unquantised combine.
+/// (ncclEpHandleMemSize holds routing metadata only: no payload, so no recipe either.)
+#[test]
+fn nvfp4_combine_fits_the_unquantised_buffer() {
+    use ep_core::ll_layout::LlLayout;
+    use ep_core::ll_rules::{NVFP4_HIDDEN_MULTIPLE, nvfp4_slot_bytes};
+    for hidden in (NVFP4_HIDDEN_MULTIPLE..=32768).step_by(NVFP4_HIDDEN_MULTIPLE) {
+        let mut c = anchor();
+        c.max_token_bytes = 2 * hidden as u32;
+        for k in [1, 8, 32] {
+            let lay = LlLayout::new(8, 256, 128, c.max_token_bytes, k).unwrap();
+            assert!(nvfp4_slot_bytes(hidden) <= lay.cmsg_bytes, "H = {hidden}");
+            assert_eq!(size(&c, 8, EM, k as i32), Ok(lay.total_bytes), "H = {hidden}, K = {k}");
+        }
+    }
+    // The anchor: 4048-byte messages in 14336-byte slots; the buffer stays 29 592 064 bytes.
+    assert_eq!(nvfp4_slot_bytes(7168), 4048);
+    assert_eq!(size(&anchor(), 8, EM, 8), Ok(29_592_064));
+}

@@ -1782,3 +1782,295 @@ fn ll_ds_fp8_edge_values() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// NVFP4 combine (NCCL_EP_COMB_QUANT_NVFP4): NVIDIA's library refuses it on Hopper; ours runs it
+// everywhere (software E2M1/E4M3 conversion on sm_90). Checked bit for bit against the CPU
+// reference (ep_reference::ll::ll_combine_nvfp4_ref_masked), which encodes every expert output
+// from the format's definition and decodes it in the kernel's order, with the sender's
+// reciprocals (`rcp.approx.ftz.f32`, NCCL EP's) taken from this GPU (harness::GpuRcp);
+// tests/ll_reference.rs bounds that reference's distance from the exact bf16 combine.
+
+use ep_reference::ll::{ll_combine_nvfp4_ref_masked, nvfp4_global_scale};
+use nccl_ep::abi::ops::ncclEpCombine;
+
+/// Random expert outputs [rows, H] for NVFP4: each row with its own magnitude (2^-20 .. 2^19),
+/// about one in eight all zero (global scale 0), one in eight with a single large outlier (most
+/// of its blocks then use small E4M3 scales, some subnormal or 0); the caller's global scales
+/// 2688 / amax(row) (or 0) come with them.
+fn nvfp4_rows(rows: usize, h: usize, rng: &mut SplitMix64) -> (Vec<u16>, Vec<f32>) {
+    let mut x = Vec::with_capacity(rows * h);
+    for _ in 0..rows {
+        let kind = rng.below(8);
+        let mag = 2f32.powi(rng.below(40) as i32 - 20);
+        let spike = rng.below(h);
+        for e in 0..h {
+            let v = match kind {
+                0 => 0.0,
+                1 if e == spike => mag * 4096.0,
+                _ => (rng.unit_f32() * 2.0 - 1.0) * mag,
+            };
+            x.push(ep_reference::ll::f32_to_bf16_rne(v));
+        }
+    }
+    let scales = x.chunks(h).map(nvfp4_global_scale).collect();
+    (x, scales)
+}
+
+/// Issues rank r's NVFP4 combine: `scales` is its global-scale tensor.
+fn combine_nvfp4(
+    c: &Case,
+    h: ncclEpHandle_t,
+    b: &mut RankBufs,
+    scales: &mut harness::DevTensor,
+    s: &Stream,
+    send_only: bool,
+) -> Result<(), String> {
+    let mut inp: ncclEpCombineInputs_t = nccl_ep::abi::guard::struct_default();
+    let mut out: ncclEpCombineOutputs_t = nccl_ep::abi::guard::struct_default();
+    let mut cfg: ncclEpCombineConfig_t = nccl_ep::abi::guard::struct_default();
+    cfg.send_only = send_only as u32;
+    cfg.quant_recipe = ncclEpCombQuant_t(1);
+    inp.tokens = b.x.ptr();
+    inp.scales = scales.ptr();
+    out.tokens = b.comb_out.ptr();
+    if c.layout == Layout::ExpertMajor {
+        out.topk_weights = b.comb_w.ptr();
+    }
+    // SAFETY: live local structs; every descriptor is boxed in `b` or `scales` with its sizes
+    // array, and their device buffers outlive the queued work (freeing waits for the device);
+    // `h` is a live handle and `s` a live stream (the C contract of ncclEpCombine).
+    ep_ok!(unsafe { ncclEpCombine(h, &inp, &out, &cfg, s.raw()) });
+    Ok(())
+}
+
+/// One dispatch + NVFP4 combine round on every rank of `w`, with fresh random data and poisoned
+/// outputs; `links` says which pairs exchange data (masks set beforehand), all pairs otherwise.
+fn nvfp4_round(c: &Case, w: &World, rng: &mut SplitMix64, links: &LlLinks) -> Result<(), String> {
+    let world = c.world(rng);
+    let (n, l, b, h, k) = (c.nranks, c.local_experts, c.max_tokens, c.hidden, c.topk);
+    let mut bufs = (0..n)
+        .map(|r| alloc_rank(c, 0, world.ranks[r].num_tokens))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (bb, inp) in bufs.iter().zip(&world.ranks) {
+        load_inputs(c, bb, inp)?;
+    }
+    let hs = Handles::create(c, w, &mut bufs)?;
+    for r in 0..n {
+        dispatch(c, hs.0[r], &mut bufs[r], &w.streams[r], c.send_only)?;
+    }
+    if c.send_only {
+        for r in 0..n {
+            complete(hs.0[r], &w.streams[r])?;
+        }
+    }
+    w.sync()?;
+    let all: Vec<usize> = (0..n).collect();
+    check_dispatch_links(c, &world, &bufs, links, &all)?;
+    let scale_dims = match c.layout {
+        Layout::ExpertMajor => vec![l, n * b, 1],
+        _ => vec![n, b, 1],
+    };
+    let rows = scale_dims[0] * scale_dims[1];
+    let (mut xs, mut ss, mut ws, mut sts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (bb, inp) in bufs.iter().zip(&world.ranks) {
+        let (x, sc) = nvfp4_rows(rows, h, rng);
+        bb.x.upload(&x)?;
+        let st = harness::DevTensor::new(0, ep_core::enums::dtype::FLOAT32, &scale_dims)?;
+        st.upload(&sc)?;
+        let wt: Vec<f32> = (0..inp.num_tokens * k).map(|_| rng.unit_f32() * 2.0 - 1.0).collect();
+        bb.comb_w.upload(&wt)?;
+        bb.comb_out.fill(POISON_TOKEN)?;
+        xs.push(x);
+        ss.push(sc);
+        ws.push(wt);
+        sts.push(st);
+    }
+    for r in 0..n {
+        combine_nvfp4(c, hs.0[r], &mut bufs[r], &mut sts[r], &w.streams[r], c.send_only)?;
+    }
+    if c.send_only {
+        for r in 0..n {
+            complete(hs.0[r], &w.streams[r])?;
+        }
+    }
+    w.sync()?;
+    let input = match c.layout {
+        Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: &xs, weights: &ws },
+        _ => LlCombineIn::RankMajor { y: &xs },
+    };
+    let mut rcp = GpuRcp::default();
+    rcp.for_scales(0, &ss.concat())?;
+    let want = ll_combine_nvfp4_ref_masked(&world, input, &ss, links, &|x| rcp.get(x));
+    for (r, (bb, wr)) in bufs.iter().zip(&want).enumerate() {
+        compare(&format!("rank {r} NVFP4 combine"), &bb.comb_out.download::<u16>()?, wr)?;
+    }
+    drop(sts);
+    hs.destroy()
+}
+
+/// NVFP4 combine on local groups of 1, 2, 4 and 8 ranks, both layouts, H in {512, 2560, 7168}
+/// (2560: a last 2 KiB segment of 512 elements), K in {1, 4, 8}, T in {0, 1, B/2, B} in turn,
+/// the three routings (duplicate experts included), both index widths, send_only now and then:
+/// every combined row bit for bit as the CPU reference.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ll_nvfp4_combine_matrix() {
+    let _gpu = require_gpu();
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    for nranks in [1, 2, 4, 8] {
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            let mut c = base_case(nranks, layout);
+            c.hidden = 7168;
+            let w = World::local(&c).expect("local groups");
+            let mut rng = SplitMix64::new(0x4f4 + nranks as u64 * 10 + layout as u64);
+            let mut i = 0usize;
+            for hidden in [512, 2560, 7168] {
+                for topk in [1, 4, 8] {
+                    let c = Case {
+                        hidden,
+                        topk,
+                        tokens: Some([0, 1, c.max_tokens / 2, c.max_tokens][i % 4]),
+                        routing: match i % 3 {
+                            0 => Routing::Uniform,
+                            1 => Routing::SameRankDups,
+                            _ => Routing::Skewed { rank: nranks - 1 },
+                        },
+                        idx64: i.is_multiple_of(2),
+                        global_ids: i % 4 == 1,
+                        send_only: i % 5 == 3,
+                        ..c
+                    };
+                    i += 1;
+                    match nvfp4_round(&c, &w, &mut rng, &LlLinks::all(nranks)) {
+                        Ok(()) => passed += 1,
+                        Err(e) => failed.push(format!("{c:?}: {e}")),
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "ll_nvfp4_combine_matrix: {passed} rounds passed, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert_eq!(passed, 4 * 2 * 3 * 3);
+}
+
+/// NVFP4 and unquantised bf16 combines alternate on one group and one handle layout (the same
+/// buffer and epochs; each picks its own kernel), and rows of one NVFP4 round with random token
+/// counts are exact too.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ll_nvfp4_and_bf16_share_a_group() {
+    let _gpu = require_gpu();
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let mut c = base_case(4, layout);
+        c.hidden = 7168;
+        let w = World::local(&c).expect("local groups");
+        let mut rng = SplitMix64::new(0x4f5 + layout as u64);
+        for i in 0..6 {
+            c.tokens = None;
+            let r = if i % 2 == 0 {
+                nvfp4_round(&c, &w, &mut rng, &LlLinks::all(c.nranks))
+            } else {
+                round(&c, &w, &mut rng)
+            };
+            r.unwrap_or_else(|e| panic!("{layout:?} round {i}: {e}"));
+        }
+    }
+}
+
+/// Masks: rank 1 of 4 masked by hand on every rank (and it masks all others): NVFP4 combine
+/// leaves the masked pairs' contributions out, as the reference with those links.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ll_nvfp4_combine_with_masks() {
+    let _gpu = require_gpu();
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let mut c = base_case(4, layout);
+        c.hidden = 7168;
+        let n = c.nranks;
+        let x = 1;
+        let w = timeout_world(&c, true).expect("local groups");
+        let mut rng = SplitMix64::new(0x4f6 + layout as u64);
+        let mut run = || -> Result<(), String> {
+            let masks: Vec<Vec<i32>> = (0..n)
+                .map(|r| {
+                    (0..n)
+                        .map(|y| if r == x { (y == x) as i32 } else { (y != x) as i32 })
+                        .collect()
+                })
+                .collect();
+            for r in 0..n {
+                set_mask(w.groups[r], &masks[r], &w.streams[r])?;
+            }
+            let links = LlLinks::from_masks(
+                &masks
+                    .iter()
+                    .map(|m| m.iter().map(|&v| v != 0).collect())
+                    .collect::<Vec<_>>(),
+            );
+            nvfp4_round(&c, &w, &mut rng, &links)?;
+            for r in 0..n {
+                compare(&format!("rank {r} async error"), &[async_error(w.groups[r])?], &[0])?;
+                set_mask(w.groups[r], &vec![1; n], &w.streams[r])?;
+            }
+            nvfp4_round(&c, &w, &mut rng, &LlLinks::all(n))
+        };
+        run().unwrap_or_else(|e| panic!("{layout:?}: {e}"));
+    }
+}
+
+/// Refusals that stay: NVFP4 with H not a multiple of 512, without scales, or with fp16 tokens is
+/// ncclInvalidArgument (NVIDIA's checks), on the GPU path too; and a HIGH_THROUGHPUT group
+/// keeps refusing the recipe (docs/CONFORMANCE.md rule 17) — that is covered by ht_rules.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ll_nvfp4_combine_refusals() {
+    let _gpu = require_gpu();
+    let mut c = base_case(2, Layout::ExpertMajor);
+    c.hidden = 2048 + 256;
+    c.tokens = Some(c.max_tokens);
+    let w = World::local(&c).expect("local groups");
+    let mut rng = SplitMix64::new(0x4f7);
+    let world = c.world(&mut rng);
+    let mut bufs = (0..c.nranks)
+        .map(|r| alloc_rank(&c, 0, world.ranks[r].num_tokens))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    for (bb, inp) in bufs.iter().zip(&world.ranks) {
+        load_inputs(&c, bb, inp).unwrap();
+    }
+    let hs = Handles::create(&c, &w, &mut bufs).unwrap();
+    for r in 0..c.nranks {
+        dispatch(&c, hs.0[r], &mut bufs[r], &w.streams[r], false).unwrap();
+    }
+    w.sync().unwrap();
+    let dims = [c.local_experts, c.nranks * c.max_tokens, 1];
+    let mut st = harness::DevTensor::new(0, ep_core::enums::dtype::FLOAT32, &dims).unwrap();
+    // SAFETY: as in combine_nvfp4; the call is refused before anything is queued.
+    let code = |b: &mut RankBufs, st: Option<&mut harness::DevTensor>| unsafe {
+        let mut inp: ncclEpCombineInputs_t = nccl_ep::abi::guard::struct_default();
+        let mut out: ncclEpCombineOutputs_t = nccl_ep::abi::guard::struct_default();
+        let mut cfg: ncclEpCombineConfig_t = nccl_ep::abi::guard::struct_default();
+        cfg.quant_recipe = ncclEpCombQuant_t(1);
+        inp.tokens = b.x.ptr();
+        inp.scales = st.map_or(std::ptr::null_mut(), |t| t.ptr());
+        out.tokens = b.comb_out.ptr();
+        out.topk_weights = b.comb_w.ptr();
+        ncclEpCombine(hs.0[0], &inp, &out, &cfg, w.streams[0].raw())
+    };
+    let e = code(&mut bufs[0], Some(&mut st));
+    assert_eq!(e, 4, "H = 2304 is no multiple of 512");
+    assert!(last_error().contains("multiple of 512"), "{}", last_error());
+    let e = code(&mut bufs[0], None);
+    assert_eq!(e, 4, "no scales");
+    assert!(last_error().contains("inputs->scales"), "{}", last_error());
+    // The round after the refusals is a normal one (nothing was queued).
+    let c2 = Case { hidden: 2048, ..c };
+    let mut rng = SplitMix64::new(0x4f8);
+    nvfp4_round(&c2, &w, &mut rng, &LlLinks::all(c.nranks)).unwrap();
+}

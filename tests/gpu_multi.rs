@@ -27,7 +27,8 @@
 //! with a larger top-k grows the buffer while an older handle lives, then rounds on both;
 //! `ht_growth`), LL dispatch quantisation recipes (`ll_quant`: QUANT_FWD and DS_FP8E3M4, both
 //! layouts, then an ordinary combine), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
-//! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), and HT
+//! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), LL NVFP4
+//! combine (`ll_nvfp4`, bit for bit against the reference), and HT
 //! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment). Opt-in and alone:
 //! `EP_MULTI_ONLY=mask_kill` (`ll_mask_kill`: one process kills itself with SIGKILL before its
 //! dispatch; the others finish without it; tests/gpu_multi/masks.rs).
@@ -438,6 +439,99 @@ fn ll_send_only(r: &Rank, t: &mut Tally) -> Result<(), String> {
             c.routing = [Routing::Uniform, Routing::SameRankDups][i % 2];
             let bad = ll_round(r, &g, &s, &c, &mut rng)?;
             t.record(r, &format!("ll_send_only {}", round_name(&c)), bad)?;
+        }
+        g.destroy()?;
+        r.barrier()?;
+    }
+    Ok(())
+}
+
+/// LL NVFP4 combine (NCCL_EP_COMB_QUANT_NVFP4, software conversion on Hopper): both layouts,
+/// H 7168, K 1 and 8, random token counts, duplicate experts; every rank's combined rows bit for
+/// bit as the CPU reference (ll_combine_nvfp4_ref), from expert outputs of per-row magnitudes
+/// with some all-zero rows (global scale 0).
+fn ll_nvfp4(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    let me = r.rank;
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let mut c = ll_case(r, layout, 7168);
+        let g = Group::new(r, &c.group_config())?;
+        let s = Stream::new(r.device)?;
+        let mut rng = r.rng("ll_nvfp4", layout.raw() as u64);
+        for i in 0..4 {
+            c.topk = [1, 8][i % 2];
+            c.routing = [Routing::Uniform, Routing::SameRankDups][i / 2];
+            c.send_only = i == 3;
+            let world = c.world(&mut rng);
+            let mut b = alloc_rank(&c, r.device, world.ranks[me].num_tokens)?;
+            load_inputs(&c, &b, &world.ranks[me])?;
+            let h = ll_handle(&c, &g, &mut b, &s)?;
+            dispatch(&c, h.0, &mut b, &s, c.send_only)?;
+            if c.send_only {
+                complete(h.0, &s)?;
+            }
+            s.sync()?;
+            let all = LlLinks::all(r.world);
+            let mut bad = check_dispatch_rank(&c, &world, me, &b, &all)?;
+            // Every rank's expert outputs: per-row magnitudes, one row in eight all zero.
+            let (xs, ws) = combine_inputs(&c, &world, &mut rng);
+            let h_el = c.hidden;
+            let xs: Vec<Vec<u16>> = xs
+                .into_iter()
+                .map(|x| {
+                    x.chunks(h_el)
+                        .flat_map(|row| {
+                            let k = rng.below(8);
+                            let m = 2f32.powi(rng.below(24) as i32 - 12);
+                            row.iter()
+                                .map(move |&v| if k == 0 { 0 } else { f32_to_bf16_rne(bf16_to_f32(v) * m) })
+                                .collect::<Vec<_>>()
+                        })
+                        .collect()
+                })
+                .collect();
+            let ss: Vec<Vec<f32>> = xs
+                .iter()
+                .map(|x| x.chunks(h_el).map(nvfp4_global_scale).collect())
+                .collect();
+            upload_combine_inputs(&b, me, &xs, &ws)?;
+            let dims = match layout {
+                Layout::ExpertMajor => vec![c.local_experts, c.nranks * c.max_tokens, 1],
+                _ => vec![c.nranks, c.max_tokens, 1],
+            };
+            let mut st = tensor(r, dtype::FLOAT32, &dims)?;
+            st.upload(&ss[me])?;
+            b.comb_out.fill(POISON_TOKEN)?;
+            let mut inp: ncclEpCombineInputs_t = struct_default();
+            let mut out: ncclEpCombineOutputs_t = struct_default();
+            let mut cfg: ncclEpCombineConfig_t = struct_default();
+            cfg.send_only = c.send_only as u32;
+            cfg.quant_recipe = ncclEpCombQuant_t(1);
+            inp.tokens = b.x.ptr();
+            inp.scales = st.ptr();
+            out.tokens = b.comb_out.ptr();
+            if layout == Layout::ExpertMajor {
+                out.topk_weights = b.comb_w.ptr();
+            }
+            // SAFETY: live local structs; the descriptors are boxed in `b` and `st` with their
+            // sizes, their device buffers outlive the queued work (synchronised below); `h` is
+            // a live handle, `s` a live stream.
+            ep_ok!(unsafe { ncclEpCombine(h.0, &inp, &out, &cfg, s.raw()) });
+            if c.send_only {
+                complete(h.0, &s)?;
+            }
+            s.sync()?;
+            let input = match layout {
+                Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: &xs, weights: &ws },
+                _ => LlCombineIn::RankMajor { y: &xs },
+            };
+            let mut rcp = GpuRcp::default();
+            rcp.for_scales(r.device, &ss.concat())?;
+            let want = ll_combine_nvfp4_ref_masked(&world, input, &ss, &all, &|x| rcp.get(x));
+            if let Err(e) = compare("NVFP4 combine", &b.comb_out.download::<u16>()?, &want[me]) {
+                bad.push(e);
+            }
+            drop(h);
+            t.record(r, &format!("ll_nvfp4 {}", round_name(&c)), bad)?;
         }
         g.destroy()?;
         r.barrier()?;
@@ -962,6 +1056,7 @@ type StepFn = fn(&Rank, &mut Tally) -> Result<(), String>;
 const STEPS: &[(&str, StepFn)] = &[
     ("ll_matrix", ll_matrix),
     ("ll_quant", ll_quant),
+    ("ll_nvfp4", ll_nvfp4),
     ("ll_send_only", ll_send_only),
     ("ll_two_handles", ll_two_handles),
     ("ll_growth", growth::ll_growth),

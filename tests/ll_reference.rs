@@ -1729,3 +1729,343 @@ fn recipes_are_placements_of_their_rows() {
         }
     }
 }
+
+// ---- NVFP4 combine ---------------------------------------------------------------------------
+
+/// The kernel's software conversions (kernels/ll_combine.cu, `f32_to_e2m1_sw` and
+/// `f32_to_e4m3_sw`), restated line for line: comparisons against the rounding midpoints, and
+/// a bit-level round-to-nearest-even. The reference finds the nearest table value instead; the
+/// two must agree on every input.
+fn kernel_e2m1(x: f32) -> u8 {
+    let a = x.abs();
+    #[allow(clippy::eq_op)]
+    let s = if a == a { ((x.to_bits() >> 31) << 3) as u8 } else { 0 };
+    let c = if a <= 0.25 {
+        0
+    } else if a < 0.75 {
+        1
+    } else if a <= 1.25 {
+        2
+    } else if a < 1.75 {
+        3
+    } else if a <= 2.5 {
+        4
+    } else if a < 3.5 {
+        5
+    } else if a <= 5.0 {
+        6
+    } else {
+        7
+    };
+    c | s
+}
+
+fn kernel_e4m3(x: f32) -> u8 {
+    let bits = x.to_bits();
+    let s = ((bits >> 24) & 0x80) as u8;
+    let u = bits & 0x7FFF_FFFF;
+    let c = if u > 0x7F80_0000 {
+        0x7F
+    } else if u >= 0x43E0_0000 {
+        0x7E
+    } else if u < 0x3C80_0000 {
+        (f32::from_bits(u) * 512.0).round_ties_even() as u32
+    } else {
+        let r = (u + 0x7FFFF + ((u >> 20) & 1)) >> 20;
+        r - ((127 - 7) << 3)
+    };
+    c as u8 | s
+}
+
+/// Inputs that stress the conversions: every f32 with the low 12 bits clear over the whole
+/// range, every rounding midpoint and its neighbours, and random bit patterns.
+fn conversion_inputs() -> Vec<f32> {
+    let mut v: Vec<f32> = (0..1u32 << 20).map(|i| f32::from_bits(i << 12)).collect();
+    let mut mids: Vec<f32> = vec![0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 448.0, 464.0, 480.0];
+    for c in 0..0x7Eu8 {
+        let (a, b) = (e4m3_to_f32(c), e4m3_to_f32(c + 1));
+        mids.push(((a as f64 + b as f64) / 2.0) as f32);
+        mids.push(a);
+    }
+    for m in mids {
+        for d in -3i32..=3 {
+            let x = f32::from_bits((m.to_bits() as i64 + d as i64).max(0) as u32);
+            v.push(x);
+            v.push(-x);
+        }
+    }
+    let mut rng = SplitMix64::new(0xF4);
+    v.extend((0..1 << 20).map(|_| f32::from_bits(rng.next_u64() as u32)));
+    v
+}
+
+#[test]
+fn nvfp4_conversions_by_hand() {
+    // E2M1: ties to the even code, saturation at 6, the sign kept.
+    for (x, c) in [
+        (0.25, 0),
+        (0.2501, 1),
+        (0.75, 2),
+        (1.25, 2),
+        (1.75, 4),
+        (2.5, 4),
+        (3.5, 6),
+        (5.0, 6),
+        (5.001, 7),
+        (6.0, 7),
+        (1e30, 7),
+        (f32::INFINITY, 7),
+        (-0.1, 8),
+        (-0.3, 9),
+        (-6.5, 15),
+        (-0.0, 8),
+    ] {
+        assert_eq!(f32_to_e2m1(x), c, "E2M1({x})");
+    }
+    for c in 0..16u8 {
+        assert_eq!(f32_to_e2m1(e2m1_to_f32(c)), c, "E2M1 code {c} round-trips");
+    }
+    // E4M3: bias 7, subnormals of 2^-9, 448 the largest, ties to even.
+    for (x, c) in [
+        (1.0, 0x38),
+        (448.0, 0x7E),
+        (463.9, 0x7E),
+        (1e9, 0x7E),
+        (f32::INFINITY, 0x7E),
+        (2f32.powi(-6), 0x08),
+        (2f32.powi(-9), 0x01),
+        (2f32.powi(-10), 0x00),
+        (3.0 * 2f32.powi(-10), 0x02),
+        (17.0, 0x58),
+        (19.0, 0x5A),
+        (-1.0, 0xB8),
+    ] {
+        assert_eq!(f32_to_e4m3(x), c, "E4M3({x})");
+    }
+    assert!(e4m3_to_f32(0x7F).is_nan());
+    for c in (0..=0xFFu8).filter(|c| c & 0x7F != 0x7F) {
+        assert_eq!(f32_to_e4m3(e4m3_to_f32(c)), c, "E4M3 code {c:#x} round-trips");
+    }
+}
+
+/// The kernel's software conversions equal the reference's on every input of
+/// `conversion_inputs` (NaN included: code 7 / 0x7F with the input's sign).
+#[test]
+fn nvfp4_kernel_conversions_match_the_definition() {
+    let mut checked = 0usize;
+    for x in conversion_inputs() {
+        assert_eq!(kernel_e2m1(x), f32_to_e2m1(x), "E2M1({x:e}, {:#x})", x.to_bits());
+        assert_eq!(kernel_e4m3(x), f32_to_e4m3(x), "E4M3({x:e}, {:#x})", x.to_bits());
+        checked += 1;
+    }
+    assert!(checked > 2_000_000);
+}
+
+/// One 16-element row by hand: amax 6, so g = 448 and the block scale is 448 (E4M3 0x7E);
+/// values already on the E2M1 grid come back exactly.
+#[test]
+fn nvfp4_encode_one_block_by_hand() {
+    let vals = [
+        6.0, -3.0, 1.5, 0.5, 0.0, -0.0, 4.0, -6.0, 2.0, 1.0, -0.5, 3.0, 0.0, 0.0, 0.0, 1.5,
+    ];
+    let row: Vec<u16> = vals.iter().map(|&v| bf(v)).collect();
+    let g = nvfp4_global_scale(&row);
+    assert_eq!(g, 448.0);
+    let m = nvfp4_encode_row(&row, g);
+    assert_eq!(m.len(), 16);
+    assert_eq!(nvfp4_slot_bytes(16), 16);
+    // Element 2i in the low nibble of byte i.
+    assert_eq!(&m[..8], &[0xD7, 0x13, 0x80, 0xF6, 0x24, 0x59, 0x00, 0x30]);
+    assert_eq!(m[8], 0x7E);
+    assert_eq!(&m[9..13], &448f32.to_le_bytes());
+    assert_eq!(&m[13..], &[0, 0, 0]);
+    let mut acc = vec![0f32; 16];
+    nvfp4_decode_add(&m, 0.5, &mut acc);
+    for (a, v) in acc.iter().zip(vals) {
+        assert_eq!(*a, v * 0.5);
+    }
+}
+
+/// A row of zeros has global scale 0: every byte of the message is 0 and it decodes to +0.
+#[test]
+fn nvfp4_zero_row() {
+    let row = vec![0u16; 512];
+    assert_eq!(nvfp4_global_scale(&row), 0.0);
+    let m = nvfp4_encode_row(&row, 0.0);
+    assert_eq!(m.len(), nvfp4_slot_bytes(512));
+    assert!(m.iter().all(|&b| b == 0));
+    let mut acc = vec![0f32; 512];
+    nvfp4_decode_add(&m, 0.7, &mut acc);
+    assert!(acc.iter().all(|a| a.to_bits() == 0));
+}
+
+/// The documented bound (docs/LL.md, "NVFP4 combine", error bound) on |x − decoded x| for one
+/// element of a row with block maximum `m` and row maximum `amax` (g = 2688 / amax). With
+/// S = g·m/6 and sc = E4M3(S): a normal sc is within 2^-4·S of S, so |x·g/sc| <= 6/(1 − 2^-4)
+/// = 6.4 and E2M1 rounding (a half step is at most 1, saturation above 6 at most 0.4) errs by
+/// at most 1, times sc/g <= (17/16)·m/6. A subnormal sc is within 2^-10 of S, adding at most
+/// 6·2^-10/g = amax·2^-10/448; a block whose scale rounds to 0 decodes to 0 with m <= that.
+fn nvfp4_element_bound(m: f64, amax: f64) -> f64 {
+    (17.0 / 96.0) * m + amax * 2f64.powi(-10) / 448.0 + 1e-30
+}
+
+/// NVFP4 combine against the exact combine of the same bf16 expert outputs (in f64): every
+/// output element within Σ_k |w_k|·bound(block max, row max) plus the two bf16 roundings
+/// (2^-9 of the magnitude each), on random worlds of both layouts, K up to 8, duplicate
+/// experts, rows of zeros and rows of very different magnitudes.
+#[test]
+fn nvfp4_combine_error_bound() {
+    let mut rng = SplitMix64::new(0x4F4);
+    let mut worst = 0f64;
+    for (i, layout) in [Layout::ExpertMajor, Layout::RankMajor]
+        .into_iter()
+        .cycle()
+        .take(12)
+        .enumerate()
+    {
+        let shape = LlShape {
+            nranks: [1, 2, 4][i % 3],
+            num_experts: [8, 8, 16][i % 3],
+            max_tokens: 6,
+            hidden: [512, 1024, 2048][i % 3],
+            topk: [1, 3, 8][(i / 2) % 3],
+        };
+        let routing = [Routing::Uniform, Routing::SameRankDups][i % 2];
+        let world = LlWorld::random(&mut rng, shape, routing);
+        let (n, b, h, k) = (shape.nranks, shape.max_tokens, shape.hidden, shape.topk);
+        let rows = match layout {
+            Layout::ExpertMajor => shape.local_experts() * n * b,
+            _ => n * b,
+        };
+        // Rows: random magnitude per row, some all zero, some with a huge outlier.
+        let xs: Vec<Vec<u16>> = (0..n)
+            .map(|_| {
+                (0..rows)
+                    .flat_map(|_| {
+                        let kind = rng.below(8);
+                        let mag = 2f32.powi(rng.below(40) as i32 - 20);
+                        let spike = rng.below(h);
+                        (0..h)
+                            .map(|e| match kind {
+                                0 => 0.0,
+                                1 if e == spike => mag * 1000.0,
+                                _ => (rng.unit_f32() * 2.0 - 1.0) * mag,
+                            })
+                            .map(bf)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
+            .collect();
+        let ws: Vec<Vec<f32>> = world
+            .ranks
+            .iter()
+            .map(|r| (0..r.num_tokens * k).map(|_| rng.unit_f32() * 2.0 - 1.0).collect())
+            .collect();
+        let scales: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| x.chunks(h).map(nvfp4_global_scale).collect())
+            .collect();
+        let input = match layout {
+            Layout::ExpertMajor => LlCombineIn::ExpertMajor { x: &xs, weights: &ws },
+            _ => LlCombineIn::RankMajor { y: &xs },
+        };
+        let got = ll_combine_nvfp4_ref(&world, input, &scales);
+        let route = LlRoute::new(&world);
+        for s in 0..n {
+            for t in 0..world.ranks[s].num_tokens {
+                // (weight, rank, row) of every contribution.
+                let parts: Vec<(f64, usize, usize)> = match layout {
+                    Layout::ExpertMajor => (0..k)
+                        .filter_map(|kk| {
+                            let (d, le, row) = route.em_row(&world, s, t, kk)?;
+                            Some((ws[s][t * k + kk] as f64, d, le * n * b + row))
+                        })
+                        .collect(),
+                    _ => route
+                        .dests(s, t)
+                        .iter()
+                        .map(|&(d, slot)| (1.0, d, s * b + slot))
+                        .collect(),
+                };
+                for e in 0..h {
+                    let mut exact = 0f64;
+                    let mut bound = 0f64;
+                    for &(w, d, row) in &parts {
+                        let r = &xs[d][row * h..][..h];
+                        let blk = &r[e / 16 * 16..][..16];
+                        let m = blk.iter().map(|&v| bf16_to_f32(v).abs() as f64).fold(0.0, f64::max);
+                        let amax = r.iter().map(|&v| bf16_to_f32(v).abs() as f64).fold(0.0, f64::max);
+                        exact += w * bf16_to_f32(r[e]) as f64;
+                        bound += w.abs() * nvfp4_element_bound(m, amax);
+                    }
+                    let g = bf16_to_f32(got[s][t * h + e]) as f64;
+                    let tol = bound * (1.0 + 2f64.powi(-8)) + (exact.abs() + g.abs()) * 2f64.powi(-9);
+                    let err = (g - exact).abs();
+                    assert!(
+                        err <= tol,
+                        "{layout:?} {shape:?} rank {s} token {t} element {e}: got {g}, exact {exact}, bound {tol}"
+                    );
+                    if bound > 0.0 {
+                        worst = worst.max(err / tol);
+                    }
+                }
+            }
+        }
+    }
+    // The bound is not vacuous: some element uses more than half of it (0.965 with this seed).
+    eprintln!("NVFP4 combine: worst error / bound = {worst:.3}");
+    assert!(worst > 0.5 && worst <= 1.0, "worst error / bound = {worst}");
+}
+
+/// Same routing, same order: on rows already on the E2M1 grid with block maxima 6·2^j (so
+/// every scale and reciprocal is exact), NVFP4 combine equals the bf16 combine bit for bit.
+#[test]
+fn nvfp4_combine_is_exact_on_grid_rows() {
+    let mut rng = SplitMix64::new(0x6F4);
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let shape = LlShape {
+            nranks: 2,
+            num_experts: 8,
+            max_tokens: 5,
+            hidden: 512,
+            topk: 4,
+        };
+        let world = LlWorld::random(&mut rng, shape, Routing::SameRankDups);
+        let (n, b, h) = (shape.nranks, shape.max_tokens, shape.hidden);
+        let rows = match layout {
+            Layout::ExpertMajor => shape.local_experts() * n * b,
+            _ => n * b,
+        };
+        let xs: Vec<Vec<u16>> = (0..n)
+            .map(|_| {
+                (0..rows * h / 16)
+                    .flat_map(|_| {
+                        let p = 2f32.powi(rng.below(8) as i32 - 4);
+                        let mut blk: Vec<f32> = (0..16).map(|_| e2m1_to_f32(rng.below(16) as u8) * p).collect();
+                        blk[rng.below(16)] = 6.0 * p;
+                        blk.into_iter().map(bf).collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
+            .collect();
+        // g = 1: the block scale is m/6 = p, a power of two, and every reciprocal is exact.
+        let scales: Vec<Vec<f32>> = (0..n).map(|_| vec![1.0; rows]).collect();
+        let ws: Vec<Vec<f32>> = world
+            .ranks
+            .iter()
+            .map(|r| (0..r.num_tokens * shape.topk).map(|_| rng.unit_f32()).collect())
+            .collect();
+        let (input, exact) = match layout {
+            Layout::ExpertMajor => (
+                LlCombineIn::ExpertMajor { x: &xs, weights: &ws },
+                ll_combine_ref(&world, LlCombineIn::ExpertMajor { x: &xs, weights: &ws }),
+            ),
+            _ => (
+                LlCombineIn::RankMajor { y: &xs },
+                ll_combine_ref(&world, LlCombineIn::RankMajor { y: &xs }),
+            ),
+        };
+        assert_eq!(ll_combine_nvfp4_ref(&world, input, &scales), exact, "{layout:?}");
+    }
+}

@@ -10,6 +10,8 @@
 
 #[path = "common/nvrtc.rs"]
 mod common_nvrtc;
+#[path = "gpu/harness.rs"]
+mod harness;
 use common_nvrtc::have_nvrtc;
 use std::path::Path;
 use std::time::Instant;
@@ -354,7 +356,7 @@ fn ht_registry_lists_every_module() {
 
 /// LL: every kernel the runtime may launch is registered, so `every_variant_compiles_for_every_arch`
 /// compiles each of them: dispatch (byte moves, one variant for every token type) and combine
-/// for each of bf16, fp16 and fp32, over K 1..=32, both layouts, both index widths, with and
+/// for each of bf16, fp16, fp32 and bf16 with NVFP4, over K 1..=32, both layouts, both index widths, with and
 /// without masks.
 #[test]
 fn ll_registry_lists_every_kernel() {
@@ -363,7 +365,7 @@ fn ll_registry_lists_every_kernel() {
     let dispatch = ll_dispatch_variants();
     let combine = ll_combine_variants();
     assert_eq!(dispatch.len(), 32 * 2 * 2 * 2);
-    assert_eq!(combine.len(), 3 * 32 * 2 * 2 * 2);
+    assert_eq!(combine.len(), 4 * 32 * 2 * 2 * 2);
     assert_eq!(ll_clean_variants().len(), 1);
     for topk in 1..=32 {
         for layout in [Layout::ExpertMajor, Layout::RankMajor] {
@@ -392,4 +394,66 @@ fn ll_registry_lists_every_kernel() {
     };
     assert_eq!((file("ll_combine.cu").variants)(), combine);
     assert_eq!((file("ll_dispatch.cu").variants)(), dispatch);
+}
+
+/// NVFP4 combine (docs/LL.md, "NVFP4 combine"): the software conversions on sm_90a (Hopper has
+/// no FP4 instructions: if any reached its PTX, ptxas would reject it), the cvt instructions
+/// on sm_100a and the other FP4 families, and the forced software path there too. The arch
+/// guard is checked from inside: a source that `#error`s unless the path is the expected one.
+#[test]
+fn nvfp4_combine_compiles_software_and_hardware_paths() {
+    use ep_core::enums::Layout;
+    use nccl_ep::runtime::kernels::{LL_COMBINE, LlDtype, LlKernel};
+    if !have_nvrtc() {
+        return;
+    }
+    let supported = nvrtc::supported_archs().expect("nvrtcGetSupportedArchs");
+    let with_check = |hw: bool| {
+        format!(
+            "{}\n#if EP_FP4_HW != {}\n#error the NVFP4 conversions took the wrong path\n#endif\n",
+            LL_COMBINE.source, hw as i32
+        )
+    };
+    let compile = |src: &str, arch: &str, d: &Defines| -> Result<usize, String> {
+        let opts = jit::build_options(arch, d).unwrap();
+        nvrtc::compile_to_cubin(src, "ll_combine.cu", &opts)
+            .map(|o| o.cubin.len())
+            .map_err(|e| format!("[{arch}; {d}]: {e}"))
+    };
+    let mut cases = vec![(jit::arch_for_cc(9, 0), false)];
+    for (cc, arch) in [(100, jit::arch_for_cc(10, 0)), (120, jit::arch_for_cc(12, 0))] {
+        if supported.contains(&cc) {
+            cases.push((arch, true));
+        } else {
+            eprintln!("note: this NVRTC does not support sm_{cc}; its FP4 path is not compiled");
+        }
+    }
+    for (arch, hw) in &cases {
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            for topk in [1, 8, 32] {
+                let d = LlKernel::combine(topk, layout, topk == 8, topk != 1, LlDtype::Nvfp4).defines();
+                assert!(d.to_string().contains("EP_DTYPE=3"), "{d}");
+                let n = compile(&with_check(*hw), arch, &d).unwrap();
+                assert!(n > 0);
+                // The wrong expectation must fail: the guard really decides.
+                assert!(compile(&with_check(!*hw), arch, &d).is_err(), "[{arch}] guard is inert");
+                if *hw {
+                    let soft = d.clone().set("EP_FP4_SOFT", 1);
+                    compile(&with_check(false), arch, &soft).unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// The GPU tests' reciprocal oracle (tests/gpu/harness.rs, `GpuRcp`) compiles for sm_90a, so
+/// that the NVFP4 GPU tests cannot fail on it.
+#[test]
+fn nvfp4_rcp_oracle_compiles() {
+    if !have_nvrtc() {
+        return;
+    }
+    let opts = jit::build_options(&jit::arch_for_cc(9, 0), &Defines::new()).unwrap();
+    let out = nvrtc::compile_to_cubin(harness::RCP_ORACLE.source, harness::RCP_ORACLE.name, &opts).unwrap();
+    assert!(out.cubin.starts_with(b"\x7fELF"));
 }

@@ -66,11 +66,14 @@ pub enum LlDtype {
     Bf16 = 0,
     F16 = 1,
     F32 = 2,
+    /// bf16 expert outputs and result, combined with `NCCL_EP_COMB_QUANT_NVFP4`: the messages
+    /// carry E2M1 values and E4M3 block scales (docs/LL.md, "NVFP4 combine").
+    Nvfp4 = 3,
 }
 
 impl LlDtype {
-    /// Every type.
-    pub const ALL: [LlDtype; 3] = [LlDtype::Bf16, LlDtype::F16, LlDtype::F32];
+    /// Every combine variant key: the three token types, then bf16 with NVFP4.
+    pub const ALL: [LlDtype; 4] = [LlDtype::Bf16, LlDtype::F16, LlDtype::F32, LlDtype::Nvfp4];
 
     /// The type of an `ncclDataType_t` the LL rules accepted.
     pub fn from_nccl(dt: DType) -> Result<Self> {

@@ -15,7 +15,7 @@ use ep_core::enums::Algorithm;
 use ep_core::enums::{ExpertIdKind, Layout, dtype};
 use ep_core::error::Result;
 use ep_core::ll_layout::LlLayout;
-use ep_core::ll_rules::{LlCall, check_combine, check_dispatch};
+use ep_core::ll_rules::{COMB_QUANT_NVFP4, LlCall, check_combine, check_dispatch};
 use ep_core::op_args::{CombineArgs, DispatchArgs};
 use ep_core::tensor::TensorView;
 
@@ -380,7 +380,7 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
     );
     // EM: the weights applied on the receiving side are combine's outputs->topk_weights. Dispatch
     // moves rows as bytes (one kernel for every token type); combine has one per type.
-    let p = call_params(
+    let mut p = call_params(
         g,
         h,
         &topk,
@@ -389,12 +389,19 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         opt_ptr(&a.out_weights),
         a.out_tokens.data,
     )?;
+    // NVFP4 (bf16 rows, checked): its own kernel, which reads the caller's global scales.
+    let dt = if a.quant == COMB_QUANT_NVFP4 {
+        p.comb_scales = opt_ptr(&a.in_scales);
+        LlDtype::Nvfp4
+    } else {
+        LlDtype::from_nccl(call.dtype)?
+    };
     let kernel = LlKernel::combine(
         h.params.num_topk,
         h.params.layout,
         topk.is(dtype::INT64),
         g.params.enable_mask,
-        LlDtype::from_nccl(call.dtype)?,
+        dt,
     );
     run(g, h, kernel, p, call.send_only, stream)
 }

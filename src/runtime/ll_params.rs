@@ -90,6 +90,8 @@ c_struct! {
         pub off_clean: u64,
         /// bound on every wait in nanoseconds of %globaltimer (0 = wait forever)
         pub timeout_ns: i64,
+        /// combine NVFP4: the caller's global scales, f32 [rows of x] (else 0)
+        pub comb_scales: u64,
         pub rank: i32,
         pub nranks: i32,
         pub num_experts: i32,
@@ -139,8 +141,8 @@ mod tests {
     /// The generated C carries the same numbers (kernels/ep_params.cuh, static_asserts).
     #[test]
     fn size_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 22 * 8 + 18 * 4);
-        assert_eq!(std::mem::size_of::<LlParams>(), 760);
+        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 23 * 8 + 18 * 4);
+        assert_eq!(std::mem::size_of::<LlParams>(), 768);
         assert_eq!(EP_STATE_BYTES, 64);
     }
 }

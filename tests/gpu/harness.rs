@@ -714,3 +714,80 @@ pub fn nccl_one_rank_comm() -> Result<ncclComm_t, String> {
     }
     Ok(comm)
 }
+
+// ---------------------------------------------------------------------------------------------
+// NVFP4: the GPU's reciprocal
+
+/// A kernel that evaluates `rcp.approx.ftz.f32`, the reciprocal NVFP4's sender uses (as NCCL
+/// EP's does), for a list of inputs.
+pub const RCP_ORACLE: nccl_ep::cuda::KernelSource = nccl_ep::cuda::KernelSource {
+    name: "nvfp4_rcp_oracle.cu",
+    source: "extern \"C\" __global__ void nvfp4_rcp_oracle(const float* x, float* y, unsigned n) {\n\
+             unsigned i = blockIdx.x * blockDim.x + threadIdx.x;\n\
+             if (i < n) { float r; asm(\"rcp.approx.ftz.f32 %0, %1;\" : \"=f\"(r) : \"f\"(x[i])); y[i] = r; }\n\
+             }\n",
+};
+
+/// `rcp.approx.ftz.f32` as this GPU computes it, for the inputs asked so far: the sender's
+/// reciprocal for the CPU reference of NVFP4 combine (ep_reference::ll::Nvfp4Rcp), which no
+/// CPU can compute (it is within 1 ulp of 1/x, not always the nearest float).
+#[derive(Default)]
+pub struct GpuRcp {
+    map: std::collections::HashMap<u32, f32>,
+}
+
+impl GpuRcp {
+    /// Evaluates the inputs not seen yet on `device` (synchronously, on the legacy stream).
+    pub fn add(&mut self, device: i32, xs: &[f32]) -> Result<(), String> {
+        use nccl_ep::cuda::{self, Defines};
+        let mut todo: Vec<f32> = xs
+            .iter()
+            .copied()
+            .filter(|x| !self.map.contains_key(&x.to_bits()))
+            .collect();
+        todo.sort_by_key(|x| x.to_bits());
+        todo.dedup_by_key(|x| x.to_bits());
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let f = cuda::get_function(device, &RCP_ORACLE, &Defines::new(), "nvfp4_rcp_oracle").map_err(|e| e.msg)?;
+        let _g = CtxGuard::enter(device).map_err(|e| e.msg)?;
+        let bytes = todo.len() * 4;
+        let x = DeviceMem::alloc(device, bytes).map_err(|e| e.msg)?;
+        let y = DeviceMem::alloc(device, bytes).map_err(|e| e.msg)?;
+        // SAFETY: `x` holds todo.len() floats.
+        unsafe { memory::memcpy_htod(x.ptr(), &todo) }.map_err(|e| e.msg)?;
+        let (xp, yp, n) = (x.ptr(), y.ptr(), todo.len() as u32);
+        let mut args = nccl_ep::kernel_args![&xp, &yp, &n];
+        let s = memory::Stream::LEGACY_DEFAULT;
+        // SAFETY: nvfp4_rcp_oracle(const float*, float*, unsigned) gets two device pointers of n
+        // floats each and n, in order; `args` and both buffers outlive the synchronised launch.
+        unsafe { cuda::launch(f, n.div_ceil(256), 256, 0, s, &mut args) }.map_err(|e| e.msg)?;
+        memory::stream_synchronize(s).map_err(|e| e.msg)?;
+        let mut out = vec![0f32; todo.len()];
+        // SAFETY: `y` holds n floats; any bits are a valid f32.
+        unsafe { memory::memcpy_dtoh(&mut out, y.ptr()) }.map_err(|e| e.msg)?;
+        for (a, r) in todo.into_iter().zip(out) {
+            self.map.insert(a.to_bits(), r);
+        }
+        Ok(())
+    }
+
+    /// The GPU's reciprocal of `x` (asked for before).
+    pub fn get(&self, x: f32) -> f32 {
+        *self
+            .map
+            .get(&x.to_bits())
+            .unwrap_or_else(|| panic!("GpuRcp: {x:e} ({:#x}) was not evaluated", x.to_bits()))
+    }
+
+    /// Everything the sender may need for rows with global scales `gs` (two rounds: 6 and the
+    /// scales, then value(sc) · rcp(g) for every E4M3 code).
+    pub fn for_scales(&mut self, device: i32, gs: &[f32]) -> Result<(), String> {
+        let mut first = vec![6.0f32];
+        first.extend(gs.iter().copied().filter(|&g| g != 0.0));
+        self.add(device, &first)?;
+        let rest = nvfp4_rcp_inputs(gs, |g| self.get(g));
+        self.add(device, &rest)
+    }
+}

@@ -232,7 +232,11 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
 
 /// `topk` is the handle's routing tensor [T, K]. The expert outputs `inputs->tokens` set the
 /// type (checked first, as NCCL EP does); the combined rows `outputs->tokens` [T, H] share it.
+/// `quant_recipe` NVFP4 has its own rules ([`check_combine_nvfp4`]).
 pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &CombineArgs) -> Result<LlCall> {
+    if a.quant == COMB_QUANT_NVFP4 {
+        return check_combine_nvfp4(p, h, topk, a);
+    }
     let dt = DType::from_raw(a.tokens.raw_dtype())
         .filter(|d| LL_TOKEN_DTYPES.contains(d))
         .ok_or_else(|| {
@@ -285,6 +289,76 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
         scale_bytes: 0,
         round_scales: false,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// NVFP4 combine (docs/LL.md, "NVFP4 combine")
+
+/// `ncclEpCombQuant_t` NCCL_EP_COMB_QUANT_NVFP4.
+pub const COMB_QUANT_NVFP4: i32 = 1;
+
+/// Elements per NVFP4 block (one E4M3 block scale each).
+pub const NVFP4_BLOCK: usize = 16;
+
+/// H must be a multiple of this: NCCL EP's sender quantises whole iterations of a warp
+/// (32 lanes × 8 bf16 × 2 or 4 unrolls), so it rejects any H that is not a multiple of 512.
+pub const NVFP4_HIDDEN_MULTIPLE: usize = 512;
+
+/// Bytes of one NVFP4 combine message for H elements: H/2 bytes of E2M1 pairs, H/16 E4M3 block
+/// scales, the f32 global scale, rounded up to 16 (NCCL EP's `nvfp4_slot_bytes`).
+pub fn nvfp4_slot_bytes(hidden: usize) -> usize {
+    (hidden / 2 + hidden / NVFP4_BLOCK + 4).next_multiple_of(16)
+}
+
+/// LOW_LATENCY combine with `quant_recipe` NVFP4, NCCL EP's checks in its order: bf16 expert
+/// outputs and bf16 result (`ncclInvalidArgument` otherwise), `inputs->scales` fp32 3-D (one
+/// global scale per expert-output row: [L, N·B, 1] expert-major, [N, B, 1] rank-major), H a
+/// multiple of 512; then the checks every LL combine has. NCCL EP also requires an FP4 GPU
+/// (sm_100 and later; `ncclInvalidUsage` on Hopper); we do not: the kernels convert in software
+/// where the GPU has no FP4 instructions. The message (`nvfp4_slot_bytes`) is smaller than the
+/// bf16 row the buffer is sized for, so the buffer does not change.
+pub fn check_combine_nvfp4(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &CombineArgs) -> Result<LlCall> {
+    let why = "NCCL_EP_COMB_QUANT_NVFP4 combines ncclBfloat16 expert outputs into ncclBfloat16 rows";
+    for (t, name) in [(&a.tokens, "inputs->tokens"), (&a.out_tokens, "outputs->tokens")] {
+        crate::ensure_arg!(t.is(dtype::BFLOAT16), "{name} is {}: {why}", t.type_name());
+    }
+    let scales = a.in_scales.as_ref().ok_or_else(|| {
+        crate::invalid_arg!(
+            "NCCL_EP_COMB_QUANT_NVFP4 needs inputs->scales: float32 [rows, 1], one global scale \
+             (2688 / amax of the row, or 0) per expert-output row"
+        )
+    })?;
+    crate::ensure_arg!(
+        scales.is(dtype::FLOAT32) && scales.ndim() == 3,
+        "inputs->scales for NCCL_EP_COMB_QUANT_NVFP4 must be a 3-D float32 tensor, got {} with {} dims",
+        scales.type_name(),
+        scales.ndim()
+    );
+    // The rest as for NONE (pass direction, shapes, weights), on the same tensors; the recipe
+    // is done with here, so the shared checks see none.
+    let plain = CombineArgs {
+        quant: 0,
+        in_scales: None,
+        ..a.clone()
+    };
+    let call = check_combine(p, h, topk, &plain)?;
+    let hidden = a.out_tokens.dim(1);
+    let (n, b, l) = (p.nranks as usize, p.max_tokens as usize, p.local_experts as usize);
+    let rows = match h.layout {
+        Layout::ExpertMajor => [l, n * b, 1],
+        _ => [n, b, 1],
+    };
+    crate::ensure_arg!(
+        hidden.is_multiple_of(NVFP4_HIDDEN_MULTIPLE),
+        "NCCL_EP_COMB_QUANT_NVFP4 needs H a multiple of {NVFP4_HIDDEN_MULTIPLE} (whole send iterations), got {hidden}"
+    );
+    scales.expect(
+        "inputs->scales (NCCL_EP_COMB_QUANT_NVFP4 global scales)",
+        &rows.map(Dim::Eq),
+        &[dtype::FLOAT32],
+    )?;
+    debug_assert!(nvfp4_slot_bytes(hidden) <= call.row_bytes);
+    Ok(call)
 }
 
 #[cfg(test)]
@@ -526,5 +600,125 @@ mod tests {
         let x = tv(&[32, 1024, 7168], dtype::INT8);
         let e = check_combine(&p, &h, &topk, &combine_args(x, tv(&[100, 7168], dtype::BFLOAT16))).unwrap_err();
         assert!(e.msg.contains("inputs->tokens must be"), "{}", e.msg);
+    }
+
+    fn nvfp4_args(layout: Layout, t: usize, hidden: usize) -> CombineArgs {
+        let (x, sc) = match layout {
+            Layout::ExpertMajor => (vec![32, 1024, hidden], vec![32, 1024, 1]),
+            _ => (vec![8, 128, hidden], vec![8, 128, 1]),
+        };
+        let mut a = combine_args(tv(&x, dtype::BFLOAT16), tv(&[t, hidden], dtype::BFLOAT16));
+        if layout == Layout::RankMajor {
+            a.out_weights = None;
+        }
+        a.quant = COMB_QUANT_NVFP4;
+        a.in_scales = Some(tv(&sc, dtype::FLOAT32));
+        a
+    }
+
+    /// NVFP4 combine: NCCL EP's checks (bf16 in and out, fp32 3-D scales of one value per
+    /// expert-output row, H a multiple of 512), and none about the GPU's architecture.
+    #[test]
+    fn nvfp4_combine_rules() {
+        let p = params(Algorithm::LowLatency);
+        let topk = tv(&[100, 8], dtype::INT64);
+        for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+            let h = check_handle(&p, Some(layout), 8, 0).unwrap();
+            for hidden in [512, 1024, 2560, 7168] {
+                let c = check_combine(&p, &h, &topk, &nvfp4_args(layout, 100, hidden)).unwrap();
+                assert_eq!((c.tokens, c.row_bytes, c.dtype), (100, 2 * hidden, dtype::BFLOAT16));
+                assert!(nvfp4_slot_bytes(hidden) <= c.row_bytes);
+            }
+            // H not a multiple of 512 (but a valid bf16 row otherwise).
+            for hidden in [256, 768, 6912] {
+                let e = check_combine(&p, &h, &topk, &nvfp4_args(layout, 100, hidden)).unwrap_err();
+                assert_eq!(e.code(), 4, "{layout:?} H={hidden}");
+                assert!(e.msg.contains("multiple of 512"), "{}", e.msg);
+            }
+            // Other token types, in or out.
+            for dt in [dtype::FLOAT16, dtype::FLOAT32, dtype::FLOAT8E4M3] {
+                let mut a = nvfp4_args(layout, 100, 7168);
+                a.tokens = tv(a.tokens.sizes(), dt);
+                let e = check_combine(&p, &h, &topk, &a).unwrap_err();
+                assert_eq!(e.code(), 4);
+                assert!(
+                    e.msg.contains("inputs->tokens") && e.msg.contains("ncclBfloat16"),
+                    "{}",
+                    e.msg
+                );
+                let mut a = nvfp4_args(layout, 100, 7168);
+                a.out_tokens = tv(&[100, 7168], dt);
+                let e = check_combine(&p, &h, &topk, &a).unwrap_err();
+                assert!(e.msg.contains("outputs->tokens"), "{}", e.msg);
+            }
+            // Scales: missing, wrong type, wrong rank, wrong shape.
+            let mut a = nvfp4_args(layout, 100, 7168);
+            a.in_scales = None;
+            let e = check_combine(&p, &h, &topk, &a).unwrap_err();
+            assert_eq!(e.code(), 4);
+            assert!(e.msg.contains("inputs->scales"), "{}", e.msg);
+            let sc = nvfp4_args(layout, 100, 7168).in_scales.unwrap();
+            let bad = [
+                tv(sc.sizes(), dtype::BFLOAT16),
+                tv(&[sc.dim(0), sc.dim(1)], dtype::FLOAT32),
+                tv(&[sc.dim(0), sc.dim(1), 2], dtype::FLOAT32),
+                tv(&[sc.dim(0) + 1, sc.dim(1), 1], dtype::FLOAT32),
+                tv(&[sc.dim(0), sc.dim(1) - 1, 1], dtype::FLOAT32),
+            ];
+            for s in bad {
+                let mut a = nvfp4_args(layout, 100, 7168);
+                a.in_scales = Some(s.clone());
+                let e = check_combine(&p, &h, &topk, &a).unwrap_err();
+                assert_eq!(e.code(), 4, "{:?}", s.sizes());
+                assert!(e.msg.contains("inputs->scales"), "{}", e.msg);
+            }
+            // The other layout's scale shape.
+            let mut a = nvfp4_args(layout, 100, 7168);
+            let other = if layout == Layout::ExpertMajor {
+                Layout::RankMajor
+            } else {
+                Layout::ExpertMajor
+            };
+            a.in_scales = nvfp4_args(other, 100, 7168).in_scales;
+            assert_eq!(check_combine(&p, &h, &topk, &a).unwrap_err().code(), 4);
+            // The rules of every combine still hold: backward pass, the [T, H] output.
+            let mut a = nvfp4_args(layout, 100, 7168);
+            a.pass = PassDir::Backward;
+            assert_eq!(check_combine(&p, &h, &topk, &a).unwrap_err().code(), 5);
+            let a = nvfp4_args(layout, 99, 7168);
+            assert_eq!(check_combine(&p, &h, &topk, &a).unwrap_err().code(), 4);
+            // NONE still refuses scales.
+            let mut a = nvfp4_args(layout, 100, 7168);
+            a.quant = 0;
+            assert!(
+                check_combine(&p, &h, &topk, &a)
+                    .unwrap_err()
+                    .msg
+                    .contains("inputs->scales")
+            );
+        }
+        // EXPERT_MAJOR still needs the weights.
+        let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
+        let mut a = nvfp4_args(Layout::ExpertMajor, 100, 7168);
+        a.out_weights = None;
+        assert!(
+            check_combine(&p, &h, &topk, &a)
+                .unwrap_err()
+                .msg
+                .contains("topk_weights")
+        );
+    }
+
+    /// The message fits in a bf16 row for every accepted H (so the buffer needs nothing more),
+    /// and has NCCL EP's size.
+    #[test]
+    fn nvfp4_slot_fits_the_combine_message() {
+        assert_eq!(nvfp4_slot_bytes(7168), (3584 + 448 + 4usize).next_multiple_of(16));
+        assert_eq!(nvfp4_slot_bytes(7168), 4048);
+        assert_eq!(nvfp4_slot_bytes(512), 304);
+        for hidden in (512..=65536).step_by(512) {
+            assert!(nvfp4_slot_bytes(hidden) <= 2 * hidden);
+            assert!(nvfp4_slot_bytes(hidden).is_multiple_of(16));
+        }
     }
 }

@@ -925,3 +925,223 @@ pub fn ll_dispatch_ds_fp8_ref(
     }
     ll_dispatch_fwd_ref(world, layout, links, (&tok, h), (&sc, 4 * (h / DS_FP8_BLOCK)), poison)
 }
+// NVFP4 combine (docs/LL.md, "NVFP4 combine")
+//
+// Written from the format definitions, not from the kernel: the conversions pick the nearest
+// representable value by searching the value tables (ties to the even code), where the kernel
+// uses comparisons and bit arithmetic.
+
+/// E2M1 magnitudes by code 0..=7 (sign in bit 3).
+const E2M1_VALUES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// The value of an E2M1 code (low 4 bits).
+pub fn e2m1_to_f32(code: u8) -> f32 {
+    let v = E2M1_VALUES[(code & 7) as usize];
+    if code & 8 != 0 { -v } else { v }
+}
+
+/// The code among `codes` (ascending magnitudes, value of code i = `value(i)`) nearest to
+/// `a` >= 0, ties to the even code; `a` above the largest saturates to it.
+fn nearest_code(a: f32, count: u8, value: impl Fn(u8) -> f32) -> u8 {
+    let a = a as f64;
+    let mut best = 0u8;
+    for c in 1..count {
+        let (db, dc) = ((value(best) as f64 - a).abs(), (value(c) as f64 - a).abs());
+        if dc < db || (dc == db && c % 2 == 0) {
+            best = c;
+        }
+    }
+    best
+}
+
+/// f32 to E2M1: nearest, ties to even, saturating to ±6 (`cvt.rn.satfinite.e2m1x2.f32`).
+/// The sign is kept (a negative value that rounds to 0 gives −0, code 8); NaN (which finite
+/// rows and scales never produce) gives 7, whatever its sign bit.
+pub fn f32_to_e2m1(x: f32) -> u8 {
+    if x.is_nan() {
+        return 7;
+    }
+    let sign = if x.is_sign_negative() { 8 } else { 0 };
+    let a = x.abs();
+    if a >= 6.0 {
+        return 7 | sign;
+    }
+    nearest_code(a, 8, |c| E2M1_VALUES[c as usize]) | sign
+}
+
+/// f32 to E4M3: nearest, ties to even, saturating to ±448 (`cvt.rn.satfinite.e4m3x2.f32`);
+/// NaN gives 0x7F with its sign bit.
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    if a.is_nan() {
+        return 0x7F | sign;
+    }
+    if a >= 448.0 {
+        return 0x7E | sign;
+    }
+    nearest_code(a, 0x7F, e4m3_to_f32) | sign
+}
+
+/// Elements per NVFP4 block.
+pub const NVFP4_BLOCK: usize = 16;
+
+/// The global scale NCCL EP's contract asks of the caller for one expert-output row:
+/// 2688 / amax(row) (2688 = 448 · 6), or 0 when the row is all zeros.
+pub fn nvfp4_global_scale(row: &[u16]) -> f32 {
+    let amax = row.iter().map(|&b| bf16_to_f32(b).abs()).fold(0f32, f32::max);
+    if amax == 0.0 { 0.0 } else { 2688.0 / amax }
+}
+
+/// Bytes of one NVFP4 message of H elements: align16(H/2 + H/16 + 4).
+pub fn nvfp4_slot_bytes(hidden: usize) -> usize {
+    (hidden / 2 + hidden / NVFP4_BLOCK + 4).next_multiple_of(16)
+}
+
+/// The reciprocal the sender uses: NCCL EP's kernel (and our kernel, to stay bit-compatible with
+/// it and with its `ep_bench --validate`) uses `rcp.approx.ftz.f32`, which is within 1 ulp of
+/// 1/x but not always the nearest float, and which no CPU computes. The reference therefore
+/// takes the reciprocal as a function: [`nvfp4_rcp_rn`] here, the GPU's own results in the GPU
+/// tests (tests/gpu/harness.rs, `GpuRcp`).
+pub type Nvfp4Rcp<'a> = &'a dyn Fn(f32) -> f32;
+
+/// 1/x rounded to nearest, with the flush-to-zero of `rcp.approx.ftz.f32`: a subnormal x counts
+/// as ±0 (giving ±inf) and a subnormal result becomes ±0.
+pub fn nvfp4_rcp_rn(x: f32) -> f32 {
+    let x = if x.is_subnormal() { 0.0f32.copysign(x) } else { x };
+    let r = 1.0 / x;
+    if r.is_subnormal() { 0.0f32.copysign(r) } else { r }
+}
+
+/// The wire message of one bf16 row with global scale `g` (padding zero), with
+/// [`nvfp4_rcp_rn`] as the sender's reciprocal ([`nvfp4_encode_row_with`]).
+pub fn nvfp4_encode_row(row: &[u16], g: f32) -> Vec<u8> {
+    nvfp4_encode_row_with(row, g, &nvfp4_rcp_rn)
+}
+
+/// The wire message of one bf16 row with global scale `g` (padding zero):
+/// bytes [0, H/2): E2M1 pairs, element 2i in the low nibble of byte i;
+/// [H/2, H/2 + H/16): E4M3 block scales, block j = elements 16j..16j+16;
+/// then `g` as 4 little-endian bytes.
+/// Per block, in f32 with one rounding per operation (rcp: the sender's reciprocal):
+///   m = max |x|; s = g · (m · rcp(6)); sc = E4M3(s); rg = rcp(g) (0 if g = 0);
+///   d = value(sc) · rg; inv = rcp(d) (0 if value(sc) = 0); code_i = E2M1(x_i · inv).
+pub fn nvfp4_encode_row_with(row: &[u16], g: f32, rcp: Nvfp4Rcp<'_>) -> Vec<u8> {
+    let h = row.len();
+    assert!(h.is_multiple_of(NVFP4_BLOCK), "H is whole blocks");
+    let mut out = vec![0u8; nvfp4_slot_bytes(h)];
+    let rcp6 = rcp(6.0);
+    let rg = if g != 0.0 { rcp(g) } else { 0.0 };
+    for (j, blk) in row.chunks(NVFP4_BLOCK).enumerate() {
+        let m = blk.iter().map(|&b| bf16_to_f32(b).abs()).fold(0f32, f32::max);
+        let sc = f32_to_e4m3(g * (m * rcp6));
+        let inv = if e4m3_to_f32(sc) != 0.0 {
+            rcp(e4m3_to_f32(sc) * rg)
+        } else {
+            0.0
+        };
+        out[h / 2 + j] = sc;
+        for (i, &b) in blk.iter().enumerate() {
+            let code = f32_to_e2m1(bf16_to_f32(b) * inv);
+            let e = j * NVFP4_BLOCK + i;
+            out[e / 2] |= code << (4 * (e % 2));
+        }
+    }
+    out[h / 2 + h / NVFP4_BLOCK..][..4].copy_from_slice(&g.to_le_bytes());
+    out
+}
+
+/// Every value the sender passes to its reciprocal for rows with global scales `gs`, given
+/// rcp(g) for each (`rg`): 6, each g, and value(sc) · rg for every E4M3 code sc > 0 (a superset
+/// of what the rows need, which the GPU tests evaluate on the GPU in two rounds).
+pub fn nvfp4_rcp_inputs(gs: &[f32], rg: impl Fn(f32) -> f32) -> Vec<f32> {
+    let mut v = vec![6.0f32];
+    for &g in gs.iter().filter(|&&g| g != 0.0) {
+        v.push(g);
+        let r = rg(g);
+        v.extend((1..0x7Fu8).map(|c| e4m3_to_f32(c) * r));
+    }
+    v
+}
+
+/// Adds `w` times the row a message decodes to into `acc` [H]: rg = 1/g (1 when that is
+/// infinite, i.e. g = 0), f = (value(sc) · rg) · w per block, acc_i = fma(value(code_i), f,
+/// acc_i).
+pub fn nvfp4_decode_add(msg: &[u8], w: f32, acc: &mut [f32]) {
+    let h = acc.len();
+    let g = f32::from_le_bytes(msg[h / 2 + h / NVFP4_BLOCK..][..4].try_into().unwrap());
+    let rg = match 1.0 / g {
+        r if r.is_infinite() => 1.0,
+        r => r,
+    };
+    for (e, a) in acc.iter_mut().enumerate() {
+        let f = (e4m3_to_f32(msg[h / 2 + e / NVFP4_BLOCK]) * rg) * w;
+        let v = e2m1_to_f32(msg[e / 2] >> (4 * (e % 2)));
+        *a = v.mul_add(f, *a);
+    }
+}
+
+/// NVFP4 combine for every rank: as [`ll_combine_ref`] (bf16 only), except that each expert
+/// output is encoded with its row's global scale (`scales[d]`, one per row of rank d's
+/// `x`/`y`: [L·N·B] or [N·B]) and decoded on the receiving side, where the contributions are
+/// accumulated in f32 in the same order with the decode's fused multiply-add. The sender's
+/// reciprocal is [`nvfp4_rcp_rn`].
+pub fn ll_combine_nvfp4_ref(world: &LlWorld, input: LlCombineIn<'_>, scales: &[Vec<f32>]) -> Vec<Vec<u16>> {
+    ll_combine_nvfp4_ref_masked(world, input, scales, &LlLinks::all(world.shape.nranks), &nvfp4_rcp_rn)
+}
+
+/// [`ll_combine_nvfp4_ref`] with rank masks (contributions of unlinked pairs left out) and the
+/// sender's reciprocal `rcp`.
+pub fn ll_combine_nvfp4_ref_masked(
+    world: &LlWorld,
+    input: LlCombineIn<'_>,
+    scales: &[Vec<f32>],
+    links: &LlLinks,
+    rcp: Nvfp4Rcp<'_>,
+) -> Vec<Vec<u16>> {
+    let route = LlRoute::with_links(world, links.clone());
+    let sh = world.shape;
+    let (n, b, h, k) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk);
+    let l = sh.local_experts();
+    assert_eq!(scales.len(), n, "one scale tensor per rank");
+    let rows_per_rank = match input {
+        LlCombineIn::ExpertMajor { .. } => l * n * b,
+        LlCombineIn::RankMajor { .. } => n * b,
+    };
+    for (d, sd) in scales.iter().enumerate() {
+        assert_eq!(sd.len(), rows_per_rank, "rank {d}: scales shape");
+    }
+    // (rank d, row index) -> the message it sends.
+    let msg = |src: &[u16], d: usize, row: usize| nvfp4_encode_row_with(&src[row * h..][..h], scales[d][row], rcp);
+    (0..n)
+        .map(|s| {
+            let t_s = world.ranks[s].num_tokens;
+            let mut out = vec![0u16; t_s * h];
+            let mut acc = vec![0f32; h];
+            for t in 0..t_s {
+                acc.fill(0.0);
+                match input {
+                    LlCombineIn::ExpertMajor { x, weights } => {
+                        for kk in 0..k {
+                            let Some((d, le, row)) = route.em_row(world, s, t, kk) else {
+                                continue;
+                            };
+                            let m = msg(&x[d], d, le * n * b + row);
+                            nvfp4_decode_add(&m, weights[s][t * k + kk], &mut acc);
+                        }
+                    }
+                    LlCombineIn::RankMajor { y } => {
+                        for &(d, slot) in route.dests(s, t).iter().filter(|&&(d, _)| route.linked(s, d)) {
+                            let m = msg(&y[d], d, s * b + slot);
+                            nvfp4_decode_add(&m, 1.0, &mut acc);
+                        }
+                    }
+                }
+                for (o, &a) in out[t * h..(t + 1) * h].iter_mut().zip(&acc) {
+                    *o = f32_to_bf16_rne(a);
+                }
+            }
+            out
+        })
+        .collect()
+}
