@@ -91,6 +91,13 @@ struct LlParams {
   u64 decide;
   // bank 0: clean_flag[N] (u64), the ncclEpMaskClean barrier
   u64 off_clean;
+  // bit r: rank r is remote (docs/MULTINODE.md): peers[r] is this rank's send staging
+  // region for it, its messages arrive in a receive region; 0 = every rank by load/store
+  u64 remote;
+  // receive staging regions, one per remote rank in rank order (0 = none)
+  u64 rstage;
+  // bytes between two staging regions
+  u64 stage_stride;
   // bound on every wait in nanoseconds of %globaltimer (0 = wait forever)
   i64 timeout_ns;
   int rank;
@@ -115,7 +122,7 @@ struct LlParams {
   int clean_seq;
   int pad0;
 };
-static_assert(sizeof(LlParams) == 728, "LlParams: size of src/runtime/ll_params.rs");
+static_assert(sizeof(LlParams) == 752, "LlParams: size of src/runtime/ll_params.rs");
 static_assert(alignof(LlParams) == 8, "LlParams: alignment of src/runtime/ll_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(LlParams, peers) == 0 && sizeof(((LlParams*)0)->peers) == 512, "LlParams.peers: offset and size in src/runtime/ll_params.rs");
@@ -138,21 +145,24 @@ static_assert(__builtin_offsetof(LlParams, prof) == 632 && sizeof(((LlParams*)0)
 static_assert(__builtin_offsetof(LlParams, mask) == 640 && sizeof(((LlParams*)0)->mask) == 8, "LlParams.mask: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, decide) == 648 && sizeof(((LlParams*)0)->decide) == 8, "LlParams.decide: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, off_clean) == 656 && sizeof(((LlParams*)0)->off_clean) == 8, "LlParams.off_clean: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, timeout_ns) == 664 && sizeof(((LlParams*)0)->timeout_ns) == 8, "LlParams.timeout_ns: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, rank) == 672 && sizeof(((LlParams*)0)->rank) == 4, "LlParams.rank: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, nranks) == 676 && sizeof(((LlParams*)0)->nranks) == 4, "LlParams.nranks: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, num_experts) == 680 && sizeof(((LlParams*)0)->num_experts) == 4, "LlParams.num_experts: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, local_experts) == 684 && sizeof(((LlParams*)0)->local_experts) == 4, "LlParams.local_experts: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, max_tokens) == 688 && sizeof(((LlParams*)0)->max_tokens) == 4, "LlParams.max_tokens: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, num_tokens) == 692 && sizeof(((LlParams*)0)->num_tokens) == 4, "LlParams.num_tokens: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, row_bytes) == 696 && sizeof(((LlParams*)0)->row_bytes) == 4, "LlParams.row_bytes: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, dmsg) == 700 && sizeof(((LlParams*)0)->dmsg) == 4, "LlParams.dmsg: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, hdr) == 704 && sizeof(((LlParams*)0)->hdr) == 4, "LlParams.hdr: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, cmsg) == 708 && sizeof(((LlParams*)0)->cmsg) == 4, "LlParams.cmsg: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, phases) == 712 && sizeof(((LlParams*)0)->phases) == 4, "LlParams.phases: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, recv_global) == 716 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, clean_seq) == 720 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, pad0) == 724 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, remote) == 664 && sizeof(((LlParams*)0)->remote) == 8, "LlParams.remote: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, rstage) == 672 && sizeof(((LlParams*)0)->rstage) == 8, "LlParams.rstage: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, stage_stride) == 680 && sizeof(((LlParams*)0)->stage_stride) == 8, "LlParams.stage_stride: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, timeout_ns) == 688 && sizeof(((LlParams*)0)->timeout_ns) == 8, "LlParams.timeout_ns: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, rank) == 696 && sizeof(((LlParams*)0)->rank) == 4, "LlParams.rank: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, nranks) == 700 && sizeof(((LlParams*)0)->nranks) == 4, "LlParams.nranks: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, num_experts) == 704 && sizeof(((LlParams*)0)->num_experts) == 4, "LlParams.num_experts: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, local_experts) == 708 && sizeof(((LlParams*)0)->local_experts) == 4, "LlParams.local_experts: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, max_tokens) == 712 && sizeof(((LlParams*)0)->max_tokens) == 4, "LlParams.max_tokens: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, num_tokens) == 716 && sizeof(((LlParams*)0)->num_tokens) == 4, "LlParams.num_tokens: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, row_bytes) == 720 && sizeof(((LlParams*)0)->row_bytes) == 4, "LlParams.row_bytes: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, dmsg) == 724 && sizeof(((LlParams*)0)->dmsg) == 4, "LlParams.dmsg: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, hdr) == 728 && sizeof(((LlParams*)0)->hdr) == 4, "LlParams.hdr: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, cmsg) == 732 && sizeof(((LlParams*)0)->cmsg) == 4, "LlParams.cmsg: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, phases) == 736 && sizeof(((LlParams*)0)->phases) == 4, "LlParams.phases: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, recv_global) == 740 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, clean_seq) == 744 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, pad0) == 748 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
 #endif
 
 // src/runtime/ht_params.rs
