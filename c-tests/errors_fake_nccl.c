@@ -4,6 +4,7 @@
  * work, rank-mask mode checks, and stale group/handle pointers after destroy.
  * If a build of the library cannot create a group without a GPU (ncclEpCreateGroup reports a
  * CUDA, system or internal error for a valid config), the test is skipped (exit 77). */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include "fake_nccl.h"
 #include "test_util.h"
 
@@ -92,6 +93,44 @@ static void test_group_config(ncclComm_t comm4) {
   int not_a_comm[8] = {0};
   EXPECT_RC(ncclEpCreateGroup(&g, (ncclComm_t)(void *)not_a_comm, &c), ncclInvalidArgument, F, "ncclCommCount");
   CHECK(g == NULL);
+}
+
+/* NCCL_EP_NODE_SIZE (docs/MULTINODE.md): ranks outside this rank's block are remote. LOW_LATENCY
+ * groups accept them (staging + NCCL point-to-point), HIGH_THROUGHPUT groups are refused with a
+ * message naming the design, a bad value is an invalid argument, and ncclEpxBufferSize adds the
+ * staging regions. */
+static void test_node_size(ncclComm_t comm4) {
+  const char *F = "ncclEpCreateGroup";
+  ncclEpGroupConfig_t c = ll_config();
+  ncclEpGroup_t g;
+  size_t one_node = 0, two_nodes = 0;
+  EXPECT_RC(ncclEpxBufferSize(&c, 4, NCCL_EP_LAYOUT_EXPERT_MAJOR, 2, &one_node), ncclSuccess, "ncclEpxBufferSize", NULL);
+  setenv("NCCL_EP_NODE_SIZE", "2", 1);
+  g = NULL;
+  EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), ncclSuccess, F, NULL);
+  CHECK(g != NULL);
+  if (g) EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
+  c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT;
+  c.max_recv_tokens_per_rank = 64;
+  g = (ncclEpGroup_t)SENTINEL;
+  EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), E5, F, "HIGH_THROUGHPUT across nodes is not implemented yet");
+  CHECK(g == NULL);
+  c = ll_config();
+  /* N = 4, E = 8, B = 16, Hb = 256, K = 2: signals 256 bytes, dmsg 288, the combine grid
+   * 16 x 2 x 256 is the larger: a region is 256 + 8192 = 8448 bytes; 2 remote ranks, a send and
+   * a receive region each. */
+  EXPECT_RC(ncclEpxBufferSize(&c, 4, NCCL_EP_LAYOUT_EXPERT_MAJOR, 2, &two_nodes), ncclSuccess, "ncclEpxBufferSize", NULL);
+  CHECK(two_nodes == one_node + 4 * 8448);
+  setenv("NCCL_EP_NODE_SIZE", "4", 1); /* one node of four: nothing remote */
+  EXPECT_RC(ncclEpxBufferSize(&c, 4, NCCL_EP_LAYOUT_EXPERT_MAJOR, 2, &two_nodes), ncclSuccess, "ncclEpxBufferSize", NULL);
+  CHECK(two_nodes == one_node);
+  setenv("NCCL_EP_NODE_SIZE", "0", 1);
+  g = (ncclEpGroup_t)SENTINEL;
+  EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), E4, F, "NCCL_EP_NODE_SIZE=0");
+  CHECK(g == NULL);
+  EXPECT_RC(ncclEpxBufferSize(&c, 4, NCCL_EP_LAYOUT_EXPERT_MAJOR, 2, &two_nodes), E4, "ncclEpxBufferSize",
+            "positive number of ranks per node");
+  unsetenv("NCCL_EP_NODE_SIZE");
 }
 
 static void test_tensor_reads(ncclEpGroup_t g) {
@@ -652,6 +691,7 @@ int main(void) {
   if (g == NULL) return t_finish("errors_fake_nccl");
 
   test_group_config(comm4);
+  test_node_size(comm4);
   test_tensor_reads(g);
   test_handle_rules(g);
   test_update_and_create(g);

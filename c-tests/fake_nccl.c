@@ -57,6 +57,19 @@ ncclResult_t ncclAllGather(const void *sendbuff, void *recvbuff, size_t sendcoun
   (void)sendbuff, (void)recvbuff, (void)sendcount, (void)datatype, (void)comm, (void)stream;
   return ncclSystemError;
 }
+/* Point-to-point needs device memory too: refused; a group opens and closes. */
+ncclResult_t ncclSend(const void *sendbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
+                      cudaStream_t stream) {
+  (void)sendbuff, (void)count, (void)datatype, (void)peer, (void)comm, (void)stream;
+  return ncclSystemError;
+}
+ncclResult_t ncclRecv(void *recvbuff, size_t count, ncclDataType_t datatype, int peer, ncclComm_t comm,
+                      cudaStream_t stream) {
+  (void)recvbuff, (void)count, (void)datatype, (void)peer, (void)comm, (void)stream;
+  return ncclSystemError;
+}
+ncclResult_t ncclGroupStart(void) { return ncclSuccess; }
+ncclResult_t ncclGroupEnd(void) { return ncclSuccess; }
 const char *ncclGetErrorString(ncclResult_t result) {
   switch (result) {
     case ncclSuccess: return "no error (fake NCCL)";

@@ -91,6 +91,13 @@ struct LlParams {
   u64 decide;
   // bank 0: clean_flag[N] (u64), the ncclEpMaskClean barrier
   u64 off_clean;
+  // bit r: rank r is remote (docs/MULTINODE.md): peers[r] is this rank's send staging
+  // region for it, its messages arrive in a receive region; 0 = every rank by load/store
+  u64 remote;
+  // receive staging regions, one per remote rank in rank order (0 = none)
+  u64 rstage;
+  // bytes between two staging regions
+  u64 stage_stride;
   // bound on every wait in nanoseconds of %globaltimer (0 = wait forever)
   i64 timeout_ns;
   // combine NVFP4: the caller's global scales, f32 [rows of x] (else 0)
@@ -128,7 +135,7 @@ struct LlParams {
   int round_scales;
   int pad1;
 };
-static_assert(sizeof(LlParams) == 768, "LlParams: size of src/runtime/ll_params.rs");
+static_assert(sizeof(LlParams) == 792, "LlParams: size of src/runtime/ll_params.rs");
 static_assert(alignof(LlParams) == 8, "LlParams: alignment of src/runtime/ll_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(LlParams, peers) == 0 && sizeof(((LlParams*)0)->peers) == 512, "LlParams.peers: offset and size in src/runtime/ll_params.rs");
@@ -151,28 +158,31 @@ static_assert(__builtin_offsetof(LlParams, prof) == 632 && sizeof(((LlParams*)0)
 static_assert(__builtin_offsetof(LlParams, mask) == 640 && sizeof(((LlParams*)0)->mask) == 8, "LlParams.mask: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, decide) == 648 && sizeof(((LlParams*)0)->decide) == 8, "LlParams.decide: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, off_clean) == 656 && sizeof(((LlParams*)0)->off_clean) == 8, "LlParams.off_clean: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, timeout_ns) == 664 && sizeof(((LlParams*)0)->timeout_ns) == 8, "LlParams.timeout_ns: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, comb_scales) == 672 && sizeof(((LlParams*)0)->comb_scales) == 8, "LlParams.comb_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, rank) == 680 && sizeof(((LlParams*)0)->rank) == 4, "LlParams.rank: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, nranks) == 684 && sizeof(((LlParams*)0)->nranks) == 4, "LlParams.nranks: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, num_experts) == 688 && sizeof(((LlParams*)0)->num_experts) == 4, "LlParams.num_experts: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, local_experts) == 692 && sizeof(((LlParams*)0)->local_experts) == 4, "LlParams.local_experts: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, max_tokens) == 696 && sizeof(((LlParams*)0)->max_tokens) == 4, "LlParams.max_tokens: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, num_tokens) == 700 && sizeof(((LlParams*)0)->num_tokens) == 4, "LlParams.num_tokens: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, row_bytes) == 704 && sizeof(((LlParams*)0)->row_bytes) == 4, "LlParams.row_bytes: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, dmsg) == 708 && sizeof(((LlParams*)0)->dmsg) == 4, "LlParams.dmsg: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, hdr) == 712 && sizeof(((LlParams*)0)->hdr) == 4, "LlParams.hdr: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, cmsg) == 716 && sizeof(((LlParams*)0)->cmsg) == 4, "LlParams.cmsg: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, phases) == 720 && sizeof(((LlParams*)0)->phases) == 4, "LlParams.phases: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, recv_global) == 724 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, clean_seq) == 728 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, pad0) == 732 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, x_scales) == 736 && sizeof(((LlParams*)0)->x_scales) == 8, "LlParams.x_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, out_scales) == 744 && sizeof(((LlParams*)0)->out_scales) == 8, "LlParams.out_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, scale_bytes) == 752 && sizeof(((LlParams*)0)->scale_bytes) == 4, "LlParams.scale_bytes: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, quant) == 756 && sizeof(((LlParams*)0)->quant) == 4, "LlParams.quant: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, round_scales) == 760 && sizeof(((LlParams*)0)->round_scales) == 4, "LlParams.round_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, pad1) == 764 && sizeof(((LlParams*)0)->pad1) == 4, "LlParams.pad1: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, remote) == 664 && sizeof(((LlParams*)0)->remote) == 8, "LlParams.remote: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, rstage) == 672 && sizeof(((LlParams*)0)->rstage) == 8, "LlParams.rstage: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, stage_stride) == 680 && sizeof(((LlParams*)0)->stage_stride) == 8, "LlParams.stage_stride: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, timeout_ns) == 688 && sizeof(((LlParams*)0)->timeout_ns) == 8, "LlParams.timeout_ns: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, comb_scales) == 696 && sizeof(((LlParams*)0)->comb_scales) == 8, "LlParams.comb_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, rank) == 704 && sizeof(((LlParams*)0)->rank) == 4, "LlParams.rank: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, nranks) == 708 && sizeof(((LlParams*)0)->nranks) == 4, "LlParams.nranks: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, num_experts) == 712 && sizeof(((LlParams*)0)->num_experts) == 4, "LlParams.num_experts: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, local_experts) == 716 && sizeof(((LlParams*)0)->local_experts) == 4, "LlParams.local_experts: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, max_tokens) == 720 && sizeof(((LlParams*)0)->max_tokens) == 4, "LlParams.max_tokens: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, num_tokens) == 724 && sizeof(((LlParams*)0)->num_tokens) == 4, "LlParams.num_tokens: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, row_bytes) == 728 && sizeof(((LlParams*)0)->row_bytes) == 4, "LlParams.row_bytes: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, dmsg) == 732 && sizeof(((LlParams*)0)->dmsg) == 4, "LlParams.dmsg: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, hdr) == 736 && sizeof(((LlParams*)0)->hdr) == 4, "LlParams.hdr: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, cmsg) == 740 && sizeof(((LlParams*)0)->cmsg) == 4, "LlParams.cmsg: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, phases) == 744 && sizeof(((LlParams*)0)->phases) == 4, "LlParams.phases: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, recv_global) == 748 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, clean_seq) == 752 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, pad0) == 756 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, x_scales) == 760 && sizeof(((LlParams*)0)->x_scales) == 8, "LlParams.x_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, out_scales) == 768 && sizeof(((LlParams*)0)->out_scales) == 8, "LlParams.out_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, scale_bytes) == 776 && sizeof(((LlParams*)0)->scale_bytes) == 4, "LlParams.scale_bytes: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, quant) == 780 && sizeof(((LlParams*)0)->quant) == 4, "LlParams.quant: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, round_scales) == 784 && sizeof(((LlParams*)0)->round_scales) == 4, "LlParams.round_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, pad1) == 788 && sizeof(((LlParams*)0)->pad1) == 4, "LlParams.pad1: offset and size in src/runtime/ll_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

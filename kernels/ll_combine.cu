@@ -207,7 +207,7 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
     if (!((active >> s) & 1ull)) continue;
     const int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
     const int token = mrow[0];
-    char* recv = bank_base(p, s, epoch) + p.off_data;
+    char* recv = send_base(p, s, epoch) + p.off_data;
     const i64 off = (i64)seg * EP_SEG_BYTES;
     const int bytes = segment_bytes(p.row_bytes, seg);
 #if EP_EM
@@ -222,15 +222,17 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
     warp_copy(recv + ((i64)token * K + k) * p.cmsg + off, (const char*)p.x + (i64)row * p.row_bytes + off, bytes, lane);
 #endif
 #else
-    // One pre-reduced row per (source, slot), stored at the first local top-k position.
+    // One pre-reduced row per (source, slot), stored at the first local top-k position (a
+    // remote source's staging region has one row per token).
     const int j = mrow[1];
+    const i64 cell = is_remote(p, s) ? (i64)token : (i64)token * K + j;
 #if EP_NVFP4
     const i64 srow = (i64)s * p.max_tokens + slot;
-    nvfp4_encode(recv + ((i64)token * K + j) * p.cmsg, (const char*)p.x + srow * p.row_bytes, (int)(off / 2), bytes / 2,
+    nvfp4_encode(recv + cell * p.cmsg, (const char*)p.x + srow * p.row_bytes, (int)(off / 2), bytes / 2,
                  p.row_bytes / 2, ((const float*)p.comb_scales)[srow], lane);
 #else
     const char* src = (const char*)p.x + ((i64)s * p.max_tokens + slot) * p.row_bytes + off;
-    warp_copy(recv + ((i64)token * K + j) * p.cmsg + off, src, bytes, lane);
+    warp_copy(recv + cell * p.cmsg + off, src, bytes, lane);
 #endif
 #endif
   }
@@ -240,7 +242,7 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
   if (blockIdx.x == gridDim.x - 1) {
     for (int s = threadIdx.x; s < N; s += blockDim.x) {
       if (!((active >> s) & 1ull)) continue;
-      u64* f = (u64*)(bank_base(p, s, epoch) + p.off_cflag) + p.rank;
+      u64* f = (u64*)(send_base(p, s, epoch) + p.off_cflag) + p.rank;
       st_release_sys(f, ((u64)(epoch + 1u) << 32) | 1u);
     }
   }
@@ -251,20 +253,19 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
 __device__ void combine_recv(const LlParams& p, u32 epoch) {
   const int N = p.nranks, K = EP_TOPK;
   const u32 tag = epoch + 1u;
-  const char* bank = bank_base(p, p.rank, epoch);
 #if EP_MASK
   __shared__ u64 present_s;
   if (threadIdx.x == 0) present_s = 0;
   __syncthreads();
   for (int s = threadIdx.x; s < N; s += blockDim.x)
-    if (wait_source(p, (const u64*)(bank + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE) >= 0)
+    if (wait_source(p, (const u64*)(recv_base(p, s, epoch) + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE) >= 0)
       atomicOr((unsigned long long*)&present_s, 1ull << s);
   __syncthreads();
   const u64 present = present_s;
 #else
   // Masking compiled out: every source is present (a timeout traps inside wait_source).
   for (int s = threadIdx.x; s < N; s += blockDim.x)
-    wait_source(p, (const u64*)(bank + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE);
+    wait_source(p, (const u64*)(recv_base(p, s, epoch) + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE);
   __syncthreads();
   const u64 present = ~0ull;
 #endif
@@ -272,7 +273,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
   const int lane = threadIdx.x & 31;
   const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int gwarps = (gridDim.x * blockDim.x) >> 5;
-  const char* recv = bank + p.off_data;
+  const char* recv = bank_base(p, p.rank, epoch) + p.off_data;
   // Work items: (own token, segment of its row).
   const int nseg = num_segments(p.row_bytes);
   for (int it = gwarp; it < p.num_tokens * nseg; it += gwarps) {
@@ -295,12 +296,20 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
     w = 1.f;
 #endif
     u32 use_mask = __ballot_sync(0xffffffffu, use);
+    // Entry k's row: combine_recv[t][src_k] here, or in the receive region of a remote expert
+    // rank: the same [token][k] grid (EM; a duplicate's first occurrence has the same rank) or
+    // one row per token (RM).
+    const char* row = recv + ((i64)t * K + src_k) * p.cmsg;
+    if (er >= 0 && is_remote(p, er)) {
+      const char* rb = recv_base(p, er, epoch) + p.off_data;
+      row = EP_EM ? rb + ((i64)t * K + src_k) * p.cmsg : rb + (i64)t * p.cmsg;
+    }
     float wk[EP_TOPK];
-    int sk[EP_TOPK];
+    const char* rk[EP_TOPK];
 #pragma unroll
     for (int k = 0; k < EP_TOPK; ++k) {
       wk[k] = __shfl_sync(0xffffffffu, w, k);
-      sk[k] = __shfl_sync(0xffffffffu, src_k, k);
+      rk[k] = (const char*)__shfl_sync(0xffffffffu, (unsigned long long)row, k);
     }
     const i64 off = (i64)seg * EP_SEG_BYTES;
     const int n16 = segment_bytes(p.row_bytes, seg) >> 4;
@@ -310,7 +319,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
     const int H = p.row_bytes / 2;
     float rg = 1.f;
     if (use) {
-      const char* m = recv + ((i64)t * K + src_k) * p.cmsg;
+      const char* m = row;
       rg = __frcp_rn(__int_as_float(ld_cg_int((const int*)(m + H / 2 + H / 16))));
       if ((__float_as_uint(rg) & 0x7fffffffu) == 0x7f800000u) rg = 1.f;
     }
@@ -325,7 +334,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 #pragma unroll
       for (int k = 0; k < EP_TOPK; ++k) {
         if (!(use_mask & (1u << k))) continue;
-        const char* m = recv + ((i64)t * K + sk[k]) * p.cmsg;
+        const char* m = rk[k];
         const u32 q = (u32)ld_cg_int((const int*)(m + e / 2));
         const int si = H / 2 + e / 16;
         const u32 sc = ((u32)ld_cg_int((const int*)(m + (si & ~3))) >> (8 * (si & 3))) & 0xffu;
@@ -347,7 +356,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 #pragma unroll
       for (int k = 0; k < EP_TOPK; ++k) {
         if (!(use_mask & (1u << k))) continue;
-        int4 v = ld_cg((const int4*)(recv + ((i64)t * K + sk[k]) * p.cmsg + off) + c);
+        int4 v = ld_cg((const int4*)(rk[k] + off) + c);
 #if EP_DTYPE == 2
         const float* f = (const float*)&v;
 #pragma unroll

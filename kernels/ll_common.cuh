@@ -204,6 +204,30 @@ __device__ __forceinline__ char* bank_base(const LlParams& p, int r, u32 epoch) 
   return (char*)p.peers[r] + (u64)(epoch & 1u) * p.bank_stride;
 }
 
+// Remote ranks (docs/MULTINODE.md), bit r of p.remote: peers[r] is then this rank's send staging
+// region for r (no banks: stream order) and r's messages arrive in r's receive region, moved there
+// by NCCL between the send and the receive launch. A region has a bank's signal offsets and holds
+// one source's dispatch rows from slot 0. p.remote == 0: the bank paths only.
+__device__ __forceinline__ bool is_remote(const LlParams& p, int r) { return (p.remote >> r) & 1ull; }
+
+// Where this rank writes what it sends rank d.
+__device__ __forceinline__ char* send_base(const LlParams& p, int d, u32 epoch) {
+  return is_remote(p, d) ? (char*)p.peers[d] : bank_base(p, d, epoch);
+}
+
+// Where this rank reads what rank s sent it.
+__device__ __forceinline__ char* recv_base(const LlParams& p, int s, u32 epoch) {
+  if (!is_remote(p, s)) return bank_base(p, p.rank, epoch);
+  const int i = __popcll(p.remote & ((1ull << s) - 1ull));
+  return (char*)p.rstage + (u64)i * p.stage_stride;
+}
+
+// First dispatch row of source `src` in the region shared with `peer` (the destination when
+// sending, the source when receiving): src * B in a bank, 0 in a staging region.
+__device__ __forceinline__ u64 src_row0(const LlParams& p, int peer, int src) {
+  return is_remote(p, peer) ? 0ull : (u64)src * p.max_tokens;
+}
+
 // The last block to finish advances the epoch (all blocks read it at their start).
 __device__ __forceinline__ void finish_op(const LlParams& p, bool advance) {
   __syncthreads();

@@ -155,7 +155,7 @@ __device__ __forceinline__ int send_segments(const LlParams& p) {
 // goes with segment 0).
 __device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int k, int seg, u32 epoch, int lane) {
   int d = topk_at(p, t, k) / p.local_experts;
-  char* msg = bank_base(p, d, epoch) + p.off_data + ((u64)p.rank * p.max_tokens + r.slot[k]) * (u64)p.dmsg;
+  char* msg = send_base(p, d, epoch) + p.off_data + (src_row0(p, d, p.rank) + r.slot[k]) * (u64)p.dmsg;
   if (seg == 0) {
     if (lane == 0) *(int*)msg = t;
     if (lane < EP_TOPK) {
@@ -205,14 +205,14 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
     for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x) {
       int d = i / L, l = i % L;
       if (!((active >> d) & 1ull)) continue;
-      int* ec = (int*)(bank_base(p, d, epoch) + p.off_ecount) + (u64)p.rank * L + l;
+      int* ec = (int*)(send_base(p, d, epoch) + p.off_ecount) + (u64)p.rank * L + l;
       *ec = hist_e[i];
     }
     __threadfence_system();
     __syncthreads();
     for (int d = threadIdx.x; d < p.nranks; d += blockDim.x) {
       if (!((active >> d) & 1ull)) continue;
-      u64* f = (u64*)(bank_base(p, d, epoch) + p.off_dflag) + p.rank;
+      u64* f = (u64*)(send_base(p, d, epoch) + p.off_dflag) + p.rank;
       st_release_sys(f, ((u64)(epoch + 1u) << 32) | (u32)hist_r[d]);
     }
   }
@@ -239,24 +239,26 @@ __device__ __forceinline__ void store_rows(const int4* src, int n16, char* dst, 
   }
 }
 #endif
+// expert_count[s][*] as received: in this rank's bank, or in s's receive region.
+__device__ __forceinline__ const int* ecount_at(const LlParams& p, int s, u32 epoch) {
+  return (const int*)(recv_base(p, s, epoch) + p.off_ecount) + s * p.local_experts;
+}
 
 __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epoch) {
   const int N = p.nranks, L = p.local_experts, K = EP_TOPK;
   const u32 tag = epoch + 1u;
-  char* bank = bank_base(p, p.rank, epoch);
   // An absent source (masked, or silent past the timeout) counts as 0 tokens.
   for (int s = threadIdx.x; s < N; s += blockDim.x)
-    counts[s] = max(0, wait_source(p, (const u64*)(bank + p.off_dflag) + s, s, tag, EP_WAIT_DISPATCH));
+    counts[s] = max(0, wait_source(p, (const u64*)(recv_base(p, s, epoch) + p.off_dflag) + s, s, tag, EP_WAIT_DISPATCH));
   __syncthreads();
   prof_mark(p, 4);
 #if EP_EM
   // base[l*N + s]: rows of expert l taken by sources before s.
-  const int* ecount = (const int*)(bank + p.off_ecount);
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     int acc = 0;
     for (int s = 0; s < N; ++s) {
       base[l * N + s] = acc;
-      acc += counts[s] > 0 ? ld_cg_int(ecount + s * L + l) : 0;
+      acc += counts[s] > 0 ? ld_cg_int(ecount_at(p, s, epoch) + l) : 0;
     }
     if (blockIdx.x == 0) {
       if (p.out_counters) ((int*)p.out_counters)[l] = acc;
@@ -271,7 +273,7 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
 #if EP_EM
       int m = 0;
       if (counts[s] > 0)
-        for (int l = 0; l < L; ++l) m += ld_cg_int(ecount + s * L + l);
+        for (int l = 0; l < L; ++l) m += ld_cg_int(ecount_at(p, s, epoch) + l);
       meta[N + s] = m;
 #else
       meta[N + s] = counts[s];
@@ -300,7 +302,7 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
     const int seg = it % nseg;
     int s = 0, slot = it / nseg;
     while (slot >= counts[s]) slot -= counts[s++];
-    const char* msg = bank + p.off_data + ((u64)s * p.max_tokens + slot) * (u64)p.dmsg;
+    const char* msg = recv_base(p, s, epoch) + p.off_data + (src_row0(p, s, s) + slot) * (u64)p.dmsg;
     const HdrRec* rec = (const HdrRec*)(msg + 4);
     int e = lane < K ? ld_cg_int(&rec[lane].expert) : -1;
     bool in_range = e >= lo && e < lo + L;

@@ -25,6 +25,11 @@
 # Logs: $OUT/multi-gpu/rank-R.log, threads.log and kill-rank-R.log (OUT unset: build/multi-gpu
 # under the repo); MULTI_GPU_TAR=1 packs them into $OUT/multi-gpu.tar.gz instead. The end of
 # every failing log is printed.
+# Several "nodes" on one machine (issue 14, docs/MULTINODE.md): MULTI_GPU_NODE_SIZE=k exports
+# NCCL_EP_NODE_SIZE=k (each block of k ranks is a node, every other rank remote: staging + NCCL
+# point-to-point), NCCL_P2P_DISABLE=1 and NCCL_SHM_DISABLE=1 (NCCL carries that traffic over its
+# network transport, sockets here), runs the LL steps and remote_ht_refused (EP_MULTI_ONLY, unless
+# set) in step 1 only (steps 2 and 3 off unless MULTI_GPU_THREADS / MULTI_GPU_KILL say otherwise).
 # Environment: MULTI_GPU_LAUNCHER=auto|mpirun|plain, MULTI_GPU_PROCS=0 (skip step 1),
 #   MULTI_GPU_THREADS=0 (skip step 2), MULTI_GPU_KILL=0|1|only (skip step 3 / run / run it
 #   alone), MULTI_GPU_TIMEOUT (seconds per step, default 900), MULTI_GPU_MPIRUN_ARGS (extra
@@ -64,6 +69,17 @@ case "${EP_MULTI_ONLY:-}" in
     echo "multi_gpu.sh: the kill test runs in step 3 only (MULTI_GPU_KILL=only runs it alone); drop mask_kill from EP_MULTI_ONLY" >&2
     exit 2 ;;
 esac
+
+if [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
+  if ! [[ "$MULTI_GPU_NODE_SIZE" =~ ^[1-9][0-9]*$ ]]; then
+    echo "multi_gpu.sh: MULTI_GPU_NODE_SIZE must be a positive number of ranks, not '$MULTI_GPU_NODE_SIZE'" >&2
+    exit 2
+  fi
+  export NCCL_EP_NODE_SIZE="$MULTI_GPU_NODE_SIZE" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
+  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,remote_ht_refused}"
+  : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
+  echo "== nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1; steps: $EP_MULTI_ONLY"
+fi
 
 LOGDIR="${OUT:-$ROOT/build}/multi-gpu"
 rm -rf "$LOGDIR"
@@ -187,7 +203,8 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 && "$KILL" != only ]]; then
       for v in EP_BOOTSTRAP_DIR EP_BOOTSTRAP_TAG NCCL_NVLS_ENABLE NCCL_EP_TIMEOUT_MS EP_MULTI_TIMEOUT_S \
                EP_NCCL_LIB EP_MULTI_QUICK EP_MULTI_ONLY EP_MULTI_SEED EP_MULTI_KEEP_GOING \
                EP_MULTI_MASK_SLACK_MS NCCL_MULTI_RANK_GPU_ENABLE NCCL_MAX_CTAS NCCL_DEBUG \
-               NCCL_DEBUG_SUBSYS NCCL_EP_DEBUG NCCL_HOSTID RUST_BACKTRACE LD_LIBRARY_PATH; do
+               NCCL_DEBUG_SUBSYS NCCL_EP_DEBUG NCCL_HOSTID RUST_BACKTRACE LD_LIBRARY_PATH \
+               NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE NCCL_SHM_DISABLE; do
         [[ -n "${!v:-}" ]] && margs+=(-x "$v")
       done
     fi

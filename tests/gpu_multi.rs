@@ -29,7 +29,10 @@
 //! layouts, then an ordinary combine), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
 //! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), LL NVFP4
 //! combine (`ll_nvfp4`, bit for bit against the reference), and HT
-//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment). Opt-in and alone:
+//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment). With `NCCL_EP_NODE_SIZE=k < N`
+//! (docs/MULTINODE.md; `MULTI_GPU_NODE_SIZE=k scripts/multi_gpu.sh`) the LL steps run with
+//! every rank outside a block of k as a remote one (staging + NCCL point-to-point) and
+//! `remote_ht_refused` checks that HT groups across nodes are refused. Opt-in and alone:
 //! `EP_MULTI_ONLY=mask_kill` (`ll_mask_kill`: one process kills itself with SIGKILL before its
 //! dispatch; the others finish without it; tests/gpu_multi/masks.rs).
 //!
@@ -1048,6 +1051,35 @@ fn ll_quant(r: &Rank, t: &mut Tally) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Several nodes (NCCL_EP_NODE_SIZE, docs/MULTINODE.md)
+
+/// `NCCL_EP_NODE_SIZE` when it puts some rank on another "node" (the LL steps then run through
+/// the staging regions and NCCL point-to-point).
+fn node_size(r: &Rank) -> Option<usize> {
+    let k = std::env::var("NCCL_EP_NODE_SIZE").ok()?.trim().parse::<usize>().ok()?;
+    (k >= 1 && k < r.world).then_some(k)
+}
+
+/// With ranks on other nodes an HT group is refused (not implemented across nodes yet) with a
+/// message naming the design, on every rank alike; this also shows the library saw the node
+/// split. Nothing to check on one node.
+fn remote_ht_refused(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    let Some(k) = node_size(r) else {
+        return Ok(());
+    };
+    let (cfg, _, _) = ht_group(r);
+    let bad = match Group::new(r, &cfg) {
+        Ok(g) => {
+            g.destroy()?;
+            vec![format!("an HT group across nodes of {k} ranks was created")]
+        }
+        Err(e) if e.contains("across nodes") && e.contains("docs/MULTINODE.md") => vec![],
+        Err(e) => vec![format!("HT across nodes of {k} ranks: unexpected error: {e}")],
+    };
+    t.record(r, "remote_ht_refused", bad)
+}
+
+// ---------------------------------------------------------------------------------------------
 // The runner
 
 type StepFn = fn(&Rank, &mut Tally) -> Result<(), String>;
@@ -1062,6 +1094,7 @@ const STEPS: &[(&str, StepFn)] = &[
     ("ll_growth", growth::ll_growth),
     ("ll_graph_replays", ll_graph_replays),
     ("ll_mask_silent", masks::ll_mask_silent),
+    ("remote_ht_refused", remote_ht_refused),
     ("ht_rounds", ht_rounds),
     ("ht_growth", growth::ht_growth),
 ];

@@ -87,7 +87,9 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
 /// of (`layout`, `num_topk`); needs no GPU and no communicator. LOW_LATENCY: both layouts need
 /// the same size (docs/LL.md). HIGH_THROUGHPUT: the group buffer of docs/HT.md for ranks that
 /// share one process (groups spanning processes add staging: `max(B, receive bound)` rows of
-/// `max_token_bytes + 4·num_topk` bytes). The config is checked as `ncclEpCreateGroup` checks
+/// `max_token_bytes + 4·num_topk` bytes). LOW_LATENCY with `NCCL_EP_NODE_SIZE` set adds the
+/// staging regions of the remote ranks (docs/MULTINODE.md, "Buffer sizes"), allocated beside
+/// the buffer. The config is checked as `ncclEpCreateGroup` checks
 /// it; its `rdma_buffer_size` is ignored. Returns ncclInvalidArgument for a NULL `bytes`, a bad
 /// config or top-k, and ncclInvalidUsage for a layout the algorithm does not offer.
 #[unsafe(no_mangle)]
@@ -112,7 +114,18 @@ pub unsafe extern "C" fn ncclEpxBufferSize(
         *out = match p.algorithm {
             Algorithm::LowLatency => {
                 let slot = ep_core::config::ll_slot_bytes(p.max_token_bytes);
-                LlLayout::new(p.nranks, p.num_experts, p.max_tokens, slot, h.num_topk)?.total_bytes
+                let lay = LlLayout::new(p.nranks, p.num_experts, p.max_tokens, slot, h.num_topk)?;
+                // With NCCL_EP_NODE_SIZE: plus the staging of the rank with the most remote
+                // ranks (one in the smallest node), docs/MULTINODE.md.
+                let n = p.nranks as usize;
+                let mut remote = 0;
+                for r in 0..n {
+                    remote = remote.max(crate::transport::identity::remote_ranks_from_env(r, n)?.count_ones() as usize);
+                }
+                let stage = ep_core::ll_layout::LlStage::new(&lay)?.total_bytes(remote)?;
+                lay.total_bytes
+                    .checked_add(stage)
+                    .ok_or_else(|| ep_core::invalid_arg!("the low-latency buffer size overflows"))?
             }
             Algorithm::HighThroughput => HtLayout::for_group(&p, h.num_topk, 0)?.total_bytes,
         };

@@ -31,9 +31,18 @@ impl Group {
         let (rank, nranks, device) = unsafe { nccl.comm_info(comm) }?;
         let sms = device_sms(device)?;
         let params = validate_group_config(cfg, rank, nranks, sms, &EnvOverrides::from_env())?;
+        let remote = crate::transport::identity::remote_ranks_from_env(rank as usize, nranks as usize)?;
+        ep_core::ensure_usage!(
+            remote == 0 || params.algorithm == Algorithm::LowLatency,
+            "HIGH_THROUGHPUT across nodes is not implemented yet (NCCL_EP_NODE_SIZE puts {} of the {nranks} ranks \
+             on other nodes; docs/MULTINODE.md): use LOW_LATENCY, or one node",
+            remote.count_ones()
+        );
         crate::log::log_info(format_args!(
-            "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}",
-            params.num_experts, nccl.version
+            "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}, {} remote rank(s)",
+            params.num_experts,
+            nccl.version,
+            remote.count_ones()
         ));
         Self::finish(
             params,
@@ -41,6 +50,7 @@ impl Group {
             Membership::Nccl {
                 comm,
                 nccl_version: nccl.version,
+                remote,
             },
             alloc,
             1,

@@ -16,8 +16,13 @@ use std::sync::Arc;
 /// How this rank reaches its peers.
 #[derive(Debug)]
 pub enum Membership {
-    /// A rank of the caller's NCCL communicator.
-    Nccl { comm: ncclComm_t, nccl_version: i32 },
+    /// A rank of the caller's NCCL communicator; `remote` (bit r): ranks on other nodes,
+    /// reached through NCCL point-to-point (docs/MULTINODE.md).
+    Nccl {
+        comm: ncclComm_t,
+        nccl_version: i32,
+        remote: u64,
+    },
     /// A rank of a local group made by `ncclEpxCreateLocalGroups`.
     Local { world: Arc<LocalWorld> },
 }
@@ -93,7 +98,7 @@ impl Group {
         let (rank, nranks) = (self.params.rank as usize, self.params.nranks as usize);
         match &self.membership {
             Membership::Local { world } => PeerBuffers::local(world.clone(), rank),
-            Membership::Nccl { comm, .. } => PeerBuffers::nccl(*comm, rank, nranks, self.device),
+            Membership::Nccl { comm, remote, .. } => PeerBuffers::nccl(*comm, rank, nranks, self.device, *remote),
         }
     }
 

@@ -14,7 +14,7 @@ use crate::transport::peers::PeerBuffers;
 use ep_core::enums::Algorithm;
 use ep_core::enums::{ExpertIdKind, Layout, dtype};
 use ep_core::error::Result;
-use ep_core::ll_layout::LlLayout;
+use ep_core::ll_layout::{LlLayout, LlStage};
 use ep_core::ll_rules::{COMB_QUANT_NVFP4, LlCall, check_combine, check_dispatch};
 use ep_core::op_args::{CombineArgs, DispatchArgs};
 use ep_core::tensor::TensorView;
@@ -175,8 +175,11 @@ fn buffer_bytes(g: &Group) -> Result<usize> {
 /// the group are in flight.
 pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
     let have = buffer_bytes(g)?;
+    // Remote ranks' staging regions (docs/MULTINODE.md; nothing without remote ranks); local
+    // to this rank, sized per handle like the buffer.
+    let stage = LlStage::new(lay)?.stride;
     if have > 0 && lay.fits(have) {
-        return Ok(());
+        return g.ll_mut()?.buffers.ensure_stage(stage);
     }
     let explicit = g.params.rdma_buffer_size as usize;
     let bytes = if explicit != 0 {
@@ -194,6 +197,7 @@ pub fn ensure_buffer(g: &mut Group, lay: &LlLayout) -> Result<()> {
     // All ranks size buffers in lockstep and no operation of the group is in flight (handles
     // are created collectively).
     g.ll_mut()?.buffers.ensure(bytes)?;
+    g.ll_mut()?.buffers.ensure_stage(stage)?;
     crate::log::log_info(format_args!(
         "rank {rank}: low-latency buffer of {bytes} bytes (K = {})",
         lay.topk
@@ -219,6 +223,11 @@ fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     if let Some(m) = &ll.mask {
         p.mask = m.ptr();
         p.decide = m.ptr() + MASK_DECIDE_OFF as u64;
+    }
+    if let Some(r) = ll.buffers.remote() {
+        p.remote = r.mask;
+        p.rstage = r.recv;
+        p.stage_stride = r.stride;
     }
     p.timeout_ns = ll.timeout_ns;
     p.rank = g.params.rank as i32;
@@ -281,17 +290,36 @@ fn launch(g: &Group, kernel: LlKernel, p: &mut LlParams, stream: cudaStream_t) -
     Ok(())
 }
 
+/// Runs an operation: one launch of both phases, or the send phase alone (`send_only`). With
+/// remote ranks (docs/MULTINODE.md) the send phase is followed by the exchange of the staging
+/// regions (`xbytes` per remote rank and direction) on the same stream, and a full operation
+/// launches its receive phase after it.
+#[allow(clippy::too_many_arguments)]
 fn run(
     g: &mut Group,
     h: &Handle,
     kernel: LlKernel,
     mut p: LlParams,
     send_only: bool,
+    xbytes: usize,
     stream: cudaStream_t,
 ) -> Result<()> {
-    p.phases = if send_only { PHASE_SEND } else { PHASE_SEND | PHASE_RECV };
-    launch(g, kernel, &mut p, stream)?;
+    if p.remote != 0 {
+        p.phases = PHASE_SEND;
+        launch(g, kernel, &mut p, stream)?;
+        // SAFETY: the caller's stream (C contract of the operation); every rank of the group
+        // runs its operations in the same order (collective, as NVIDIA's).
+        unsafe { g.ll()?.buffers.exchange(xbytes, stream) }?;
+        if !send_only {
+            p.phases = PHASE_RECV;
+            launch(g, kernel, &mut p, stream)?;
+        }
+    } else {
+        p.phases = if send_only { PHASE_SEND } else { PHASE_SEND | PHASE_RECV };
+        launch(g, kernel, &mut p, stream)?;
+    }
     if send_only {
+        p.phases = PHASE_SEND;
         g.ll_mut()?.pending = Some(Pending {
             handle: h.id,
             kernel,
@@ -366,7 +394,8 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
         topk.is(dtype::INT64),
         g.params.enable_mask,
     );
-    run(g, h, kernel, p, call.send_only, stream)?;
+    let xbytes = LlStage::new(&layout(g, h.params.num_topk)?)?.dispatch_bytes;
+    run(g, h, kernel, p, call.send_only, xbytes, stream)?;
     h.dispatched = true;
     Ok(())
 }
@@ -403,7 +432,12 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         g.params.enable_mask,
         dt,
     );
-    run(g, h, kernel, p, call.send_only, stream)
+    let stage = LlStage::new(&layout(g, h.params.num_topk)?)?;
+    let xbytes = match h.params.layout {
+        Layout::ExpertMajor => stage.combine_bytes,
+        _ => stage.combine_rm_bytes,
+    };
+    run(g, h, kernel, p, call.send_only, xbytes, stream)
 }
 
 /// Runs the receive phase of this handle's pending `send_only` operation, if any.
@@ -494,6 +528,10 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
         buffer_bytes(g)? > 0,
         "the group has no low-latency buffer yet (NCCL_EP_AUTO allocates it at the first handle): \
          create a handle before ncclEpMaskClean"
+    );
+    ep_core::ensure_usage!(
+        g.ll()?.buffers.remote().is_none(),
+        "ncclEpMaskClean is not implemented yet for groups spanning nodes (docs/MULTINODE.md, \"Masks and dead peers\")"
     );
     // Signal offsets do not depend on K: any layout that fits the buffer gives them.
     let lay = layout(g, 1)?;

@@ -88,6 +88,13 @@ c_struct! {
         pub decide: u64,
         /// bank 0: clean_flag[N] (u64), the ncclEpMaskClean barrier
         pub off_clean: u64,
+        /// bit r: rank r is remote (docs/MULTINODE.md): peers[r] is this rank's send staging
+        /// region for it, its messages arrive in a receive region; 0 = every rank by load/store
+        pub remote: u64,
+        /// receive staging regions, one per remote rank in rank order (0 = none)
+        pub rstage: u64,
+        /// bytes between two staging regions
+        pub stage_stride: u64,
         /// bound on every wait in nanoseconds of %globaltimer (0 = wait forever)
         pub timeout_ns: i64,
         /// combine NVFP4: the caller's global scales, f32 [rows of x] (else 0)
@@ -141,8 +148,8 @@ mod tests {
     /// The generated C carries the same numbers (kernels/ep_params.cuh, static_asserts).
     #[test]
     fn size_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 23 * 8 + 18 * 4);
-        assert_eq!(std::mem::size_of::<LlParams>(), 768);
+        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 26 * 8 + 18 * 4);
+        assert_eq!(std::mem::size_of::<LlParams>(), 792);
         assert_eq!(EP_STATE_BYTES, 64);
     }
 }

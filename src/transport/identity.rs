@@ -65,9 +65,46 @@ pub fn process_id() -> (u32, u64) {
     (std::process::id(), ns)
 }
 
+/// The environment variable that splits the ranks into "nodes" of consecutive ranks
+/// (docs/MULTINODE.md).
+pub const NODE_SIZE_ENV: &str = "NCCL_EP_NODE_SIZE";
+
+/// `NCCL_EP_NODE_SIZE`'s value: None when unset or empty, else a positive number of ranks.
+pub fn parse_node_size(v: Option<&str>) -> ep_core::error::Result<Option<usize>> {
+    let Some(v) = v.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match v.parse::<usize>() {
+        Ok(k) if k >= 1 => Ok(Some(k)),
+        _ => Err(ep_core::invalid_arg!(
+            "{NODE_SIZE_ENV}={v}: must be a positive number of ranks per node (docs/MULTINODE.md)"
+        )),
+    }
+}
+
+/// The ranks rank `rank` of `nranks` reaches through NCCL point-to-point (bit r), from
+/// `NCCL_EP_NODE_SIZE` (read at every group creation; unset: none).
+pub fn remote_ranks_from_env(rank: usize, nranks: usize) -> ep_core::error::Result<u64> {
+    let k = parse_node_size(std::env::var(NODE_SIZE_ENV).ok().as_deref())?;
+    Ok(k.map_or(0, |k| ep_core::ll_layout::remote_ranks(rank, nranks, k)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_size_values() {
+        assert_eq!(parse_node_size(None).unwrap(), None);
+        assert_eq!(parse_node_size(Some("")).unwrap(), None);
+        assert_eq!(parse_node_size(Some(" 2 ")).unwrap(), Some(2));
+        assert_eq!(parse_node_size(Some("8")).unwrap(), Some(8));
+        for bad in ["0", "-1", "two", "1.5"] {
+            let e = parse_node_size(Some(bad)).unwrap_err();
+            assert_eq!(e.kind, ep_core::error::ErrorKind::InvalidArgument);
+            assert!(e.msg.starts_with(&format!("NCCL_EP_NODE_SIZE={bad}: ")), "{}", e.msg);
+        }
+    }
 
     #[test]
     fn fnv_reference_values() {

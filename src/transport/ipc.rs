@@ -1,8 +1,9 @@
 //! Peers of an NCCL communicator: each rank all-gathers a record of its communication buffer
 //! (process, host, device, address, CUDA IPC handle) over the caller's communicator, then maps
 //! every peer's buffer: same process by raw pointer (peer access enabled), same host by CUDA IPC
-//! (`ipc_maps`: each allocation opened once per process and device). Peers on other hosts need
-//! the RDMA transport, which does not exist yet.
+//! (`ipc_maps`: each allocation opened once per process and device). Ranks in the `remote` mask
+//! (docs/MULTINODE.md: other nodes, reached through NCCL point-to-point and staging) are neither
+//! mapped nor part of the destroy barrier; their address here is 0.
 //!
 //! A buffer must never be freed while a peer process still maps it (CUDA calls that undefined;
 //! in practice the stale mapping makes the exporter's next allocation at that address fail to
@@ -172,7 +173,8 @@ impl Drop for OpenedPeers {
 }
 
 /// Exchanges buffer records over `comm` (collective) and returns every rank's buffer address
-/// as seen from this rank, plus the IPC mappings to release later.
+/// as seen from this rank (0 for the ranks in `remote`, which are not mapped), plus the IPC
+/// mappings to release later.
 ///
 /// # Safety
 /// `comm` is the caller's live communicator; every rank calls this in the same order.
@@ -183,6 +185,7 @@ unsafe fn exchange(
     nranks: usize,
     device: i32,
     buf: &DeviceMem,
+    remote: u64,
 ) -> Result<(Vec<u64>, OpenedPeers)> {
     let _g = CtxGuard::enter(device)?;
     let mut mine = Record::mine(Phase::Exchange, device, buf.len());
@@ -202,9 +205,12 @@ unsafe fn exchange(
         );
         if r == rank {
             ptrs.push(mine.ptr);
+        } else if r < 64 && remote >> r & 1 == 1 {
+            ptrs.push(0);
         } else if rec.host != mine.host {
             return Err(ep_core::invalid_usage!(
-                "rank {r} is on another host: reaching it needs the RDMA transport (NCCL GIN), which this build does not have yet"
+                "rank {r} is on another host but this rank's node holds it: set NCCL_EP_NODE_SIZE to the ranks per \
+                 host (ranks laid out host by host) so that other hosts are reached through NCCL (docs/MULTINODE.md)"
             ));
         } else if rec.exporter() == mine.exporter() {
             // This process: CUDA IPC cannot open a handle exported by its own process.
@@ -245,6 +251,8 @@ pub struct SharedBuffer {
     opened: OpenedPeers,
     /// Some peer lives in another process (and may map this buffer).
     cross_process: bool,
+    /// Ranks not mapped (bit r; other nodes): left out of the destroy barrier.
+    remote: u64,
 }
 
 impl SharedBuffer {
@@ -305,7 +313,10 @@ impl SharedBuffer {
         }
         let nranks = self.ptrs.len();
         let slot = |base: u64, r: usize| base + (self.usable + 4 * r) as u64;
-        for &peer in &self.ptrs {
+        // Remote ranks (address 0) never map this buffer: no flag to or from them.
+        let remote = self.remote;
+        let mapped = |r: usize| r >= 64 || remote >> r & 1 == 0;
+        for &peer in self.ptrs.iter().filter(|&&p| p != 0) {
             // SAFETY: every rank's allocation has the DESTROY_TAIL bytes after `usable`, and
             // slot(_, rank) lies in them as nranks <= DESTROY_TAIL / 4 (allocate checks it);
             // `peer` is this rank's own buffer or a mapping kept until close_all below. A write
@@ -319,7 +330,7 @@ impl SharedBuffer {
             // SAFETY: the tail of this rank's own live allocation holds the nranks u32 slots
             // (nranks <= DESTROY_TAIL / 4, checked by allocate); any bits are a valid u32.
             let read = unsafe { memory::memcpy_dtoh(&mut seen, slot(own, 0)) };
-            if read.is_err() || seen.iter().all(|&f| f == DESTROY_TAG) {
+            if read.is_err() || (0..nranks).all(|r| !mapped(r) || seen[r] == DESTROY_TAG) {
                 break read.is_ok();
             }
             if start.elapsed() > limit {
@@ -331,7 +342,7 @@ impl SharedBuffer {
         if arrived {
             drop(self.buf.take());
         } else {
-            let missing: Vec<usize> = (0..nranks).filter(|&r| seen[r] != DESTROY_TAG).collect();
+            let missing: Vec<usize> = (0..nranks).filter(|&r| mapped(r) && seen[r] != DESTROY_TAG).collect();
             self.give_up_buffer(&format!(
                 "ranks {missing:?} did not destroy the group within {} ms (gone, or destroying later)",
                 limit.as_millis()
@@ -354,7 +365,14 @@ impl Drop for SharedBuffer {
 ///
 /// # Safety
 /// `comm` is the caller's live communicator.
-unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, bytes: usize) -> Result<SharedBuffer> {
+unsafe fn allocate(
+    comm: ncclComm_t,
+    rank: usize,
+    nranks: usize,
+    device: i32,
+    bytes: usize,
+    remote: u64,
+) -> Result<SharedBuffer> {
     // Both group kinds cap the ranks at 64, which the destroy flags rely on.
     if nranks > DESTROY_TAIL / 4 {
         return Err(ep_core::internal_err!(
@@ -372,7 +390,7 @@ unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, by
     let nccl = Nccl::get()?;
     // SAFETY: exchange's contract is this function's (live communicator; every rank calls
     // collectively in the same order, as the callers of resize promise).
-    let (ptrs, opened) = match unsafe { exchange(nccl, comm, rank, nranks, device, &buf) } {
+    let (ptrs, opened) = match unsafe { exchange(nccl, comm, rank, nranks, device, &buf, remote) } {
         Ok(x) => x,
         Err(e) => {
             // Peers that got past the all-gather may have mapped it: never free it.
@@ -391,6 +409,7 @@ unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, by
         rank,
         ptrs,
         opened,
+        remote,
     })
 }
 
@@ -404,6 +423,7 @@ unsafe fn allocate(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, by
 ///   (d) every rank frees its old buffer, allocates the new one and exchanges it.
 ///
 /// If (c) fails the old buffer stays allocated (a peer may still map it) and `slot` is empty.
+/// Ranks in `remote` are not mapped (docs/MULTINODE.md).
 ///
 /// # Safety
 /// `comm` is the caller's live communicator; no operation of the group is in flight.
@@ -414,6 +434,7 @@ pub unsafe fn resize(
     nranks: usize,
     device: i32,
     bytes: usize,
+    remote: u64,
 ) -> Result<()> {
     if let Some(old) = slot.as_mut() {
         let nccl = Nccl::get()?;
@@ -448,7 +469,7 @@ pub unsafe fn resize(
         drop(old.buf.take());
     }
     // SAFETY: allocate's contract (a live communicator) is part of this function's.
-    *slot = Some(unsafe { allocate(comm, rank, nranks, device, bytes) }?);
+    *slot = Some(unsafe { allocate(comm, rank, nranks, device, bytes, remote) }?);
     Ok(())
 }
 

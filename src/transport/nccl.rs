@@ -13,6 +13,9 @@ type CommIntFn = unsafe extern "C" fn(ncclComm_t, *mut c_int) -> ncclResult_t;
 type AllGatherFn =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, cudaStream_t) -> ncclResult_t;
 type ErrStrFn = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
+type P2pFn =
+    unsafe extern "C" fn(*const c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> ncclResult_t;
+type GroupFn = unsafe extern "C" fn() -> ncclResult_t;
 
 /// The resolved NCCL entry points. Plain function pointers (hence `Send + Sync`) into a library
 /// that is never unloaded.
@@ -24,6 +27,23 @@ pub struct Nccl {
     comm_cu_device: CommIntFn,
     all_gather: AllGatherFn,
     error_string: Option<ErrStrFn>,
+    /// Point-to-point (remote peers, docs/MULTINODE.md): resolved at load, so that a missing
+    /// symbol fails group creation rather than an operation. `ncclRecv` takes a `void*`; the
+    /// pointer types share one ABI.
+    send: P2pFn,
+    recv: P2pFn,
+    group_start: GroupFn,
+    group_end: GroupFn,
+}
+
+/// One transfer of an exchange: `bytes` from `send` to rank `peer`, and `bytes` from `peer`
+/// into `recv` (device pointers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct P2p {
+    pub peer: usize,
+    pub send: u64,
+    pub recv: u64,
+    pub bytes: usize,
 }
 
 const LIB_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
@@ -98,6 +118,10 @@ impl Nccl {
                 comm_cu_device: need(h, "ncclCommCuDevice")?,
                 all_gather: need(h, "ncclAllGather")?,
                 error_string: need::<ErrStrFn>(h, "ncclGetErrorString").ok(),
+                send: need(h, "ncclSend")?,
+                recv: need(h, "ncclRecv")?,
+                group_start: need(h, "ncclGroupStart")?,
+                group_end: need(h, "ncclGroupEnd")?,
             })
         }
     }
@@ -160,6 +184,46 @@ impl Nccl {
         self.check("ncclAllGather", unsafe {
             (self.all_gather)(send, recv, count, 1, comm, stream)
         })
+    }
+
+    /// One NCCL group of byte sends and receives on `stream` (every transfer's send and
+    /// receive); nothing when `xfers` is empty. The group is always ended, also after a failed
+    /// call inside it (NCCL requires the pairing), and the first error is returned.
+    ///
+    /// # Safety
+    /// `comm` is a live communicator of this NCCL and `stream` a valid stream of its device; each
+    /// transfer's `send` and `recv` hold `bytes` device bytes, valid until the stream ran the
+    /// group; every peer posts the matching calls in the same order.
+    pub unsafe fn exchange(&self, xfers: &[P2p], comm: ncclComm_t, stream: cudaStream_t) -> Result<()> {
+        if xfers.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the pointers have nccl.h's prototypes; buffers, communicator and stream are
+        // as this function's contract requires; datatype 1 is ncclUint8 (counts are bytes).
+        unsafe {
+            self.check("ncclGroupStart", (self.group_start)())?;
+            let mut first = Ok(());
+            for x in xfers {
+                let peer = x.peer as c_int;
+                let r = self
+                    .check(
+                        "ncclSend",
+                        (self.send)(x.send as *const c_void, x.bytes, 1, peer, comm, stream),
+                    )
+                    .and_then(|_| {
+                        self.check(
+                            "ncclRecv",
+                            (self.recv)(x.recv as *const c_void, x.bytes, 1, peer, comm, stream),
+                        )
+                    });
+                if let Err(e) = r {
+                    first = Err(e.context(format_args!("exchange with rank {}", x.peer)));
+                    break;
+                }
+            }
+            let end = self.check("ncclGroupEnd", (self.group_end)());
+            first.and(end)
+        }
     }
 
     pub fn runtime_version(&self) -> i32 {

@@ -7,12 +7,16 @@
 //!   every rank's buffer owned by the group's `LocalWorld`.
 //! * [`IpcPeers`]: an NCCL group: buffers exchanged over the caller's communicator, peers of
 //!   other processes mapped through CUDA IPC (`transport::ipc`: growth protocol, destroy barrier).
-//!
-//! docs/LL.md ("Peer buffers") says how a remote transport (issue 14) would be a third one.
+//! * [`RemotePeers`]: an NCCL group spanning nodes (docs/MULTINODE.md): the ranks of this node as
+//!   `IpcPeers` does, the others through staging regions moved by `ncclSend`/`ncclRecv` on the
+//!   caller's communicator and stream.
 
-use crate::sys::ncclComm_t;
+use crate::cuda::context::{CtxGuard, synchronize_current};
+use crate::cuda::memory::{self, DeviceMem};
+use crate::sys::{cudaStream_t, ncclComm_t};
 use crate::transport::ipc::{self, SharedBuffer};
 use crate::transport::local::LocalWorld;
+use crate::transport::nccl::{Nccl, P2p};
 use ep_core::error::Result;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,16 +29,12 @@ use std::time::Duration;
 /// tail it needs for its own protocol past the usable bytes) and whatever it opened to reach the
 /// peers'.
 ///
-/// **A remote transport** (issue 14: peers on other hosts through the caller's NCCL, staging
-/// regions and `ncclSend`/`ncclRecv`) plugs in as a third implementation: `ensure` allocates the
-/// buffer plus a staging region per remote peer (collectively, over the same communicator);
-/// `peers` gives, for a remote rank, the address of this rank's staging region for it (the
-/// kernels write there as if into the peer's buffer), for the others the direct addresses as
-/// [`IpcPeers`] does; `cross_process` is true (peers read staging copies, never caller tensors);
-/// `release` runs its own barrier. What it adds and this trait has not yet: hooks that move the
-/// staging regions between the send and the receive phase of an operation on the caller's
-/// stream, which LL and HT would call around their launches (no-ops for the two transports
-/// here).
+/// **Remote peers** ([`RemotePeers`], docs/MULTINODE.md): `peers` gives, for a remote rank, the
+/// address of this rank's send staging region for it (the kernels write there instead of into
+/// the peer's buffer); [`PeerTransport::remote`] says which ranks are remote and where their
+/// messages arrive; [`PeerTransport::ensure_stage`] sizes the staging regions and
+/// [`PeerTransport::exchange`] moves them between the send and the receive phase, on the
+/// caller's stream. The other transports have no remote ranks: their hooks do nothing.
 pub trait PeerTransport: Send + Sync {
     /// Usable bytes of this rank's buffer (0 before the first [`PeerTransport::ensure`]).
     fn bytes(&self) -> usize;
@@ -66,6 +66,40 @@ pub trait PeerTransport: Send + Sync {
     /// where the transport's protocol needs it, bounded by `limit` so that a dead peer cannot
     /// hang the survivors). Never fails (problems are logged); afterwards `bytes` is 0.
     fn release(&mut self, limit: Duration);
+
+    /// The ranks reached through staging (bit r) and where their messages arrive; None when
+    /// every peer is reached by load/store.
+    fn remote(&self) -> Option<RemoteStage> {
+        None
+    }
+
+    /// Makes every staging region hold at least `stride` bytes (zeroed when (re)allocated).
+    /// Local to this rank; no operation of the group may be in flight.
+    fn ensure_stage(&mut self, _stride: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Moves the first `bytes` of this rank's send region for every remote peer into that
+    /// peer's receive region for this rank (and the reverse), queued on `stream`: one NCCL
+    /// group, the same calls on every operation (CUDA-graph capturable).
+    ///
+    /// # Safety
+    /// `stream` is a valid stream of this rank's device (the caller's, C contract of the
+    /// operation), and every rank posts its exchange for the same operation.
+    unsafe fn exchange(&self, _bytes: usize, _stream: cudaStream_t) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the kernels find remote peers' messages (docs/MULTINODE.md, `LlParams::remote`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteStage {
+    /// Bit r: rank r is remote.
+    pub mask: u64,
+    /// Receive regions, one per remote rank in rank order.
+    pub recv: u64,
+    /// Bytes between two regions.
+    pub stride: u64,
 }
 
 /// The peer buffers of one rank of a group (LL or HT state holds one).
@@ -83,15 +117,27 @@ impl PeerBuffers {
         Self::new(LocalPeers { world, rank })
     }
 
-    /// Rank `rank` of `nranks` of the caller's communicator `comm`, on `device`.
-    pub fn nccl(comm: ncclComm_t, rank: usize, nranks: usize, device: i32) -> PeerBuffers {
-        Self::new(IpcPeers {
+    /// Rank `rank` of `nranks` of the caller's communicator `comm`, on `device`; the ranks in
+    /// `remote` (bit r) are reached through staging ([`RemotePeers`]), the others by load/store.
+    pub fn nccl(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, remote: u64) -> PeerBuffers {
+        let ipc = IpcPeers {
             comm,
             rank,
             nranks,
             device,
+            remote,
             shared: None,
-        })
+        };
+        if remote == 0 {
+            Self::new(ipc)
+        } else {
+            Self::new(RemotePeers {
+                ipc,
+                send: None,
+                recv: None,
+                stride: 0,
+            })
+        }
     }
 
     /// Usable bytes of this rank's buffer (0 before the first `ensure`).
@@ -131,6 +177,25 @@ impl PeerBuffers {
     /// See [`PeerTransport::release`].
     pub fn release(&mut self, limit: Duration) {
         self.t.release(limit)
+    }
+
+    /// See [`PeerTransport::remote`].
+    pub fn remote(&self) -> Option<RemoteStage> {
+        self.t.remote()
+    }
+
+    /// See [`PeerTransport::ensure_stage`].
+    pub fn ensure_stage(&mut self, stride: usize) -> Result<()> {
+        self.t.ensure_stage(stride)
+    }
+
+    /// See [`PeerTransport::exchange`].
+    ///
+    /// # Safety
+    /// As [`PeerTransport::exchange`].
+    pub unsafe fn exchange(&self, bytes: usize, stream: cudaStream_t) -> Result<()> {
+        // SAFETY: this function's contract is the trait method's.
+        unsafe { self.t.exchange(bytes, stream) }
     }
 }
 
@@ -177,6 +242,8 @@ pub struct IpcPeers {
     rank: usize,
     nranks: usize,
     device: i32,
+    /// Ranks not mapped (bit r): [`RemotePeers`] reaches them.
+    remote: u64,
     shared: Option<SharedBuffer>,
 }
 
@@ -196,7 +263,17 @@ impl PeerTransport for IpcPeers {
         // SAFETY: the caller's communicator (live while its group is); the trait's contract: all
         // ranks size buffers in lockstep and no operation of the group is in flight (handles are
         // created collectively).
-        unsafe { ipc::resize(&mut self.shared, self.comm, self.rank, self.nranks, self.device, bytes) }
+        unsafe {
+            ipc::resize(
+                &mut self.shared,
+                self.comm,
+                self.rank,
+                self.nranks,
+                self.device,
+                bytes,
+                self.remote,
+            )
+        }
     }
 
     fn peers(&self, _need: usize) -> Result<Option<(Vec<u64>, usize)>> {
@@ -222,6 +299,158 @@ impl PeerTransport for IpcPeers {
     }
 }
 
+/// A rank of an NCCL group spanning nodes: the ranks of its node through [`IpcPeers`], every
+/// other (remote) rank through a send and a receive staging region of this rank
+/// (`ep_core::ll_layout::LlStage`), packed in rank order, moved by [`PeerTransport::exchange`].
+pub struct RemotePeers {
+    ipc: IpcPeers,
+    send: Option<DeviceMem>,
+    recv: Option<DeviceMem>,
+    /// Bytes per staging region (0 before the first `ensure_stage`).
+    stride: usize,
+}
+
+impl RemotePeers {
+    fn remote_ranks(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.ipc.nranks.min(64)).filter(|r| self.ipc.remote >> r & 1 == 1)
+    }
+
+    /// Region of the `i`-th remote rank in a staging block.
+    fn region(&self, block: &Option<DeviceMem>, i: usize) -> u64 {
+        block.as_ref().map_or(0, |b| b.ptr() + (i * self.stride) as u64)
+    }
+}
+
+impl PeerTransport for RemotePeers {
+    fn bytes(&self) -> usize {
+        self.ipc.bytes()
+    }
+
+    fn ensure(&mut self, bytes: usize) -> Result<()> {
+        self.ipc.ensure(bytes)
+    }
+
+    fn peers(&self, need: usize) -> Result<Option<(Vec<u64>, usize)>> {
+        let Some((mut ptrs, bytes)) = self.ipc.peers(need)? else {
+            return Ok(None);
+        };
+        ep_core::ensure_usage!(
+            self.send.is_some(),
+            "the group has no staging regions for its remote ranks yet"
+        );
+        for (i, r) in self.remote_ranks().enumerate() {
+            ptrs[r] = self.region(&self.send, i);
+        }
+        Ok(Some((ptrs, bytes)))
+    }
+
+    fn own(&self) -> u64 {
+        self.ipc.own()
+    }
+
+    fn cross_process(&self) -> bool {
+        true
+    }
+
+    fn peers_share_thread(&self) -> bool {
+        false
+    }
+
+    fn release(&mut self, limit: Duration) {
+        // Remote ranks never map this rank's memory: the staging needs no barrier, only the
+        // end of this rank's own work (an exchange may still read or write it).
+        self.ipc.release(limit);
+        let idle = CtxGuard::enter(self.ipc.device).and_then(|_g| synchronize_current());
+        let (send, recv) = (self.send.take(), self.recv.take());
+        if let Err(e) = idle {
+            crate::log::log_warn(format_args!(
+                "keeping the staging regions allocated until the process exits: the device did not synchronise ({})",
+                e.msg
+            ));
+            std::mem::forget((send, recv));
+        }
+        self.stride = 0;
+    }
+
+    fn remote(&self) -> Option<RemoteStage> {
+        Some(RemoteStage {
+            mask: self.ipc.remote,
+            recv: self.region(&self.recv, 0),
+            stride: self.stride as u64,
+        })
+    }
+
+    fn ensure_stage(&mut self, stride: usize) -> Result<()> {
+        if self.send.is_some() && stride <= self.stride {
+            return Ok(());
+        }
+        let n = self.remote_ranks().count();
+        let bytes = stride
+            .checked_mul(n)
+            .ok_or_else(|| ep_core::invalid_arg!("the staging size overflows ({stride} x {n})"))?;
+        let dev = self.ipc.device;
+        let _g = CtxGuard::enter(dev)?;
+        // The old regions may still be read by queued exchanges.
+        synchronize_current()?;
+        self.send = None;
+        self.recv = None;
+        let send = DeviceMem::alloc(dev, bytes)?;
+        let recv = DeviceMem::alloc(dev, bytes)?;
+        // SAFETY: both live allocations hold `bytes`; zero is never a valid tag.
+        unsafe {
+            memory::memset_d8_async(send.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)?;
+            memory::memset_d8_async(recv.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)?;
+        }
+        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
+        crate::log::log_info(format_args!(
+            "rank {}: staging for {n} remote rank(s), 2 x {bytes} bytes",
+            self.ipc.rank
+        ));
+        self.send = Some(send);
+        self.recv = Some(recv);
+        self.stride = stride;
+        Ok(())
+    }
+
+    unsafe fn exchange(&self, bytes: usize, stream: cudaStream_t) -> Result<()> {
+        ep_core::ensure_usage!(
+            self.send.is_some() && bytes <= self.stride,
+            "the staging regions ({} bytes) are too small for this operation ({bytes} bytes)",
+            self.stride
+        );
+        let xfers = remote_transfers(
+            self.ipc.remote,
+            self.ipc.nranks,
+            |i| (self.region(&self.send, i), self.region(&self.recv, i)),
+            bytes,
+        );
+        let nccl = Nccl::get()?;
+        // SAFETY: the caller's live communicator; `stream` as this function's contract says; the
+        // regions hold `stride >= bytes` bytes and live until the next `ensure_stage`, which
+        // synchronises first; every rank posts its exchange for the same operation, with its
+        // remote ranks in rank order, so each pair's calls match.
+        unsafe { nccl.exchange(&xfers, self.ipc.comm, stream) }
+    }
+}
+
+/// The transfers of one exchange: every remote rank in rank order, its send and receive
+/// regions given by `region(index among the remote ranks)` (pure, for tests).
+pub fn remote_transfers(remote: u64, nranks: usize, region: impl Fn(usize) -> (u64, u64), bytes: usize) -> Vec<P2p> {
+    (0..nranks.min(64))
+        .filter(|r| remote >> r & 1 == 1)
+        .enumerate()
+        .map(|(i, peer)| {
+            let (send, recv) = region(i);
+            P2p {
+                peer,
+                send,
+                recv,
+                bytes,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,7 +466,7 @@ mod tests {
     #[test]
     fn nccl_peers_before_the_first_buffer() {
         // No CUDA and no NCCL needed: nothing is allocated before `ensure`.
-        let mut p = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0);
+        let mut p = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0);
         assert_eq!(
             (p.len(), p.own(), p.cross_process(), p.peers_share_thread()),
             (0, 0, false, false)
@@ -247,6 +476,63 @@ mod tests {
         assert_eq!(e.msg, "the group has no low-latency buffer yet");
         p.release(Duration::ZERO);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn remote_peers_before_the_first_buffer() {
+        let mut p = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0b1100);
+        assert_eq!((p.len(), p.own(), p.cross_process()), (0, 0, true));
+        assert_eq!(
+            p.remote(),
+            Some(RemoteStage {
+                mask: 0b1100,
+                recv: 0,
+                stride: 0
+            })
+        );
+        let e = p.peers(1, "low-latency").unwrap_err();
+        assert_eq!(e.msg, "the group has no low-latency buffer yet");
+        // SAFETY: refused before any NCCL call (no staging yet).
+        let e = unsafe { p.exchange(64, std::ptr::null_mut()) }.unwrap_err();
+        assert!(e.msg.contains("too small"), "{}", e.msg);
+        p.release(Duration::ZERO);
+        assert!(p.is_empty());
+        // Load/store transports have no remote ranks and nothing to exchange.
+        let q = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0);
+        assert_eq!(q.remote(), None);
+        // SAFETY: nothing to exchange: no NCCL call.
+        assert!(unsafe { q.exchange(64, std::ptr::null_mut()) }.is_ok());
+    }
+
+    #[test]
+    fn transfers_follow_rank_order() {
+        let x = remote_transfers(0b1011_0000, 8, |i| (100 + i as u64, 200 + i as u64), 64);
+        assert_eq!(
+            x,
+            vec![
+                P2p {
+                    peer: 4,
+                    send: 100,
+                    recv: 200,
+                    bytes: 64
+                },
+                P2p {
+                    peer: 5,
+                    send: 101,
+                    recv: 201,
+                    bytes: 64
+                },
+                P2p {
+                    peer: 7,
+                    send: 102,
+                    recv: 202,
+                    bytes: 64
+                },
+            ]
+        );
+        assert!(remote_transfers(0, 8, |_| (0, 0), 64).is_empty());
+        // Bits past nranks are ignored.
+        assert_eq!(remote_transfers(0b1_0000_0010, 4, |_| (0, 0), 8).len(), 1);
     }
 
     #[test]

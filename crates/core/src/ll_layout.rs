@@ -203,6 +203,68 @@ impl LlLayout {
     }
 }
 
+/// The staging region of one remote peer (docs/MULTINODE.md): what this rank's kernels write for a
+/// rank reached through NCCL point-to-point instead of load/store, and what arrives from it.
+///
+/// It is a bank "as seen by one source": the signal region with the bank's offsets (the source
+/// writes only its own `dispatch_flag`, `expert_count` row and `combine_flag` there), then a data
+/// region holding that source's `dispatch_recv[slot]` rows from offset `data_off` (indexed by
+/// slot alone, not by source rank) or the expert outputs for that source's tokens: the
+/// `combine_recv[token][k]` grid of a bank (expert-major), one row per token (rank-major, where
+/// an expert rank sends one reduced row per (token, rank)). No banks:
+/// the send phase, the exchange and the receive phase of one operation run in stream order, and
+/// the next operation starts after them. Every size is fixed by the layout, so the exchange
+/// (`ncclSend`/`ncclRecv` of these bytes) can be captured in a CUDA graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlStage {
+    /// Bytes a dispatch moves per remote peer and direction: `data_off + B·dmsg`.
+    pub dispatch_bytes: usize,
+    /// Bytes an expert-major combine moves per remote peer and direction: `data_off + B·K·cmsg`.
+    pub combine_bytes: usize,
+    /// Bytes a rank-major combine moves per remote peer and direction: `data_off + B·cmsg`.
+    pub combine_rm_bytes: usize,
+    /// One staging region: the larger of the two, rounded up to [`REGION_ALIGN`].
+    pub stride: usize,
+}
+
+impl LlStage {
+    pub fn new(l: &LlLayout) -> Result<Self> {
+        let dispatch_bytes = add(l.data_off, mul(l.max_tokens, l.dmsg_bytes)?)?;
+        let combine_bytes = add(l.data_off, l.combine_recv_bytes)?;
+        let combine_rm_bytes = add(l.data_off, mul(l.max_tokens, l.cmsg_bytes)?)?;
+        let stride = align_up(dispatch_bytes.max(combine_bytes), REGION_ALIGN)?;
+        Ok(Self {
+            dispatch_bytes,
+            combine_bytes,
+            combine_rm_bytes,
+            stride,
+        })
+    }
+
+    /// Staging one rank allocates for `remote` remote peers: a send and a receive region each.
+    pub fn total_bytes(&self, remote: usize) -> Result<usize> {
+        mul(mul(2, remote)?, self.stride)
+    }
+
+    /// Offset, in a staging region, of the source's `slot`-th dispatch message.
+    pub fn dispatch_offset(l: &LlLayout, slot: usize) -> usize {
+        debug_assert!(slot < l.max_tokens);
+        l.data_off + slot * l.dmsg_bytes
+    }
+}
+
+/// Ranks `rank` treats as remote (bit r): those outside its block of `node_size` consecutive
+/// ranks (`NCCL_EP_NODE_SIZE`, docs/MULTINODE.md). `node_size` 0 means one node.
+pub fn remote_ranks(rank: usize, nranks: usize, node_size: usize) -> u64 {
+    if node_size == 0 || node_size >= nranks {
+        return 0;
+    }
+    let node = rank / node_size;
+    (0..nranks.min(64))
+        .filter(|r| r / node_size != node)
+        .fold(0u64, |m, r| m | 1u64 << r)
+}
+
 /// Bytes of an LL handle's metadata (`ncclEpHandleMemSize`): `align256(4·N·(2 + (K+1)·B))`,
 /// the same formula as `handle_rules::handle_mem_bytes`.
 pub fn handle_mem_bytes(nranks: u32, max_tokens: u32, topk: u32) -> usize {
@@ -292,6 +354,46 @@ mod tests {
         assert_eq!(l.bank_bytes, 14_796_032);
         assert_eq!(l.total_bytes, 29_592_064);
         assert!(l.total_bytes <= 32 * MIB);
+    }
+
+    #[test]
+    fn stage_sizes() {
+        let l = anchor(16, 8);
+        let s = LlStage::new(&l).unwrap();
+        // Signals of N = 16 (L = 16): 128 + 1024 + 128 + 128 -> 1536 after alignment.
+        assert_eq!(l.data_off, 1536);
+        assert_eq!(s.dispatch_bytes, 1536 + 128 * 14448);
+        assert_eq!(s.combine_bytes, 1536 + 128 * 8 * 14336);
+        assert_eq!(s.combine_rm_bytes, 1536 + 128 * 14336);
+        assert!(s.combine_rm_bytes <= s.dispatch_bytes);
+        assert_eq!(s.stride, 1536 + 14_680_064);
+        assert!(s.stride.is_multiple_of(REGION_ALIGN));
+        // 2 x 8 H100: 8 remote peers, send and receive region each.
+        assert_eq!(s.total_bytes(8).unwrap(), 16 * s.stride);
+        assert_eq!(s.total_bytes(0).unwrap(), 0);
+        // K = 1: dispatch rows dominate.
+        let s1 = LlStage::new(&anchor(16, 1)).unwrap();
+        assert_eq!(s1.stride, 1536 + 128 * 14352);
+        assert_eq!(LlStage::dispatch_offset(&l, 0), l.data_off);
+        assert_eq!(LlStage::dispatch_offset(&l, 127), l.data_off + 127 * l.dmsg_bytes);
+        assert!(LlStage::dispatch_offset(&l, 127) + l.dmsg_bytes <= s.dispatch_bytes);
+        // A region always holds the source's signals at the bank's offsets.
+        assert!(l.clean_flag_off + 8 * l.nranks <= l.data_off);
+    }
+
+    #[test]
+    fn node_split() {
+        assert_eq!(remote_ranks(0, 4, 0), 0);
+        assert_eq!(remote_ranks(3, 4, 4), 0);
+        assert_eq!(remote_ranks(3, 4, 9), 0);
+        assert_eq!(remote_ranks(0, 4, 1), 0b1110);
+        assert_eq!(remote_ranks(2, 4, 1), 0b1011);
+        assert_eq!(remote_ranks(0, 4, 2), 0b1100);
+        assert_eq!(remote_ranks(3, 4, 2), 0b0011);
+        // A last, smaller node.
+        assert_eq!(remote_ranks(4, 5, 2), 0b01111);
+        assert_eq!(remote_ranks(1, 5, 2), 0b11100);
+        assert_eq!(remote_ranks(63, 64, 8), !0u64 >> 8);
     }
 
     #[test]
