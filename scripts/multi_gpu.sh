@@ -76,7 +76,7 @@ if [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
     exit 2
   fi
   export NCCL_EP_NODE_SIZE="$MULTI_GPU_NODE_SIZE" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
-  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,remote_ht_refused}"
+  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,remote_ht_refused}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
   echo "== nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1; steps: $EP_MULTI_ONLY"
 fi
