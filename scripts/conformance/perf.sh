@@ -7,16 +7,19 @@
 #
 # The configurations are generated here (perf_configs), not read from rows.txt: LL {em, rm} x
 # tokens {1, 32, 128, 256, 512} x hidden {2048, 4096, 7168} and HT {flat, em} x tokens
-# {1024, 4096, 8192} at hidden 7168; top-k 8, 256 experts, 1 rank (the one GPU).
+# {1024, 4096, 8192} at hidden 7168; top-k 8, 256 experts, 1 rank (the one GPU). Then the
+# dispatch recipes (issue 13) at the LL anchor, dispatch only (ep_bench has no combine after
+# them): bf16 ("plain"), DeepSeek FP8 ("ds-fp8": the library quantises) and MXFP8 scales-forward
+# ("mxfp8": E4M3 tokens + UE8M0 scales, the caller quantised); they go to a separate CSV.
 # Each run's log is LOGS/perf/<config id>.<side>.<run>.log; scripts/conformance/perf_report.py
 # turns the logs into bench/results/vs-upstream-<gpu>-<date>.csv (+ -detail.csv, + .png).
 
 PERF_TOPK=8
 PERF_EXPERTS=256
 
-# One line per configuration: "mode layout tokens hidden".
+# One line per configuration: "mode layout tokens hidden [recipe]".
 perf_configs() {
-  local layout t h
+  local layout t h r
   for layout in em rm; do
     for h in 2048 4096 7168; do
       for t in 1 32 128 256 512; do echo "ll $layout $t $h"; done
@@ -25,23 +28,38 @@ perf_configs() {
   for layout in flat em; do
     for t in 1024 4096 8192; do echo "ht $layout $t 7168"; done
   done
+  for layout in em rm; do
+    for r in plain ds-fp8 mxfp8; do echo "ll $layout 128 7168 $r"; done
+  done
 }
 
-perf_id() { echo "$1-$2-t$3-h$4"; }
+# ep_bench arguments of a recipe (dispatch only: ep_bench runs no combine after these recipes).
+recipe_args() {
+  case "$1" in
+    "") ;;
+    plain) echo "--dispatch-only" ;;
+    ds-fp8) echo "--dispatch-quantization ds-fp8e3m4 --dispatch-only" ;;
+    mxfp8) echo "--mxfp8 --dispatch-only" ;;
+    *) echo "perf: unknown recipe '$1'" >&2; return 1 ;;
+  esac
+}
 
-# perf_cmd SIDE MODE LAYOUT TOKENS HIDDEN TIMEOUT: sets CMD to one ep_bench run.
+perf_id() { echo "$1-$2-t$3-h$4${5:+-$5}"; }
+
+# perf_cmd SIDE MODE LAYOUT TOKENS HIDDEN RECIPE TIMEOUT: sets CMD to one ep_bench run.
 perf_cmd() {
-  local side="$1" mode="$2" layout="$3" tokens="$4" hidden="$5" t="$6" envw=()
+  local side="$1" mode="$2" layout="$3" tokens="$4" hidden="$5" recipe="$6" t="$7" envw=() extra=()
+  read -ra extra <<<"$(recipe_args "$recipe")"
   mapfile -t envw < <(printf '%s\n' "${ENV_COMMON[@]}" "LD_LIBRARY_PATH=$(side_ldpath "$side")" \
     "NCCL_EP_JIT_CACHE_DIR=$WORK/jit/$side")
   CMD=(env "${envw[@]}" timeout -k 10 "$t" "${MPIRUN[@]}" -np 1 "${STDBUF[@]}" "$BUILD/bin/ep_bench"
     --algorithm "$mode" --layout "$layout" --tokens "$tokens" --hidden "$hidden"
-    --top-k "$PERF_TOPK" --experts "$PERF_EXPERTS" --warmup "$PERF_WARMUP" --iters "$PERF_ITERS")
+    --top-k "$PERF_TOPK" --experts "$PERF_EXPERTS" --warmup "$PERF_WARMUP" --iters "$PERF_ITERS" "${extra[@]}")
 }
 
 run_perf() {
   setup_run || return 1
-  local dir="$LOGS/perf" cfgs=() line mode layout tokens hidden id r side sides n=0 t0 rc
+  local dir="$LOGS/perf" cfgs=() line mode layout tokens hidden recipe id r side sides n=0 t0 rc
   mapfile -t cfgs < <(perf_configs | while read -r line; do
     [[ -z "$PERF_ONLY" || "$line" =~ $PERF_ONLY ]] && echo "$line"
   done)
@@ -51,19 +69,20 @@ run_perf() {
   echo "perf: ${#cfgs[@]} configurations x $PERF_RUNS runs x 2 libraries, warmup $PERF_WARMUP," \
     "iters $PERF_ITERS, timeout $TIMEOUT s per run"
   for line in "${cfgs[@]}"; do
-    read -r mode layout tokens hidden <<<"$line"
-    id="$(perf_id "$mode" "$layout" "$tokens" "$hidden")"
+    recipe=""
+    read -r mode layout tokens hidden recipe <<<"$line"
+    id="$(perf_id "$mode" "$layout" "$tokens" "$hidden" "$recipe")"
     n=$((n + 1))
     for ((r = 1; r <= PERF_RUNS; r++)); do
       if ((r % 2)); then sides=(upstream ours); else sides=(ours upstream); fi
       for side in "${sides[@]}"; do
-        perf_cmd "$side" "$mode" "$layout" "$tokens" "$hidden" "$TIMEOUT"
+        perf_cmd "$side" "$mode" "$layout" "$tokens" "$hidden" "$recipe" "$TIMEOUT"
         if ((DRY)); then x "${CMD[@]}"; continue; fi
         t0=$SECONDS
         { printf '# %s\n' "${CMD[*]}"; "${CMD[@]}"; } >"$dir/$id.$side.$r.log" 2>&1
         rc=$?
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$layout" "$tokens" "$hidden" "$side" "$r" "$rc" \
-          "$id.$side.$r.log" >>"$dir/runs.tsv"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$layout" "$tokens" "$hidden" "$side" "$r" "$rc" \
+          "$id.$side.$r.log" "$recipe" >>"$dir/runs.tsv"
         printf '[%2d/%d] %-22s run %d %-8s exit %-3s %3d s\n' "$n" "${#cfgs[@]}" "$id" "$r" "$side" "$rc" \
           $((SECONDS - t0))
       done

@@ -6,6 +6,9 @@
   library, ratio = ours / upstream.
 - <csv stem>-detail.csv: per library, the median kernel and host-observed times, the EP-induced
   memory ep_bench reports (rank 0), how many runs gave a number, and the failed runs.
+- <csv stem>-recipes.csv: the dispatch recipes at the LL anchor (perf.sh: plain bf16, ds-fp8,
+  mxfp8; dispatch only), header mode,layout,tokens,hidden,topk,experts,ranks,recipe,phase,
+  upstream_us,ours_us,ratio.
 - <csv stem>.png when matplotlib is there: the ratio per row, dispatch and combine.
 - A Markdown table on stdout (README's performance table is made from it).
 
@@ -96,7 +99,8 @@ def main():
         if len(row) < 8:
             continue
         mode, layout, tokens, hidden, side, _run, rc, log = row[:8]
-        key = (mode, layout, int(tokens), int(hidden))
+        recipe = row[8] if len(row) > 8 else ""
+        key = (mode, layout, int(tokens), int(hidden), recipe)
         if key not in runs:
             runs[key] = {"upstream": [], "ours": []}
             order.append(key)
@@ -108,20 +112,23 @@ def main():
 
     stem = a.csv[:-4] if a.csv.endswith(".csv") else a.csv
     os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
-    main_rows, detail_rows = [], []
+    main_rows, detail_rows, recipe_rows = [], [], []
     for key in order:
-        mode, layout, tokens, hidden = key
+        mode, layout, tokens, hidden, recipe = key
         med = {s: {f: median([r.get(f) for r in runs[key][s]]) for f in
                    ("dispatch_kernel", "combine_kernel", "dispatch_host", "combine_host", "mem_mb")}
                for s in ("upstream", "ours")}
-        for phase in ("dispatch", "combine"):
+        for phase in ("dispatch",) if recipe else ("dispatch", "combine"):
             up, ours = med["upstream"][f"{phase}_kernel"], med["ours"][f"{phase}_kernel"]
             ratio = ours / up if up and ours else None
-            main_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, phase,
-                              fmt(up), fmt(ours), fmt(ratio, 3)])
+            row = [mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, phase, fmt(up), fmt(ours), fmt(ratio, 3)]
+            if recipe:
+                recipe_rows.append(row[:7] + [recipe] + row[7:])
+            else:
+                main_rows.append(row)
         for s in ("upstream", "ours"):
             m = med[s]
-            detail_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, s,
+            detail_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, recipe or "none", s,
                                 fmt(m["dispatch_kernel"]), fmt(m["combine_kernel"]),
                                 fmt(m["dispatch_host"]), fmt(m["combine_host"]), fmt(m["mem_mb"]),
                                 len([r for r in runs[key][s] if r.get("dispatch_kernel") is not None]),
@@ -134,10 +141,17 @@ def main():
         w.writerows(main_rows)
     with open(stem + "-detail.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "library",
+        w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe", "library",
                     "dispatch_kernel_us", "combine_kernel_us", "dispatch_host_us", "combine_host_us",
                     "ep_memory_mb", "runs_with_times", "failed_runs"])
         w.writerows(detail_rows)
+
+    if recipe_rows:
+        with open(stem + "-recipes.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe", "phase",
+                        "upstream_us", "ours_us", "ratio"])
+            w.writerows(recipe_rows)
 
     # Markdown table: one line per configuration.
     print("| mode | layout | tokens | hidden | dispatch up µs | ours | ratio | combine up µs | ours | ratio |")
@@ -145,6 +159,11 @@ def main():
     for i in range(0, len(main_rows), 2):
         d, c = main_rows[i], main_rows[i + 1]
         print(f"| {d[0]} | {d[1]} | {d[2]} | {d[3]} | {d[8]} | {d[9]} | {d[10]} | {c[8]} | {c[9]} | {c[10]} |")
+    if recipe_rows:
+        print("\n| layout | recipe (dispatch only) | upstream µs | ours µs | ratio |")
+        print("|---|---|---|---|---|")
+        for r in recipe_rows:
+            print(f"| {r[1]} | {r[7]} | {r[9]} | {r[10]} | {r[11]} |")
     ratios = [float(r[10]) for r in main_rows if r[10]]
     if ratios:
         print(f"\n{len(ratios)} ratios: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f}")
@@ -156,7 +175,7 @@ def main():
     except ImportError:
         print("perf report: no matplotlib, no PNG", file=sys.stderr)
         return 0
-    labels = [f"{k[0]} {k[1]} t{k[2]} h{k[3]}" for k in order]
+    labels = [f"{k[0]} {k[1]} t{k[2]} h{k[3]}" for k in order if not k[4]]
     disp = [float(r[10]) if r[10] else float("nan") for r in main_rows[0::2]]
     comb = [float(r[10]) if r[10] else float("nan") for r in main_rows[1::2]]
     fig, ax = plt.subplots(figsize=(max(8, 0.32 * len(labels)), 4.5))
