@@ -258,8 +258,16 @@ struct HtParams {
   // peers read staging copies (groups spanning processes)
   int staged;
   int pad;
+  // dispatch with NCCL_EP_DISP_QUANT_FWD: inputs->scales (0 = no scales)
+  u64 in2;
+  // dispatch with NCCL_EP_DISP_QUANT_FWD: outputs->scales
+  u64 out4;
+  // S_t * scale element size (multiple of 16; 0 = no scales). Staged scales follow the
+  // staged tokens at off_stage_tok + max_tokens * row_bytes (row_bytes + scale_bytes <= Hb).
+  int scale_bytes;
+  int pad2;
 };
-static_assert(sizeof(HtParams) == 784, "HtParams: size of src/runtime/ht_params.rs");
+static_assert(sizeof(HtParams) == 808, "HtParams: size of src/runtime/ht_params.rs");
 static_assert(alignof(HtParams) == 8, "HtParams: alignment of src/runtime/ht_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(HtParams, peers) == 0 && sizeof(((HtParams*)0)->peers) == 512, "HtParams.peers: offset and size in src/runtime/ht_params.rs");
@@ -306,6 +314,10 @@ static_assert(__builtin_offsetof(HtParams, tot64) == 768 && sizeof(((HtParams*)0
 static_assert(__builtin_offsetof(HtParams, recv_global) == 772 && sizeof(((HtParams*)0)->recv_global) == 4, "HtParams.recv_global: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, staged) == 776 && sizeof(((HtParams*)0)->staged) == 4, "HtParams.staged: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, pad) == 780 && sizeof(((HtParams*)0)->pad) == 4, "HtParams.pad: offset and size in src/runtime/ht_params.rs");
+static_assert(__builtin_offsetof(HtParams, in2) == 784 && sizeof(((HtParams*)0)->in2) == 8, "HtParams.in2: offset and size in src/runtime/ht_params.rs");
+static_assert(__builtin_offsetof(HtParams, out4) == 792 && sizeof(((HtParams*)0)->out4) == 8, "HtParams.out4: offset and size in src/runtime/ht_params.rs");
+static_assert(__builtin_offsetof(HtParams, scale_bytes) == 800 && sizeof(((HtParams*)0)->scale_bytes) == 4, "HtParams.scale_bytes: offset and size in src/runtime/ht_params.rs");
+static_assert(__builtin_offsetof(HtParams, pad2) == 804 && sizeof(((HtParams*)0)->pad2) == 4, "HtParams.pad2: offset and size in src/runtime/ht_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

@@ -5,10 +5,17 @@
 // Every rank publishes its input pointers (tokens, topk_weights) and raises its open flag; each
 // receiver then copies its received rows [0, count) straight from the sources' inputs (or
 // their staging copies) into outputs.tokens, a warp per (row, 4 KiB segment), and writes the
-// forward top-k outputs. Dtype-agnostic: rows are bytes.
+// forward top-k outputs. Dtype-agnostic: rows are bytes. With NCCL_EP_DISP_QUANT_FWD every row
+// also carries its scale row (p.scale_bytes, from inputs->scales into outputs->scales at the
+// same row index): extra segments of the same work loop, copied bytewise like the tokens.
 
 __device__ __forceinline__ const char* src_tokens(const HtParams& p, u64 (*sp)[HT_PTR_SLOTS], int s) {
   return p.staged ? peer_buf(p, s) + p.off_stage_tok : (const char*)sp[s][0];
+}
+
+// A source's scale rows: its inputs->scales, or its staging copy right after the staged tokens.
+__device__ __forceinline__ const char* src_scales(const HtParams& p, u64 (*sp)[HT_PTR_SLOTS], int s) {
+  return p.staged ? peer_buf(p, s) + p.off_stage_tok + (u64)p.max_tokens * (u64)p.row_bytes : (const char*)sp[s][2];
 }
 
 __device__ __forceinline__ const float* src_weights(const HtParams& p, u64 (*sp)[HT_PTR_SLOTS], int s) {
@@ -18,7 +25,7 @@ __device__ __forceinline__ const float* src_weights(const HtParams& p, u64 (*sp)
 extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch(const HtParams p) {
   __shared__ u64 sp[HT_MAX_RANKS][HT_PTR_SLOTS];
   const u32 tag = cur_epoch(p) + 1u;
-  const u64 mine[HT_PTR_SLOTS] = {p.in0, p.in1, 0, 0};
+  const u64 mine[HT_PTR_SLOTS] = {p.in0, p.in1, p.in2, 0};
   const u64 present = open_op(p, tag, mine, sp);
   const int K = p.topk, B = p.max_tokens, L = p.local_experts;
   const int count = hdr(p)->count;
@@ -33,11 +40,26 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch(const HtPar
   const int lane = threadIdx.x & 31;
   const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int gwarps = (gridDim.x * blockDim.x) >> 5;
-  const int nseg = num_segments(p.row_bytes);
+  const int tseg = num_segments(p.row_bytes);
+  const int nseg = tseg + (p.scale_bytes > 0 ? num_segments(p.scale_bytes) : 0);
   for (i64 it = gwarp; it < (i64)count * nseg; it += gwarps) {
     const int slot = (int)(it / nseg), seg = (int)(it % nseg);
     const int* rrow = recv + (i64)slot * W;
     const int src = rrow[0];
+    if (seg >= tseg) {
+      // A segment of the row's scales (QUANT_FWD): same slot, its own output tensor.
+      const int sseg = seg - tseg;
+      const i64 soff = (i64)sseg * HT_SEG_BYTES;
+      char* sdst = (char*)p.out4 + (i64)slot * p.scale_bytes + soff;
+      const int sbytes = segment_bytes(p.scale_bytes, sseg);
+      if (src < 0) {
+        warp_zero(sdst, sbytes, lane);
+        continue;
+      }
+      const int s = src / B, t = src % B;
+      if ((present >> s) & 1) warp_copy<true>(sdst, src_scales(p, sp, s) + (i64)t * p.scale_bytes + soff, sbytes, lane);
+      continue;
+    }
     const i64 off = (i64)seg * HT_SEG_BYTES;
     char* dst = (char*)p.out0 + (i64)slot * p.row_bytes + off;
     const int bytes = segment_bytes(p.row_bytes, seg);

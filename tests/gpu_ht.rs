@@ -1193,3 +1193,309 @@ fn ht_negative_ids_mean_none() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// NCCL_EP_DISP_QUANT_FWD ("scales forwarded"): the caller's raw token rows and one scale row per
+// token move as bytes; then an ordinary combine of bf16 expert outputs on the same handle.
+
+/// The wire types of one QUANT_FWD case: tokens `[T, tok_width]` of `tok`, scales
+/// `[T, scale_width]` of `scale`.
+#[derive(Clone, Copy, Debug)]
+struct QuantWire {
+    tok: ep_core::DType,
+    tok_width: usize,
+    scale: ep_core::DType,
+    scale_width: usize,
+}
+
+impl QuantWire {
+    fn tok_bytes(&self) -> usize {
+        self.tok_width * self.tok.elem_bytes()
+    }
+    fn scale_bytes(&self) -> usize {
+        self.scale_width * self.scale.elem_bytes()
+    }
+}
+
+/// Device tensors of one rank's QUANT_FWD dispatch (the combine's are in `op`).
+struct QuantOp {
+    op: RankOp,
+    scales: DevTensor,
+    out_scales: DevTensor,
+}
+
+fn quant_dispatch_call(
+    c: &HtCase,
+    h: ncclEpHandle_t,
+    q: &mut QuantOp,
+    s: &Stream,
+    pass: PassDir,
+) -> Result<(), String> {
+    let o = &mut q.op;
+    let mut inp: ncclEpDispatchInputs_t = struct_default();
+    let mut out: ncclEpDispatchOutputs_t = struct_default();
+    let mut li: ncclEpLayoutInfo_t = struct_default();
+    let mut cfg: ncclEpDispatchConfig_t = struct_default();
+    cfg.pass_direction = ncclEpPassDir_t((pass == PassDir::Backward) as i32);
+    cfg.quant_recipe = ncclEpDispQuant_t(1);
+    li.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
+    inp.tokens = o.tokens.ptr();
+    inp.scales = q.scales.ptr();
+    out.tokens = o.out.ptr();
+    out.scales = q.out_scales.ptr();
+    if let Some(w) = &mut o.weights {
+        inp.topk_weights = w.ptr();
+    }
+    if let Some(t) = &mut o.out_idx {
+        out.topk_idx = t.ptr();
+    }
+    if let Some(t) = &mut o.out_w {
+        out.topk_weights = t.ptr();
+    }
+    // SAFETY: as in `dispatch_call`: live local structs; every descriptor is boxed in `q` with
+    // its sizes array and device buffer, which outlive the queued work (freeing waits for the
+    // device); `h` is the caller's live handle, `s` a live stream.
+    ep_ok!(unsafe { ncclEpDispatch(h, &inp, &out, &li, &cfg, s.raw()) });
+    Ok(())
+}
+
+/// One QUANT_FWD dispatch and one bf16 combine of the given pass on every rank, checked bit for
+/// bit (tokens, scales, top-k outputs, combine) on fresh random bytes.
+fn quant_op(
+    c: &HtCase,
+    wire: QuantWire,
+    w: &World,
+    hs: &Handles,
+    plan: &HtPlan,
+    pass: PassDir,
+    rng: &mut SplitMix64,
+) -> Result<(), String> {
+    let n = c.nranks;
+    let inp = make_inputs(c, plan, pass, rng);
+    let (tb, sb) = (wire.tok_bytes(), wire.scale_bytes());
+    let qt: Vec<Vec<u8>> = (0..n).map(|r| random_bytes(rng, plan.num_tokens(r) * tb)).collect();
+    let qs: Vec<Vec<u8>> = (0..n).map(|r| random_bytes(rng, plan.num_tokens(r) * sb)).collect();
+    let mut ops = Vec::new();
+    for r in 0..n {
+        let mut op = alloc_op(c, plan, r, &inp, pass)?;
+        let (t, rows) = (plan.num_tokens(r), out_rows(plan, r));
+        op.tokens = dev(wire.tok, &[t, wire.tok_width])?;
+        op.tokens.upload(&qt[r])?;
+        op.out = dev(wire.tok, &[rows, wire.tok_width])?;
+        poison(&op.out)?;
+        let scales = dev(wire.scale, &[t, wire.scale_width])?;
+        scales.upload(&qs[r])?;
+        let out_scales = dev(wire.scale, &[rows, wire.scale_width])?;
+        poison(&out_scales)?;
+        ops.push(QuantOp { op, scales, out_scales });
+    }
+    for r in 0..n {
+        quant_dispatch_call(c, hs.0[r], &mut ops[r], &w.streams[r], pass)?;
+    }
+    for r in 0..n {
+        combine_call(hs.0[r], &mut ops[r].op, &w.streams[r], pass)?;
+    }
+    w.sync()?;
+    let got = ops
+        .iter()
+        .map(|q| Ok((download(&q.op)?, q.out_scales.download::<u8>()?)))
+        .collect::<Result<Vec<_>, String>>()?;
+    drop(ops);
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..n)
+            .map(|r| {
+                let (inp, qt, qs, got) = (&inp, &qt, &qs, &got[r]);
+                sc.spawn(move || -> Result<(), String> {
+                    let want = plan.dispatch_quant_fwd(
+                        r,
+                        &HtQuantFwdIn {
+                            token_row_bytes: tb,
+                            scale_row_bytes: sb,
+                            pass,
+                            recv_kind: if c.global_ids {
+                                ExpertIdKind::Global
+                            } else {
+                                ExpertIdKind::Local
+                            },
+                            tokens: qt,
+                            scales: qs,
+                            weights: &inp.weights,
+                            poison: POISON,
+                        },
+                        out_rows(plan, r),
+                    );
+                    let (g, gs) = got;
+                    check_bytes(
+                        &format!("rank {r} {pass:?} QUANT_FWD tokens"),
+                        &g.out,
+                        &want.tokens,
+                        1,
+                        tb,
+                    )?;
+                    check_bytes(&format!("rank {r} {pass:?} QUANT_FWD scales"), gs, &want.scales, 1, sb)?;
+                    if let Some(idx) = &g.out_idx {
+                        check_eq(&format!("rank {r} QUANT_FWD topk_idx"), idx, &want.topk_idx)?;
+                    }
+                    if let Some(wt) = &g.out_w {
+                        check_eq(
+                            &format!("rank {r} QUANT_FWD topk_weights"),
+                            &f32_bits(wt),
+                            &f32_bits(&want.topk_weights),
+                        )?;
+                    }
+                    let cw = plan.combine(
+                        r,
+                        &HtCombineIn {
+                            dtype: c.dtype,
+                            hidden: c.hidden,
+                            pass,
+                            tokens: &inp.x,
+                            weights: &inp.x_w,
+                        },
+                    );
+                    check_bytes(
+                        &format!("rank {r} {pass:?} combine after QUANT_FWD"),
+                        &g.comb,
+                        &cw.tokens,
+                        c.dtype.bytes(),
+                        c.hidden,
+                    )?;
+                    if let Some(wt) = &g.comb_w {
+                        check_eq(
+                            &format!("rank {r} combine topk_weights"),
+                            &f32_bits(wt),
+                            &f32_bits(&cw.topk_weights),
+                        )?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter().try_for_each(|h| h.join().unwrap())
+    })
+}
+
+/// A QUANT_FWD round on a fresh world: routing, handles, forward and backward.
+fn quant_round(c: &HtCase, wire: QuantWire, rng: &mut SplitMix64, comm: Option<ncclComm_t>) -> Result<String, String> {
+    let t0 = Instant::now();
+    // The group's max_token_bytes (4H) holds a token row plus its scales.
+    assert!(wire.tok_bytes() + wire.scale_bytes() <= c.hidden * 4, "{wire:?}");
+    let routing = gen_world_routing(c, rng);
+    let s = pick_budget(c, &routing);
+    let cfg = c.group_config(s);
+    let w = match comm {
+        Some(comm) => World::nccl(comm, &cfg)?,
+        None => World::local_n(c.nranks, &cfg)?,
+    };
+    let plan = HtPlan::new(c.ref_config(s), &routing).map_err(|e| format!("reference: {e:?}"))?;
+    let mut rr = routing
+        .iter()
+        .map(|rt| routing_tensors(c, rt))
+        .collect::<Result<Vec<_>, _>>()?;
+    let hs = create_handles(c, &w, &mut rr)?;
+    w.sync()?;
+    check_layout_info(c, &plan, &rr)?;
+    quant_op(c, wire, &w, &hs, &plan, PassDir::Forward, rng)?;
+    quant_op(c, wire, &w, &hs, &plan, PassDir::Backward, rng)?;
+    // A NONE dispatch on the same handle afterwards still moves no scales and works.
+    run_op(c, &w, &hs, &plan, PassDir::Forward, rng)?;
+    Ok(format!(
+        "S {s}, counts {:?}, {:.2} s",
+        (0..c.nranks).map(|d| plan.rank(d).count).collect::<Vec<_>>(),
+        t0.elapsed().as_secs_f64()
+    ))
+}
+
+/// The wire pairs: MXFP8 (e4m3 + H/32 uint8), packed FP4 + H/32 uint8 (MXFP4) and + H/16 e4m3
+/// (NVFP4-like), e5m2 + fp32 per 128, bf16 + bf16, fp32 + fp16, fp16 + e5m2 (one 16-byte
+/// scale row each), over H = 2048 and 7168 (scale rows past one 4 KiB segment included).
+fn quant_wires(hidden: usize) -> Vec<QuantWire> {
+    use ep_core::enums::dtype as d;
+    let q = |tok, tok_width, scale, scale_width| QuantWire {
+        tok,
+        tok_width,
+        scale,
+        scale_width,
+    };
+    vec![
+        q(d::FLOAT8E4M3, hidden, d::UINT8, hidden / 32),
+        q(d::FLOAT4X2, hidden / 2, d::UINT8, hidden / 32),
+        q(d::FLOAT4X2, hidden / 2, d::FLOAT8E4M3, hidden / 16),
+        q(d::FLOAT8E5M2, hidden, d::FLOAT32, hidden / 128),
+        q(d::BFLOAT16, hidden, d::BFLOAT16, 8),
+        q(d::FLOAT32, hidden / 2, d::FLOAT16, 8),
+        q(d::FLOAT16, hidden, d::FLOAT8E5M2, 16),
+        // A scale row longer than one 4 KiB segment: 1040 fp32 scales (4160 bytes).
+        q(d::FLOAT8E4M3, hidden, d::FLOAT32, 1040),
+    ]
+}
+
+fn run_quant_cases(name: &str, cases: &[(HtCase, QuantWire)], comm: Option<ncclComm_t>) {
+    let mut rng = SplitMix64::new(0x9fa7 ^ name.len() as u64);
+    let mut failed = Vec::new();
+    for (c, wire) in cases {
+        match quant_round(c, *wire, &mut rng, comm) {
+            Ok(info) => println!("{name}: ok   {wire:?} {c:?}: {info}"),
+            Err(e) => {
+                println!("{name}: FAIL {wire:?} {c:?}: {e}");
+                failed.push(format!("{wire:?} {c:?}: {e}"));
+            }
+        }
+    }
+    println!(
+        "{name}: {} rounds passed, {} failed",
+        cases.len() - failed.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// QUANT_FWD on local groups: both layouts, forward and backward, every wire pair, fixed
+/// budget, eager mode, DROP and EM alignment; each dispatch followed by a bf16 combine.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ht_quant_fwd_scales_forwarded() {
+    let _gpu = require_gpu();
+    let mut cases = Vec::new();
+    for layout in [Layout::Flat, Layout::ExpertMajor] {
+        for (i, wire) in quant_wires(2048).into_iter().enumerate() {
+            let nranks = [2, 4, 8][i % 3];
+            cases.push((
+                HtCase {
+                    max_tokens: 300,
+                    tokens: None,
+                    align: if layout == Layout::ExpertMajor && i % 2 == 0 {
+                        64
+                    } else {
+                        1
+                    },
+                    idx64: i % 2 == 1,
+                    global_ids: i == 3,
+                    budget: match i {
+                        2 => Budget::Eager,
+                        5 => Budget::Drop,
+                        _ => Budget::Exact,
+                    },
+                    routing: if i == 4 {
+                        Routing::SameRankDups
+                    } else {
+                        Routing::Uniform
+                    },
+                    ..base(nranks, layout)
+                },
+                wire,
+            ));
+        }
+        // H = 7168 (DeepSeek): MXFP8 and packed FP4 with UE8M0 scales, 4 ranks, 513 tokens.
+        for wire in quant_wires(7168).into_iter().take(2) {
+            cases.push((
+                HtCase {
+                    hidden: 7168,
+                    ..base(4, layout)
+                },
+                wire,
+            ));
+        }
+    }
+    run_quant_cases("ht_quant_fwd_scales_forwarded", &cases, None);
+}

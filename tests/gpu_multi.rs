@@ -57,7 +57,9 @@ mod multi;
 mod quant;
 
 use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
-use ep_reference::ht::{HtCombineIn, HtConfig, HtDispatchIn, HtDtype, HtPlan, random_tokens};
+use ep_reference::ht::{
+    HtCombineIn, HtConfig, HtDispatchIn, HtDispatchOut, HtDtype, HtPlan, HtQuantFwdIn, random_bytes, random_tokens,
+};
 use ep_reference::ll::*;
 use harness::*;
 use multi::*;
@@ -684,6 +686,9 @@ struct HtCase {
     routing: Routing,
     global_ids: bool,
     idx64: bool,
+    /// Dispatch with NCCL_EP_DISP_QUANT_FWD: random e4m3 token bytes `[T, H]` and H/32 uint8
+    /// (UE8M0) scales instead of `dt` tokens (the combine stays `dt`).
+    quant_fwd: bool,
 }
 
 /// The HT group every HT round uses: B = 64, max_token_bytes for fp32 rows of 2048 and bf16 rows
@@ -746,6 +751,16 @@ fn ht_round(
         .map(|&t| (0..t * k).map(|_| rng.unit_f32()).collect())
         .collect();
     let xs: Vec<Vec<u8>> = (0..n).map(|_| random_tokens(rng, c.dt, budget, h)).collect();
+    // QUANT_FWD: raw e4m3 token rows of H bytes and H/32 uint8 scales, every rank's.
+    let sw = h / 32;
+    let (qtok, qsc): (Vec<Vec<u8>>, Vec<Vec<u8>>) = if c.quant_fwd {
+        (
+            ts.iter().map(|&t| random_bytes(rng, t * h)).collect(),
+            ts.iter().map(|&t| random_bytes(rng, t * sw)).collect(),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let cfg = HtConfig {
         nranks: n,
         num_experts: e,
@@ -834,12 +849,19 @@ fn ht_round(
 
     // Dispatch (forward).
     let nd = c.dt.nccl();
-    let mut in_tok = tensor(r, nd, &[t, h])?;
-    in_tok.upload(&tokens[me])?;
+    let td = if c.quant_fwd { dtype::FLOAT8E4M3 } else { nd };
+    let mut in_tok = tensor(r, td, &[t, h])?;
+    in_tok.upload(if c.quant_fwd { &qtok[me] } else { &tokens[me] })?;
     let mut in_w = tensor(r, dtype::FLOAT32, &[t, k])?;
     in_w.upload(&weights[me])?;
-    let mut out_tok = tensor(r, nd, &[budget, h])?;
+    let mut out_tok = tensor(r, td, &[budget, h])?;
     out_tok.fill(HT_POISON)?;
+    let mut in_sc = tensor(r, dtype::UINT8, &[t, sw])?;
+    let mut out_sc = tensor(r, dtype::UINT8, &[budget, sw])?;
+    if c.quant_fwd {
+        in_sc.upload(&qsc[me])?;
+        out_sc.fill(HT_POISON)?;
+    }
     let mut out_idx = tensor(r, dtype::INT64, &[budget, k])?;
     out_idx.fill(HT_POISON)?;
     let mut out_w = if em {
@@ -851,7 +873,12 @@ fn ht_round(
     let mut di: ncclEpDispatchInputs_t = struct_default();
     let mut dout: ncclEpDispatchOutputs_t = struct_default();
     let mut dli: ncclEpLayoutInfo_t = struct_default();
-    let dcfg: ncclEpDispatchConfig_t = struct_default();
+    let mut dcfg: ncclEpDispatchConfig_t = struct_default();
+    if c.quant_fwd {
+        dcfg.quant_recipe = ncclEpDispQuant_t(1);
+        di.scales = in_sc.ptr();
+        dout.scales = out_sc.ptr();
+    }
     di.tokens = in_tok.ptr();
     di.topk_weights = in_w.ptr();
     dout.tokens = out_tok.ptr();
@@ -870,19 +897,46 @@ fn ht_round(
     // `hd.0` is a live handle, `s` a live stream (the C contract of ncclEpDispatch).
     ep_ok!(unsafe { ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()) });
     s.sync()?;
-    let want = plan.dispatch(
-        me,
-        &HtDispatchIn {
-            dtype: c.dt,
-            hidden: h,
-            pass: PassDir::Forward,
-            recv_kind,
-            tokens: &tokens,
-            weights: &weights,
-            poison: HT_POISON,
-        },
-        budget,
-    );
+    let want = if c.quant_fwd {
+        let q = plan.dispatch_quant_fwd(
+            me,
+            &HtQuantFwdIn {
+                token_row_bytes: h,
+                scale_row_bytes: sw,
+                pass: PassDir::Forward,
+                recv_kind,
+                tokens: &qtok,
+                scales: &qsc,
+                weights: &weights,
+                poison: HT_POISON,
+            },
+            budget,
+        );
+        note(compare(
+            "HT QUANT_FWD dispatch scales",
+            &out_sc.download::<u8>()?,
+            &q.scales,
+        ));
+        HtDispatchOut {
+            tokens: q.tokens,
+            topk_idx: q.topk_idx,
+            topk_weights: q.topk_weights,
+        }
+    } else {
+        plan.dispatch(
+            me,
+            &HtDispatchIn {
+                dtype: c.dt,
+                hidden: h,
+                pass: PassDir::Forward,
+                recv_kind,
+                tokens: &tokens,
+                weights: &weights,
+                poison: HT_POISON,
+            },
+            budget,
+        )
+    };
     note(compare("HT dispatch tokens", &out_tok.download::<u8>()?, &want.tokens));
     let gw: Vec<u32> = out_w.download::<f32>()?.iter().map(|f| f.to_bits()).collect();
     let ww: Vec<u32> = want.topk_weights.iter().map(|f| f.to_bits()).collect();
@@ -952,6 +1006,7 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
                 routing: [Routing::Uniform, Routing::SameRankDups, Routing::Uniform][i],
                 global_ids: i == 2,
                 idx64: i != 1,
+                quant_fwd: false,
             });
         }
         for (i, topk) in [1usize, 2, 8].into_iter().enumerate() {
@@ -970,9 +1025,26 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
                     ][(i + j) % 3],
                     global_ids: topk == 2,
                     idx64: j != 1,
+                    quant_fwd: false,
                 });
             }
         }
+    }
+    // QUANT_FWD (MXFP8-like e4m3 + H/32 UE8M0 scales), both layouts: across processes the
+    // scales travel through the staging, after the staged tokens.
+    for (i, layout) in [Layout::Flat, Layout::ExpertMajor].into_iter().enumerate() {
+        cases.push(HtCase {
+            layout,
+            dt: HtDtype::Bf16,
+            hidden: 7168,
+            topk: 8,
+            align: if layout == Layout::ExpertMajor { 16 } else { 0 },
+            tokens: None,
+            routing: Routing::Uniform,
+            global_ids: i == 0,
+            idx64: true,
+            quant_fwd: true,
+        });
     }
     for c in &cases {
         match ht_round(r, &g, &s, l, budget, c, &mut rng)? {

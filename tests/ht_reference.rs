@@ -496,6 +496,163 @@ fn em_metadata_padding_and_dispatch() {
     assert!(bwd.topk_weights.is_empty());
 }
 
+// ---- QUANT_FWD ("scales forwarded"): raw token rows and their scale rows move together -------
+
+/// Rank r's raw rows: token t is 16 bytes of 0x40 + 16r + t (an e4m3 row of H = 16), its scale
+/// row 32 bytes of 0x80 + 16r + t (32 UE8M0 scales).
+fn q_rows(bytes: usize, base: u8) -> Vec<Vec<u8>> {
+    (0..2)
+        .map(|r| {
+            (0..3)
+                .flat_map(|t| vec![base + 16 * r as u8 + t as u8; bytes])
+                .collect()
+        })
+        .collect()
+}
+
+fn q_in<'a>(x: &'a [Vec<u8>], sc: &'a [Vec<u8>], w: &'a [Vec<f32>], pass: PassDir) -> HtQuantFwdIn<'a> {
+    HtQuantFwdIn {
+        token_row_bytes: 16,
+        scale_row_bytes: 32,
+        pass,
+        recv_kind: ExpertIdKind::Local,
+        tokens: x,
+        scales: sc,
+        weights: w,
+        poison: P,
+    }
+}
+
+#[test]
+fn quant_fwd_flat_moves_scales_with_their_tokens() {
+    let plan = HtPlan::new(flat_cfg(5), &routing()).unwrap();
+    let (x, sc, w) = (q_rows(16, 0x40), q_rows(32, 0x80), weights());
+    let o = plan.dispatch_quant_fwd(0, &q_in(&x, &sc, &w, PassDir::Forward), 6);
+    // Rank 0 receives (0, t0), (0, t1), (1, t0) (flat_forward_dispatch).
+    for (i, (r, t)) in [(0u8, 0u8), (0, 1), (1, 0)].into_iter().enumerate() {
+        assert_eq!(row(&o.tokens, 16, i), &[0x40 + 16 * r + t; 16][..], "token row {i}");
+        assert_eq!(row(&o.scales, 32, i), &[0x80 + 16 * r + t; 32][..], "scale row {i}");
+    }
+    for i in 3..6 {
+        assert!(
+            row(&o.tokens, 16, i).iter().all(|&b| b == P),
+            "token row {i} not written"
+        );
+        assert!(
+            row(&o.scales, 32, i).iter().all(|&b| b == P),
+            "scale row {i} not written"
+        );
+    }
+    // The recipe leaves the top-k outputs as they are.
+    let bf = plan.dispatch(
+        0,
+        &HtDispatchIn {
+            dtype: HtDtype::Bf16,
+            hidden: 8,
+            pass: PassDir::Forward,
+            recv_kind: ExpertIdKind::Local,
+            tokens: &x,
+            weights: &w,
+            poison: P,
+        },
+        6,
+    );
+    assert_eq!((o.topk_idx.clone(), o.tokens.clone()), (bf.topk_idx, bf.tokens));
+    assert_eq!(o.topk_idx, vec![1, -1, 0, -1, 0, 1, -1, -1, -1, -1, pi(), pi()]);
+    // Backward: same rows, no top-k outputs.
+    let b = plan.dispatch_quant_fwd(0, &q_in(&x, &sc, &[], PassDir::Backward), 6);
+    assert_eq!((b.tokens, b.scales), (o.tokens, o.scales));
+    assert!(b.topk_idx.is_empty() && b.topk_weights.is_empty());
+}
+
+#[test]
+fn quant_fwd_expert_major_permutes_scales_like_tokens() {
+    let plan = HtPlan::new(em_cfg(4, 8), &routing()).unwrap();
+    let (x, sc, w) = (q_rows(16, 0x40), q_rows(32, 0x80), weights());
+    let o = plan.dispatch_quant_fwd(0, &q_in(&x, &sc, &w, PassDir::Forward), 9);
+    // Rank 0's slots (em_metadata_padding_and_dispatch): (0,1) (1,0) pad pad (0,0) (1,0) pad pad.
+    let src = [
+        Some((0u8, 1u8)),
+        Some((1, 0)),
+        None,
+        None,
+        Some((0, 0)),
+        Some((1, 0)),
+        None,
+        None,
+    ];
+    for (i, s) in src.into_iter().enumerate() {
+        let (tw, sw) = match s {
+            Some((r, t)) => ([0x40 + 16 * r + t; 16], [0x80 + 16 * r + t; 32]),
+            None => ([0; 16], [0; 32]),
+        };
+        assert_eq!(row(&o.tokens, 16, i), &tw[..], "token row {i}");
+        assert_eq!(row(&o.scales, 32, i), &sw[..], "scale row {i} (padding rows are zero)");
+    }
+    assert!(row(&o.scales, 32, 8).iter().all(|&b| b == P));
+    assert_eq!(o.topk_weights.len(), 9);
+    let b = plan.dispatch_quant_fwd(0, &q_in(&x, &sc, &[], PassDir::Backward), 9);
+    assert_eq!((b.tokens, b.scales), (o.tokens, o.scales));
+}
+
+#[test]
+fn quant_fwd_rows_are_any_bytes_on_random_routings() {
+    // dispatch_rows against an independent statement: each received row is the source's row,
+    // for widths and bit patterns the HT token types never have (NaN encodings, packed FP4).
+    let mut rng = SplitMix64::new(0x9f0d);
+    for i in 0..40 {
+        let layout = if i % 2 == 0 { Layout::Flat } else { Layout::ExpertMajor };
+        let shape = LlShape {
+            nranks: 1 + i % 4,
+            num_experts: (1 + i % 4) * 4,
+            max_tokens: 33,
+            hidden: 16,
+            topk: (1 + i % 5).min(4),
+        };
+        let routing: Vec<Vec<i64>> = (0..shape.nranks)
+            .map(|_| {
+                let t = rng.below(shape.max_tokens + 1);
+                gen_routing(&mut rng, shape, t, Routing::Uniform)
+            })
+            .collect();
+        let cfg = HtConfig {
+            nranks: shape.nranks,
+            num_experts: shape.num_experts,
+            topk: shape.topk,
+            layout,
+            alignment: if layout == Layout::Flat { 1 } else { 1 << (i % 3) },
+            budget: 0,
+            policy: OverflowPolicy::Trap,
+        };
+        let plan = HtPlan::new(cfg, &routing).unwrap();
+        let rb = 16 * (1 + i % 3);
+        let rows: Vec<Vec<u8>> = (0..shape.nranks)
+            .map(|r| random_bytes(&mut rng, plan.num_tokens(r) * rb))
+            .collect();
+        for d in 0..shape.nranks {
+            let count = plan.rank(d).count;
+            let out = plan.dispatch_rows(d, &rows, rb, count + 2, P);
+            for (j, slot) in plan.rank(d).slots.iter().enumerate() {
+                let want: Vec<u8> = match *slot {
+                    HtSlot::Token {
+                        src_rank, src_token, ..
+                    }
+                    | HtSlot::Expert {
+                        src_rank, src_token, ..
+                    } => rows[src_rank][src_token * rb..(src_token + 1) * rb].to_vec(),
+                    HtSlot::Padding => vec![0; rb],
+                };
+                assert_eq!(row(&out, rb, j), &want[..], "case {i} rank {d} row {j}");
+            }
+            assert!(out[count * rb..].iter().all(|&b| b == P));
+        }
+    }
+    // random_bytes: the requested length, not all one value.
+    let v = random_bytes(&mut rng, 37);
+    assert_eq!(v.len(), 37);
+    assert!(v.iter().any(|&b| b != v[0]));
+}
+
 #[test]
 fn em_combine_forward_and_backward() {
     let plan = HtPlan::new(em_cfg(4, 8), &routing()).unwrap();

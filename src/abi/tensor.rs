@@ -80,7 +80,9 @@ pub unsafe fn read_tensor_opt(p: *const ncclEpTensor_t, name: &str) -> Result<Op
     // SAFETY: sizes points at ndim extents (C contract), checked non-NULL above.
     let sizes = unsafe { std::slice::from_raw_parts(t.sizes, t.ndim as usize) }.to_vec();
     // Checked extents: a count or byte size that does not fit in usize is refused here.
-    let view = TensorView::new(t.datatype, sizes, t.data as u64).map_err(|e| e.context(name))?;
+    let mut view = TensorView::new(t.datatype, sizes, t.data as u64).map_err(|e| e.context(name))?;
+    view.win_hdl = t.win_hdl as u64;
+    view.win_offset = t.win_offset as u64;
     if t.data.is_null() && !view.is_empty() {
         ep_core::ensure_arg!(
             !t.win_hdl.is_null(),

@@ -408,10 +408,22 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
     p.recv_global = (call.recv_kind == ExpertIdKind::Global) as i32;
     // Rows [count, S) of the forward top-k outputs are reset (none when eager).
     p.recv_rows = if call.eager { 0 } else { hl.recv_rows as i32 };
+    // QUANT_FWD: each row's scales travel with it, into the same row of outputs->scales.
+    if let Some(sc) = &call.scales {
+        p.in2 = sc.input;
+        p.out4 = sc.output;
+        p.scale_bytes = sc.row_bytes as i32;
+    }
     if p.staged != 0 {
         let lay = g.ht()?.sized.unwrap_or_else(|| unreachable!());
         stage(g, lay.stage_tok_off, a.tokens.data, t * call.row_bytes, stream)?;
         stage(g, lay.stage_w_off, p.in1, t * k * 4, stream)?;
+        if let Some(sc) = &call.scales {
+            // After the B token rows: B · (row + scale bytes) ≤ B · Hb ≤ the token staging
+            // (max(B, S) rows of Hb), so the recipe needs no room of its own.
+            let off = lay.stage_tok_off + g.params.max_tokens as usize * call.row_bytes;
+            stage(g, off, sc.input, t * sc.row_bytes, stream)?;
+        }
     }
     finish(g, HtModule::Dispatch { em, bwd }, "ht_dispatch", &p, stream)?;
     h.dispatched = true;

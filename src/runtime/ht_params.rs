@@ -83,6 +83,14 @@ c_struct! {
         /// peers read staging copies (groups spanning processes)
         pub staged: i32,
         pub pad: i32,
+        /// dispatch with NCCL_EP_DISP_QUANT_FWD: inputs->scales (0 = no scales)
+        pub in2: u64,
+        /// dispatch with NCCL_EP_DISP_QUANT_FWD: outputs->scales
+        pub out4: u64,
+        /// S_t * scale element size (multiple of 16; 0 = no scales). Staged scales follow the
+        /// staged tokens at off_stage_tok + max_tokens * row_bytes (row_bytes + scale_bytes <= Hb).
+        pub scale_bytes: i32,
+        pub pad2: i32,
     }
 }
 
@@ -123,8 +131,11 @@ mod tests {
     /// The generated C carries the same numbers (kernels/ep_params.cuh, static_asserts).
     #[test]
     fn size_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<HtParams>(), 8 * 64 + 25 * 8 + 18 * 4);
-        assert_eq!(std::mem::size_of::<HtParams>(), 784);
+        assert_eq!(
+            std::mem::size_of::<HtParams>(),
+            8 * 64 + 25 * 8 + 18 * 4 + 2 * 8 + 2 * 4
+        );
+        assert_eq!(std::mem::size_of::<HtParams>(), 808);
         assert_eq!(std::mem::size_of::<HtHdr>(), 40);
     }
 }

@@ -143,6 +143,7 @@ pub fn ht_growth(r: &Rank, t: &mut Tally) -> Result<(), String> {
         routing,
         global_ids: false,
         idx64: true,
+        quant_fwd: false,
     };
     let cases = [
         case(Layout::Flat, 1, 0, Some(HT_B), Routing::Uniform),

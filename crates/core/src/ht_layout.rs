@@ -341,6 +341,29 @@ mod tests {
         assert!(k1.fits(l.total_bytes));
     }
 
+    /// QUANT_FWD stages a source's scale rows right after its B token rows, inside the token
+    /// staging (runtime::ht::dispatch, kernels/ht_dispatch.cu `src_scales`): B · (token row +
+    /// scale row) ≤ B · Hb must fit the staging of every handle, also when S < B or eager.
+    #[test]
+    fn quant_fwd_scales_fit_the_token_staging() {
+        for (b, s) in [(64u32, 0u32), (64, 16), (4096, 1024), (513, 20000), (1, 1)] {
+            for layout in [Layout::Flat, Layout::ExpertMajor] {
+                let p = params(8, 256, b, s, 8);
+                let rows = staging_rows(&p, &hp(layout, 8, 1));
+                let l = HtLayout::for_group(&p, 8, rows).unwrap();
+                let hb = p.max_token_bytes as usize;
+                // The worst split of Hb: the largest 16-byte token row and a 16-byte scale row.
+                let (tb, sb) = (hb - 16, 16);
+                let scales_end = b as usize * tb + b as usize * sb;
+                assert!(
+                    l.stage_tok_off + scales_end <= l.stage_w_off,
+                    "B {b} S {s} {layout:?}: scales end at {scales_end}, token staging is {}",
+                    l.stage_w_off - l.stage_tok_off
+                );
+            }
+        }
+    }
+
     #[test]
     fn limits_and_overflow() {
         assert_eq!(HtLayout::new(8, 256, 128, 14336, 33, 0).unwrap_err().code(), 4);

@@ -18,6 +18,40 @@ use crate::tensor::{Dim, TensorView};
 /// Token types of HT dispatch and combine (`quant_recipe` NONE).
 pub const HT_TOKEN_DTYPES: [DType; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32];
 
+/// Token types of a QUANT_FWD ("scales forwarded") dispatch: the caller's raw wire types, moved
+/// as bytes (`ncclFloat4x2` is packed FP4, two values per byte: `sizes[1]` = H/2).
+pub const FWD_TOKEN_DTYPES: [DType; 6] = [
+    dtype::FLOAT32,
+    dtype::FLOAT16,
+    dtype::BFLOAT16,
+    dtype::FLOAT8E4M3,
+    dtype::FLOAT8E5M2,
+    dtype::FLOAT4X2,
+];
+
+/// Scale types of a QUANT_FWD dispatch (`ncclUint8` carries UE8M0 block exponents, MXFP8-style).
+pub const FWD_SCALE_DTYPES: [DType; 6] = [
+    dtype::FLOAT32,
+    dtype::FLOAT16,
+    dtype::BFLOAT16,
+    dtype::FLOAT8E4M3,
+    dtype::FLOAT8E5M2,
+    dtype::UINT8,
+];
+
+/// The scale rows of a QUANT_FWD dispatch: one row `[S_t]` per token row, moved with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HtScales {
+    /// S_t: scales per token (any width >= 1 whose bytes are a multiple of 16).
+    pub width: usize,
+    /// S_t · element size: a multiple of 16; token row bytes + this ≤ `max_token_bytes`.
+    pub row_bytes: usize,
+    pub dtype: DType,
+    /// Device addresses of `inputs->scales` and `outputs->scales`.
+    pub input: u64,
+    pub output: u64,
+}
+
 /// A checked HT dispatch or combine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HtCall {
@@ -27,7 +61,8 @@ pub struct HtCall {
     pub hidden: usize,
     /// Bytes of one token row (H · element size): a multiple of 16, at most `max_token_bytes`.
     pub row_bytes: usize,
-    /// `ncclBfloat16`, `ncclFloat16` or `ncclFloat32` (inputs and outputs alike).
+    /// `ncclBfloat16`, `ncclFloat16` or `ncclFloat32` (inputs and outputs alike); with
+    /// QUANT_FWD any of [`FWD_TOKEN_DTYPES`].
     pub dtype: DType,
     pub elem_bytes: usize,
     /// The fewest rows among the receive-side tensors the call was given (dispatch: `outputs`
@@ -42,6 +77,8 @@ pub struct HtCall {
     /// Dispatch: `layout_info->recv_topk_idx_kind` (FLAT forward `outputs.topk_idx`);
     /// combine: LOCAL.
     pub recv_kind: ExpertIdKind,
+    /// Dispatch with QUANT_FWD: the scale rows that travel with the token rows. None otherwise.
+    pub scales: Option<HtScales>,
 }
 
 /// Appends a hint to a shape or type error.
@@ -66,15 +103,10 @@ fn ht_layout(h: &HandleParams, what: &str) -> Result<Layout> {
     }
 }
 
-/// QUANT_FWD is an NCCL EP recipe this library lacks: `ncclInvalidUsage`, as LOW_LATENCY's
-/// unsupported recipes. DS_FP8E3M4 is LOW_LATENCY-only in NCCL EP too (`ncclInvalidArgument`).
+/// NONE and QUANT_FWD; DS_FP8E3M4 is LOW_LATENCY-only in NCCL EP too (`ncclInvalidArgument`).
 fn dispatch_recipe(quant: i32) -> Result<()> {
     match quant {
-        0 => Ok(()),
-        1 => Err(crate::invalid_usage!(
-            "ncclEpDispatch: config->quant_recipe NCCL_EP_DISP_QUANT_FWD is not supported by this library yet \
-             (HIGH_THROUGHPUT); use NCCL_EP_DISP_QUANT_NONE (bf16, fp16 or fp32 tokens)"
-        )),
+        0 | 1 => Ok(()),
         2 => Err(crate::invalid_arg!(
             "ncclEpDispatch: config->quant_recipe NCCL_EP_DISP_QUANT_DS_FP8E3M4 is a LOW_LATENCY recipe; \
              HIGH_THROUGHPUT takes NCCL_EP_DISP_QUANT_NONE"
@@ -102,9 +134,9 @@ fn combine_recipe(quant: i32) -> Result<()> {
     }
 }
 
-/// A token matrix `[rows, H]` of one of the HT token types: returns (H, row bytes).
-fn token_matrix(p: &GroupParams, t: &TensorView, name: &str, rows: Dim) -> Result<(usize, usize)> {
-    t.expect(name, &[rows, Dim::Any], &HT_TOKEN_DTYPES)?;
+/// A token matrix `[rows, H]` of one of `dtypes`: returns (H, row bytes).
+fn token_matrix(p: &GroupParams, t: &TensorView, name: &str, rows: Dim, dtypes: &[DType]) -> Result<(usize, usize)> {
+    t.expect(name, &[rows, Dim::Any], dtypes)?;
     let h = t.dim(1);
     let eb = t.elem_bytes()?;
     let rb = h * eb;
@@ -123,6 +155,113 @@ fn token_matrix(p: &GroupParams, t: &TensorView, name: &str, rows: Dim) -> Resul
     Ok((h, rb))
 }
 
+/// 16-byte storage of a QUANT_FWD tensor: `data`, and `win_offset` when window-backed (rows
+/// travel in 16-byte words).
+fn aligned16(t: &TensorView, name: &str) -> Result<()> {
+    crate::ensure_arg!(
+        t.data.is_multiple_of(16),
+        "{name}: data {:#x} is not 16-byte aligned (NCCL_EP_DISP_QUANT_FWD moves rows in 16-byte words)",
+        t.data
+    );
+    crate::ensure_arg!(
+        !t.windowed() || t.win_offset.is_multiple_of(16),
+        "{name}: win_offset {} is not a multiple of 16 (NCCL_EP_DISP_QUANT_FWD moves rows in 16-byte words)",
+        t.win_offset
+    );
+    Ok(())
+}
+
+/// The QUANT_FWD ("scales forwarded") rules of an HT dispatch, in NCCL EP's order (all
+/// `ncclInvalidArgument`; docs/HT.md, "Quantisation recipes"): the caller's raw token rows and a
+/// scale row per token, both moved as bytes. The token tensors' remaining rules (rows, output
+/// rows ≥ S) are the common ones of [`check_dispatch`].
+fn quant_fwd(p: &GroupParams, a: &DispatchArgs) -> Result<HtScales> {
+    const R: &str = "with NCCL_EP_DISP_QUANT_FWD";
+    crate::ensure_arg!(
+        !a.round_scales,
+        "config->round_scales must be 0 {R} (the library forwards the caller's scales, it computes none)"
+    );
+    a.tokens
+        .expect("inputs->tokens", &[Dim::Any, Dim::Any], &FWD_TOKEN_DTYPES)
+        .map_err(|e| {
+            hint(
+                e,
+                "QUANT_FWD tokens are raw rows; ncclFloat4x2 packs two FP4 values per byte, sizes[1] = H/2",
+            )
+        })?;
+    let tb = a.tokens.dim(1) * a.tokens.elem_bytes()?;
+    crate::ensure_arg!(
+        tb > 0 && tb.is_multiple_of(16),
+        "inputs->tokens: a row of {} {} is {tb} bytes; {R} token rows must be a non-zero multiple of 16 bytes",
+        a.tokens.dim(1),
+        a.tokens.type_name()
+    );
+    let ins = a.in_scales.as_ref().ok_or_else(|| {
+        crate::invalid_arg!("inputs->scales is NULL: {R} it is required ([T, S_t], one scale row per token)")
+    })?;
+    let outs = a.out_scales.as_ref().ok_or_else(|| {
+        crate::invalid_arg!("outputs->scales is NULL: {R} it is required (2-D, as many rows as outputs->tokens)")
+    })?;
+    for (t, name) in [
+        (&a.tokens, "inputs->tokens"),
+        (ins, "inputs->scales"),
+        (&a.out_tokens, "outputs->tokens"),
+        (outs, "outputs->scales"),
+    ] {
+        aligned16(t, name)?;
+    }
+    ins.expect(
+        "inputs->scales",
+        &[Dim::Eq(a.tokens.dim(0)), Dim::Any],
+        &FWD_SCALE_DTYPES,
+    )
+    .map_err(|e| hint(e, "one row of S_t scales per row of inputs->tokens"))?;
+    let sw = ins.dim(1);
+    crate::ensure_arg!(
+        sw > 0,
+        "inputs->scales has rows of 0 scales (shape {:?}); {R} S_t must be at least 1",
+        ins.sizes()
+    );
+    let sdt = ins.dtype()?;
+    let sb = sw * sdt.elem_bytes();
+    crate::ensure_arg!(
+        sb.is_multiple_of(16),
+        "inputs->scales: a row of {sw} {} is {sb} bytes; {R} scale rows must be a multiple of 16 bytes",
+        sdt.name()
+    );
+    crate::ensure_arg!(
+        tb + sb <= p.max_token_bytes as usize,
+        "inputs->tokens and inputs->scales: a token row ({tb} bytes) plus its scales ({sb} bytes) exceed \
+         config->max_token_bytes ({}) {R}",
+        p.max_token_bytes
+    );
+    outs.expect("outputs->scales", &[Dim::Any, Dim::Eq(sw)], &[sdt])
+        .map_err(|e| hint(e, "2-D, same type and width as inputs->scales"))?;
+    crate::ensure_arg!(
+        outs.dim(0) == a.out_tokens.dim(0),
+        "outputs->scales has {} rows but outputs->tokens has {}: {R} they hold the same received rows",
+        outs.dim(0),
+        a.out_tokens.dim(0)
+    );
+    crate::ensure_arg!(
+        a.out_tokens.windowed() == outs.windowed(),
+        "outputs->tokens is {} but outputs->scales is {}: HIGH_THROUGHPUT {R} needs both window-backed or both plain",
+        if a.out_tokens.windowed() {
+            "window-backed"
+        } else {
+            "plain"
+        },
+        if outs.windowed() { "window-backed" } else { "plain" }
+    );
+    Ok(HtScales {
+        width: sw,
+        row_bytes: sb,
+        dtype: sdt,
+        input: ins.data,
+        output: outs.data,
+    })
+}
+
 /// Rows the receive side must hold as far as the host can tell: S, or anything in eager mode.
 fn recv_dim(p: &GroupParams) -> Dim {
     match p.max_recv_tokens {
@@ -135,10 +274,20 @@ fn recv_dim(p: &GroupParams) -> Dim {
 pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &DispatchArgs) -> Result<HtCall> {
     let layout = ht_layout(h, "ncclEpDispatch")?;
     dispatch_recipe(a.quant)?;
-    ensure_none(&a.in_scales, "inputs->scales", "without a quantisation recipe")?;
-    ensure_none(&a.out_scales, "outputs->scales", "without a quantisation recipe")?;
+    let scales = if a.quant == 1 {
+        Some(quant_fwd(p, a)?)
+    } else {
+        ensure_none(&a.in_scales, "inputs->scales", "without a quantisation recipe")?;
+        ensure_none(&a.out_scales, "outputs->scales", "without a quantisation recipe")?;
+        None
+    };
+    let dtypes: &[DType] = if scales.is_some() {
+        &FWD_TOKEN_DTYPES
+    } else {
+        &HT_TOKEN_DTYPES
+    };
     let (t, k) = (topk.dim(0), h.num_topk as usize);
-    let (hidden, rb) = token_matrix(p, &a.tokens, "inputs->tokens", Dim::Eq(t))?;
+    let (hidden, rb) = token_matrix(p, &a.tokens, "inputs->tokens", Dim::Eq(t), dtypes)?;
     let dt = a.tokens.dtype()?;
     let recv = recv_dim(p);
     a.out_tokens
@@ -151,6 +300,12 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
             _ => hint(e, "same type and width as inputs->tokens"),
         })?;
     let mut recv_rows = a.out_tokens.dim(0);
+    if let Some(o) = &a.out_scales
+        && scales.is_some()
+    {
+        // Same rows as outputs->tokens (quant_fwd): S or more, or the count when eager.
+        recv_rows = recv_rows.min(o.dim(0));
+    }
     match a.pass {
         PassDir::Forward => {
             let w = a.in_weights.as_ref().ok_or_else(|| {
@@ -198,6 +353,7 @@ pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &
         eager: p.max_recv_tokens == 0,
         pass: a.pass,
         recv_kind: a.recv_kind,
+        scales,
     })
 }
 
@@ -207,7 +363,7 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
     combine_recipe(a.quant)?;
     ensure_none(&a.in_scales, "inputs->scales", "without a quantisation recipe")?;
     let (t, k) = (topk.dim(0), h.num_topk as usize);
-    let (hidden, rb) = token_matrix(p, &a.out_tokens, "outputs->tokens", Dim::Eq(t))?;
+    let (hidden, rb) = token_matrix(p, &a.out_tokens, "outputs->tokens", Dim::Eq(t), &HT_TOKEN_DTYPES)?;
     let dt = a.out_tokens.dtype()?;
     a.tokens
         .expect("inputs->tokens", &[Dim::Any, Dim::Eq(hidden)], &[dt])
@@ -253,6 +409,7 @@ pub fn check_combine(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &C
         eager: p.max_recv_tokens == 0,
         pass: a.pass,
         recv_kind: ExpertIdKind::Local,
+        scales: None,
     })
 }
 
@@ -440,6 +597,7 @@ mod tests {
                 eager: false,
                 pass: PassDir::Forward,
                 recv_kind: ExpertIdKind::Local,
+                scales: None,
             }
         );
         // Optional outputs may go; send_only and dispatch-time counters are ignored.
@@ -490,13 +648,16 @@ mod tests {
             a.quant = q;
             rejects(&p, &h, &topk, &a, needle);
         }
-        // QUANT_FWD is an NCCL EP recipe this library lacks: ncclInvalidUsage, as in LOW_LATENCY
-        // (was ncclInvalidArgument).
+        // QUANT_FWD is implemented (it was ncclInvalidUsage "not supported by this library yet"):
+        // without its scale tensors it is the recipe's ncclInvalidArgument, naming the tensor.
         let mut a = flat_fwd();
         a.quant = 1;
         let (code, msg) = d_err(&p, &h, &topk, &a);
-        assert_eq!(code, 5, "{msg}");
-        assert!(msg.contains("QUANT_FWD") && msg.contains("not supported"), "{msg}");
+        assert_eq!(code, 4, "{msg}");
+        assert!(
+            msg.contains("inputs->scales is NULL") && msg.contains("QUANT_FWD"),
+            "{msg}"
+        );
         let mut a = flat_fwd();
         a.in_scales = Some(tv(&[100, 56], dtype::FLOAT32));
         rejects(&p, &h, &topk, &a, "inputs->scales must be NULL");
@@ -915,5 +1076,254 @@ mod tests {
         let mut a = li(Some((32, I32)), None, None);
         a.expert_counters.as_mut().unwrap().data = 0;
         li_err(Em, &a, "no data pointer");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // QUANT_FWD ("scales forwarded")
+
+    /// MXFP8-like: e4m3 tokens [100, 7168] with 224 uint8 scales (H/32), outputs [S, ...].
+    fn q_fwd(layout: Layout) -> DispatchArgs {
+        let base = if layout == Layout::Flat { flat_fwd() } else { em_fwd() };
+        DispatchArgs {
+            tokens: tv(&[100, 7168], dtype::FLOAT8E4M3),
+            in_scales: Some(tv(&[100, 224], dtype::UINT8)),
+            out_tokens: tv(&[S, 7168], dtype::FLOAT8E4M3),
+            out_scales: Some(tv(&[S, 224], dtype::UINT8)),
+            quant: 1,
+            ..base
+        }
+    }
+
+    /// Sets tokens of `dt` with `tb` row bytes and scales of `sdt` with `sb` row bytes.
+    fn q_types(a: &mut DispatchArgs, dt: DType, tb: usize, sdt: DType, sb: usize) {
+        let (tw, sw) = (tb / dt.elem_bytes(), sb / sdt.elem_bytes());
+        a.tokens = tv(&[100, tw], dt);
+        a.out_tokens = tv(&[S, tw], dt);
+        a.in_scales = Some(tv(&[100, sw], sdt));
+        a.out_scales = Some(tv(&[S, sw], sdt));
+    }
+
+    #[test]
+    fn quant_fwd_accepts_every_type_pair_layout_and_direction() {
+        for layout in [Layout::Flat, Layout::ExpertMajor] {
+            let (p, h, topk) = setup(layout);
+            for a in [q_fwd(layout), bwd(q_fwd(layout))] {
+                let c = check_dispatch(&p, &h, &topk, &a).unwrap();
+                assert_eq!(
+                    (c.hidden, c.row_bytes, c.dtype, c.elem_bytes, c.recv_rows, c.pass),
+                    (7168, 7168, dtype::FLOAT8E4M3, 1, S, a.pass)
+                );
+                assert_eq!(
+                    c.scales,
+                    Some(HtScales {
+                        width: 224,
+                        row_bytes: 224,
+                        dtype: dtype::UINT8,
+                        input: 0x100,
+                        output: 0x100,
+                    })
+                );
+            }
+            for dt in FWD_TOKEN_DTYPES {
+                for sdt in FWD_SCALE_DTYPES {
+                    let mut a = q_fwd(layout);
+                    q_types(&mut a, dt, 4096, sdt, 64);
+                    let c = check_dispatch(&p, &h, &topk, &a)
+                        .unwrap_or_else(|e| panic!("{} + {}: {}", dt.name(), sdt.name(), e.msg));
+                    assert_eq!((c.dtype, c.row_bytes), (dt, 4096));
+                    let sc = c.scales.unwrap();
+                    assert_eq!((sc.dtype, sc.row_bytes, sc.width), (sdt, 64, 64 / sdt.elem_bytes()));
+                }
+            }
+        }
+        let (p, h, topk) = setup(Layout::Flat);
+        // Packed FP4 (H = 7168 as 3584 bytes) with NVFP4-like H/16 e4m3 scales.
+        let mut a = q_fwd(Layout::Flat);
+        q_types(&mut a, dtype::FLOAT4X2, 3584, dtype::FLOAT8E4M3, 448);
+        assert_eq!(check_dispatch(&p, &h, &topk, &a).unwrap().hidden, 3584);
+        // Token bytes + scale bytes may fill max_token_bytes exactly (14336).
+        q_types(&mut a, dtype::BFLOAT16, 14336 - 512, dtype::FLOAT32, 512);
+        assert!(check_dispatch(&p, &h, &topk, &a).is_ok());
+        // More output rows than S, the same on both; outputs both window-backed.
+        let mut a = q_fwd(Layout::Flat);
+        a.out_tokens = tv(&[S + 3, 7168], dtype::FLOAT8E4M3);
+        a.out_scales = Some(tv(&[S + 3, 224], dtype::UINT8));
+        a.out_tokens.win_hdl = 0x7000;
+        a.out_tokens.win_offset = 4096;
+        a.out_scales.as_mut().unwrap().win_hdl = 0x7000;
+        a.out_scales.as_mut().unwrap().win_offset = 1 << 20;
+        assert_eq!(check_dispatch(&p, &h, &topk, &a).unwrap().recv_rows, S);
+        // Eager: any row count, the same on both; the runtime checks it against the count.
+        let mut pe = p.clone();
+        pe.max_recv_tokens = 0;
+        let mut a = q_fwd(Layout::Flat);
+        a.out_tokens = tv(&[7, 7168], dtype::FLOAT8E4M3);
+        a.out_scales = Some(tv(&[7, 224], dtype::UINT8));
+        a.out_topk_idx = Some(tv(&[9, 8], dtype::INT64));
+        a.out_weights = Some(tv(&[9, 8], dtype::FLOAT32));
+        let c = check_dispatch(&pe, &h, &topk, &a).unwrap();
+        assert_eq!((c.recv_rows, c.eager), (7, true));
+        // Combine after a QUANT_FWD dispatch is an ordinary combine of the caller's outputs.
+        let mut cb = fwd_combine();
+        cb.quant = 0;
+        assert!(check_combine(&p, &h, &topk, &cb).is_ok());
+    }
+
+    #[test]
+    fn quant_fwd_rejects_each_rule_naming_the_tensor() {
+        let (p, h, topk) = setup(Layout::Flat);
+        let cases: &[DCase] = &[
+            (|a| a.round_scales = true, "config->round_scales must be 0"),
+            (|a| a.tokens = tv(&[100, 7168], dtype::INT32), "inputs->tokens must be"),
+            (|a| a.tokens = tv(&[100, 7168], dtype::UINT8), "ncclFloat4x2"),
+            (
+                |a| a.tokens = tv(&[100, 7168, 1], dtype::FLOAT8E4M3),
+                "inputs->tokens must be 2-D",
+            ),
+            (
+                |a| a.tokens = tv(&[100, 7160], dtype::FLOAT8E4M3),
+                "7160 bytes; with NCCL_EP_DISP_QUANT_FWD token rows",
+            ),
+            (
+                |a| a.tokens = tv(&[100, 0], dtype::FLOAT8E4M3),
+                "non-zero multiple of 16",
+            ),
+            (|a| a.in_scales = None, "inputs->scales is NULL"),
+            (|a| a.out_scales = None, "outputs->scales is NULL"),
+            (
+                |a| a.tokens.data = 0x108,
+                "inputs->tokens: data 0x108 is not 16-byte aligned",
+            ),
+            (
+                |a| a.in_scales.as_mut().unwrap().data = 0x104,
+                "inputs->scales: data 0x104",
+            ),
+            (|a| a.out_tokens.data = 0x101, "outputs->tokens: data 0x101"),
+            (
+                |a| a.out_scales.as_mut().unwrap().data = 0x102,
+                "outputs->scales: data 0x102",
+            ),
+            (
+                |a| {
+                    let o = a.out_scales.as_mut().unwrap();
+                    o.win_hdl = 0x7000;
+                    o.win_offset = 8;
+                },
+                "outputs->scales: win_offset 8 is not a multiple of 16",
+            ),
+            (
+                |a| a.in_scales = Some(tv(&[100 * 224], dtype::UINT8)),
+                "inputs->scales must be 2-D",
+            ),
+            (
+                |a| a.in_scales = Some(tv(&[100, 56], dtype::INT32)),
+                "inputs->scales must be",
+            ),
+            (
+                |a| a.in_scales = Some(tv(&[100, 224], dtype::FLOAT4X2)),
+                "got ncclFloat4x2",
+            ),
+            (
+                |a| a.in_scales = Some(tv(&[99, 224], dtype::UINT8)),
+                "inputs->scales must have shape [100, *]",
+            ),
+            (|a| a.in_scales = Some(tv(&[100, 0], dtype::UINT8)), "rows of 0 scales"),
+            (
+                |a| a.in_scales = Some(tv(&[100, 2], dtype::FLOAT32)),
+                "a row of 2 ncclFloat32 is 8 bytes",
+            ),
+            (
+                |a| {
+                    a.tokens = tv(&[100, 7168], dtype::BFLOAT16);
+                    a.out_tokens = tv(&[S, 7168], dtype::BFLOAT16);
+                    a.in_scales = Some(tv(&[100, 4], dtype::FLOAT32));
+                    a.out_scales = Some(tv(&[S, 4], dtype::FLOAT32));
+                },
+                "plus its scales (16 bytes) exceed config->max_token_bytes (14336)",
+            ),
+            (
+                |a| a.out_scales = Some(tv(&[S, 224], dtype::FLOAT8E4M3)),
+                "outputs->scales must be ncclUint8",
+            ),
+            (
+                |a| a.out_scales = Some(tv(&[S, 112], dtype::UINT8)),
+                "outputs->scales must have shape [*, 224]",
+            ),
+            (
+                |a| a.out_scales = Some(tv(&[S], dtype::UINT8)),
+                "outputs->scales must be 2-D",
+            ),
+            (
+                |a| a.out_scales = Some(tv(&[S + 1, 224], dtype::UINT8)),
+                "outputs->scales has 1025 rows but outputs->tokens has 1024",
+            ),
+            (
+                |a| {
+                    a.out_tokens = tv(&[S - 1, 7168], dtype::FLOAT8E4M3);
+                    a.out_scales = Some(tv(&[S - 1, 224], dtype::UINT8));
+                },
+                "outputs->tokens must have shape [>=1024, 7168]",
+            ),
+            (
+                |a| a.out_tokens = tv(&[S, 7168], dtype::FLOAT8E5M2),
+                "outputs->tokens must be ncclFloat8e4m3",
+            ),
+            (
+                |a| a.out_tokens = tv(&[S, 3584], dtype::FLOAT8E4M3),
+                "outputs->tokens must have shape",
+            ),
+            (
+                |a| a.out_tokens.win_hdl = 0x7000,
+                "outputs->tokens is window-backed but outputs->scales is plain",
+            ),
+            (
+                |a| a.out_scales.as_mut().unwrap().win_hdl = 0x7000,
+                "outputs->tokens is plain but outputs->scales is window-backed",
+            ),
+        ];
+        for layout in [Layout::Flat, Layout::ExpertMajor] {
+            let (p, h, topk) = setup(layout);
+            for (edit, needle) in cases {
+                for a0 in [q_fwd(layout), bwd(q_fwd(layout))] {
+                    let mut a = a0;
+                    edit(&mut a);
+                    rejects(&p, &h, &topk, &a, needle);
+                }
+            }
+        }
+        // The common rules still apply: forward needs weights, backward forbids them.
+        let mut a = q_fwd(Layout::Flat);
+        a.in_weights = None;
+        rejects(&p, &h, &topk, &a, "forward ncclEpDispatch needs inputs->topk_weights");
+        let mut a = bwd(q_fwd(Layout::Flat));
+        a.out_weights = Some(tv(&[S, 8], dtype::FLOAT32));
+        rejects(
+            &p,
+            &h,
+            &topk,
+            &a,
+            "outputs->topk_weights must be NULL in the backward pass",
+        );
+        // Eager: outputs->scales rows must still equal outputs->tokens rows.
+        let mut pe = p.clone();
+        pe.max_recv_tokens = 0;
+        let mut a = q_fwd(Layout::Flat);
+        a.out_tokens = tv(&[7, 7168], dtype::FLOAT8E4M3);
+        a.out_scales = Some(tv(&[6, 224], dtype::UINT8));
+        rejects(
+            &pe,
+            &h,
+            &topk,
+            &a,
+            "outputs->scales has 6 rows but outputs->tokens has 7",
+        );
+        // HIGH_THROUGHPUT still refuses DS_FP8E3M4 (ncclInvalidArgument) and, in combine, NVFP4
+        // (ncclInvalidUsage).
+        let mut a = q_fwd(Layout::Flat);
+        a.quant = 2;
+        rejects(&p, &h, &topk, &a, "LOW_LATENCY recipe");
+        let mut cb = fwd_combine();
+        cb.quant = 1;
+        assert_eq!(check_combine(&p, &h, &topk, &cb).unwrap_err().code(), 5);
     }
 }

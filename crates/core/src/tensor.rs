@@ -15,6 +15,12 @@ pub struct TensorView {
     numel: usize,
     /// Device address of element 0 (0 for an empty tensor without data).
     pub data: u64,
+    /// The descriptor's `win_hdl` as an address (0: the tensor is not window-backed) and
+    /// `win_offset`. Set by the ABI after [`TensorView::new`]; rules that depend on whether a
+    /// tensor lives in an NCCL window (QUANT_FWD's HT output pairing, its 16-byte offsets) read
+    /// them.
+    pub win_hdl: u64,
+    pub win_offset: u64,
 }
 
 /// A data type for a message; descriptors may carry any value (they are checked where used).
@@ -56,7 +62,13 @@ impl TensorView {
             sizes,
             numel,
             data,
+            win_hdl: 0,
+            win_offset: 0,
         })
+    }
+    /// Whether the descriptor names an NCCL window (`win_hdl` set).
+    pub fn windowed(&self) -> bool {
+        self.win_hdl != 0
     }
     /// The descriptor's `datatype` value as the caller wrote it.
     pub fn raw_dtype(&self) -> i32 {

@@ -143,6 +143,17 @@ pub fn random_tokens(rng: &mut SplitMix64, dt: HtDtype, rows: usize, hidden: usi
     dt.encode(&v)
 }
 
+/// `len` random bytes: the raw rows of QUANT_FWD's quantised types (FP8, packed FP4, UE8M0),
+/// every bit pattern included (NaN encodings too: the library never looks at them).
+pub fn random_bytes(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        v.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
 // ---------------------------------------------------------------------------------------------
 // Routing
 
@@ -544,22 +555,10 @@ impl HtPlan {
         }
         let p = inp.poison;
         let mut out = HtDispatchOut {
-            tokens: vec![p; out_rows * rb],
+            tokens: self.dispatch_rows(d, inp.tokens, rb, out_rows, p),
             topk_idx: Vec::new(),
             topk_weights: Vec::new(),
         };
-        for (i, slot) in meta.slots.iter().enumerate() {
-            let row = &mut out.tokens[i * rb..(i + 1) * rb];
-            match *slot {
-                HtSlot::Token {
-                    src_rank, src_token, ..
-                }
-                | HtSlot::Expert {
-                    src_rank, src_token, ..
-                } => row.copy_from_slice(&inp.tokens[src_rank][src_token * rb..(src_token + 1) * rb]),
-                HtSlot::Padding => row.fill(0),
-            }
-        }
         if !fwd {
             return out;
         }
@@ -610,6 +609,43 @@ impl HtPlan {
     }
 
     /// Every rank's dispatch outputs, each with `max(S, count_r)` rows.
+    /// Rank d's received rows of a byte matrix every rank sends, `rows[s]` = `[T_s, row_bytes]`:
+    /// `[out_rows, row_bytes]` with rows `[0, count)` copied from their sources (EM padding rows
+    /// zero) and the rest `poison`. This is the token move of every dispatch, and with
+    /// NCCL_EP_DISP_QUANT_FWD both the caller's raw token rows (any wire type: FP8, packed FP4,
+    /// ...) and their scale rows, which travel with them and are never converted.
+    pub fn dispatch_rows(&self, d: usize, rows: &[Vec<u8>], row_bytes: usize, out_rows: usize, poison: u8) -> Vec<u8> {
+        let meta = &self.ranks[d];
+        assert!(
+            out_rows >= meta.count,
+            "rank {d}: {out_rows} output rows < count {}",
+            meta.count
+        );
+        assert_eq!(rows.len(), self.cfg.nranks, "rows of every rank");
+        for (s, x) in rows.iter().enumerate() {
+            assert_eq!(
+                x.len(),
+                self.num_tokens(s) * row_bytes,
+                "rank {s}: rows are [T, row_bytes]"
+            );
+        }
+        let rb = row_bytes;
+        let mut out = vec![poison; out_rows * rb];
+        for (i, slot) in meta.slots.iter().enumerate() {
+            let row = &mut out[i * rb..(i + 1) * rb];
+            match *slot {
+                HtSlot::Token {
+                    src_rank, src_token, ..
+                }
+                | HtSlot::Expert {
+                    src_rank, src_token, ..
+                } => row.copy_from_slice(&rows[src_rank][src_token * rb..(src_token + 1) * rb]),
+                HtSlot::Padding => row.fill(0),
+            }
+        }
+        out
+    }
+
     pub fn dispatch_all(&self, inp: &HtDispatchIn<'_>) -> Vec<HtDispatchOut> {
         (0..self.cfg.nranks)
             .map(|d| self.dispatch(d, inp, self.reset_end(d)))
@@ -693,13 +729,76 @@ pub struct HtDispatchIn<'a> {
     pub pass: PassDir,
     /// `layout_info->recv_topk_idx_kind` of the dispatch call (FLAT forward only).
     pub recv_kind: ExpertIdKind,
-    /// Every rank's `inputs.tokens` `[T_r, H]`.
+    /// Every rank's `inputs.tokens` `[T_r, H]`. (QUANT_FWD: [`HtPlan::dispatch_rows`] moves the
+    /// raw token and scale rows; this struct's call gives the top-k outputs.)
     pub tokens: &'a [Vec<u8>],
     /// Forward: every rank's `inputs.topk_weights` `[T_r, K]`; backward: empty.
     pub weights: &'a [Vec<f32>],
     /// The byte the tests fill outputs with first: what every element the call leaves alone
     /// holds in the result.
     pub poison: u8,
+}
+
+/// One NCCL_EP_DISP_QUANT_FWD ("scales forwarded") dispatch of the whole group: the caller's
+/// raw token rows and one scale row per token, moved as bytes (never converted).
+#[derive(Clone, Copy, Debug)]
+pub struct HtQuantFwdIn<'a> {
+    /// Bytes of a token row (H · element size, H/2 for packed FP4): a multiple of 16.
+    pub token_row_bytes: usize,
+    /// Bytes of a scale row (S_t · element size): a multiple of 16.
+    pub scale_row_bytes: usize,
+    pub pass: PassDir,
+    pub recv_kind: ExpertIdKind,
+    /// Every rank's `inputs.tokens` `[T_r, token_row_bytes]` and `inputs.scales`
+    /// `[T_r, scale_row_bytes]`, raw.
+    pub tokens: &'a [Vec<u8>],
+    pub scales: &'a [Vec<u8>],
+    /// Forward: every rank's `inputs.topk_weights` `[T_r, K]`; backward: empty.
+    pub weights: &'a [Vec<f32>],
+    pub poison: u8,
+}
+
+/// One rank's QUANT_FWD dispatch outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HtQuantFwdOut {
+    /// `[out_rows, token_row_bytes]` and `[out_rows, scale_row_bytes]`: a received row's scales
+    /// sit at the same row as its tokens (FLAT and EXPERT_MAJOR alike; EM padding rows are zero
+    /// in both); rows at or past `count` poison.
+    pub tokens: Vec<u8>,
+    pub scales: Vec<u8>,
+    /// As [`HtDispatchOut`] (the recipe does not change them).
+    pub topk_idx: Vec<i64>,
+    pub topk_weights: Vec<f32>,
+}
+
+impl HtPlan {
+    /// Rank d's outputs of a QUANT_FWD dispatch with `out_rows` rows on both outputs.
+    pub fn dispatch_quant_fwd(&self, d: usize, inp: &HtQuantFwdIn<'_>, out_rows: usize) -> HtQuantFwdOut {
+        assert!(
+            inp.token_row_bytes.is_multiple_of(16) && inp.scale_row_bytes.is_multiple_of(16),
+            "QUANT_FWD rows are multiples of 16 bytes"
+        );
+        // The top-k outputs do not depend on the token type: a bf16 view of the raw rows.
+        let base = self.dispatch(
+            d,
+            &HtDispatchIn {
+                dtype: HtDtype::Bf16,
+                hidden: inp.token_row_bytes / 2,
+                pass: inp.pass,
+                recv_kind: inp.recv_kind,
+                tokens: inp.tokens,
+                weights: inp.weights,
+                poison: inp.poison,
+            },
+            out_rows,
+        );
+        HtQuantFwdOut {
+            tokens: base.tokens,
+            scales: self.dispatch_rows(d, inp.scales, inp.scale_row_bytes, out_rows, inp.poison),
+            topk_idx: base.topk_idx,
+            topk_weights: base.topk_weights,
+        }
+    }
 }
 
 /// One rank's dispatch outputs.
