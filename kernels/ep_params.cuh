@@ -93,6 +93,9 @@ struct LlParams {
   u64 off_clean;
   // bound on every wait in nanoseconds of %globaltimer (0 = wait forever)
   i64 timeout_ns;
+  // dispatch RM zero-copy (`direct_out`): every rank's outputs->tokens, from its NCCL
+  // window (docs/ZERO_COPY.md); the sender stores payloads straight into row [rank][slot]
+  u64 out_peers[64];
   int rank;
   int nranks;
   int num_experts;
@@ -113,9 +116,11 @@ struct LlParams {
   int recv_global;
   // ll_clean: this ncclEpMaskClean's sequence number (from 1)
   int clean_seq;
-  int pad0;
+  // dispatch RM: 1 = payloads go straight to `out_peers` (only headers to the receive
+  // region, the receiver copies no payload)
+  int direct_out;
 };
-static_assert(sizeof(LlParams) == 728, "LlParams: size of src/runtime/ll_params.rs");
+static_assert(sizeof(LlParams) == 1240, "LlParams: size of src/runtime/ll_params.rs");
 static_assert(alignof(LlParams) == 8, "LlParams: alignment of src/runtime/ll_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(LlParams, peers) == 0 && sizeof(((LlParams*)0)->peers) == 512, "LlParams.peers: offset and size in src/runtime/ll_params.rs");
@@ -139,20 +144,21 @@ static_assert(__builtin_offsetof(LlParams, mask) == 640 && sizeof(((LlParams*)0)
 static_assert(__builtin_offsetof(LlParams, decide) == 648 && sizeof(((LlParams*)0)->decide) == 8, "LlParams.decide: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, off_clean) == 656 && sizeof(((LlParams*)0)->off_clean) == 8, "LlParams.off_clean: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, timeout_ns) == 664 && sizeof(((LlParams*)0)->timeout_ns) == 8, "LlParams.timeout_ns: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, rank) == 672 && sizeof(((LlParams*)0)->rank) == 4, "LlParams.rank: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, nranks) == 676 && sizeof(((LlParams*)0)->nranks) == 4, "LlParams.nranks: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, num_experts) == 680 && sizeof(((LlParams*)0)->num_experts) == 4, "LlParams.num_experts: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, local_experts) == 684 && sizeof(((LlParams*)0)->local_experts) == 4, "LlParams.local_experts: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, max_tokens) == 688 && sizeof(((LlParams*)0)->max_tokens) == 4, "LlParams.max_tokens: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, num_tokens) == 692 && sizeof(((LlParams*)0)->num_tokens) == 4, "LlParams.num_tokens: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, row_bytes) == 696 && sizeof(((LlParams*)0)->row_bytes) == 4, "LlParams.row_bytes: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, dmsg) == 700 && sizeof(((LlParams*)0)->dmsg) == 4, "LlParams.dmsg: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, hdr) == 704 && sizeof(((LlParams*)0)->hdr) == 4, "LlParams.hdr: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, cmsg) == 708 && sizeof(((LlParams*)0)->cmsg) == 4, "LlParams.cmsg: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, phases) == 712 && sizeof(((LlParams*)0)->phases) == 4, "LlParams.phases: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, recv_global) == 716 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, clean_seq) == 720 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, pad0) == 724 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, out_peers) == 672 && sizeof(((LlParams*)0)->out_peers) == 512, "LlParams.out_peers: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, rank) == 1184 && sizeof(((LlParams*)0)->rank) == 4, "LlParams.rank: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, nranks) == 1188 && sizeof(((LlParams*)0)->nranks) == 4, "LlParams.nranks: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, num_experts) == 1192 && sizeof(((LlParams*)0)->num_experts) == 4, "LlParams.num_experts: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, local_experts) == 1196 && sizeof(((LlParams*)0)->local_experts) == 4, "LlParams.local_experts: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, max_tokens) == 1200 && sizeof(((LlParams*)0)->max_tokens) == 4, "LlParams.max_tokens: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, num_tokens) == 1204 && sizeof(((LlParams*)0)->num_tokens) == 4, "LlParams.num_tokens: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, row_bytes) == 1208 && sizeof(((LlParams*)0)->row_bytes) == 4, "LlParams.row_bytes: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, dmsg) == 1212 && sizeof(((LlParams*)0)->dmsg) == 4, "LlParams.dmsg: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, hdr) == 1216 && sizeof(((LlParams*)0)->hdr) == 4, "LlParams.hdr: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, cmsg) == 1220 && sizeof(((LlParams*)0)->cmsg) == 4, "LlParams.cmsg: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, phases) == 1224 && sizeof(((LlParams*)0)->phases) == 4, "LlParams.phases: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, recv_global) == 1228 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, clean_seq) == 1232 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, direct_out) == 1236 && sizeof(((LlParams*)0)->direct_out) == 4, "LlParams.direct_out: offset and size in src/runtime/ll_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

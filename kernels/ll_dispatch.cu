@@ -103,7 +103,14 @@ __device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int 
     }
   }
   const i64 off = (i64)seg * EP_SEG_BYTES;
-  warp_copy(msg + p.hdr + off, (const char*)p.x + (i64)t * p.row_bytes + off, segment_bytes(p.row_bytes, seg), lane);
+  char* dst = msg + p.hdr + off;
+#if !EP_EM
+  // Zero-copy (docs/ZERO_COPY.md): the payload goes straight into rank d's outputs->tokens
+  // window, row [rank][slot]; only the header above went to its receive region. The flags are
+  // released after sends_done's system fence, which orders these stores too.
+  if (p.direct_out) dst = (char*)p.out_peers[d] + ((i64)p.rank * p.max_tokens + r.slot[k]) * p.row_bytes + off;
+#endif
+  warp_copy(dst, (const char*)p.x + (i64)t * p.row_bytes + off, segment_bytes(p.row_bytes, seg), lane);
 }
 
 // Masked destinations (not in `active`) get neither messages nor counts nor a flag; slots are
@@ -255,7 +262,8 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
         if (p.out_weights) ((float*)p.out_weights)[orow * K + lane] = __int_as_float(ld_cg_int((const int*)&rec[lane].weight));
       }
     }
-    warp_copy<true>((char*)p.out + orow * p.row_bytes + off, src, n16 << 4, lane);
+    // Zero-copy: the sender already stored the payload in our outputs->tokens.
+    if (!p.direct_out) warp_copy<true>((char*)p.out + orow * p.row_bytes + off, src, n16 << 4, lane);
 #endif
   }
 }

@@ -27,7 +27,9 @@
 //! with a larger top-k grows the buffer while an older handle lives, then rounds on both;
 //! `ht_growth`), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
 //! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), and HT
-//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment). Opt-in and alone:
+//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment), zero-copy (`ll_zero_copy`,
+//! `ht_zero_copy`: tensors in symmetric NCCL windows under zero_copy AUTO and ON,
+//! tests/gpu_multi/zero_copy.rs; NCCL >= 2.29). Opt-in and alone:
 //! `EP_MULTI_ONLY=mask_kill` (`ll_mask_kill`: one process kills itself with SIGKILL before its
 //! dispatch; the others finish without it; tests/gpu_multi/masks.rs).
 //!
@@ -48,6 +50,8 @@ mod harness;
 mod masks;
 #[path = "gpu/multi.rs"]
 mod multi;
+#[path = "gpu_multi/zero_copy.rs"]
+mod zero_copy;
 
 use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use ep_reference::ht::{HtCombineIn, HtConfig, HtDispatchIn, HtDtype, HtPlan, random_tokens};
@@ -626,6 +630,21 @@ fn ht_round(
     c: &HtCase,
     rng: &mut SplitMix64,
 ) -> Result<HtOutcome, String> {
+    ht_round_windowed(r, g, s, l, budget, c, rng, None)
+}
+
+/// `ht_round`, with dispatch `outputs->tokens` and combine `inputs->tokens` in an NCCL window
+/// when `zc` is given (tests/gpu_multi/zero_copy.rs).
+fn ht_round_windowed(
+    r: &Rank,
+    g: &Group,
+    s: &Stream,
+    l: usize,
+    budget: usize,
+    c: &HtCase,
+    rng: &mut SplitMix64,
+    zc: Option<&zero_copy::HtWindows>,
+) -> Result<HtOutcome, String> {
     let (n, me, k, h) = (r.world, r.rank, c.topk, c.hidden);
     let e = n * l;
     let shape = LlShape {
@@ -740,6 +759,9 @@ fn ht_round(
     in_w.upload(&weights[me])?;
     let mut out_tok = tensor(r, nd, &[budget, h])?;
     out_tok.fill(HT_POISON)?;
+    if let Some(z) = zc {
+        z.bind(r, &mut out_tok)?;
+    }
     let mut out_idx = tensor(r, dtype::INT64, &[budget, k])?;
     out_idx.fill(HT_POISON)?;
     let mut out_w = if em {
@@ -770,6 +792,9 @@ fn ht_round(
     // `hd.0` is a live handle, `s` a live stream (the C contract of ncclEpDispatch).
     ep_ok!(unsafe { ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()) });
     s.sync()?;
+    if let Some(z) = zc {
+        z.unbind(r, &mut out_tok)?;
+    }
     let want = plan.dispatch(
         me,
         &HtDispatchIn {
@@ -798,6 +823,9 @@ fn ht_round(
     // Combine (forward): every rank's expert outputs [S, H]; rows past count are not read.
     let mut cx = tensor(r, nd, &[budget, h])?;
     cx.upload(&xs[me])?;
+    if let Some(z) = zc {
+        z.bind(r, &mut cx)?;
+    }
     let mut cout = tensor(r, nd, &[t, h])?;
     cout.fill(HT_POISON)?;
     let mut ci: ncclEpCombineInputs_t = struct_default();
@@ -809,6 +837,9 @@ fn ht_round(
     // the `s.sync()` below, a live handle and stream (the C contract of ncclEpCombine).
     ep_ok!(unsafe { ncclEpCombine(hd.0, &ci, &co, &ccfg, s.raw()) });
     s.sync()?;
+    if let Some(z) = zc {
+        z.unbind(r, &mut cx)?;
+    }
     let want_c = plan.combine(
         me,
         &HtCombineIn {
@@ -903,6 +934,8 @@ const STEPS: &[(&str, StepFn)] = &[
     ("ll_mask_silent", masks::ll_mask_silent),
     ("ht_rounds", ht_rounds),
     ("ht_growth", growth::ht_growth),
+    ("ll_zero_copy", zero_copy::ll_zero_copy),
+    ("ht_zero_copy", zero_copy::ht_zero_copy),
 ];
 
 /// Runs every step on one rank; prints its summary and the group-wide totals. Err: this rank

@@ -104,7 +104,7 @@ mod tests {
         ] {
             assert_eq!(h.matches(&format!("__builtin_offsetof({name}, ")).count(), n, "{name}");
         }
-        assert!(h.contains("static_assert(sizeof(LlParams) == 728,"));
+        assert!(h.contains("static_assert(sizeof(LlParams) == 1240,"));
         assert!(h.contains("static_assert(sizeof(HtParams) == 784,"));
         assert!(h.contains("static_assert(sizeof(HtHdr) == 256,"));
         assert!(h.contains("static_assert(sizeof(EpState) == 64,"));

@@ -13,8 +13,22 @@ pub struct TensorView {
     raw_dtype: i32,
     sizes: Vec<usize>,
     numel: usize,
-    /// Device address of element 0 (0 for an empty tensor without data).
+    /// Device address of element 0 (0 for an empty tensor without data, and for a window-backed
+    /// tensor until the runtime resolved its window).
     pub data: u64,
+    /// The NCCL window the tensor lives in (`win_hdl`, `win_offset`), when the caller gave one.
+    /// The rules only ask whether there is one ([`TensorView::is_windowed`]); the runtime turns
+    /// it into `data` and into peers' addresses.
+    pub window: Option<Window>,
+}
+
+/// A tensor's place in a registered NCCL window: the opaque `ncclWindow_t` as an address and the
+/// byte offset of element 0 in it. Every rank must use the same offset in its own copy of a
+/// symmetric window: peers' addresses are computed with the caller's own offset, as NCCL EP does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub hdl: u64,
+    pub offset: u64,
 }
 
 /// A data type for a message; descriptors may carry any value (they are checked where used).
@@ -56,7 +70,17 @@ impl TensorView {
             sizes,
             numel,
             data,
+            window: None,
         })
+    }
+    /// The same view, backed by `window` (a `win_hdl` of 0 means none).
+    pub fn with_window(mut self, hdl: u64, offset: u64) -> Self {
+        self.window = (hdl != 0).then_some(Window { hdl, offset });
+        self
+    }
+    /// Whether the caller put the tensor in an NCCL window (`win_hdl` set, `data` set or not).
+    pub fn is_windowed(&self) -> bool {
+        self.window.is_some()
     }
     /// The descriptor's `datatype` value as the caller wrote it.
     pub fn raw_dtype(&self) -> i32 {
