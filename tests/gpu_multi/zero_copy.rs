@@ -43,8 +43,8 @@ impl<'a> Window<'a> {
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: ncclMemAlloc writes one device pointer to the live local `p`; the device's
         // context is current.
-        r.nccl
-            .check("ncclMemAlloc", unsafe { (api.mem_alloc)(&mut p, bytes) })?;
+        let rc = unsafe { (api.mem_alloc)(&mut p, bytes) };
+        r.nccl.check("ncclMemAlloc", rc)?;
         let mut win: *mut c_void = std::ptr::null_mut();
         // SAFETY: `p` holds `bytes` bytes from ncclMemAlloc; the call writes one window handle to
         // the live local `win`; `r.comm` is this rank's live communicator.
