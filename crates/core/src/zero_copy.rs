@@ -122,6 +122,29 @@ pub fn ht_combine(mode: ZeroCopy, in_tokens: &TensorView) -> Result<()> {
     Ok(())
 }
 
+/// QUANT_FWD (LL and HT): NCCL EP moves token and scale rows as 16-byte words, so it refuses
+/// (`ncclInvalidArgument`) a pointer or a window offset of `inputs->tokens`, `inputs->scales`,
+/// `outputs->tokens` or `outputs->scales` that is not 16-byte aligned. Generic over tensors, for
+/// the QUANT_FWD rules to call (absent tensors are skipped).
+pub fn quant_fwd_storage_aligned(tensors: &[(Option<&TensorView>, &str)]) -> Result<()> {
+    for (t, name) in tensors {
+        let Some(t) = t else { continue };
+        crate::ensure_arg!(
+            t.data % 16 == 0,
+            "QUANT_FWD: {name} data ({:#x}) must be 16-byte aligned",
+            t.data
+        );
+        if let Some(w) = t.window {
+            crate::ensure_arg!(
+                w.offset % 16 == 0,
+                "QUANT_FWD: {name} win_offset ({}) must be a multiple of 16",
+                w.offset
+            );
+        }
+    }
+    Ok(())
+}
+
 fn kind(t: &TensorView) -> &'static str {
     if t.is_windowed() { "window-backed" } else { "ordinary" }
 }
@@ -205,6 +228,21 @@ mod tests {
             assert_eq!(e.code(), 4, "{}", e.msg);
             assert!(e.msg.contains(needle) && e.msg.contains("ZERO_COPY_ON"), "{}", e.msg);
         }
+    }
+
+    #[test]
+    fn quant_fwd_storage_is_16_byte_aligned() {
+        let ok = quant_fwd_storage_aligned(&[(Some(&win()), "outputs->tokens"), (None, "outputs->scales")]);
+        assert!(ok.is_ok());
+        let odd = plain().with_window(0xABC0, 8);
+        let e = quant_fwd_storage_aligned(&[(Some(&plain()), "inputs->tokens"), (Some(&odd), "outputs->scales")])
+            .unwrap_err();
+        assert_eq!(e.code(), 4);
+        assert!(e.msg.contains("outputs->scales win_offset (8)"), "{}", e.msg);
+        let mut p = plain();
+        p.data = 0x1008;
+        let e = quant_fwd_storage_aligned(&[(Some(&p), "inputs->scales")]).unwrap_err();
+        assert!(e.msg.contains("inputs->scales data (0x1008)"), "{}", e.msg);
     }
 
     #[test]
