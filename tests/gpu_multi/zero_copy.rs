@@ -79,7 +79,12 @@ impl<'a> Window<'a> {
     /// `WIN_OFFSET` and points its descriptor there: `win_hdl` + `win_offset`, and `data` NULL
     /// (`data_null`) or the window's local address.
     fn bind(&self, t: &mut DevTensor, data_null: bool) -> Result<(), String> {
-        assert!(WIN_OFFSET + t.bytes <= self.bytes, "window too small");
+        if WIN_OFFSET + t.bytes > self.bytes {
+            return Err(format!(
+                "test bug: a tensor of {} bytes does not fit the window of {} at offset {WIN_OFFSET}",
+                t.bytes, self.bytes
+            ));
+        }
         let at = self.base + WIN_OFFSET as u64;
         copy(self.r.device, at, t.mem.ptr(), t.bytes)?;
         t.desc.win_hdl = self.win.cast();
@@ -176,7 +181,8 @@ pub fn ll_zero_copy(r: &Rank, t: &mut Tally) -> Result<(), String> {
         cfg.zero_copy = ncclEpZeroCopyMode_t(mode);
         let g = Group::new(r, &cfg)?;
         let s = Stream::new(r.device)?;
-        let bytes = WIN_OFFSET + c.nranks * c.max_tokens * c.hidden * 2;
+        // Room for the largest tensor moved in: an EXPERT_MAJOR output [L, N*B, H] (bf16).
+        let bytes = WIN_OFFSET + c.local_experts * c.nranks * c.max_tokens * c.hidden * 2;
         let w = Window::new(r, bytes)?;
         let mut rng = r.rng("ll_zero_copy", mode as u64);
         for i in 0..6 {
