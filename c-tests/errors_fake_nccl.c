@@ -161,7 +161,9 @@ static void test_tensor_reads(ncclEpGroup_t g) {
   BAD_TENSOR(t.datatype = (ncclDataType_t)13, E4, "datatype");
   BAD_TENSOR(t.datatype = (ncclDataType_t)-1, E4, "datatype");
   BAD_TENSOR(t.data = NULL, E4, "data");
-  BAD_TENSOR((t.data = NULL, t.win_hdl = (ncclWindow_t)SENTINEL), E5, "window");
+  /* window-backed (data NULL): resolved through NCCL, which refuses a handle that is no window
+   * of this communicator (its code passes through); test_windows covers the rest */
+  BAD_TENSOR((t.data = NULL, t.win_hdl = (ncclWindow_t)SENTINEL), E4, "ncclWinGetUserPtr");
   BAD_TENSOR(t.datatype = ncclFloat32, E4, "ncclUint8");
   BAD_TENSOR(t.ndim = 2, E4, "1-D");
   /* extents whose element count wraps size_t (2^40 x 2^40 = 2^80, 0 when wrapped) or whose
@@ -511,6 +513,104 @@ static void test_recipes(ncclEpGroup_t g) {
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "outputs->scales must have shape");
   ys.sizes[2] = 4;
   EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
+/* Window-backed tensors and config->zero_copy (docs/ZERO_COPY.md) on a fake 4-rank
+ * communicator whose windows live at made-up addresses: resolution, ON's rules for LOW_LATENCY
+ * dispatch, and NCCL's own errors. A call that passes every rule stops at the missing GPU
+ * state (ncclUnhandledCudaError), which proves it got past them. */
+static void test_windows(ncclComm_t comm4, ncclComm_t other) {
+  const char *D = "ncclEpDispatch", *I = "ncclEpInitHandle";
+  ncclWindow_t win = fake_win_create(comm4, (uintptr_t)0x70000000u, 1);
+  ncclWindow_t far = fake_win_create(comm4, (uintptr_t)0x70000000u, 0); /* no peer mapped */
+  ncclWindow_t alien = fake_win_create(other, (uintptr_t)0x70000000u, 1);
+  CHECK(win && far && alien);
+  for (int mode = 0; mode < 4; mode++) {
+    ncclEpZeroCopyMode_t zc = mode == 3 ? (ncclEpZeroCopyMode_t)7 : (ncclEpZeroCopyMode_t)mode;
+    int on = zc == NCCL_EP_ZERO_COPY_ON;
+    ncclEpGroupConfig_t c = ll_config();
+    c.zero_copy = zc;
+    ncclEpGroup_t g = NULL;
+    EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), ncclSuccess, "ncclEpCreateGroup", NULL);
+    if (!g) continue;
+    /* N = 4, B = 16, H = 128, L = 2, K = 2 */
+    size_t sk[2] = {4, 2}, sx[2] = {4, 128}, srm[3] = {4, 16, 128}, sidx[3] = {4, 16, 2}, sem[3] = {2, 64, 128},
+           sc[1] = {2}, shm[1] = {0};
+    ncclEpTensor_t topk = tensor(2, ncclInt64, sk), x = tensor(2, ncclBfloat16, sx), w = tensor(2, ncclFloat32, sk);
+    ncclEpTensor_t rm_out = tensor(3, ncclBfloat16, srm), idx = tensor(3, ncclInt32, sidx);
+    ncclEpTensor_t em_out = tensor(3, ncclBfloat16, sem), cnt = tensor(1, ncclInt32, sc);
+    ncclEpHandle_t rm = NULL, em = NULL;
+    EXPECT_RC(ncclEpCreateHandle(&rm, g, NCCL_EP_LAYOUT_RANK_MAJOR, &topk, NULL, NULL, NULL), ncclSuccess,
+              "ncclEpCreateHandle", NULL);
+    EXPECT_RC(ncclEpCreateHandle(&em, g, NCCL_EP_LAYOUT_EXPERT_MAJOR, &topk, NULL, NULL, NULL), ncclSuccess,
+              "ncclEpCreateHandle", NULL);
+    ncclEpDispatchInputs_t di = NCCL_EP_DISPATCH_INPUTS_INIT;
+    ncclEpDispatchOutputs_t dout = NCCL_EP_DISPATCH_OUTPUTS_INIT;
+    ncclEpLayoutInfo_t li = NCCL_EP_LAYOUT_INFO_INIT;
+    di.tokens = &x;
+    di.topk_weights = &w;
+    dout.tokens = &rm_out;
+    dout.topk_idx = &idx;
+    if (rm) {
+      /* an ordinary output: ON refuses it, AUTO / OFF / other values stage (and stop at the GPU) */
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, NULL, NULL, NULL), on ? E4 : ncclUnhandledCudaError, D,
+                on ? "ZERO_COPY_ON" : "GPU state");
+      /* a window-backed output, data NULL or set: direct in every mode */
+      rm_out.win_hdl = win;
+      rm_out.win_offset = 4096;
+      rm_out.data = NULL;
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, NULL, NULL, NULL), ncclUnhandledCudaError, D, "GPU state");
+      rm_out.data = SENTINEL;
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, NULL, NULL, NULL), ncclUnhandledCudaError, D, "GPU state");
+      /* a window no peer maps (not NVLink-only): ON refuses, the others stage */
+      rm_out.win_hdl = far;
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, NULL, NULL, NULL), on ? E4 : ncclUnhandledCudaError, D,
+                on ? "NVLink" : "GPU state");
+      /* a handle of another communicator: NCCL's error passes through, naming the tensor */
+      rm_out.win_hdl = alien;
+      rm_out.data = NULL;
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, NULL, NULL, NULL), E4, D, "outputs->tokens: ncclWinGetUserPtr");
+      /* an input in a window resolves as well (any tensor) */
+      rm_out.win_hdl = win;
+      x.data = NULL;
+      x.win_hdl = win;
+      EXPECT_RC(ncclEpDispatch(rm, &di, &dout, NULL, NULL, NULL), ncclUnhandledCudaError, D, "GPU state");
+      x.data = SENTINEL;
+      x.win_hdl = NULL;
+      rm_out = tensor(3, ncclBfloat16, srm);
+      EXPECT_RC(ncclEpHandleDestroy(rm), ncclSuccess, "ncclEpHandleDestroy", NULL);
+    }
+    if (em) {
+      /* EXPERT_MAJOR has no direct path: ON refuses even a window-backed output */
+      dout.tokens = &em_out;
+      dout.topk_idx = NULL;
+      di.topk_weights = NULL;
+      li.expert_counters = &cnt;
+      em_out.win_hdl = win;
+      EXPECT_RC(ncclEpDispatch(em, &di, &dout, &li, NULL, NULL), on ? E4 : ncclUnhandledCudaError, D,
+                on ? "RANK_MAJOR" : "GPU state");
+      EXPECT_RC(ncclEpHandleDestroy(em), ncclSuccess, "ncclEpHandleDestroy", NULL);
+    }
+    /* handle_mem in a window (InitHandle): resolved to base + win_offset, then checked */
+    if (mode == 0) {
+      size_t need = 0;
+      EXPECT_RC(ncclEpHandleMemSize(g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, &need, 2), ncclSuccess, "ncclEpHandleMemSize",
+                NULL);
+      shm[0] = need > 0 ? need : 1;
+      ncclEpTensor_t hm = tensor(1, ncclUint8, shm);
+      hm.data = NULL;
+      hm.win_hdl = win;
+      hm.win_offset = 4;
+      ncclEpHandle_t h = (ncclEpHandle_t)SENTINEL;
+      EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, 2, &hm), E4, I, "8-byte aligned");
+      hm.win_offset = 64;
+      h = NULL;
+      EXPECT_RC(ncclEpInitHandle(&h, g, NCCL_EP_LAYOUT_RANK_MAJOR, NULL, 2, &hm), ncclSuccess, I, NULL);
+      if (h) EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
+    }
+    EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
+  }
+  fake_win_destroy(win);
+  fake_win_destroy(far);
+  fake_win_destroy(alien);
 }
 
 static void test_masks(ncclComm_t comm) {
@@ -699,6 +799,7 @@ int main(void) {
   test_recipes(g);
   test_masks(comm4);
   test_ht_rules(comm1);
+  test_windows(comm4, comm1);
 
   EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
   /* a destroyed group is no group, for every function that takes one */

@@ -102,6 +102,9 @@ struct LlParams {
   i64 timeout_ns;
   // combine NVFP4: the caller's global scales, f32 [rows of x] (else 0)
   u64 comb_scales;
+  // dispatch RM zero-copy (`direct_out`): every rank's outputs->tokens, from its NCCL
+  // window (docs/ZERO_COPY.md); the sender stores payloads straight into row [rank][slot]
+  u64 out_peers[64];
   int rank;
   int nranks;
   int num_experts;
@@ -122,7 +125,9 @@ struct LlParams {
   int recv_global;
   // ll_clean: this ncclEpMaskClean's sequence number (from 1)
   int clean_seq;
-  int pad0;
+  // dispatch RM: 1 = payloads go straight to `out_peers` (only headers to the receive
+  // region, the receiver copies no payload)
+  int direct_out;
   // dispatch QUANT_FWD: inputs->scales [T, S] (scale_bytes per row), else 0
   u64 x_scales;
   // dispatch with a recipe: outputs->scales, scale_bytes per output row, else 0
@@ -135,7 +140,7 @@ struct LlParams {
   int round_scales;
   int pad1;
 };
-static_assert(sizeof(LlParams) == 792, "LlParams: size of src/runtime/ll_params.rs");
+static_assert(sizeof(LlParams) == 1304, "LlParams: size of src/runtime/ll_params.rs");
 static_assert(alignof(LlParams) == 8, "LlParams: alignment of src/runtime/ll_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(LlParams, peers) == 0 && sizeof(((LlParams*)0)->peers) == 512, "LlParams.peers: offset and size in src/runtime/ll_params.rs");
@@ -163,26 +168,27 @@ static_assert(__builtin_offsetof(LlParams, rstage) == 672 && sizeof(((LlParams*)
 static_assert(__builtin_offsetof(LlParams, stage_stride) == 680 && sizeof(((LlParams*)0)->stage_stride) == 8, "LlParams.stage_stride: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, timeout_ns) == 688 && sizeof(((LlParams*)0)->timeout_ns) == 8, "LlParams.timeout_ns: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, comb_scales) == 696 && sizeof(((LlParams*)0)->comb_scales) == 8, "LlParams.comb_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, rank) == 704 && sizeof(((LlParams*)0)->rank) == 4, "LlParams.rank: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, nranks) == 708 && sizeof(((LlParams*)0)->nranks) == 4, "LlParams.nranks: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, num_experts) == 712 && sizeof(((LlParams*)0)->num_experts) == 4, "LlParams.num_experts: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, local_experts) == 716 && sizeof(((LlParams*)0)->local_experts) == 4, "LlParams.local_experts: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, max_tokens) == 720 && sizeof(((LlParams*)0)->max_tokens) == 4, "LlParams.max_tokens: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, num_tokens) == 724 && sizeof(((LlParams*)0)->num_tokens) == 4, "LlParams.num_tokens: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, row_bytes) == 728 && sizeof(((LlParams*)0)->row_bytes) == 4, "LlParams.row_bytes: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, dmsg) == 732 && sizeof(((LlParams*)0)->dmsg) == 4, "LlParams.dmsg: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, hdr) == 736 && sizeof(((LlParams*)0)->hdr) == 4, "LlParams.hdr: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, cmsg) == 740 && sizeof(((LlParams*)0)->cmsg) == 4, "LlParams.cmsg: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, phases) == 744 && sizeof(((LlParams*)0)->phases) == 4, "LlParams.phases: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, recv_global) == 748 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, clean_seq) == 752 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, pad0) == 756 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, x_scales) == 760 && sizeof(((LlParams*)0)->x_scales) == 8, "LlParams.x_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, out_scales) == 768 && sizeof(((LlParams*)0)->out_scales) == 8, "LlParams.out_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, scale_bytes) == 776 && sizeof(((LlParams*)0)->scale_bytes) == 4, "LlParams.scale_bytes: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, quant) == 780 && sizeof(((LlParams*)0)->quant) == 4, "LlParams.quant: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, round_scales) == 784 && sizeof(((LlParams*)0)->round_scales) == 4, "LlParams.round_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, pad1) == 788 && sizeof(((LlParams*)0)->pad1) == 4, "LlParams.pad1: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, out_peers) == 704 && sizeof(((LlParams*)0)->out_peers) == 512, "LlParams.out_peers: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, rank) == 1216 && sizeof(((LlParams*)0)->rank) == 4, "LlParams.rank: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, nranks) == 1220 && sizeof(((LlParams*)0)->nranks) == 4, "LlParams.nranks: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, num_experts) == 1224 && sizeof(((LlParams*)0)->num_experts) == 4, "LlParams.num_experts: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, local_experts) == 1228 && sizeof(((LlParams*)0)->local_experts) == 4, "LlParams.local_experts: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, max_tokens) == 1232 && sizeof(((LlParams*)0)->max_tokens) == 4, "LlParams.max_tokens: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, num_tokens) == 1236 && sizeof(((LlParams*)0)->num_tokens) == 4, "LlParams.num_tokens: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, row_bytes) == 1240 && sizeof(((LlParams*)0)->row_bytes) == 4, "LlParams.row_bytes: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, dmsg) == 1244 && sizeof(((LlParams*)0)->dmsg) == 4, "LlParams.dmsg: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, hdr) == 1248 && sizeof(((LlParams*)0)->hdr) == 4, "LlParams.hdr: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, cmsg) == 1252 && sizeof(((LlParams*)0)->cmsg) == 4, "LlParams.cmsg: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, phases) == 1256 && sizeof(((LlParams*)0)->phases) == 4, "LlParams.phases: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, recv_global) == 1260 && sizeof(((LlParams*)0)->recv_global) == 4, "LlParams.recv_global: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, clean_seq) == 1264 && sizeof(((LlParams*)0)->clean_seq) == 4, "LlParams.clean_seq: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, direct_out) == 1268 && sizeof(((LlParams*)0)->direct_out) == 4, "LlParams.direct_out: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, x_scales) == 1272 && sizeof(((LlParams*)0)->x_scales) == 8, "LlParams.x_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, out_scales) == 1280 && sizeof(((LlParams*)0)->out_scales) == 8, "LlParams.out_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, scale_bytes) == 1288 && sizeof(((LlParams*)0)->scale_bytes) == 4, "LlParams.scale_bytes: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, quant) == 1292 && sizeof(((LlParams*)0)->quant) == 4, "LlParams.quant: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, round_scales) == 1296 && sizeof(((LlParams*)0)->round_scales) == 4, "LlParams.round_scales: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, pad1) == 1300 && sizeof(((LlParams*)0)->pad1) == 4, "LlParams.pad1: offset and size in src/runtime/ll_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

@@ -173,7 +173,15 @@ __device__ void send_segment(const LlParams& p, const TokenRoute& r, int t, int 
   const i64 off = (i64)seg * EP_SEG_BYTES;
   const int len = segment_bytes(p.row_bytes + p.scale_bytes, seg);
   const int tok = max(0, min(len, p.row_bytes - (int)off));
-  if (tok > 0) warp_copy(msg + p.hdr + off, (const char*)p.x + (i64)t * p.row_bytes + off, tok, lane);
+  char* dst = msg + p.hdr + off;
+#if !EP_EM
+  // Zero-copy (docs/ZERO_COPY.md): the token bytes go straight into rank d's outputs->tokens
+  // window, row [rank][slot]; only the header (and QUANT_FWD's scale bytes) go to its receive
+  // region. The flags are released after sends_done's system fence, which orders these stores
+  // too.
+  if (p.direct_out) dst = (char*)p.out_peers[d] + ((i64)p.rank * p.max_tokens + r.slot[k]) * p.row_bytes + off;
+#endif
+  if (tok > 0) warp_copy(dst, (const char*)p.x + (i64)t * p.row_bytes + off, tok, lane);
   if (len > tok)
     warp_copy(msg + p.hdr + off + tok, (const char*)p.x_scales + (i64)t * p.scale_bytes + (off + tok - p.row_bytes),
               len - tok, lane);
@@ -344,7 +352,8 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
         if (p.out_weights) ((float*)p.out_weights)[orow * K + lane] = __int_as_float(ld_cg_int((const int*)&rec[lane].weight));
       }
     }
-    if (tok > 0) warp_copy<true>((char*)p.out + orow * p.row_bytes + off, src, tok, lane);
+    // Zero-copy: the sender already stored the token bytes in our outputs->tokens.
+    if (tok > 0 && !p.direct_out) warp_copy<true>((char*)p.out + orow * p.row_bytes + off, src, tok, lane);
     if (len > tok) warp_copy<true>((char*)p.out_scales + orow * p.scale_bytes + soff, src + (tok >> 4), len - tok, lane);
 #endif
   }

@@ -151,3 +151,26 @@ fn nvfp4_combine_fits_the_unquantised_buffer() {
     assert_eq!(nvfp4_slot_bytes(7168), 4048);
     assert_eq!(size(&anchor(), 8, EM, 8), Ok(29_592_064));
 }
+
+/// `zero_copy` does not change the buffer (docs/ZERO_COPY.md, "Buffer sizes under ON"): the LL
+/// receive slots keep header + payload in every mode, HT stages only inputs.
+#[test]
+fn zero_copy_keeps_the_size() {
+    for alg in [0, 1] {
+        let mut c = anchor();
+        c.algorithm = ncclEpAlgorithm_t(alg);
+        if alg == 1 {
+            c.max_recv_tokens_per_rank = 1024;
+        }
+        let layouts = if alg == 0 { [EM, RM] } else { [EM, ncclEpLayout_t(3)] };
+        for layout in layouts {
+            c.zero_copy = ncclEpZeroCopyMode_t(0);
+            let auto = size(&c, 8, layout, 8);
+            assert!(auto.as_ref().is_ok_and(|&b| b > 0), "algorithm {alg}: {auto:?}");
+            for z in [1, 2, 7] {
+                c.zero_copy = ncclEpZeroCopyMode_t(z);
+                assert_eq!(size(&c, 8, layout, 8), auto, "algorithm {alg}, zero_copy {z}");
+            }
+        }
+    }
+}

@@ -123,6 +123,44 @@ fn ll_send_only_and_random_token_counts() {
     println!("ll_send_only: {passed} rounds passed");
 }
 
+/// Local groups have no NCCL communicator, so no windows (docs/ZERO_COPY.md): a window-backed
+/// output with `data` NULL is refused (5) before any GPU work; with `data` set the window is
+/// ignored and the round is exact.
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]
+fn ll_local_group_windows() {
+    let _gpu = require_gpu();
+    let c = base_case(2, Layout::RankMajor);
+    let w = World::local(&c).expect("local groups");
+    let mut rng = SplitMix64::new(13);
+    let world = c.world(&mut rng);
+    let mut bufs = (0..c.nranks)
+        .map(|r| alloc_rank(&c, 0, world.ranks[r].num_tokens))
+        .collect::<Result<Vec<_>, _>>()
+        .expect("buffers");
+    for (b, inp) in bufs.iter().zip(&world.ranks) {
+        load_inputs(&c, b, inp).expect("inputs");
+    }
+    let hs = Handles::create(&c, &w, &mut bufs).expect("handles");
+    let fake_window = 0x1000usize as *mut std::ffi::c_void;
+    let data = bufs[0].out.desc.data;
+    bufs[0].out.desc.data = std::ptr::null_mut();
+    bufs[0].out.desc.win_hdl = fake_window.cast();
+    let e = dispatch(&c, hs.0[0], &mut bufs[0], &w.streams[0], false).expect_err("a window in a local group");
+    assert!(e.contains("returned 5") && e.contains("local group"), "{e}");
+    bufs[0].out.desc.data = data;
+    for b in bufs.iter_mut() {
+        b.out.desc.win_hdl = fake_window.cast();
+        b.out.desc.win_offset = 4096;
+    }
+    for r in 0..c.nranks {
+        dispatch(&c, hs.0[r], &mut bufs[r], &w.streams[r], false).expect("dispatch");
+    }
+    w.sync().expect("sync");
+    check_dispatch(&c, &world, &bufs).expect("dispatch outputs");
+    println!("ll_local_group_windows: passed");
+}
+
 /// Two handles of different layout and top-k on one group: D(A) D(B) C(A) C(B).
 #[test]
 #[ignore = "needs an NVIDIA GPU: scripts/gpu_check.sh, or cargo test -- --include-ignored"]

@@ -28,8 +28,10 @@
 //! `ht_growth`), LL dispatch quantisation recipes (`ll_quant`: QUANT_FWD and DS_FP8E3M4, both
 //! layouts, then an ordinary combine), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
 //! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), LL NVFP4
-//! combine (`ll_nvfp4`, bit for bit against the reference), and HT
-//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment). With `NCCL_EP_NODE_SIZE=k < N`
+//! combine (`ll_nvfp4`, bit for bit against the reference), HT
+//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment), and zero-copy (`ll_zero_copy`,
+//! `ht_zero_copy`: tensors in symmetric NCCL windows under zero_copy AUTO and ON,
+//! tests/gpu_multi/zero_copy.rs; NCCL >= 2.29). With `NCCL_EP_NODE_SIZE=k < N`
 //! (docs/MULTINODE.md; `MULTI_GPU_NODE_SIZE=k scripts/multi_gpu.sh`) the LL steps run with
 //! every rank outside a block of k as a remote one (staging + NCCL point-to-point) and
 //! `remote_ht_refused` checks that HT groups across nodes are refused. Opt-in and alone:
@@ -55,6 +57,8 @@ mod masks;
 mod multi;
 #[path = "gpu/quant.rs"]
 mod quant;
+#[path = "gpu_multi/zero_copy.rs"]
+mod zero_copy;
 
 use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use ep_reference::ht::{
@@ -731,6 +735,22 @@ fn ht_round(
     c: &HtCase,
     rng: &mut SplitMix64,
 ) -> Result<HtOutcome, String> {
+    ht_round_windowed(r, g, s, l, budget, c, rng, None)
+}
+
+/// `ht_round`, with dispatch `outputs->tokens` and combine `inputs->tokens` in an NCCL window
+/// when `zc` is given (tests/gpu_multi/zero_copy.rs).
+#[allow(clippy::too_many_arguments)]
+fn ht_round_windowed(
+    r: &Rank,
+    g: &Group,
+    s: &Stream,
+    l: usize,
+    budget: usize,
+    c: &HtCase,
+    rng: &mut SplitMix64,
+    zc: Option<&zero_copy::HtWindows>,
+) -> Result<HtOutcome, String> {
     let (n, me, k, h) = (r.world, r.rank, c.topk, c.hidden);
     let e = n * l;
     let shape = LlShape {
@@ -856,6 +876,9 @@ fn ht_round(
     in_w.upload(&weights[me])?;
     let mut out_tok = tensor(r, td, &[budget, h])?;
     out_tok.fill(HT_POISON)?;
+    if let Some(z) = zc {
+        z.bind(r, &mut out_tok)?;
+    }
     let mut in_sc = tensor(r, dtype::UINT8, &[t, sw])?;
     let mut out_sc = tensor(r, dtype::UINT8, &[budget, sw])?;
     if c.quant_fwd {
@@ -897,6 +920,9 @@ fn ht_round(
     // `hd.0` is a live handle, `s` a live stream (the C contract of ncclEpDispatch).
     ep_ok!(unsafe { ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()) });
     s.sync()?;
+    if let Some(z) = zc {
+        z.unbind(r, &mut out_tok)?;
+    }
     let want = if c.quant_fwd {
         let q = plan.dispatch_quant_fwd(
             me,
@@ -952,6 +978,9 @@ fn ht_round(
     // Combine (forward): every rank's expert outputs [S, H]; rows past count are not read.
     let mut cx = tensor(r, nd, &[budget, h])?;
     cx.upload(&xs[me])?;
+    if let Some(z) = zc {
+        z.bind(r, &mut cx)?;
+    }
     let mut cout = tensor(r, nd, &[t, h])?;
     cout.fill(HT_POISON)?;
     let mut ci: ncclEpCombineInputs_t = struct_default();
@@ -963,6 +992,9 @@ fn ht_round(
     // the `s.sync()` below, a live handle and stream (the C contract of ncclEpCombine).
     ep_ok!(unsafe { ncclEpCombine(hd.0, &ci, &co, &ccfg, s.raw()) });
     s.sync()?;
+    if let Some(z) = zc {
+        z.unbind(r, &mut cx)?;
+    }
     let want_c = plan.combine(
         me,
         &HtCombineIn {
@@ -1169,6 +1201,8 @@ const STEPS: &[(&str, StepFn)] = &[
     ("remote_ht_refused", remote_ht_refused),
     ("ht_rounds", ht_rounds),
     ("ht_growth", growth::ht_growth),
+    ("ll_zero_copy", zero_copy::ll_zero_copy),
+    ("ht_zero_copy", zero_copy::ht_zero_copy),
 ];
 
 /// Runs every step on one rank; prints its summary and the group-wide totals. Err: this rank

@@ -87,7 +87,8 @@ unsafe fn init_handle(
     let hp = unsafe { handle_params(g, layout, config, num_topk) }?;
     let need = handle_mem_need(&g.params, &hp)?;
     // SAFETY: C contract.
-    let caller_mem = unsafe { read_tensor_opt(handle_mem, "handle_mem") }?;
+    let mut caller_mem = unsafe { read_tensor_opt(handle_mem, "handle_mem") }?;
+    crate::runtime::window::resolve_opt(g, &mut caller_mem, "handle_mem")?;
     let mem = match caller_mem {
         Some(t) => {
             t.expect("handle_mem", &[Dim::AtLeast(need)], &[dtype::UINT8])?;
@@ -148,7 +149,8 @@ unsafe fn update_handle(
     stream: cudaStream_t,
 ) -> Result<()> {
     // SAFETY: C contract.
-    let t = unsafe { read_tensor(topk_idx, "topk_idx") }?;
+    let mut t = unsafe { read_tensor(topk_idx, "topk_idx") }?;
+    crate::runtime::window::resolve(g, &mut t, "topk_idx")?;
     // SAFETY: C contract.
     let li = unsafe { read_opt(layout_info, "layout_info") }?;
     check_topk_idx(&g.params, &h.params, &t)?;
@@ -187,6 +189,11 @@ unsafe fn ht_layout_info(
             a.expert_offsets = read_tensor_opt(li.expert_offsets, "layout_info->expert_offsets")?;
             a.recv_total_counter = read_tensor_opt(li.recv_total_counter, "layout_info->recv_total_counter")?;
         }
+        use crate::runtime::window::resolve_opt;
+        resolve_opt(g, &mut a.expert_counters, "layout_info->expert_counters")?;
+        resolve_opt(g, &mut a.src_rank_counters, "layout_info->src_rank_counters")?;
+        resolve_opt(g, &mut a.expert_offsets, "layout_info->expert_offsets")?;
+        resolve_opt(g, &mut a.recv_total_counter, "layout_info->recv_total_counter")?;
     }
     ep_core::ht_rules::check_layout_info(&g.params, hp, &a)
 }

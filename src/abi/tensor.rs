@@ -80,18 +80,15 @@ pub unsafe fn read_tensor_opt(p: *const ncclEpTensor_t, name: &str) -> Result<Op
     // SAFETY: sizes points at ndim extents (C contract), checked non-NULL above.
     let sizes = unsafe { std::slice::from_raw_parts(t.sizes, t.ndim as usize) }.to_vec();
     // Checked extents: a count or byte size that does not fit in usize is refused here.
-    let mut view = TensorView::new(t.datatype, sizes, t.data as u64).map_err(|e| e.context(name))?;
-    view.win_hdl = t.win_hdl as u64;
-    view.win_offset = t.win_offset as u64;
-    if t.data.is_null() && !view.is_empty() {
-        ep_core::ensure_arg!(
-            !t.win_hdl.is_null(),
-            "{name}: data and win_hdl are both NULL and the tensor is not empty"
-        );
-        return Err(ep_core::invalid_usage!(
-            "{name}: window-backed tensors (data == NULL, win_hdl set) are not supported yet; pass a device pointer in data"
-        ));
-    }
+    let view = TensorView::new(t.datatype, sizes, t.data as u64)
+        .map_err(|e| e.context(name))?
+        .with_window(t.win_hdl as u64, t.win_offset as u64);
+    // A window-backed tensor may leave data NULL: the runtime resolves it through the group's
+    // communicator (runtime::window), which the descriptor alone does not know.
+    ep_core::ensure_arg!(
+        !t.data.is_null() || view.is_windowed() || view.is_empty(),
+        "{name}: data and win_hdl are both NULL and the tensor is not empty"
+    );
     Ok(Some(view))
 }
 

@@ -385,6 +385,9 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
     check_pending(g, h, stream)?;
     let topk = h.topk_idx.clone().unwrap_or_else(|| unreachable!());
     let call = check_dispatch(&g.params, &h.params, &topk, a)?;
+    // Zero-copy rules only: the pull design already writes outputs->tokens directly, and pulled
+    // inputs are staged whether windowed or not (docs/ZERO_COPY.md, docs/HT.md "Zero-copy").
+    ep_core::zero_copy::ht_dispatch(g.params.zero_copy, a.quant, &a.out_tokens, a.out_scales.as_ref())?;
     let (t, k) = (call.tokens, h.params.num_topk as usize);
     let em = h.params.layout == Layout::ExpertMajor;
     let bwd = call.pass == PassDir::Backward;
@@ -435,6 +438,7 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
     check_pending(g, h, stream)?;
     let topk = h.topk_idx.clone().unwrap_or_else(|| unreachable!());
     let call = check_combine(&g.params, &h.params, &topk, a)?;
+    ep_core::zero_copy::ht_combine(g.params.zero_copy, &a.tokens)?;
     let k = h.params.num_topk as usize;
     let em = h.params.layout == Layout::ExpertMajor;
     let bwd = call.pass == PassDir::Backward;

@@ -18,6 +18,7 @@ use ep_core::ll_layout::{LlLayout, LlStage};
 use ep_core::ll_rules::{COMB_QUANT_NVFP4, LlCall, check_combine, check_dispatch};
 use ep_core::op_args::{CombineArgs, DispatchArgs};
 use ep_core::tensor::TensorView;
+use ep_core::zero_copy;
 
 /// A `send_only` operation whose receive phase waits for `ncclEpComplete` on its handle.
 #[derive(Clone, Copy, Debug)]
@@ -363,6 +364,7 @@ fn call_params(
 pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
     let topk = routing(h)?;
     let call = check_dispatch(&g.params, &h.params, &topk, a)?;
+    let direct = direct_outputs(g, h, a)?;
     let mut p = call_params(
         g,
         h,
@@ -388,6 +390,10 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
     p.round_scales = call.round_scales as i32;
     p.x_scales = opt_ptr(&a.in_scales);
     p.out_scales = opt_ptr(&a.out_scales);
+    if let Some(peers) = direct {
+        p.out_peers[..peers.len()].copy_from_slice(&peers);
+        p.direct_out = 1;
+    }
     let kernel = LlKernel::dispatch(
         h.params.num_topk,
         h.params.layout,
@@ -398,6 +404,34 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
     run(g, h, kernel, p, call.send_only, xbytes, stream)?;
     h.dispatched = true;
     Ok(())
+}
+
+/// Zero-copy (docs/ZERO_COPY.md): every rank's `outputs->tokens` when the dispatch stores its
+/// payloads straight into them (RANK_MAJOR, a plain recipe, a window that every peer maps here),
+/// else None (the staged path); under `zero_copy` ON no direct path is `ncclInvalidArgument`.
+fn direct_outputs(g: &Group, h: &Handle, a: &DispatchArgs) -> Result<Option<Vec<u64>>> {
+    let mode = g.params.zero_copy;
+    // Ranks on other nodes (docs/MULTINODE.md) are reached through staging, never directly.
+    let local_only = g.ll()?.buffers.remote().is_none();
+    let eligible =
+        local_only && h.params.layout == Layout::RankMajor && matches!(a.quant, 0 | 1) && a.out_tokens.is_windowed();
+    let peers = if eligible {
+        crate::runtime::window::peer_addresses(g, &a.out_tokens, "outputs->tokens")?
+    } else {
+        None
+    };
+    // A window NCCL cannot map for some peer means a group that is not NVLink-only.
+    let nvlink_only = local_only && (!eligible || peers.is_some());
+    let direct = zero_copy::ll_dispatch_direct(
+        mode,
+        h.params.layout,
+        a.quant,
+        &a.out_tokens,
+        a.out_scales.as_ref(),
+        nvlink_only,
+    )?;
+    // Scales (QUANT_FWD) are staged for now: the kernel forwards tokens only.
+    Ok(if direct.tokens { peers } else { None })
 }
 
 pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStream_t) -> Result<()> {

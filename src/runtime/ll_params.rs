@@ -99,6 +99,9 @@ c_struct! {
         pub timeout_ns: i64,
         /// combine NVFP4: the caller's global scales, f32 [rows of x] (else 0)
         pub comb_scales: u64,
+        /// dispatch RM zero-copy (`direct_out`): every rank's outputs->tokens, from its NCCL
+        /// window (docs/ZERO_COPY.md); the sender stores payloads straight into row [rank][slot]
+        pub out_peers: [u64; LL_MAX_RANKS],
         pub rank: i32,
         pub nranks: i32,
         pub num_experts: i32,
@@ -119,7 +122,9 @@ c_struct! {
         pub recv_global: i32,
         /// ll_clean: this ncclEpMaskClean's sequence number (from 1)
         pub clean_seq: i32,
-        pub pad0: i32,
+        /// dispatch RM: 1 = payloads go straight to `out_peers` (only headers to the receive
+        /// region, the receiver copies no payload)
+        pub direct_out: i32,
         /// dispatch QUANT_FWD: inputs->scales [T, S] (scale_bytes per row), else 0
         pub x_scales: u64,
         /// dispatch with a recipe: outputs->scales, scale_bytes per output row, else 0
@@ -148,8 +153,8 @@ mod tests {
     /// The generated C carries the same numbers (kernels/ep_params.cuh, static_asserts).
     #[test]
     fn size_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<LlParams>(), 8 * LL_MAX_RANKS + 26 * 8 + 18 * 4);
-        assert_eq!(std::mem::size_of::<LlParams>(), 792);
+        assert_eq!(std::mem::size_of::<LlParams>(), 2 * 8 * LL_MAX_RANKS + 26 * 8 + 18 * 4);
+        assert_eq!(std::mem::size_of::<LlParams>(), 1304);
         assert_eq!(EP_STATE_BYTES, 64);
     }
 }

@@ -15,3 +15,4 @@ pub mod kernels;
 pub mod ll;
 pub mod ll_params;
 pub mod ops;
+pub mod window;

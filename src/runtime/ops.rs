@@ -1,10 +1,11 @@
 //! Dispatch, combine, complete and handle destroy: lock the handle's group (through the
-//! handle's own reference to it) and route the call to its mode. The caller holds the handle's
+//! handle's own reference to it), resolve window-backed tensors (runtime::window) and route the
+//! call to its mode. The caller holds the handle's
 //! lock (`SharedHandle::lock`), which comes before the group's.
 
 use crate::runtime::handle::{Handle, HandleMem};
 use crate::runtime::ll::LlGroup;
-use crate::runtime::{ht, ll};
+use crate::runtime::{ht, ll, window};
 use crate::sys::cudaStream_t;
 use ep_core::enums::Algorithm;
 use ep_core::error::Result;
@@ -13,6 +14,7 @@ use ep_core::op_args::{CombineArgs, DispatchArgs};
 pub fn dispatch(h: &mut Handle, args: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
     let group = h.group.clone();
     let mut g = group.lock()?;
+    let args = &*window::resolve_dispatch(&g, args)?;
     match g.params.algorithm {
         Algorithm::LowLatency => ll::dispatch(&mut g, h, args, stream),
         Algorithm::HighThroughput => ht::dispatch(&mut g, h, args, stream),
@@ -22,6 +24,7 @@ pub fn dispatch(h: &mut Handle, args: &DispatchArgs, stream: cudaStream_t) -> Re
 pub fn combine(h: &mut Handle, args: &CombineArgs, stream: cudaStream_t) -> Result<()> {
     let group = h.group.clone();
     let mut g = group.lock()?;
+    let args = &*window::resolve_combine(&g, args)?;
     match g.params.algorithm {
         Algorithm::LowLatency => ll::combine(&mut g, h, args, stream),
         Algorithm::HighThroughput => ht::combine(&mut g, h, args, stream),

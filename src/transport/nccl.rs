@@ -16,6 +16,13 @@ type ErrStrFn = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
 type P2pFn =
     unsafe extern "C" fn(*const c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> ncclResult_t;
 type GroupFn = unsafe extern "C" fn() -> ncclResult_t;
+/// `ncclWinGetUserPtr(comm, win, &ptr)` (NCCL 2.29+).
+type WinUserPtrFn = unsafe extern "C" fn(ncclComm_t, *mut c_void, *mut *mut c_void) -> ncclResult_t;
+/// `ncclGetPeerDevicePointer(win, offset, peer, &ptr)` (NCCL 2.29+).
+type PeerPtrFn = unsafe extern "C" fn(*mut c_void, usize, c_int, *mut *mut c_void) -> ncclResult_t;
+
+/// The NCCL release that introduced the two window queries window-backed tensors need.
+pub const WINDOW_API_VERSION: &str = "2.29";
 
 /// The resolved NCCL entry points. Plain function pointers (hence `Send + Sync`) into a library
 /// that is never unloaded.
@@ -34,6 +41,10 @@ pub struct Nccl {
     recv: P2pFn,
     group_start: GroupFn,
     group_end: GroupFn,
+    /// Window queries: absent before NCCL 2.29, which is an error only for a window-backed
+    /// tensor (everything else works with older NCCL).
+    win_user_ptr: Option<WinUserPtrFn>,
+    peer_ptr: Option<PeerPtrFn>,
 }
 
 /// One transfer of an exchange: `bytes` from `send` to rank `peer`, and `bytes` from `peer`
@@ -122,6 +133,9 @@ impl Nccl {
                 recv: need(h, "ncclRecv")?,
                 group_start: need(h, "ncclGroupStart")?,
                 group_end: need(h, "ncclGroupEnd")?,
+                // SAFETY: the prototypes of nccl.h 2.29+ (ncclWindow_t is a pointer).
+                win_user_ptr: need::<WinUserPtrFn>(h, "ncclWinGetUserPtr").ok(),
+                peer_ptr: need::<PeerPtrFn>(h, "ncclGetPeerDevicePointer").ok(),
             })
         }
     }
@@ -226,12 +240,55 @@ impl Nccl {
         }
     }
 
+    /// The local address of byte 0 of window `win` (the buffer the caller registered).
+    ///
+    /// # Safety
+    /// `comm` is a live communicator of this NCCL; `win` is any value (NCCL checks it).
+    pub unsafe fn win_user_ptr(&self, comm: ncclComm_t, win: u64) -> Result<u64> {
+        let f = self
+            .win_user_ptr
+            .ok_or_else(|| window_api_missing(self.version, "ncclWinGetUserPtr"))?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: ncclWinGetUserPtr's prototype; it writes one pointer to a live local.
+        self.check("ncclWinGetUserPtr", unsafe { f(comm, win as *mut c_void, &mut p) })?;
+        ep_core::ensure_usage!(
+            !p.is_null(),
+            "ncclWinGetUserPtr gave a NULL address for window {win:#x}"
+        );
+        Ok(p as u64)
+    }
+
+    /// Where byte `offset` of `peer`'s copy of window `win` is mapped in this process, or None
+    /// when NCCL cannot reach that peer by load/store (not in this rank's NVLink domain).
+    ///
+    /// # Safety
+    /// `win` is any value (NCCL checks it).
+    pub unsafe fn peer_ptr(&self, win: u64, offset: u64, peer: u32) -> Result<Option<u64>> {
+        let f = self
+            .peer_ptr
+            .ok_or_else(|| window_api_missing(self.version, "ncclGetPeerDevicePointer"))?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: ncclGetPeerDevicePointer's prototype; it writes one pointer to a live local.
+        self.check("ncclGetPeerDevicePointer", unsafe {
+            f(win as *mut c_void, offset as usize, peer as c_int, &mut p)
+        })?;
+        Ok((!p.is_null()).then_some(p as u64))
+    }
+
     pub fn runtime_version(&self) -> i32 {
         let mut v = 0;
         // SAFETY: ncclGetVersion's prototype; it only writes one int to a live local.
         unsafe { (self.get_version)(&mut v) };
         v
     }
+}
+
+/// The error for a window-backed tensor when the loaded NCCL lacks the window queries.
+fn window_api_missing(version: i32, symbol: &str) -> Error {
+    ep_core::invalid_usage!(
+        "window-backed tensors need NCCL >= {WINDOW_API_VERSION} (the loaded NCCL, version code {version}, has no \
+         {symbol}); load a newer NCCL or pass device pointers in data"
+    )
 }
 
 #[cfg(test)]
@@ -272,6 +329,17 @@ mod tests {
         let getpid = unsafe { need::<unsafe extern "C" fn() -> libc::pid_t>(lib, "getpid") }.unwrap();
         // SAFETY: getpid has no preconditions.
         assert_eq!(unsafe { getpid() } as u32, std::process::id());
+    }
+
+    #[test]
+    fn missing_window_api_says_which_nccl() {
+        let e = window_api_missing(22803, "ncclWinGetUserPtr");
+        assert_eq!(e.kind, ErrorKind::InvalidUsage);
+        assert!(
+            e.msg.contains("NCCL >= 2.29") && e.msg.contains("ncclWinGetUserPtr"),
+            "{}",
+            e.msg
+        );
     }
 
     #[test]

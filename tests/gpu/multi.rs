@@ -194,6 +194,22 @@ type AllReduceFn =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, ncclComm_t, cudaStream_t) -> c_int;
 type ErrStrFn = unsafe extern "C" fn(c_int) -> *const c_char;
 type GetVersionFn = unsafe extern "C" fn(*mut c_int) -> c_int;
+type MemAllocFn = unsafe extern "C" fn(*mut *mut c_void, usize) -> c_int;
+type MemFreeFn = unsafe extern "C" fn(*mut c_void) -> c_int;
+type WinRegisterFn = unsafe extern "C" fn(ncclComm_t, *mut c_void, usize, *mut *mut c_void, c_int) -> c_int;
+type WinDeregisterFn = unsafe extern "C" fn(ncclComm_t, *mut c_void) -> c_int;
+
+/// `NCCL_WIN_COLL_SYMMETRIC` (nccl.h): every rank registers the same size, collectively.
+pub const NCCL_WIN_COLL_SYMMETRIC: c_int = 1;
+
+/// The window functions (NCCL 2.27+ for registration; the library's resolution needs 2.29).
+#[derive(Clone, Copy)]
+pub struct NcclWindowApi {
+    pub mem_alloc: MemAllocFn,
+    pub mem_free: MemFreeFn,
+    pub register: WinRegisterFn,
+    pub deregister: WinDeregisterFn,
+}
 
 /// The NCCL host functions the multi-GPU tests call. Send and Sync by itself (a String, an int
 /// and function pointers), as the threads mode needs; the function pointers stay valid because
@@ -207,6 +223,8 @@ pub struct NcclLib {
     comm_destroy: CommDestroyFn,
     all_reduce: AllReduceFn,
     error_string: ErrStrFn,
+    /// None when this NCCL has no window registration.
+    pub windows: Option<NcclWindowApi>,
 }
 
 const NCCL_INT64: c_int = 4;
@@ -259,12 +277,26 @@ impl NcclLib {
                 comm_destroy: std::mem::transmute::<*mut c_void, CommDestroyFn>(sym("ncclCommDestroy")?),
                 all_reduce: std::mem::transmute::<*mut c_void, AllReduceFn>(sym("ncclAllReduce")?),
                 error_string: std::mem::transmute::<*mut c_void, ErrStrFn>(sym("ncclGetErrorString")?),
+                windows: match (
+                    sym("ncclMemAlloc"),
+                    sym("ncclMemFree"),
+                    sym("ncclCommWindowRegister"),
+                    sym("ncclCommWindowDeregister"),
+                ) {
+                    (Ok(a), Ok(f), Ok(r), Ok(d)) => Some(NcclWindowApi {
+                        mem_alloc: std::mem::transmute::<*mut c_void, MemAllocFn>(a),
+                        mem_free: std::mem::transmute::<*mut c_void, MemFreeFn>(f),
+                        register: std::mem::transmute::<*mut c_void, WinRegisterFn>(r),
+                        deregister: std::mem::transmute::<*mut c_void, WinDeregisterFn>(d),
+                    }),
+                    _ => None,
+                },
                 path,
             })
         }
     }
 
-    fn check(&self, what: &str, r: c_int) -> Result<(), String> {
+    pub fn check(&self, what: &str, r: c_int) -> Result<(), String> {
         if r == 0 {
             return Ok(());
         }

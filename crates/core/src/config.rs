@@ -64,6 +64,8 @@ pub struct GroupParams {
     pub enable_mask: bool,
     pub timeout_ns: u64,
     pub overflow: OverflowPolicy,
+    /// `config->zero_copy` (any value; only ON acts, crate::zero_copy).
+    pub zero_copy: crate::zero_copy::ZeroCopy,
     /// 0 = unset.
     pub num_topk: u32,
     pub custom_alloc: bool,
@@ -151,8 +153,8 @@ pub fn validate_group_config(
         );
     }
     // zero_copy is not checked: NCCL EP acts only on ON (2), which asks for window-backed
-    // dispatch outputs and combine inputs; every other value keeps the staged path, as AUTO and
-    // OFF do. This library has no window-backed tensors yet, so it always stages (docs/CONFORMANCE.md).
+    // dispatch outputs and combine inputs at each call; every other value behaves as AUTO
+    // (crate::zero_copy, docs/ZERO_COPY.md).
     // overflow_policy: NCCL EP drops only on DROP (2); every other value traps (AUTO = TRAP), and
     // LOW_LATENCY ignores the field.
     let overflow = OverflowPolicy::from_raw(c.overflow_policy).unwrap_or(OverflowPolicy::Trap);
@@ -206,6 +208,7 @@ pub fn validate_group_config(
         enable_mask: c.enable_mask != 0,
         timeout_ns,
         overflow,
+        zero_copy: crate::zero_copy::ZeroCopy::from_raw(c.zero_copy),
         num_topk: c.num_topk,
         custom_alloc: c.has_alloc_fn,
     })

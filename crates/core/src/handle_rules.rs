@@ -156,6 +156,7 @@ pub(crate) mod tests_support {
             enable_mask: false,
             timeout_ns: 1,
             overflow: OverflowPolicy::Trap,
+            zero_copy: Default::default(),
             num_topk: 0,
             custom_alloc: false,
         }

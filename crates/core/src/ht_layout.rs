@@ -285,6 +285,7 @@ mod tests {
             enable_mask: false,
             timeout_ns: 1,
             overflow: OverflowPolicy::Trap,
+            zero_copy: Default::default(),
             num_topk: topk,
             custom_alloc: false,
         }

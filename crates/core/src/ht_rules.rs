@@ -164,9 +164,9 @@ fn aligned16(t: &TensorView, name: &str) -> Result<()> {
         t.data
     );
     crate::ensure_arg!(
-        !t.windowed() || t.win_offset.is_multiple_of(16),
+        t.window.is_none_or(|w| w.offset.is_multiple_of(16)),
         "{name}: win_offset {} is not a multiple of 16 (NCCL_EP_DISP_QUANT_FWD moves rows in 16-byte words)",
-        t.win_offset
+        t.window.map_or(0, |w| w.offset)
     );
     Ok(())
 }
@@ -244,14 +244,14 @@ fn quant_fwd(p: &GroupParams, a: &DispatchArgs) -> Result<HtScales> {
         a.out_tokens.dim(0)
     );
     crate::ensure_arg!(
-        a.out_tokens.windowed() == outs.windowed(),
+        a.out_tokens.is_windowed() == outs.is_windowed(),
         "outputs->tokens is {} but outputs->scales is {}: HIGH_THROUGHPUT {R} needs both window-backed or both plain",
-        if a.out_tokens.windowed() {
+        if a.out_tokens.is_windowed() {
             "window-backed"
         } else {
             "plain"
         },
-        if outs.windowed() { "window-backed" } else { "plain" }
+        if outs.is_windowed() { "window-backed" } else { "plain" }
     );
     Ok(HtScales {
         width: sw,
@@ -1148,10 +1148,9 @@ mod tests {
         let mut a = q_fwd(Layout::Flat);
         a.out_tokens = tv(&[S + 3, 7168], dtype::FLOAT8E4M3);
         a.out_scales = Some(tv(&[S + 3, 224], dtype::UINT8));
-        a.out_tokens.win_hdl = 0x7000;
-        a.out_tokens.win_offset = 4096;
-        a.out_scales.as_mut().unwrap().win_hdl = 0x7000;
-        a.out_scales.as_mut().unwrap().win_offset = 1 << 20;
+        a.out_tokens = a.out_tokens.with_window(0x7000, 4096);
+        let s = a.out_scales.take().unwrap();
+        a.out_scales = Some(s.with_window(0x7000, 1 << 20));
         assert_eq!(check_dispatch(&p, &h, &topk, &a).unwrap().recv_rows, S);
         // Eager: any row count, the same on both; the runtime checks it against the count.
         let mut pe = p.clone();
@@ -1205,9 +1204,8 @@ mod tests {
             ),
             (
                 |a| {
-                    let o = a.out_scales.as_mut().unwrap();
-                    o.win_hdl = 0x7000;
-                    o.win_offset = 8;
+                    let o = a.out_scales.take().unwrap();
+                    a.out_scales = Some(o.with_window(0x7000, 8));
                 },
                 "outputs->scales: win_offset 8 is not a multiple of 16",
             ),
@@ -1273,11 +1271,14 @@ mod tests {
                 "outputs->tokens must have shape",
             ),
             (
-                |a| a.out_tokens.win_hdl = 0x7000,
+                |a| a.out_tokens = a.out_tokens.clone().with_window(0x7000, 0),
                 "outputs->tokens is window-backed but outputs->scales is plain",
             ),
             (
-                |a| a.out_scales.as_mut().unwrap().win_hdl = 0x7000,
+                |a| {
+                    let o = a.out_scales.take().unwrap();
+                    a.out_scales = Some(o.with_window(0x7000, 0));
+                },
                 "outputs->tokens is plain but outputs->scales is window-backed",
             ),
         ];

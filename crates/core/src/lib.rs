@@ -19,6 +19,7 @@ pub mod ll_rules;
 pub mod op_args;
 pub mod size_math;
 pub mod tensor;
+pub mod zero_copy;
 
 pub use enums::{Algorithm, DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 pub use error::{Error, ErrorKind, Result};

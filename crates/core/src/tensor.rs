@@ -13,14 +13,22 @@ pub struct TensorView {
     raw_dtype: i32,
     sizes: Vec<usize>,
     numel: usize,
-    /// Device address of element 0 (0 for an empty tensor without data).
+    /// Device address of element 0 (0 for an empty tensor without data, and for a window-backed
+    /// tensor until the runtime resolved its window).
     pub data: u64,
-    /// The descriptor's `win_hdl` as an address (0: the tensor is not window-backed) and
-    /// `win_offset`. Set by the ABI after [`TensorView::new`]; rules that depend on whether a
-    /// tensor lives in an NCCL window (QUANT_FWD's HT output pairing, its 16-byte offsets) read
-    /// them.
-    pub win_hdl: u64,
-    pub win_offset: u64,
+    /// The NCCL window the tensor lives in (`win_hdl`, `win_offset`), when the caller gave one.
+    /// The rules only ask whether there is one ([`TensorView::is_windowed`]); the runtime turns
+    /// it into `data` and into peers' addresses.
+    pub window: Option<Window>,
+}
+
+/// A tensor's place in a registered NCCL window: the opaque `ncclWindow_t` as an address and the
+/// byte offset of element 0 in it. Every rank must use the same offset in its own copy of a
+/// symmetric window: peers' addresses are computed with the caller's own offset, as NCCL EP does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub hdl: u64,
+    pub offset: u64,
 }
 
 /// A data type for a message; descriptors may carry any value (they are checked where used).
@@ -62,13 +70,17 @@ impl TensorView {
             sizes,
             numel,
             data,
-            win_hdl: 0,
-            win_offset: 0,
+            window: None,
         })
     }
-    /// Whether the descriptor names an NCCL window (`win_hdl` set).
-    pub fn windowed(&self) -> bool {
-        self.win_hdl != 0
+    /// The same view, backed by `window` (a `win_hdl` of 0 means none).
+    pub fn with_window(mut self, hdl: u64, offset: u64) -> Self {
+        self.window = (hdl != 0).then_some(Window { hdl, offset });
+        self
+    }
+    /// Whether the caller put the tensor in an NCCL window (`win_hdl` set, `data` set or not).
+    pub fn is_windowed(&self) -> bool {
+        self.window.is_some()
     }
     /// The descriptor's `datatype` value as the caller wrote it.
     pub fn raw_dtype(&self) -> i32 {

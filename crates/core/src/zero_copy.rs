@@ -1,0 +1,272 @@
+//! `config->zero_copy` and window-backed tensors: which payloads go straight into a caller's NCCL
+//! window, and what `NCCL_EP_ZERO_COPY_ON` demands (docs/ZERO_COPY.md). The rules only need to
+//! know whether a tensor is windowed ([`TensorView::is_windowed`]); the runtime resolves windows
+//! into addresses.
+
+use crate::enums::Layout;
+use crate::error::Result;
+use crate::tensor::TensorView;
+
+/// `ncclEpZeroCopyMode_t`. NCCL EP treats AUTO and OFF alike (OFF disables nothing: a windowed
+/// output is still written directly where the path exists) and acts only on ON; any value other
+/// than OFF and ON behaves as AUTO (NCCL EP compares with ON only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ZeroCopy {
+    #[default]
+    Auto,
+    Off,
+    On,
+}
+
+impl ZeroCopy {
+    /// Every value is accepted: 1 is OFF, 2 is ON, anything else AUTO.
+    pub fn from_raw(v: i32) -> Self {
+        match v {
+            1 => Self::Off,
+            2 => Self::On,
+            _ => Self::Auto,
+        }
+    }
+    pub fn is_on(self) -> bool {
+        self == Self::On
+    }
+}
+
+/// `ncclEpDispQuant_t` values that have a direct LOW_LATENCY path (NONE and QUANT_FWD: the
+/// payload travels as the caller gave it, so it can land in the caller's output as is).
+const QUANT_NONE: i32 = 0;
+const QUANT_FWD: i32 = 1;
+
+/// Which LOW_LATENCY dispatch payloads the senders store straight into the receiver's window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LlDirect {
+    /// `outputs->tokens`: row `[src_rank][slot]` of every receiver's window.
+    pub tokens: bool,
+    /// `outputs->scales` (QUANT_FWD only).
+    pub scales: bool,
+}
+
+impl LlDirect {
+    pub fn any(self) -> bool {
+        self.tokens || self.scales
+    }
+}
+
+/// LOW_LATENCY dispatch: a payload goes direct when the group is NVLink-only (every peer's
+/// window is mapped here: `nvlink_only`), the handle is RANK_MAJOR, the recipe is NONE or
+/// QUANT_FWD and that output is windowed; tokens and scales independently. Under ON at least one
+/// payload must qualify (NCCL EP: `ncclInvalidArgument`), under AUTO/OFF nothing is required.
+pub fn ll_dispatch_direct(
+    mode: ZeroCopy,
+    layout: Layout,
+    quant: i32,
+    out_tokens: &TensorView,
+    out_scales: Option<&TensorView>,
+    nvlink_only: bool,
+) -> Result<LlDirect> {
+    let recipe_ok = quant == QUANT_NONE || quant == QUANT_FWD;
+    let ok = nvlink_only && layout == Layout::RankMajor && recipe_ok;
+    let d = LlDirect {
+        tokens: ok && out_tokens.is_windowed(),
+        scales: ok && quant == QUANT_FWD && out_scales.is_some_and(TensorView::is_windowed),
+    };
+    if mode.is_on() && !d.any() {
+        let why = if !nvlink_only {
+            "requires every peer to be reachable over NVLink (an NVLink-only group)"
+        } else if layout != Layout::RankMajor {
+            "requires an NCCL_EP_LAYOUT_RANK_MAJOR handle"
+        } else if !recipe_ok {
+            "is not available with this quant_recipe (only NONE and QUANT_FWD)"
+        } else {
+            "requires outputs->tokens or outputs->scales to be backed by an NCCL window \
+             (win_hdl from ncclCommWindowRegister)"
+        };
+        return Err(crate::invalid_arg!(
+            "config->zero_copy is NCCL_EP_ZERO_COPY_ON: low-latency dispatch zero-copy {why}; \
+             or create the group with zero_copy AUTO"
+        ));
+    }
+    Ok(d)
+}
+
+/// HIGH_THROUGHPUT dispatch: ON needs `outputs->tokens` windowed; QUANT_FWD needs tokens and
+/// scales both windowed or both plain, in every mode (NCCL EP: `ncclInvalidArgument`).
+pub fn ht_dispatch(mode: ZeroCopy, quant: i32, out_tokens: &TensorView, out_scales: Option<&TensorView>) -> Result<()> {
+    if quant == QUANT_FWD
+        && let Some(s) = out_scales
+    {
+        crate::ensure_arg!(
+            s.is_windowed() == out_tokens.is_windowed(),
+            "QUANT_FWD: outputs->tokens and outputs->scales must be both window-backed or both ordinary tensors \
+             (outputs->tokens is {}, outputs->scales is {})",
+            kind(out_tokens),
+            kind(s)
+        );
+    }
+    crate::ensure_arg!(
+        !mode.is_on() || out_tokens.is_windowed(),
+        "config->zero_copy is NCCL_EP_ZERO_COPY_ON: ncclEpDispatch outputs->tokens must be backed by a \
+         user-registered NCCL window (win_hdl from ncclCommWindowRegister)"
+    );
+    Ok(())
+}
+
+/// HIGH_THROUGHPUT combine: ON needs `inputs->tokens` windowed. (LOW_LATENCY combine is never
+/// zero-copy, whatever the mode: NCCL EP forces its kernel's flag off.)
+pub fn ht_combine(mode: ZeroCopy, in_tokens: &TensorView) -> Result<()> {
+    crate::ensure_arg!(
+        !mode.is_on() || in_tokens.is_windowed(),
+        "config->zero_copy is NCCL_EP_ZERO_COPY_ON: ncclEpCombine inputs->tokens must be backed by a \
+         user-registered NCCL window (win_hdl from ncclCommWindowRegister)"
+    );
+    Ok(())
+}
+
+/// QUANT_FWD (LL and HT): NCCL EP moves token and scale rows as 16-byte words, so it refuses
+/// (`ncclInvalidArgument`) a pointer or a window offset of `inputs->tokens`, `inputs->scales`,
+/// `outputs->tokens` or `outputs->scales` that is not 16-byte aligned. Generic over tensors, for
+/// the QUANT_FWD rules to call (absent tensors are skipped).
+pub fn quant_fwd_storage_aligned(tensors: &[(Option<&TensorView>, &str)]) -> Result<()> {
+    for (t, name) in tensors {
+        let Some(t) = t else { continue };
+        crate::ensure_arg!(
+            t.data % 16 == 0,
+            "QUANT_FWD: {name} data ({:#x}) must be 16-byte aligned",
+            t.data
+        );
+        if let Some(w) = t.window {
+            crate::ensure_arg!(
+                w.offset % 16 == 0,
+                "QUANT_FWD: {name} win_offset ({}) must be a multiple of 16",
+                w.offset
+            );
+        }
+    }
+    Ok(())
+}
+
+fn kind(t: &TensorView) -> &'static str {
+    if t.is_windowed() { "window-backed" } else { "ordinary" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enums::dtype;
+
+    fn plain() -> TensorView {
+        TensorView::new(dtype::BFLOAT16.raw(), vec![8, 128], 0x1000).unwrap()
+    }
+    fn win() -> TensorView {
+        plain().with_window(0xABC0, 4096)
+    }
+
+    #[test]
+    fn modes_decode_like_nccl_ep() {
+        assert_eq!(ZeroCopy::from_raw(0), ZeroCopy::Auto);
+        assert_eq!(ZeroCopy::from_raw(1), ZeroCopy::Off);
+        assert_eq!(ZeroCopy::from_raw(2), ZeroCopy::On);
+        for v in [-1, 3, 7, i32::MIN, i32::MAX] {
+            assert_eq!(ZeroCopy::from_raw(v), ZeroCopy::Auto, "{v}");
+        }
+        assert!(!win().with_window(0, 5).is_windowed(), "win_hdl NULL is no window");
+        assert_eq!(win().window.unwrap().offset, 4096);
+    }
+
+    #[test]
+    fn ll_direct_needs_nvlink_rank_major_and_a_plain_recipe() {
+        use Layout::{ExpertMajor as Em, RankMajor as Rm};
+        for mode in [ZeroCopy::Auto, ZeroCopy::Off, ZeroCopy::On] {
+            let d = ll_dispatch_direct(mode, Rm, 0, &win(), None, true).unwrap();
+            assert_eq!(
+                d,
+                LlDirect {
+                    tokens: true,
+                    scales: false
+                },
+                "{mode:?}"
+            );
+            // QUANT_FWD: tokens and scales independently
+            let d = ll_dispatch_direct(mode, Rm, 1, &plain(), Some(&win()), true).unwrap();
+            assert_eq!(
+                d,
+                LlDirect {
+                    tokens: false,
+                    scales: true
+                }
+            );
+            let d = ll_dispatch_direct(mode, Rm, 1, &win(), Some(&win()), true).unwrap();
+            assert_eq!(
+                d,
+                LlDirect {
+                    tokens: true,
+                    scales: true
+                }
+            );
+        }
+        // AUTO and OFF: never an error, direct only where eligible
+        for mode in [ZeroCopy::Auto, ZeroCopy::Off] {
+            assert!(!ll_dispatch_direct(mode, Em, 0, &win(), None, true).unwrap().any());
+            assert!(!ll_dispatch_direct(mode, Rm, 2, &win(), None, true).unwrap().any());
+            assert!(!ll_dispatch_direct(mode, Rm, 0, &win(), None, false).unwrap().any());
+            assert!(!ll_dispatch_direct(mode, Rm, 0, &plain(), None, true).unwrap().any());
+            // NONE never forwards scales
+            assert!(
+                !ll_dispatch_direct(mode, Rm, 0, &plain(), Some(&win()), true)
+                    .unwrap()
+                    .any()
+            );
+        }
+        // ON: each missing condition is ncclInvalidArgument naming it
+        for (layout, quant, out, nv, needle) in [
+            (Em, 0, win(), true, "RANK_MAJOR"),
+            (Rm, 2, win(), true, "quant_recipe"),
+            (Rm, 0, win(), false, "NVLink"),
+            (Rm, 0, plain(), true, "NCCL window"),
+        ] {
+            let e = ll_dispatch_direct(ZeroCopy::On, layout, quant, &out, None, nv).unwrap_err();
+            assert_eq!(e.code(), 4, "{}", e.msg);
+            assert!(e.msg.contains(needle) && e.msg.contains("ZERO_COPY_ON"), "{}", e.msg);
+        }
+    }
+
+    #[test]
+    fn quant_fwd_storage_is_16_byte_aligned() {
+        let ok = quant_fwd_storage_aligned(&[(Some(&win()), "outputs->tokens"), (None, "outputs->scales")]);
+        assert!(ok.is_ok());
+        let odd = plain().with_window(0xABC0, 8);
+        let e = quant_fwd_storage_aligned(&[(Some(&plain()), "inputs->tokens"), (Some(&odd), "outputs->scales")])
+            .unwrap_err();
+        assert_eq!(e.code(), 4);
+        assert!(e.msg.contains("outputs->scales win_offset (8)"), "{}", e.msg);
+        let mut p = plain();
+        p.data = 0x1008;
+        let e = quant_fwd_storage_aligned(&[(Some(&p), "inputs->scales")]).unwrap_err();
+        assert!(e.msg.contains("inputs->scales data (0x1008)"), "{}", e.msg);
+    }
+
+    #[test]
+    fn ht_on_needs_windows_and_quant_fwd_pairs_them() {
+        for mode in [ZeroCopy::Auto, ZeroCopy::Off, ZeroCopy::On] {
+            assert!(ht_dispatch(mode, 0, &win(), None).is_ok());
+            assert!(ht_combine(mode, &win()).is_ok());
+            assert!(ht_dispatch(mode, 1, &win(), Some(&win())).is_ok());
+            let e = ht_dispatch(mode, 1, &win(), Some(&plain())).unwrap_err();
+            assert_eq!(e.code(), 4);
+            assert!(e.msg.contains("both window-backed"), "{}", e.msg);
+        }
+        for mode in [ZeroCopy::Auto, ZeroCopy::Off] {
+            assert!(ht_dispatch(mode, 0, &plain(), None).is_ok());
+            assert!(ht_dispatch(mode, 1, &plain(), Some(&plain())).is_ok());
+            assert!(ht_combine(mode, &plain()).is_ok());
+        }
+        let e = ht_dispatch(ZeroCopy::On, 0, &plain(), None).unwrap_err();
+        assert_eq!(e.code(), 4);
+        assert!(e.msg.contains("outputs->tokens"), "{}", e.msg);
+        let e = ht_dispatch(ZeroCopy::On, 1, &plain(), Some(&plain())).unwrap_err();
+        assert!(e.msg.contains("outputs->tokens"), "{}", e.msg);
+        let e = ht_combine(ZeroCopy::On, &plain()).unwrap_err();
+        assert_eq!(e.code(), 4);
+        assert!(e.msg.contains("inputs->tokens"), "{}", e.msg);
+    }
+}
