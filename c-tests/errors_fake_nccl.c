@@ -513,6 +513,8 @@ static void test_recipes(ncclEpGroup_t g) {
   EXPECT_RC(ncclEpDispatch(h, &di, &dout, &li, &dc, NULL), E4, D, "outputs->scales must have shape");
   ys.sizes[2] = 4;
   EXPECT_RC(ncclEpHandleDestroy(h), ncclSuccess, "ncclEpHandleDestroy", NULL);
+}
+
 /* Window-backed tensors and config->zero_copy (docs/ZERO_COPY.md) on a fake 4-rank
  * communicator whose windows live at made-up addresses: resolution, ON's rules for LOW_LATENCY
  * dispatch, and NCCL's own errors. A call that passes every rule stops at the missing GPU

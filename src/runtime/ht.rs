@@ -387,7 +387,7 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
     let call = check_dispatch(&g.params, &h.params, &topk, a)?;
     // Zero-copy rules only: the pull design already writes outputs->tokens directly, and pulled
     // inputs are staged whether windowed or not (docs/ZERO_COPY.md, docs/HT.md "Zero-copy").
-    ep_core::zero_copy::ht_dispatch(g.params.zero_copy, a.quant, &a.out_tokens, a.out_scales.as_ref())?;
+    ep_core::zero_copy::ht_dispatch(g.params.zero_copy, &a.out_tokens)?;
     let (t, k) = (call.tokens, h.params.num_topk as usize);
     let em = h.params.layout == Layout::ExpertMajor;
     let bwd = call.pass == PassDir::Backward;

@@ -412,9 +412,12 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
 fn direct_outputs(g: &Group, h: &Handle, a: &DispatchArgs) -> Result<Option<Vec<u64>>> {
     let mode = g.params.zero_copy;
     // Ranks on other nodes (docs/MULTINODE.md) are reached through staging, never directly.
-    let local_only = g.ll()?.buffers.remote().is_none();
-    let eligible =
-        local_only && h.params.layout == Layout::RankMajor && matches!(a.quant, 0 | 1) && a.out_tokens.is_windowed();
+    // (A group without GPU state fails later, after the rules, as every dispatch does.)
+    let local_only = g.ll().map_or(true, |ll| ll.buffers.remote().is_none());
+    let eligible = local_only
+        && h.params.layout == Layout::RankMajor
+        && zero_copy::recipe_has_direct_path(a.quant)
+        && a.out_tokens.is_windowed();
     let peers = if eligible {
         crate::runtime::window::peer_addresses(g, &a.out_tokens, "outputs->tokens")?
     } else {

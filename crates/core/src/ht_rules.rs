@@ -12,6 +12,7 @@ use crate::config::GroupParams;
 use crate::enums::{DType, ExpertIdKind, Layout, PassDir, dtype};
 use crate::error::{Error, Result};
 use crate::handle_rules::HandleParams;
+use crate::ll_recipes::aligned16;
 use crate::op_args::{CombineArgs, DispatchArgs};
 use crate::tensor::{Dim, TensorView};
 
@@ -155,22 +156,6 @@ fn token_matrix(p: &GroupParams, t: &TensorView, name: &str, rows: Dim, dtypes: 
     Ok((h, rb))
 }
 
-/// 16-byte storage of a QUANT_FWD tensor: `data`, and `win_offset` when window-backed (rows
-/// travel in 16-byte words).
-fn aligned16(t: &TensorView, name: &str) -> Result<()> {
-    crate::ensure_arg!(
-        t.data.is_multiple_of(16),
-        "{name}: data {:#x} is not 16-byte aligned (NCCL_EP_DISP_QUANT_FWD moves rows in 16-byte words)",
-        t.data
-    );
-    crate::ensure_arg!(
-        t.window.is_none_or(|w| w.offset.is_multiple_of(16)),
-        "{name}: win_offset {} is not a multiple of 16 (NCCL_EP_DISP_QUANT_FWD moves rows in 16-byte words)",
-        t.window.map_or(0, |w| w.offset)
-    );
-    Ok(())
-}
-
 /// The QUANT_FWD ("scales forwarded") rules of an HT dispatch, in NCCL EP's order (all
 /// `ncclInvalidArgument`; docs/HT.md, "Quantisation recipes"): the caller's raw token rows and a
 /// scale row per token, both moved as bytes. The token tensors' remaining rules (rows, output
@@ -274,7 +259,7 @@ fn recv_dim(p: &GroupParams) -> Dim {
 pub fn check_dispatch(p: &GroupParams, h: &HandleParams, topk: &TensorView, a: &DispatchArgs) -> Result<HtCall> {
     let layout = ht_layout(h, "ncclEpDispatch")?;
     dispatch_recipe(a.quant)?;
-    let scales = if a.quant == 1 {
+    let scales = if a.quant == crate::ll_recipes::LlRecipe::Forward as i32 {
         Some(quant_fwd(p, a)?)
     } else {
         ensure_none(&a.in_scales, "inputs->scales", "without a quantisation recipe")?;

@@ -70,13 +70,19 @@ fn out_rows(p: &GroupParams, h: &HandleParams) -> Result<(usize, usize)> {
     }
 }
 
-/// The 16-byte alignment QUANT_FWD asks of every token and scale tensor (NCCL EP moves them as
-/// int4 vectors); an empty tensor may have no data.
-fn aligned16(t: &TensorView, name: &str) -> Result<()> {
+/// The 16-byte storage QUANT_FWD asks of every token and scale tensor, in both modes (NCCL EP
+/// moves their rows as 16-byte words): `data`, and `win_offset` when the tensor is window-backed
+/// (`ncclInvalidArgument`). An empty tensor may have no data.
+pub fn aligned16(t: &TensorView, name: &str) -> Result<()> {
     crate::ensure_arg!(
         t.data.is_multiple_of(16),
-        "{name}: NCCL_EP_DISP_QUANT_FWD needs 16-byte aligned data (it moves rows as 16-byte vectors), got address {:#x}",
+        "{name}: data {:#x} is not 16-byte aligned (NCCL_EP_DISP_QUANT_FWD moves rows in 16-byte words)",
         t.data
+    );
+    crate::ensure_arg!(
+        t.window.is_none_or(|w| w.offset.is_multiple_of(16)),
+        "{name}: win_offset {} is not a multiple of 16 (NCCL_EP_DISP_QUANT_FWD moves rows in 16-byte words)",
+        t.window.map_or(0, |w| w.offset)
     );
     Ok(())
 }

@@ -34,8 +34,14 @@ impl ZeroCopy {
 
 /// `ncclEpDispQuant_t` values that have a direct LOW_LATENCY path (NONE and QUANT_FWD: the
 /// payload travels as the caller gave it, so it can land in the caller's output as is).
-const QUANT_NONE: i32 = 0;
-const QUANT_FWD: i32 = 1;
+const QUANT_NONE: i32 = crate::ll_recipes::LlRecipe::None as i32;
+const QUANT_FWD: i32 = crate::ll_recipes::LlRecipe::Forward as i32;
+
+/// Whether a dispatch with this `quant_recipe` value can store its payload straight into the
+/// receiver's window (NONE and QUANT_FWD).
+pub fn recipe_has_direct_path(quant: i32) -> bool {
+    quant == QUANT_NONE || quant == QUANT_FWD
+}
 
 /// Which LOW_LATENCY dispatch payloads the senders store straight into the receiver's window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,7 +70,7 @@ pub fn ll_dispatch_direct(
     out_scales: Option<&TensorView>,
     nvlink_only: bool,
 ) -> Result<LlDirect> {
-    let recipe_ok = quant == QUANT_NONE || quant == QUANT_FWD;
+    let recipe_ok = recipe_has_direct_path(quant);
     let ok = nvlink_only && layout == Layout::RankMajor && recipe_ok;
     let d = LlDirect {
         tokens: ok && out_tokens.is_windowed(),
@@ -89,20 +95,10 @@ pub fn ll_dispatch_direct(
     Ok(d)
 }
 
-/// HIGH_THROUGHPUT dispatch: ON needs `outputs->tokens` windowed; QUANT_FWD needs tokens and
-/// scales both windowed or both plain, in every mode (NCCL EP: `ncclInvalidArgument`).
-pub fn ht_dispatch(mode: ZeroCopy, quant: i32, out_tokens: &TensorView, out_scales: Option<&TensorView>) -> Result<()> {
-    if quant == QUANT_FWD
-        && let Some(s) = out_scales
-    {
-        crate::ensure_arg!(
-            s.is_windowed() == out_tokens.is_windowed(),
-            "QUANT_FWD: outputs->tokens and outputs->scales must be both window-backed or both ordinary tensors \
-             (outputs->tokens is {}, outputs->scales is {})",
-            kind(out_tokens),
-            kind(s)
-        );
-    }
+/// HIGH_THROUGHPUT dispatch: ON needs `outputs->tokens` windowed (NCCL EP:
+/// `ncclInvalidArgument`). QUANT_FWD's pairing of token and scale outputs (both window-backed or
+/// both plain, in every mode) is a recipe rule: `ht_rules::check_dispatch`.
+pub fn ht_dispatch(mode: ZeroCopy, out_tokens: &TensorView) -> Result<()> {
     crate::ensure_arg!(
         !mode.is_on() || out_tokens.is_windowed(),
         "config->zero_copy is NCCL_EP_ZERO_COPY_ON: ncclEpDispatch outputs->tokens must be backed by a \
@@ -120,33 +116,6 @@ pub fn ht_combine(mode: ZeroCopy, in_tokens: &TensorView) -> Result<()> {
          user-registered NCCL window (win_hdl from ncclCommWindowRegister)"
     );
     Ok(())
-}
-
-/// QUANT_FWD (LL and HT): NCCL EP moves token and scale rows as 16-byte words, so it refuses
-/// (`ncclInvalidArgument`) a pointer or a window offset of `inputs->tokens`, `inputs->scales`,
-/// `outputs->tokens` or `outputs->scales` that is not 16-byte aligned. Generic over tensors, for
-/// the QUANT_FWD rules to call (absent tensors are skipped).
-pub fn quant_fwd_storage_aligned(tensors: &[(Option<&TensorView>, &str)]) -> Result<()> {
-    for (t, name) in tensors {
-        let Some(t) = t else { continue };
-        crate::ensure_arg!(
-            t.data % 16 == 0,
-            "QUANT_FWD: {name} data ({:#x}) must be 16-byte aligned",
-            t.data
-        );
-        if let Some(w) = t.window {
-            crate::ensure_arg!(
-                w.offset % 16 == 0,
-                "QUANT_FWD: {name} win_offset ({}) must be a multiple of 16",
-                w.offset
-            );
-        }
-    }
-    Ok(())
-}
-
-fn kind(t: &TensorView) -> &'static str {
-    if t.is_windowed() { "window-backed" } else { "ordinary" }
 }
 
 #[cfg(test)]
@@ -231,39 +200,17 @@ mod tests {
     }
 
     #[test]
-    fn quant_fwd_storage_is_16_byte_aligned() {
-        let ok = quant_fwd_storage_aligned(&[(Some(&win()), "outputs->tokens"), (None, "outputs->scales")]);
-        assert!(ok.is_ok());
-        let odd = plain().with_window(0xABC0, 8);
-        let e = quant_fwd_storage_aligned(&[(Some(&plain()), "inputs->tokens"), (Some(&odd), "outputs->scales")])
-            .unwrap_err();
-        assert_eq!(e.code(), 4);
-        assert!(e.msg.contains("outputs->scales win_offset (8)"), "{}", e.msg);
-        let mut p = plain();
-        p.data = 0x1008;
-        let e = quant_fwd_storage_aligned(&[(Some(&p), "inputs->scales")]).unwrap_err();
-        assert!(e.msg.contains("inputs->scales data (0x1008)"), "{}", e.msg);
-    }
-
-    #[test]
-    fn ht_on_needs_windows_and_quant_fwd_pairs_them() {
+    fn ht_on_needs_windows() {
         for mode in [ZeroCopy::Auto, ZeroCopy::Off, ZeroCopy::On] {
-            assert!(ht_dispatch(mode, 0, &win(), None).is_ok());
+            assert!(ht_dispatch(mode, &win()).is_ok());
             assert!(ht_combine(mode, &win()).is_ok());
-            assert!(ht_dispatch(mode, 1, &win(), Some(&win())).is_ok());
-            let e = ht_dispatch(mode, 1, &win(), Some(&plain())).unwrap_err();
-            assert_eq!(e.code(), 4);
-            assert!(e.msg.contains("both window-backed"), "{}", e.msg);
         }
         for mode in [ZeroCopy::Auto, ZeroCopy::Off] {
-            assert!(ht_dispatch(mode, 0, &plain(), None).is_ok());
-            assert!(ht_dispatch(mode, 1, &plain(), Some(&plain())).is_ok());
+            assert!(ht_dispatch(mode, &plain()).is_ok());
             assert!(ht_combine(mode, &plain()).is_ok());
         }
-        let e = ht_dispatch(ZeroCopy::On, 0, &plain(), None).unwrap_err();
+        let e = ht_dispatch(ZeroCopy::On, &plain()).unwrap_err();
         assert_eq!(e.code(), 4);
-        assert!(e.msg.contains("outputs->tokens"), "{}", e.msg);
-        let e = ht_dispatch(ZeroCopy::On, 1, &plain(), Some(&plain())).unwrap_err();
         assert!(e.msg.contains("outputs->tokens"), "{}", e.msg);
         let e = ht_combine(ZeroCopy::On, &plain()).unwrap_err();
         assert_eq!(e.code(), 4);
