@@ -12,33 +12,15 @@ use crate::config::GroupParams;
 use crate::enums::{DType, ExpertIdKind, Layout, PassDir, dtype};
 use crate::error::{Error, Result};
 use crate::handle_rules::HandleParams;
-use crate::ll_recipes::aligned16;
+use crate::ll_recipes::{FWD_SCALE_DTYPES, FWD_TOKEN_DTYPES, aligned16};
 use crate::op_args::{CombineArgs, DispatchArgs};
 use crate::tensor::{Dim, TensorView};
 
 /// Token types of HT dispatch and combine (`quant_recipe` NONE).
 pub const HT_TOKEN_DTYPES: [DType; 3] = [dtype::BFLOAT16, dtype::FLOAT16, dtype::FLOAT32];
 
-/// Token types of a QUANT_FWD ("scales forwarded") dispatch: the caller's raw wire types, moved
-/// as bytes (`ncclFloat4x2` is packed FP4, two values per byte: `sizes[1]` = H/2).
-pub const FWD_TOKEN_DTYPES: [DType; 6] = [
-    dtype::FLOAT32,
-    dtype::FLOAT16,
-    dtype::BFLOAT16,
-    dtype::FLOAT8E4M3,
-    dtype::FLOAT8E5M2,
-    dtype::FLOAT4X2,
-];
-
-/// Scale types of a QUANT_FWD dispatch (`ncclUint8` carries UE8M0 block exponents, MXFP8-style).
-pub const FWD_SCALE_DTYPES: [DType; 6] = [
-    dtype::FLOAT32,
-    dtype::FLOAT16,
-    dtype::BFLOAT16,
-    dtype::FLOAT8E4M3,
-    dtype::FLOAT8E5M2,
-    dtype::UINT8,
-];
+// QUANT_FWD moves the same raw wire types in both modes (ll_recipes: FWD_TOKEN_DTYPES,
+// FWD_SCALE_DTYPES; `ncclFloat4x2` is packed FP4, `ncclUint8` carries UE8M0 scales).
 
 /// The scale rows of a QUANT_FWD dispatch: one row `[S_t]` per token row, moved with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -268,36 +268,10 @@ pub(crate) fn dispatch_recipe(p: &GroupParams, h: &HandleParams, a: &DispatchArg
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enums::{Algorithm, ExpertIdKind, PassDir};
+    use crate::enums::{Algorithm, PassDir};
     use crate::handle_rules::{check_handle, tests_support::params};
+    use crate::ll_rules::tests::{em_args, tv};
     use crate::ll_rules::{LlCall, check_dispatch};
-
-    fn tv(s: &[usize], dt: impl Into<i32>) -> TensorView {
-        TensorView::new(dt.into(), s.to_vec(), 0x100).unwrap()
-    }
-
-    /// An expert-major bf16 dispatch of T tokens, H = 7168, no recipe (the group of `params`).
-    fn em_args(t: usize) -> DispatchArgs {
-        DispatchArgs {
-            tokens: tv(&[t, 7168], dtype::BFLOAT16),
-            in_weights: None,
-            in_scales: None,
-            out_tokens: tv(&[32, 1024, 7168], dtype::BFLOAT16),
-            out_weights: None,
-            out_scales: None,
-            out_topk_idx: None,
-            expert_counters: Some(tv(&[32], dtype::INT32)),
-            src_rank_counters: None,
-            expert_offsets: None,
-            recv_total_counter: None,
-            has_layout_info: true,
-            recv_kind: ExpertIdKind::Local,
-            send_only: false,
-            round_scales: false,
-            pass: PassDir::Forward,
-            quant: 0,
-        }
-    }
 
     // -----------------------------------------------------------------------------------------
     // Quantisation recipes (NCCL EP v2's validateDispatchRecipe; docs/LL.md)

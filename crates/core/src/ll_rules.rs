@@ -362,16 +362,17 @@ pub fn check_combine_nvfp4(p: &GroupParams, h: &HandleParams, topk: &TensorView,
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::enums::{Algorithm, ExpertIdKind};
     use crate::handle_rules::{check_handle, tests_support::params};
 
-    fn tv(s: &[usize], dt: impl Into<i32>) -> TensorView {
+    pub(crate) fn tv(s: &[usize], dt: impl Into<i32>) -> TensorView {
         TensorView::new(dt.into(), s.to_vec(), 0x100).unwrap()
     }
 
-    fn em_args(t: usize) -> DispatchArgs {
+    /// An expert-major bf16 dispatch of T tokens, H = 7168, no recipe (the group of `params`).
+    pub(crate) fn em_args(t: usize) -> DispatchArgs {
         DispatchArgs {
             tokens: tv(&[t, 7168], dtype::BFLOAT16),
             in_weights: None,
