@@ -52,6 +52,7 @@ perf phase (scripts/conformance/perf.sh)
   --perf-warmup N     ep_bench --warmup (default 10)
   --perf-iters N      ep_bench --iters (default 50)
   --perf-csv FILE     default bench/results/vs-upstream-<gpu>-<date>.csv
+  --perf-baseline SO  also time this libnccl_ep.so (an older build of ours) in the same runs
   --dry-run           print every build and run command; run nothing
 EOF
 }
@@ -60,7 +61,7 @@ EP_SRC="" NCCL_SRC="" NCCL_BUILD="" GTEST="" OURS="" WHEELS="" PREBUILT="" PACK=
 WORK="" CSV="" LOGS="" ONLY="" JOBS=4 MAX_RANKS=32 TIMEOUT=240 DEADLINE=0
 MPIRUN_ARGS="" GENCODE="-gencode=arch=compute_90,code=sm_90" PHASES="build,run,report"
 MAKE_JOBS="$(nproc 2>/dev/null || echo 8)" DRY=0 LIST=0
-PERF_RUNS=2 PERF_ONLY="" PERF_WARMUP=10 PERF_ITERS=50 PERF_CSV=""
+PERF_RUNS=2 PERF_ONLY="" PERF_WARMUP=10 PERF_ITERS=50 PERF_CSV="" PERF_BASELINE=""
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 
 die() { echo "conformance: $*" >&2; exit 2; }
@@ -85,7 +86,7 @@ while (($#)); do
     --phases) PHASES="$val" ;;          --make-jobs) MAKE_JOBS="$val" ;;
     --perf-runs) PERF_RUNS="$val" ;;    --perf-only) PERF_ONLY="$val" ;;
     --perf-warmup) PERF_WARMUP="$val" ;; --perf-iters) PERF_ITERS="$val" ;;
-    --perf-csv) PERF_CSV="$val" ;;
+    --perf-csv) PERF_CSV="$val" ;;      --perf-baseline) PERF_BASELINE="$val" ;;
     --dry-run) DRY=1 ;;                 --list) LIST=1 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$opt' (--help)" ;;
@@ -101,7 +102,7 @@ abspath() { [[ -z "$1" ]] && return 0; [[ "$1" == /* ]] && echo "$1" || echo "$P
 EP_SRC="$(abspath "$EP_SRC")" NCCL_SRC="$(abspath "$NCCL_SRC")" NCCL_BUILD="$(abspath "$NCCL_BUILD")"
 GTEST="$(abspath "$GTEST")" OURS="$(abspath "$OURS")" WHEELS="$(abspath "$WHEELS")"
 PREBUILT="$(abspath "$PREBUILT")" PACK="$(abspath "$PACK")" CSV="$(abspath "$CSV")"
-PERF_CSV="$(abspath "$PERF_CSV")"
+PERF_CSV="$(abspath "$PERF_CSV")" PERF_BASELINE="$(abspath "$PERF_BASELINE")"
 LOGS="$(abspath "$LOGS")"
 WORK="$(abspath "${WORK:-$ROOT/build/conformance}")"
 LOGS="${LOGS:-$WORK/logs}"

@@ -57,9 +57,24 @@ perf_cmd() {
     --top-k "$PERF_TOPK" --experts "$PERF_EXPERTS" --warmup "$PERF_WARMUP" --iters "$PERF_ITERS" "${extra[@]}")
 }
 
+# The libraries of a run, rotated by the run number so that none always goes first: upstream and
+# ours, plus "baseline" (an older build of ours, --perf-baseline) when given.
+perf_sides() {
+  local r="$1" all=(upstream ours) i
+  [[ -n "$PERF_BASELINE" ]] && all+=(baseline)
+  for ((i = 0; i < ${#all[@]}; i++)); do echo "${all[(i + r - 1) % ${#all[@]}]}"; done
+}
+
 run_perf() {
   setup_run || return 1
-  local dir="$LOGS/perf" cfgs=() line mode layout tokens hidden recipe id r side sides n=0 t0 rc
+  local dir="$LOGS/perf" cfgs=() line mode layout tokens hidden recipe id r side sides=() n=0 t0 rc
+  if [[ -n "$PERF_BASELINE" ]]; then
+    ((DRY)) || [[ -f "$PERF_BASELINE" ]] || { echo "perf: --perf-baseline '$PERF_BASELINE' is no file"; return 1; }
+    x rm -rf "$WORK/baseline-lib" && x mkdir -p "$WORK/baseline-lib" || return 1
+    x cp "$PERF_BASELINE" "$WORK/baseline-lib/libnccl_ep.so.0" || return 1
+    x ln -s libnccl_ep.so.0 "$WORK/baseline-lib/libnccl_ep.so" || return 1
+    x mkdir -p "$WORK/jit/baseline" || return 1
+  fi
   mapfile -t cfgs < <(perf_configs | while read -r line; do
     [[ -z "$PERF_ONLY" || "$line" =~ $PERF_ONLY ]] && echo "$line"
   done)
@@ -74,7 +89,7 @@ run_perf() {
     id="$(perf_id "$mode" "$layout" "$tokens" "$hidden" "$recipe")"
     n=$((n + 1))
     for ((r = 1; r <= PERF_RUNS; r++)); do
-      if ((r % 2)); then sides=(upstream ours); else sides=(ours upstream); fi
+      mapfile -t sides < <(perf_sides "$r")
       for side in "${sides[@]}"; do
         perf_cmd "$side" "$mode" "$layout" "$tokens" "$hidden" "$recipe" "$TIMEOUT"
         if ((DRY)); then x "${CMD[@]}"; continue; fi

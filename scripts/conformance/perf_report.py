@@ -9,6 +9,8 @@
 - <csv stem>-recipes.csv: the dispatch recipes at the LL anchor (perf.sh: plain bf16, ds-fp8,
   mxfp8; dispatch only), header mode,layout,tokens,hidden,topk,experts,ranks,recipe,phase,
   upstream_us,ours_us,ratio.
+- <csv stem>-baseline.csv when the runs include a "baseline" library (--perf-baseline, an older
+  build of ours): ours against it per row and phase, ratio = ours / baseline.
 - <csv stem>.png when matplotlib is there: the ratio per row, dispatch and combine.
 - A Markdown table on stdout (README's performance table is made from it).
 
@@ -102,7 +104,7 @@ def main():
         recipe = row[8] if len(row) > 8 else ""
         key = (mode, layout, int(tokens), int(hidden), recipe)
         if key not in runs:
-            runs[key] = {"upstream": [], "ours": []}
+            runs[key] = {"upstream": [], "ours": [], "baseline": []}
             order.append(key)
         parsed = parse_log(os.path.join(a.logs, log), mode)
         if rc != "0" or parsed.get("dispatch_kernel") is None:
@@ -112,12 +114,12 @@ def main():
 
     stem = a.csv[:-4] if a.csv.endswith(".csv") else a.csv
     os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
-    main_rows, detail_rows, recipe_rows = [], [], []
+    main_rows, detail_rows, recipe_rows, base_rows = [], [], [], []
     for key in order:
         mode, layout, tokens, hidden, recipe = key
         med = {s: {f: median([r.get(f) for r in runs[key][s]]) for f in
                    ("dispatch_kernel", "combine_kernel", "dispatch_host", "combine_host", "mem_mb")}
-               for s in ("upstream", "ours")}
+               for s in ("upstream", "ours", "baseline")}
         for phase in ("dispatch",) if recipe else ("dispatch", "combine"):
             up, ours = med["upstream"][f"{phase}_kernel"], med["ours"][f"{phase}_kernel"]
             ratio = ours / up if up and ours else None
@@ -126,7 +128,13 @@ def main():
                 recipe_rows.append(row[:7] + [recipe] + row[7:])
             else:
                 main_rows.append(row)
-        for s in ("upstream", "ours"):
+            base = med["baseline"][f"{phase}_kernel"]
+            if runs[key]["baseline"]:
+                r = ours / base if base and ours else None
+                base_rows.append([mode, layout, tokens, hidden, recipe or "none", phase, fmt(base), fmt(ours), fmt(r, 3)])
+        for s in ("upstream", "ours", "baseline"):
+            if s == "baseline" and not runs[key][s] and (key, s) not in failed:
+                continue
             m = med[s]
             detail_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, recipe or "none", s,
                                 fmt(m["dispatch_kernel"]), fmt(m["combine_kernel"]),
@@ -152,6 +160,17 @@ def main():
             w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe", "phase",
                         "upstream_us", "ours_us", "ratio"])
             w.writerows(recipe_rows)
+
+    if base_rows:
+        with open(stem + "-baseline.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mode", "layout", "tokens", "hidden", "recipe", "phase", "baseline_us", "ours_us", "ratio"])
+            w.writerows(base_rows)
+        print("| mode | layout | tokens | hidden | recipe | phase | baseline µs | ours µs | ours / baseline |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in base_rows:
+            print("| " + " | ".join(str(v) for v in r) + " |")
+        print()
 
     # Markdown table: one line per configuration.
     print("| mode | layout | tokens | hidden | dispatch up µs | ours | ratio | combine up µs | ours | ratio |")

@@ -8,7 +8,13 @@
 
 SIDES=(upstream ours)
 
-side_libdir() { if [[ "$1" == upstream ]]; then echo "$BUILD/upstream/lib"; else echo "$WORK/ours-lib"; fi; }
+side_libdir() {
+  case "$1" in
+    upstream) echo "$BUILD/upstream/lib" ;;
+    baseline) echo "$WORK/baseline-lib" ;;  # the perf phase's --perf-baseline library
+    *) echo "$WORK/ours-lib" ;;
+  esac
+}
 
 side_ldpath() {
   local p
