@@ -293,8 +293,9 @@ fn launch(g: &Group, kernel: LlKernel, p: &mut LlParams, stream: cudaStream_t) -
 
 /// Runs an operation: one launch of both phases, or the send phase alone (`send_only`). With
 /// remote ranks (docs/MULTINODE.md) the send phase is followed by the exchange of the staging
-/// regions (`xbytes` per remote rank and direction) on the same stream, and a full operation
-/// launches its receive phase after it.
+/// regions (`xbytes` of the handle's staging layout per remote rank and direction) on the same
+/// stream, and a full operation launches its receive phase after it. The staging size is only
+/// worked out for such groups: one-node operations pay nothing for it.
 #[allow(clippy::too_many_arguments)]
 fn run(
     g: &mut Group,
@@ -302,25 +303,27 @@ fn run(
     kernel: LlKernel,
     mut p: LlParams,
     send_only: bool,
-    xbytes: usize,
+    xbytes: fn(&LlStage, Layout) -> usize,
     stream: cudaStream_t,
 ) -> Result<()> {
-    if p.remote != 0 {
-        p.phases = PHASE_SEND;
-        launch(g, kernel, &mut p, stream)?;
+    let split = p.remote != 0;
+    p.phases = if send_only || split {
+        PHASE_SEND
+    } else {
+        PHASE_SEND | PHASE_RECV
+    };
+    launch(g, kernel, &mut p, stream)?;
+    if split {
+        let bytes = xbytes(&LlStage::new(&layout(g, h.params.num_topk)?)?, h.params.layout);
         // SAFETY: the caller's stream (C contract of the operation); every rank of the group
         // runs its operations in the same order (collective, as NVIDIA's).
-        unsafe { g.ll()?.buffers.exchange(xbytes, stream) }?;
+        unsafe { g.ll()?.buffers.exchange(bytes, stream) }?;
         if !send_only {
             p.phases = PHASE_RECV;
             launch(g, kernel, &mut p, stream)?;
         }
-    } else {
-        p.phases = if send_only { PHASE_SEND } else { PHASE_SEND | PHASE_RECV };
-        launch(g, kernel, &mut p, stream)?;
     }
     if send_only {
-        p.phases = PHASE_SEND;
         g.ll_mut()?.pending = Some(Pending {
             handle: h.id,
             kernel,
@@ -400,8 +403,7 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
         topk.is(dtype::INT64),
         g.params.enable_mask,
     );
-    let xbytes = LlStage::new(&layout(g, h.params.num_topk)?)?.dispatch_bytes;
-    run(g, h, kernel, p, call.send_only, xbytes, stream)?;
+    run(g, h, kernel, p, call.send_only, |s, _| s.dispatch_bytes, stream)?;
     h.dispatched = true;
     Ok(())
 }
@@ -414,10 +416,7 @@ fn direct_outputs(g: &Group, h: &Handle, a: &DispatchArgs) -> Result<Option<Vec<
     // Ranks on other nodes (docs/MULTINODE.md) are reached through staging, never directly.
     // (A group without GPU state fails later, after the rules, as every dispatch does.)
     let local_only = g.ll().map_or(true, |ll| ll.buffers.remote().is_none());
-    let eligible = local_only
-        && h.params.layout == Layout::RankMajor
-        && zero_copy::recipe_has_direct_path(a.quant)
-        && a.out_tokens.is_windowed();
+    let eligible = local_only && zero_copy::ll_tokens_may_go_direct(h.params.layout, a.quant, &a.out_tokens);
     let peers = if eligible {
         crate::runtime::window::peer_addresses(g, &a.out_tokens, "outputs->tokens")?
     } else {
@@ -469,10 +468,9 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         g.params.enable_mask,
         dt,
     );
-    let stage = LlStage::new(&layout(g, h.params.num_topk)?)?;
-    let xbytes = match h.params.layout {
-        Layout::ExpertMajor => stage.combine_bytes,
-        _ => stage.combine_rm_bytes,
+    let xbytes = |s: &LlStage, layout| match layout {
+        Layout::ExpertMajor => s.combine_bytes,
+        _ => s.combine_rm_bytes,
     };
     run(g, h, kernel, p, call.send_only, xbytes, stream)
 }

@@ -39,8 +39,15 @@ const QUANT_FWD: i32 = crate::ll_recipes::LlRecipe::Forward as i32;
 
 /// Whether a dispatch with this `quant_recipe` value can store its payload straight into the
 /// receiver's window (NONE and QUANT_FWD).
-pub fn recipe_has_direct_path(quant: i32) -> bool {
+fn recipe_has_direct_path(quant: i32) -> bool {
     quant == QUANT_NONE || quant == QUANT_FWD
+}
+
+/// Whether a LOW_LATENCY dispatch's token payload can go straight into the receivers' windows,
+/// the group aside (it must also be NVLink-only): a RANK_MAJOR handle, recipe NONE or QUANT_FWD,
+/// `outputs->tokens` windowed.
+pub fn ll_tokens_may_go_direct(layout: Layout, quant: i32, out_tokens: &TensorView) -> bool {
+    layout == Layout::RankMajor && recipe_has_direct_path(quant) && out_tokens.is_windowed()
 }
 
 /// Which LOW_LATENCY dispatch payloads the senders store straight into the receiver's window.
@@ -73,7 +80,7 @@ pub fn ll_dispatch_direct(
     let recipe_ok = recipe_has_direct_path(quant);
     let ok = nvlink_only && layout == Layout::RankMajor && recipe_ok;
     let d = LlDirect {
-        tokens: ok && out_tokens.is_windowed(),
+        tokens: nvlink_only && ll_tokens_may_go_direct(layout, quant, out_tokens),
         scales: ok && quant == QUANT_FWD && out_scales.is_some_and(TensorView::is_windowed),
     };
     if mode.is_on() && !d.any() {
