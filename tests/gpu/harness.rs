@@ -394,15 +394,15 @@ pub fn load_inputs<T: TestToken>(c: &Case, b: &RankBufs, inp: &LlRankInput<T>) -
     Ok(())
 }
 
-/// Issues rank r's dispatch (and its completion when send_only).
-pub fn dispatch(c: &Case, h: ncclEpHandle_t, b: &mut RankBufs, s: &Stream, send_only: bool) -> Result<(), String> {
-    let mut inp: ncclEpDispatchInputs_t = struct_default();
-    let mut out: ncclEpDispatchOutputs_t = struct_default();
-    let mut li: ncclEpLayoutInfo_t = struct_default();
-    let mut cfg: ncclEpDispatchConfig_t = struct_default();
-    cfg.send_only = send_only as u32;
-    inp.tokens = b.tokens.ptr();
-    out.tokens = b.out.ptr();
+/// The dispatch tensors that depend on the layout: expert-major counters, or rank-major weights,
+/// ids, weights out, source counters and the id kind.
+pub fn layout_tensors(
+    c: &Case,
+    b: &mut RankBufs,
+    inp: &mut ncclEpDispatchInputs_t,
+    out: &mut ncclEpDispatchOutputs_t,
+    li: &mut ncclEpLayoutInfo_t,
+) {
     if c.layout == Layout::ExpertMajor {
         li.expert_counters = b.counters.ptr();
     } else {
@@ -412,6 +412,18 @@ pub fn dispatch(c: &Case, h: ncclEpHandle_t, b: &mut RankBufs, s: &Stream, send_
         li.src_rank_counters = b.counters.ptr();
         li.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
     }
+}
+
+/// Issues rank r's dispatch (and its completion when send_only).
+pub fn dispatch(c: &Case, h: ncclEpHandle_t, b: &mut RankBufs, s: &Stream, send_only: bool) -> Result<(), String> {
+    let mut inp: ncclEpDispatchInputs_t = struct_default();
+    let mut out: ncclEpDispatchOutputs_t = struct_default();
+    let mut li: ncclEpLayoutInfo_t = struct_default();
+    let mut cfg: ncclEpDispatchConfig_t = struct_default();
+    cfg.send_only = send_only as u32;
+    inp.tokens = b.tokens.ptr();
+    out.tokens = b.out.ptr();
+    layout_tensors(c, b, &mut inp, &mut out, &mut li);
     // SAFETY: the four structs are live locals and every tensor pointer a descriptor boxed in `b`
     // with its sizes array, all read during the call; the device buffers they name belong to
     // `b`, and freeing one (cuMemFree) waits for the device, so they outlive the queued work;

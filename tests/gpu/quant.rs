@@ -211,15 +211,7 @@ pub fn dispatch_quant(
     }
     out.tokens = q.out.ptr();
     out.scales = q.out_scales.ptr();
-    if c.layout == Layout::ExpertMajor {
-        li.expert_counters = b.counters.ptr();
-    } else {
-        inp.topk_weights = b.weights.ptr();
-        out.topk_idx = b.out_idx.as_mut().unwrap().ptr();
-        out.topk_weights = b.out_w.as_mut().unwrap().ptr();
-        li.src_rank_counters = b.counters.ptr();
-        li.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
-    }
+    layout_tensors(c, b, &mut inp, &mut out, &mut li);
     // SAFETY: the four structs are live locals and every tensor pointer a descriptor boxed in `b`
     // or `q` with its sizes array, all read during the call; the device buffers they name belong
     // to `b` and `q`, and freeing one (cuMemFree) waits for the device, so they outlive the
