@@ -662,6 +662,45 @@ pub enum LlCombineIn<'a, T = u16> {
     RankMajor { y: &'a [Vec<T>] },
 }
 
+impl<T> LlCombineIn<'_, T> {
+    /// Rank d's rows of expert outputs (EM `x[d]`, RM `y[d]`).
+    fn rows(&self, d: usize) -> &[T] {
+        match self {
+            LlCombineIn::ExpertMajor { x, .. } => &x[d],
+            LlCombineIn::RankMajor { y } => &y[d],
+        }
+    }
+
+    /// The contributions to token t of source s, in the order combine accumulates them: (rank d,
+    /// row of d's [`rows`](Self::rows), weight). EM: each valid top-k entry with its weight (a
+    /// duplicate expert reads its first occurrence's row); RM: each linked destination rank's
+    /// pre-reduced row, weight 1.
+    fn contributions<W: TokenElem>(
+        &self,
+        world: &LlWorld<W>,
+        route: &LlRoute,
+        s: usize,
+        t: usize,
+    ) -> Vec<(usize, usize, f32)> {
+        let sh = world.shape;
+        let (n, b, k) = (sh.nranks, sh.max_tokens, sh.topk);
+        match self {
+            LlCombineIn::ExpertMajor { weights, .. } => (0..k)
+                .filter_map(|kk| {
+                    let (d, le, row) = route.em_row(world, s, t, kk)?;
+                    Some((d, le * n * b + row, weights[s][t * k + kk]))
+                })
+                .collect(),
+            LlCombineIn::RankMajor { .. } => route
+                .dests(s, t)
+                .iter()
+                .filter(|&&(d, _)| route.linked(s, d))
+                .map(|&(d, slot)| (d, s * b + slot, 1.0))
+                .collect(),
+        }
+    }
+}
+
 /// Combine for every rank at once; element r is rank r's output [T_r, H] (bits of `T`).
 /// EM: out[t] = Σ_k w[t][k]·x_row(t,k) over valid k, fused multiply-add in increasing k, where
 /// a duplicate expert id reads the row of its first occurrence (each occurrence adds its own
@@ -709,26 +748,11 @@ pub fn ll_combine_ref_masked<T: TokenElem>(
             let mut acc = vec![0f32; h];
             for t in 0..t_s {
                 acc.fill(0.0);
-                match input {
-                    LlCombineIn::ExpertMajor { x, weights } => {
-                        for kk in 0..k {
-                            let Some((d, le, row)) = route.em_row(world, s, t, kk) else {
-                                continue;
-                            };
-                            let w = weights[s][t * k + kk];
-                            let src = &x[d][(le * n * b + row) * h..][..h];
-                            for (a, &v) in acc.iter_mut().zip(src) {
-                                *a = w.mul_add(v.to_f32(), *a);
-                            }
-                        }
-                    }
-                    LlCombineIn::RankMajor { y } => {
-                        for &(d, slot) in route.dests(s, t).iter().filter(|&&(d, _)| route.linked(s, d)) {
-                            let src = &y[d][(s * b + slot) * h..][..h];
-                            for (a, &v) in acc.iter_mut().zip(src) {
-                                *a += v.to_f32();
-                            }
-                        }
+                // RM rows have weight 1: fma(1, v, a) is the rounded a + v, the plain sum.
+                for (d, row, w) in input.contributions(world, &route, s, t) {
+                    let src = &input.rows(d)[row * h..][..h];
+                    for (a, &v) in acc.iter_mut().zip(src) {
+                        *a = w.mul_add(v.to_f32(), *a);
                     }
                 }
                 for (o, &a) in out[t * h..(t + 1) * h].iter_mut().zip(&acc) {
@@ -1101,7 +1125,7 @@ pub fn ll_combine_nvfp4_ref_masked(
 ) -> Vec<Vec<u16>> {
     let route = LlRoute::with_links(world, links.clone());
     let sh = world.shape;
-    let (n, b, h, k) = (sh.nranks, sh.max_tokens, sh.hidden, sh.topk);
+    let (n, b, h) = (sh.nranks, sh.max_tokens, sh.hidden);
     let l = sh.local_experts();
     assert_eq!(scales.len(), n, "one scale tensor per rank");
     let rows_per_rank = match input {
@@ -1120,22 +1144,8 @@ pub fn ll_combine_nvfp4_ref_masked(
             let mut acc = vec![0f32; h];
             for t in 0..t_s {
                 acc.fill(0.0);
-                match input {
-                    LlCombineIn::ExpertMajor { x, weights } => {
-                        for kk in 0..k {
-                            let Some((d, le, row)) = route.em_row(world, s, t, kk) else {
-                                continue;
-                            };
-                            let m = msg(&x[d], d, le * n * b + row);
-                            nvfp4_decode_add(&m, weights[s][t * k + kk], &mut acc);
-                        }
-                    }
-                    LlCombineIn::RankMajor { y } => {
-                        for &(d, slot) in route.dests(s, t).iter().filter(|&&(d, _)| route.linked(s, d)) {
-                            let m = msg(&y[d], d, s * b + slot);
-                            nvfp4_decode_add(&m, 1.0, &mut acc);
-                        }
-                    }
+                for (d, row, w) in input.contributions(world, &route, s, t) {
+                    nvfp4_decode_add(&msg(input.rows(d), d, row), w, &mut acc);
                 }
                 for (o, &a) in out[t * h..(t + 1) * h].iter_mut().zip(&acc) {
                     *o = f32_to_bf16_rne(a);
