@@ -77,7 +77,7 @@ pub unsafe extern "C" fn ncclEpDispatch(
                 "config->quant_recipe is {}, not an ncclEpDispQuant_t",
                 args.quant
             );
-            crate::runtime::ops::dispatch(&mut h, &args, stream)
+            crate::runtime::ops::dispatch(&mut h, args, stream)
         }
     })
 }
@@ -124,7 +124,7 @@ pub unsafe extern "C" fn ncclEpCombine(
                 "config->quant_recipe is {}, not an ncclEpCombQuant_t",
                 args.quant
             );
-            crate::runtime::ops::combine(&mut h, &args, stream)
+            crate::runtime::ops::combine(&mut h, args, stream)
         }
     })
 }

@@ -11,23 +11,23 @@ use ep_core::enums::Algorithm;
 use ep_core::error::Result;
 use ep_core::op_args::{CombineArgs, DispatchArgs};
 
-pub fn dispatch(h: &mut Handle, args: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
+pub fn dispatch(h: &mut Handle, mut args: DispatchArgs, stream: cudaStream_t) -> Result<()> {
     let group = h.group.clone();
     let mut g = group.lock()?;
-    let args = &*window::resolve_dispatch(&g, args)?;
+    window::resolve_dispatch(&g, &mut args)?;
     match g.params.algorithm {
-        Algorithm::LowLatency => ll::dispatch(&mut g, h, args, stream),
-        Algorithm::HighThroughput => ht::dispatch(&mut g, h, args, stream),
+        Algorithm::LowLatency => ll::dispatch(&mut g, h, &args, stream),
+        Algorithm::HighThroughput => ht::dispatch(&mut g, h, &args, stream),
     }
 }
 
-pub fn combine(h: &mut Handle, args: &CombineArgs, stream: cudaStream_t) -> Result<()> {
+pub fn combine(h: &mut Handle, mut args: CombineArgs, stream: cudaStream_t) -> Result<()> {
     let group = h.group.clone();
     let mut g = group.lock()?;
-    let args = &*window::resolve_combine(&g, args)?;
+    window::resolve_combine(&g, &mut args)?;
     match g.params.algorithm {
-        Algorithm::LowLatency => ll::combine(&mut g, h, args, stream),
-        Algorithm::HighThroughput => ht::combine(&mut g, h, args, stream),
+        Algorithm::LowLatency => ll::combine(&mut g, h, &args, stream),
+        Algorithm::HighThroughput => ht::combine(&mut g, h, &args, stream),
     }
 }
 

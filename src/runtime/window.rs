@@ -11,7 +11,6 @@ use crate::transport::nccl::Nccl;
 use ep_core::error::Result;
 use ep_core::op_args::{CombineArgs, DispatchArgs};
 use ep_core::tensor::TensorView;
-use std::borrow::Cow;
 
 /// The communicator windows of this group belong to; local groups have none (NCCL EP always
 /// has a communicator: local groups are our extension).
@@ -62,62 +61,29 @@ pub fn resolve_opt(g: &Group, t: &mut Option<TensorView>, name: &str) -> Result<
     }
 }
 
-fn any_windowed<'a>(mut ts: impl Iterator<Item = Option<&'a TensorView>>) -> bool {
-    ts.any(|t| t.is_some_and(TensorView::is_windowed))
+/// Resolves every windowed tensor of a dispatch in place (a tensor without a window is left as
+/// it is: [`resolve`] returns at once).
+pub fn resolve_dispatch(g: &Group, a: &mut DispatchArgs) -> Result<()> {
+    resolve(g, &mut a.tokens, "inputs->tokens")?;
+    resolve_opt(g, &mut a.in_weights, "inputs->topk_weights")?;
+    resolve_opt(g, &mut a.in_scales, "inputs->scales")?;
+    resolve(g, &mut a.out_tokens, "outputs->tokens")?;
+    resolve_opt(g, &mut a.out_weights, "outputs->topk_weights")?;
+    resolve_opt(g, &mut a.out_scales, "outputs->scales")?;
+    resolve_opt(g, &mut a.out_topk_idx, "outputs->topk_idx")?;
+    resolve_opt(g, &mut a.expert_counters, "layout_info->expert_counters")?;
+    resolve_opt(g, &mut a.src_rank_counters, "layout_info->src_rank_counters")?;
+    resolve_opt(g, &mut a.expert_offsets, "layout_info->expert_offsets")?;
+    resolve_opt(g, &mut a.recv_total_counter, "layout_info->recv_total_counter")
 }
 
-/// The dispatch arguments with every windowed tensor resolved (borrowed as is when none is).
-pub fn resolve_dispatch<'a>(g: &Group, a: &'a DispatchArgs) -> Result<Cow<'a, DispatchArgs>> {
-    let all = [
-        Some(&a.tokens),
-        a.in_weights.as_ref(),
-        a.in_scales.as_ref(),
-        Some(&a.out_tokens),
-        a.out_weights.as_ref(),
-        a.out_scales.as_ref(),
-        a.out_topk_idx.as_ref(),
-        a.expert_counters.as_ref(),
-        a.src_rank_counters.as_ref(),
-        a.expert_offsets.as_ref(),
-        a.recv_total_counter.as_ref(),
-    ];
-    if !any_windowed(all.into_iter()) {
-        return Ok(Cow::Borrowed(a));
-    }
-    let mut b = a.clone();
-    resolve(g, &mut b.tokens, "inputs->tokens")?;
-    resolve_opt(g, &mut b.in_weights, "inputs->topk_weights")?;
-    resolve_opt(g, &mut b.in_scales, "inputs->scales")?;
-    resolve(g, &mut b.out_tokens, "outputs->tokens")?;
-    resolve_opt(g, &mut b.out_weights, "outputs->topk_weights")?;
-    resolve_opt(g, &mut b.out_scales, "outputs->scales")?;
-    resolve_opt(g, &mut b.out_topk_idx, "outputs->topk_idx")?;
-    resolve_opt(g, &mut b.expert_counters, "layout_info->expert_counters")?;
-    resolve_opt(g, &mut b.src_rank_counters, "layout_info->src_rank_counters")?;
-    resolve_opt(g, &mut b.expert_offsets, "layout_info->expert_offsets")?;
-    resolve_opt(g, &mut b.recv_total_counter, "layout_info->recv_total_counter")?;
-    Ok(Cow::Owned(b))
-}
-
-/// The combine arguments with every windowed tensor resolved.
-pub fn resolve_combine<'a>(g: &Group, a: &'a CombineArgs) -> Result<Cow<'a, CombineArgs>> {
-    let all = [
-        Some(&a.tokens),
-        a.in_weights.as_ref(),
-        a.in_scales.as_ref(),
-        Some(&a.out_tokens),
-        a.out_weights.as_ref(),
-    ];
-    if !any_windowed(all.into_iter()) {
-        return Ok(Cow::Borrowed(a));
-    }
-    let mut b = a.clone();
-    resolve(g, &mut b.tokens, "inputs->tokens")?;
-    resolve_opt(g, &mut b.in_weights, "inputs->topk_weights")?;
-    resolve_opt(g, &mut b.in_scales, "inputs->scales")?;
-    resolve(g, &mut b.out_tokens, "outputs->tokens")?;
-    resolve_opt(g, &mut b.out_weights, "outputs->topk_weights")?;
-    Ok(Cow::Owned(b))
+/// Resolves every windowed tensor of a combine in place.
+pub fn resolve_combine(g: &Group, a: &mut CombineArgs) -> Result<()> {
+    resolve(g, &mut a.tokens, "inputs->tokens")?;
+    resolve_opt(g, &mut a.in_weights, "inputs->topk_weights")?;
+    resolve_opt(g, &mut a.in_scales, "inputs->scales")?;
+    resolve(g, &mut a.out_tokens, "outputs->tokens")?;
+    resolve_opt(g, &mut a.out_weights, "outputs->topk_weights")
 }
 
 /// Every rank's address of a windowed (and resolved) tensor, this rank's being `t.data`; None
