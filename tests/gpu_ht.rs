@@ -612,11 +612,18 @@ fn base(nranks: usize, layout: Layout) -> HtCase {
     }
 }
 
-fn run_cases(name: &str, cases: &[HtCase], comm: Option<ncclComm_t>) {
-    let mut rng = SplitMix64::new(0x5eed ^ name.len() as u64);
+/// Runs `round` on every case with one generator seeded from `seed` and the name, prints each
+/// outcome, and fails the test with every failed case listed.
+fn run_rounds<C: std::fmt::Debug>(
+    name: &str,
+    seed: u64,
+    cases: &[C],
+    mut round: impl FnMut(&C, &mut SplitMix64) -> Result<String, String>,
+) {
+    let mut rng = SplitMix64::new(seed ^ name.len() as u64);
     let mut failed = Vec::new();
     for c in cases {
-        match round(c, &mut rng, comm) {
+        match round(c, &mut rng) {
             Ok(info) => println!("{name}: ok   {c:?}: {info}"),
             Err(e) => {
                 println!("{name}: FAIL {c:?}: {e}");
@@ -630,6 +637,10 @@ fn run_cases(name: &str, cases: &[HtCase], comm: Option<ncclComm_t>) {
         failed.len()
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+fn run_cases(name: &str, cases: &[HtCase], comm: Option<ncclComm_t>) {
+    run_rounds(name, 0x5eed, cases, |c, rng| round(c, rng, comm));
 }
 
 /// The matrix, a covering subset (every value of every axis at least once per layout
@@ -1431,23 +1442,7 @@ fn quant_wires(hidden: usize) -> Vec<QuantWire> {
 }
 
 fn run_quant_cases(name: &str, cases: &[(HtCase, QuantWire)], comm: Option<ncclComm_t>) {
-    let mut rng = SplitMix64::new(0x9fa7 ^ name.len() as u64);
-    let mut failed = Vec::new();
-    for (c, wire) in cases {
-        match quant_round(c, *wire, &mut rng, comm) {
-            Ok(info) => println!("{name}: ok   {wire:?} {c:?}: {info}"),
-            Err(e) => {
-                println!("{name}: FAIL {wire:?} {c:?}: {e}");
-                failed.push(format!("{wire:?} {c:?}: {e}"));
-            }
-        }
-    }
-    println!(
-        "{name}: {} rounds passed, {} failed",
-        cases.len() - failed.len(),
-        failed.len()
-    );
-    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    run_rounds(name, 0x9fa7, cases, |(c, wire), rng| quant_round(c, *wire, rng, comm));
 }
 
 /// QUANT_FWD on local groups: both layouts, forward and backward, every wire pair, fixed
