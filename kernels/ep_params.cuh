@@ -31,7 +31,7 @@
 struct EpState {
   // operations completed so far; tag = epoch + 1; LL: bank = epoch & 1
   u32 epoch;
-  // LL: blocks of the current kernel that finished (to advance the epoch)
+  // blocks of the current kernel that finished (LL: to advance the epoch; HT dispatch and combine: the last one closes the operation)
   u32 done;
   // LL: blocks of the current kernel that finished sending
   u32 sent_done;

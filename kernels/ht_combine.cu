@@ -1,6 +1,6 @@
 // High-throughput combine (docs/HT.md, "Combine"): pull. Compiled by NVRTC after
 // ht_common.cuh with EP_EM (expert-major handle), EP_BWD (backward: also gathers the weights)
-// and EP_DTYPE (0 bf16, 1 fp16, 2 fp32). Followed by ht_close (ht_meta.cu).
+// and EP_DTYPE (0 bf16, 1 fp16, 2 fp32). Its last block closes the operation (ht_common.cuh).
 //
 // Every rank publishes its inputs (tokens [>= count, H], backward topk_weights). For each own
 // token t a warp walks the send table row of t (its contributions in combine order: FLAT by
@@ -60,7 +60,7 @@ __device__ __forceinline__ int4 round_chunk(const float* acc) {
 // Chunks of 16 bytes each lane keeps in flight per contribution.
 #define UNROLL 4
 
-extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_combine(const HtParams p) {
+extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_combine_kernel(const HtParams p) {
   __shared__ u64 sp[HT_MAX_RANKS][HT_PTR_SLOTS];
   const u32 tag = cur_epoch(p) + 1u;
   const u64 mine[HT_PTR_SLOTS] = {p.in0, p.in1, 0, 0};
@@ -131,4 +131,5 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_combine(const HtPara
     }
 #endif
   }
+  close_when_last(p);
 }

@@ -75,11 +75,9 @@ __device__ __forceinline__ int segment_bytes(int row_bytes, int seg) {
 
 __device__ __forceinline__ HtHdr* hdr(const HtParams& p) { return (HtHdr*)p.hmem; }
 
-// Every HT operation ends here (one block, its own launch so that every pull of the operation
-// has finished; in every module so that no module load falls between an operation's
-// launches): tell each peer this rank is done reading its data,
-// wait until every peer is done with ours, then advance the epoch.
-extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_close(const HtParams p) {
+// The closing barrier of an HT operation, run by one block: tell each peer this rank is done
+// reading its data, wait until every peer is done with ours, then advance the epoch.
+__device__ void close_op(const HtParams& p) {
   const u32 tag = cur_epoch(p) + 1u;
   if (threadIdx.x < p.nranks) {
     const int d = threadIdx.x;
@@ -94,3 +92,24 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_close(const HtParams
   }
 }
 
+// The handle's metadata pass ends with this kernel (one block, its own launch so that every
+// pull of the pass has finished; in every module so that no module load falls between an
+// operation's launches).
+extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_close(const HtParams p) { close_op(p); }
+
+// Dispatch and combine end inside their own kernel instead: each block counts itself done in
+// EpState::done once its pulls have returned (its loads fed its stores), and the last block runs
+// the closing barrier. One kernel per phase, so that a profiler (NVIDIA's ep_bench times the
+// kernels named *dispatch_kernel / *combine_kernel) sees the whole operation, and one launch less.
+__device__ void close_when_last(const HtParams& p) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    EpState* st = (EpState*)p.state;
+    last = atomicAdd(&st->done, 1u) == gridDim.x - 1;
+    if (last) st->done = 0;
+  }
+  __syncthreads();
+  if (last) close_op(p);
+}

@@ -1,6 +1,6 @@
 // High-throughput dispatch (docs/HT.md, "Dispatch"): pull. Compiled by NVRTC after
 // ht_common.cuh with EP_EM (expert-major handle) and EP_BWD (backward pass: tokens only).
-// Followed by ht_close (ht_meta.cu), which ends the operation.
+// Its last block closes the operation (ht_common.cuh, close_when_last).
 //
 // Every rank publishes its input pointers (tokens, topk_weights) and raises its open flag; each
 // receiver then copies its received rows [0, count) straight from the sources' inputs (or
@@ -22,7 +22,7 @@ __device__ __forceinline__ const float* src_weights(const HtParams& p, u64 (*sp)
   return p.staged ? (const float*)(peer_buf(p, s) + p.off_stage_w) : (const float*)sp[s][1];
 }
 
-extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch(const HtParams p) {
+extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(const HtParams p) {
   __shared__ u64 sp[HT_MAX_RANKS][HT_PTR_SLOTS];
   const u32 tag = cur_epoch(p) + 1u;
   const u64 mine[HT_PTR_SLOTS] = {p.in0, p.in1, p.in2, 0};
@@ -108,4 +108,5 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch(const HtPar
   }
 #endif
 #endif
+  close_when_last(p);
 }

@@ -3,9 +3,10 @@
 //!
 //! Every HT operation (an update, a dispatch or a combine) is an *open* (each rank publishes
 //! its pointers and raises its open flag in every peer's buffer), a *pull* (each rank reads
-//! what it needs from its peers) and a *close* (`ht_close`: each rank tells its peers it is
-//! done reading their data and waits until they are done with its own, then advances the
-//! group epoch). Flags carry `epoch + 1`, so they are never cleaned.
+//! what it needs from its peers) and a *close* (each rank tells its peers it is done reading
+//! their data and waits until they are done with its own, then advances the group epoch: the
+//! `ht_close` kernel after a metadata pass, the last block of the kernel in dispatch and
+//! combine). Flags carry `epoch + 1`, so they are never cleaned.
 
 use crate::cuda::memory::{self, PinnedHostMem, Stream};
 use crate::runtime::alloc::GroupMem;
@@ -366,10 +367,10 @@ fn stage(g: &Group, off: usize, src: u64, bytes: usize, stream: cudaStream_t) ->
     unsafe { memory::memcpy_dtod_async(dst + off as u64, src, bytes, Stream::from_raw(stream.cast())) }
 }
 
+/// Launches the phase's one kernel; its last block closes the operation (kernels/ht_common.cuh
+/// `close_when_last`).
 fn finish(g: &Group, m: HtModule, name: &'static str, p: &HtParams, stream: cudaStream_t) -> Result<()> {
-    let blocks = g.ht()?.blocks;
-    launch_ht(g.device, m, name, p, blocks, 0, stream)?;
-    launch_ht(g.device, m, "ht_close", p, 1, 0, stream)
+    launch_ht(g.device, m, name, p, g.ht()?.blocks, 0, stream)
 }
 
 fn token_dtype(dt: DType) -> HtDtype {
@@ -428,7 +429,7 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
             stage(g, off, sc.input, t * sc.row_bytes, stream)?;
         }
     }
-    finish(g, HtModule::Dispatch { em, bwd }, "ht_dispatch", &p, stream)?;
+    finish(g, HtModule::Dispatch { em, bwd }, "ht_dispatch_kernel", &p, stream)?;
     h.dispatched = true;
     Ok(())
 }
@@ -458,5 +459,5 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         stage(g, lay.stage_w_off, p.in1, rows * if em { 4 } else { 4 * k }, stream)?;
     }
     let dt = token_dtype(call.dtype);
-    finish(g, HtModule::Combine { em, bwd, dtype: dt }, "ht_combine", &p, stream)
+    finish(g, HtModule::Combine { em, bwd, dtype: dt }, "ht_combine_kernel", &p, stream)
 }

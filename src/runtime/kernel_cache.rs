@@ -94,8 +94,8 @@ mod tests {
                     "ht_offsets",
                     "ht_assign",
                 ],
-                HtModule::Dispatch { .. } => &["ht_dispatch", "ht_close"],
-                HtModule::Combine { .. } => &["ht_combine", "ht_close"],
+                HtModule::Dispatch { .. } => &["ht_dispatch_kernel"],
+                HtModule::Combine { .. } => &["ht_combine_kernel"],
             };
             let m = h;
             for k in launched {

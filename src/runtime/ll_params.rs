@@ -29,12 +29,12 @@ pub const PHASE_RECV: i32 = 2;
 
 c_struct! {
     /// Group-owned device state, zeroed at creation (LL and HT groups alike; HT uses `epoch`
-    /// only). Operations of a group run in stream order.
+    /// and `done`). Operations of a group run in stream order.
     #[derive(Clone, Copy, Debug, Default)]
     pub struct EpState {
         /// operations completed so far; tag = epoch + 1; LL: bank = epoch & 1
         pub epoch: u32,
-        /// LL: blocks of the current kernel that finished (to advance the epoch)
+        /// blocks of the current kernel that finished (LL: to advance the epoch; HT dispatch and combine: the last one closes the operation)
         pub done: u32,
         /// LL: blocks of the current kernel that finished sending
         pub sent_done: u32,
