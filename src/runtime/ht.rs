@@ -459,5 +459,11 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         stage(g, lay.stage_w_off, p.in1, rows * if em { 4 } else { 4 * k }, stream)?;
     }
     let dt = token_dtype(call.dtype);
-    finish(g, HtModule::Combine { em, bwd, dtype: dt }, "ht_combine_kernel", &p, stream)
+    finish(
+        g,
+        HtModule::Combine { em, bwd, dtype: dt },
+        "ht_combine_kernel",
+        &p,
+        stream,
+    )
 }
