@@ -97,6 +97,13 @@ __device__ __forceinline__ unsigned short f32_to_half(float f) {
   return h;
 }
 
+// The grid's warps numbered across blocks first: warp w of block b is b + w * gridDim.x. A loop
+// over fewer work items than there are warps then spreads them over every SM (each SM's load
+// ports and memory-level parallelism) instead of filling the first blocks and leaving the rest
+// idle; with more items than warps nothing changes.
+__device__ __forceinline__ int spread_warp() { return (int)(blockIdx.x + (threadIdx.x >> 5) * gridDim.x); }
+__device__ __forceinline__ int grid_warps() { return (int)((gridDim.x * blockDim.x) >> 5); }
+
 // Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp. Four 16-byte
 // loads per lane are in flight before the stores: one outstanding load per lane leaves HBM
 // latency-bound at a fraction of its bandwidth. CG: bypass L1 (data other GPUs/kernels wrote).
@@ -106,7 +113,21 @@ __device__ __forceinline__ int4 ld16(const int4* p) {
   return *p;
 }
 
-template <bool CG = false>
+// Streaming store (st.global.cs: evict first): for output written once and not read again by
+// this kernel, so that it does not push out of L2 the source rows that are read again.
+__device__ __forceinline__ void st_cs(int4* p, int4 v) {
+  asm volatile("st.global.cs.v4.s32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
+template <bool CS>
+__device__ __forceinline__ void st16(int4* p, int4 v) {
+  if (CS)
+    st_cs(p, v);
+  else
+    *p = v;
+}
+
+template <bool CG = false, bool CS = false>
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
   int4* d = (int4*)dst;
   const int4* s = (const int4*)src;
@@ -114,10 +135,10 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes,
   int i = lane;
   for (; i + 96 < n; i += 128) {
     int4 a = ld16<CG>(s + i), b = ld16<CG>(s + i + 32), c = ld16<CG>(s + i + 64), e = ld16<CG>(s + i + 96);
-    d[i] = a;
-    d[i + 32] = b;
-    d[i + 64] = c;
-    d[i + 96] = e;
+    st16<CS>(d + i, a);
+    st16<CS>(d + i + 32, b);
+    st16<CS>(d + i + 64, c);
+    st16<CS>(d + i + 96, e);
   }
-  for (; i < n; i += 32) d[i] = ld16<CG>(s + i);
+  for (; i < n; i += 32) st16<CS>(d + i, ld16<CG>(s + i));
 }

@@ -272,8 +272,10 @@ struct HtParams {
   // staged tokens at off_stage_tok + max_tokens * row_bytes (row_bytes + scale_bytes <= Hb).
   int scale_bytes;
   int pad2;
+  // EM: offset in hmem of the zone starts (crates/core/src/ht_layout.rs, `zones`)
+  u64 zone_off;
 };
-static_assert(sizeof(HtParams) == 808, "HtParams: size of src/runtime/ht_params.rs");
+static_assert(sizeof(HtParams) == 816, "HtParams: size of src/runtime/ht_params.rs");
 static_assert(alignof(HtParams) == 8, "HtParams: alignment of src/runtime/ht_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(HtParams, peers) == 0 && sizeof(((HtParams*)0)->peers) == 512, "HtParams.peers: offset and size in src/runtime/ht_params.rs");
@@ -324,6 +326,7 @@ static_assert(__builtin_offsetof(HtParams, in2) == 784 && sizeof(((HtParams*)0)-
 static_assert(__builtin_offsetof(HtParams, out4) == 792 && sizeof(((HtParams*)0)->out4) == 8, "HtParams.out4: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, scale_bytes) == 800 && sizeof(((HtParams*)0)->scale_bytes) == 4, "HtParams.scale_bytes: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, pad2) == 804 && sizeof(((HtParams*)0)->pad2) == 4, "HtParams.pad2: offset and size in src/runtime/ht_params.rs");
+static_assert(__builtin_offsetof(HtParams, zone_off) == 808 && sizeof(((HtParams*)0)->zone_off) == 8, "HtParams.zone_off: offset and size in src/runtime/ht_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

@@ -68,8 +68,8 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_combine_kernel(const
   const int K = p.topk;
   const int2* send = (const int2*)(p.hmem + p.send_off);
   const int lane = threadIdx.x & 31;
-  const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int gwarps = (gridDim.x * blockDim.x) >> 5;
+  const int gwarp = spread_warp();
+  const int gwarps = grid_warps();
   const int nseg = num_segments(p.row_bytes);
   for (i64 it = gwarp; it < (i64)p.rows * nseg; it += gwarps) {
     const int t = (int)(it / nseg), seg = (int)(it % nseg);

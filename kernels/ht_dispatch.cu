@@ -31,6 +31,7 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(cons
   const int count = hdr(p)->count;
   (void)K;
   (void)L;
+  (void)count;
 #if EP_EM
   const int W = 2;
 #else
@@ -38,12 +39,37 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(cons
 #endif
   const int* recv = (const int*)(p.hmem + p.recv_off);
   const int lane = threadIdx.x & 31;
-  const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int gwarps = (gridDim.x * blockDim.x) >> 5;
+  const int gwarp = spread_warp();
+  const int gwarps = grid_warps();
   const int tseg = num_segments(p.row_bytes);
   const int nseg = tseg + (p.scale_bytes > 0 ? num_segments(p.scale_bytes) : 0);
-  for (i64 it = gwarp; it < (i64)count * nseg; it += gwarps) {
+#if EP_EM
+  // Zone walk (docs/HT.md, "Dispatch"): item -> (step j, local expert l), slot = zones[l] + j,
+  // steps outermost. Zones list their rows in (source, token) order, so a token sits at about
+  // the same fraction of every zone it reaches: walking the zones side by side reads the K
+  // copies of a source row close together in time, and all but the first come from L2 (the
+  // outputs are streamed past L2 so that they do not evict them). Slot order would read each
+  // row K times from HBM.
+  const int* zones = (const int*)(p.hmem + p.zone_off);
+  __shared__ int zmax_s;
+  if (threadIdx.x == 0) zmax_s = 0;
+  __syncthreads();
+  for (int l = threadIdx.x; l < L; l += blockDim.x) atomicMax(&zmax_s, zones[l + 1] - zones[l]);
+  __syncthreads();
+  const i64 items = (i64)zmax_s * L * nseg;
+#else
+  const i64 items = (i64)count * nseg;
+#endif
+  for (i64 it = gwarp; it < items; it += gwarps) {
+#if EP_EM
+    const int seg = (int)(it % nseg);
+    const i64 q = it / nseg;
+    const int l = (int)(q % L);
+    const int slot = zones[l] + (int)(q / L);
+    if (slot >= zones[l + 1]) continue;
+#else
     const int slot = (int)(it / nseg), seg = (int)(it % nseg);
+#endif
     const int* rrow = recv + (i64)slot * W;
     const int src = rrow[0];
     if (seg >= tseg) {
@@ -73,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(cons
     }
     const int s = src / B, t = src % B;
     if (!((present >> s) & 1)) continue;
-    warp_copy<true>(dst, src_tokens(p, sp, s) + (i64)t * p.row_bytes + off, bytes, lane);
+    warp_copy<true, EP_EM>(dst, src_tokens(p, sp, s) + (i64)t * p.row_bytes + off, bytes, lane);
 #if !EP_BWD
     if (seg == 0) {
       const float* w = src_weights(p, sp, s) + (i64)t * K;

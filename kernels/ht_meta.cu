@@ -245,6 +245,10 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_offsets(const HtPara
     const int room = max(0, S - off);
     if (p.out0) store_int(p.out0, l, min(pad_count(c, A), room), p.ec64);
     if (p.out1) store_int(p.out1, l, min(off, S), p.ec64);
+    // The handle's zone starts for the dispatch kernel (its zone walk), then the count.
+    int* zones = (int*)(p.hmem + p.zone_off);
+    zones[l] = min(off, S);
+    if (l == 0) zones[L] = min(dtot[r], S);
 #else
     // Rows held only: when some are dropped, ht_assign counts the kept ones.
     if (p.out0) store_int(p.out0, l, dtot[r] > S ? 0 : c, 0);

@@ -189,8 +189,8 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
   const int N = p.nranks, K = EP_TOPK;
   const int* meta = (const int*)p.meta;
   const int lane = threadIdx.x & 31;
-  const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int gwarps = (gridDim.x * blockDim.x) >> 5;
+  const int gwarp = spread_warp();
+  const int gwarps = grid_warps();
   int total = 0;
   for (int s = 0; s < N; ++s) total += meta[s];
   // Work items: (received message, top-k entry (EM) , segment).
@@ -271,11 +271,16 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 #endif
   prof_mark(p, 4);
   const int lane = threadIdx.x & 31;
-  const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int gwarps = (gridDim.x * blockDim.x) >> 5;
+  const int gwarp = spread_warp();
+  const int gwarps = grid_warps();
   const char* recv = bank_base(p, p.rank, epoch) + p.off_data;
-  // Work items: (own token, segment of its row).
-  const int nseg = num_segments(p.row_bytes);
+  // Work items: (own token, segment of its row). Segments of 2 KiB hold four 16-byte chunks per
+  // lane, loaded one after the other; when that leaves warps idle (few tokens), the segments
+  // shrink (down to 512 bytes, one chunk per lane) so that more warps each wait for one round of
+  // K loads.
+  int seg_bytes = EP_SEG_BYTES;
+  while (seg_bytes > EP_SEG_BYTES / 4 && p.num_tokens * ((p.row_bytes + seg_bytes - 1) / seg_bytes) < gwarps) seg_bytes >>= 1;
+  const int nseg = (p.row_bytes + seg_bytes - 1) / seg_bytes;
   for (int it = gwarp; it < p.num_tokens * nseg; it += gwarps) {
     const int t = it / nseg, seg = it % nseg;
     // Lane k decides whether entry k contributes and with which weight.
@@ -311,8 +316,8 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
       wk[k] = __shfl_sync(0xffffffffu, w, k);
       rk[k] = (const char*)__shfl_sync(0xffffffffu, (unsigned long long)row, k);
     }
-    const i64 off = (i64)seg * EP_SEG_BYTES;
-    const int n16 = segment_bytes(p.row_bytes, seg) >> 4;
+    const i64 off = (i64)seg * seg_bytes;
+    const int n16 = min(seg_bytes, p.row_bytes - (int)off) >> 4;
     int4* out = (int4*)((char*)p.out + (i64)t * p.row_bytes + off);
 #if EP_NVFP4
     // 1/g of each contribution's message (1 where that is infinite: g = 0), lane k reading k's.

@@ -275,23 +275,32 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
   __syncthreads();
 #endif
   int* meta = (int*)p.meta;
+  const int lane = threadIdx.x & 31;
   if (blockIdx.x == 0) {
-    for (int s = threadIdx.x; s < N; s += blockDim.x) {
-      meta[s] = counts[s];
 #if EP_EM
+    // Rows of each source: a warp per source sums its L expert counts (independent loads, then
+    // a shuffle reduction; one thread summing L counts in turn took ~10 us at L = 256).
+    for (int s = threadIdx.x >> 5; s < N; s += blockDim.x >> 5) {
       int m = 0;
       if (counts[s] > 0)
-        for (int l = 0; l < L; ++l) m += ld_cg_int(ecount_at(p, s, epoch) + l);
-      meta[N + s] = m;
+        for (int l = lane; l < L; l += 32) m += ld_cg_int(ecount_at(p, s, epoch) + l);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m += __shfl_xor_sync(0xffffffffu, m, o);
+      if (lane == 0) {
+        meta[s] = counts[s];
+        meta[N + s] = m;
+      }
+    }
 #else
+    for (int s = threadIdx.x; s < N; s += blockDim.x) {
+      meta[s] = counts[s];
       meta[N + s] = counts[s];
       if (p.out_counters) ((int*)p.out_counters)[s] = counts[s];
-#endif
     }
+#endif
   }
-  const int lane = threadIdx.x & 31;
-  const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int gwarps = (gridDim.x * blockDim.x) >> 5;
+  const int gwarp = spread_warp();
+  const int gwarps = grid_warps();
   const int lo = p.rank * L;
 #if !EP_EM
   // Rank-major: every slot row of topk_idx is rewritten, received or not (no stale ids).

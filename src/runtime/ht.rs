@@ -188,6 +188,7 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     p.recv_off = hl.recv_off as u64;
     p.send_off = hl.send_off as u64;
     p.bwd_off = hl.bwd_off as u64;
+    p.zone_off = hl.zone_off as u64;
     p.timeout_ns = st.timeout_ns;
     p.rank = g.params.rank as i32;
     p.nranks = g.params.nranks as i32;

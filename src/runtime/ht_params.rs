@@ -91,6 +91,8 @@ c_struct! {
         /// staged tokens at off_stage_tok + max_tokens * row_bytes (row_bytes + scale_bytes <= Hb).
         pub scale_bytes: i32,
         pub pad2: i32,
+        /// EM: offset in hmem of the zone starts (crates/core/src/ht_layout.rs, `zones`)
+        pub zone_off: u64,
     }
 }
 
@@ -135,7 +137,7 @@ mod tests {
             std::mem::size_of::<HtParams>(),
             8 * 64 + 25 * 8 + 18 * 4 + 2 * 8 + 2 * 4
         );
-        assert_eq!(std::mem::size_of::<HtParams>(), 808);
+        assert_eq!(std::mem::size_of::<HtParams>(), 816);
         assert_eq!(std::mem::size_of::<HtHdr>(), 40);
     }
 }
