@@ -18,6 +18,10 @@ __device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+__device__ __forceinline__ void st_release_gpu(u64* p, u64 v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ u32 ld_acquire_gpu(const u32* p) {
   u32 v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -104,12 +108,25 @@ __device__ __forceinline__ unsigned short f32_to_half(float f) {
 __device__ __forceinline__ int spread_warp() { return (int)(blockIdx.x + (threadIdx.x >> 5) * gridDim.x); }
 __device__ __forceinline__ int grid_warps() { return (int)((gridDim.x * blockDim.x) >> 5); }
 
-// Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp. Four 16-byte
-// loads per lane are in flight before the stores: one outstanding load per lane leaves HBM
-// latency-bound at a fraction of its bandwidth. CG: bypass L1 (data other GPUs/kernels wrote).
-template <bool CG>
+// Load modes of ld16 / warp_copy: plain, .cg (bypass L1: data other GPUs or kernels wrote) or
+// .cs (streaming: read once, evicted first, so that it does not push out of L2 what this
+// kernel reads again).
+#define EP_LD_PLAIN 0
+#define EP_LD_CG 1
+#define EP_LD_CS 2
+
+__device__ __forceinline__ int4 ld_cs(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.cs.v4.s32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+template <int LD>
 __device__ __forceinline__ int4 ld16(const int4* p) {
-  if (CG) return ld_cg(p);
+  if (LD == EP_LD_CG) return ld_cg(p);
+  if (LD == EP_LD_CS) return ld_cs(p);
   return *p;
 }
 
@@ -127,7 +144,11 @@ __device__ __forceinline__ void st16(int4* p, int4 v) {
     *p = v;
 }
 
-template <bool CG = false, bool CS = false>
+// Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp. Four 16-byte
+// loads per lane are in flight before the stores: one outstanding load per lane leaves HBM
+// latency-bound at a fraction of its bandwidth. CG: the load mode (EP_LD_*; true = .cg);
+// CS: streaming stores.
+template <int CG = EP_LD_PLAIN, bool CS = false>
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
   int4* d = (int4*)dst;
   const int4* s = (const int4*)src;

@@ -138,7 +138,9 @@ struct LlParams {
   int quant;
   // DS_FP8E3M4: power-of-two scales
   int round_scales;
-  int pad1;
+  // 1: every peer's buffer is on this GPU (1 rank, or a local group on one device): the
+  // kernels' fences and flag releases use GPU scope instead of system scope
+  int gpu_scope;
 };
 static_assert(sizeof(LlParams) == 1304, "LlParams: size of src/runtime/ll_params.rs");
 static_assert(alignof(LlParams) == 8, "LlParams: alignment of src/runtime/ll_params.rs");
@@ -188,7 +190,7 @@ static_assert(__builtin_offsetof(LlParams, out_scales) == 1280 && sizeof(((LlPar
 static_assert(__builtin_offsetof(LlParams, scale_bytes) == 1288 && sizeof(((LlParams*)0)->scale_bytes) == 4, "LlParams.scale_bytes: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, quant) == 1292 && sizeof(((LlParams*)0)->quant) == 4, "LlParams.quant: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, round_scales) == 1296 && sizeof(((LlParams*)0)->round_scales) == 4, "LlParams.round_scales: offset and size in src/runtime/ll_params.rs");
-static_assert(__builtin_offsetof(LlParams, pad1) == 1300 && sizeof(((LlParams*)0)->pad1) == 4, "LlParams.pad1: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, gpu_scope) == 1300 && sizeof(((LlParams*)0)->gpu_scope) == 4, "LlParams.gpu_scope: offset and size in src/runtime/ll_params.rs");
 #endif
 
 // src/runtime/ht_params.rs
@@ -272,8 +274,8 @@ struct HtParams {
   // staged tokens at off_stage_tok + max_tokens * row_bytes (row_bytes + scale_bytes <= Hb).
   int scale_bytes;
   int pad2;
-  // EM: offset in hmem of the zone starts (crates/core/src/ht_layout.rs, `zones`)
-  u64 zone_off;
+  // EM: offset in hmem of the inverse receive table (crates/core/src/ht_layout.rs, `inv`)
+  u64 inv_off;
 };
 static_assert(sizeof(HtParams) == 816, "HtParams: size of src/runtime/ht_params.rs");
 static_assert(alignof(HtParams) == 8, "HtParams: alignment of src/runtime/ht_params.rs");
@@ -326,7 +328,7 @@ static_assert(__builtin_offsetof(HtParams, in2) == 784 && sizeof(((HtParams*)0)-
 static_assert(__builtin_offsetof(HtParams, out4) == 792 && sizeof(((HtParams*)0)->out4) == 8, "HtParams.out4: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, scale_bytes) == 800 && sizeof(((HtParams*)0)->scale_bytes) == 4, "HtParams.scale_bytes: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, pad2) == 804 && sizeof(((HtParams*)0)->pad2) == 4, "HtParams.pad2: offset and size in src/runtime/ht_params.rs");
-static_assert(__builtin_offsetof(HtParams, zone_off) == 808 && sizeof(((HtParams*)0)->zone_off) == 8, "HtParams.zone_off: offset and size in src/runtime/ht_params.rs");
+static_assert(__builtin_offsetof(HtParams, inv_off) == 808 && sizeof(((HtParams*)0)->inv_off) == 8, "HtParams.inv_off: offset and size in src/runtime/ht_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

@@ -22,6 +22,81 @@ __device__ __forceinline__ const float* src_weights(const HtParams& p, u64 (*sp)
   return p.staged ? (const float*)(peer_buf(p, s) + p.off_stage_w) : (const float*)sp[s][1];
 }
 
+#if EP_EM
+// Expert-major: a source row goes to up to K receive rows (one per local expert it reaches).
+// The handle's inverse table lists them per source token, so each source segment is read once
+// and written to all of its rows (streamed stores: output the kernel does not read again);
+// walking the receive rows instead reads each source row once per expert. Padding rows and the
+// weights output go per receive row, a lane each.
+__device__ void dispatch_em(const HtParams& p, u64 present, u64 (*sp)[HT_PTR_SLOTS], int count) {
+  const int K = p.topk, B = p.max_tokens, N = p.nranks;
+  const int* recv = (const int*)(p.hmem + p.recv_off);
+  const int* inv = (const int*)(p.hmem + p.inv_off);
+  const int lane = threadIdx.x & 31;
+  const int gwarp = spread_warp();
+  const int gwarps = grid_warps();
+  // (1) Receive rows, 32 per warp step: the weight of a real row (forward), the padding rows
+  // zeroed by the whole warp.
+  for (i64 base = (i64)gwarp * 32; base < count; base += (i64)gwarps * 32) {
+    const i64 slot = base + lane;
+    const int src = slot < count ? recv[slot * 2] : 0;
+#if !EP_BWD
+    if (slot < count && p.out2) {
+      float w = 0.f;
+      if (src >= 0 && ((present >> (src / B)) & 1))
+        w = src_weights(p, sp, src / B)[(i64)(src % B) * K + (recv[slot * 2 + 1] & 255)];
+      ((float*)p.out2)[slot] = w;
+    }
+#endif
+    unsigned pad = __ballot_sync(0xffffffffu, slot < count && src < 0);
+    while (pad) {
+      const int j = __ffs(pad) - 1;
+      pad &= pad - 1;
+      warp_zero((char*)p.out0 + (base + j) * p.row_bytes, p.row_bytes, lane);
+      if (p.scale_bytes > 0) warp_zero((char*)p.out4 + (base + j) * p.scale_bytes, p.scale_bytes, lane);
+    }
+  }
+  // (2) Source tokens x segments (token bytes, then QUANT_FWD scale bytes).
+  const int tseg = num_segments(p.row_bytes);
+  const int nseg = tseg + (p.scale_bytes > 0 ? num_segments(p.scale_bytes) : 0);
+  for (i64 it = gwarp; it < (i64)N * B * nseg; it += gwarps) {
+    const int seg = (int)(it % nseg);
+    const i64 st = it / nseg;  // s * B + t
+    const int s = (int)(st / B), t = (int)(st % B);
+    if (!((present >> s) & 1)) continue;
+    const bool scales = seg >= tseg;
+    const int sg = scales ? seg - tseg : seg;
+    const int rb = scales ? p.scale_bytes : p.row_bytes;
+    const i64 off = (i64)sg * HT_SEG_BYTES;
+    const int n16 = segment_bytes(rb, sg) >> 4;
+    const int4* src = (const int4*)((scales ? src_scales(p, sp, s) : src_tokens(p, sp, s)) + (i64)t * rb + off);
+    char* out = scales ? (char*)p.out4 : (char*)p.out0;
+    for (int k0 = 0; k0 < K; k0 += 32) {
+      // Entries k0 .. k0 + 31: lane j holds entry k0 + j.
+      // (-1: no row; a dropped row leaves a hole, so every entry is looked at.)
+      const int r = k0 + lane < K ? inv[st * K + k0 + lane] : -1;
+      const unsigned m = __ballot_sync(0xffffffffu, r >= 0);
+      if (!m) continue;
+      for (int c0 = lane; c0 < n16; c0 += 128) {
+        int4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (c0 + 32 * u < n16) v[u] = ld_cg(src + c0 + 32 * u);
+        unsigned mm = m;
+        while (mm) {
+          const int j = __ffs(mm) - 1;
+          mm &= mm - 1;
+          int4* d = (int4*)(out + (i64)__shfl_sync(0xffffffffu, r, j) * rb + off);
+#pragma unroll
+          for (int u = 0; u < 4; ++u)
+            if (c0 + 32 * u < n16) st_cs(d + c0 + 32 * u, v[u]);
+        }
+      }
+    }
+  }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(const HtParams p) {
   __shared__ u64 sp[HT_MAX_RANKS][HT_PTR_SLOTS];
   const u32 tag = cur_epoch(p) + 1u;
@@ -29,47 +104,21 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(cons
   const u64 present = open_op(p, tag, mine, sp);
   const int K = p.topk, B = p.max_tokens, L = p.local_experts;
   const int count = hdr(p)->count;
+#if EP_EM
   (void)K;
   (void)L;
-  (void)count;
-#if EP_EM
-  const int W = 2;
+  (void)B;
+  dispatch_em(p, present, sp, count);
 #else
   const int W = 1 + K;
-#endif
   const int* recv = (const int*)(p.hmem + p.recv_off);
   const int lane = threadIdx.x & 31;
   const int gwarp = spread_warp();
   const int gwarps = grid_warps();
   const int tseg = num_segments(p.row_bytes);
   const int nseg = tseg + (p.scale_bytes > 0 ? num_segments(p.scale_bytes) : 0);
-#if EP_EM
-  // Zone walk (docs/HT.md, "Dispatch"): item -> (step j, local expert l), slot = zones[l] + j,
-  // steps outermost. Zones list their rows in (source, token) order, so a token sits at about
-  // the same fraction of every zone it reaches: walking the zones side by side reads the K
-  // copies of a source row close together in time, and all but the first come from L2 (the
-  // outputs are streamed past L2 so that they do not evict them). Slot order would read each
-  // row K times from HBM.
-  const int* zones = (const int*)(p.hmem + p.zone_off);
-  __shared__ int zmax_s;
-  if (threadIdx.x == 0) zmax_s = 0;
-  __syncthreads();
-  for (int l = threadIdx.x; l < L; l += blockDim.x) atomicMax(&zmax_s, zones[l + 1] - zones[l]);
-  __syncthreads();
-  const i64 items = (i64)zmax_s * L * nseg;
-#else
-  const i64 items = (i64)count * nseg;
-#endif
-  for (i64 it = gwarp; it < items; it += gwarps) {
-#if EP_EM
-    const int seg = (int)(it % nseg);
-    const i64 q = it / nseg;
-    const int l = (int)(q % L);
-    const int slot = zones[l] + (int)(q / L);
-    if (slot >= zones[l + 1]) continue;
-#else
+  for (i64 it = gwarp; it < (i64)count * nseg; it += gwarps) {
     const int slot = (int)(it / nseg), seg = (int)(it % nseg);
-#endif
     const int* rrow = recv + (i64)slot * W;
     const int src = rrow[0];
     if (seg >= tseg) {
@@ -90,22 +139,15 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(cons
     char* dst = (char*)p.out0 + (i64)slot * p.row_bytes + off;
     const int bytes = segment_bytes(p.row_bytes, seg);
     if (src < 0) {
-      // Expert-major padding row: zero tokens, zero weight.
       warp_zero(dst, bytes, lane);
-#if EP_EM && !EP_BWD
-      if (seg == 0 && lane == 0 && p.out2) ((float*)p.out2)[slot] = 0.f;
-#endif
       continue;
     }
     const int s = src / B, t = src % B;
     if (!((present >> s) & 1)) continue;
-    warp_copy<true, EP_EM>(dst, src_tokens(p, sp, s) + (i64)t * p.row_bytes + off, bytes, lane);
+    warp_copy<true>(dst, src_tokens(p, sp, s) + (i64)t * p.row_bytes + off, bytes, lane);
 #if !EP_BWD
     if (seg == 0) {
       const float* w = src_weights(p, sp, s) + (i64)t * K;
-#if EP_EM
-      if (lane == 0 && p.out2) ((float*)p.out2)[slot] = w[rrow[1] & 255];
-#else
       for (int j = lane; j < K; j += 32) {
         const int pk = rrow[1 + j];
         i64 id = -1;
@@ -117,10 +159,10 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(cons
         if (p.out1) ((i64*)p.out1)[(i64)slot * K + j] = id;
         if (p.out2) ((float*)p.out2)[(i64)slot * K + j] = wj;
       }
-#endif
     }
 #endif
   }
+#endif
 #if !EP_BWD
   // Rows [count, S) of the forward top-k outputs: -1 / 0.0 (p.recv_rows is S, 0 when eager).
   const int gthread = blockIdx.x * blockDim.x + threadIdx.x, nthreads = gridDim.x * blockDim.x;

@@ -245,10 +245,6 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_offsets(const HtPara
     const int room = max(0, S - off);
     if (p.out0) store_int(p.out0, l, min(pad_count(c, A), room), p.ec64);
     if (p.out1) store_int(p.out1, l, min(off, S), p.ec64);
-    // The handle's zone starts for the dispatch kernel (its zone walk), then the count.
-    int* zones = (int*)(p.hmem + p.zone_off);
-    zones[l] = min(off, S);
-    if (l == 0) zones[L] = min(dtot[r], S);
 #else
     // Rows held only: when some are dropped, ht_assign counts the kept ones.
     if (p.out0) store_int(p.out0, l, dtot[r] > S ? 0 : c, 0);
@@ -287,12 +283,16 @@ __device__ __forceinline__ bool row_hits(const int* row, int K, int L, int E, in
 __device__ void write_recv_row(const HtParams& p, const int* row, int s, int t, int cg, int slot) {
   const int K = p.topk, L = p.local_experts, r = p.rank;
 #if EP_EM
-  (void)K;
   int* out = (int*)(p.hmem + p.recv_off) + (i64)slot * 2;
   int k = 0;
   while (row[k] != cg) ++k;
   out[0] = s * p.max_tokens + t;
   out[1] = ((cg - r * L) << 8) | k;
+  // The inverse table: this row is entry j of (s, t), j = the local experts of the row below
+  // cg (first occurrences only: a repeat is encoded -2 - j, never in range).
+  int j = 0;
+  for (int q = 0; q < K; ++q) j += row[q] >= r * L && row[q] < cg;
+  ((int*)(p.hmem + p.inv_off))[((i64)s * p.max_tokens + t) * K + j] = slot;
 #else
   (void)cg;
   int* out = (int*)(p.hmem + p.recv_off) + (i64)slot * (1 + K);

@@ -219,7 +219,9 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
     nvfp4_encode(recv + ((i64)token * K + k) * p.cmsg, (const char*)p.x + (i64)row * p.row_bytes, (int)(off / 2), bytes / 2,
                  p.row_bytes / 2, ((const float*)p.comb_scales)[row], lane);
 #else
-    warp_copy(recv + ((i64)token * K + k) * p.cmsg + off, (const char*)p.x + (i64)row * p.row_bytes + off, bytes, lane);
+    // x is read once: streamed, so that the rows written here stay in L2 for the receive phase.
+    warp_copy<EP_LD_CS>(recv + ((i64)token * K + k) * p.cmsg + off, (const char*)p.x + (i64)row * p.row_bytes + off, bytes,
+                        lane);
 #endif
 #else
     // One pre-reduced row per (source, slot), stored at the first local top-k position (a
@@ -232,7 +234,7 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
                  p.row_bytes / 2, ((const float*)p.comb_scales)[srow], lane);
 #else
     const char* src = (const char*)p.x + ((i64)s * p.max_tokens + slot) * p.row_bytes + off;
-    warp_copy(recv + cell * p.cmsg + off, src, bytes, lane);
+    warp_copy<EP_LD_CS>(recv + cell * p.cmsg + off, src, bytes, lane);
 #endif
 #endif
   }
@@ -243,7 +245,7 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
     for (int s = threadIdx.x; s < N; s += blockDim.x) {
       if (!((active >> s) & 1ull)) continue;
       u64* f = (u64*)(send_base(p, s, epoch) + p.off_cflag) + p.rank;
-      st_release_sys(f, ((u64)(epoch + 1u) << 32) | 1u);
+      release_to_peer(p, f, ((u64)(epoch + 1u) << 32) | 1u);
     }
   }
 }
@@ -281,8 +283,11 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
   int seg_bytes = EP_SEG_BYTES;
   while (seg_bytes > EP_SEG_BYTES / 4 && p.num_tokens * ((p.row_bytes + seg_bytes - 1) / seg_bytes) < gwarps) seg_bytes >>= 1;
   const int nseg = (p.row_bytes + seg_bytes - 1) / seg_bytes;
-  for (int it = gwarp; it < p.num_tokens * nseg; it += gwarps) {
-    const int t = it / nseg, seg = it % nseg;
+  // Last tokens first: the send phases wrote the rows in token order, so the latest ones are
+  // the likeliest to be still in L2.
+  const int items = p.num_tokens * nseg;
+  for (int it = gwarp; it < items; it += gwarps) {
+    const int t = (items - 1 - it) / nseg, seg = (items - 1 - it) % nseg;
     // Lane k decides whether entry k contributes and with which weight.
     int e = lane < K ? topk_at(p, t, lane) : -1;
     float w = 0.f;

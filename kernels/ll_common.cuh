@@ -242,18 +242,36 @@ __device__ __forceinline__ void finish_op(const LlParams& p, bool advance) {
   }
 }
 
-// Each block makes its writes visible system-wide; the last block (which owns the end of the
+// Fences and flag releases towards the peers: system scope in general (peers on other GPUs read
+// over NVLink or PCIe), GPU scope when every peer's buffer is on this GPU (p.gpu_scope: the .gpu
+// scope is every thread of this device, whatever its process), which is cheaper. Receivers
+// acquire at system scope, which includes both.
+__device__ __forceinline__ void fence_peers(const LlParams& p) {
+  if (p.gpu_scope)
+    __threadfence();
+  else
+    __threadfence_system();
+}
+
+__device__ __forceinline__ void release_to_peer(const LlParams& p, u64* flag, u64 v) {
+  if (p.gpu_scope)
+    st_release_gpu(flag, v);
+  else
+    st_release_sys(flag, v);
+}
+
+// Each block makes its writes visible to the peers; the last block (which owns the end of the
 // token range) waits for all others, so that it may then publish flags. This wait is local: the
 // other blocks' send phases contain no wait of any kind, so it ends once they have run. It is
 // bounded all the same (blocks that are not co-resident would never run): past the timeout it
 // reports and traps, masking or not, since this is no peer's fault.
 __device__ __forceinline__ void sends_done(const LlParams& p) {
-  // The barrier orders the block's writes before thread 0's system fence, which orders them
-  // before the counter (and so before the flags the last block publishes).
+  // The barrier orders the block's writes before thread 0's fence, which orders them before
+  // the counter (and so before the flags the last block publishes).
   __syncthreads();
   EpState* st = (EpState*)p.state;
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    fence_peers(p);
     if (blockIdx.x != gridDim.x - 1) {
       atomicAdd(&st->sent_done, 1u);
     } else {
@@ -265,7 +283,7 @@ __device__ __forceinline__ void sends_done(const LlParams& p) {
         if (p.timeout_ns > 0 && now - start > (u64)p.timeout_ns) fatal_timeout(p, p.rank, 3);
       }
       st->sent_done = 0;
-      __threadfence_system();
+      fence_peers(p);
     }
   }
   __syncthreads();

@@ -216,12 +216,12 @@ __device__ void dispatch_send(const LlParams& p, int* hist_e, int* hist_r, int* 
       int* ec = (int*)(send_base(p, d, epoch) + p.off_ecount) + (u64)p.rank * L + l;
       *ec = hist_e[i];
     }
-    __threadfence_system();
+    fence_peers(p);
     __syncthreads();
     for (int d = threadIdx.x; d < p.nranks; d += blockDim.x) {
       if (!((active >> d) & 1ull)) continue;
       u64* f = (u64*)(send_base(p, d, epoch) + p.off_dflag) + p.rank;
-      st_release_sys(f, ((u64)(epoch + 1u) << 32) | (u32)hist_r[d]);
+      release_to_peer(p, f, ((u64)(epoch + 1u) << 32) | (u32)hist_r[d]);
     }
   }
 }

@@ -188,7 +188,7 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     p.recv_off = hl.recv_off as u64;
     p.send_off = hl.send_off as u64;
     p.bwd_off = hl.bwd_off as u64;
-    p.zone_off = hl.zone_off as u64;
+    p.inv_off = hl.inv_off as u64;
     p.timeout_ns = st.timeout_ns;
     p.rank = g.params.rank as i32;
     p.nranks = g.params.nranks as i32;
@@ -282,6 +282,14 @@ pub fn update(
     launch_ht(dev, m, "ht_close", &p, 1, 0, stream)?;
     launch_ht(dev, m, "ht_count", &p, g.params.nranks * HT_PIECES as u32, smem, stream)?;
     launch_ht(dev, m, "ht_offsets", &p, 1, smem, stream)?;
+    if em {
+        // The inverse table: -1 wherever ht_assign writes no row (no local expert, dropped).
+        let hl = HtHandleLayout::new(&g.params, &h.params)?;
+        let words = (hl.total_bytes - hl.inv_off) / 4;
+        // SAFETY: [inv_off, total_bytes) lies inside the handle's metadata block (its layout);
+        // stream-ordered before ht_assign, which fills it.
+        unsafe { memory::memset_d32_async(p.hmem + p.inv_off, u32::MAX, words, Stream::from_raw(stream.cast()))? };
+    }
     launch_ht(dev, m, "ht_assign", &p, blocks, 0, stream)?;
     h.topk_idx = Some(topk);
     if cap {

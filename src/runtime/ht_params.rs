@@ -91,8 +91,8 @@ c_struct! {
         /// staged tokens at off_stage_tok + max_tokens * row_bytes (row_bytes + scale_bytes <= Hb).
         pub scale_bytes: i32,
         pub pad2: i32,
-        /// EM: offset in hmem of the zone starts (crates/core/src/ht_layout.rs, `zones`)
-        pub zone_off: u64,
+        /// EM: offset in hmem of the inverse receive table (crates/core/src/ht_layout.rs, `inv`)
+        pub inv_off: u64,
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::cuda::memory::{self, PinnedHostMem};
 use crate::runtime::alloc::GroupMem;
-use crate::runtime::group::{Group, ModeState};
+use crate::runtime::group::{Group, Membership, ModeState};
 use crate::runtime::handle::{Handle, HandleId};
 use crate::runtime::kernels::{LlDtype, LlKernel, launch_ll};
 use crate::runtime::ll_params::{
@@ -231,6 +231,7 @@ fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
         p.stage_stride = r.stride;
     }
     p.timeout_ns = ll.timeout_ns;
+    p.gpu_scope = all_peers_on_this_gpu(g) as i32;
     p.rank = g.params.rank as i32;
     p.nranks = g.params.nranks as i32;
     p.num_experts = g.params.num_experts as i32;
@@ -240,6 +241,16 @@ fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
     p.hdr = lay.hdr_bytes as i32;
     p.cmsg = lay.cmsg_bytes as i32;
     Ok(p)
+}
+
+/// Whether every peer's buffer is on this rank's GPU (the kernels then fence at GPU scope): one
+/// rank, or a local group whose ranks all use this device. Ranks in other processes may share
+/// the GPU too, but nothing here knows their devices, so they keep system scope.
+fn all_peers_on_this_gpu(g: &Group) -> bool {
+    match &g.membership {
+        Membership::Local { world } => world.devices.iter().all(|&d| d == g.device),
+        Membership::Nccl { .. } => g.params.nranks == 1,
+    }
 }
 
 fn no_pending(g: &Group) -> Result<()> {

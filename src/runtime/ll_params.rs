@@ -135,7 +135,9 @@ c_struct! {
         pub quant: i32,
         /// DS_FP8E3M4: power-of-two scales
         pub round_scales: i32,
-        pub pad1: i32,
+        /// 1: every peer's buffer is on this GPU (1 rank, or a local group on one device): the
+        /// kernels' fences and flag releases use GPU scope instead of system scope
+        pub gpu_scope: i32,
     }
 }
 

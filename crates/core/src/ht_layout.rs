@@ -208,9 +208,10 @@ pub fn staging_rows(p: &GroupParams, h: &HandleParams) -> usize {
 /// send[B][K]          2 x i32  (destination rank, slot) per contribution of my token t, in
 ///                           combine order; (−1, −1) = none or dropped
 /// bwd[B][K]           i32   per (t, k): (contribution index << 16) | FLAT column, −1 = none
-/// zones[L + 1]        i32   EM only: first receive row of each local expert's zone (clipped
-///                           to S), then the receive count; the dispatch kernel walks the
-///                           zones side by side (FLAT: none)
+/// inv[N][B][K]        i32   EM only: the receive rows of source token (s, t), one per local
+///                           expert it reaches (ascending), −1 after (and for dropped rows):
+///                           the dispatch kernel reads each source row once and writes it to
+///                           all of them (FLAT: none)
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HtHandleLayout {
@@ -221,7 +222,7 @@ pub struct HtHandleLayout {
     pub recv_off: usize,
     pub send_off: usize,
     pub bwd_off: usize,
-    pub zone_off: usize,
+    pub inv_off: usize,
     pub total_bytes: usize,
 }
 
@@ -257,19 +258,19 @@ impl HtHandleLayout {
         let recv_off = HT_HDR_BYTES;
         let send_off = add(recv_off, align(mul(4, mul(recv_rows, recv_width)?)?)?)?;
         let bwd_off = add(send_off, align(mul(8, mul(b, k)?)?)?)?;
-        let zone_off = add(bwd_off, align(mul(4, mul(b, k)?)?)?)?;
-        let zones = match h.layout {
-            Layout::ExpertMajor => p.local_experts as usize + 1,
+        let inv_off = add(bwd_off, align(mul(4, mul(b, k)?)?)?)?;
+        let inv = match h.layout {
+            Layout::ExpertMajor => mul(p.nranks as usize, mul(b, k)?)?,
             _ => 0,
         };
-        let total_bytes = add(zone_off, align(mul(4, zones)?)?)?;
+        let total_bytes = add(inv_off, align(mul(4, inv)?)?)?;
         Ok(Self {
             recv_rows,
             recv_width,
             recv_off,
             send_off,
             bwd_off,
-            zone_off,
+            inv_off,
             total_bytes,
         })
     }
@@ -420,16 +421,13 @@ mod tests {
         assert_eq!((h.recv_rows, h.recv_width, h.recv_off), (20000, 9, 256));
         assert_eq!(h.send_off, 256 + (20000 * 9 * 4usize).div_ceil(256) * 256);
         assert_eq!(h.bwd_off - h.send_off, 4096 * 8 * 8);
-        assert_eq!(h.zone_off - h.bwd_off, 4096 * 8 * 4);
-        assert_eq!(h.total_bytes, h.zone_off);
+        assert_eq!(h.inv_off - h.bwd_off, 4096 * 8 * 4);
+        assert_eq!(h.total_bytes, h.inv_off);
         let em = HtHandleLayout::new(&fixed, &hp(Layout::ExpertMajor, 8, 1)).unwrap();
         assert_eq!(em.recv_width, 2);
-        // EM: one zone start per local expert and the count, in one 256-byte unit here.
-        assert_eq!(
-            em.total_bytes - em.zone_off,
-            ((fixed.local_experts as usize + 1) * 4).div_ceil(256) * 256
-        );
-        assert!(em.total_bytes < h.total_bytes);
+        // EM: two ints per receive row, then the inverse table (K rows per source token).
+        assert_eq!(em.send_off - em.recv_off, (20000 * 2 * 4usize).div_ceil(256) * 256);
+        assert_eq!(em.total_bytes - em.inv_off, fixed.nranks as usize * 4096 * 8 * 4);
         // A huge alignment is refused whatever the budget (zone offsets are 32-bit).
         assert!(HtHandleLayout::new(&fixed, &hp(Layout::ExpertMajor, 8, 1 << 20)).is_ok());
         let e = HtHandleLayout::new(&fixed, &hp(Layout::ExpertMajor, 8, 1 << 40)).unwrap_err();
