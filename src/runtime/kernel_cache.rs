@@ -93,9 +93,10 @@ mod tests {
                     "ht_count",
                     "ht_offsets",
                     "ht_assign",
+                    "ht_publish",
                 ],
-                HtModule::Dispatch { .. } => &["ht_dispatch", "ht_close"],
-                HtModule::Combine { .. } => &["ht_combine", "ht_close"],
+                HtModule::Dispatch { .. } => &["ht_dispatch", "ht_close", "ht_publish"],
+                HtModule::Combine { .. } => &["ht_combine", "ht_close", "ht_publish"],
             };
             let m = h;
             for k in launched {
