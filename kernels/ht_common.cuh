@@ -102,7 +102,6 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_close(const HtParams
   }
 }
 
-
 // Groups with remote ranks (docs/MULTINODE.md, "HT across nodes"): before the exchange, this
 // rank writes the pointers of its operation and its open flag into its own slots of its own
 // buffer, from where the exchange carries them into the remote ranks' mirrors of it (open_op

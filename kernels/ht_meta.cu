@@ -59,8 +59,6 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_convert(const HtPara
   }
 }
 
-// Publishes this rank's first bad routing entry (code, value) with its open flag; block 0 records
-// the lowest rank that has one in the header (so that every rank's update fails alike).
 // The pointers ht_pull publishes (also ht_publish's, ht_common.cuh): this rank's first bad
 // routing entry as (code, value), zeros when there is none.
 __device__ void routing_ptrs(const HtParams& p, u64* mine) {
@@ -78,6 +76,8 @@ __device__ void routing_ptrs(const HtParams& p, u64* mine) {
   }
 }
 
+// Publishes this rank's first bad routing entry (code, value) with its open flag; block 0 records
+// the lowest rank that has one in the header (so that every rank's update fails alike).
 extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_pull(const HtParams p) {
   __shared__ u64 sp[HT_MAX_RANKS][HT_PTR_SLOTS];
   const u32 tag = cur_epoch(p) + 1u;
