@@ -35,9 +35,11 @@ ncclResult_t ncclEpxCreateLocalGroups(ncclEpGroup_t *groups, int num_ranks, cons
  * of (`layout`, `num_topk`); needs no GPU and no communicator. LOW_LATENCY: both layouts need
  * the same size (docs/LL.md). HIGH_THROUGHPUT: the group buffer of docs/HT.md for ranks that
  * share one process (groups spanning processes add staging: `max(B, receive bound)` rows of
- * `max_token_bytes + 4·num_topk` bytes). LOW_LATENCY with `NCCL_EP_NODE_SIZE` set adds the
- * staging regions of the remote ranks (docs/MULTINODE.md, "Buffer sizes"), allocated beside
- * the buffer. The config is checked as `ncclEpCreateGroup` checks
+ * `max_token_bytes + 4·num_topk` bytes). With `NCCL_EP_NODE_SIZE` splitting the ranks into
+ * nodes, the figure is what the rank with the most remote ranks allocates in all
+ * (docs/MULTINODE.md): LOW_LATENCY adds the staging regions of the remote ranks ("Buffer
+ * sizes"), HIGH_THROUGHPUT counts the buffer with its staging plus one mirror of it per remote
+ * rank ("HT across nodes"), allocated beside the buffer. The config is checked as `ncclEpCreateGroup` checks
  * it; its `rdma_buffer_size` is ignored. Returns ncclInvalidArgument for a NULL `bytes`, a bad
  * config or top-k, and ncclInvalidUsage for a layout the algorithm does not offer.
  */

@@ -276,8 +276,12 @@ struct HtParams {
   int pad2;
   // EM: offset in hmem of the inverse receive table (crates/core/src/ht_layout.rs, `inv`)
   u64 inv_off;
+  // bit r: rank r is on another node (docs/MULTINODE.md, "HT across nodes"): `peers[r]`
+  // is this rank's mirror of its buffer, filled by the exchange before the pull; no
+  // flags are written to it and ht_close does not wait for it (0: one node)
+  u64 remote;
 };
-static_assert(sizeof(HtParams) == 816, "HtParams: size of src/runtime/ht_params.rs");
+static_assert(sizeof(HtParams) == 824, "HtParams: size of src/runtime/ht_params.rs");
 static_assert(alignof(HtParams) == 8, "HtParams: alignment of src/runtime/ht_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(HtParams, peers) == 0 && sizeof(((HtParams*)0)->peers) == 512, "HtParams.peers: offset and size in src/runtime/ht_params.rs");
@@ -329,6 +333,7 @@ static_assert(__builtin_offsetof(HtParams, out4) == 792 && sizeof(((HtParams*)0)
 static_assert(__builtin_offsetof(HtParams, scale_bytes) == 800 && sizeof(((HtParams*)0)->scale_bytes) == 4, "HtParams.scale_bytes: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, pad2) == 804 && sizeof(((HtParams*)0)->pad2) == 4, "HtParams.pad2: offset and size in src/runtime/ht_params.rs");
 static_assert(__builtin_offsetof(HtParams, inv_off) == 808 && sizeof(((HtParams*)0)->inv_off) == 8, "HtParams.inv_off: offset and size in src/runtime/ht_params.rs");
+static_assert(__builtin_offsetof(HtParams, remote) == 816 && sizeof(((HtParams*)0)->remote) == 8, "HtParams.remote: offset and size in src/runtime/ht_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

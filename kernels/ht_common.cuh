@@ -8,6 +8,11 @@ __device__ __forceinline__ u32 cur_epoch(const HtParams& p) { return ((volatile 
 
 __device__ __forceinline__ char* peer_buf(const HtParams& p, int r) { return (char*)p.peers[r]; }
 
+// Rank r is on another node (docs/MULTINODE.md, "HT across nodes"): peer_buf(p, r) is this rank's
+// mirror of r's buffer, which the exchange filled before this launch (stream order); nothing is
+// written to it and no flag of r is waited for.
+__device__ __forceinline__ bool is_remote(const HtParams& p, int r) { return (p.remote >> r) & 1; }
+
 // Waits until the flag holds `tag`; false after a timeout (the host-visible error flag is then
 // raised and the peer counts as absent). Bounded like LL's waits: p.timeout_ns nanoseconds of
 // %globaltimer (0 = forever), the clock read every EP_POLLS_PER_CHECK polls.
@@ -32,7 +37,7 @@ __device__ __forceinline__ bool wait_tag(const u64* flag, u32 tag, const HtParam
 __device__ u64 open_op(const HtParams& p, u32 tag, const u64* ptrs, u64 (*src_ptrs)[HT_PTR_SLOTS]) {
   __shared__ u64 present_mask;
   if (threadIdx.x == 0) present_mask = 0;
-  if (blockIdx.x == 0 && threadIdx.x < p.nranks) {
+  if (blockIdx.x == 0 && threadIdx.x < p.nranks && !is_remote(p, threadIdx.x)) {
     const int d = threadIdx.x;
     char* b = peer_buf(p, d);
     if (ptrs) {
@@ -45,7 +50,8 @@ __device__ u64 open_op(const HtParams& p, u32 tag, const u64* ptrs, u64 (*src_pt
   __syncthreads();
   if (threadIdx.x < p.nranks) {
     const int s = threadIdx.x;
-    char* mine = peer_buf(p, p.rank);
+    // A remote source's flag and pointers are its own slots of its buffer, in our mirror of it.
+    char* mine = peer_buf(p, is_remote(p, s) ? s : p.rank);
     if (wait_tag((const u64*)(mine + p.off_open) + s, tag, p)) {
       if (src_ptrs) {
         const u64* slot = (const u64*)(mine + p.off_ptrs) + (u64)s * HT_PTR_SLOTS;
@@ -79,12 +85,14 @@ __device__ __forceinline__ HtHdr* hdr(const HtParams& p) { return (HtHdr*)p.hmem
 // reading its data, wait until every peer is done with ours, then advance the epoch.
 __device__ void close_op(const HtParams& p) {
   const u32 tag = cur_epoch(p) + 1u;
-  if (threadIdx.x < p.nranks) {
+  // Remote ranks read our mirror, never our buffer: stream order covers them.
+  const bool local = threadIdx.x < p.nranks && !is_remote(p, threadIdx.x);
+  if (local) {
     const int d = threadIdx.x;
     st_release_sys((u64*)(peer_buf(p, d) + p.off_done) + p.rank, (u64)tag);
   }
   __syncthreads();
-  if (threadIdx.x < p.nranks) wait_tag((const u64*)(peer_buf(p, p.rank) + p.off_done) + threadIdx.x, tag, p);
+  if (local) wait_tag((const u64*)(peer_buf(p, p.rank) + p.off_done) + threadIdx.x, tag, p);
   __syncthreads();
   if (threadIdx.x == 0) {
     ((EpState*)p.state)->epoch = tag;
@@ -112,4 +120,27 @@ __device__ void close_when_last(const HtParams& p) {
   }
   __syncthreads();
   if (last) close_op(p);
+}
+
+// Groups with remote ranks (docs/MULTINODE.md, "HT across nodes"): before the exchange, this
+// rank writes the pointers of its operation and its open flag into its own slots of its own
+// buffer, from where the exchange carries them into the remote ranks' mirrors of it (open_op
+// writes the same values again). The metadata pass publishes its first bad routing entry
+// (ht_meta.cu, routing_ptrs), dispatch and combine their inputs, as their kernels do.
+#ifdef EP_IDX64
+__device__ void routing_ptrs(const HtParams& p, u64* mine);
+#endif
+extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_publish(const HtParams p) {
+  if (threadIdx.x != 0) return;
+#ifdef EP_IDX64
+  u64 mine[HT_PTR_SLOTS];
+  routing_ptrs(p, mine);
+#else
+  const u64 mine[HT_PTR_SLOTS] = {p.in0, p.in1, p.in2, 0};
+#endif
+  char* b = peer_buf(p, p.rank);
+  u64* slot = (u64*)(b + p.off_ptrs) + (u64)p.rank * HT_PTR_SLOTS;
+  for (int i = 0; i < HT_PTR_SLOTS; ++i) slot[i] = mine[i];
+  __threadfence_system();
+  st_release_sys((u64*)(b + p.off_open) + p.rank, (u64)(cur_epoch(p) + 1u));
 }

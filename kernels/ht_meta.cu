@@ -59,16 +59,13 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_convert(const HtPara
   }
 }
 
-// Publishes this rank's first bad routing entry (code, value) with its open flag; block 0 records
-// the lowest rank that has one in the header (so that every rank's update fails alike).
-extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_pull(const HtParams p) {
-  __shared__ u64 sp[HT_MAX_RANKS][HT_PTR_SLOTS];
-  const u32 tag = cur_epoch(p) + 1u;
-  const int K = p.topk;
-  u64 mine[HT_PTR_SLOTS] = {0, 0, 0, 0};
+// The pointers ht_pull publishes (also ht_publish's, ht_common.cuh): this rank's first bad
+// routing entry as (code, value), zeros when there is none.
+__device__ void routing_ptrs(const HtParams& p, u64* mine) {
+  for (int i = 0; i < HT_PTR_SLOTS; ++i) mine[i] = 0;
   const int code = hdr(p)->bad;
   if (code > 0) {
-    const i64 idx = (i64)p.max_tokens * K - code;
+    const i64 idx = (i64)p.max_tokens * p.topk - code;
 #if EP_IDX64
     const i64 v = ((const i64*)p.in0)[idx];
 #else
@@ -77,6 +74,15 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_pull(const HtParams 
     mine[0] = (u64)code;
     mine[1] = (u64)v;
   }
+}
+
+// Publishes this rank's first bad routing entry (code, value) with its open flag; block 0 records
+// the lowest rank that has one in the header (so that every rank's update fails alike).
+extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_pull(const HtParams p) {
+  __shared__ u64 sp[HT_MAX_RANKS][HT_PTR_SLOTS];
+  const u32 tag = cur_epoch(p) + 1u;
+  u64 mine[HT_PTR_SLOTS];
+  routing_ptrs(p, mine);
   const u64 present = open_op(p, tag, mine, sp);
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     for (int s = 0; s < p.nranks; ++s)

@@ -29,12 +29,13 @@
 //! layouts, then an ordinary combine), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
 //! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), LL NVFP4
 //! combine (`ll_nvfp4`, bit for bit against the reference), HT
-//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, alignment), and zero-copy (`ll_zero_copy`,
+//! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, forward and backward, alignment, QUANT_FWD),
+//! and zero-copy (`ll_zero_copy`,
 //! `ht_zero_copy`: tensors in symmetric NCCL windows under zero_copy AUTO and ON,
 //! tests/gpu_multi/zero_copy.rs; NCCL >= 2.29). With `NCCL_EP_NODE_SIZE=k < N`
-//! (docs/MULTINODE.md; `MULTI_GPU_NODE_SIZE=k scripts/multi_gpu.sh`) the LL steps run with
-//! every rank outside a block of k as a remote one (staging + NCCL point-to-point) and
-//! `remote_ht_refused` checks that HT groups across nodes are refused. Opt-in and alone:
+//! (docs/MULTINODE.md; `MULTI_GPU_NODE_SIZE=k scripts/multi_gpu.sh`) the same LL and HT steps
+//! (`ht_rounds`, `ht_growth`) run with every rank outside a block of k as a remote one (LL:
+//! staging; HT: mirrors of the remote ranks' buffers; both moved by NCCL point-to-point). Opt-in and alone:
 //! `EP_MULTI_ONLY=mask_kill` (`ll_mask_kill`: one process kills itself with SIGKILL before its
 //! dispatch; the others finish without it; tests/gpu_multi/masks.rs).
 //!
@@ -693,6 +694,9 @@ struct HtCase {
     /// Dispatch with NCCL_EP_DISP_QUANT_FWD: random e4m3 token bytes `[T, H]` and H/32 uint8
     /// (UE8M0) scales instead of `dt` tokens (the combine stays `dt`).
     quant_fwd: bool,
+    /// After the forward pass, a backward dispatch and a backward combine (with weights) on
+    /// the same handle.
+    backward: bool,
 }
 
 /// The HT group every HT round uses: B = 64, max_token_bytes for fp32 rows of 2048 and bf16 rows
@@ -1006,12 +1010,127 @@ fn ht_round_windowed(
         },
     );
     note(compare("HT combine tokens", &cout.download::<u8>()?, &want_c.tokens));
+    if c.backward {
+        bad.extend(ht_backward(r, &hd, s, budget, c, &plan, &ts, rng)?);
+    }
     drop(hd);
     Ok(HtOutcome::Checked(bad))
 }
 
-/// HT: FLAT and EXPERT_MAJOR; bf16/fp16/fp32 at H = 2048, bf16 at H = 7168; K 1/2/8; T 0/B/random;
-/// EM alignment 0 and 16. Skipped (on every rank alike) while the library has no HT.
+/// The backward pass of an HT round on its handle: a backward dispatch of fresh tokens, then a
+/// backward combine of fresh expert outputs and weights (FLAT `[S, K]`, EM `[S]`), every output
+/// poisoned first and checked against the reference (the tokens, and the weights bit for bit).
+#[allow(clippy::too_many_arguments)]
+fn ht_backward(
+    r: &Rank,
+    hd: &Handle,
+    s: &Stream,
+    budget: usize,
+    c: &HtCase,
+    plan: &HtPlan,
+    ts: &[usize],
+    rng: &mut SplitMix64,
+) -> Result<Vec<String>, String> {
+    let (n, me, k, h) = (r.world, r.rank, c.topk, c.hidden);
+    let em = c.layout == Layout::ExpertMajor;
+    let nd = c.dt.nccl();
+    let wrow = if em { 1 } else { k };
+    // Every rank's inputs, from the shared stream.
+    let tokens: Vec<Vec<u8>> = ts.iter().map(|&t| random_tokens(rng, c.dt, t, h)).collect();
+    let xs: Vec<Vec<u8>> = (0..n).map(|_| random_tokens(rng, c.dt, budget, h)).collect();
+    let ws: Vec<Vec<f32>> = (0..n)
+        .map(|_| (0..budget * wrow).map(|_| rng.unit_f32()).collect())
+        .collect();
+    let t = ts[me];
+    let mut bad = Vec::new();
+    let mut note = |r: Result<(), String>| {
+        if let Err(e) = r {
+            bad.push(e);
+        }
+    };
+
+    let mut in_tok = tensor(r, nd, &[t, h])?;
+    in_tok.upload(&tokens[me])?;
+    let mut out_tok = tensor(r, nd, &[budget, h])?;
+    out_tok.fill(HT_POISON)?;
+    let mut di: ncclEpDispatchInputs_t = struct_default();
+    let mut dout: ncclEpDispatchOutputs_t = struct_default();
+    let dli: ncclEpLayoutInfo_t = struct_default();
+    let mut dcfg: ncclEpDispatchConfig_t = struct_default();
+    dcfg.pass_direction = ncclEpPassDir_t(1);
+    di.tokens = in_tok.ptr();
+    dout.tokens = out_tok.ptr();
+    // SAFETY: the four structs are live locals and every tensor pointer a live descriptor of this
+    // function, read during the call; their device buffers live past the `s.sync()` below;
+    // `hd.0` is a live handle, `s` a live stream (the C contract of ncclEpDispatch).
+    ep_ok!(unsafe { ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()) });
+    s.sync()?;
+    let want = plan.dispatch(
+        me,
+        &HtDispatchIn {
+            dtype: c.dt,
+            hidden: h,
+            pass: PassDir::Backward,
+            recv_kind: ExpertIdKind::Local,
+            tokens: &tokens,
+            weights: &[],
+            poison: HT_POISON,
+        },
+        budget,
+    );
+    note(compare(
+        "HT backward dispatch tokens",
+        &out_tok.download::<u8>()?,
+        &want.tokens,
+    ));
+
+    let mut cx = tensor(r, nd, &[budget, h])?;
+    cx.upload(&xs[me])?;
+    let mut cw = if em {
+        tensor(r, dtype::FLOAT32, &[budget])?
+    } else {
+        tensor(r, dtype::FLOAT32, &[budget, k])?
+    };
+    cw.upload(&ws[me])?;
+    let mut cout = tensor(r, nd, &[t, h])?;
+    cout.fill(HT_POISON)?;
+    let mut cout_w = tensor(r, dtype::FLOAT32, &[t, k])?;
+    cout_w.fill(HT_POISON)?;
+    let mut ci: ncclEpCombineInputs_t = struct_default();
+    let mut co: ncclEpCombineOutputs_t = struct_default();
+    let mut ccfg: ncclEpCombineConfig_t = struct_default();
+    ccfg.pass_direction = ncclEpPassDir_t(1);
+    ci.tokens = cx.ptr();
+    ci.topk_weights = cw.ptr();
+    co.tokens = cout.ptr();
+    co.topk_weights = cout_w.ptr();
+    // SAFETY: as for the dispatch: live local structs and descriptors, buffers that live past
+    // the `s.sync()` below, a live handle and stream (the C contract of ncclEpCombine).
+    ep_ok!(unsafe { ncclEpCombine(hd.0, &ci, &co, &ccfg, s.raw()) });
+    s.sync()?;
+    let want_c = plan.combine(
+        me,
+        &HtCombineIn {
+            dtype: c.dt,
+            hidden: h,
+            pass: PassDir::Backward,
+            tokens: &xs,
+            weights: &ws,
+        },
+    );
+    note(compare(
+        "HT backward combine tokens",
+        &cout.download::<u8>()?,
+        &want_c.tokens,
+    ));
+    let gw: Vec<u32> = cout_w.download::<f32>()?.iter().map(|f| f.to_bits()).collect();
+    let ww: Vec<u32> = want_c.topk_weights.iter().map(|f| f.to_bits()).collect();
+    note(compare("HT backward combine topk_weights", &gw, &ww));
+    Ok(bad)
+}
+
+/// HT: FLAT and EXPERT_MAJOR; bf16/fp16/fp32 at H = 2048 (each also backward), bf16 at H = 7168;
+/// K 1/2/8; T 0/B/random; EM alignment 0 and 16; QUANT_FWD. Skipped (on every rank alike) while the library has no HT.
 fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
     let (cfg, l, budget) = ht_group(r);
     let g = match Group::new(r, &cfg) {
@@ -1039,6 +1158,7 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
                 global_ids: i == 2,
                 idx64: i != 1,
                 quant_fwd: false,
+                backward: true,
             });
         }
         for (i, topk) in [1usize, 2, 8].into_iter().enumerate() {
@@ -1058,6 +1178,7 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
                     global_ids: topk == 2,
                     idx64: j != 1,
                     quant_fwd: false,
+                    backward: false,
                 });
             }
         }
@@ -1076,6 +1197,7 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
             global_ids: i == 0,
             idx64: true,
             quant_fwd: true,
+            backward: false,
         });
     }
     for c in &cases {
@@ -1155,35 +1277,6 @@ fn ll_quant(r: &Rank, t: &mut Tally) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Several nodes (NCCL_EP_NODE_SIZE, docs/MULTINODE.md)
-
-/// `NCCL_EP_NODE_SIZE` when it puts some rank on another "node" (the LL steps then run through
-/// the staging regions and NCCL point-to-point).
-fn node_size(r: &Rank) -> Option<usize> {
-    let k = std::env::var("NCCL_EP_NODE_SIZE").ok()?.trim().parse::<usize>().ok()?;
-    (k >= 1 && k < r.world).then_some(k)
-}
-
-/// With ranks on other nodes an HT group is refused (not implemented across nodes yet) with a
-/// message naming the design, on every rank alike; this also shows the library saw the node
-/// split. Nothing to check on one node.
-fn remote_ht_refused(r: &Rank, t: &mut Tally) -> Result<(), String> {
-    let Some(k) = node_size(r) else {
-        return Ok(());
-    };
-    let (cfg, _, _) = ht_group(r);
-    let bad = match Group::new(r, &cfg) {
-        Ok(g) => {
-            g.destroy()?;
-            vec![format!("an HT group across nodes of {k} ranks was created")]
-        }
-        Err(e) if e.contains("across nodes") && e.contains("docs/MULTINODE.md") => vec![],
-        Err(e) => vec![format!("HT across nodes of {k} ranks: unexpected error: {e}")],
-    };
-    t.record(r, "remote_ht_refused", bad)
-}
-
-// ---------------------------------------------------------------------------------------------
 // The runner
 
 type StepFn = fn(&Rank, &mut Tally) -> Result<(), String>;
@@ -1198,7 +1291,6 @@ const STEPS: &[(&str, StepFn)] = &[
     ("ll_growth", growth::ll_growth),
     ("ll_graph_replays", ll_graph_replays),
     ("ll_mask_silent", masks::ll_mask_silent),
-    ("remote_ht_refused", remote_ht_refused),
     ("ht_rounds", ht_rounds),
     ("ht_growth", growth::ht_growth),
     ("ll_zero_copy", zero_copy::ll_zero_copy),

@@ -5,7 +5,7 @@ use super::types::*;
 use ep_core::config::{EnvOverrides, validate_group_config};
 use ep_core::enums::{Algorithm, Layout};
 use ep_core::handle_rules::check_handle;
-use ep_core::ht_layout::HtLayout;
+use ep_core::ht_layout::{HtLayout, staging_rows};
 use ep_core::ll_layout::LlLayout;
 use std::ffi::{c_char, c_int};
 
@@ -83,13 +83,26 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
     })
 }
 
+/// With `NCCL_EP_NODE_SIZE`: the remote ranks of the rank with the most (one in the smallest
+/// node), docs/MULTINODE.md; 0 without it.
+fn most_remote(nranks: u32) -> ep_core::error::Result<usize> {
+    let n = nranks as usize;
+    let mut remote = 0;
+    for r in 0..n {
+        remote = remote.max(crate::transport::identity::remote_ranks_from_env(r, n)?.count_ones() as usize);
+    }
+    Ok(remote)
+}
+
 /// Bytes of the per-rank communication buffer a group of `num_ranks` ranks needs for handles
 /// of (`layout`, `num_topk`); needs no GPU and no communicator. LOW_LATENCY: both layouts need
 /// the same size (docs/LL.md). HIGH_THROUGHPUT: the group buffer of docs/HT.md for ranks that
 /// share one process (groups spanning processes add staging: `max(B, receive bound)` rows of
-/// `max_token_bytes + 4·num_topk` bytes). LOW_LATENCY with `NCCL_EP_NODE_SIZE` set adds the
-/// staging regions of the remote ranks (docs/MULTINODE.md, "Buffer sizes"), allocated beside
-/// the buffer. The config is checked as `ncclEpCreateGroup` checks
+/// `max_token_bytes + 4·num_topk` bytes). With `NCCL_EP_NODE_SIZE` splitting the ranks into
+/// nodes, the figure is what the rank with the most remote ranks allocates in all
+/// (docs/MULTINODE.md): LOW_LATENCY adds the staging regions of the remote ranks ("Buffer
+/// sizes"), HIGH_THROUGHPUT counts the buffer with its staging plus one mirror of it per remote
+/// rank ("HT across nodes"), allocated beside the buffer. The config is checked as `ncclEpCreateGroup` checks
 /// it; its `rdma_buffer_size` is ignored. Returns ncclInvalidArgument for a NULL `bytes`, a bad
 /// config or top-k, and ncclInvalidUsage for a layout the algorithm does not offer.
 #[unsafe(no_mangle)]
@@ -115,19 +128,18 @@ pub unsafe extern "C" fn ncclEpxBufferSize(
             Algorithm::LowLatency => {
                 let slot = ep_core::config::ll_slot_bytes(p.max_token_bytes);
                 let lay = LlLayout::new(p.nranks, p.num_experts, p.max_tokens, slot, h.num_topk)?;
-                // With NCCL_EP_NODE_SIZE: plus the staging of the rank with the most remote
-                // ranks (one in the smallest node), docs/MULTINODE.md.
-                let n = p.nranks as usize;
-                let mut remote = 0;
-                for r in 0..n {
-                    remote = remote.max(crate::transport::identity::remote_ranks_from_env(r, n)?.count_ones() as usize);
-                }
+                let remote = most_remote(p.nranks)?;
                 let stage = ep_core::ll_layout::LlStage::new(&lay)?.total_bytes(remote)?;
                 lay.total_bytes
                     .checked_add(stage)
                     .ok_or_else(|| ep_core::invalid_arg!("the low-latency buffer size overflows"))?
             }
-            Algorithm::HighThroughput => HtLayout::for_group(&p, h.num_topk, 0)?.total_bytes,
+            Algorithm::HighThroughput => match most_remote(p.nranks)? {
+                0 => HtLayout::for_group(&p, h.num_topk, 0)?.total_bytes,
+                // Across nodes (docs/MULTINODE.md, "HT across nodes"): the buffer with its
+                // staging, plus one mirror of it per remote rank.
+                remote => HtLayout::for_group(&p, h.num_topk, staging_rows(&p, &h))?.with_mirrors(remote)?,
+            },
         };
         Ok(())
     })

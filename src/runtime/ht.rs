@@ -21,7 +21,7 @@ use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype
 use ep_core::error::Result;
 use ep_core::handle_rules::HandleParams;
 use ep_core::ht_errors::{BadExpertId, HtPlanError};
-use ep_core::ht_layout::{HT_PIECES, HtHandleLayout, HtLayout, staging_rows};
+use ep_core::ht_layout::{HT_PIECES, HtExchange, HtHandleLayout, HtLayout, staging_rows};
 use ep_core::ht_rules::{HtLayoutOutputs, check_combine, check_dispatch};
 use ep_core::op_args::{CombineArgs, DispatchArgs};
 use ep_core::tensor::TensorView;
@@ -143,6 +143,7 @@ pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
     };
     let mut want = HtLayout::for_group(&g.params, k, stage(g)?)?;
     if prev.is_some() && buffer_bytes(g)? >= want.total_bytes {
+        g.ht_mut()?.buffers.ensure_mirrors(want.total_bytes)?;
         g.ht_mut()?.sized = Some(want);
         return Ok(());
     }
@@ -152,6 +153,9 @@ pub fn ensure_buffer(g: &mut Group, hp: &HandleParams) -> Result<()> {
         want = HtLayout::for_group(&g.params, k, stage(g)?)?;
         allocate(g, want.total_bytes)?;
     }
+    // Remote ranks (docs/MULTINODE.md, "HT across nodes"): a mirror of each one's buffer, the
+    // same layout (nothing for groups on one node).
+    g.ht_mut()?.buffers.ensure_mirrors(want.total_bytes)?;
     g.ht_mut()?.sized = Some(want);
     crate::log::log_info(format_args!(
         "rank {}: high-throughput buffer of {} bytes (K = {k}, {} staging rows)",
@@ -202,6 +206,7 @@ fn base_params(g: &Group, h: &Handle) -> Result<HtParams> {
     p.align = h.params.expert_alignment as i32;
     p.drop = (g.params.overflow == OverflowPolicy::Drop) as i32;
     p.staged = st.multi_process as i32;
+    p.remote = st.buffers.remote().map_or(0, |r| r.mask);
     Ok(p)
 }
 
@@ -278,6 +283,7 @@ pub fn update(
     let smem = 4 * (g.params.num_experts + g.params.nranks) as usize;
     launch_ht(dev, m, "ht_reset", &p, 1, 0, stream)?;
     launch_ht(dev, m, "ht_convert", &p, blocks, 0, stream)?;
+    exchange(g, m, &p, HtExchange::Update, stream)?;
     launch_ht(dev, m, "ht_pull", &p, blocks, 0, stream)?;
     launch_ht(dev, m, "ht_close", &p, 1, 0, stream)?;
     launch_ht(dev, m, "ht_count", &p, g.params.nranks * HT_PIECES as u32, smem, stream)?;
@@ -376,6 +382,27 @@ fn stage(g: &Group, off: usize, src: u64, bytes: usize, stream: cudaStream_t) ->
     unsafe { memory::memcpy_dtod_async(dst + off as u64, src, bytes, Stream::from_raw(stream.cast())) }
 }
 
+/// Groups with remote ranks (docs/MULTINODE.md, "HT across nodes"), after this rank's data for
+/// the operation is in its buffer and before the pull: `ht_publish` puts this rank's open flag
+/// and pointers into its own slots, then one NCCL group moves what `x` names of the buffer into
+/// every remote rank's mirror of it (and theirs into ours), on the caller's stream. Sizes come
+/// from the layout and the call, the same on every rank and every time (graph capturable).
+/// Nothing for groups on one node.
+fn exchange(g: &Group, m: HtModule, p: &HtParams, x: HtExchange, stream: cudaStream_t) -> Result<()> {
+    if p.remote == 0 {
+        return Ok(());
+    }
+    let st = g.ht()?;
+    let lay = st
+        .sized
+        .ok_or_else(|| ep_core::invalid_usage!("the group has no high-throughput buffer yet"))?;
+    let ranges = lay.exchange_ranges(x)?;
+    launch_ht(g.device, m, "ht_publish", p, 1, 0, stream)?;
+    // SAFETY: the caller's stream (C contract of the operation); every rank of the group runs
+    // its operations in the same order with the same sizes (collective, as NVIDIA's).
+    unsafe { st.buffers.exchange_ranges(&ranges, stream) }
+}
+
 /// Launches the phase's one kernel; its last block closes the operation (kernels/ht_common.cuh
 /// `close_when_last`).
 fn finish(g: &Group, m: HtModule, name: &'static str, p: &HtParams, stream: cudaStream_t) -> Result<()> {
@@ -438,7 +465,14 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
             stage(g, off, sc.input, t * sc.row_bytes, stream)?;
         }
     }
-    finish(g, HtModule::Dispatch { em, bwd }, "ht_dispatch_kernel", &p, stream)?;
+    let m = HtModule::Dispatch { em, bwd };
+    let x = HtExchange::Dispatch {
+        row_bytes: call.row_bytes,
+        scale_bytes: p.scale_bytes as usize,
+        weights_topk: if bwd { 0 } else { k },
+    };
+    exchange(g, m, &p, x, stream)?;
+    finish(g, m, "ht_dispatch_kernel", &p, stream)?;
     h.dispatched = true;
     Ok(())
 }
@@ -467,12 +501,26 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         stage(g, lay.stage_tok_off, a.tokens.data, rows * call.row_bytes, stream)?;
         stage(g, lay.stage_w_off, p.in1, rows * if em { 4 } else { 4 * k }, stream)?;
     }
-    let dt = token_dtype(call.dtype);
-    finish(
-        g,
-        HtModule::Combine { em, bwd, dtype: dt },
-        "ht_combine_kernel",
-        &p,
-        stream,
-    )
+    let m = HtModule::Combine {
+        em,
+        bwd,
+        dtype: token_dtype(call.dtype),
+    };
+    if p.remote != 0 {
+        // Every row a source may pull (S, not the caller's tensor rows, which ranks may size
+        // differently), backward with its weights.
+        let lay = g.ht()?.sized.unwrap_or_else(|| unreachable!());
+        let rows = HtHandleLayout::new(&g.params, &h.params)?.recv_rows;
+        let x = HtExchange::Combine {
+            row_bytes: call.row_bytes,
+            rows: rows.min(lay.staging_rows),
+            weight_row_bytes: match (bwd, em) {
+                (false, _) => 0,
+                (true, true) => 4,
+                (true, false) => 4 * k,
+            },
+        };
+        exchange(g, m, &p, x, stream)?;
+    }
+    finish(g, m, "ht_combine_kernel", &p, stream)
 }

@@ -119,9 +119,11 @@ impl HtModule {
                 "ht_count",
                 "ht_offsets",
                 "ht_assign",
+                "ht_publish",
             ],
-            HtModule::Dispatch { .. } => &["ht_dispatch_kernel"],
-            HtModule::Combine { .. } => &["ht_combine_kernel"],
+            // ht_publish (ht_common.cuh): groups with remote ranks, before the exchange.
+            HtModule::Dispatch { .. } => &["ht_dispatch_kernel", "ht_publish"],
+            HtModule::Combine { .. } => &["ht_combine_kernel", "ht_publish"],
         }
     }
 

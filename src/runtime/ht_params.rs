@@ -93,6 +93,10 @@ c_struct! {
         pub pad2: i32,
         /// EM: offset in hmem of the inverse receive table (crates/core/src/ht_layout.rs, `inv`)
         pub inv_off: u64,
+        /// bit r: rank r is on another node (docs/MULTINODE.md, "HT across nodes"): `peers[r]`
+        /// is this rank's mirror of its buffer, filled by the exchange before the pull; no
+        /// flags are written to it and ht_close does not wait for it (0: one node)
+        pub remote: u64,
     }
 }
 
@@ -135,9 +139,9 @@ mod tests {
     fn size_matches_the_kernel_struct() {
         assert_eq!(
             std::mem::size_of::<HtParams>(),
-            8 * 64 + 25 * 8 + 18 * 4 + 2 * 8 + 2 * 4
+            8 * 64 + 25 * 8 + 18 * 4 + 2 * 8 + 2 * 4 + 8
         );
-        assert_eq!(std::mem::size_of::<HtParams>(), 816);
+        assert_eq!(std::mem::size_of::<HtParams>(), 824);
         assert_eq!(std::mem::size_of::<HtHdr>(), 40);
     }
 }

@@ -93,9 +93,10 @@ mod tests {
                     "ht_count",
                     "ht_offsets",
                     "ht_assign",
+                    "ht_publish",
                 ],
-                HtModule::Dispatch { .. } => &["ht_dispatch_kernel"],
-                HtModule::Combine { .. } => &["ht_combine_kernel"],
+                HtModule::Dispatch { .. } => &["ht_dispatch_kernel", "ht_publish"],
+                HtModule::Combine { .. } => &["ht_combine_kernel", "ht_publish"],
             };
             let m = h;
             for k in launched {

@@ -89,6 +89,25 @@ pub trait PeerTransport: Send + Sync {
     unsafe fn exchange(&self, _bytes: usize, _stream: cudaStream_t) -> Result<()> {
         Ok(())
     }
+
+    /// HT's variant (docs/MULTINODE.md, "HT across nodes"): no send regions (a sender sends
+    /// straight from its own buffer) and one **mirror** of each remote rank's buffer holding at
+    /// least `bytes` (zeroed when (re)allocated); afterwards [`PeerTransport::peers`] gives a
+    /// remote rank's mirror, which the kernels read as if it were that rank's buffer. Local to
+    /// this rank; no operation of the group may be in flight.
+    fn ensure_mirrors(&mut self, _bytes: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Moves the byte `ranges` (offset, length) of this rank's own buffer to the same offsets of
+    /// every remote rank's mirror of it, and receives theirs into this rank's mirrors, queued on
+    /// `stream`: one NCCL group, ranges in the given order for each peer.
+    ///
+    /// # Safety
+    /// As [`PeerTransport::exchange`].
+    unsafe fn exchange_ranges(&self, _ranges: &[(usize, usize)], _stream: cudaStream_t) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Where the kernels find remote peers' messages (docs/MULTINODE.md, `LlParams::remote`).
@@ -136,6 +155,7 @@ impl PeerBuffers {
                 send: None,
                 recv: None,
                 stride: 0,
+                mirror: false,
             })
         }
     }
@@ -196,6 +216,20 @@ impl PeerBuffers {
     pub unsafe fn exchange(&self, bytes: usize, stream: cudaStream_t) -> Result<()> {
         // SAFETY: this function's contract is the trait method's.
         unsafe { self.t.exchange(bytes, stream) }
+    }
+
+    /// See [`PeerTransport::ensure_mirrors`].
+    pub fn ensure_mirrors(&mut self, bytes: usize) -> Result<()> {
+        self.t.ensure_mirrors(bytes)
+    }
+
+    /// See [`PeerTransport::exchange_ranges`].
+    ///
+    /// # Safety
+    /// As [`PeerTransport::exchange`].
+    pub unsafe fn exchange_ranges(&self, ranges: &[(usize, usize)], stream: cudaStream_t) -> Result<()> {
+        // SAFETY: this function's contract is the trait method's.
+        unsafe { self.t.exchange_ranges(ranges, stream) }
     }
 }
 
@@ -301,13 +335,17 @@ impl PeerTransport for IpcPeers {
 
 /// A rank of an NCCL group spanning nodes: the ranks of its node through [`IpcPeers`], every
 /// other (remote) rank through a send and a receive staging region of this rank
-/// (`ep_core::ll_layout::LlStage`), packed in rank order, moved by [`PeerTransport::exchange`].
+/// (`ep_core::ll_layout::LlStage`), packed in rank order, moved by [`PeerTransport::exchange`]
+/// (LL); or (HT, [`PeerTransport::ensure_mirrors`]) through a receive region per remote rank
+/// that mirrors its buffer, filled by [`PeerTransport::exchange_ranges`].
 pub struct RemotePeers {
     ipc: IpcPeers,
     send: Option<DeviceMem>,
     recv: Option<DeviceMem>,
     /// Bytes per staging region (0 before the first `ensure_stage`).
     stride: usize,
+    /// The receive regions are mirrors (HT): no send regions, `peers` gives the mirrors.
+    mirror: bool,
 }
 
 impl RemotePeers {
@@ -318,6 +356,41 @@ impl RemotePeers {
     /// Region of the `i`-th remote rank in a staging block.
     fn region(&self, block: &Option<DeviceMem>, i: usize) -> u64 {
         block.as_ref().map_or(0, |b| b.ptr() + (i * self.stride) as u64)
+    }
+
+    /// (Re)allocates the regions, zeroed: `stride` bytes per remote rank, receive regions and
+    /// (LL, `send`) send regions; without send regions the receive regions are HT's mirrors.
+    fn allocate(&mut self, stride: usize, send: bool) -> Result<()> {
+        let n = self.remote_ranks().count();
+        let bytes = stride
+            .checked_mul(n)
+            .ok_or_else(|| ep_core::invalid_arg!("the staging size overflows ({stride} x {n})"))?;
+        let dev = self.ipc.device;
+        let _g = CtxGuard::enter(dev)?;
+        // The old regions may still be read by queued exchanges.
+        synchronize_current()?;
+        self.send = None;
+        self.recv = None;
+        let blocks = if send { 2 } else { 1 };
+        let send = send.then(|| DeviceMem::alloc(dev, bytes)).transpose()?;
+        let recv = DeviceMem::alloc(dev, bytes)?;
+        // SAFETY: every live allocation holds `bytes`; zero is never a valid tag.
+        unsafe {
+            if let Some(s) = &send {
+                memory::memset_d8_async(s.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)?;
+            }
+            memory::memset_d8_async(recv.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)?;
+        }
+        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
+        crate::log::log_info(format_args!(
+            "rank {}: staging for {n} remote rank(s), {blocks} x {bytes} bytes",
+            self.ipc.rank
+        ));
+        self.mirror = send.is_none();
+        self.send = send;
+        self.recv = Some(recv);
+        self.stride = stride;
+        Ok(())
     }
 }
 
@@ -334,12 +407,14 @@ impl PeerTransport for RemotePeers {
         let Some((mut ptrs, bytes)) = self.ipc.peers(need)? else {
             return Ok(None);
         };
+        // LL writes a remote rank's messages into its send region; HT reads its mirror.
+        let regions = if self.mirror { &self.recv } else { &self.send };
         ep_core::ensure_usage!(
-            self.send.is_some(),
+            regions.is_some(),
             "the group has no staging regions for its remote ranks yet"
         );
         for (i, r) in self.remote_ranks().enumerate() {
-            ptrs[r] = self.region(&self.send, i);
+            ptrs[r] = self.region(regions, i);
         }
         Ok(Some((ptrs, bytes)))
     }
@@ -384,32 +459,41 @@ impl PeerTransport for RemotePeers {
         if self.send.is_some() && stride <= self.stride {
             return Ok(());
         }
-        let n = self.remote_ranks().count();
-        let bytes = stride
-            .checked_mul(n)
-            .ok_or_else(|| ep_core::invalid_arg!("the staging size overflows ({stride} x {n})"))?;
-        let dev = self.ipc.device;
-        let _g = CtxGuard::enter(dev)?;
-        // The old regions may still be read by queued exchanges.
-        synchronize_current()?;
-        self.send = None;
-        self.recv = None;
-        let send = DeviceMem::alloc(dev, bytes)?;
-        let recv = DeviceMem::alloc(dev, bytes)?;
-        // SAFETY: both live allocations hold `bytes`; zero is never a valid tag.
-        unsafe {
-            memory::memset_d8_async(send.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)?;
-            memory::memset_d8_async(recv.ptr(), 0, bytes, memory::Stream::LEGACY_DEFAULT)?;
+        self.allocate(stride, true)
+    }
+
+    fn ensure_mirrors(&mut self, bytes: usize) -> Result<()> {
+        if self.mirror && self.recv.is_some() && bytes <= self.stride {
+            return Ok(());
         }
-        memory::stream_synchronize(memory::Stream::LEGACY_DEFAULT)?;
-        crate::log::log_info(format_args!(
-            "rank {}: staging for {n} remote rank(s), 2 x {bytes} bytes",
-            self.ipc.rank
-        ));
-        self.send = Some(send);
-        self.recv = Some(recv);
-        self.stride = stride;
-        Ok(())
+        self.allocate(bytes, false)
+    }
+
+    unsafe fn exchange_ranges(&self, ranges: &[(usize, usize)], stream: cudaStream_t) -> Result<()> {
+        let own = self.ipc.own();
+        for &(off, len) in ranges {
+            ep_core::ensure_usage!(
+                self.mirror && own != 0 && off + len <= self.stride && off + len <= self.ipc.bytes(),
+                "the mirrors of the remote ranks ({} bytes) or this rank's buffer ({} bytes) are too small for \
+                 {len} bytes at offset {off}",
+                self.stride,
+                self.ipc.bytes()
+            );
+        }
+        let xfers = mirror_transfers(
+            self.ipc.remote,
+            self.ipc.nranks,
+            own,
+            |i| self.region(&self.recv, i),
+            ranges,
+        );
+        let nccl = Nccl::get()?;
+        // SAFETY: the caller's live communicator; `stream` as this function's contract says; every
+        // range lies inside this rank's buffer and inside each mirror (checked above), which live
+        // until the next `ensure`/`ensure_mirrors` (both synchronise first); every rank posts the
+        // same ranges for the same operation, remote ranks in rank order, so each pair's calls
+        // match.
+        unsafe { nccl.exchange(&xfers, self.ipc.comm, stream) }
     }
 
     unsafe fn exchange(&self, bytes: usize, stream: cudaStream_t) -> Result<()> {
@@ -448,6 +532,23 @@ pub fn remote_transfers(remote: u64, nranks: usize, region: impl Fn(usize) -> (u
                 bytes,
             }
         })
+        .collect()
+}
+
+/// The transfers of one HT exchange (`exchange_ranges`): for each range in order, every remote
+/// rank in rank order, sent from `own + offset` and received at `mirror(index among the remote
+/// ranks) + offset` (pure, for tests). Empty ranges post nothing.
+pub fn mirror_transfers(
+    remote: u64,
+    nranks: usize,
+    own: u64,
+    mirror: impl Fn(usize) -> u64,
+    ranges: &[(usize, usize)],
+) -> Vec<P2p> {
+    ranges
+        .iter()
+        .filter(|r| r.1 > 0)
+        .flat_map(|&(off, len)| remote_transfers(remote, nranks, |i| (own + off as u64, mirror(i) + off as u64), len))
         .collect()
 }
 
@@ -533,6 +634,40 @@ mod tests {
         assert!(remote_transfers(0, 8, |_| (0, 0), 64).is_empty());
         // Bits past nranks are ignored.
         assert_eq!(remote_transfers(0b1_0000_0010, 4, |_| (0, 0), 8).len(), 1);
+    }
+
+    #[test]
+    fn mirror_transfers_keep_range_order_per_peer() {
+        let x = mirror_transfers(0b1010, 4, 1000, |i| 5000 + 100 * i as u64, &[(0, 8), (16, 0), (32, 4)]);
+        let p = |peer, send, recv, bytes| P2p {
+            peer,
+            send,
+            recv,
+            bytes,
+        };
+        assert_eq!(
+            x,
+            vec![
+                p(1, 1000, 5000, 8),
+                p(3, 1000, 5100, 8),
+                p(1, 1032, 5032, 4),
+                p(3, 1032, 5132, 4)
+            ]
+        );
+        assert!(mirror_transfers(0, 4, 1000, |_| 0, &[(0, 8)]).is_empty());
+    }
+
+    #[test]
+    fn remote_mirrors_before_the_first_buffer() {
+        let p = PeerBuffers::nccl(std::ptr::null_mut(), 0, 4, 0, 0b1100);
+        // SAFETY: refused before any NCCL call (no mirrors yet).
+        let e = unsafe { p.exchange_ranges(&[(0, 64)], std::ptr::null_mut()) }.unwrap_err();
+        assert!(e.msg.contains("too small"), "{}", e.msg);
+        // Load/store transports have nothing to mirror.
+        let mut q = PeerBuffers::nccl(std::ptr::null_mut(), 0, 4, 0, 0);
+        assert!(q.ensure_mirrors(1 << 20).is_ok());
+        // SAFETY: nothing to exchange: no NCCL call.
+        assert!(unsafe { q.exchange_ranges(&[(0, 64)], std::ptr::null_mut()) }.is_ok());
     }
 
     #[test]

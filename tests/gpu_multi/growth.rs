@@ -144,6 +144,7 @@ pub fn ht_growth(r: &Rank, t: &mut Tally) -> Result<(), String> {
         global_ids: false,
         idx64: true,
         quant_fwd: false,
+        backward: false,
     };
     let cases = [
         case(Layout::Flat, 1, 0, Some(HT_B), Routing::Uniform),

@@ -260,6 +260,7 @@ pub fn ht_zero_copy(r: &Rank, t: &mut Tally) -> Result<(), String> {
                 global_ids: false,
                 idx64: true,
                 quant_fwd: false,
+                backward: false,
             };
             let zc = HtWindows {
                 window: &w,
@@ -282,6 +283,7 @@ pub fn ht_zero_copy(r: &Rank, t: &mut Tally) -> Result<(), String> {
                 global_ids: false,
                 idx64: true,
                 quant_fwd: false,
+                backward: false,
             };
             let bad = match ht_round_windowed(r, &g, &s, l, budget, &c, &mut rng, None) {
                 Ok(_) => vec!["ON, ordinary dispatch output: accepted, expected ncclInvalidArgument".to_string()],

@@ -198,6 +198,91 @@ pub fn staging_rows(p: &GroupParams, h: &HandleParams) -> usize {
     (p.max_tokens as usize).max(recv_bound(p, h))
 }
 
+/// What one HT operation moves to every remote rank of a group spanning nodes
+/// (docs/MULTINODE.md, "HT across nodes"): the parts of the sender's group buffer a receiver
+/// would pull, received into the receiver's **mirror** of the sender (a region with the group
+/// buffer's offsets). Sizes depend on the layout and the call's row sizes only (the same on
+/// every rank), never on the routing, so every operation posts the same NCCL calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HtExchange {
+    /// The metadata pass: open flags, pointers (bad routing entry) and `own[B][K]`.
+    Update,
+    /// Dispatch: the signals, the staged tokens and scales of B rows, and (forward) their
+    /// `B·K` weights.
+    Dispatch {
+        row_bytes: usize,
+        scale_bytes: usize,
+        /// K of the handle for a forward dispatch (weights move), 0 for backward.
+        weights_topk: usize,
+    },
+    /// Combine: the signals, `rows` staged expert-output rows and (backward) their weights,
+    /// `weight_row_bytes` per row (0: forward, none).
+    Combine {
+        row_bytes: usize,
+        rows: usize,
+        weight_row_bytes: usize,
+    },
+}
+
+impl HtLayout {
+    /// Byte ranges `(offset, len)` of the group buffer that operation `x` moves to each remote
+    /// rank, in the order both sides post them. Fails when they do not fit the buffer (a
+    /// dispatch or combine needs the staging of groups spanning processes).
+    pub fn exchange_ranges(&self, x: HtExchange) -> Result<Vec<(usize, usize)>> {
+        // open[N], done[N] and ptrs[N][4]: the receiver reads the sender's own open flag and
+        // pointer slot from it.
+        let signals = (0, self.own_off);
+        let b = self.max_tokens;
+        let v = match x {
+            HtExchange::Update => vec![(0, add(self.own_off, mul(4, mul(b, self.topk)?)?)?)],
+            HtExchange::Dispatch {
+                row_bytes,
+                scale_bytes,
+                weights_topk,
+            } => vec![
+                signals,
+                (self.stage_tok_off, mul(b, add(row_bytes, scale_bytes)?)?),
+                (self.stage_w_off, mul(b, mul(4, weights_topk)?)?),
+            ],
+            HtExchange::Combine {
+                row_bytes,
+                rows,
+                weight_row_bytes,
+            } => vec![
+                signals,
+                (self.stage_tok_off, mul(rows, row_bytes)?),
+                (self.stage_w_off, mul(rows, weight_row_bytes)?),
+            ],
+        };
+        let v: Vec<(usize, usize)> = v.into_iter().filter(|r| r.1 > 0).collect();
+        for &(off, len) in &v {
+            // Each range stays inside its region: signals and own, token staging, weight staging.
+            let limit = if off < self.stage_tok_off {
+                self.all_off
+            } else if off < self.stage_w_off {
+                self.stage_w_off
+            } else {
+                self.total_bytes
+            };
+            crate::ensure_usage!(
+                off < self.stage_tok_off || self.staging_rows > 0,
+                "high-throughput across nodes: the group buffer has no staging"
+            );
+            crate::ensure_usage!(
+                add(off, len)? <= limit,
+                "high-throughput across nodes: {len} bytes at offset {off} overflow their region (it ends at {limit})"
+            );
+        }
+        Ok(v)
+    }
+
+    /// Bytes one rank allocates for a group spanning nodes with `remote` remote ranks: its
+    /// group buffer (this layout, with staging) and one mirror of that size per remote rank.
+    pub fn with_mirrors(&self, remote: usize) -> Result<usize> {
+        mul(self.total_bytes, add(1, remote)?)
+    }
+}
+
 /// The metadata block of an HT handle (`ncclEpHandleMemSize`):
 ///
 /// ```text
@@ -439,5 +524,77 @@ mod tests {
             HtHandleLayout::new(&huge, &hp(Layout::Flat, 32, 1)).unwrap_err().code(),
             5
         );
+    }
+
+    /// Across nodes (docs/MULTINODE.md, "HT across nodes"): what each operation moves per remote
+    /// rank, inside the regions the receiver reads, and what a rank allocates.
+    #[test]
+    fn exchange_ranges_per_operation() {
+        // N = 4, E = 32, B = 64, S = 2048, Hb = 14336, K = 8: staging max(B, S) = 2048 rows.
+        let p = params(4, 32, 64, 2048, 8);
+        let h = hp(Layout::Flat, 8, 1);
+        let l = HtLayout::for_group(&p, 8, staging_rows(&p, &h)).unwrap();
+        assert_eq!(l.staging_rows, 2048);
+        assert_eq!(
+            l.exchange_ranges(HtExchange::Update).unwrap(),
+            vec![(0, l.own_off + 64 * 8 * 4)]
+        );
+        // Forward dispatch of bf16 H = 7168 with 224-byte scale rows: B rows of both, B·K weights.
+        let d = HtExchange::Dispatch {
+            row_bytes: 14336 - 224,
+            scale_bytes: 224,
+            weights_topk: 8,
+        };
+        assert_eq!(
+            l.exchange_ranges(d).unwrap(),
+            vec![
+                (0, l.own_off),
+                (l.stage_tok_off, 64 * 14336),
+                (l.stage_w_off, 64 * 8 * 4)
+            ]
+        );
+        // Backward: no weights.
+        let bwd = HtExchange::Dispatch {
+            row_bytes: 4096,
+            scale_bytes: 0,
+            weights_topk: 0,
+        };
+        assert_eq!(
+            l.exchange_ranges(bwd).unwrap(),
+            vec![(0, l.own_off), (l.stage_tok_off, 64 * 4096)]
+        );
+        // Combine: S rows; backward FLAT weights are K floats a row.
+        let c = HtExchange::Combine {
+            row_bytes: 14336,
+            rows: 2048,
+            weight_row_bytes: 32,
+        };
+        assert_eq!(
+            l.exchange_ranges(c).unwrap(),
+            vec![
+                (0, l.own_off),
+                (l.stage_tok_off, 2048 * 14336),
+                (l.stage_w_off, 2048 * 32)
+            ]
+        );
+        // Past the staging: refused, never a transfer out of bounds.
+        let big = HtExchange::Combine {
+            row_bytes: 14336,
+            rows: 2049,
+            weight_row_bytes: 0,
+        };
+        assert_eq!(l.exchange_ranges(big).unwrap_err().code(), 5);
+        let nostage = HtLayout::for_group(&p, 8, 0).unwrap();
+        assert!(nostage.exchange_ranges(HtExchange::Update).is_ok());
+        assert_eq!(nostage.exchange_ranges(d).unwrap_err().code(), 5);
+        // Every range of every operation lies inside the mirror (the same layout).
+        for x in [HtExchange::Update, d, bwd, c] {
+            for (off, len) in l.exchange_ranges(x).unwrap() {
+                assert!(off + len <= l.total_bytes);
+            }
+        }
+        // A rank with 2 remote ranks: its buffer and 2 mirrors.
+        assert_eq!(l.with_mirrors(2).unwrap(), 3 * l.total_bytes);
+        assert_eq!(l.with_mirrors(0).unwrap(), l.total_bytes);
     }
 }
