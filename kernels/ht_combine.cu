@@ -81,7 +81,11 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_combine_kernel(const
     const i64 off = (i64)seg * HT_SEG_BYTES;
     const int n16 = segment_bytes(p.row_bytes, seg) >> 4;
     int4* out = (int4*)((char*)p.out0 + (i64)t * p.row_bytes + off);
-    for (int c0 = lane; c0 < n16; c0 += 32 * UNROLL) {
+    // Warp-uniform chunk loop (every lane runs every step, predicated per chunk): the shuffles
+    // inside need all 32 lanes, which a lane-dependent bound (c0 = lane; c0 < n16) does not
+    // give when n16 % 128 is between 1 and 31.
+    for (int cb = 0; cb < n16; cb += 32 * UNROLL) {
+      const int c0 = cb + lane;
       float acc[UNROLL][ELEMS];
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u)

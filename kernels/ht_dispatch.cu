@@ -77,19 +77,26 @@ __device__ void dispatch_em(const HtParams& p, u64 present, u64 (*sp)[HT_PTR_SLO
       const int r = k0 + lane < K ? inv[st * K + k0 + lane] : -1;
       const unsigned m = __ballot_sync(0xffffffffu, r >= 0);
       if (!m) continue;
-      for (int c0 = lane; c0 < n16; c0 += 128) {
+      // The chunk loop is warp-uniform (every lane runs every step, predicated per chunk), so
+      // that the shuffle below always has all 32 lanes: a lane-dependent loop bound left lanes
+      // out of it on rows of fewer than 32 chunks (QUANT_FWD scale rows) and hung the warp.
+      for (int cb = 0; cb < n16; cb += 128) {
         int4 v[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (c0 + 32 * u < n16) v[u] = ld_cg(src + c0 + 32 * u);
+        for (int u = 0; u < 4; ++u) {
+          const int c = cb + lane + 32 * u;
+          if (c < n16) v[u] = ld_cg(src + c);
+        }
         unsigned mm = m;
         while (mm) {
           const int j = __ffs(mm) - 1;
           mm &= mm - 1;
           int4* d = (int4*)(out + (i64)__shfl_sync(0xffffffffu, r, j) * rb + off);
 #pragma unroll
-          for (int u = 0; u < 4; ++u)
-            if (c0 + 32 * u < n16) st_cs(d + c0 + 32 * u, v[u]);
+          for (int u = 0; u < 4; ++u) {
+            const int c = cb + lane + 32 * u;
+            if (c < n16) st_cs(d + c, v[u]);
+          }
         }
       }
     }
