@@ -44,14 +44,18 @@ __device__ __forceinline__ void st_release_sys_int(int* p, int v) {
   asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+// 16-byte loads with a cache operator: `name` loads with `ld.global.<op>.v4.s32`.
+#define EP_LD_V4(name, op)                                                         \
+  __device__ __forceinline__ int4 name(const int4* p) {                           \
+    int4 v;                                                                        \
+    asm volatile("ld.global." op ".v4.s32 {%0,%1,%2,%3}, [%4];"                    \
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)                      \
+                 : "l"(p));                                                        \
+    return v;                                                                      \
+  }
+
 // Loads that bypass L1: data other GPUs or other kernels wrote.
-__device__ __forceinline__ int4 ld_cg(const int4* p) {
-  int4 v;
-  asm volatile("ld.global.cg.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
+EP_LD_V4(ld_cg, "cg")
 
 __device__ __forceinline__ int ld_cg_int(const int* p) {
   int v;
@@ -115,13 +119,7 @@ __device__ __forceinline__ int grid_warps() { return (int)((gridDim.x * blockDim
 #define EP_LD_CG 1
 #define EP_LD_CS 2
 
-__device__ __forceinline__ int4 ld_cs(const int4* p) {
-  int4 v;
-  asm volatile("ld.global.cs.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
+EP_LD_V4(ld_cs, "cs")
 
 template <int LD>
 __device__ __forceinline__ int4 ld16(const int4* p) {
