@@ -139,7 +139,7 @@ mod tests {
     fn size_matches_the_kernel_struct() {
         assert_eq!(
             std::mem::size_of::<HtParams>(),
-            8 * 64 + 25 * 8 + 18 * 4 + 2 * 8 + 2 * 4 + 8
+            8 * 64 + 25 * 8 + 18 * 4 + 2 * 8 + 2 * 4 + 2 * 8
         );
         assert_eq!(std::mem::size_of::<HtParams>(), 824);
         assert_eq!(std::mem::size_of::<HtHdr>(), 40);
