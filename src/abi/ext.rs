@@ -87,11 +87,15 @@ pub unsafe extern "C" fn ncclEpxCreateLocalGroups(
 /// node), docs/MULTINODE.md; 0 without it.
 fn most_remote(nranks: u32) -> ep_core::error::Result<usize> {
     let n = nranks as usize;
-    let mut remote = 0;
-    for r in 0..n {
-        remote = remote.max(crate::transport::identity::remote_ranks_from_env(r, n)?.count_ones() as usize);
+    if n == 0 {
+        return Ok(0);
     }
-    Ok(remote)
+    // A rank's remote set depends only on its node, so the first node (full) and the last (the
+    // smallest when n is not a multiple of the node size) cover every case: two evaluations, not
+    // one per rank (num_ranks may be huge here; each evaluation reads the environment).
+    let first = crate::transport::identity::remote_ranks_from_env(0, n)?.count_ones() as usize;
+    let last = crate::transport::identity::remote_ranks_from_env(n - 1, n)?.count_ones() as usize;
+    Ok(first.max(last))
 }
 
 /// Bytes of the per-rank communication buffer a group of `num_ranks` ranks needs for handles
