@@ -144,20 +144,20 @@ __device__ __forceinline__ void st16(int4* p, int4 v) {
 
 // Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp. Four 16-byte
 // loads per lane are in flight before the stores: one outstanding load per lane leaves HBM
-// latency-bound at a fraction of its bandwidth. CG: the load mode (EP_LD_*; true = .cg);
-// CS: streaming stores.
-template <int CG = EP_LD_PLAIN, bool CS = false>
+// latency-bound at a fraction of its bandwidth. LD: the load mode (EP_LD_*); CS: streaming
+// stores.
+template <int LD = EP_LD_PLAIN, bool CS = false>
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, int bytes, int lane) {
   int4* d = (int4*)dst;
   const int4* s = (const int4*)src;
   const int n = bytes >> 4;
   int i = lane;
   for (; i + 96 < n; i += 128) {
-    int4 a = ld16<CG>(s + i), b = ld16<CG>(s + i + 32), c = ld16<CG>(s + i + 64), e = ld16<CG>(s + i + 96);
+    int4 a = ld16<LD>(s + i), b = ld16<LD>(s + i + 32), c = ld16<LD>(s + i + 64), e = ld16<LD>(s + i + 96);
     st16<CS>(d + i, a);
     st16<CS>(d + i + 32, b);
     st16<CS>(d + i + 64, c);
     st16<CS>(d + i + 96, e);
   }
-  for (; i < n; i += 32) st16<CS>(d + i, ld16<CG>(s + i));
+  for (; i < n; i += 32) st16<CS>(d + i, ld16<LD>(s + i));
 }

@@ -139,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(cons
         continue;
       }
       const int s = src / B, t = src % B;
-      if ((present >> s) & 1) warp_copy<true>(sdst, src_scales(p, sp, s) + (i64)t * p.scale_bytes + soff, sbytes, lane);
+      if ((present >> s) & 1) warp_copy<EP_LD_CG>(sdst, src_scales(p, sp, s) + (i64)t * p.scale_bytes + soff, sbytes, lane);
       continue;
     }
     const i64 off = (i64)seg * HT_SEG_BYTES;
@@ -151,7 +151,7 @@ extern "C" __global__ void __launch_bounds__(HT_THREADS) ht_dispatch_kernel(cons
     }
     const int s = src / B, t = src % B;
     if (!((present >> s) & 1)) continue;
-    warp_copy<true>(dst, src_tokens(p, sp, s) + (i64)t * p.row_bytes + off, bytes, lane);
+    warp_copy<EP_LD_CG>(dst, src_tokens(p, sp, s) + (i64)t * p.row_bytes + off, bytes, lane);
 #if !EP_BWD
     if (seg == 0) {
       const float* w = src_weights(p, sp, s) + (i64)t * K;

@@ -281,8 +281,8 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
   // shrink (down to 512 bytes, one chunk per lane) so that more warps each wait for one round of
   // K loads.
   int seg_bytes = EP_SEG_BYTES;
-  while (seg_bytes > EP_SEG_BYTES / 4 && p.num_tokens * ((p.row_bytes + seg_bytes - 1) / seg_bytes) < gwarps) seg_bytes >>= 1;
-  const int nseg = (p.row_bytes + seg_bytes - 1) / seg_bytes;
+  while (seg_bytes > EP_SEG_BYTES / 4 && p.num_tokens * num_segments(p.row_bytes, seg_bytes) < gwarps) seg_bytes >>= 1;
+  const int nseg = num_segments(p.row_bytes, seg_bytes);
   // Last tokens first: the send phases wrote the rows in token order, so the latest ones are
   // the likeliest to be still in L2.
   const int items = p.num_tokens * nseg;
@@ -322,7 +322,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
       rk[k] = (const char*)__shfl_sync(0xffffffffu, (unsigned long long)row, k);
     }
     const i64 off = (i64)seg * seg_bytes;
-    const int n16 = min(seg_bytes, p.row_bytes - (int)off) >> 4;
+    const int n16 = segment_bytes(p.row_bytes, seg, seg_bytes) >> 4;
     int4* out = (int4*)((char*)p.out + (i64)t * p.row_bytes + off);
 #if EP_NVFP4
     // 1/g of each contribution's message (1 where that is infinite: g = 0), lane k reading k's.

@@ -184,11 +184,13 @@ __device__ __forceinline__ int wait_source(const LlParams& p, const u64* flag, i
 // Rows are split into segments of this many bytes so that many warps share one long row.
 #define EP_SEG_BYTES 2048
 
-__device__ __forceinline__ int num_segments(int row_bytes) { return (row_bytes + EP_SEG_BYTES - 1) / EP_SEG_BYTES; }
+__device__ __forceinline__ int num_segments(int row_bytes, int seg_bytes = EP_SEG_BYTES) {
+  return (row_bytes + seg_bytes - 1) / seg_bytes;
+}
 
 // Bytes of segment `seg` of a row.
-__device__ __forceinline__ int segment_bytes(int row_bytes, int seg) {
-  return min(EP_SEG_BYTES, row_bytes - seg * EP_SEG_BYTES);
+__device__ __forceinline__ int segment_bytes(int row_bytes, int seg, int seg_bytes = EP_SEG_BYTES) {
+  return min(seg_bytes, row_bytes - seg * seg_bytes);
 }
 
 __device__ __forceinline__ int topk_at(const LlParams& p, int t, int k) {

@@ -362,8 +362,8 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
       }
     }
     // Zero-copy: the sender already stored the token bytes in our outputs->tokens.
-    if (tok > 0 && !p.direct_out) warp_copy<true>((char*)p.out + orow * p.row_bytes + off, src, tok, lane);
-    if (len > tok) warp_copy<true>((char*)p.out_scales + orow * p.scale_bytes + soff, src + (tok >> 4), len - tok, lane);
+    if (tok > 0 && !p.direct_out) warp_copy<EP_LD_CG>((char*)p.out + orow * p.row_bytes + off, src, tok, lane);
+    if (len > tok) warp_copy<EP_LD_CG>((char*)p.out_scales + orow * p.scale_bytes + soff, src + (tok >> 4), len - tok, lane);
 #endif
   }
 }

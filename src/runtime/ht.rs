@@ -290,10 +290,9 @@ pub fn update(
     launch_ht(dev, m, "ht_offsets", &p, 1, smem, stream)?;
     if em {
         // The inverse table: -1 wherever ht_assign writes no row (no local expert, dropped).
-        let hl = HtHandleLayout::new(&g.params, &h.params)?;
-        let words = (hl.total_bytes - hl.inv_off) / 4;
-        // SAFETY: [inv_off, total_bytes) lies inside the handle's metadata block (its layout);
-        // stream-ordered before ht_assign, which fills it.
+        let words = p.nranks as usize * p.max_tokens as usize * p.topk as usize;
+        // SAFETY: inv[N][B][K] lies inside the handle's metadata block (HtHandleLayout, whose
+        // offset base_params put in p.inv_off); stream-ordered before ht_assign, which fills it.
         unsafe { memory::memset_d32_async(p.hmem + p.inv_off, u32::MAX, words, Stream::from_raw(stream.cast()))? };
     }
     launch_ht(dev, m, "ht_assign", &p, blocks, 0, stream)?;

@@ -48,6 +48,9 @@ pub struct LlState {
     pub blocks: u32,
     /// Bound on every GPU wait (0 = none).
     pub timeout_ns: i64,
+    /// Every peer's buffer is on this GPU (`all_peers_on_this_gpu`, fixed at creation): the
+    /// kernels fence at GPU scope (`LlParams::gpu_scope`).
+    pub gpu_scope: bool,
     /// `NCCL_EP_PROFILE=1`: per-block phase timestamps (debugging only: each launch then waits).
     pub prof: Option<PinnedHostMem>,
 }
@@ -134,6 +137,7 @@ impl LlState {
             pending: None,
             blocks,
             timeout_ns,
+            gpu_scope: all_peers_on_this_gpu(g),
             prof,
         })
     }
@@ -231,7 +235,7 @@ fn base_params(g: &Group, lay: &LlLayout) -> Result<LlParams> {
         p.stage_stride = r.stride;
     }
     p.timeout_ns = ll.timeout_ns;
-    p.gpu_scope = all_peers_on_this_gpu(g) as i32;
+    p.gpu_scope = ll.gpu_scope as i32;
     p.rank = g.params.rank as i32;
     p.nranks = g.params.nranks as i32;
     p.num_experts = g.params.num_experts as i32;
