@@ -141,8 +141,13 @@ struct LlParams {
   // 1: every peer's buffer is on this GPU (1 rank, or a local group on one device): the
   // kernels' fences and flag releases use GPU scope instead of system scope
   int gpu_scope;
+  // combine, both phases in this call (not send_only): the rows this rank sends itself
+  // are not staged; the send phase stores each row's address (u64) in its cell and the
+  // receive phase reads the expert output in place (NVFP4 stages as before)
+  int self_direct;
+  int pad0;
 };
-static_assert(sizeof(LlParams) == 1304, "LlParams: size of src/runtime/ll_params.rs");
+static_assert(sizeof(LlParams) == 1312, "LlParams: size of src/runtime/ll_params.rs");
 static_assert(alignof(LlParams) == 8, "LlParams: alignment of src/runtime/ll_params.rs");
 #ifdef EP_LAYOUT_CHECKS
 static_assert(__builtin_offsetof(LlParams, peers) == 0 && sizeof(((LlParams*)0)->peers) == 512, "LlParams.peers: offset and size in src/runtime/ll_params.rs");
@@ -191,6 +196,8 @@ static_assert(__builtin_offsetof(LlParams, scale_bytes) == 1288 && sizeof(((LlPa
 static_assert(__builtin_offsetof(LlParams, quant) == 1292 && sizeof(((LlParams*)0)->quant) == 4, "LlParams.quant: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, round_scales) == 1296 && sizeof(((LlParams*)0)->round_scales) == 4, "LlParams.round_scales: offset and size in src/runtime/ll_params.rs");
 static_assert(__builtin_offsetof(LlParams, gpu_scope) == 1300 && sizeof(((LlParams*)0)->gpu_scope) == 4, "LlParams.gpu_scope: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, self_direct) == 1304 && sizeof(((LlParams*)0)->self_direct) == 4, "LlParams.self_direct: offset and size in src/runtime/ll_params.rs");
+static_assert(__builtin_offsetof(LlParams, pad0) == 1308 && sizeof(((LlParams*)0)->pad0) == 4, "LlParams.pad0: offset and size in src/runtime/ll_params.rs");
 #endif
 
 // src/runtime/ht_params.rs

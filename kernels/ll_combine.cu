@@ -191,9 +191,41 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
   const int lane = threadIdx.x & 31;
   const int gwarp = spread_warp();
   const int gwarps = grid_warps();
-  int total = 0;
-  for (int s = 0; s < N; ++s) total += meta[s];
-  // Work items: (received message, top-k entry (EM) , segment).
+  int total = 0, before = 0;  // messages received, and those from ranks below this one
+  for (int s = 0; s < N; ++s) {
+    total += meta[s];
+    if (s < p.rank) before += meta[s];
+  }
+  const int mine = meta[p.rank];
+#if EP_NVFP4
+  const bool direct = false;
+#else
+  // To itself (p.self_direct): each row's address instead of the row, one thread per (message,
+  // top-k entry), so that the loop below, over segments of rows, skips these messages entirely
+  // (its per-item metadata reads cost more than the address stores themselves).
+  const bool direct = p.self_direct && ((active >> p.rank) & 1ull);
+  if (direct) {
+    const int per = EP_EM ? K : 1;
+    const int* m0 = meta + 2 * N + (i64)p.rank * p.max_tokens * (K + 1);
+    char* recv = send_base(p, p.rank, epoch) + p.off_data;
+    for (int i = gwarp * 32 + lane; i < mine * per; i += gwarps * 32) {
+      const int slot = i / per;
+      const int* mrow = m0 + (i64)slot * (K + 1);
+      const int token = mrow[0];
+#if EP_EM
+      const int k = i % per, row = mrow[1 + k];
+      if (row < 0) continue;
+      *(u64*)(recv + ((i64)token * K + k) * p.cmsg) = (u64)((const char*)p.x + (i64)row * p.row_bytes);
+#else
+      const i64 srow = (i64)p.rank * p.max_tokens + slot;
+      *(u64*)(recv + ((i64)token * K + mrow[1]) * p.cmsg) = (u64)((const char*)p.x + srow * p.row_bytes);
+#endif
+    }
+    total -= mine;
+  }
+#endif
+  // Work items: (received message, top-k entry (EM) , segment); with `direct`, this rank's own
+  // messages are left out of the numbering.
   const int nseg = num_segments(p.row_bytes);
 #if EP_EM
   const int per_msg = K * nseg;
@@ -203,6 +235,7 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
   for (int it = gwarp; it < total * per_msg; it += gwarps) {
     const int seg = it % nseg;
     int s = 0, slot = it / per_msg;
+    if (direct && slot >= before) slot += mine;
     while (slot >= meta[s]) slot -= meta[s++];
     if (!((active >> s) & 1ull)) continue;
     const int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
@@ -314,6 +347,11 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
       const char* rb = recv_base(p, er, epoch) + p.off_data;
       row = EP_EM ? rb + ((i64)t * K + src_k) * p.cmsg : rb + (i64)t * p.cmsg;
     }
+#if !EP_NVFP4
+    // A row this rank sent itself unstaged: the cell holds the expert output's address (a
+    // masked-off self has `here` false).
+    if (use && p.self_direct && er == p.rank) row = (const char*)ld_cg_u64((const u64*)row);
+#endif
     float wk[EP_TOPK];
     const char* rk[EP_TOPK];
 #pragma unroll

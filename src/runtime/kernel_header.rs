@@ -104,7 +104,7 @@ mod tests {
         ] {
             assert_eq!(h.matches(&format!("__builtin_offsetof({name}, ")).count(), n, "{name}");
         }
-        assert!(h.contains("static_assert(sizeof(LlParams) == 1304,"));
+        assert!(h.contains("static_assert(sizeof(LlParams) == 1312,"));
         assert!(h.contains("static_assert(sizeof(HtParams) == 824,"));
         assert!(h.contains("static_assert(sizeof(HtHdr) == 256,"));
         assert!(h.contains("static_assert(sizeof(EpState) == 64,"));

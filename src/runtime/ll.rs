@@ -476,6 +476,10 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
     } else {
         LlDtype::from_nccl(call.dtype)?
     };
+    // Rows to itself go unstaged when the receive phase runs in this call, while the caller's
+    // expert outputs are still valid (a send_only operation's receive may come after the caller
+    // reused them). The NVFP4 kernel always stages (it encodes while sending).
+    p.self_direct = (!call.send_only && dt != LlDtype::Nvfp4) as i32;
     let kernel = LlKernel::combine(
         h.params.num_topk,
         h.params.layout,

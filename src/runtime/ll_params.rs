@@ -138,6 +138,11 @@ c_struct! {
         /// 1: every peer's buffer is on this GPU (1 rank, or a local group on one device): the
         /// kernels' fences and flag releases use GPU scope instead of system scope
         pub gpu_scope: i32,
+        /// combine, both phases in this call (not send_only): the rows this rank sends itself
+        /// are not staged; the send phase stores each row's address (u64) in its cell and the
+        /// receive phase reads the expert output in place (NVFP4 stages as before)
+        pub self_direct: i32,
+        pub pad0: i32,
     }
 }
 
@@ -155,8 +160,8 @@ mod tests {
     /// The generated C carries the same numbers (kernels/ep_params.cuh, static_asserts).
     #[test]
     fn size_matches_the_kernel_struct() {
-        assert_eq!(std::mem::size_of::<LlParams>(), 2 * 8 * LL_MAX_RANKS + 26 * 8 + 18 * 4);
-        assert_eq!(std::mem::size_of::<LlParams>(), 1304);
+        assert_eq!(std::mem::size_of::<LlParams>(), 2 * 8 * LL_MAX_RANKS + 26 * 8 + 20 * 4);
+        assert_eq!(std::mem::size_of::<LlParams>(), 1312);
         assert_eq!(EP_STATE_BYTES, 64);
     }
 }
