@@ -96,9 +96,8 @@ static void test_group_config(ncclComm_t comm4) {
 }
 
 /* NCCL_EP_NODE_SIZE (docs/MULTINODE.md): ranks outside this rank's block are remote. LOW_LATENCY
- * groups accept them (staging + NCCL point-to-point), HIGH_THROUGHPUT groups only with the opt-in
- * NCCL_EP_HT_ACROSS_NODES=1 (refused otherwise, naming it), a bad value is an invalid argument,
- * and ncclEpxBufferSize adds the staging regions. */
+ * and HIGH_THROUGHPUT groups accept them (staging or mirrors + NCCL point-to-point), a bad value
+ * is an invalid argument, and ncclEpxBufferSize adds the staging regions. */
 static void test_node_size(ncclComm_t comm4) {
   const char *F = "ncclEpCreateGroup";
   ncclEpGroupConfig_t c = ll_config();
@@ -112,15 +111,10 @@ static void test_node_size(ncclComm_t comm4) {
   if (g) EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
   c.algorithm = NCCL_EP_ALGO_HIGH_THROUGHPUT;
   c.max_recv_tokens_per_rank = 64;
-  g = (ncclEpGroup_t)SENTINEL;
-  EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), E5, F, "NCCL_EP_HT_ACROSS_NODES=1");
-  CHECK(g == NULL);
-  setenv("NCCL_EP_HT_ACROSS_NODES", "1", 1);
   g = NULL;
   EXPECT_RC(ncclEpCreateGroup(&g, comm4, &c), ncclSuccess, F, NULL);
   CHECK(g != NULL);
   if (g) EXPECT_RC(ncclEpGroupDestroy(g), ncclSuccess, "ncclEpGroupDestroy", NULL);
-  unsetenv("NCCL_EP_HT_ACROSS_NODES");
   c = ll_config();
   /* N = 4, E = 8, B = 16, Hb = 256, K = 2: signals 256 bytes, dmsg 288, the combine grid
    * 16 x 2 x 256 is the larger: a region is 256 + 8192 = 8448 bytes; 2 remote ranks, a send and

@@ -75,8 +75,7 @@ if [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
     echo "multi_gpu.sh: MULTI_GPU_NODE_SIZE must be a positive number of ranks, not '$MULTI_GPU_NODE_SIZE'" >&2
     exit 2
   fi
-  # NCCL_EP_HT_ACROSS_NODES=1: HT groups with remote ranks are opt-in until verified on a GPU.
-  export NCCL_EP_NODE_SIZE="$MULTI_GPU_NODE_SIZE" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_EP_HT_ACROSS_NODES=1
+  export NCCL_EP_NODE_SIZE="$MULTI_GPU_NODE_SIZE" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
   export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ht_rounds,ht_growth}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
   echo "== nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1; steps: $EP_MULTI_ONLY"
@@ -205,7 +204,7 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 && "$KILL" != only ]]; then
                EP_NCCL_LIB EP_MULTI_QUICK EP_MULTI_ONLY EP_MULTI_SEED EP_MULTI_KEEP_GOING \
                EP_MULTI_MASK_SLACK_MS NCCL_MULTI_RANK_GPU_ENABLE NCCL_MAX_CTAS NCCL_DEBUG \
                NCCL_DEBUG_SUBSYS NCCL_EP_DEBUG NCCL_HOSTID RUST_BACKTRACE LD_LIBRARY_PATH \
-               NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE NCCL_SHM_DISABLE NCCL_EP_HT_ACROSS_NODES; do
+               NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE NCCL_SHM_DISABLE; do
         [[ -n "${!v:-}" ]] && margs+=(-x "$v")
       done
     fi

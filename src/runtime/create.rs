@@ -32,16 +32,6 @@ impl Group {
         let sms = device_sms(device)?;
         let params = validate_group_config(cfg, rank, nranks, sms, &EnvOverrides::from_env())?;
         let remote = crate::transport::identity::remote_ranks_from_env(rank as usize, nranks as usize)?;
-        ep_core::ensure_usage!(
-            remote == 0
-                || params.algorithm == Algorithm::LowLatency
-                || crate::transport::identity::ht_across_nodes_enabled(),
-            "HIGH_THROUGHPUT across nodes (NCCL_EP_NODE_SIZE puts {} of the {nranks} ranks on other nodes) is \
-             implemented but not yet verified on a GPU (docs/MULTINODE.md): set {}=1 to use it anyway, or use \
-             LOW_LATENCY, or one node",
-            remote.count_ones(),
-            crate::transport::identity::HT_ACROSS_NODES_ENV
-        );
         crate::log::log_info(format_args!(
             "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}, {} remote rank(s)",
             params.num_experts,

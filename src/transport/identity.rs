@@ -82,16 +82,6 @@ pub fn parse_node_size(v: Option<&str>) -> ep_core::error::Result<Option<usize>>
     }
 }
 
-/// Opt-in for HIGH_THROUGHPUT groups with remote ranks (docs/MULTINODE.md): implemented, but its
-/// only GPU run so far (2 processes, node size 1) gave no HT result within its time limit, so it
-/// stays off unless asked for.
-pub const HT_ACROSS_NODES_ENV: &str = "NCCL_EP_HT_ACROSS_NODES";
-
-/// Whether `NCCL_EP_HT_ACROSS_NODES=1`.
-pub fn ht_across_nodes_enabled() -> bool {
-    std::env::var(HT_ACROSS_NODES_ENV).as_deref() == Ok("1")
-}
-
 /// The ranks rank `rank` of `nranks` reaches through NCCL point-to-point (bit r), from
 /// `NCCL_EP_NODE_SIZE` (read at every group creation; unset: none).
 pub fn remote_ranks_from_env(rank: usize, nranks: usize) -> ep_core::error::Result<u64> {
