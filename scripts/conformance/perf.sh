@@ -11,6 +11,12 @@
 # dispatch recipes (issue 13) at the LL anchor, dispatch only (ep_bench has no combine after
 # them): bf16 ("plain"), DeepSeek FP8 ("ds-fp8": the library quantises) and MXFP8 scales-forward
 # ("mxfp8": E4M3 tokens + UE8M0 scales, the caller quantised); they go to a separate CSV.
+# Last, the forced-remote rows (issue 14, docs/MULTINODE.md), tagged "remote-<R>n<K>": R processes
+# on the one GPU, NCCL_EP_NODE_SIZE=K, NCCL's P2P and SHM transports off, so ours moves every
+# remote rank's traffic over NCCL's socket transport (time-sliced processes on one GPU and
+# loopback sockets: a check that the path runs and what it costs here, not a network figure);
+# NVIDIA's library ignores the variable (its remote path needs GIN), so its column is whatever it
+# does with P2P/SHM off. They go to a separate CSV (-remote.csv).
 # Each run's log is LOGS/perf/<config id>.<side>.<run>.log; scripts/conformance/perf_report.py
 # turns the logs into bench/results/vs-upstream-<gpu>-<date>.csv (+ -detail.csv, + .png).
 
@@ -31,6 +37,10 @@ perf_configs() {
   for layout in em rm; do
     for r in plain ds-fp8 mxfp8; do echo "ll $layout 128 7168 $r"; done
   done
+  echo "ll em 128 7168 remote-2n1"
+  echo "ll rm 128 7168 remote-2n1"
+  echo "ll em 128 7168 remote-4n2"
+  echo "ht flat 1024 7168 remote-2n1"
 }
 
 # ep_bench arguments of a recipe (dispatch only: ep_bench runs no combine after these recipes).
@@ -40,6 +50,7 @@ recipe_args() {
     plain) echo "--dispatch-only" ;;
     ds-fp8) echo "--dispatch-quantization ds-fp8e3m4 --dispatch-only" ;;
     mxfp8) echo "--mxfp8 --dispatch-only" ;;
+    remote-*) ;;  # both phases; the processes and the environment come from perf_cmd
     *) echo "perf: unknown recipe '$1'" >&2; return 1 ;;
   esac
 }
@@ -48,11 +59,16 @@ perf_id() { echo "$1-$2-t$3-h$4${5:+-$5}"; }
 
 # perf_cmd SIDE MODE LAYOUT TOKENS HIDDEN RECIPE TIMEOUT: sets CMD to one ep_bench run.
 perf_cmd() {
-  local side="$1" mode="$2" layout="$3" tokens="$4" hidden="$5" recipe="$6" t="$7" envw=() extra=()
+  local side="$1" mode="$2" layout="$3" tokens="$4" hidden="$5" recipe="$6" t="$7" envw=() extra=() np=1 remote=()
   read -ra extra <<<"$(recipe_args "$recipe")"
-  mapfile -t envw < <(printf '%s\n' "${ENV_COMMON[@]}" "LD_LIBRARY_PATH=$(side_ldpath "$side")" \
+  if [[ "$recipe" =~ ^remote-([0-9]+)n([0-9]+)$ ]]; then
+    np="${BASH_REMATCH[1]}"
+    remote=("NCCL_EP_NODE_SIZE=${BASH_REMATCH[2]}" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1)
+    ((np > 2)) && remote+=(NCCL_MAX_CTAS=4)  # several ranks per GPU: NCCL's advice
+  fi
+  mapfile -t envw < <(printf '%s\n' "${ENV_COMMON[@]}" "${remote[@]}" "LD_LIBRARY_PATH=$(side_ldpath "$side")" \
     "NCCL_EP_JIT_CACHE_DIR=$WORK/jit/$side")
-  CMD=(env "${envw[@]}" timeout -k 10 "$t" "${MPIRUN[@]}" -np 1 "${STDBUF[@]}" "$BUILD/bin/ep_bench"
+  CMD=(env "${envw[@]}" timeout -k 10 "$t" "${MPIRUN[@]}" -np "$np" "${STDBUF[@]}" "$BUILD/bin/ep_bench"
     --algorithm "$mode" --layout "$layout" --tokens "$tokens" --hidden "$hidden"
     --top-k "$PERF_TOPK" --experts "$PERF_EXPERTS" --warmup "$PERF_WARMUP" --iters "$PERF_ITERS" "${extra[@]}")
 }

@@ -9,6 +9,10 @@
 - <csv stem>-recipes.csv: the dispatch recipes at the LL anchor (perf.sh: plain bf16, ds-fp8,
   mxfp8; dispatch only), header mode,layout,tokens,hidden,topk,experts,ranks,recipe,phase,
   upstream_us,ours_us,ratio.
+- <csv stem>-remote.csv for the forced-remote rows (recipe tag "remote-<R>n<K>": R processes on
+  one GPU, NCCL_EP_NODE_SIZE=K, over NCCL's sockets), header
+  mode,layout,tokens,hidden,topk,experts,ranks,node_size,phase,upstream_us,ours_us,ratio
+  (an empty time: no run of that library gave one; -detail.csv says why).
 - <csv stem>-baseline.csv when the runs include a "baseline" library (--perf-baseline, an older
   build of ours): ours against it per row and phase, ratio = ours / baseline.
 - <csv stem>.png when matplotlib is there: the ratio per row, dispatch and combine.
@@ -114,17 +118,21 @@ def main():
 
     stem = a.csv[:-4] if a.csv.endswith(".csv") else a.csv
     os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
-    main_rows, detail_rows, recipe_rows, base_rows = [], [], [], []
+    main_rows, detail_rows, recipe_rows, base_rows, remote_rows = [], [], [], [], []
     for key in order:
         mode, layout, tokens, hidden, recipe = key
+        rm = re.fullmatch(r"remote-([0-9]+)n([0-9]+)", recipe)
+        ranks = int(rm.group(1)) if rm else a.ranks
         med = {s: {f: median([r.get(f) for r in runs[key][s]]) for f in
                    ("dispatch_kernel", "combine_kernel", "dispatch_host", "combine_host", "mem_mb")}
                for s in ("upstream", "ours", "baseline")}
-        for phase in ("dispatch",) if recipe else ("dispatch", "combine"):
+        for phase in ("dispatch",) if recipe and not rm else ("dispatch", "combine"):
             up, ours = med["upstream"][f"{phase}_kernel"], med["ours"][f"{phase}_kernel"]
             ratio = ours / up if up and ours else None
-            row = [mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, phase, fmt(up), fmt(ours), fmt(ratio, 3)]
-            if recipe:
+            row = [mode, layout, tokens, hidden, a.topk, a.experts, ranks, phase, fmt(up), fmt(ours), fmt(ratio, 3)]
+            if rm:
+                remote_rows.append(row[:7] + [int(rm.group(2))] + row[7:])
+            elif recipe:
                 recipe_rows.append(row[:7] + [recipe] + row[7:])
             else:
                 main_rows.append(row)
@@ -136,7 +144,7 @@ def main():
             if s == "baseline" and not runs[key][s] and (key, s) not in failed:
                 continue
             m = med[s]
-            detail_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, a.ranks, recipe or "none", s,
+            detail_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, ranks, recipe or "none", s,
                                 fmt(m["dispatch_kernel"]), fmt(m["combine_kernel"]),
                                 fmt(m["dispatch_host"]), fmt(m["combine_host"]), fmt(m["mem_mb"]),
                                 len([r for r in runs[key][s] if r.get("dispatch_kernel") is not None]),
@@ -161,6 +169,13 @@ def main():
                         "upstream_us", "ours_us", "ratio"])
             w.writerows(recipe_rows)
 
+    if remote_rows:
+        with open(stem + "-remote.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "node_size", "phase",
+                        "upstream_us", "ours_us", "ratio"])
+            w.writerows(remote_rows)
+
     if base_rows:
         with open(stem + "-baseline.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -178,6 +193,11 @@ def main():
     for i in range(0, len(main_rows), 2):
         d, c = main_rows[i], main_rows[i + 1]
         print(f"| {d[0]} | {d[1]} | {d[2]} | {d[3]} | {d[8]} | {d[9]} | {d[10]} | {c[8]} | {c[9]} | {c[10]} |")
+    if remote_rows:
+        print("\n| mode | layout | tokens | ranks | node size | phase | upstream µs | ours µs | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in remote_rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[6]} | {r[7]} | {r[8]} | {r[9]} | {r[10]} | {r[11]} |")
     if recipe_rows:
         print("\n| layout | recipe (dispatch only) | upstream µs | ours µs | ratio |")
         print("|---|---|---|---|---|")
