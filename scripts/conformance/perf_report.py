@@ -85,6 +85,13 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
 def fmt(x, nd=2):
     return "" if x is None else f"{x:.{nd}f}"
 
@@ -150,37 +157,23 @@ def main():
                                 len([r for r in runs[key][s] if r.get("dispatch_kernel") is not None]),
                                 "; ".join(failed.get((key, s), []))])
 
-    with open(a.csv, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "phase",
-                    "upstream_us", "ours_us", "ratio"])
-        w.writerows(main_rows)
-    with open(stem + "-detail.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe", "library",
-                    "dispatch_kernel_us", "combine_kernel_us", "dispatch_host_us", "combine_host_us",
-                    "ep_memory_mb", "runs_with_times", "failed_runs"])
-        w.writerows(detail_rows)
+    write_csv(a.csv, ["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "phase",
+                      "upstream_us", "ours_us", "ratio"], main_rows)
+    write_csv(stem + "-detail.csv", ["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe",
+                                     "library", "dispatch_kernel_us", "combine_kernel_us", "dispatch_host_us",
+                                     "combine_host_us", "ep_memory_mb", "runs_with_times", "failed_runs"], detail_rows)
 
     if recipe_rows:
-        with open(stem + "-recipes.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe", "phase",
-                        "upstream_us", "ours_us", "ratio"])
-            w.writerows(recipe_rows)
+        write_csv(stem + "-recipes.csv", ["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe",
+                                          "phase", "upstream_us", "ours_us", "ratio"], recipe_rows)
 
     if remote_rows:
-        with open(stem + "-remote.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "node_size", "phase",
-                        "upstream_us", "ours_us", "ratio"])
-            w.writerows(remote_rows)
+        write_csv(stem + "-remote.csv", ["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "node_size",
+                                         "phase", "upstream_us", "ours_us", "ratio"], remote_rows)
 
     if base_rows:
-        with open(stem + "-baseline.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["mode", "layout", "tokens", "hidden", "recipe", "phase", "baseline_us", "ours_us", "ratio"])
-            w.writerows(base_rows)
+        write_csv(stem + "-baseline.csv",
+                  ["mode", "layout", "tokens", "hidden", "recipe", "phase", "baseline_us", "ours_us", "ratio"], base_rows)
         print("| mode | layout | tokens | hidden | recipe | phase | baseline µs | ours µs | ours / baseline |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in base_rows:
