@@ -145,6 +145,7 @@ struct LlParams {
   // are not staged; the send phase stores each row's address (u64) in its cell and the
   // receive phase reads the expert output in place (NVFP4 stages as before)
   int self_direct;
+  // keeps the size a multiple of 8 (the struct's alignment)
   int pad0;
 };
 static_assert(sizeof(LlParams) == 1312, "LlParams: size of src/runtime/ll_params.rs");

@@ -142,6 +142,7 @@ c_struct! {
         /// are not staged; the send phase stores each row's address (u64) in its cell and the
         /// receive phase reads the expert output in place (NVFP4 stages as before)
         pub self_direct: i32,
+        /// keeps the size a multiple of 8 (the struct's alignment)
         pub pad0: i32,
     }
 }
