@@ -494,11 +494,13 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
     p.out0 = a.out_tokens.data;
     // Forward combine ignores outputs->topk_weights (NCCL EP does; core::ht_rules): never written.
     p.out1 = if bwd { ptr(&a.out_weights) } else { 0 };
+    // Bytes of input weights per expert-output row (backward: EM one, FLAT K).
+    let w_row = if em { 4 } else { 4 * k };
     if p.staged != 0 {
         let lay = g.ht()?.sized.unwrap_or_else(|| unreachable!());
         let rows = call.recv_rows.min(lay.staging_rows);
         stage(g, lay.stage_tok_off, a.tokens.data, rows * call.row_bytes, stream)?;
-        stage(g, lay.stage_w_off, p.in1, rows * if em { 4 } else { 4 * k }, stream)?;
+        stage(g, lay.stage_w_off, p.in1, rows * w_row, stream)?;
     }
     let m = HtModule::Combine {
         em,
@@ -506,18 +508,13 @@ pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStrea
         dtype: token_dtype(call.dtype),
     };
     if p.remote != 0 {
-        // Every row a source may pull (S, not the caller's tensor rows, which ranks may size
-        // differently), backward with its weights.
+        // Every row a source may pull (the handle's receive bound S, in p.recv_rows; not the
+        // caller's tensor rows, which ranks may size differently), backward with its weights.
         let lay = g.ht()?.sized.unwrap_or_else(|| unreachable!());
-        let rows = HtHandleLayout::new(&g.params, &h.params)?.recv_rows;
         let x = HtExchange::Combine {
             row_bytes: call.row_bytes,
-            rows: rows.min(lay.staging_rows),
-            weight_row_bytes: match (bwd, em) {
-                (false, _) => 0,
-                (true, true) => 4,
-                (true, false) => 4 * k,
-            },
+            rows: (p.recv_rows as usize).min(lay.staging_rows),
+            weight_row_bytes: if bwd { w_row } else { 0 },
         };
         exchange(g, m, &p, x, stream)?;
     }
