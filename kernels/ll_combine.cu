@@ -285,25 +285,32 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
 
 // Reduces the received rows of every own token (one warp per token). Contributions of absent
 // expert ranks (masked, or silent past the timeout) are left out, with no renormalisation.
-__device__ void combine_recv(const LlParams& p, u32 epoch) {
+// one_pass (one rank, p.self_direct): nothing was sent and nothing is waited for; the rows come
+// from the handle's own[] table, which the dispatch wrote.
+__device__ void combine_recv(const LlParams& p, u32 epoch, bool one_pass) {
   const int N = p.nranks, K = EP_TOPK;
   const u32 tag = epoch + 1u;
+  u64 present;
+  if (one_pass) {
+    present = rank_active(p, p.rank) ? ~0ull : 0ull;  // as wait_source decides for a masked rank
+  } else {
 #if EP_MASK
-  __shared__ u64 present_s;
-  if (threadIdx.x == 0) present_s = 0;
-  __syncthreads();
-  for (int s = threadIdx.x; s < N; s += blockDim.x)
-    if (wait_source(p, (const u64*)(recv_base(p, s, epoch) + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE) >= 0)
-      atomicOr((unsigned long long*)&present_s, 1ull << s);
-  __syncthreads();
-  const u64 present = present_s;
+    __shared__ u64 present_s;
+    if (threadIdx.x == 0) present_s = 0;
+    __syncthreads();
+    for (int s = threadIdx.x; s < N; s += blockDim.x)
+      if (wait_source(p, (const u64*)(recv_base(p, s, epoch) + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE) >= 0)
+        atomicOr((unsigned long long*)&present_s, 1ull << s);
+    __syncthreads();
+    present = present_s;
 #else
-  // Masking compiled out: every source is present (a timeout traps inside wait_source).
-  for (int s = threadIdx.x; s < N; s += blockDim.x)
-    wait_source(p, (const u64*)(recv_base(p, s, epoch) + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE);
-  __syncthreads();
-  const u64 present = ~0ull;
+    // Masking compiled out: every source is present (a timeout traps inside wait_source).
+    for (int s = threadIdx.x; s < N; s += blockDim.x)
+      wait_source(p, (const u64*)(recv_base(p, s, epoch) + p.off_cflag) + s, s, tag, EP_WAIT_COMBINE);
+    __syncthreads();
+    present = ~0ull;
 #endif
+  }
   prof_mark(p, 4);
   const int lane = threadIdx.x & 31;
   const int gwarp = spread_warp();
@@ -323,6 +330,15 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
     const int t = (items - 1 - it) / nseg, seg = (items - 1 - it) % nseg;
     // Lane k decides whether entry k contributes and with which weight.
     int e = lane < K ? topk_at(p, t, lane) : -1;
+#if !EP_NVFP4
+    // One pass: own[t] (EM: lane k's row; RM: the token's slot, the same for every lane) is
+    // loaded beside the routing, not after it, to keep one global-load latency off each item.
+    int own_v = -1;
+    if (one_pass) {
+      const int* own = (const int*)p.meta + 2 * N + (i64)N * p.max_tokens * (K + 1) + (i64)t * K;
+      own_v = EP_EM ? (lane < K ? own[lane] : -1) : own[0];
+    }
+#endif
     float w = 0.f;
     const int er = e >= 0 ? e / p.local_experts : -1;  // the expert's rank
     const bool here = er >= 0 && ((present >> er) & 1ull);
@@ -339,6 +355,10 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
     w = 1.f;
 #endif
     u32 use_mask = __ballot_sync(0xffffffffu, use);
+#if !EP_NVFP4 && EP_EM
+    // The row of entry k's first occurrence (src_k is a lane for every lane: its own when unused).
+    own_v = __shfl_sync(0xffffffffu, own_v, src_k);
+#endif
     // Entry k's row: combine_recv[t][src_k] here, or in the receive region of a remote expert
     // rank: the same [token][k] grid (EM; a duplicate's first occurrence has the same rank) or
     // one row per token (RM).
@@ -348,9 +368,16 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
       row = EP_EM ? rb + ((i64)t * K + src_k) * p.cmsg : rb + (i64)t * p.cmsg;
     }
 #if !EP_NVFP4
-    // A row this rank sent itself unstaged: the cell holds the expert output's address (a
-    // masked-off self has `here` false).
-    if (use && p.self_direct && er == p.rank) row = (const char*)ld_cg_u64((const u64*)row);
+    // A row this rank sent itself unstaged: the cell holds the expert output's address, or (one
+    // pass) the handle's own[t] holds its row of x (a masked-off self has `here` false).
+    if (use && p.self_direct && er == p.rank) {
+      if (one_pass) {
+        const i64 xr = EP_EM ? (i64)own_v : (i64)p.rank * p.max_tokens + own_v;
+        row = (const char*)p.x + xr * p.row_bytes;
+      } else {
+        row = (const char*)ld_cg_u64((const u64*)row);
+      }
+    }
 #endif
     float wk[EP_TOPK];
     const char* rk[EP_TOPK];
@@ -434,7 +461,11 @@ __device__ void combine_recv(const LlParams& p, u32 epoch) {
 extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine(const LlParams p) {
   prof_mark(p, 0);
   const u32 epoch = ((volatile EpState*)p.state)->epoch;
-  if (p.phases & PHASE_SEND) {
+  // One rank with both phases here (p.self_direct): every row is its own, so the receive phase
+  // finds them through the handle's own[] table and no send phase, grid barrier or flag is
+  // needed (p.self_direct is 0 for NVFP4, which encodes while sending).
+  const bool one_pass = p.self_direct && p.nranks == 1;
+  if ((p.phases & PHASE_SEND) && !one_pass) {
 #if EP_MASK
     __shared__ u64 active_s;
     active_set(p, &active_s);
@@ -445,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine(const LlPara
     combine_send(p, epoch, active);
     __syncthreads();
   }
-  if (p.phases & PHASE_RECV) combine_recv(p, epoch);
+  if (p.phases & PHASE_RECV) combine_recv(p, epoch, one_pass);
   prof_mark(p, 5);
   finish_op(p, (p.phases & PHASE_RECV) != 0);
 }

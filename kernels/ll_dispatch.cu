@@ -311,6 +311,9 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
 #endif
   int total = 0;
   for (int s = 0; s < N; ++s) total += counts[s];
+  // own[B][K] after the (source, slot) entries: this rank's own tokens' rows, by token
+  // (ep_core::ll_layout::LlHandleMeta; read by a one-rank combine, kernels/ll_combine.cu).
+  int* own = meta + 2 * N + (i64)N * p.max_tokens * (K + 1);
   // Work items: (received message, segment of its payload); segment 0 also does the metadata.
   // A payload is row_bytes token bytes, then scale_bytes scale bytes (recipes only).
   const int pay = p.row_bytes + p.scale_bytes;
@@ -338,6 +341,7 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
     if (seg == 0) {
       if (lane == 0) mrow[0] = ld_cg_int((const int*)msg);
       if (lane < K) mrow[1 + lane] = row;
+      if (s == p.rank && lane < K) own[(i64)ld_cg_int((const int*)msg) * K + lane] = row;
     }
     u32 rows_mask = __ballot_sync(0xffffffffu, local);
     int rows[EP_TOPK];
@@ -353,8 +357,10 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
     i64 orow = (i64)s * p.max_tokens + slot;
     if (seg == 0) {
       if (lane == 0) {
-        mrow[0] = ld_cg_int((const int*)msg);
+        const int token = ld_cg_int((const int*)msg);
+        mrow[0] = token;
         mrow[1] = local_mask ? __ffs(local_mask) - 1 : 0;
+        if (s == p.rank) own[(i64)token * K] = slot;
       }
       if (lane < K) {
         ((int*)p.out_topk_idx)[orow * K + lane] = local ? (p.recv_global ? e : e - lo) : -1;

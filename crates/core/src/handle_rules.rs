@@ -312,7 +312,7 @@ mod mem_tests {
     fn ll_handle_mem_matches_formula() {
         let p = params(Algorithm::LowLatency);
         let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
-        // 4 * 8 * (2 + 9 * 128) = 36928 -> 37120 after 256-alignment.
-        assert_eq!(handle_mem_bytes(&p, &h), 37120);
+        // 4 * (2·8 + 8·128·9 + 128·8) = 41024 -> 41216 after 256-alignment (docs/LL.md).
+        assert_eq!(handle_mem_bytes(&p, &h), 41216);
     }
 }

@@ -275,7 +275,12 @@ pub fn handle_mem_bytes(nranks: u32, max_tokens: u32, topk: u32) -> usize {
 /// `msgs[N]` (rows received from each source: expert-major selections, rank-major tokens),
 /// then one entry of K+1 ints per (source, slot): the source's token index, then
 /// - expert-major: K destination rows (`l·N·B + row`, −1 where top-k k is not on this rank);
-/// - rank-major: the first local top-k position `j` (the other K−1 ints unused).
+/// - rank-major: the first local top-k position `j` (the other K−1 ints unused);
+///
+/// then `own[B][K]`, the same rows seen from this rank's own tokens (the messages it sent itself),
+/// indexed by token: expert-major the K rows of token t's entry, rank-major its slot at [t][0].
+/// A one-rank combine reads its expert outputs through it in one pass (docs/LL.md); entries of
+/// tokens not sent in the last dispatch are stale and never read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LlHandleMeta {
     pub nranks: usize,
@@ -315,14 +320,18 @@ impl LlHandleMeta {
         2 * self.nranks + (src * self.max_tokens + slot) * self.entry_ints()
     }
 
+    /// Index (in int32 units) of `own[token]`, the first of its K ints.
+    pub fn own_index(&self, token: usize) -> usize {
+        debug_assert!(token < self.max_tokens);
+        2 * self.nranks + self.nranks * self.max_tokens * self.entry_ints() + token * self.topk
+    }
+
     /// Total bytes, 256-aligned. Saturates instead of wrapping (validated configs keep
     /// N·B <= u32::MAX, far from the limit).
     pub fn bytes(&self) -> usize {
-        let ints = self
-            .nranks
-            .saturating_mul(self.max_tokens)
-            .saturating_mul(self.entry_ints())
-            .saturating_add(2 * self.nranks);
+        let entries = self.nranks.saturating_mul(self.max_tokens).saturating_mul(self.entry_ints());
+        let own = self.max_tokens.saturating_mul(self.topk);
+        let ints = entries.saturating_add(own).saturating_add(2 * self.nranks);
         ints.saturating_mul(4)
             .div_ceil(REGION_ALIGN)
             .saturating_mul(REGION_ALIGN)
@@ -542,13 +551,17 @@ mod tests {
             let h = handle_rules::check_handle(&p, Some(Layout::RankMajor), k as i64, 0).unwrap();
             assert_eq!(handle_mem_bytes(n, b, k), handle_rules::handle_mem_bytes(&p, &h));
         }
-        assert_eq!(handle_mem_bytes(8, 128, 8), 37120);
+        // 4 * (2·8 + 8·128·9 + 128·8) = 41024 -> 41216 after 256-alignment.
+        assert_eq!(handle_mem_bytes(8, 128, 8), 41216);
         let m = LlHandleMeta::new(2, 3, 2);
         assert_eq!(m.count_index(1), 1);
         assert_eq!(m.msgs_index(1), 3);
         assert_eq!(m.entry_index(0, 0), 4);
         assert_eq!(m.entry_index(1, 2), 4 + 5 * 3);
-        // The last entry ends inside the block.
-        assert!(4 * (m.entry_index(1, 2) + m.entry_ints()) <= m.bytes());
+        assert_eq!(m.own_index(0), 4 + 2 * 3 * 3);
+        assert_eq!(m.own_index(2), 4 + 2 * 3 * 3 + 2 * 2);
+        // The last entry and the last own row end inside the block.
+        assert!(4 * (m.entry_index(1, 2) + m.entry_ints()) <= m.own_index(0) * 4);
+        assert!(4 * (m.own_index(2) + 2) <= m.bytes());
     }
 }
