@@ -11,8 +11,11 @@
   upstream_us,ours_us,ratio.
 - <csv stem>-remote.csv for the forced-remote rows (recipe tag "remote-<R>n<K>": R processes on
   one GPU, NCCL_EP_NODE_SIZE=K, over NCCL's sockets), header
-  mode,layout,tokens,hidden,topk,experts,ranks,node_size,phase,upstream_us,ours_us,ratio
-  (an empty time: no run of that library gave one; -detail.csv says why).
+  mode,layout,tokens,hidden,topk,experts,ranks,node_size,phase,upstream_kernel_us,ours_kernel_us,
+  upstream_host_us,ours_host_us,host_ratio. The host-observed time is the measure here: our EP
+  kernels do not wait for remote peers (NCCL's own kernels carry that traffic and CUPTI's EP kernel
+  time leaves them out), while NVIDIA's kernel spins until its time-sliced peers have run, so the
+  kernel columns compare different things (an empty time: no run gave one; -detail.csv says why).
 - <csv stem>-baseline.csv when the runs include a "baseline" library (--perf-baseline, an older
   build of ours): ours against it per row and phase, ratio = ours / baseline.
 - <csv stem>.png when matplotlib is there: the ratio per row, dispatch and combine.
@@ -138,7 +141,9 @@ def main():
             ratio = ours / up if up and ours else None
             row = [mode, layout, tokens, hidden, a.topk, a.experts, ranks, phase, fmt(up), fmt(ours), fmt(ratio, 3)]
             if rm:
-                remote_rows.append(row[:7] + [int(rm.group(2))] + row[7:])
+                uh, oh = med["upstream"][f"{phase}_host"], med["ours"][f"{phase}_host"]
+                remote_rows.append(row[:7] + [int(rm.group(2)), phase, fmt(up), fmt(ours), fmt(uh), fmt(oh),
+                                              fmt(oh / uh if uh and oh else None, 3)])
             elif recipe:
                 recipe_rows.append(row[:7] + [recipe] + row[7:])
             else:
@@ -169,7 +174,8 @@ def main():
 
     if remote_rows:
         write_csv(stem + "-remote.csv", ["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "node_size",
-                                         "phase", "upstream_us", "ours_us", "ratio"], remote_rows)
+                                         "phase", "upstream_kernel_us", "ours_kernel_us", "upstream_host_us",
+                                         "ours_host_us", "host_ratio"], remote_rows)
 
     if base_rows:
         write_csv(stem + "-baseline.csv",
@@ -187,10 +193,11 @@ def main():
         d, c = main_rows[i], main_rows[i + 1]
         print(f"| {d[0]} | {d[1]} | {d[2]} | {d[3]} | {d[8]} | {d[9]} | {d[10]} | {c[8]} | {c[9]} | {c[10]} |")
     if remote_rows:
-        print("\n| mode | layout | tokens | ranks | node size | phase | upstream µs | ours µs | ratio |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| mode | layout | tokens | ranks | node size | phase | host-observed upstream µs | ours µs | ratio |"
+              " kernel upstream µs | ours µs |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in remote_rows:
-            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[6]} | {r[7]} | {r[8]} | {r[9]} | {r[10]} | {r[11]} |")
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[6]} | {r[7]} | {r[8]} | {r[11]} | {r[12]} | {r[13]} | {r[9]} | {r[10]} |")
     if recipe_rows:
         print("\n| layout | recipe (dispatch only) | upstream µs | ours µs | ratio |")
         print("|---|---|---|---|---|")

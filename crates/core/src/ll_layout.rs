@@ -265,7 +265,7 @@ pub fn remote_ranks(rank: usize, nranks: usize, node_size: usize) -> u64 {
         .fold(0u64, |m, r| m | 1u64 << r)
 }
 
-/// Bytes of an LL handle's metadata (`ncclEpHandleMemSize`): `align256(4·N·(2 + (K+1)·B))`,
+/// Bytes of an LL handle's metadata (`ncclEpHandleMemSize`): `align256(4·(2·N + N·B·(K+1) + B·K))`,
 /// the same formula as `handle_rules::handle_mem_bytes`.
 pub fn handle_mem_bytes(nranks: u32, max_tokens: u32, topk: u32) -> usize {
     LlHandleMeta::new(nranks, max_tokens, topk).bytes()
@@ -329,7 +329,10 @@ impl LlHandleMeta {
     /// Total bytes, 256-aligned. Saturates instead of wrapping (validated configs keep
     /// N·B <= u32::MAX, far from the limit).
     pub fn bytes(&self) -> usize {
-        let entries = self.nranks.saturating_mul(self.max_tokens).saturating_mul(self.entry_ints());
+        let entries = self
+            .nranks
+            .saturating_mul(self.max_tokens)
+            .saturating_mul(self.entry_ints());
         let own = self.max_tokens.saturating_mul(self.topk);
         let ints = entries.saturating_add(own).saturating_add(2 * self.nranks);
         ints.saturating_mul(4)
