@@ -31,17 +31,19 @@ const char *ncclEpxGetLastError(void);
 ncclResult_t ncclEpxCreateLocalGroups(ncclEpGroup_t *groups, int num_ranks, const int *devices, const ncclEpGroupConfig_t *config);
 
 /**
- * Bytes of the per-rank communication buffer a group of `num_ranks` ranks needs for handles
- * of (`layout`, `num_topk`); needs no GPU and no communicator. LOW_LATENCY: both layouts need
- * the same size (docs/LL.md). HIGH_THROUGHPUT: the group buffer of docs/HT.md for ranks that
- * share one process (groups spanning processes add staging: `max(B, receive bound)` rows of
- * `max_token_bytes + 4·num_topk` bytes). With `NCCL_EP_NODE_SIZE` splitting the ranks into
- * nodes, the figure is what the rank with the most remote ranks allocates in all
- * (docs/MULTINODE.md): LOW_LATENCY adds the staging regions of the remote ranks ("Buffer
- * sizes"), HIGH_THROUGHPUT counts the buffer with its staging plus one mirror of it per remote
- * rank ("HT across nodes"), allocated beside the buffer. The config is checked as `ncclEpCreateGroup` checks
- * it; its `rdma_buffer_size` is ignored. Returns ncclInvalidArgument for a NULL `bytes`, a bad
- * config or top-k, and ncclInvalidUsage for a layout the algorithm does not offer.
+ * Bytes of the per-rank communication buffer a group of `num_ranks` ranks needs for handles of
+ * (`layout`, `num_topk`); needs no GPU and no communicator. LOW_LATENCY: both layouts need the
+ * same size (docs/LL.md). HIGH_THROUGHPUT: the group buffer of docs/HT.md for ranks that share one
+ * process (groups spanning processes add staging: `max(B, receive bound)` rows of
+ * `max_token_bytes + 4·num_topk` bytes). With `NCCL_EP_NODE_SIZE` splitting the ranks into nodes, the figure is
+ * what the rank with the most remote ranks allocates in all (docs/MULTINODE.md): LOW_LATENCY adds
+ * the staging regions of the remote ranks ("Buffer sizes"), HIGH_THROUGHPUT counts the buffer with
+ * its staging plus one mirror of it per remote rank ("HT across nodes"), allocated beside the
+ * buffer. The query sees no hosts: ranks that group creation finds on other hosts by their host id
+ * add staging beyond the figure unless `NCCL_EP_NODE_SIZE` describes them. The config is checked
+ * as `ncclEpCreateGroup` checks it; its `rdma_buffer_size` is ignored. Returns ncclInvalidArgument
+ * for a NULL `bytes`, a bad config or top-k, and ncclInvalidUsage for a layout the algorithm does
+ * not offer.
  */
 ncclResult_t ncclEpxBufferSize(const ncclEpGroupConfig_t *config, int num_ranks, ncclEpLayout_t layout, int num_topk, size_t *bytes);
 

@@ -30,6 +30,10 @@
 # point-to-point), NCCL_P2P_DISABLE=1 and NCCL_SHM_DISABLE=1 (NCCL carries that traffic over its
 # network transport, sockets here), runs the LL steps and the HT steps ht_rounds and ht_growth
 # (EP_MULTI_ONLY, unless set) in step 1 only (steps 2 and 3 off unless MULTI_GPU_THREADS / MULTI_GPU_KILL say otherwise).
+# MULTI_GPU_HOST_SIZE=k runs the same steps with "hosts" instead: each rank exports
+# NCCL_HOSTID=ep-host-<rank / k> (no NCCL_EP_NODE_SIZE, no P2P/SHM switches), so NCCL and this
+# library both take each block of k ranks for a host: the remote ranks come from the host table
+# that group creation all-gathers (docs/MULTINODE.md, "Who is remote").
 # Environment: MULTI_GPU_LAUNCHER=auto|mpirun|plain, MULTI_GPU_PROCS=0 (skip step 1),
 #   MULTI_GPU_THREADS=0 (skip step 2), MULTI_GPU_KILL=0|1|only (skip step 3 / run / run it
 #   alone), MULTI_GPU_TIMEOUT (seconds per step, default 900), MULTI_GPU_MPIRUN_ARGS (extra
@@ -79,6 +83,18 @@ if [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
   export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ht_rounds,ht_growth}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
   echo "== nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1; steps: $EP_MULTI_ONLY"
+fi
+
+if [[ -n "${MULTI_GPU_HOST_SIZE:-}" ]]; then
+  if ! [[ "$MULTI_GPU_HOST_SIZE" =~ ^[1-9][0-9]*$ ]] || [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
+    echo "multi_gpu.sh: MULTI_GPU_HOST_SIZE must be a positive number of ranks, without MULTI_GPU_NODE_SIZE" >&2
+    exit 2
+  fi
+  unset NCCL_EP_NODE_SIZE NCCL_HOSTID
+  export EP_HOST_SIZE="$MULTI_GPU_HOST_SIZE"   # read by the launch wrapper below, per rank
+  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ht_rounds,ht_growth}"
+  : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
+  echo "== hosts of $MULTI_GPU_HOST_SIZE rank(s): NCCL_HOSTID=ep-host-<rank / $MULTI_GPU_HOST_SIZE> per rank; steps: $EP_MULTI_ONLY"
 fi
 
 LOGDIR="${OUT:-$ROOT/build}/multi-gpu"
@@ -168,7 +184,9 @@ run_plain() {
   local prefix="$1" pids=() r
   statuses=()
   for ((r = 0; r < N; r++)); do
-    EP_RANK=$r EP_WORLD=$N EP_LOCAL_RANK=$r timeout "$((T + 60))" "$BIN" --include-ignored --nocapture \
+    local hid=()
+    [[ -n "${EP_HOST_SIZE:-}" ]] && hid=("NCCL_HOSTID=ep-host-$((r / EP_HOST_SIZE))")
+    EP_RANK=$r EP_WORLD=$N EP_LOCAL_RANK=$r env "${hid[@]}" timeout "$((T + 60))" "$BIN" --include-ignored --nocapture \
       >"$LOGDIR/${prefix}rank-$r.log" 2>&1 &
     pids+=($!)
   done
@@ -204,7 +222,7 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 && "$KILL" != only ]]; then
                EP_NCCL_LIB EP_MULTI_QUICK EP_MULTI_ONLY EP_MULTI_SEED EP_MULTI_KEEP_GOING \
                EP_MULTI_MASK_SLACK_MS NCCL_MULTI_RANK_GPU_ENABLE NCCL_MAX_CTAS NCCL_DEBUG \
                NCCL_DEBUG_SUBSYS NCCL_EP_DEBUG NCCL_HOSTID RUST_BACKTRACE LD_LIBRARY_PATH \
-               NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE NCCL_SHM_DISABLE; do
+               NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE NCCL_SHM_DISABLE EP_HOST_SIZE; do
         [[ -n "${!v:-}" ]] && margs+=(-x "$v")
       done
     fi
@@ -215,6 +233,7 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 && "$KILL" != only ]]; then
       r=${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-${PMIX_RANK:-}}}
       if [ -z "$r" ]; then echo "the launcher set no rank variable" >"$1/rank-unknown-$$.log"; exit 3; fi
       if [ -z "${OMPI_COMM_WORLD_RANK:-}${PMI_RANK:-}" ]; then export EP_RANK=$r EP_WORLD=$2; fi
+      if [ -n "${EP_HOST_SIZE:-}" ]; then export NCCL_HOSTID="ep-host-$((r / EP_HOST_SIZE))"; fi
       exec "$0" --include-ignored --nocapture >"$1/rank-$r.log" 2>&1' \
       "$BIN" "$LOGDIR" "$N" >"$LOGDIR/mpirun.log" 2>&1
     status=$?

@@ -20,6 +20,32 @@ fn device_sms(device: i32) -> Result<u32> {
     Ok(crate::cuda::driver::sm_count(device)? as u32)
 }
 
+/// The ranks this rank reaches through NCCL point-to-point (bit r) and what decided it:
+/// `NCCL_EP_NODE_SIZE` when set (blocks of consecutive ranks; the one-machine test mode),
+/// otherwise every rank's host, all-gathered over `comm` (docs/MULTINODE.md, "Who is remote").
+/// Without a CUDA driver (tests with a stand-in NCCL) no group gets buffers: none.
+///
+/// # Safety
+/// `comm` is the caller's live communicator; every rank calls this in the same order.
+unsafe fn remote_ranks(
+    nccl: &crate::transport::nccl::Nccl,
+    comm: ncclComm_t,
+    rank: usize,
+    nranks: usize,
+    device: i32,
+) -> Result<(u64, &'static str)> {
+    use crate::transport::{identity, ipc};
+    if let Some(k) = identity::node_size_from_env()? {
+        return Ok((ep_core::ll_layout::remote_ranks(rank, nranks, k), "NCCL_EP_NODE_SIZE"));
+    }
+    if nranks == 1 || !crate::cuda::driver::driver_available() {
+        return Ok((0, "one host"));
+    }
+    // SAFETY: this function's contract is host_ids'.
+    let hosts = unsafe { ipc::host_ids(nccl, comm, nranks, device) }?;
+    Ok((identity::remote_ranks_by_host(&hosts, rank), "hosts"))
+}
+
 impl Group {
     /// Creates this rank's group on the caller's communicator (collective).
     ///
@@ -31,9 +57,10 @@ impl Group {
         let (rank, nranks, device) = unsafe { nccl.comm_info(comm) }?;
         let sms = device_sms(device)?;
         let params = validate_group_config(cfg, rank, nranks, sms, &EnvOverrides::from_env())?;
-        let remote = crate::transport::identity::remote_ranks_from_env(rank as usize, nranks as usize)?;
+        // SAFETY: as above; every rank creates its group in the same order (collective call).
+        let (remote, by) = unsafe { remote_ranks(nccl, comm, rank as usize, nranks as usize, device) }?;
         crate::log::log_info(format_args!(
-            "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}, {} remote rank(s)",
+            "group: rank {rank}/{nranks} on device {device}, {} experts, NCCL {}, {} remote rank(s) ({by})",
             params.num_experts,
             nccl.version,
             remote.count_ones()

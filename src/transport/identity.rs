@@ -82,11 +82,27 @@ pub fn parse_node_size(v: Option<&str>) -> ep_core::error::Result<Option<usize>>
     }
 }
 
+/// `NCCL_EP_NODE_SIZE` as set now (read at every group creation and size query).
+pub fn node_size_from_env() -> ep_core::error::Result<Option<usize>> {
+    parse_node_size(std::env::var(NODE_SIZE_ENV).ok().as_deref())
+}
+
 /// The ranks rank `rank` of `nranks` reaches through NCCL point-to-point (bit r), from
-/// `NCCL_EP_NODE_SIZE` (read at every group creation; unset: none).
+/// `NCCL_EP_NODE_SIZE` (unset: none).
 pub fn remote_ranks_from_env(rank: usize, nranks: usize) -> ep_core::error::Result<u64> {
-    let k = parse_node_size(std::env::var(NODE_SIZE_ENV).ok().as_deref())?;
-    Ok(k.map_or(0, |k| ep_core::ll_layout::remote_ranks(rank, nranks, k)))
+    Ok(node_size_from_env()?.map_or(0, |k| ep_core::ll_layout::remote_ranks(rank, nranks, k)))
+}
+
+/// The ranks on another host than rank `rank` (bit r), from every rank's host id (pure). Ranks
+/// need not be laid out host by host. Groups have at most 64 ranks (the LL and HT limits).
+pub fn remote_ranks_by_host(hosts: &[u64], rank: usize) -> u64 {
+    let mine = hosts[rank];
+    hosts
+        .iter()
+        .take(64)
+        .enumerate()
+        .filter(|&(_, &h)| h != mine)
+        .fold(0u64, |m, (r, _)| m | 1u64 << r)
 }
 
 #[cfg(test)]
@@ -111,6 +127,28 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn remote_by_host_any_layout() {
+        assert_eq!(remote_ranks_by_host(&[7], 0), 0);
+        assert_eq!(remote_ranks_by_host(&[7, 7, 7, 7], 2), 0);
+        // Host by host: the other block.
+        assert_eq!(remote_ranks_by_host(&[1, 1, 2, 2], 0), 0b1100);
+        assert_eq!(remote_ranks_by_host(&[1, 1, 2, 2], 3), 0b0011);
+        // Interleaved (round-robin placement): what NCCL_EP_NODE_SIZE cannot say.
+        assert_eq!(remote_ranks_by_host(&[1, 2, 1, 2, 3], 1), 0b10101);
+        assert_eq!(remote_ranks_by_host(&[1, 2, 1, 2, 3], 4), 0b01111);
+        // Matches the node-size rule when the hosts are blocks of k.
+        for (n, k) in [(8usize, 4usize), (6, 4), (5, 1)] {
+            let hosts: Vec<u64> = (0..n).map(|r| (r / k) as u64 + 100).collect();
+            for r in 0..n {
+                assert_eq!(
+                    remote_ranks_by_host(&hosts, r),
+                    ep_core::ll_layout::remote_ranks(r, n, k)
+                );
+            }
+        }
     }
 
     #[test]

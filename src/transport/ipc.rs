@@ -30,6 +30,7 @@ enum Phase {
     Exchange = 1,
     GrowAgree = 2,
     GrowClosed = 3,
+    Hosts = 4,
 }
 
 const TAG_BASE: u32 = 0x4550_0000; // "EP"
@@ -48,6 +49,7 @@ impl Phase {
             1 => "exchanging new buffers",
             2 => "agreeing to grow the buffer",
             3 => "growing the buffer (mappings closed)",
+            4 => "creating a group (finding every rank's host)",
             _ => "not in an NCCL EP buffer step (another collective on the communicator?)",
         }
     }
@@ -131,6 +133,19 @@ unsafe fn all_gather(nccl: &Nccl, comm: ncclComm_t, nranks: usize, device: i32, 
         .collect())
 }
 
+/// Every rank's host ([`identity::host_id`]), all-gathered over `comm` and waited for: group
+/// creation decides from it which ranks are on other hosts (docs/MULTINODE.md, "Who is remote").
+///
+/// # Safety
+/// `comm` is the caller's live communicator; every rank calls this in the same order.
+pub unsafe fn host_ids(nccl: &Nccl, comm: ncclComm_t, nranks: usize, device: i32) -> Result<Vec<u64>> {
+    let mine = Record::mine(Phase::Hosts, device, 0);
+    // SAFETY: all_gather's contract is this function's (live communicator, same order).
+    let all = unsafe { all_gather(nccl, comm, nranks, device, &mine) }?;
+    check_phase(&all, Phase::Hosts)?;
+    Ok(all.iter().map(|r| r.host).collect())
+}
+
 /// Fails unless every rank sent a record of `phase`.
 fn check_phase(all: &[Record], phase: Phase) -> Result<()> {
     for (r, rec) in all.iter().enumerate() {
@@ -209,8 +224,9 @@ unsafe fn exchange(
             ptrs.push(0);
         } else if rec.host != mine.host {
             return Err(ep_core::invalid_usage!(
-                "rank {r} is on another host but this rank's node holds it: set NCCL_EP_NODE_SIZE to the ranks per \
-                 host (ranks laid out host by host) so that other hosts are reached through NCCL (docs/MULTINODE.md)"
+                "rank {r} is on another host but NCCL_EP_NODE_SIZE puts it in this rank's node: unset the variable \
+                 (ranks on other hosts are then found by their host) or set it to the ranks per host, ranks laid out \
+                 host by host (docs/MULTINODE.md)"
             ));
         } else if rec.exporter() == mine.exporter() {
             // This process: CUDA IPC cannot open a handle exported by its own process.
