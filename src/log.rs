@@ -23,6 +23,13 @@ pub fn log_info(msg: impl std::fmt::Display) {
     }
 }
 
+/// Writes an ERROR line to stderr whatever `NCCL_EP_DEBUG` says: for failures no call returns
+/// (found by a background thread), which would otherwise go unseen, as the GPU timeouts' own
+/// lines are printed unconditionally.
+pub fn log_error(msg: impl std::fmt::Display) {
+    eprintln!("NCCL EP ERROR {msg}");
+}
+
 /// Writes a WARN line to stderr when `NCCL_EP_DEBUG` is WARN or INFO.
 pub fn log_warn(msg: impl std::fmt::Display) {
     if debug_level() >= 1 {

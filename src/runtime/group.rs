@@ -98,7 +98,14 @@ impl Group {
         let (rank, nranks) = (self.params.rank as usize, self.params.nranks as usize);
         match &self.membership {
             Membership::Local { world } => PeerBuffers::local(world.clone(), rank),
-            Membership::Nccl { comm, remote, .. } => PeerBuffers::nccl(*comm, rank, nranks, self.device, *remote),
+            Membership::Nccl { comm, remote, .. } => PeerBuffers::nccl(
+                *comm,
+                rank,
+                nranks,
+                self.device,
+                *remote,
+                std::time::Duration::from_nanos(self.params.timeout_ns),
+            ),
         }
     }
 

@@ -105,11 +105,15 @@ impl HtState {
 
     /// True when a kernel timed out (or a captured update overflowed) since the last clear.
     pub fn timed_out(&self) -> bool {
-        self.err.flag_raised()
+        // A kernel's wait, or (groups spanning nodes) an exchange the watchdog saw outlive the
+        // timeout (transport::watchdog).
+        self.err.flag_raised() || self.buffers.remote_timed_out()
     }
 
+    /// Clears the flag `timed_out` reads.
     pub fn clear_timeout(&self) {
-        self.err.clear_flag()
+        self.err.clear_flag();
+        self.buffers.clear_remote_timeout();
     }
 }
 

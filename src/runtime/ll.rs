@@ -144,12 +144,15 @@ impl LlState {
 
     /// True when a kernel timed out waiting for a peer since the flag was last cleared.
     pub fn timed_out(&self) -> bool {
-        self.err.flag_raised()
+        // A kernel's wait, or (groups spanning nodes) an exchange the watchdog saw outlive the
+        // timeout (transport::watchdog).
+        self.err.flag_raised() || self.buffers.remote_timed_out()
     }
 
     /// Clears the flag `timed_out` reads.
     pub fn clear_timeout(&self) {
-        self.err.clear_flag()
+        self.err.clear_flag();
+        self.buffers.clear_remote_timeout();
     }
 
     /// Ranks (bit set) that did not reach the last `ncclEpMaskClean` barrier in time; valid once

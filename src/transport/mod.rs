@@ -6,3 +6,4 @@ pub mod ipc_maps;
 pub mod local;
 pub mod nccl;
 pub mod peers;
+pub mod watchdog;

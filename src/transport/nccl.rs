@@ -16,6 +16,8 @@ type ErrStrFn = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
 type P2pFn =
     unsafe extern "C" fn(*const c_void, usize, ncclDataType_t, c_int, ncclComm_t, cudaStream_t) -> ncclResult_t;
 type GroupFn = unsafe extern "C" fn() -> ncclResult_t;
+/// `ncclCommRevoke(comm, flags)` (NCCL 2.28.7+).
+type CommRevokeFn = unsafe extern "C" fn(ncclComm_t, c_int) -> ncclResult_t;
 /// `ncclWinGetUserPtr(comm, win, &ptr)` (NCCL 2.29+).
 type WinUserPtrFn = unsafe extern "C" fn(ncclComm_t, *mut c_void, *mut *mut c_void) -> ncclResult_t;
 /// `ncclGetPeerDevicePointer(win, offset, peer, &ptr)` (NCCL 2.29+).
@@ -41,6 +43,9 @@ pub struct Nccl {
     recv: P2pFn,
     group_start: GroupFn,
     group_end: GroupFn,
+    /// `ncclCommRevoke`: only the remote-exchange watchdog's opt-in uses it (absent before NCCL
+    /// 2.28.7 and in stand-ins, which still load).
+    comm_revoke: Option<CommRevokeFn>,
     /// Window queries: absent before NCCL 2.29, which is an error only for a window-backed
     /// tensor (everything else works with older NCCL).
     win_user_ptr: Option<WinUserPtrFn>,
@@ -133,6 +138,8 @@ impl Nccl {
                 recv: need(h, "ncclRecv")?,
                 group_start: need(h, "ncclGroupStart")?,
                 group_end: need(h, "ncclGroupEnd")?,
+                // SAFETY: the prototype of nccl.h 2.28.7+.
+                comm_revoke: need::<CommRevokeFn>(h, "ncclCommRevoke").ok(),
                 // SAFETY: the prototypes of nccl.h 2.29+ (ncclWindow_t is a pointer).
                 win_user_ptr: need::<WinUserPtrFn>(h, "ncclWinGetUserPtr").ok(),
                 peer_ptr: need::<PeerPtrFn>(h, "ncclGetPeerDevicePointer").ok(),
@@ -160,6 +167,33 @@ impl Nccl {
             ErrorKind::Nccl(r),
             format!("{what} failed with NCCL error {r} ({text})"),
         ))
+    }
+
+    /// `ncclCommRevoke(comm, NCCL_REVOKE_DEFAULT)`: stops the communicator's in-flight
+    /// operations (their kernels return) without freeing it; the owner may then shrink or destroy
+    /// it once NCCL reports it quiescent.
+    ///
+    /// # Safety
+    /// `comm` is a live communicator of this NCCL.
+    pub unsafe fn comm_revoke(&self, comm: ncclComm_t) -> Result<()> {
+        let f = self.comm_revoke.ok_or_else(|| {
+            Error::new(
+                ErrorKind::System,
+                format!(
+                    "the loaded NCCL ({}) has no ncclCommRevoke (NCCL 2.28.7 or later)",
+                    self.version
+                ),
+            )
+        })?;
+        // SAFETY: the prototype of nccl.h; `comm` as this function's contract says; flags 0 is
+        // NCCL_REVOKE_DEFAULT, the only value NCCL accepts.
+        let r = unsafe { f(comm, 0) };
+        // ncclInProgress (7): revoked, not quiescent yet, which is all the watchdog needs.
+        if r == 7 {
+            Ok(())
+        } else {
+            self.check("ncclCommRevoke", r)
+        }
     }
 
     /// (rank, number of ranks, CUDA device ordinal) of a communicator.

@@ -12,11 +12,12 @@
 //!   caller's communicator and stream.
 
 use crate::cuda::context::{CtxGuard, synchronize_current};
-use crate::cuda::memory::{self, DeviceMem};
+use crate::cuda::memory::{self, DeviceMem, Stream};
 use crate::sys::{cudaStream_t, ncclComm_t};
 use crate::transport::ipc::{self, SharedBuffer};
 use crate::transport::local::LocalWorld;
 use crate::transport::nccl::{Nccl, P2p};
+use crate::transport::watchdog::ExchangeWatchdog;
 use ep_core::error::Result;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,6 +109,15 @@ pub trait PeerTransport: Send + Sync {
     unsafe fn exchange_ranges(&self, _ranges: &[(usize, usize)], _stream: cudaStream_t) -> Result<()> {
         Ok(())
     }
+
+    /// An exchange with remote ranks stayed outstanding past the group's timeout since the flag
+    /// was last cleared (`transport::watchdog`); part of the group's asynchronous error.
+    fn remote_timed_out(&self) -> bool {
+        false
+    }
+
+    /// Clears the flag `remote_timed_out` reads.
+    fn clear_remote_timeout(&self) {}
 }
 
 /// Where the kernels find remote peers' messages (docs/MULTINODE.md, `LlParams::remote`).
@@ -138,7 +148,15 @@ impl PeerBuffers {
 
     /// Rank `rank` of `nranks` of the caller's communicator `comm`, on `device`; the ranks in
     /// `remote` (bit r) are reached through staging ([`RemotePeers`]), the others by load/store.
-    pub fn nccl(comm: ncclComm_t, rank: usize, nranks: usize, device: i32, remote: u64) -> PeerBuffers {
+    /// Exchanges with remote ranks are watched against `timeout` (zero: not watched).
+    pub fn nccl(
+        comm: ncclComm_t,
+        rank: usize,
+        nranks: usize,
+        device: i32,
+        remote: u64,
+        timeout: Duration,
+    ) -> PeerBuffers {
         let ipc = IpcPeers {
             comm,
             rank,
@@ -156,6 +174,8 @@ impl PeerBuffers {
                 recv: None,
                 stride: 0,
                 mirror: false,
+                timeout,
+                watch: None,
             })
         }
     }
@@ -197,6 +217,16 @@ impl PeerBuffers {
     /// See [`PeerTransport::release`].
     pub fn release(&mut self, limit: Duration) {
         self.t.release(limit)
+    }
+
+    /// See [`PeerTransport::remote_timed_out`].
+    pub fn remote_timed_out(&self) -> bool {
+        self.t.remote_timed_out()
+    }
+
+    /// See [`PeerTransport::clear_remote_timeout`].
+    pub fn clear_remote_timeout(&self) {
+        self.t.clear_remote_timeout()
     }
 
     /// See [`PeerTransport::remote`].
@@ -346,6 +376,11 @@ pub struct RemotePeers {
     stride: usize,
     /// The receive regions are mirrors (HT): no send regions, `peers` gives the mirrors.
     mirror: bool,
+    /// The group's timeout (zero: none), the bound on each exchange.
+    timeout: Duration,
+    /// Watches the exchanges (docs/MULTINODE.md, "Masks and dead peers"); started with the
+    /// first staging, so that a group that never exchanges has no thread.
+    watch: Option<ExchangeWatchdog>,
 }
 
 impl RemotePeers {
@@ -390,7 +425,28 @@ impl RemotePeers {
         self.send = send;
         self.recv = Some(recv);
         self.stride = stride;
+        if self.watch.is_none() && !self.timeout.is_zero() {
+            self.watch = Some(ExchangeWatchdog::start(
+                self.ipc.comm,
+                self.ipc.rank,
+                self.ipc.remote,
+                dev,
+                self.timeout,
+            )?);
+        }
         Ok(())
+    }
+
+    /// Puts the exchange just queued on `stream` under the watchdog.
+    ///
+    /// # Safety
+    /// `stream` is a valid stream of this rank's device.
+    unsafe fn watch(&self, stream: cudaStream_t) -> Result<()> {
+        match &self.watch {
+            // SAFETY: a valid stream (this function's contract).
+            Some(w) => w.record(unsafe { Stream::from_raw(stream.cast()) }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -433,9 +489,18 @@ impl PeerTransport for RemotePeers {
 
     fn release(&mut self, limit: Duration) {
         // Remote ranks never map this rank's memory: the staging needs no barrier, only the
-        // end of this rank's own work (an exchange may still read or write it).
+        // end of this rank's own work (an exchange may still read or write it). After an
+        // exchange outlived the timeout that end may never come (NCCL's kernel waits for a dead
+        // peer): the staging is then kept, not waited for.
+        let stuck = self.watch.take().is_some_and(|w| w.ever_fired());
         self.ipc.release(limit);
-        let idle = CtxGuard::enter(self.ipc.device).and_then(|_g| synchronize_current());
+        let idle = if stuck {
+            Err(ep_core::invalid_usage!(
+                "an exchange with a remote rank never completed"
+            ))
+        } else {
+            CtxGuard::enter(self.ipc.device).and_then(|_g| synchronize_current())
+        };
         let (send, recv) = (self.send.take(), self.recv.take());
         if let Err(e) = idle {
             crate::log::log_warn(format_args!(
@@ -493,7 +558,19 @@ impl PeerTransport for RemotePeers {
         // until the next `ensure`/`ensure_mirrors` (both synchronise first); every rank posts the
         // same ranges for the same operation, remote ranks in rank order, so each pair's calls
         // match.
-        unsafe { nccl.exchange(&xfers, self.ipc.comm, stream) }
+        unsafe { nccl.exchange(&xfers, self.ipc.comm, stream) }?;
+        // SAFETY: as above.
+        unsafe { self.watch(stream) }
+    }
+
+    fn remote_timed_out(&self) -> bool {
+        self.watch.as_ref().is_some_and(ExchangeWatchdog::fired)
+    }
+
+    fn clear_remote_timeout(&self) {
+        if let Some(w) = &self.watch {
+            w.clear();
+        }
     }
 
     unsafe fn exchange(&self, bytes: usize, stream: cudaStream_t) -> Result<()> {
@@ -513,7 +590,9 @@ impl PeerTransport for RemotePeers {
         // regions hold `stride >= bytes` bytes and live until the next `ensure_stage`, which
         // synchronises first; every rank posts its exchange for the same operation, with its
         // remote ranks in rank order, so each pair's calls match.
-        unsafe { nccl.exchange(&xfers, self.ipc.comm, stream) }
+        unsafe { nccl.exchange(&xfers, self.ipc.comm, stream) }?;
+        // SAFETY: as above.
+        unsafe { self.watch(stream) }
     }
 }
 
@@ -567,7 +646,7 @@ mod tests {
     #[test]
     fn nccl_peers_before_the_first_buffer() {
         // No CUDA and no NCCL needed: nothing is allocated before `ensure`.
-        let mut p = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0);
+        let mut p = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0, Duration::from_secs(1));
         assert_eq!(
             (p.len(), p.own(), p.cross_process(), p.peers_share_thread()),
             (0, 0, false, false)
@@ -581,7 +660,7 @@ mod tests {
 
     #[test]
     fn remote_peers_before_the_first_buffer() {
-        let mut p = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0b1100);
+        let mut p = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0b1100, Duration::from_secs(1));
         assert_eq!((p.len(), p.own(), p.cross_process()), (0, 0, true));
         assert_eq!(
             p.remote(),
@@ -599,7 +678,7 @@ mod tests {
         p.release(Duration::ZERO);
         assert!(p.is_empty());
         // Load/store transports have no remote ranks and nothing to exchange.
-        let q = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0);
+        let q = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0, Duration::from_secs(1));
         assert_eq!(q.remote(), None);
         // SAFETY: nothing to exchange: no NCCL call.
         assert!(unsafe { q.exchange(64, std::ptr::null_mut()) }.is_ok());
@@ -659,12 +738,12 @@ mod tests {
 
     #[test]
     fn remote_mirrors_before_the_first_buffer() {
-        let p = PeerBuffers::nccl(std::ptr::null_mut(), 0, 4, 0, 0b1100);
+        let p = PeerBuffers::nccl(std::ptr::null_mut(), 0, 4, 0, 0b1100, Duration::from_secs(1));
         // SAFETY: refused before any NCCL call (no mirrors yet).
         let e = unsafe { p.exchange_ranges(&[(0, 64)], std::ptr::null_mut()) }.unwrap_err();
         assert!(e.msg.contains("too small"), "{}", e.msg);
         // Load/store transports have nothing to mirror.
-        let mut q = PeerBuffers::nccl(std::ptr::null_mut(), 0, 4, 0, 0);
+        let mut q = PeerBuffers::nccl(std::ptr::null_mut(), 0, 4, 0, 0, Duration::from_secs(1));
         assert!(q.ensure_mirrors(1 << 20).is_ok());
         // SAFETY: nothing to exchange: no NCCL call.
         assert!(unsafe { q.exchange_ranges(&[(0, 64)], std::ptr::null_mut()) }.is_ok());
