@@ -437,15 +437,15 @@ impl RemotePeers {
         Ok(())
     }
 
-    /// Puts the exchange just queued on `stream` under the watchdog.
+    /// Queues an exchange with `queue` on `stream`, under the watchdog when there is one.
     ///
     /// # Safety
     /// `stream` is a valid stream of this rank's device.
-    unsafe fn watch(&self, stream: cudaStream_t) -> Result<()> {
+    unsafe fn watched(&self, stream: cudaStream_t, queue: impl FnOnce() -> Result<()>) -> Result<()> {
         match &self.watch {
             // SAFETY: a valid stream (this function's contract).
-            Some(w) => w.record(unsafe { Stream::from_raw(stream.cast()) }),
-            None => Ok(()),
+            Some(w) => w.watch(unsafe { Stream::from_raw(stream.cast()) }, queue),
+            None => queue(),
         }
     }
 }
@@ -558,9 +558,7 @@ impl PeerTransport for RemotePeers {
         // until the next `ensure`/`ensure_mirrors` (both synchronise first); every rank posts the
         // same ranges for the same operation, remote ranks in rank order, so each pair's calls
         // match.
-        unsafe { nccl.exchange(&xfers, self.ipc.comm, stream) }?;
-        // SAFETY: as above.
-        unsafe { self.watch(stream) }
+        unsafe { self.watched(stream, || nccl.exchange(&xfers, self.ipc.comm, stream)) }
     }
 
     fn remote_timed_out(&self) -> bool {
@@ -590,9 +588,7 @@ impl PeerTransport for RemotePeers {
         // regions hold `stride >= bytes` bytes and live until the next `ensure_stage`, which
         // synchronises first; every rank posts its exchange for the same operation, with its
         // remote ranks in rank order, so each pair's calls match.
-        unsafe { nccl.exchange(&xfers, self.ipc.comm, stream) }?;
-        // SAFETY: as above.
-        unsafe { self.watch(stream) }
+        unsafe { self.watched(stream, || nccl.exchange(&xfers, self.ipc.comm, stream)) }
     }
 }
 

@@ -3,8 +3,9 @@
 //! NCCL point-to-point with a remote rank that died, or that skipped an operation, never
 //! completes: NCCL's kernel spins on the caller's stream, our receive kernel never starts, and
 //! none of the GPU timeouts of docs/LL.md can fire. So the host watches instead: every exchange
-//! queued outside a graph capture records an event after its NCCL group, and a thread per group
-//! checks the oldest outstanding event against the group's timeout. Past it, the group's
+//! queued outside a graph capture is framed by two events, and a thread per group checks the
+//! oldest outstanding exchange against the group's timeout, counted from when its first event
+//! was seen done (the exchange had started on the GPU; work queued ahead never counts). Past it, the group's
 //! asynchronous error is raised (`ncclEpGetAsyncError`), the remote ranks are named in the log,
 //! and, only when the caller opted in with `NCCL_EP_REVOKE_ON_REMOTE_TIMEOUT=1`, the caller's
 //! communicator is revoked (`ncclCommRevoke`, NCCL 2.28.7+), which stops NCCL's kernel so that
@@ -53,10 +54,21 @@ pub enum Verdict {
     Expired(Duration),
 }
 
-/// The outstanding exchanges, oldest first (pure bookkeeping; the clock is the caller's).
+/// One watched exchange: completions recorded before and after it on the stream, and when the
+/// watch first saw the one before it done (the exchange had started on the GPU by then).
+struct Entry<C> {
+    start: C,
+    end: C,
+    started: Option<Instant>,
+}
+
+/// The outstanding exchanges, oldest first (pure bookkeeping; the clock is the caller's). An
+/// exchange's age counts from when it started on the GPU (seen at a check), not from when the
+/// host queued it: work queued ahead of it on the stream, however long, never counts.
 pub struct Watch<C> {
-    pending: VecDeque<(C, Instant)>,
-    /// Completed entries, kept for reuse (events are created once, recorded many times).
+    pending: VecDeque<Entry<C>>,
+    /// Completed entries' completions, kept for reuse (events are created once, recorded many
+    /// times).
     free: Vec<C>,
     /// The front entry was reported as expired (cleared when it leaves).
     expired: bool,
@@ -78,23 +90,38 @@ impl<C: Completion> Watch<C> {
         self.free.pop()
     }
 
-    /// An exchange queued at `now`, followed by `c`.
-    pub fn push(&mut self, c: C, now: Instant) {
-        self.pending.push_back((c, now));
+    /// Gives back a completion that was not used (its exchange failed to queue).
+    pub fn give_back(&mut self, c: C) {
+        self.free.push(c);
+    }
+
+    /// An exchange queued between the completions `start` and `end`.
+    pub fn push(&mut self, start: C, end: C) {
+        self.pending.push_back(Entry {
+            start,
+            end,
+            started: None,
+        });
     }
 
     /// Drops the finished exchanges from the front (stream order: a later one cannot finish
-    /// first) and judges the oldest left. `Expired` is returned once per oldest exchange: while
-    /// it stays outstanding the watch answers `Waiting`; once it finishes (a slow peer, not a
-    /// dead one) the next oldest is judged afresh.
+    /// first) and judges the oldest left by the time since it started. `Expired` is returned
+    /// once per oldest exchange: while it stays outstanding the watch answers `Waiting`; once it
+    /// finishes (a slow peer, not a dead one) the next oldest is judged afresh.
     pub fn check(&mut self, now: Instant, limit: Duration) -> Verdict {
-        while self.pending.front().is_some_and(|(c, _)| c.done()) {
-            let (c, _) = self.pending.pop_front().expect("front exists");
-            self.free.push(c);
+        while self.pending.front().is_some_and(|e| e.end.done()) {
+            let e = self.pending.pop_front().expect("front exists");
+            self.free.extend([e.start, e.end]);
             self.expired = false;
         }
-        let Some(since) = self.pending.front().map(|&(_, t)| t) else {
+        let Some(front) = self.pending.front_mut() else {
             return Verdict::Idle;
+        };
+        if front.started.is_none() && front.start.done() {
+            front.started = Some(now);
+        }
+        let Some(since) = front.started else {
+            return Verdict::Waiting;
         };
         let age = now.saturating_duration_since(since);
         if age > limit && !self.expired {
@@ -158,20 +185,27 @@ impl ExchangeWatchdog {
         })
     }
 
-    /// Watches the exchange just queued on `stream` (nothing while the stream is captured).
-    pub fn record(&self, stream: Stream) -> Result<()> {
+    /// Queues an exchange on `stream` with `queue` and watches it (only queues it while the
+    /// stream is captured).
+    pub fn watch(&self, stream: Stream, queue: impl FnOnce() -> Result<()>) -> Result<()> {
         // The events live in the device's primary context, as the caller's stream does.
         let _ctx = CtxGuard::enter(self.device)?;
         if stream_is_capturing(stream)? {
-            return Ok(());
+            return queue();
         }
         let mut w = self.shared.watch.lock();
-        let ev = match w.reuse() {
-            Some(e) => e,
-            None => Event::new(false)?,
-        };
-        ev.record(stream)?;
-        w.push(ev, Instant::now());
+        let mut event = || w.reuse().map_or_else(|| Event::new(false), Ok);
+        let (start, end) = (event()?, event()?);
+        let queued = start
+            .record(stream)
+            .and_then(|_| queue())
+            .and_then(|_| end.record(stream));
+        if let Err(e) = queued {
+            w.give_back(start);
+            w.give_back(end);
+            return Err(e);
+        }
+        w.push(start, end);
         drop(w);
         self.shared.wake.notify_one();
         Ok(())
@@ -297,17 +331,24 @@ mod tests {
         (Flag(c.clone()), c)
     }
 
+    /// An exchange whose start (the work queued before it) is already done.
+    fn started(w: &mut Watch<Flag>) -> Rc<Cell<bool>> {
+        let (s, ds) = flag();
+        ds.set(true);
+        let (e, de) = flag();
+        w.push(s, e);
+        de
+    }
+
     #[test]
     fn finished_exchanges_leave_in_stream_order_and_are_reused() {
         let t0 = Instant::now();
         let limit = Duration::from_millis(100);
         let mut w = Watch::default();
         assert_eq!(w.check(t0, limit), Verdict::Idle);
-        let (a, da) = flag();
-        let (b, db) = flag();
-        w.push(a, t0);
-        w.push(b, t0 + Duration::from_millis(10));
-        assert_eq!(w.check(t0 + Duration::from_millis(50), limit), Verdict::Waiting);
+        let da = started(&mut w);
+        let db = started(&mut w);
+        assert_eq!(w.check(t0, limit), Verdict::Waiting);
         // The second finishing first does not retire it: the first still holds the front.
         db.set(true);
         assert_eq!(w.check(t0 + Duration::from_millis(60), limit), Verdict::Waiting);
@@ -315,7 +356,10 @@ mod tests {
         da.set(true);
         assert_eq!(w.check(t0 + Duration::from_millis(70), limit), Verdict::Idle);
         assert_eq!(w.outstanding(), 0);
-        assert!(w.reuse().is_some() && w.reuse().is_some() && w.reuse().is_none());
+        for _ in 0..4 {
+            assert!(w.reuse().is_some());
+        }
+        assert!(w.reuse().is_none());
     }
 
     #[test]
@@ -323,26 +367,47 @@ mod tests {
         let t0 = Instant::now();
         let limit = Duration::from_millis(100);
         let mut w = Watch::default();
-        let (a, da) = flag();
-        w.push(a, t0);
+        let da = started(&mut w);
+        assert_eq!(w.check(t0, limit), Verdict::Waiting, "seen started at t0");
         assert_eq!(w.check(t0 + limit, limit), Verdict::Waiting, "at the limit: not yet");
         assert_eq!(
             w.check(t0 + Duration::from_millis(150), limit),
             Verdict::Expired(Duration::from_millis(150))
         );
         assert_eq!(w.check(t0 + Duration::from_millis(300), limit), Verdict::Waiting);
-        // An exchange behind the stuck one is not reported while the stuck one holds the front.
-        let (b, _db) = flag();
-        w.push(b, t0 + Duration::from_millis(300));
+        // An exchange behind the stuck one is not judged while the stuck one holds the front.
+        let _db = started(&mut w);
         assert_eq!(w.check(t0 + Duration::from_millis(350), limit), Verdict::Waiting);
-        // The stuck one finishes late (a slow peer): the next is judged on its own age.
+        // The stuck one finishes late (a slow peer): the next is judged from when it is seen
+        // started, here at 360 ms.
         da.set(true);
         assert_eq!(w.check(t0 + Duration::from_millis(360), limit), Verdict::Waiting);
         assert_eq!(w.outstanding(), 1);
+        assert_eq!(w.check(t0 + Duration::from_millis(450), limit), Verdict::Waiting);
         assert_eq!(
-            w.check(t0 + Duration::from_millis(450), limit),
-            Verdict::Expired(Duration::from_millis(150))
+            w.check(t0 + Duration::from_millis(470), limit),
+            Verdict::Expired(Duration::from_millis(110))
         );
+    }
+
+    #[test]
+    fn work_queued_ahead_never_counts() {
+        let t0 = Instant::now();
+        let limit = Duration::from_millis(100);
+        let mut w = Watch::default();
+        let (s, ds) = flag();
+        let (e, de) = flag();
+        w.push(s, e);
+        // The stream is busy with earlier work for 10 s: the exchange has not started.
+        assert_eq!(w.check(t0 + Duration::from_secs(10), limit), Verdict::Waiting);
+        ds.set(true);
+        assert_eq!(w.check(t0 + Duration::from_secs(11), limit), Verdict::Waiting);
+        assert_eq!(
+            w.check(t0 + Duration::from_millis(11_200), limit),
+            Verdict::Expired(Duration::from_millis(200))
+        );
+        de.set(true);
+        assert_eq!(w.check(t0 + Duration::from_secs(12), limit), Verdict::Idle);
     }
 
     #[test]
