@@ -30,12 +30,14 @@
 //! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), LL NVFP4
 //! combine (`ll_nvfp4`, bit for bit against the reference), HT
 //! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, forward and backward, alignment, QUANT_FWD),
-//! and zero-copy (`ll_zero_copy`,
+//! HT CUDA-graph replays (`ht_graph_replays`: update + dispatch + combine captured once, both
+//! layouts), and zero-copy (`ll_zero_copy`,
 //! `ht_zero_copy`: tensors in symmetric NCCL windows under zero_copy AUTO and ON,
 //! tests/gpu_multi/zero_copy.rs; NCCL >= 2.29). With `NCCL_EP_NODE_SIZE=k < N`
 //! (docs/MULTINODE.md; `MULTI_GPU_NODE_SIZE=k scripts/multi_gpu.sh`) the same LL and HT steps
-//! (`ht_rounds`, `ht_growth`) run with every rank outside a block of k as a remote one (LL:
-//! staging; HT: mirrors of the remote ranks' buffers; both moved by NCCL point-to-point). Opt-in and alone:
+//! (`ht_rounds`, `ht_growth`, `ht_graph_replays`) run with every rank outside a block of k as a
+//! remote one (LL: staging; HT: mirrors of the remote ranks' buffers; both moved by NCCL
+//! point-to-point, on the caller's stream, so graph capture takes them in too). Opt-in and alone:
 //! `EP_MULTI_ONLY=mask_kill` (`ll_mask_kill`: one process kills itself with SIGKILL before its
 //! dispatch; the others finish without it; tests/gpu_multi/masks.rs).
 //!
@@ -63,14 +65,15 @@ mod zero_copy;
 
 use ep_core::enums::{DType, ExpertIdKind, Layout, OverflowPolicy, PassDir, dtype};
 use ep_reference::ht::{
-    HtCombineIn, HtConfig, HtDispatchIn, HtDispatchOut, HtDtype, HtPlan, HtQuantFwdIn, random_bytes, random_tokens,
+    HtCombineIn, HtConfig, HtDispatchIn, HtDispatchOut, HtDtype, HtPlan, HtQuantFwdIn, HtRankMeta, random_bytes,
+    random_tokens,
 };
 use ep_reference::ll::*;
 use harness::*;
 use multi::*;
 use nccl_ep::abi::group::{ncclEpCreateGroup, ncclEpGroupDestroy};
 use nccl_ep::abi::guard::struct_default;
-use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy};
+use nccl_ep::abi::handle::{ncclEpCreateHandle, ncclEpHandleDestroy, ncclEpUpdateHandle};
 use nccl_ep::abi::ops::{ncclEpCombine, ncclEpDispatch};
 use nccl_ep::abi::types::*;
 use std::time::Instant;
@@ -742,6 +745,328 @@ fn ht_round(
     ht_round_windowed(r, g, s, l, budget, c, rng, None)
 }
 
+/// Every rank's inputs of one HT forward round, drawn from the shared stream (so every rank
+/// draws the same).
+struct HtInputs {
+    /// Tokens of each rank.
+    ts: Vec<usize>,
+    routing: Vec<Vec<i64>>,
+    tokens: Vec<Vec<u8>>,
+    weights: Vec<Vec<f32>>,
+    /// Expert outputs `[S, H]` for the combine.
+    xs: Vec<Vec<u8>>,
+    /// QUANT_FWD: raw e4m3 token rows of H bytes and H/32 uint8 scales (else empty).
+    qtok: Vec<Vec<u8>>,
+    qsc: Vec<Vec<u8>>,
+}
+
+fn ht_inputs(r: &Rank, l: usize, budget: usize, c: &HtCase, rng: &mut SplitMix64) -> HtInputs {
+    let (n, k, h) = (r.world, c.topk, c.hidden);
+    let shape = LlShape {
+        nranks: n,
+        num_experts: n * l,
+        max_tokens: HT_B,
+        hidden: h,
+        topk: k,
+    };
+    let ts: Vec<usize> = (0..n)
+        .map(|_| c.tokens.unwrap_or_else(|| rng.below(HT_B + 1)))
+        .collect();
+    let routing: Vec<Vec<i64>> = ts.iter().map(|&t| gen_routing(rng, shape, t, c.routing)).collect();
+    let tokens: Vec<Vec<u8>> = ts.iter().map(|&t| random_tokens(rng, c.dt, t, h)).collect();
+    let weights: Vec<Vec<f32>> = ts
+        .iter()
+        .map(|&t| (0..t * k).map(|_| rng.unit_f32()).collect())
+        .collect();
+    let xs: Vec<Vec<u8>> = (0..n).map(|_| random_tokens(rng, c.dt, budget, h)).collect();
+    let sw = h / 32;
+    let (qtok, qsc): (Vec<Vec<u8>>, Vec<Vec<u8>>) = if c.quant_fwd {
+        (
+            ts.iter().map(|&t| random_bytes(rng, t * h)).collect(),
+            ts.iter().map(|&t| random_bytes(rng, t * sw)).collect(),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    HtInputs {
+        ts,
+        routing,
+        tokens,
+        weights,
+        xs,
+        qtok,
+        qsc,
+    }
+}
+
+/// The CPU reference of the whole group's routing.
+fn ht_plan(r: &Rank, l: usize, budget: usize, c: &HtCase, routing: &[Vec<i64>]) -> Result<HtPlan, String> {
+    let cfg = HtConfig {
+        nranks: r.world,
+        num_experts: r.world * l,
+        topk: c.topk,
+        layout: c.layout,
+        alignment: c.align,
+        budget,
+        policy: OverflowPolicy::Trap,
+    };
+    HtPlan::new(cfg, routing).map_err(|e| format!("test bug: the reference rejects the routing: {e:?}"))
+}
+
+/// The forward dispatch this rank must receive (not QUANT_FWD).
+fn ht_dispatch_want(c: &HtCase, plan: &HtPlan, me: usize, inp: &HtInputs, budget: usize) -> HtDispatchOut {
+    plan.dispatch(
+        me,
+        &HtDispatchIn {
+            dtype: c.dt,
+            hidden: c.hidden,
+            pass: PassDir::Forward,
+            recv_kind: if c.global_ids {
+                ExpertIdKind::Global
+            } else {
+                ExpertIdKind::Local
+            },
+            tokens: &inp.tokens,
+            weights: &inp.weights,
+            poison: HT_POISON,
+        },
+        budget,
+    )
+}
+
+/// This rank's routing (`topk_idx`) and the `layout_info` outputs of its handle's metadata pass.
+struct HtRouting {
+    topk: DevTensor,
+    counters: DevTensor,
+    offsets: DevTensor,
+    total: DevTensor,
+}
+
+impl HtRouting {
+    fn new(r: &Rank, c: &HtCase, l: usize, routing: &[i64]) -> Result<HtRouting, String> {
+        let em = c.layout == Layout::ExpertMajor;
+        let x = HtRouting {
+            topk: tensor(
+                r,
+                if c.idx64 { dtype::INT64 } else { dtype::INT32 },
+                &[routing.len() / c.topk, c.topk],
+            )?,
+            counters: tensor(r, if em { dtype::INT64 } else { dtype::INT32 }, &[l])?,
+            offsets: tensor(r, dtype::INT64, &[l])?,
+            total: tensor(r, dtype::INT64, &[1])?,
+        };
+        x.load(c, routing)?;
+        Ok(x)
+    }
+
+    /// Uploads `routing` (as many rows as allocated) and poisons the outputs, so that a metadata
+    /// pass that writes nothing shows.
+    fn load(&self, c: &HtCase, routing: &[i64]) -> Result<(), String> {
+        if c.idx64 {
+            self.topk.upload(routing)?;
+        } else {
+            self.topk
+                .upload(&routing.iter().map(|&x| x as i32).collect::<Vec<_>>())?;
+        }
+        self.counters.fill(HT_POISON)?;
+        self.offsets.fill(HT_POISON)?;
+        self.total.fill(HT_POISON)
+    }
+
+    fn info(&mut self, c: &HtCase) -> ncclEpLayoutInfo_t {
+        let mut li: ncclEpLayoutInfo_t = struct_default();
+        li.expert_counters = self.counters.ptr();
+        li.recv_total_counter = self.total.ptr();
+        if c.layout == Layout::ExpertMajor {
+            li.expert_offsets = self.offsets.ptr();
+        }
+        li
+    }
+
+    /// The `layout_info` outputs against the reference's `meta` of this rank.
+    fn check(&self, c: &HtCase, meta: &HtRankMeta) -> Result<Vec<String>, String> {
+        let em = c.layout == Layout::ExpertMajor;
+        let mut bad = Vec::new();
+        let want_c: Vec<i64> = meta.expert_counters.iter().map(|&x| x as i64).collect();
+        let got_c: Vec<i64> = if em {
+            self.counters.download::<i64>()?
+        } else {
+            self.counters.download::<i32>()?.iter().map(|&x| x as i64).collect()
+        };
+        bad.extend(compare("layout_info expert_counters", &got_c, &want_c).err());
+        if em {
+            let want_o: Vec<i64> = meta.expert_offsets.iter().map(|&x| x as i64).collect();
+            bad.extend(compare("layout_info expert_offsets", &self.offsets.download::<i64>()?, &want_o).err());
+        }
+        bad.extend(
+            compare(
+                "layout_info recv_total_counter",
+                &self.total.download::<i64>()?,
+                &[meta.recv_total as i64],
+            )
+            .err(),
+        );
+        Ok(bad)
+    }
+}
+
+/// `ncclEpCreateHandle` of an HT round on `rt`'s routing and outputs (queued on `s`). Ok(Err):
+/// the library has no HT yet.
+fn ht_handle(g: &Group, c: &HtCase, rt: &mut HtRouting, s: &Stream) -> Result<Result<Handle, String>, String> {
+    let li = rt.info(c);
+    let mut hc: ncclEpHandleConfig_t = struct_default();
+    hc.dispatch_output_per_expert_alignment = c.align;
+    let mut hp = std::ptr::null_mut();
+    // SAFETY: writes one handle to the live local `hp`; `g.0` is a live group; `li` and `hc` are
+    // live locals; the descriptors and device buffers belong to `rt`, which the caller keeps past
+    // the queued work; the stream is live.
+    let rc = unsafe {
+        ncclEpCreateHandle(
+            &mut hp,
+            g.0,
+            ncclEpLayout_t(c.layout.raw()),
+            rt.topk.ptr(),
+            &li,
+            &hc,
+            s.raw(),
+        )
+    };
+    if rc != 0 {
+        let e = last_error();
+        if not_implemented(&e) {
+            return Ok(Err(e));
+        }
+        return Err(format!("ncclEpCreateHandle (HT) returned {rc}: {e}"));
+    }
+    Ok(Ok(Handle(hp)))
+}
+
+/// This rank's tensors of one HT forward dispatch + combine.
+struct HtFwd {
+    in_tok: DevTensor,
+    in_w: DevTensor,
+    in_sc: DevTensor,
+    out_tok: DevTensor,
+    out_sc: DevTensor,
+    out_idx: DevTensor,
+    out_w: DevTensor,
+    /// Combine inputs: this rank's expert outputs `[S, H]`.
+    cx: DevTensor,
+    cout: DevTensor,
+}
+
+impl HtFwd {
+    /// For `t` tokens of this rank and `budget` (S) receive rows.
+    fn new(r: &Rank, c: &HtCase, t: usize, budget: usize) -> Result<HtFwd, String> {
+        let (k, h, sw) = (c.topk, c.hidden, c.hidden / 32);
+        let nd = c.dt.nccl();
+        let td = if c.quant_fwd { dtype::FLOAT8E4M3 } else { nd };
+        Ok(HtFwd {
+            in_tok: tensor(r, td, &[t, h])?,
+            in_w: tensor(r, dtype::FLOAT32, &[t, k])?,
+            in_sc: tensor(r, dtype::UINT8, &[t, sw])?,
+            out_tok: tensor(r, td, &[budget, h])?,
+            out_sc: tensor(r, dtype::UINT8, &[budget, sw])?,
+            out_idx: tensor(r, dtype::INT64, &[budget, k])?,
+            out_w: if c.layout == Layout::ExpertMajor {
+                tensor(r, dtype::FLOAT32, &[budget])?
+            } else {
+                tensor(r, dtype::FLOAT32, &[budget, k])?
+            },
+            cx: tensor(r, nd, &[budget, h])?,
+            cout: tensor(r, nd, &[t, h])?,
+        })
+    }
+
+    /// Uploads rank `me`'s share of `inp` and poisons every output.
+    fn load(&self, c: &HtCase, inp: &HtInputs, me: usize) -> Result<(), String> {
+        self.in_tok
+            .upload(if c.quant_fwd { &inp.qtok[me] } else { &inp.tokens[me] })?;
+        self.in_w.upload(&inp.weights[me])?;
+        self.out_tok.fill(HT_POISON)?;
+        if c.quant_fwd {
+            self.in_sc.upload(&inp.qsc[me])?;
+            self.out_sc.fill(HT_POISON)?;
+        }
+        self.out_idx.fill(HT_POISON)?;
+        self.out_w.fill(HT_POISON)?;
+        self.cx.upload(&inp.xs[me])?;
+        self.cout.fill(HT_POISON)
+    }
+
+    /// Queues the forward dispatch on `s`.
+    fn dispatch(&mut self, c: &HtCase, hd: &Handle, s: &Stream) -> Result<(), String> {
+        let mut di: ncclEpDispatchInputs_t = struct_default();
+        let mut dout: ncclEpDispatchOutputs_t = struct_default();
+        let mut dli: ncclEpLayoutInfo_t = struct_default();
+        let mut dcfg: ncclEpDispatchConfig_t = struct_default();
+        if c.quant_fwd {
+            dcfg.quant_recipe = ncclEpDispQuant_t(1);
+            di.scales = self.in_sc.ptr();
+            dout.scales = self.out_sc.ptr();
+        }
+        di.tokens = self.in_tok.ptr();
+        di.topk_weights = self.in_w.ptr();
+        dout.tokens = self.out_tok.ptr();
+        dout.topk_weights = self.out_w.ptr();
+        if c.layout != Layout::ExpertMajor {
+            dout.topk_idx = self.out_idx.ptr();
+        }
+        dli.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
+        // SAFETY: the four structs are live locals and every tensor pointer a live descriptor of
+        // `self`, read during the call; their device buffers belong to `self`, which the caller
+        // keeps past the queued work (and every replay of a graph that captured it); `hd.0` is a
+        // live handle, `s` a live stream (the C contract of ncclEpDispatch).
+        ep_ok!(unsafe { ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()) });
+        Ok(())
+    }
+
+    /// Queues the forward combine of `cx` on `s`.
+    fn combine(&mut self, hd: &Handle, s: &Stream) -> Result<(), String> {
+        let mut ci: ncclEpCombineInputs_t = struct_default();
+        let mut co: ncclEpCombineOutputs_t = struct_default();
+        let ccfg: ncclEpCombineConfig_t = struct_default();
+        ci.tokens = self.cx.ptr();
+        co.tokens = self.cout.ptr();
+        // SAFETY: as for the dispatch: live local structs and descriptors, buffers of `self` that
+        // outlive the queued work, a live handle and stream (the C contract of ncclEpCombine).
+        ep_ok!(unsafe { ncclEpCombine(hd.0, &ci, &co, &ccfg, s.raw()) });
+        Ok(())
+    }
+
+    /// The dispatch outputs against `want`: tokens byte for byte, weights bit for bit, and FLAT's
+    /// topk_idx.
+    fn check_dispatch(&self, c: &HtCase, want: &HtDispatchOut) -> Result<Vec<String>, String> {
+        let mut bad = Vec::new();
+        bad.extend(compare("HT dispatch tokens", &self.out_tok.download::<u8>()?, &want.tokens).err());
+        let gw: Vec<u32> = self.out_w.download::<f32>()?.iter().map(|f| f.to_bits()).collect();
+        let ww: Vec<u32> = want.topk_weights.iter().map(|f| f.to_bits()).collect();
+        bad.extend(compare("HT dispatch topk_weights", &gw, &ww).err());
+        if c.layout != Layout::ExpertMajor {
+            bad.extend(compare("HT dispatch topk_idx", &self.out_idx.download::<i64>()?, &want.topk_idx).err());
+        }
+        Ok(bad)
+    }
+
+    /// The combined tokens against the reference of every rank's expert outputs `xs`.
+    fn check_combine(&self, c: &HtCase, plan: &HtPlan, me: usize, xs: &[Vec<u8>]) -> Result<Vec<String>, String> {
+        let want = plan.combine(
+            me,
+            &HtCombineIn {
+                dtype: c.dt,
+                hidden: c.hidden,
+                pass: PassDir::Forward,
+                tokens: xs,
+                weights: &[],
+            },
+        );
+        Ok(compare("HT combine tokens", &self.cout.download::<u8>()?, &want.tokens)
+            .err()
+            .into_iter()
+            .collect())
+    }
+}
+
 /// `ht_round`, with dispatch `outputs->tokens` and combine `inputs->tokens` in an NCCL window
 /// when `zc` is given (tests/gpu_multi/zero_copy.rs).
 #[allow(clippy::too_many_arguments)]
@@ -755,263 +1080,72 @@ fn ht_round_windowed(
     rng: &mut SplitMix64,
     zc: Option<&zero_copy::HtWindows>,
 ) -> Result<HtOutcome, String> {
-    let (n, me, k, h) = (r.world, r.rank, c.topk, c.hidden);
-    let e = n * l;
-    let shape = LlShape {
-        nranks: n,
-        num_experts: e,
-        max_tokens: HT_B,
-        hidden: h,
-        topk: k,
-    };
-    // Every rank's inputs, from the shared stream.
-    let ts: Vec<usize> = (0..n)
-        .map(|_| c.tokens.unwrap_or_else(|| rng.below(HT_B + 1)))
-        .collect();
-    let routing: Vec<Vec<i64>> = ts.iter().map(|&t| gen_routing(rng, shape, t, c.routing)).collect();
-    let tokens: Vec<Vec<u8>> = ts.iter().map(|&t| random_tokens(rng, c.dt, t, h)).collect();
-    let weights: Vec<Vec<f32>> = ts
-        .iter()
-        .map(|&t| (0..t * k).map(|_| rng.unit_f32()).collect())
-        .collect();
-    let xs: Vec<Vec<u8>> = (0..n).map(|_| random_tokens(rng, c.dt, budget, h)).collect();
-    // QUANT_FWD: raw e4m3 token rows of H bytes and H/32 uint8 scales, every rank's.
-    let sw = h / 32;
-    let (qtok, qsc): (Vec<Vec<u8>>, Vec<Vec<u8>>) = if c.quant_fwd {
-        (
-            ts.iter().map(|&t| random_bytes(rng, t * h)).collect(),
-            ts.iter().map(|&t| random_bytes(rng, t * sw)).collect(),
-        )
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let cfg = HtConfig {
-        nranks: n,
-        num_experts: e,
-        topk: k,
-        layout: c.layout,
-        alignment: c.align,
-        budget,
-        policy: OverflowPolicy::Trap,
-    };
-    let plan = HtPlan::new(cfg, &routing).map_err(|e| format!("test bug: the reference rejects the routing: {e:?}"))?;
-    let meta = plan.rank(me);
-    let t = ts[me];
-    let em = c.layout == Layout::ExpertMajor;
+    let (me, h) = (r.rank, c.hidden);
+    let inp = ht_inputs(r, l, budget, c, rng);
+    let plan = ht_plan(r, l, budget, c, &inp.routing)?;
 
     // Handle: routing + layout_info outputs.
-    let mut topk = tensor(r, if c.idx64 { dtype::INT64 } else { dtype::INT32 }, &[t, k])?;
-    if c.idx64 {
-        topk.upload(&routing[me])?;
-    } else {
-        topk.upload(&routing[me].iter().map(|&x| x as i32).collect::<Vec<_>>())?;
-    }
-    let mut counters = tensor(r, if em { dtype::INT64 } else { dtype::INT32 }, &[l])?;
-    let mut offsets = tensor(r, dtype::INT64, &[l])?;
-    let mut total = tensor(r, dtype::INT64, &[1])?;
-    counters.fill(HT_POISON)?;
-    offsets.fill(HT_POISON)?;
-    total.fill(HT_POISON)?;
-    let mut li: ncclEpLayoutInfo_t = struct_default();
-    li.expert_counters = counters.ptr();
-    li.recv_total_counter = total.ptr();
-    if em {
-        li.expert_offsets = offsets.ptr();
-    }
-    let mut hc: ncclEpHandleConfig_t = struct_default();
-    hc.dispatch_output_per_expert_alignment = c.align;
-    let mut hp = std::ptr::null_mut();
-    // SAFETY: writes one handle to the live local `hp`; `g.0` is a live group; `li` and `hc` are
-    // live locals; the descriptors and device buffers belong to `topk`, `counters`, `offsets` and
-    // `total`, which live past the `s.sync()` below; the stream is live.
-    let rc = unsafe {
-        ncclEpCreateHandle(
-            &mut hp,
-            g.0,
-            ncclEpLayout_t(c.layout.raw()),
-            topk.ptr(),
-            &li,
-            &hc,
-            s.raw(),
-        )
+    let mut rt = HtRouting::new(r, c, l, &inp.routing[me])?;
+    let hd = match ht_handle(g, c, &mut rt, s)? {
+        Ok(hd) => hd,
+        Err(e) => return Ok(HtOutcome::NotImplemented(e)),
     };
-    if rc != 0 {
-        let e = last_error();
-        if not_implemented(&e) {
-            return Ok(HtOutcome::NotImplemented(e));
-        }
-        return Err(format!("ncclEpCreateHandle (HT) returned {rc}: {e}"));
-    }
-    let hd = Handle(hp);
     s.sync()?;
-    let mut bad = Vec::new();
-    let mut note = |r: Result<(), String>| {
-        if let Err(e) = r {
-            bad.push(e);
-        }
-    };
-    let want_c: Vec<i64> = meta.expert_counters.iter().map(|&x| x as i64).collect();
-    let got_c: Vec<i64> = if em {
-        counters.download::<i64>()?
-    } else {
-        counters.download::<i32>()?.iter().map(|&x| x as i64).collect()
-    };
-    note(compare("layout_info expert_counters", &got_c, &want_c));
-    if em {
-        let want_o: Vec<i64> = meta.expert_offsets.iter().map(|&x| x as i64).collect();
-        note(compare(
-            "layout_info expert_offsets",
-            &offsets.download::<i64>()?,
-            &want_o,
-        ));
-    }
-    note(compare(
-        "layout_info recv_total_counter",
-        &total.download::<i64>()?,
-        &[meta.recv_total as i64],
-    ));
+    let mut bad = rt.check(c, plan.rank(me))?;
 
     // Dispatch (forward).
-    let nd = c.dt.nccl();
-    let td = if c.quant_fwd { dtype::FLOAT8E4M3 } else { nd };
-    let mut in_tok = tensor(r, td, &[t, h])?;
-    in_tok.upload(if c.quant_fwd { &qtok[me] } else { &tokens[me] })?;
-    let mut in_w = tensor(r, dtype::FLOAT32, &[t, k])?;
-    in_w.upload(&weights[me])?;
-    let mut out_tok = tensor(r, td, &[budget, h])?;
-    out_tok.fill(HT_POISON)?;
+    let mut f = HtFwd::new(r, c, inp.ts[me], budget)?;
+    f.load(c, &inp, me)?;
     if let Some(z) = zc {
-        z.bind(r, &mut out_tok)?;
+        z.bind(r, &mut f.out_tok)?;
     }
-    let mut in_sc = tensor(r, dtype::UINT8, &[t, sw])?;
-    let mut out_sc = tensor(r, dtype::UINT8, &[budget, sw])?;
-    if c.quant_fwd {
-        in_sc.upload(&qsc[me])?;
-        out_sc.fill(HT_POISON)?;
-    }
-    let mut out_idx = tensor(r, dtype::INT64, &[budget, k])?;
-    out_idx.fill(HT_POISON)?;
-    let mut out_w = if em {
-        tensor(r, dtype::FLOAT32, &[budget])?
-    } else {
-        tensor(r, dtype::FLOAT32, &[budget, k])?
-    };
-    out_w.fill(HT_POISON)?;
-    let mut di: ncclEpDispatchInputs_t = struct_default();
-    let mut dout: ncclEpDispatchOutputs_t = struct_default();
-    let mut dli: ncclEpLayoutInfo_t = struct_default();
-    let mut dcfg: ncclEpDispatchConfig_t = struct_default();
-    if c.quant_fwd {
-        dcfg.quant_recipe = ncclEpDispQuant_t(1);
-        di.scales = in_sc.ptr();
-        dout.scales = out_sc.ptr();
-    }
-    di.tokens = in_tok.ptr();
-    di.topk_weights = in_w.ptr();
-    dout.tokens = out_tok.ptr();
-    dout.topk_weights = out_w.ptr();
-    if !em {
-        dout.topk_idx = out_idx.ptr();
-    }
-    let recv_kind = if c.global_ids {
-        ExpertIdKind::Global
-    } else {
-        ExpertIdKind::Local
-    };
-    dli.recv_topk_idx_kind = ncclEpExpertIdKind_t(if c.global_ids { 2 } else { 1 });
-    // SAFETY: the four structs are live locals and every tensor pointer a live descriptor of this
-    // function, read during the call; their device buffers live past the `s.sync()` below;
-    // `hd.0` is a live handle, `s` a live stream (the C contract of ncclEpDispatch).
-    ep_ok!(unsafe { ncclEpDispatch(hd.0, &di, &dout, &dli, &dcfg, s.raw()) });
+    f.dispatch(c, &hd, s)?;
     s.sync()?;
     if let Some(z) = zc {
-        z.unbind(r, &mut out_tok)?;
+        z.unbind(r, &mut f.out_tok)?;
     }
     let want = if c.quant_fwd {
         let q = plan.dispatch_quant_fwd(
             me,
             &HtQuantFwdIn {
                 token_row_bytes: h,
-                scale_row_bytes: sw,
+                scale_row_bytes: h / 32,
                 pass: PassDir::Forward,
-                recv_kind,
-                tokens: &qtok,
-                scales: &qsc,
-                weights: &weights,
+                recv_kind: if c.global_ids {
+                    ExpertIdKind::Global
+                } else {
+                    ExpertIdKind::Local
+                },
+                tokens: &inp.qtok,
+                scales: &inp.qsc,
+                weights: &inp.weights,
                 poison: HT_POISON,
             },
             budget,
         );
-        note(compare(
-            "HT QUANT_FWD dispatch scales",
-            &out_sc.download::<u8>()?,
-            &q.scales,
-        ));
+        bad.extend(compare("HT QUANT_FWD dispatch scales", &f.out_sc.download::<u8>()?, &q.scales).err());
         HtDispatchOut {
             tokens: q.tokens,
             topk_idx: q.topk_idx,
             topk_weights: q.topk_weights,
         }
     } else {
-        plan.dispatch(
-            me,
-            &HtDispatchIn {
-                dtype: c.dt,
-                hidden: h,
-                pass: PassDir::Forward,
-                recv_kind,
-                tokens: &tokens,
-                weights: &weights,
-                poison: HT_POISON,
-            },
-            budget,
-        )
+        ht_dispatch_want(c, &plan, me, &inp, budget)
     };
-    note(compare("HT dispatch tokens", &out_tok.download::<u8>()?, &want.tokens));
-    let gw: Vec<u32> = out_w.download::<f32>()?.iter().map(|f| f.to_bits()).collect();
-    let ww: Vec<u32> = want.topk_weights.iter().map(|f| f.to_bits()).collect();
-    note(compare("HT dispatch topk_weights", &gw, &ww));
-    if !em {
-        note(compare(
-            "HT dispatch topk_idx",
-            &out_idx.download::<i64>()?,
-            &want.topk_idx,
-        ));
-    }
+    bad.extend(f.check_dispatch(c, &want)?);
 
     // Combine (forward): every rank's expert outputs [S, H]; rows past count are not read.
-    let mut cx = tensor(r, nd, &[budget, h])?;
-    cx.upload(&xs[me])?;
     if let Some(z) = zc {
-        z.bind(r, &mut cx)?;
+        z.bind(r, &mut f.cx)?;
     }
-    let mut cout = tensor(r, nd, &[t, h])?;
-    cout.fill(HT_POISON)?;
-    let mut ci: ncclEpCombineInputs_t = struct_default();
-    let mut co: ncclEpCombineOutputs_t = struct_default();
-    let ccfg: ncclEpCombineConfig_t = struct_default();
-    ci.tokens = cx.ptr();
-    co.tokens = cout.ptr();
-    // SAFETY: as for the dispatch: live local structs and descriptors, buffers that live past
-    // the `s.sync()` below, a live handle and stream (the C contract of ncclEpCombine).
-    ep_ok!(unsafe { ncclEpCombine(hd.0, &ci, &co, &ccfg, s.raw()) });
+    f.combine(&hd, s)?;
     s.sync()?;
     if let Some(z) = zc {
-        z.unbind(r, &mut cx)?;
+        z.unbind(r, &mut f.cx)?;
     }
-    let want_c = plan.combine(
-        me,
-        &HtCombineIn {
-            dtype: c.dt,
-            hidden: h,
-            pass: PassDir::Forward,
-            tokens: &xs,
-            weights: &[],
-        },
-    );
-    note(compare("HT combine tokens", &cout.download::<u8>()?, &want_c.tokens));
+    bad.extend(f.check_combine(c, &plan, me, &inp.xs)?);
     if c.backward {
-        bad.extend(ht_backward(r, &hd, s, budget, c, &plan, &ts, rng)?);
+        bad.extend(ht_backward(r, &hd, s, budget, c, &plan, &inp.ts, rng)?);
     }
     drop(hd);
     Ok(HtOutcome::Checked(bad))
@@ -1214,6 +1348,144 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
     r.barrier()
 }
 
+/// HT forward in a CUDA graph: ncclEpUpdateHandle's metadata pass, the dispatch and the combine
+/// captured once on this rank's stream (as tests/gpu_ht.rs `ht_graph_replays` does), replayed
+/// with new routing, tokens, weights and expert outputs each time (all ranks replay in step);
+/// every replay checked like an HT round. Across "nodes" the capture holds the NCCL send/recv
+/// that move the mirrors. Skipped (on every rank alike) while the library has no HT.
+fn ht_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    let (cfg, l, budget) = ht_group(r);
+    let g = match Group::new(r, &cfg) {
+        Ok(g) => g,
+        Err(e) if not_implemented(&e) => {
+            println!("{}: ht_graph_replays skipped: {e}", r.who);
+            t.skipped.push("ht_graph_replays".into());
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let s = Stream::new(r.device)?;
+    for layout in [Layout::Flat, Layout::ExpertMajor] {
+        if let Some(e) = ht_graph_layout(r, t, &g, &s, l, budget, layout)? {
+            println!("{}: ht_graph_replays skipped: {e}", r.who);
+            t.skipped.push("ht_graph_replays".into());
+            break;
+        }
+    }
+    g.destroy()?;
+    r.barrier()
+}
+
+/// `ht_graph_replays` for one layout on group `g`. Some: the library has no HT yet.
+fn ht_graph_layout(
+    r: &Rank,
+    t: &mut Tally,
+    g: &Group,
+    s: &Stream,
+    l: usize,
+    budget: usize,
+    layout: Layout,
+) -> Result<Option<String>, String> {
+    use cudarc::driver::sys;
+    let me = r.rank;
+    let replays = if r.opts.quick { 10 } else { 30 };
+    // T = B on every rank in every replay: the graph holds the tensors' shapes.
+    let mut c = HtCase {
+        layout,
+        dt: HtDtype::Bf16,
+        hidden: 2048,
+        topk: 8,
+        align: if layout == Layout::ExpertMajor { 16 } else { 0 },
+        tokens: Some(HT_B),
+        routing: Routing::Uniform,
+        global_ids: false,
+        idx64: true,
+        quant_fwd: false,
+        backward: false,
+    };
+    let mut rng = r.rng("ht_graph_replays", layout.raw() as u64);
+    let first = ht_inputs(r, l, budget, &c, &mut rng);
+    let mut rt = HtRouting::new(r, &c, l, &first.routing[me])?;
+    // The handle (and any growth of the group's buffer, collective and host-side) before the
+    // capture; the graph re-runs only its metadata pass (ncclEpUpdateHandle).
+    let hd = match ht_handle(g, &c, &mut rt, s)? {
+        Ok(hd) => hd,
+        Err(e) => return Ok(Some(e)),
+    };
+    let mut f = HtFwd::new(r, &c, HT_B, budget)?;
+    f.load(&c, &first, me)?;
+    // One plain round first: compiles and loads the kernels outside the capture.
+    f.dispatch(&c, &hd, s)?;
+    f.combine(&hd, s)?;
+    s.sync()?;
+    // Graph calls use the calling thread's current context.
+    let _ctx = nccl_ep::cuda::context::CtxGuard::enter(r.device).map_err(|e| e.msg)?;
+    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+    cu(
+        // SAFETY: `s` is this rank's live stream on `r.device`, whose context is current.
+        unsafe { sys::cuStreamBeginCapture_v2(s.0, mode) },
+        "cuStreamBeginCapture",
+    )?;
+    let mut capture = || -> Result<(), String> {
+        let li = rt.info(&c);
+        // SAFETY: `hd.0` is a live handle; `li` is a live local; the descriptors and device
+        // buffers belong to `rt`, which outlives every replay of the graph; the stream is live.
+        ep_ok!(unsafe { ncclEpUpdateHandle(hd.0, rt.topk.ptr(), &li, s.raw()) });
+        f.dispatch(&c, &hd, s)?;
+        f.combine(&hd, s)
+    };
+    let captured = capture();
+    let mut graph = std::ptr::null_mut();
+    let ended = cu(
+        // SAFETY: ends the capture begun above on `s`; writes one graph to the local `graph`.
+        unsafe { sys::cuStreamEndCapture(s.0, &mut graph) },
+        "cuStreamEndCapture",
+    );
+    captured?;
+    ended?;
+    let mut exec = std::ptr::null_mut();
+    cu(
+        // SAFETY: `graph` is the graph just captured (both checked above); writes one executable
+        // graph to the local `exec`.
+        unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+        "cuGraphInstantiate",
+    )?;
+    let mut run = || -> Result<(), String> {
+        let routings = [
+            Routing::Uniform,
+            Routing::SameRankDups,
+            Routing::Skewed { rank: r.world - 1 },
+        ];
+        for i in 0..replays {
+            // Any routing fits the handle: the graph's metadata pass reads it afresh.
+            c.routing = routings[i % routings.len()];
+            let inp = ht_inputs(r, l, budget, &c, &mut rng);
+            let plan = ht_plan(r, l, budget, &c, &inp.routing)?;
+            rt.load(&c, &inp.routing[me])?;
+            f.load(&c, &inp, me)?;
+            // SAFETY: `exec` is live until after `run`; the handle, group and the buffers of `rt`
+            // and `f` it uses outlive it too; `s` is live and its context current.
+            cu(unsafe { sys::cuGraphLaunch(exec, s.0) }, "cuGraphLaunch")?;
+            s.sync()?;
+            let mut bad = rt.check(&c, plan.rank(me))?;
+            bad.extend(f.check_dispatch(&c, &ht_dispatch_want(&c, &plan, me, &inp, budget))?);
+            bad.extend(f.check_combine(&c, &plan, me, &inp.xs)?);
+            t.record(r, &format!("ht_graph_replays {layout:?} replay {i}"), bad)?;
+        }
+        Ok(())
+    };
+    let res = run();
+    // SAFETY: `exec` and `graph` were made above and are destroyed once, here; every replay
+    // ended with `s.sync()` (or `run` failed before launching the next), and the driver lets
+    // queued launches finish before it releases an executable graph.
+    let freed = unsafe { (sys::cuGraphExecDestroy(exec), sys::cuGraphDestroy(graph)) };
+    res?;
+    cu(freed.0, "cuGraphExecDestroy")?;
+    cu(freed.1, "cuGraphDestroy")?;
+    drop(hd);
+    Ok(None)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dispatch quantisation recipes
 
@@ -1292,6 +1564,7 @@ const STEPS: &[(&str, StepFn)] = &[
     ("ll_graph_replays", ll_graph_replays),
     ("ll_mask_silent", masks::ll_mask_silent),
     ("ht_rounds", ht_rounds),
+    ("ht_graph_replays", ht_graph_replays),
     ("ht_growth", growth::ht_growth),
     ("ll_zero_copy", zero_copy::ll_zero_copy),
     ("ht_zero_copy", zero_copy::ht_zero_copy),
