@@ -80,7 +80,7 @@ if [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
     exit 2
   fi
   export NCCL_EP_NODE_SIZE="$MULTI_GPU_NODE_SIZE" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
-  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ht_rounds,ht_graph_replays,ht_growth}"
+  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ll_mask_host,ht_rounds,ht_graph_replays,ht_growth}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
   echo "== nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1; steps: $EP_MULTI_ONLY"
 fi
@@ -92,7 +92,7 @@ if [[ -n "${MULTI_GPU_HOST_SIZE:-}" ]]; then
   fi
   unset NCCL_EP_NODE_SIZE NCCL_HOSTID
   export EP_HOST_SIZE="$MULTI_GPU_HOST_SIZE"   # read by the launch wrapper below, per rank
-  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ht_rounds,ht_graph_replays,ht_growth}"
+  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ll_mask_host,ht_rounds,ht_graph_replays,ht_growth}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
   echo "== hosts of $MULTI_GPU_HOST_SIZE rank(s): NCCL_HOSTID=ep-host-<rank / $MULTI_GPU_HOST_SIZE> per rank; steps: $EP_MULTI_ONLY"
 fi

@@ -27,7 +27,8 @@
 //! with a larger top-k grows the buffer while an older handle lives, then rounds on both;
 //! `ht_growth`), LL dispatch quantisation recipes (`ll_quant`: QUANT_FWD and DS_FP8E3M4, both
 //! layouts, then an ordinary combine), LL CUDA-graph replays, LL masks (`ll_mask_silent`: one rank skips a
-//! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean), LL NVFP4
+//! dispatch, the others time out on it, mask it and finish, then ncclEpMaskClean; `ll_mask_host`:
+//! every rank masks the last with ncclEpMaskUpdate and it sits one pair out), LL NVFP4
 //! combine (`ll_nvfp4`, bit for bit against the reference), HT
 //! rounds (FLAT and EXPERT_MAJOR, bf16/fp16/fp32, forward and backward, alignment, QUANT_FWD),
 //! HT CUDA-graph replays (`ht_graph_replays`: update + dispatch + combine captured once, both
@@ -1563,6 +1564,7 @@ const STEPS: &[(&str, StepFn)] = &[
     ("ll_growth", growth::ll_growth),
     ("ll_graph_replays", ll_graph_replays),
     ("ll_mask_silent", masks::ll_mask_silent),
+    ("ll_mask_host", masks::ll_mask_host),
     ("ht_rounds", ht_rounds),
     ("ht_graph_replays", ht_graph_replays),
     ("ht_growth", growth::ht_growth),

@@ -64,6 +64,8 @@ pub unsafe extern "C" fn ncclEpMaskUpdate(
     ffi_call("ncclEpMaskUpdate", || {
         with_masked(ep_group, |g| {
             ep_core::ensure_arg!(!mask.is_null(), "mask is NULL");
+            // SAFETY: `mask` is non-null and holds nranks ints (C contract of ncclEpMaskUpdate).
+            let mask = unsafe { std::slice::from_raw_parts(mask, g.params.nranks as usize) };
             crate::runtime::ll::mask_update(g, mask, stream)
         })
     })

@@ -43,6 +43,11 @@ pub struct LlState {
     pub mask: Option<GroupMem>,
     /// `ncclEpMaskClean` calls so far (the barrier's tag).
     pub clean_seq: u32,
+    /// Ranks masked by the last `ncclEpMaskUpdate` (bit r; the host's copy of the caller's
+    /// array, cleared by `ncclEpMaskClean`): exchanges with remote ranks leave them out
+    /// (docs/MULTINODE.md, "Masks and dead peers"). Masks the kernels decide (a timeout) are
+    /// not in it: the host never reads the device mask.
+    pub masked_on_host: u64,
     pub pending: Option<Pending>,
     /// Blocks per LL kernel.
     pub blocks: u32,
@@ -134,6 +139,7 @@ impl LlState {
             err,
             mask,
             clean_seq: 0,
+            masked_on_host: 0,
             pending: None,
             blocks,
             timeout_ns,
@@ -333,9 +339,11 @@ fn run(
     launch(g, kernel, &mut p, stream)?;
     if split {
         let bytes = xbytes(&LlStage::new(&layout(g, h.params.num_topk)?)?, h.params.layout);
+        let ll = g.ll()?;
         // SAFETY: the caller's stream (C contract of the operation); every rank of the group
-        // runs its operations in the same order (collective, as NVIDIA's).
-        unsafe { g.ll()?.buffers.exchange(bytes, stream) }?;
+        // runs its operations in the same order (collective, as NVIDIA's), and the ranks the
+        // application masked on the host are left out by every rank that masked them.
+        unsafe { ll.buffers.exchange(bytes, ll.masked_on_host, stream) }?;
         if !send_only {
             p.phases = PHASE_RECV;
             launch(g, kernel, &mut p, stream)?;
@@ -557,18 +565,32 @@ pub fn mask_query(g: &Group, out: u64, stream: cudaStream_t) -> Result<()> {
 /// `ncclEpMaskUpdate`: copies the caller's host array `int[N]` into the mask, queued on `stream`
 /// (non-zero = active). The host array must stay valid until the copy ran; CUDA copies pageable
 /// memory before returning (and may wait for the stream first).
-pub fn mask_update(g: &Group, host: *const std::ffi::c_int, stream: cudaStream_t) -> Result<()> {
+pub fn mask_update(g: &mut Group, mask: &[std::ffi::c_int], stream: cudaStream_t) -> Result<()> {
     let dst = mask_ptr(g)?;
+    let n = g.params.nranks as usize;
+    ep_core::ensure_arg!(mask.len() == n, "the mask has {} entries for {n} ranks", mask.len());
+    g.ll_mut()?.masked_on_host = masked_bits(mask);
     let _ctx = crate::cuda::context::CtxGuard::enter(g.device)?;
-    // SAFETY: the mask holds N ints; `host` holds N ints (C contract).
+    // SAFETY: the device mask holds N ints and `mask` N ints (checked above); a copy from pageable
+    // memory has read it before the call returns.
     unsafe {
         memory::memcpy_htod_async(
             dst,
-            host.cast(),
-            4 * g.params.nranks as usize,
+            mask.as_ptr().cast(),
+            4 * n,
             memory::Stream::from_raw(stream.cast()),
         )
     }
+}
+
+/// The ranks (bit r, r < 64) a mask array marks masked: value 0, as the kernels read it
+/// (`rank_active`: nonzero is active; pure).
+pub fn masked_bits(mask: &[std::ffi::c_int]) -> u64 {
+    mask.iter()
+        .take(64)
+        .enumerate()
+        .filter(|&(_, &v)| v == 0)
+        .fold(0, |m, (r, _)| m | 1u64 << r)
 }
 
 /// `ncclEpMaskClean` (collective over the ranks that take part): the mask-aware barrier of
@@ -606,6 +628,7 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
     unsafe { memory::memset_d32_async(mask, 1, n, s)? };
     memory::stream_synchronize(s)?;
     let missing = g.ll()?.clean_missing();
+    g.ll_mut()?.masked_on_host = missing;
     if missing == 0 {
         return Ok(());
     }
@@ -640,6 +663,21 @@ mod tests {
             kernel: LlKernel::clean(),
             params: LlParams::default(),
         })
+    }
+
+    #[test]
+    fn host_mask_bits() {
+        assert_eq!(masked_bits(&[1, 1, 1, 1]), 0);
+        assert_eq!(
+            masked_bits(&[1, 0, 7, 0]),
+            0b1010,
+            "nonzero is active, as the kernels read it"
+        );
+        assert_eq!(masked_bits(&[]), 0);
+        let mut big = vec![1; 70];
+        big[63] = 0;
+        big[65] = 0;
+        assert_eq!(masked_bits(&big), 1u64 << 63, "ranks past 64 have no bit");
     }
 
     /// The pending table is keyed by handle id: only its own handle completes or forgets it.

@@ -82,12 +82,14 @@ pub trait PeerTransport: Send + Sync {
 
     /// Moves the first `bytes` of this rank's send region for every remote peer into that
     /// peer's receive region for this rank (and the reverse), queued on `stream`: one NCCL
-    /// group, the same calls on every operation (CUDA-graph capturable).
+    /// group, the same calls on every operation (CUDA-graph capturable). The ranks in `skip`
+    /// (bit r: masked by the application on the host, docs/MULTINODE.md "Masks and dead peers")
+    /// are left out, which is consistent only when every rank that takes part skips them too.
     ///
     /// # Safety
     /// `stream` is a valid stream of this rank's device (the caller's, C contract of the
     /// operation), and every rank posts its exchange for the same operation.
-    unsafe fn exchange(&self, _bytes: usize, _stream: cudaStream_t) -> Result<()> {
+    unsafe fn exchange(&self, _bytes: usize, _skip: u64, _stream: cudaStream_t) -> Result<()> {
         Ok(())
     }
 
@@ -243,9 +245,9 @@ impl PeerBuffers {
     ///
     /// # Safety
     /// As [`PeerTransport::exchange`].
-    pub unsafe fn exchange(&self, bytes: usize, stream: cudaStream_t) -> Result<()> {
+    pub unsafe fn exchange(&self, bytes: usize, skip: u64, stream: cudaStream_t) -> Result<()> {
         // SAFETY: this function's contract is the trait method's.
-        unsafe { self.t.exchange(bytes, stream) }
+        unsafe { self.t.exchange(bytes, skip, stream) }
     }
 
     /// See [`PeerTransport::ensure_mirrors`].
@@ -571,7 +573,7 @@ impl PeerTransport for RemotePeers {
         }
     }
 
-    unsafe fn exchange(&self, bytes: usize, stream: cudaStream_t) -> Result<()> {
+    unsafe fn exchange(&self, bytes: usize, skip: u64, stream: cudaStream_t) -> Result<()> {
         ep_core::ensure_usage!(
             self.send.is_some() && bytes <= self.stride,
             "the staging regions ({} bytes) are too small for this operation ({bytes} bytes)",
@@ -579,6 +581,7 @@ impl PeerTransport for RemotePeers {
         );
         let xfers = remote_transfers(
             self.ipc.remote,
+            skip,
             self.ipc.nranks,
             |i| (self.region(&self.send, i), self.region(&self.recv, i)),
             bytes,
@@ -592,12 +595,20 @@ impl PeerTransport for RemotePeers {
     }
 }
 
-/// The transfers of one exchange: every remote rank in rank order, its send and receive
-/// regions given by `region(index among the remote ranks)` (pure, for tests).
-pub fn remote_transfers(remote: u64, nranks: usize, region: impl Fn(usize) -> (u64, u64), bytes: usize) -> Vec<P2p> {
+/// The transfers of one exchange: every remote rank not in `skip`, in rank order, its send and
+/// receive regions given by `region(index among all the remote ranks)` (a skipped rank keeps its
+/// regions; pure, for tests).
+pub fn remote_transfers(
+    remote: u64,
+    skip: u64,
+    nranks: usize,
+    region: impl Fn(usize) -> (u64, u64),
+    bytes: usize,
+) -> Vec<P2p> {
     (0..nranks.min(64))
         .filter(|r| remote >> r & 1 == 1)
         .enumerate()
+        .filter(|&(_, peer)| skip >> peer & 1 == 0)
         .map(|(i, peer)| {
             let (send, recv) = region(i);
             P2p {
@@ -623,7 +634,9 @@ pub fn mirror_transfers(
     ranges
         .iter()
         .filter(|r| r.1 > 0)
-        .flat_map(|&(off, len)| remote_transfers(remote, nranks, |i| (own + off as u64, mirror(i) + off as u64), len))
+        .flat_map(|&(off, len)| {
+            remote_transfers(remote, 0, nranks, |i| (own + off as u64, mirror(i) + off as u64), len)
+        })
         .collect()
 }
 
@@ -669,7 +682,7 @@ mod tests {
         let e = p.peers(1, "low-latency").unwrap_err();
         assert_eq!(e.msg, "the group has no low-latency buffer yet");
         // SAFETY: refused before any NCCL call (no staging yet).
-        let e = unsafe { p.exchange(64, std::ptr::null_mut()) }.unwrap_err();
+        let e = unsafe { p.exchange(64, 0, std::ptr::null_mut()) }.unwrap_err();
         assert!(e.msg.contains("too small"), "{}", e.msg);
         p.release(Duration::ZERO);
         assert!(p.is_empty());
@@ -677,12 +690,12 @@ mod tests {
         let q = PeerBuffers::nccl(std::ptr::null_mut(), 1, 4, 0, 0, Duration::from_secs(1));
         assert_eq!(q.remote(), None);
         // SAFETY: nothing to exchange: no NCCL call.
-        assert!(unsafe { q.exchange(64, std::ptr::null_mut()) }.is_ok());
+        assert!(unsafe { q.exchange(64, 0, std::ptr::null_mut()) }.is_ok());
     }
 
     #[test]
     fn transfers_follow_rank_order() {
-        let x = remote_transfers(0b1011_0000, 8, |i| (100 + i as u64, 200 + i as u64), 64);
+        let x = remote_transfers(0b1011_0000, 0, 8, |i| (100 + i as u64, 200 + i as u64), 64);
         assert_eq!(
             x,
             vec![
@@ -706,9 +719,15 @@ mod tests {
                 },
             ]
         );
-        assert!(remote_transfers(0, 8, |_| (0, 0), 64).is_empty());
+        assert!(remote_transfers(0, 0, 8, |_| (0, 0), 64).is_empty());
         // Bits past nranks are ignored.
-        assert_eq!(remote_transfers(0b1_0000_0010, 4, |_| (0, 0), 8).len(), 1);
+        assert_eq!(remote_transfers(0b1_0000_0010, 0, 4, |_| (0, 0), 8).len(), 1);
+        // A skipped (host-masked) rank is left out; the others keep their own regions.
+        let y = remote_transfers(0b1011_0000, 0b0010_0001, 8, |i| (100 + i as u64, 200 + i as u64), 64);
+        assert_eq!(
+            y.iter().map(|t| (t.peer, t.send, t.recv)).collect::<Vec<_>>(),
+            vec![(4, 100, 200), (7, 102, 202)]
+        );
     }
 
     #[test]

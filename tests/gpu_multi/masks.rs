@@ -5,6 +5,12 @@
 //!   after the timeout (within a slack), their mask shows it masked, the async flag is raised,
 //!   and their outputs are the masked reference's; combine among them then waits for nobody.
 //!   ncclEpMaskClean on every rank (collective) restores all-ones masks and full rounds are exact.
+//! - `ll_mask_host`: every rank masks the last one with ncclEpMaskUpdate (the host's array) and
+//!   the last rank sits one dispatch/combine pair out. The others neither wait for it (no
+//!   timeout, no async error) nor, across nodes, post any NCCL transfer to it (the exchange
+//!   leaves host-masked ranks out, docs/MULTINODE.md "Masks and dead peers"; a posted transfer
+//!   would hang NCCL's kernel); their outputs are the reference's without it. The group is then
+//!   destroyed (re-admission needs ncclEpMaskClean, which groups spanning nodes refuse).
 //! - `ll_mask_kill` (opt-in, one process per rank, run alone: `EP_MULTI_ONLY=mask_kill`): the
 //!   last rank (`EP_MULTI_KILL_RANK`) raises SIGKILL on itself before its dispatch. The others
 //!   finish as above, then run another round among themselves with it masked, use no NCCL
@@ -12,7 +18,7 @@
 //!   scripts/multi_gpu.sh expects the dead rank's exit status 137.
 
 use super::*;
-use nccl_ep::abi::mask::{ncclEpErrorClear, ncclEpMaskClean};
+use nccl_ep::abi::mask::{ncclEpErrorClear, ncclEpMaskClean, ncclEpMaskUpdate};
 use std::time::Duration;
 
 /// The wait bound of the mask groups (`NCCL_EP_TIMEOUT_MS` overrides it, as for any group).
@@ -219,6 +225,57 @@ pub fn ll_mask_silent(r: &Rank, t: &mut Tally) -> Result<(), String> {
             }
             t.record(r, &format!("ll_mask_silent {layout:?} after the clean, round {i}"), bad)?;
         }
+        g.destroy()?;
+        r.barrier()?;
+    }
+    Ok(())
+}
+
+/// See the module comment. Both layouts.
+pub fn ll_mask_host(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    let n = r.world;
+    if n < 2 {
+        println!("{}: ll_mask_host needs 2 ranks or more: skipped", r.who);
+        t.skipped.push("ll_mask_host (1 rank)".into());
+        return Ok(());
+    }
+    let absent = n - 1;
+    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
+        let c = mask_case(r, layout);
+        let mut rng = r.rng("ll_mask_host", layout.raw() as u64);
+        warm_up(r, &c, &mut rng, t)?;
+        let g = Group::new(r, &mask_config(&c, MASK_TIMEOUT_NS))?;
+        let s = Stream::new(r.device)?;
+        let bad = ll_round(r, &g, &s, &c, &mut rng)?;
+        t.record(r, &format!("ll_mask_host {layout:?} first round"), bad)?;
+        // Every rank masks the absent one, the absent one too (it then launches nothing).
+        let mut mask = vec![1i32; n];
+        mask[absent] = 0;
+        // SAFETY: `g.0` is live (destroyed below), `mask` holds n ints, `s` is a live stream of
+        // the group's device.
+        ep_ok!(unsafe { ncclEpMaskUpdate(g.0, mask.as_ptr(), s.raw()) });
+        s.sync()?;
+        r.barrier()?;
+        let mut bad = Vec::new();
+        if r.rank == absent {
+            // Draws the same inputs as the others (the shared stream), launches nothing.
+            let world = c.world(&mut rng);
+            let _ = combine_inputs(&c, &world, &mut rng);
+        } else {
+            let seen = pair_without(r, &g, &s, &c, absent, false, &mut rng, &mut bad)?;
+            println!(
+                "{}: ll_mask_host {layout:?}: without rank {absent}: dispatch {:.1} ms, combine {:.1} ms",
+                r.who,
+                seen.dispatch.as_secs_f64() * 1e3,
+                seen.combine.as_secs_f64() * 1e3
+            );
+        }
+        t.record(
+            r,
+            &format!("ll_mask_host {layout:?} rank {absent} masked by every rank"),
+            bad,
+        )?;
+        r.barrier()?;
         g.destroy()?;
         r.barrier()?;
     }
