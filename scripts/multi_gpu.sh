@@ -29,7 +29,9 @@
 # NCCL_EP_NODE_SIZE=k (each block of k ranks is a node, every other rank remote: staging + NCCL
 # point-to-point), NCCL_P2P_DISABLE=1 and NCCL_SHM_DISABLE=1 (NCCL carries that traffic over its
 # network transport, sockets here), runs the LL steps and the HT steps ht_rounds,
-# ht_graph_replays and ht_growth (EP_MULTI_ONLY, unless set) in step 1 only (steps 2 and 3 off unless MULTI_GPU_THREADS / MULTI_GPU_KILL say otherwise).
+# ht_graph_replays and ht_growth (EP_MULTI_ONLY, unless set) in step 1 only (steps 2 and 3 off
+# unless MULTI_GPU_THREADS / MULTI_GPU_KILL say otherwise; the kill step across nodes checks the
+# remote-exchange watchdog, with NCCL_EP_REVOKE_ON_REMOTE_TIMEOUT=1).
 # MULTI_GPU_HOST_SIZE=k runs the same steps with "hosts" instead: each rank exports
 # NCCL_HOSTID=ep-host-<rank / k> (no NCCL_EP_NODE_SIZE, no P2P/SHM switches), so NCCL and this
 # library both take each block of k ranks for a host: the remote ranks come from the host table
@@ -80,6 +82,9 @@ if [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
     exit 2
   fi
   export NCCL_EP_NODE_SIZE="$MULTI_GPU_NODE_SIZE" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
+  # The kill step (MULTI_GPU_KILL=1 or only) checks the remote-exchange watchdog, which ends a
+  # dispatch stuck on a dead remote rank only by revoking the communicator.
+  export NCCL_EP_REVOKE_ON_REMOTE_TIMEOUT=1
   export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ll_mask_host,ht_rounds,ht_graph_replays,ht_growth}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
   echo "== nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1; steps: $EP_MULTI_ONLY"
@@ -92,6 +97,7 @@ if [[ -n "${MULTI_GPU_HOST_SIZE:-}" ]]; then
   fi
   unset NCCL_EP_NODE_SIZE NCCL_HOSTID
   export EP_HOST_SIZE="$MULTI_GPU_HOST_SIZE"   # read by the launch wrapper below, per rank
+  export NCCL_EP_REVOKE_ON_REMOTE_TIMEOUT=1     # as for MULTI_GPU_NODE_SIZE (the kill step)
   export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ll_mask_host,ht_rounds,ht_graph_replays,ht_growth}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
   echo "== hosts of $MULTI_GPU_HOST_SIZE rank(s): NCCL_HOSTID=ep-host-<rank / $MULTI_GPU_HOST_SIZE> per rank; steps: $EP_MULTI_ONLY"
@@ -222,7 +228,8 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 && "$KILL" != only ]]; then
                EP_NCCL_LIB EP_MULTI_QUICK EP_MULTI_ONLY EP_MULTI_SEED EP_MULTI_KEEP_GOING \
                EP_MULTI_MASK_SLACK_MS NCCL_MULTI_RANK_GPU_ENABLE NCCL_MAX_CTAS NCCL_DEBUG \
                NCCL_DEBUG_SUBSYS NCCL_EP_DEBUG NCCL_HOSTID RUST_BACKTRACE LD_LIBRARY_PATH \
-               NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE NCCL_SHM_DISABLE EP_HOST_SIZE; do
+               NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE NCCL_SHM_DISABLE EP_HOST_SIZE \
+               NCCL_EP_REVOKE_ON_REMOTE_TIMEOUT; do
         [[ -n "${!v:-}" ]] && margs+=(-x "$v")
       done
     fi

@@ -15,7 +15,8 @@
 //!   last rank (`EP_MULTI_KILL_RANK`) raises SIGKILL on itself before its dispatch. The others
 //!   finish as above, then run another round among themselves with it masked, use no NCCL
 //!   collective afterwards (the communicator has a dead member) and report PASS;
-//!   scripts/multi_gpu.sh expects the dead rank's exit status 137.
+//!   scripts/multi_gpu.sh expects the dead rank's exit status 137. Across nodes the survivors
+//!   check the watchdog instead (`dead_remote_dispatch`).
 
 use super::*;
 use nccl_ep::abi::mask::{ncclEpErrorClear, ncclEpMaskClean, ncclEpMaskUpdate};
@@ -282,6 +283,69 @@ pub fn ll_mask_host(r: &Rank, t: &mut Tally) -> Result<(), String> {
     Ok(())
 }
 
+/// The run splits the ranks into nodes (`NCCL_EP_NODE_SIZE`, or scripts/multi_gpu.sh's
+/// per-rank `NCCL_HOSTID` under `MULTI_GPU_HOST_SIZE`): exchanges go through NCCL.
+fn across_nodes() -> bool {
+    ["NCCL_EP_NODE_SIZE", "EP_HOST_SIZE"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|v| !v.trim().is_empty()))
+}
+
+/// `ll_mask_kill` when the group spans nodes (docs/MULTINODE.md, "Masks and dead peers"): the
+/// survivors' exchanges wait for the dead rank inside NCCL, where no GPU timeout can see it; the
+/// watchdog must raise the async error and, with `NCCL_EP_REVOKE_ON_REMOTE_TIMEOUT=1` (set by
+/// scripts/multi_gpu.sh for this step), revoke the communicator so that the dispatch ends: its
+/// receive phase then times out on whatever did not arrive and masks it. Checked: the dispatch
+/// ends within three timeouts plus the slack (watchdog, revoke, receive timeout; a survivor
+/// whose transfer another survivor's revoke cut waits for its own watchdog in parallel), the
+/// async error is raised and the dead rank is masked. Not checked: the outputs (a revoke may
+/// also cut live ranks' transfers, which then count as silent) and anything after (the
+/// communicator is revoked; the group is destroyed without waiting for its stream).
+fn dead_remote_dispatch(
+    r: &Rank,
+    g: Group,
+    s: &Stream,
+    c: &Case,
+    victim: usize,
+    rng: &mut SplitMix64,
+    t: &mut Tally,
+) -> Result<(), String> {
+    let me = r.rank;
+    let timeout = effective_timeout();
+    let world = c.world(rng);
+    let mut b = alloc_rank(c, r.device, world.ranks[me].num_tokens)?;
+    load_inputs(c, &b, &world.ranks[me])?;
+    let h = ll_handle(c, &g, &mut b, s)?;
+    let t0 = Instant::now();
+    dispatch(c, h.0, &mut b, s, false)?;
+    s.sync()?;
+    let took = t0.elapsed();
+    let mut bad = Vec::new();
+    let bound = timeout * 3 + slack();
+    if took > bound {
+        bad.push(format!(
+            "dispatch returned after {:.0} ms, expected at most {:.0} ms",
+            took.as_secs_f64() * 1e3,
+            bound.as_secs_f64() * 1e3
+        ));
+    }
+    if async_error_of(&g)? != 1 {
+        bad.push("the async error flag is not raised".into());
+    }
+    if mask_now(r, &g, s)?[victim] != 0 {
+        bad.push(format!("the dead rank {victim} is not masked"));
+    }
+    println!(
+        "{}: ll_mask_kill across nodes: dispatch without the dead rank {victim} returned after {:.0} ms (timeout {:.0} ms)",
+        r.who,
+        took.as_secs_f64() * 1e3,
+        timeout.as_secs_f64() * 1e3
+    );
+    t.record(r, &format!("ll_mask_kill across nodes, rank {victim} dead"), bad)?;
+    drop(h);
+    g.destroy()
+}
+
 /// The rank that kills itself (`EP_MULTI_KILL_RANK`, default the last).
 pub fn kill_rank(world: usize) -> usize {
     std::env::var("EP_MULTI_KILL_RANK")
@@ -317,6 +381,9 @@ pub fn ll_mask_kill(r: &Rank, t: &mut Tally) -> Result<(), String> {
         // SAFETY: raise takes a signal number; SIGKILL ends this process at once, as planned.
         unsafe { libc::raise(libc::SIGKILL) };
         unreachable!("SIGKILL returned");
+    }
+    if across_nodes() {
+        return dead_remote_dispatch(r, g, &s, &c, victim, &mut rng, t);
     }
     let mut bad = Vec::new();
     let seen = pair_without(r, &g, &s, &c, victim, true, &mut rng, &mut bad)?;
