@@ -598,10 +598,77 @@ fn ll_two_handles(r: &Rank, t: &mut Tally) -> Result<(), String> {
     r.barrier()
 }
 
+/// A CUDA graph captured from this rank's stream (RELAXED mode) and instantiated; the graph
+/// calls run in the device's context, held current for the graph's life.
+struct Captured {
+    graph: cudarc::driver::sys::CUgraph,
+    exec: cudarc::driver::sys::CUgraphExec,
+    _ctx: nccl_ep::cuda::context::CtxGuard,
+}
+
+impl Captured {
+    /// Captures what `body` queues on `s`; the capture is ended even when `body` fails.
+    fn new(r: &Rank, s: &Stream, body: impl FnOnce() -> Result<(), String>) -> Result<Captured, String> {
+        use cudarc::driver::sys;
+        let ctx = nccl_ep::cuda::context::CtxGuard::enter(r.device).map_err(|e| e.msg)?;
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        cu(
+            // SAFETY: `s` is this rank's live stream on `r.device`, whose context is current.
+            unsafe { sys::cuStreamBeginCapture_v2(s.0, mode) },
+            "cuStreamBeginCapture",
+        )?;
+        let captured = body();
+        let mut graph = std::ptr::null_mut();
+        let ended = cu(
+            // SAFETY: ends the capture begun above on `s`; writes one graph to the local `graph`.
+            unsafe { sys::cuStreamEndCapture(s.0, &mut graph) },
+            "cuStreamEndCapture",
+        );
+        captured?;
+        ended?;
+        let mut exec = std::ptr::null_mut();
+        let made = cu(
+            // SAFETY: `graph` is the graph just captured (both checked above); writes one
+            // executable graph to the local `exec`.
+            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+            "cuGraphInstantiate",
+        );
+        if let Err(e) = made {
+            // SAFETY: the graph made above, destroyed once, here.
+            unsafe { sys::cuGraphDestroy(graph) };
+            return Err(e);
+        }
+        Ok(Captured { graph, exec, _ctx: ctx })
+    }
+
+    fn launch(&self, s: &Stream) -> Result<(), String> {
+        // SAFETY: `exec` is live until `destroy`; `s` is live and its context current.
+        cu(
+            unsafe { cudarc::driver::sys::cuGraphLaunch(self.exec, s.0) },
+            "cuGraphLaunch",
+        )
+    }
+
+    /// Destroys the graph after the replays that gave `res`; their error comes first.
+    fn finish(self, res: Result<(), String>) -> Result<(), String> {
+        let freed = self.destroy();
+        res.and(freed)
+    }
+
+    /// Destroys the executable graph and the graph; the caller synchronised every launch (the
+    /// driver lets queued launches finish before it releases an executable graph anyway).
+    fn destroy(self) -> Result<(), String> {
+        use cudarc::driver::sys;
+        // SAFETY: both were made by `new` and are destroyed once, here (self is consumed).
+        let freed = unsafe { (sys::cuGraphExecDestroy(self.exec), sys::cuGraphDestroy(self.graph)) };
+        cu(freed.0, "cuGraphExecDestroy")?;
+        cu(freed.1, "cuGraphDestroy")
+    }
+}
+
 /// This rank's dispatch + combine captured once in a CUDA graph, replayed with new tokens,
 /// routing and expert outputs each time (all ranks replay in step); every replay is checked.
 fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
-    use cudarc::driver::sys;
     let me = r.rank;
     let replays = if r.opts.quick { 10 } else { 30 };
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
@@ -620,39 +687,17 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
         dispatch(&c, h.0, &mut b, &s, false)?;
         combine(&c, h.0, &mut b, &s, false)?;
         s.sync()?;
-        // Graph calls use the calling thread's current context.
-        let _ctx = nccl_ep::cuda::context::CtxGuard::enter(r.device).map_err(|e| e.msg)?;
-        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
-        cu(
-            // SAFETY: `s` is this rank's live stream on `r.device`, whose context is current.
-            unsafe { sys::cuStreamBeginCapture_v2(s.0, mode) },
-            "cuStreamBeginCapture",
-        )?;
-        let captured = dispatch(&c, h.0, &mut b, &s, false).and_then(|_| combine(&c, h.0, &mut b, &s, false));
-        let mut graph = std::ptr::null_mut();
-        let ended = cu(
-            // SAFETY: ends the capture begun above on `s`; writes one graph to the local `graph`.
-            unsafe { sys::cuStreamEndCapture(s.0, &mut graph) },
-            "cuStreamEndCapture",
-        );
-        captured?;
-        ended?;
-        let mut exec = std::ptr::null_mut();
-        cu(
-            // SAFETY: `graph` is the graph just captured (both checked above); writes one
-            // executable graph to the local `exec`.
-            unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
-            "cuGraphInstantiate",
-        )?;
+        let graph = Captured::new(r, &s, || {
+            dispatch(&c, h.0, &mut b, &s, false).and_then(|_| combine(&c, h.0, &mut b, &s, false))
+        })?;
         let mut run = || -> Result<(), String> {
             for i in 0..replays {
                 let world = c.world(&mut rng);
                 load_inputs(&c, &b, &world.ranks[me])?;
                 let (xs, ws) = combine_inputs(&c, &world, &mut rng);
                 upload_combine_inputs(&b, me, &xs, &ws)?;
-                // SAFETY: `exec` is live until after `run`; the handle, buffers and group it uses
-                // outlive it too; `s` is live and its context current.
-                cu(unsafe { sys::cuGraphLaunch(exec, s.0) }, "cuGraphLaunch")?;
+                // The handle, buffers and group the graph uses outlive it.
+                graph.launch(&s)?;
                 s.sync()?;
                 let all = LlLinks::all(r.world);
                 let mut bad = check_dispatch_rank(&c, &world, me, &b, &all)?;
@@ -662,14 +707,7 @@ fn ll_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
             Ok(())
         };
         let res = run();
-        // SAFETY: `exec` and `graph` were made above and are destroyed once, here; every replay
-        // ended with `s.sync()` (or `run` failed before launching the next), and the driver lets
-        // queued launches finish before it releases an executable graph.
-        unsafe {
-            sys::cuGraphExecDestroy(exec);
-            sys::cuGraphDestroy(graph);
-        }
-        res?;
+        graph.finish(res)?;
         drop(h);
         g.destroy()?;
         r.barrier()?;
@@ -1264,18 +1302,26 @@ fn ht_backward(
     Ok(bad)
 }
 
+/// The HT group of step `step`, or None (printed and recorded as skipped, on every rank alike)
+/// while the library has no HT.
+fn ht_group_or_skip(r: &Rank, t: &mut Tally, cfg: &ncclEpGroupConfig_t, step: &str) -> Result<Option<Group>, String> {
+    match Group::new(r, cfg) {
+        Ok(g) => Ok(Some(g)),
+        Err(e) if not_implemented(&e) => {
+            println!("{}: {step} skipped: {e}", r.who);
+            t.skipped.push(step.into());
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// HT: FLAT and EXPERT_MAJOR; bf16/fp16/fp32 at H = 2048 (each also backward), bf16 at H = 7168;
 /// K 1/2/8; T 0/B/random; EM alignment 0 and 16; QUANT_FWD. Skipped (on every rank alike) while the library has no HT.
 fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
     let (cfg, l, budget) = ht_group(r);
-    let g = match Group::new(r, &cfg) {
-        Ok(g) => g,
-        Err(e) if not_implemented(&e) => {
-            println!("{}: ht_rounds skipped: {e}", r.who);
-            t.skipped.push("ht_rounds".into());
-            return Ok(());
-        }
-        Err(e) => return Err(e),
+    let Some(g) = ht_group_or_skip(r, t, &cfg, "ht_rounds")? else {
+        return Ok(());
     };
     let s = Stream::new(r.device)?;
     let mut rng = r.rng("ht_rounds", 0);
@@ -1356,14 +1402,8 @@ fn ht_rounds(r: &Rank, t: &mut Tally) -> Result<(), String> {
 /// that move the mirrors. Skipped (on every rank alike) while the library has no HT.
 fn ht_graph_replays(r: &Rank, t: &mut Tally) -> Result<(), String> {
     let (cfg, l, budget) = ht_group(r);
-    let g = match Group::new(r, &cfg) {
-        Ok(g) => g,
-        Err(e) if not_implemented(&e) => {
-            println!("{}: ht_graph_replays skipped: {e}", r.who);
-            t.skipped.push("ht_graph_replays".into());
-            return Ok(());
-        }
-        Err(e) => return Err(e),
+    let Some(g) = ht_group_or_skip(r, t, &cfg, "ht_graph_replays")? else {
+        return Ok(());
     };
     let s = Stream::new(r.device)?;
     for layout in [Layout::Flat, Layout::ExpertMajor] {
@@ -1387,7 +1427,6 @@ fn ht_graph_layout(
     budget: usize,
     layout: Layout,
 ) -> Result<Option<String>, String> {
-    use cudarc::driver::sys;
     let me = r.rank;
     let replays = if r.opts.quick { 10 } else { 30 };
     // T = B on every rank in every replay: the graph holds the tensors' shapes.
@@ -1419,38 +1458,14 @@ fn ht_graph_layout(
     f.dispatch(&c, &hd, s)?;
     f.combine(&hd, s)?;
     s.sync()?;
-    // Graph calls use the calling thread's current context.
-    let _ctx = nccl_ep::cuda::context::CtxGuard::enter(r.device).map_err(|e| e.msg)?;
-    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
-    cu(
-        // SAFETY: `s` is this rank's live stream on `r.device`, whose context is current.
-        unsafe { sys::cuStreamBeginCapture_v2(s.0, mode) },
-        "cuStreamBeginCapture",
-    )?;
-    let mut capture = || -> Result<(), String> {
+    let graph = Captured::new(r, s, || {
         let li = rt.info(&c);
         // SAFETY: `hd.0` is a live handle; `li` is a live local; the descriptors and device
         // buffers belong to `rt`, which outlives every replay of the graph; the stream is live.
         ep_ok!(unsafe { ncclEpUpdateHandle(hd.0, rt.topk.ptr(), &li, s.raw()) });
         f.dispatch(&c, &hd, s)?;
         f.combine(&hd, s)
-    };
-    let captured = capture();
-    let mut graph = std::ptr::null_mut();
-    let ended = cu(
-        // SAFETY: ends the capture begun above on `s`; writes one graph to the local `graph`.
-        unsafe { sys::cuStreamEndCapture(s.0, &mut graph) },
-        "cuStreamEndCapture",
-    );
-    captured?;
-    ended?;
-    let mut exec = std::ptr::null_mut();
-    cu(
-        // SAFETY: `graph` is the graph just captured (both checked above); writes one executable
-        // graph to the local `exec`.
-        unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
-        "cuGraphInstantiate",
-    )?;
+    })?;
     let mut run = || -> Result<(), String> {
         let routings = [
             Routing::Uniform,
@@ -1464,9 +1479,8 @@ fn ht_graph_layout(
             let plan = ht_plan(r, l, budget, &c, &inp.routing)?;
             rt.load(&c, &inp.routing[me])?;
             f.load(&c, &inp, me)?;
-            // SAFETY: `exec` is live until after `run`; the handle, group and the buffers of `rt`
-            // and `f` it uses outlive it too; `s` is live and its context current.
-            cu(unsafe { sys::cuGraphLaunch(exec, s.0) }, "cuGraphLaunch")?;
+            // The handle, group and the buffers of `rt` and `f` the graph uses outlive it.
+            graph.launch(s)?;
             s.sync()?;
             let mut bad = rt.check(&c, plan.rank(me))?;
             bad.extend(f.check_dispatch(&c, &ht_dispatch_want(&c, &plan, me, &inp, budget))?);
@@ -1476,13 +1490,7 @@ fn ht_graph_layout(
         Ok(())
     };
     let res = run();
-    // SAFETY: `exec` and `graph` were made above and are destroyed once, here; every replay
-    // ended with `s.sync()` (or `run` failed before launching the next), and the driver lets
-    // queued launches finish before it releases an executable graph.
-    let freed = unsafe { (sys::cuGraphExecDestroy(exec), sys::cuGraphDestroy(graph)) };
-    res?;
-    cu(freed.0, "cuGraphExecDestroy")?;
-    cu(freed.1, "cuGraphDestroy")?;
+    graph.finish(res)?;
     drop(hd);
     Ok(None)
 }
