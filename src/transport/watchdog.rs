@@ -193,13 +193,18 @@ impl ExchangeWatchdog {
         if stream_is_capturing(stream)? {
             return queue();
         }
-        let mut w = self.shared.watch.lock();
-        let mut event = || w.reuse().map_or_else(|| Event::new(false), Ok);
-        let (start, end) = (event()?, event()?);
+        let (start, end) = {
+            let mut w = self.shared.watch.lock();
+            let mut event = || w.reuse().map_or_else(|| Event::new(false), Ok);
+            (event()?, event()?)
+        };
+        // Not under the lock: NCCL's group end may block for a while (connections are set up
+        // at first use), and the watchdog thread must not wait for it.
         let queued = start
             .record(stream)
             .and_then(|_| queue())
             .and_then(|_| end.record(stream));
+        let mut w = self.shared.watch.lock();
         if let Err(e) = queued {
             w.give_back(start);
             w.give_back(end);
