@@ -387,6 +387,11 @@ impl PinnedHostMem {
         // as long as `self`, and host and device only touch the flag atomically.
         unsafe { (*(self.host as *const std::sync::atomic::AtomicI32)).load(std::sync::atomic::Ordering::Acquire) != 0 }
     }
+    /// Raises the flag `flag_raised` reads, from the host (as a kernel would).
+    pub fn raise_flag(&self) {
+        // SAFETY: as in `flag_raised`.
+        unsafe { (*(self.host as *const std::sync::atomic::AtomicI32)).store(1, std::sync::atomic::Ordering::Release) }
+    }
     /// Clears the flag `flag_raised` reads.
     pub fn clear_flag(&self) {
         // SAFETY: as in `flag_raised`.

@@ -583,6 +583,35 @@ pub fn mask_update(g: &mut Group, mask: &[std::ffi::c_int], stream: cudaStream_t
     }
 }
 
+/// `ncclEpMaskClean`'s part across nodes (docs/MULTINODE.md, "Masks and dead peers"), after the
+/// clean kernel brought this node's ranks to one epoch and the stream is idle: swaps
+/// (sequence, epoch) with every remote rank and moves this rank's epoch to the latest of all.
+/// False when the exchange did not complete within the group's timeout.
+fn clean_remote(g: &Group, seq: u32, stream: cudaStream_t) -> Result<bool> {
+    let ll = g.ll()?;
+    let state = ll.state.ptr();
+    let mut epoch = [0u32; 1];
+    // SAFETY: `state` is the group's EpState (epoch first); the stream that wrote it is idle.
+    unsafe { memory::memcpy_dtoh(&mut epoch, state)? };
+    let limit = std::time::Duration::from_nanos(g.params.timeout_ns);
+    // SAFETY: the caller's stream (C contract of ncclEpMaskClean); every rank of the group cleans
+    // in the same order (collective).
+    let Some(records) = (unsafe { ll.buffers.swap_records([seq, epoch[0], 0, 0], limit, stream) })? else {
+        return Ok(false);
+    };
+    let latest = latest_epoch(epoch[0], records.iter().map(|(_, r)| r[1]));
+    if latest != epoch[0] {
+        // SAFETY: as above; the stream is idle (the exchange completed), so no kernel reads it.
+        unsafe { memory::memcpy_htod(state, &[latest])? };
+    }
+    Ok(true)
+}
+
+/// The latest of `own` and `others`, epochs that only move forward and may wrap (pure).
+pub fn latest_epoch(own: u32, others: impl Iterator<Item = u32>) -> u32 {
+    others.fold(own, |best, e| if (e.wrapping_sub(best) as i32) > 0 { e } else { best })
+}
+
 /// The ranks (bit r, r < 64) a mask array marks masked: value 0, as the kernels read it
 /// (`rank_active`: nonzero is active; pure).
 pub fn masked_bits(mask: &[std::ffi::c_int]) -> u64 {
@@ -608,10 +637,7 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
         "the group has no low-latency buffer yet (NCCL_EP_AUTO allocates it at the first handle): \
          create a handle before ncclEpMaskClean"
     );
-    ep_core::ensure_usage!(
-        g.ll()?.buffers.remote().is_none(),
-        "ncclEpMaskClean is not implemented yet for groups spanning nodes (docs/MULTINODE.md, \"Masks and dead peers\")"
-    );
+    let remote = g.ll()?.buffers.remote().map_or(0, |r| r.mask);
     // Signal offsets do not depend on K: any layout that fits the buffer gives them.
     let lay = layout(g, 1)?;
     let mut p = base_params(g, &lay)?;
@@ -627,7 +653,14 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
     // the context entered above; the write is ordered after the clean kernel on the same stream.
     unsafe { memory::memset_d32_async(mask, 1, n, s)? };
     memory::stream_synchronize(s)?;
-    let missing = g.ll()?.clean_missing();
+    let mut missing = g.ll()?.clean_missing();
+    if remote != 0 && !clean_remote(g, p.clean_seq as u32, stream)? {
+        // The exchange with the other nodes did not complete: which rank is late cannot be
+        // told apart, so all of them stay masked (and NCCL's kernel holds the stream until
+        // the communicator is revoked).
+        missing |= remote;
+        g.ll()?.err.raise_flag();
+    }
     g.ll_mut()?.masked_on_host = missing;
     if missing == 0 {
         return Ok(());
@@ -663,6 +696,16 @@ mod tests {
             kernel: LlKernel::clean(),
             params: LlParams::default(),
         })
+    }
+
+    #[test]
+    fn latest_epoch_across_nodes() {
+        assert_eq!(latest_epoch(5, [3u32, 7, 6].into_iter()), 7);
+        assert_eq!(latest_epoch(5, std::iter::empty()), 5);
+        assert_eq!(latest_epoch(9, [9u32, 2].into_iter()), 9, "behind stays behind");
+        // Across the wrap: u32::MAX + 2 is later than u32::MAX.
+        assert_eq!(latest_epoch(u32::MAX, [1u32].into_iter()), 1);
+        assert_eq!(latest_epoch(1, [u32::MAX].into_iter()), 1);
     }
 
     #[test]

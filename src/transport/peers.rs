@@ -112,6 +112,23 @@ pub trait PeerTransport: Send + Sync {
         Ok(())
     }
 
+    /// `ncclEpMaskClean` across nodes (docs/MULTINODE.md, "Masks and dead peers"): sends `record`
+    /// to every remote rank and receives each one's, queued on `stream`, and waits for that at
+    /// most `limit`. Returns (rank, record) per remote rank in rank order, or None when the
+    /// exchange did not complete in time (its buffers are then kept: NCCL may still write them).
+    /// Collective over the remote ranks, masked ones included (the calls must pair up).
+    ///
+    /// # Safety
+    /// As [`PeerTransport::exchange`].
+    unsafe fn swap_records(
+        &self,
+        _record: [u32; 4],
+        _limit: Duration,
+        _stream: cudaStream_t,
+    ) -> Result<Option<Vec<RankRecord>>> {
+        Ok(Some(Vec::new()))
+    }
+
     /// An exchange with remote ranks stayed outstanding past the group's timeout since the flag
     /// was last cleared (`transport::watchdog`); part of the group's asynchronous error.
     fn remote_timed_out(&self) -> bool {
@@ -121,6 +138,9 @@ pub trait PeerTransport: Send + Sync {
     /// Clears the flag `remote_timed_out` reads.
     fn clear_remote_timeout(&self) {}
 }
+
+/// A remote rank and the 16-byte record it sent ([`PeerTransport::swap_records`]).
+pub type RankRecord = (usize, [u32; 4]);
 
 /// Where the kernels find remote peers' messages (docs/MULTINODE.md, `LlParams::remote`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +239,20 @@ impl PeerBuffers {
     /// See [`PeerTransport::release`].
     pub fn release(&mut self, limit: Duration) {
         self.t.release(limit)
+    }
+
+    /// See [`PeerTransport::swap_records`].
+    ///
+    /// # Safety
+    /// As [`PeerTransport::exchange`].
+    pub unsafe fn swap_records(
+        &self,
+        record: [u32; 4],
+        limit: Duration,
+        stream: cudaStream_t,
+    ) -> Result<Option<Vec<RankRecord>>> {
+        // SAFETY: this function's contract is the trait method's.
+        unsafe { self.t.swap_records(record, limit, stream) }
     }
 
     /// See [`PeerTransport::remote_timed_out`].
@@ -561,6 +595,60 @@ impl PeerTransport for RemotePeers {
         // same ranges for the same operation, remote ranks in rank order, so each pair's calls
         // match.
         unsafe { self.watched(stream, || nccl.exchange(&xfers, self.ipc.comm, stream)) }
+    }
+
+    unsafe fn swap_records(
+        &self,
+        record: [u32; 4],
+        limit: Duration,
+        stream: cudaStream_t,
+    ) -> Result<Option<Vec<RankRecord>>> {
+        let ranks: Vec<usize> = self.remote_ranks().collect();
+        let dev = self.ipc.device;
+        let _g = CtxGuard::enter(dev)?;
+        // Slot 0: this rank's record; slot 1 + i: the i-th remote rank's.
+        let mem = DeviceMem::alloc(dev, 16 * (ranks.len() + 1))?;
+        // SAFETY: a valid stream of this device (this function's contract).
+        let s = unsafe { Stream::from_raw(stream.cast()) };
+        // SAFETY: slot 0 holds 16 bytes; `record` is 16 bytes of pageable memory, which the copy
+        // reads before it returns.
+        unsafe { memory::memcpy_htod_async(mem.ptr(), record.as_ptr().cast(), 16, s)? };
+        let xfers: Vec<P2p> = ranks
+            .iter()
+            .enumerate()
+            .map(|(i, &peer)| P2p {
+                peer,
+                send: mem.ptr(),
+                recv: mem.ptr() + 16 * (i as u64 + 1),
+                bytes: 16,
+            })
+            .collect();
+        // SAFETY: the caller's live communicator; `stream` as this function's contract says;
+        // every slot holds 16 bytes of `mem`, which lives until the stream ran the group (waited
+        // for below) or forever (forgotten on expiry); every rank posts the same calls, remote
+        // ranks in rank order.
+        unsafe { Nccl::get()?.exchange(&xfers, self.ipc.comm, stream) }?;
+        let done = memory::Event::new(false)?;
+        done.record(s)?;
+        let deadline = std::time::Instant::now() + limit;
+        while !done.query()? {
+            if std::time::Instant::now() > deadline {
+                std::mem::forget(mem);
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut got = vec![0u32; 4 * ranks.len()];
+        // SAFETY: the exchange has completed (the event after it is done); slots 1.. hold
+        // 16 bytes per remote rank.
+        unsafe { memory::memcpy_dtoh(&mut got, mem.ptr() + 16)? };
+        Ok(Some(
+            ranks
+                .iter()
+                .zip(got.chunks_exact(4))
+                .map(|(&r, c)| (r, [c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ))
     }
 
     fn remote_timed_out(&self) -> bool {

@@ -9,8 +9,9 @@
 //!   the last rank sits one dispatch/combine pair out. The others neither wait for it (no
 //!   timeout, no async error) nor, across nodes, post any NCCL transfer to it (the exchange
 //!   leaves host-masked ranks out, docs/MULTINODE.md "Masks and dead peers"; a posted transfer
-//!   would hang NCCL's kernel); their outputs are the reference's without it. The group is then
-//!   destroyed (re-admission needs ncclEpMaskClean, which groups spanning nodes refuse).
+//!   would hang NCCL's kernel); their outputs are the reference's without it. Then every rank
+//!   calls ncclEpMaskClean (across nodes its remote part swaps epochs through NCCL), and full
+//!   rounds with the rank back are exact.
 //! - `ll_mask_kill` (opt-in, one process per rank, run alone: `EP_MULTI_ONLY=mask_kill`): the
 //!   last rank (`EP_MULTI_KILL_RANK`) raises SIGKILL on itself before its dispatch. The others
 //!   finish as above, then run another round among themselves with it masked, use no NCCL
@@ -277,6 +278,25 @@ pub fn ll_mask_host(r: &Rank, t: &mut Tally) -> Result<(), String> {
             bad,
         )?;
         r.barrier()?;
+        // Every rank, the absent one included, cleans (across nodes: the remote part swaps
+        // epochs through NCCL); then all of them are exact again.
+        // SAFETY: `g.0` is live (destroyed below) and `s` a live stream of its device.
+        let rc = unsafe { ncclEpMaskClean(g.0, s.raw()) };
+        let mut bad = Vec::new();
+        if rc != 0 {
+            bad.push(format!("ncclEpMaskClean returned {rc}: {}", last_error()));
+        }
+        if let Err(e) = compare("mask after ncclEpMaskClean", &mask_now(r, &g, &s)?, &vec![1; n]) {
+            bad.push(e);
+        }
+        t.record(r, &format!("ll_mask_host {layout:?} ncclEpMaskClean"), bad)?;
+        for i in 0..3 {
+            let mut bad = ll_round(r, &g, &s, &c, &mut rng)?;
+            if async_error_of(&g)? != 0 {
+                bad.push("async error flag raised".into());
+            }
+            t.record(r, &format!("ll_mask_host {layout:?} after the clean, round {i}"), bad)?;
+        }
         g.destroy()?;
         r.barrier()?;
     }
