@@ -141,9 +141,16 @@ run_cmd() {
   read -ra args <<<"${R_ARGS[i]}"
   local bin; bin="$(prog_path "${R_PROG[i]}")"
   CMD=(env "${envw[@]}" timeout -k 10 "$t")
+  # EP_CONF_HOST_SIZE=k in a row's environment: each block of k ranks gets its own NCCL_HOSTID,
+  # so that NCCL and the EP library both take it for a host (docs/MULTINODE.md, "Who is remote").
+  local hosts=()
+  if printf '%s\n' "${envw[@]}" | grep -q '^EP_CONF_HOST_SIZE='; then
+    # shellcheck disable=SC2016
+    hosts=(bash -c 'export NCCL_HOSTID="ep-host-$(( OMPI_COMM_WORLD_RANK / EP_CONF_HOST_SIZE ))"; exec "$@"' ep-host)
+  fi
   case "$(prog_kind "${R_PROG[i]}")" in
-    bench) read -ra extra <<<"$EP_BENCH_COMMON"; CMD+=("${MPIRUN[@]}" -np "${R_RANKS[i]}" "${STDBUF[@]}" "$bin" "${args[@]}" "${extra[@]}") ;;
-    mpitest) CMD+=("${MPIRUN[@]}" -np "${R_RANKS[i]}" "${STDBUF[@]}" "$bin" "${args[@]}") ;;
+    bench) read -ra extra <<<"$EP_BENCH_COMMON"; CMD+=("${MPIRUN[@]}" -np "${R_RANKS[i]}" "${hosts[@]}" "${STDBUF[@]}" "$bin" "${args[@]}" "${extra[@]}") ;;
+    mpitest) CMD+=("${MPIRUN[@]}" -np "${R_RANKS[i]}" "${hosts[@]}" "${STDBUF[@]}" "$bin" "${args[@]}") ;;
     py) CMD+=("${MPIRUN[@]}" -np "${R_RANKS[i]}" python3 "$bin" "${args[@]}") ;;
     gtest)
       if [[ "$(gtest_mode "${R_PROG[i]}")" == single ]]; then CMD+=("${STDBUF[@]}" "$bin" "${args[@]}")
