@@ -204,31 +204,46 @@ pub fn ll_mask_silent(r: &Rank, t: &mut Tally) -> Result<(), String> {
         t.record(r, &format!("ll_mask_silent {layout:?} rank {silent} silent"), bad)?;
         r.barrier()?;
         // Every rank, the silent one included, cleans; then all of them are exact again.
-        let t0 = Instant::now();
-        // SAFETY: `g.0` is live (destroyed only below) and `s` a live stream of its device.
-        let rc = unsafe { ncclEpMaskClean(g.0, s.raw()) };
-        let mut bad = Vec::new();
-        if rc != 0 {
-            bad.push(format!("ncclEpMaskClean returned {rc}: {}", last_error()));
-        }
-        if let Err(e) = compare("mask after ncclEpMaskClean", &mask_now(r, &g, &s)?, &vec![1; n]) {
-            bad.push(e);
-        }
-        println!(
-            "{}: ll_mask_silent {layout:?}: ncclEpMaskClean took {:.1} ms",
-            r.who,
-            t0.elapsed().as_secs_f64() * 1e3
-        );
-        t.record(r, &format!("ll_mask_silent {layout:?} ncclEpMaskClean"), bad)?;
-        for i in 0..3 {
-            let mut bad = ll_round(r, &g, &s, &c, &mut rng)?;
-            if async_error_of(&g)? != 0 {
-                bad.push("async error flag raised".into());
-            }
-            t.record(r, &format!("ll_mask_silent {layout:?} after the clean, round {i}"), bad)?;
-        }
+        clean_then_rounds(r, &g, &s, &c, &mut rng, t, &format!("ll_mask_silent {layout:?}"))?;
         g.destroy()?;
         r.barrier()?;
+    }
+    Ok(())
+}
+
+/// ncclEpMaskClean on this rank (every rank calls it), its mask all ones afterwards, then three
+/// full rounds exact with no async error; recorded under `label`.
+fn clean_then_rounds(
+    r: &Rank,
+    g: &Group,
+    s: &Stream,
+    c: &Case,
+    rng: &mut SplitMix64,
+    t: &mut Tally,
+    label: &str,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    // SAFETY: `g.0` is live (the caller destroys it later) and `s` a live stream of its device.
+    let rc = unsafe { ncclEpMaskClean(g.0, s.raw()) };
+    let mut bad = Vec::new();
+    if rc != 0 {
+        bad.push(format!("ncclEpMaskClean returned {rc}: {}", last_error()));
+    }
+    if let Err(e) = compare("mask after ncclEpMaskClean", &mask_now(r, g, s)?, &vec![1; r.world]) {
+        bad.push(e);
+    }
+    println!(
+        "{}: {label}: ncclEpMaskClean took {:.1} ms",
+        r.who,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    t.record(r, &format!("{label} ncclEpMaskClean"), bad)?;
+    for i in 0..3 {
+        let mut bad = ll_round(r, g, s, c, rng)?;
+        if async_error_of(g)? != 0 {
+            bad.push("async error flag raised".into());
+        }
+        t.record(r, &format!("{label} after the clean, round {i}"), bad)?;
     }
     Ok(())
 }
@@ -280,23 +295,7 @@ pub fn ll_mask_host(r: &Rank, t: &mut Tally) -> Result<(), String> {
         r.barrier()?;
         // Every rank, the absent one included, cleans (across nodes: the remote part swaps
         // epochs through NCCL); then all of them are exact again.
-        // SAFETY: `g.0` is live (destroyed below) and `s` a live stream of its device.
-        let rc = unsafe { ncclEpMaskClean(g.0, s.raw()) };
-        let mut bad = Vec::new();
-        if rc != 0 {
-            bad.push(format!("ncclEpMaskClean returned {rc}: {}", last_error()));
-        }
-        if let Err(e) = compare("mask after ncclEpMaskClean", &mask_now(r, &g, &s)?, &vec![1; n]) {
-            bad.push(e);
-        }
-        t.record(r, &format!("ll_mask_host {layout:?} ncclEpMaskClean"), bad)?;
-        for i in 0..3 {
-            let mut bad = ll_round(r, &g, &s, &c, &mut rng)?;
-            if async_error_of(&g)? != 0 {
-                bad.push("async error flag raised".into());
-            }
-            t.record(r, &format!("ll_mask_host {layout:?} after the clean, round {i}"), bad)?;
-        }
+        clean_then_rounds(r, &g, &s, &c, &mut rng, t, &format!("ll_mask_host {layout:?}"))?;
         g.destroy()?;
         r.barrier()?;
     }
