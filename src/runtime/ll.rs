@@ -615,11 +615,7 @@ pub fn latest_epoch(own: u32, others: impl Iterator<Item = u32>) -> u32 {
 /// The ranks (bit r, r < 64) a mask array marks masked: value 0, as the kernels read it
 /// (`rank_active`: nonzero is active; pure).
 pub fn masked_bits(mask: &[std::ffi::c_int]) -> u64 {
-    mask.iter()
-        .take(64)
-        .enumerate()
-        .filter(|&(_, &v)| v == 0)
-        .fold(0, |m, (r, _)| m | 1u64 << r)
+    ep_core::rank_set::ranks_where(mask.len(), |r| mask[r] == 0)
 }
 
 /// `ncclEpMaskClean` (collective over the ranks that take part): the mask-aware barrier of
@@ -665,22 +661,16 @@ pub fn mask_clean(g: &mut Group, stream: cudaStream_t) -> Result<()> {
     if missing == 0 {
         return Ok(());
     }
-    let ranks: Vec<String> = (0..n)
-        .filter(|r| missing >> r & 1 == 1)
-        .map(|r| r.to_string())
-        .collect();
-    for r in 0..n {
-        if missing >> r & 1 == 1 {
-            // SAFETY: entry r of the mask.
-            unsafe { memory::memset_d32_async(mask + 4 * r as u64, 0, 1, s)? };
-        }
+    for r in ep_core::rank_set::members(missing, n) {
+        // SAFETY: entry r of the mask.
+        unsafe { memory::memset_d32_async(mask + 4 * r as u64, 0, 1, s)? };
     }
     memory::stream_synchronize(s)?;
     Err(ep_core::error::Error::new(
         ep_core::error::ErrorKind::Timeout,
         format!(
             "rank(s) {} did not reach ncclEpMaskClean within {:.1} ms: they stay masked (the async error flag is raised)",
-            ranks.join(", "),
+            ep_core::rank_set::list(missing),
             g.params.timeout_ns as f64 / 1e6
         ),
     ))

@@ -96,13 +96,7 @@ pub fn remote_ranks_from_env(rank: usize, nranks: usize) -> ep_core::error::Resu
 /// The ranks on another host than rank `rank` (bit r), from every rank's host id (pure). Ranks
 /// need not be laid out host by host. Groups have at most 64 ranks (the LL and HT limits).
 pub fn remote_ranks_by_host(hosts: &[u64], rank: usize) -> u64 {
-    let mine = hosts[rank];
-    hosts
-        .iter()
-        .take(64)
-        .enumerate()
-        .filter(|&(_, &h)| h != mine)
-        .fold(0u64, |m, (r, _)| m | 1u64 << r)
+    ep_core::rank_set::ranks_where(hosts.len(), |r| hosts[r] != hosts[rank])
 }
 
 #[cfg(test)]

@@ -220,7 +220,7 @@ unsafe fn exchange(
         );
         if r == rank {
             ptrs.push(mine.ptr);
-        } else if r < 64 && remote >> r & 1 == 1 {
+        } else if ep_core::rank_set::contains(remote, r) {
             ptrs.push(0);
         } else if rec.host != mine.host {
             return Err(ep_core::invalid_usage!(
@@ -331,7 +331,7 @@ impl SharedBuffer {
         let slot = |base: u64, r: usize| base + (self.usable + 4 * r) as u64;
         // Remote ranks (address 0) never map this buffer: no flag to or from them.
         let remote = self.remote;
-        let mapped = |r: usize| r >= 64 || remote >> r & 1 == 0;
+        let mapped = |r: usize| !ep_core::rank_set::contains(remote, r);
         for &peer in self.ptrs.iter().filter(|&&p| p != 0) {
             // SAFETY: every rank's allocation has the DESTROY_TAIL bytes after `usable`, and
             // slot(_, rank) lies in them as nranks <= DESTROY_TAIL / 4 (allocate checks it);

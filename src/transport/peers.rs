@@ -421,7 +421,7 @@ pub struct RemotePeers {
 
 impl RemotePeers {
     fn remote_ranks(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.ipc.nranks.min(64)).filter(|r| self.ipc.remote >> r & 1 == 1)
+        ep_core::rank_set::members(self.ipc.remote, self.ipc.nranks)
     }
 
     /// Region of the `i`-th remote rank in a staging block.
@@ -693,10 +693,9 @@ pub fn remote_transfers(
     region: impl Fn(usize) -> (u64, u64),
     bytes: usize,
 ) -> Vec<P2p> {
-    (0..nranks.min(64))
-        .filter(|r| remote >> r & 1 == 1)
+    ep_core::rank_set::members(remote, nranks)
         .enumerate()
-        .filter(|&(_, peer)| skip >> peer & 1 == 0)
+        .filter(|&(_, peer)| !ep_core::rank_set::contains(skip, peer))
         .map(|(i, peer)| {
             let (send, recv) = region(i);
             P2p {

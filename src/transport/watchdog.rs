@@ -256,15 +256,6 @@ pub fn poll_period(limit: Duration) -> Duration {
     (limit / 8).clamp(Duration::from_millis(1), Duration::from_millis(50))
 }
 
-/// The ranks of `remote` (bit r) as a list for the log.
-fn rank_list(remote: u64) -> String {
-    (0..64)
-        .filter(|r| remote >> r & 1 == 1)
-        .map(|r| r.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 fn watch_loop(s: &Shared, comm: Comm, rank: usize, remote: u64, device: i32, limit: Duration, revoke: bool) {
     // Event queries need the events' context current on this thread.
     let Ok(_g) = CtxGuard::enter(device) else {
@@ -290,7 +281,7 @@ fn watch_loop(s: &Shared, comm: Comm, rank: usize, remote: u64, device: i32, lim
                     "rank {rank}: an exchange with the remote rank(s) {} has not completed after {:.1} ms (the \
                      group's timeout): one of them died or skipped the operation; the group's async error is \
                      raised{}",
-                    rank_list(remote),
+                    ep_core::rank_set::list(remote),
                     age.as_secs_f64() * 1e3,
                     if revoke {
                         "; revoking the communicator (NCCL_EP_REVOKE_ON_REMOTE_TIMEOUT=1)"
@@ -420,6 +411,5 @@ mod tests {
         assert_eq!(poll_period(Duration::from_millis(2)), Duration::from_millis(1));
         assert_eq!(poll_period(Duration::from_millis(80)), Duration::from_millis(10));
         assert_eq!(poll_period(Duration::from_secs(10)), Duration::from_millis(50));
-        assert_eq!(rank_list(0b1010_0001), "0, 5, 7");
     }
 }

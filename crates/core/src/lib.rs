@@ -17,6 +17,7 @@ pub mod ll_layout;
 pub mod ll_recipes;
 pub mod ll_rules;
 pub mod op_args;
+pub mod rank_set;
 pub mod size_math;
 pub mod tensor;
 pub mod zero_copy;

@@ -260,9 +260,7 @@ pub fn remote_ranks(rank: usize, nranks: usize, node_size: usize) -> u64 {
         return 0;
     }
     let node = rank / node_size;
-    (0..nranks.min(64))
-        .filter(|r| r / node_size != node)
-        .fold(0u64, |m, r| m | 1u64 << r)
+    crate::rank_set::ranks_where(nranks, |r| r / node_size != node)
 }
 
 /// Bytes of an LL handle's metadata (`ncclEpHandleMemSize`): `align256(4·(2·N + N·B·(K+1) + B·K))`,
