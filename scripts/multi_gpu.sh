@@ -76,17 +76,15 @@ case "${EP_MULTI_ONLY:-}" in
     exit 2 ;;
 esac
 
+# Several "nodes" (by NCCL_EP_NODE_SIZE) or "hosts" (by a per-rank NCCL_HOSTID): the same steps.
 if [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
   if ! [[ "$MULTI_GPU_NODE_SIZE" =~ ^[1-9][0-9]*$ ]]; then
     echo "multi_gpu.sh: MULTI_GPU_NODE_SIZE must be a positive number of ranks, not '$MULTI_GPU_NODE_SIZE'" >&2
     exit 2
   fi
   export NCCL_EP_NODE_SIZE="$MULTI_GPU_NODE_SIZE" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
-  export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ll_mask_host,ht_rounds,ht_graph_replays,ht_growth}"
-  : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
-  echo "== nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1; steps: $EP_MULTI_ONLY"
+  split="nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1"
 fi
-
 if [[ -n "${MULTI_GPU_HOST_SIZE:-}" ]]; then
   if ! [[ "$MULTI_GPU_HOST_SIZE" =~ ^[1-9][0-9]*$ ]] || [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
     echo "multi_gpu.sh: MULTI_GPU_HOST_SIZE must be a positive number of ranks, without MULTI_GPU_NODE_SIZE" >&2
@@ -94,9 +92,12 @@ if [[ -n "${MULTI_GPU_HOST_SIZE:-}" ]]; then
   fi
   unset NCCL_EP_NODE_SIZE NCCL_HOSTID
   export EP_HOST_SIZE="$MULTI_GPU_HOST_SIZE"   # read by the launch wrapper below, per rank
+  split="hosts of $MULTI_GPU_HOST_SIZE rank(s): NCCL_HOSTID=ep-host-<rank / $MULTI_GPU_HOST_SIZE> per rank"
+fi
+if [[ -n "${split:-}" ]]; then
   export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ll_mask_host,ht_rounds,ht_graph_replays,ht_growth}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
-  echo "== hosts of $MULTI_GPU_HOST_SIZE rank(s): NCCL_HOSTID=ep-host-<rank / $MULTI_GPU_HOST_SIZE> per rank; steps: $EP_MULTI_ONLY"
+  echo "== $split; steps: $EP_MULTI_ONLY"
 fi
 
 LOGDIR="${OUT:-$ROOT/build}/multi-gpu"
