@@ -23,11 +23,11 @@ extern "C" __global__ void __launch_bounds__(LL_CLEAN_THREADS) ll_clean(const Ll
   for (int r = threadIdx.x; r < LL_MAX_RANKS; r += blockDim.x) ahead[r] = 0;
   __syncthreads();
   for (int d = threadIdx.x; d < N; d += blockDim.x)
-    if (!((p.remote >> d) & 1ull))
+    if (!is_remote(p, d))
       st_release_sys((u64*)((char*)p.peers[d] + p.off_clean) + p.rank, ((u64)seq << 32) | epoch);
   const u64* flags = (const u64*)((const char*)p.peers[p.rank] + p.off_clean);
   for (int s = threadIdx.x; s < N; s += blockDim.x) {
-    if (s == p.rank || !rank_active(p, s) || ((p.remote >> s) & 1ull)) continue;
+    if (s == p.rank || !rank_active(p, s) || is_remote(p, s)) continue;
     const u64 start = now_ns();
     while (true) {
       const u64 v = ld_acquire_sys(flags + s);

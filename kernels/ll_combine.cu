@@ -206,11 +206,10 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
   const bool direct = p.self_direct && ((active >> p.rank) & 1ull);
   if (direct) {
     const int per = EP_EM ? K : 1;
-    const int* m0 = meta + 2 * N + (i64)p.rank * p.max_tokens * (K + 1);
     char* recv = send_base(p, p.rank, epoch) + p.off_data;
     for (int i = gwarp * 32 + lane; i < mine * per; i += gwarps * 32) {
       const int slot = i / per;
-      const int* mrow = m0 + (i64)slot * (K + 1);
+      const int* mrow = meta + meta_entry(p, p.rank, slot);
       const int token = mrow[0];
 #if EP_EM
       const int k = i % per, row = mrow[1 + k];
@@ -238,7 +237,7 @@ __device__ void combine_send(const LlParams& p, u32 epoch, u64 active) {
     if (direct && slot >= before) slot += mine;
     while (slot >= meta[s]) slot -= meta[s++];
     if (!((active >> s) & 1ull)) continue;
-    const int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
+    const int* mrow = meta + meta_entry(p, s, slot);
     const int token = mrow[0];
     char* recv = send_base(p, s, epoch) + p.off_data;
     const i64 off = (i64)seg * EP_SEG_BYTES;
@@ -335,7 +334,7 @@ __device__ void combine_recv(const LlParams& p, u32 epoch, bool one_pass) {
     // loaded beside the routing, not after it, to keep one global-load latency off each item.
     int own_v = -1;
     if (one_pass) {
-      const int* own = (const int*)p.meta + 2 * N + (i64)N * p.max_tokens * (K + 1) + (i64)t * K;
+      const int* own = (const int*)p.meta + meta_own(p) + (i64)t * K;
       own_v = EP_EM ? (lane < K ? own[lane] : -1) : own[0];
     }
 #endif

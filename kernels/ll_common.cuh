@@ -202,6 +202,13 @@ __device__ __forceinline__ int topk_at(const LlParams& p, int t, int k) {
   return (e < 0 || e >= p.num_experts) ? -1 : (int)e;
 }
 
+// The handle's metadata in int32 units (ep_core::ll_layout::LlHandleMeta): counts[N], msgs[N],
+// then K+1 ints per (source, slot), then own[B][K], this rank's own tokens' rows by token.
+__device__ __forceinline__ i64 meta_entry(const LlParams& p, int s, int slot) {
+  return 2 * p.nranks + ((i64)s * p.max_tokens + slot) * (EP_TOPK + 1);
+}
+__device__ __forceinline__ i64 meta_own(const LlParams& p) { return meta_entry(p, p.nranks, 0); }
+
 __device__ __forceinline__ char* bank_base(const LlParams& p, int r, u32 epoch) {
   return (char*)p.peers[r] + (u64)(epoch & 1u) * p.bank_stride;
 }

@@ -313,7 +313,7 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
   for (int s = 0; s < N; ++s) total += counts[s];
   // own[B][K] after the (source, slot) entries: this rank's own tokens' rows, by token
   // (ep_core::ll_layout::LlHandleMeta; read by a one-rank combine, kernels/ll_combine.cu).
-  int* own = meta + 2 * N + (i64)N * p.max_tokens * (K + 1);
+  int* own = meta + meta_own(p);
   // Work items: (received message, segment of its payload); segment 0 also does the metadata.
   // A payload is row_bytes token bytes, then scale_bytes scale bytes (recipes only).
   const int pay = p.row_bytes + p.scale_bytes;
@@ -327,7 +327,7 @@ __device__ void dispatch_recv(const LlParams& p, int* counts, int* base, u32 epo
     int e = lane < K ? ld_cg_int(&rec[lane].expert) : -1;
     bool in_range = e >= lo && e < lo + L;
     u32 same_e = __match_any_sync(0xffffffffu, in_range ? e : -100 - lane);
-    int* mrow = meta + 2 * N + ((i64)s * p.max_tokens + slot) * (K + 1);
+    int* mrow = meta + meta_entry(p, s, slot);
     const i64 off = (i64)seg * EP_SEG_BYTES;
     const int len = segment_bytes(pay, seg);
     const int tok = max(0, min(len, p.row_bytes - (int)off));  // token bytes of the segment
