@@ -17,6 +17,10 @@
 # loopback sockets: a check that the path runs and what it costs here, not a network figure);
 # NVIDIA's library ignores the variable (its remote path needs GIN), so its column is whatever it
 # does with P2P/SHM off. They go to a separate CSV (-remote.csv).
+# Every run has scripts/conformance/host_timer.c preloaded (built here with cc): it times each
+# ncclEpDispatch / ncclEpCombine / ncclEpComplete call on a CPU clock inside ep_bench, whichever
+# library answers it, and prints the medians at exit ("warm": the warmup calls, without CUPTI;
+# "timed": the timed calls, CUPTI on) into the same log: issue 15's host time per call.
 # Each run's log is LOGS/perf/<config id>.<side>.<run>.log; scripts/conformance/perf_report.py
 # turns the logs into bench/results/vs-upstream-<gpu>-<date>.csv (+ -detail.csv, + .png).
 
@@ -67,7 +71,7 @@ perf_cmd() {
     ((np > 2)) && remote+=(NCCL_MAX_CTAS=4)  # several ranks per GPU: NCCL's advice
   fi
   mapfile -t envw < <(printf '%s\n' "${ENV_COMMON[@]}" "${remote[@]}" "LD_LIBRARY_PATH=$(side_ldpath "$side")" \
-    "NCCL_EP_JIT_CACHE_DIR=$WORK/jit/$side")
+    "NCCL_EP_JIT_CACHE_DIR=$WORK/jit/$side" "LD_PRELOAD=$WORK/host_timer.so" "EP_HOST_TIMER_SPLIT=$PERF_WARMUP")
   CMD=(env "${envw[@]}" timeout -k 10 "$t" "${MPIRUN[@]}" -np "$np" "${STDBUF[@]}" "$BUILD/bin/ep_bench"
     --algorithm "$mode" --layout "$layout" --tokens "$tokens" --hidden "$hidden"
     --top-k "$PERF_TOPK" --experts "$PERF_EXPERTS" --warmup "$PERF_WARMUP" --iters "$PERF_ITERS" "${extra[@]}")
@@ -91,6 +95,8 @@ run_perf() {
     x ln -s libnccl_ep.so.0 "$WORK/baseline-lib/libnccl_ep.so" || return 1
     x mkdir -p "$WORK/jit/baseline" || return 1
   fi
+  x cc -O2 -shared -fPIC -o "$WORK/host_timer.so" "$CONF/host_timer.c" -ldl ||
+    { echo "perf: cannot build the host-time preload (cc)"; return 1; }
   mapfile -t cfgs < <(perf_configs | while read -r line; do
     [[ -z "$PERF_ONLY" || "$line" =~ $PERF_ONLY ]] && echo "$line"
   done)

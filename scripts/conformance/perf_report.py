@@ -18,6 +18,11 @@
   kernel columns compare different things (an empty time: no run gave one; -detail.csv says why).
 - <csv stem>-baseline.csv when the runs include a "baseline" library (--perf-baseline, an older
   build of ours): ours against it per row and phase, ratio = ours / baseline.
+- <csv stem>-host.csv: the host time of one call (perf.sh preloads scripts/conformance/host_timer.c,
+  a CPU clock around each ncclEpDispatch / ncclEpCombine / ncclEpComplete inside ep_bench), the
+  median over runs of each run's median over the warmup calls (CUPTI off: what a caller sees),
+  header mode,layout,tokens,hidden,recipe,fn,upstream_call_us,ours_call_us,ratio; with several
+  processes, the median over the processes of a run.
 - <csv stem>.png when matplotlib is there: the ratio per row, dispatch and combine.
 - A Markdown table on stdout (README's performance table is made from it).
 
@@ -35,6 +40,7 @@ import statistics
 import sys
 
 NUM = r"([-+]?[0-9]+(?:\.[0-9]+)?)"
+CALL_FNS = ("dispatch", "combine", "complete")
 
 
 def section(text, title):
@@ -77,6 +83,12 @@ def parse_log(path, mode):
         pro = grab(kern, r"CombinePrologue:\s+kernel=" + NUM) or 0.0
         out["dispatch_kernel"] = dk + epi if dk else None
         out["combine_kernel"] = ck + pro if ck else None
+    calls = {}
+    for m in re.finditer(r"ep-host-timer pid=\d+ fn=ncclEp(\w+) window=(?:warm|all) n=\d+ p10_us=" + NUM
+                         + r" p50_us=" + NUM, text):
+        calls.setdefault(m.group(1).lower(), []).append(float(m.group(3)))
+    for fn in CALL_FNS:
+        out[f"{fn}_call"] = median(calls.get(fn, []))
     for k in ("dispatch_kernel", "combine_kernel"):
         if out.get(k) is not None and out[k] <= 0.0:
             out[k] = None
@@ -128,14 +140,20 @@ def main():
 
     stem = a.csv[:-4] if a.csv.endswith(".csv") else a.csv
     os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
-    main_rows, detail_rows, recipe_rows, base_rows, remote_rows = [], [], [], [], []
+    main_rows, detail_rows, recipe_rows, base_rows, remote_rows, host_rows = [], [], [], [], [], []
     for key in order:
         mode, layout, tokens, hidden, recipe = key
         rm = re.fullmatch(r"remote-([0-9]+)n([0-9]+)", recipe)
         ranks = int(rm.group(1)) if rm else a.ranks
         med = {s: {f: median([r.get(f) for r in runs[key][s]]) for f in
-                   ("dispatch_kernel", "combine_kernel", "dispatch_host", "combine_host", "mem_mb")}
+                   ("dispatch_kernel", "combine_kernel", "dispatch_host", "combine_host", "mem_mb",
+                    "dispatch_call", "combine_call", "complete_call")}
                for s in ("upstream", "ours", "baseline")}
+        for fn in CALL_FNS:
+            uc, oc = med["upstream"][f"{fn}_call"], med["ours"][f"{fn}_call"]
+            if uc is not None or oc is not None:
+                host_rows.append([mode, layout, tokens, hidden, recipe or "none", fn, fmt(uc), fmt(oc),
+                                  fmt(oc / uc if uc and oc else None, 3)])
         for phase in ("dispatch",) if recipe and not rm else ("dispatch", "combine"):
             up, ours = med["upstream"][f"{phase}_kernel"], med["ours"][f"{phase}_kernel"]
             ratio = ours / up if up and ours else None
@@ -159,6 +177,7 @@ def main():
             detail_rows.append([mode, layout, tokens, hidden, a.topk, a.experts, ranks, recipe or "none", s,
                                 fmt(m["dispatch_kernel"]), fmt(m["combine_kernel"]),
                                 fmt(m["dispatch_host"]), fmt(m["combine_host"]), fmt(m["mem_mb"]),
+                                fmt(m["dispatch_call"]), fmt(m["combine_call"]), fmt(m["complete_call"]),
                                 len([r for r in runs[key][s] if r.get("dispatch_kernel") is not None]),
                                 "; ".join(failed.get((key, s), []))])
 
@@ -166,7 +185,11 @@ def main():
                       "upstream_us", "ours_us", "ratio"], main_rows)
     write_csv(stem + "-detail.csv", ["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe",
                                      "library", "dispatch_kernel_us", "combine_kernel_us", "dispatch_host_us",
-                                     "combine_host_us", "ep_memory_mb", "runs_with_times", "failed_runs"], detail_rows)
+                                     "combine_host_us", "ep_memory_mb", "dispatch_call_us", "combine_call_us",
+                                     "complete_call_us", "runs_with_times", "failed_runs"], detail_rows)
+    if host_rows:
+        write_csv(stem + "-host.csv", ["mode", "layout", "tokens", "hidden", "recipe", "fn", "upstream_call_us",
+                                       "ours_call_us", "ratio"], host_rows)
 
     if recipe_rows:
         write_csv(stem + "-recipes.csv", ["mode", "layout", "tokens", "hidden", "topk", "experts", "ranks", "recipe",
@@ -203,6 +226,15 @@ def main():
         print("|---|---|---|---|---|")
         for r in recipe_rows:
             print(f"| {r[1]} | {r[7]} | {r[9]} | {r[10]} | {r[11]} |")
+    if host_rows:
+        print("\n| mode | layout | tokens | hidden | recipe | call | upstream host µs | ours µs | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in host_rows:
+            print("| " + " | ".join(str(v) for v in r) + " |")
+        ours_d = [float(r[7]) for r in host_rows if r[5] == "dispatch" and r[7]]
+        if ours_d:
+            print(f"\nours, host time per ncclEpDispatch: median {statistics.median(ours_d):.2f} µs, "
+                  f"worst {max(ours_d):.2f} µs over {len(ours_d)} configurations")
     ratios = [float(r[10]) for r in main_rows if r[10]]
     if ratios:
         print(f"\n{len(ratios)} ratios: median {statistics.median(ratios):.3f}, worst {max(ratios):.3f}")
