@@ -3,6 +3,7 @@
 
 pub mod abi;
 pub mod cuda;
+pub mod host_profile;
 pub mod log;
 pub mod runtime;
 pub mod sys;

@@ -28,7 +28,8 @@ pub unsafe extern "C" fn ncclEpDispatch(
     config: *const ncclEpDispatchConfig_t,
     stream: cudaStream_t,
 ) -> ncclResult_t {
-    ffi_call("ncclEpDispatch", || {
+    crate::host_profile::start("ncclEpDispatch");
+    let rc = ffi_call("ncclEpDispatch", || {
         // SAFETY: the reads below dereference the caller's pointers, each NULL or valid for its
         // struct's `size` bytes (the C contract of ncclEpDispatch); nothing else here is unsafe.
         unsafe {
@@ -36,8 +37,10 @@ pub unsafe extern "C" fn ncclEpDispatch(
             let o = read_req(outputs, "outputs")?;
             let li = read_opt(layout_info, "layout_info")?;
             let cfg = read_opt(config, "config")?;
+            crate::host_profile::mark("structs");
             let hr = objects::handle(handle)?;
             let mut h = hr.lock()?;
+            crate::host_profile::mark("handle");
             let algorithm = h.group.params.algorithm;
             // The layout_info tensors NCCL EP reads at dispatch, and only those (an ignored field
             // may hold anything): LOW_LATENCY's two counters. HT dispatch takes only
@@ -77,9 +80,12 @@ pub unsafe extern "C" fn ncclEpDispatch(
                 "config->quant_recipe is {}, not an ncclEpDispQuant_t",
                 args.quant
             );
+            crate::host_profile::mark("tensors");
             crate::runtime::ops::dispatch(&mut h, args, stream)
         }
-    })
+    });
+    crate::host_profile::finish();
+    rc
 }
 
 /// Returns expert outputs to the ranks that own the tokens and reduces them (collective).
@@ -91,7 +97,8 @@ pub unsafe extern "C" fn ncclEpCombine(
     config: *const ncclEpCombineConfig_t,
     stream: cudaStream_t,
 ) -> ncclResult_t {
-    ffi_call("ncclEpCombine", || {
+    crate::host_profile::start("ncclEpCombine");
+    let rc = ffi_call("ncclEpCombine", || {
         // SAFETY: the reads below dereference the caller's pointers, each NULL or valid for its
         // struct's `size` bytes (the C contract of ncclEpCombine); nothing else here is unsafe.
         unsafe {
@@ -124,9 +131,12 @@ pub unsafe extern "C" fn ncclEpCombine(
                 "config->quant_recipe is {}, not an ncclEpCombQuant_t",
                 args.quant
             );
+            crate::host_profile::mark("tensors");
             crate::runtime::ops::combine(&mut h, args, stream)
         }
-    })
+    });
+    crate::host_profile::finish();
+    rc
 }
 
 /// Finishes a `send_only` dispatch or combine (a no-op when none is pending).

@@ -218,6 +218,7 @@ unsafe fn launch_with(
             "cuLaunchKernel"
         },
     );
+    crate::host_profile::mark("launch args");
     // SAFETY: the driver is loaded; `f` is a function of a loaded module; `params` is null for
     // no arguments or points at `args.len()` live pointers, each to a value of the matching
     // parameter type, and everything the kernel touches stays valid until it ran (the caller's
@@ -242,6 +243,7 @@ unsafe fn launch_with(
             )
         }
     };
+    crate::host_profile::mark(name);
     check(r, format_args!("{name}(grid {g:?}, block {b:?}, smem {smem})"))
 }
 

@@ -14,7 +14,9 @@ use ep_core::op_args::{CombineArgs, DispatchArgs};
 pub fn dispatch(h: &mut Handle, mut args: DispatchArgs, stream: cudaStream_t) -> Result<()> {
     let group = h.group.clone();
     let mut g = group.lock()?;
+    crate::host_profile::mark("group");
     window::resolve_dispatch(&g, &mut args)?;
+    crate::host_profile::mark("windows");
     match g.params.algorithm {
         Algorithm::LowLatency => ll::dispatch(&mut g, h, &args, stream),
         Algorithm::HighThroughput => ht::dispatch(&mut g, h, &args, stream),
@@ -24,7 +26,9 @@ pub fn dispatch(h: &mut Handle, mut args: DispatchArgs, stream: cudaStream_t) ->
 pub fn combine(h: &mut Handle, mut args: CombineArgs, stream: cudaStream_t) -> Result<()> {
     let group = h.group.clone();
     let mut g = group.lock()?;
+    crate::host_profile::mark("group");
     window::resolve_combine(&g, &mut args)?;
+    crate::host_profile::mark("windows");
     match g.params.algorithm {
         Algorithm::LowLatency => ll::combine(&mut g, h, &args, stream),
         Algorithm::HighThroughput => ht::combine(&mut g, h, &args, stream),
