@@ -78,7 +78,7 @@ pub unsafe fn read_tensor_opt(p: *const ncclEpTensor_t, name: &str) -> Result<Op
     // rules in core do the same: every tensor a call reads or writes is checked against the types
     // it may have), and ignores it on the optional tensors it ignores.
     // SAFETY: sizes points at ndim extents (C contract), checked non-NULL above.
-    let sizes = unsafe { std::slice::from_raw_parts(t.sizes, t.ndim as usize) }.to_vec();
+    let sizes = unsafe { std::slice::from_raw_parts(t.sizes, t.ndim as usize) };
     // Checked extents: a count or byte size that does not fit in usize is refused here.
     let view = TensorView::new(t.datatype, sizes, t.data as u64)
         .map_err(|e| e.context(name))?

@@ -423,7 +423,7 @@ fn token_dtype(dt: DType) -> HtDtype {
 pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
     routed(h)?;
     check_pending(g, h, stream)?;
-    let topk = h.topk_idx.clone().unwrap_or_else(|| unreachable!());
+    let topk = h.topk_idx.unwrap_or_else(|| unreachable!());
     let call = check_dispatch(&g.params, &h.params, &topk, a)?;
     // Zero-copy rules only: the pull design already writes outputs->tokens directly, and pulled
     // inputs are staged whether windowed or not (docs/ZERO_COPY.md, docs/HT.md "Zero-copy").
@@ -483,7 +483,7 @@ pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStr
 pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStream_t) -> Result<()> {
     routed(h)?;
     check_pending(g, h, stream)?;
-    let topk = h.topk_idx.clone().unwrap_or_else(|| unreachable!());
+    let topk = h.topk_idx.unwrap_or_else(|| unreachable!());
     let call = check_combine(&g.params, &h.params, &topk, a)?;
     ep_core::zero_copy::ht_combine(g.params.zero_copy, &a.tokens)?;
     let k = h.params.num_topk as usize;

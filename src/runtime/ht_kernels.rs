@@ -190,4 +190,9 @@ impl CachedModule for HtModule {
     fn kernels(&self) -> &'static [&'static str] {
         HtModule::kernels(self)
     }
+    fn loaded() -> &'static parking_lot::Mutex<kernel_cache::Map<Self>> {
+        static LOADED: std::sync::LazyLock<parking_lot::Mutex<kernel_cache::Map<HtModule>>> =
+            std::sync::LazyLock::new(Default::default);
+        &LOADED
+    }
 }

@@ -1,16 +1,14 @@
 //! The runtime's one cache of loaded kernels: (module, kernel, device) -> `Function`. The JIT
 //! (`cuda::jit`) caches CUBINs and loaded functions too, but finding them there means building
-//! the defines and hashing the whole source; this lookup is one hash of a small `Copy` key, and it
-//! is on every dispatch's host path.
+//! the defines and hashing the whole source; this lookup is one FNV hash of a small `Copy` key in
+//! the module type's own map, and it is on every dispatch's host path (issue 15: host time).
 
 use crate::cuda::jit::{Defines, KernelSource, get_function};
 use crate::cuda::module::Function;
 use ep_core::error::Result;
 use parking_lot::Mutex;
-use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::hash::Hash;
-use std::sync::OnceLock;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 /// One module the runtime compiles: a kernel source file and its specialisation (LL's
 /// `LlKernel`, HT's `HtModule` implement it; this module names neither, so the cache sits below
@@ -20,16 +18,34 @@ pub trait CachedModule: Copy + Eq + Hash + Send + 'static {
     fn defines(&self) -> Defines;
     /// The kernels of the module (each LL file has one).
     fn kernels(&self) -> &'static [&'static str];
+    /// This module type's map of loaded kernels: a static of the implementing type (a generic
+    /// function cannot own a static per type parameter), `Mutex::new(Map::default())`.
+    fn loaded() -> &'static Mutex<Map<Self>>;
 }
 
-type Map<M> = HashMap<(M, &'static str, i32), Function>;
+/// FNV-1a: the keys are a few small integers and a kernel name, hashed on every launch;
+/// SipHash's protection against chosen keys buys nothing here and costs more.
+#[derive(Clone, Copy)]
+pub struct Fnv(u64);
 
-/// One map per module type, found by its `TypeId` (a generic function cannot own a static per
-/// type parameter).
-fn loaded() -> &'static Mutex<HashMap<TypeId, Box<dyn Any + Send>>> {
-    static LOADED: OnceLock<Mutex<HashMap<TypeId, Box<dyn Any + Send>>>> = OnceLock::new();
-    LOADED.get_or_init(Default::default)
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
 }
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+pub type Map<M> = HashMap<(M, &'static str, i32), Function, BuildHasherDefault<Fnv>>;
 
 /// The loaded kernel `name` of `module` on `device`. The first use of a module on a device
 /// compiles it (or reads the JIT's caches) and loads the code of *every* kernel in it: an
@@ -38,12 +54,7 @@ fn loaded() -> &'static Mutex<HashMap<TypeId, Box<dyn Any + Send>>> {
 /// group). Later calls are two hash-map lookups. No lock is held while compiling: two threads
 /// that miss together both ask the JIT, which hands both the same code.
 pub fn function<M: CachedModule>(module: M, name: &'static str, device: i32) -> Result<Function> {
-    if let Some(f) = loaded()
-        .lock()
-        .get(&TypeId::of::<M>())
-        .and_then(|m| m.downcast_ref::<Map<M>>())
-        .and_then(|m| m.get(&(module, name, device)))
-    {
+    if let Some(f) = M::loaded().lock().get(&(module, name, device)) {
         return Ok(*f);
     }
     let mut all = Vec::new();
@@ -53,12 +64,7 @@ pub fn function<M: CachedModule>(module: M, name: &'static str, device: i32) -> 
         f.load()?;
         all.push((k, f));
     }
-    let mut maps = loaded().lock();
-    let m = maps
-        .entry(TypeId::of::<M>())
-        .or_insert_with(|| Box::new(Map::<M>::new()))
-        .downcast_mut::<Map<M>>()
-        .ok_or_else(|| ep_core::internal_err!("kernel cache: a map of the wrong type"))?;
+    let mut m = M::loaded().lock();
     for (k, f) in all {
         m.insert((module, k, device), f);
     }

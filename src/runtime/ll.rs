@@ -330,6 +330,7 @@ fn run(
     xbytes: fn(&LlStage, Layout) -> usize,
     stream: cudaStream_t,
 ) -> Result<()> {
+    crate::host_profile::mark("params");
     let split = p.remote != 0;
     p.phases = if send_only || split {
         PHASE_SEND
@@ -361,7 +362,7 @@ fn run(
 
 /// The handle's routing (set by ncclEpUpdateHandle / ncclEpCreateHandle).
 fn routing(h: &Handle) -> Result<TensorView> {
-    h.topk_idx.clone().ok_or_else(|| {
+    h.topk_idx.ok_or_else(|| {
         ep_core::invalid_usage!("the handle has no routing: call ncclEpUpdateHandle (or ncclEpCreateHandle) first")
     })
 }
@@ -393,7 +394,9 @@ fn call_params(
 pub fn dispatch(g: &mut Group, h: &mut Handle, a: &DispatchArgs, stream: cudaStream_t) -> Result<()> {
     let topk = routing(h)?;
     let call = check_dispatch(&g.params, &h.params, &topk, a)?;
+    crate::host_profile::mark("checked");
     let direct = direct_outputs(g, h, a)?;
+    crate::host_profile::mark("direct");
     let mut p = call_params(
         g,
         h,
@@ -465,6 +468,7 @@ fn direct_outputs(g: &Group, h: &Handle, a: &DispatchArgs) -> Result<Option<Vec<
 pub fn combine(g: &mut Group, h: &mut Handle, a: &CombineArgs, stream: cudaStream_t) -> Result<()> {
     let topk = routing(h)?;
     let call = check_combine(&g.params, &h.params, &topk, a)?;
+    crate::host_profile::mark("checked");
     ep_core::ensure_usage!(
         h.dispatched,
         "ncclEpCombine needs an ncclEpDispatch on this handle first"

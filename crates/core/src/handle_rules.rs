@@ -273,7 +273,7 @@ mod tests {
     fn topk_tensor_rules() {
         let p = params(Algorithm::LowLatency);
         let h = check_handle(&p, Some(Layout::ExpertMajor), 8, 0).unwrap();
-        let mk = |s: &[usize], dt: DType| TensorView::new(dt.raw(), s.to_vec(), 1).unwrap();
+        let mk = |s: &[usize], dt: DType| TensorView::new(dt.raw(), s, 1).unwrap();
         assert!(check_topk_idx(&p, &h, &mk(&[128, 8], dtype::INT64)).is_ok());
         assert!(check_topk_idx(&p, &h, &mk(&[3, 8], dtype::INT32)).is_ok());
         assert!(check_topk_idx(&p, &h, &mk(&[129, 8], dtype::INT64)).is_err());

@@ -489,7 +489,7 @@ mod tests {
     type CCase = (fn(&mut CombineArgs), &'static str);
 
     fn tv(s: &[usize], dt: impl Into<i32>) -> TensorView {
-        TensorView::new(dt.into(), s.to_vec(), 0x100).unwrap()
+        TensorView::new(dt.into(), s, 0x100).unwrap()
     }
 
     fn setup(layout: Layout) -> (GroupParams, HandleParams, TensorView) {
@@ -1238,7 +1238,7 @@ mod tests {
                 "outputs->tokens must have shape",
             ),
             (
-                |a| a.out_tokens = a.out_tokens.clone().with_window(0x7000, 0),
+                |a| a.out_tokens = a.out_tokens.with_window(0x7000, 0),
                 "outputs->tokens is window-backed but outputs->scales is plain",
             ),
             (

@@ -74,15 +74,17 @@ fn common(pass: PassDir, quant: i32, what: &str) -> Result<()> {
 /// Checks a token matrix [T, H] of one of the LL token types; returns its row bytes.
 fn row_bytes(p: &GroupParams, t: &TensorView, name: &str, rows: usize) -> Result<usize> {
     t.expect(name, &[Dim::Eq(rows), Dim::Any], &LL_TOKEN_DTYPES)?;
-    let (h, ty) = (t.dim(1), t.type_name());
+    let h = t.dim(1);
     let rb = h * t.elem_bytes()?;
     crate::ensure_arg!(
         rb > 0 && rb.is_multiple_of(16),
-        "{name}: a row of {h} {ty} values ({rb} bytes) is not a multiple of 16 bytes"
+        "{name}: a row of {h} {} values ({rb} bytes) is not a multiple of 16 bytes",
+        t.type_name()
     );
     crate::ensure_arg!(
         rb <= p.max_token_bytes as usize,
-        "{name}: a row of {h} {ty} values ({rb} bytes) exceeds config->max_token_bytes ({})",
+        "{name}: a row of {h} {} values ({rb} bytes) exceeds config->max_token_bytes ({})",
+        t.type_name(),
         p.max_token_bytes
     );
     Ok(rb)
@@ -368,7 +370,7 @@ pub(crate) mod tests {
     use crate::handle_rules::{check_handle, tests_support::params};
 
     pub(crate) fn tv(s: &[usize], dt: impl Into<i32>) -> TensorView {
-        TensorView::new(dt.into(), s.to_vec(), 0x100).unwrap()
+        TensorView::new(dt.into(), s, 0x100).unwrap()
     }
 
     /// An expert-major bf16 dispatch of T tokens, H = 7168, no recipe (the group of `params`).
@@ -668,7 +670,7 @@ pub(crate) mod tests {
             ];
             for s in bad {
                 let mut a = nvfp4_args(layout, 100, 7168);
-                a.in_scales = Some(s.clone());
+                a.in_scales = Some(s);
                 let e = check_combine(&p, &h, &topk, &a).unwrap_err();
                 assert_eq!(e.code(), 4, "{:?}", s.sizes());
                 assert!(e.msg.contains("inputs->scales"), "{}", e.msg);

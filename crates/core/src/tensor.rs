@@ -5,13 +5,16 @@ use crate::error::Result;
 
 /// What the library knows of one caller tensor after its descriptor was checked. Built only by
 /// [`TensorView::new`], so its element count is known not to overflow.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorView {
     /// The descriptor's `datatype` as the caller wrote it: a descriptor may carry any value
     /// (NCCL EP checks a type only where a call uses the tensor), so it is decoded on use
     /// ([`TensorView::dtype`]), which refuses values that are no data type.
     raw_dtype: i32,
-    sizes: Vec<usize>,
+    /// The extents, inline (no allocation per descriptor on the call path: issue 15's host
+    /// time); entries past `ndim` are 0.
+    sizes: [usize; MAX_DIMS],
+    ndim: u8,
     numel: usize,
     /// Device address of element 0 (0 for an empty tensor without data, and for a window-backed
     /// tensor until the runtime resolved its window).
@@ -30,6 +33,9 @@ pub struct Window {
     pub hdl: u64,
     pub offset: u64,
 }
+
+/// The most extents a descriptor may have (the ABI's `ndim` limit).
+pub const MAX_DIMS: usize = 8;
 
 /// A data type for a message; descriptors may carry any value (they are checked where used).
 fn type_name(raw: i32) -> String {
@@ -53,7 +59,13 @@ pub enum Dim {
 impl TensorView {
     /// A view of `sizes` (outermost first) of type `raw_dtype` at `data`. Fails when the element
     /// count, or the byte count for a known type, does not fit in `usize`.
-    pub fn new(raw_dtype: i32, sizes: Vec<usize>, data: u64) -> Result<Self> {
+    pub fn new(raw_dtype: i32, sizes: impl AsRef<[usize]>, data: u64) -> Result<Self> {
+        let sizes = sizes.as_ref();
+        crate::ensure_arg!(
+            sizes.len() <= MAX_DIMS,
+            "{} extents, at most {MAX_DIMS}",
+            sizes.len()
+        );
         let numel = sizes
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
@@ -65,9 +77,12 @@ impl TensorView {
                 d.name()
             );
         }
+        let mut inline = [0usize; MAX_DIMS];
+        inline[..sizes.len()].copy_from_slice(sizes);
         Ok(Self {
             raw_dtype,
-            sizes,
+            sizes: inline,
+            ndim: sizes.len() as u8,
             numel,
             data,
             window: None,
@@ -99,10 +114,10 @@ impl TensorView {
         self.raw_dtype == d.raw()
     }
     pub fn sizes(&self) -> &[usize] {
-        &self.sizes
+        &self.sizes[..self.ndim as usize]
     }
     pub fn ndim(&self) -> usize {
-        self.sizes.len()
+        self.ndim as usize
     }
     pub fn numel(&self) -> usize {
         self.numel
@@ -119,28 +134,31 @@ impl TensorView {
         Ok(self.numel * self.elem_bytes()?)
     }
     pub fn dim(&self, i: usize) -> usize {
-        self.sizes.get(i).copied().unwrap_or(0)
+        self.sizes().get(i).copied().unwrap_or(0)
     }
 
     /// Checks rank, extents and data type; the message names the argument and both shapes.
     pub fn expect(&self, name: &str, dims: &[Dim], dtypes: &[DType]) -> Result<()> {
-        let want = dims
-            .iter()
-            .map(|d| match d {
-                Dim::Eq(n) => n.to_string(),
-                Dim::AtLeast(n) => format!(">={n}"),
-                Dim::Any => "*".into(),
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        // The expected shape as text, built only for a message (this runs on every call).
+        let want = || {
+            dims.iter()
+                .map(|d| match d {
+                    Dim::Eq(n) => n.to_string(),
+                    Dim::AtLeast(n) => format!(">={n}"),
+                    Dim::Any => "*".into(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         crate::ensure_arg!(
             self.ndim() == dims.len(),
-            "{name} must be {}-D [{want}], got {}-D {:?}",
+            "{name} must be {}-D [{}], got {}-D {:?}",
             dims.len(),
+            want(),
             self.ndim(),
-            self.sizes
+            self.sizes()
         );
-        for (i, (d, &got)) in dims.iter().zip(&self.sizes).enumerate() {
+        for (i, (d, &got)) in dims.iter().zip(self.sizes()).enumerate() {
             let ok = match *d {
                 Dim::Eq(n) => got == n,
                 Dim::AtLeast(n) => got >= n,
@@ -148,8 +166,9 @@ impl TensorView {
             };
             crate::ensure_arg!(
                 ok,
-                "{name} must have shape [{want}], got {:?} (dimension {i})",
-                self.sizes
+                "{name} must have shape [{}], got {:?} (dimension {i})",
+                want(),
+                self.sizes()
             );
         }
         if !dtypes.is_empty() {
@@ -175,7 +194,7 @@ mod tests {
     use crate::enums::dtype;
 
     fn t(sizes: &[usize], dt: impl Into<i32>) -> TensorView {
-        TensorView::new(dt.into(), sizes.to_vec(), 0x1000).unwrap()
+        TensorView::new(dt.into(), sizes, 0x1000).unwrap()
     }
 
     #[test]
