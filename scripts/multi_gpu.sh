@@ -35,7 +35,9 @@
 # MULTI_GPU_HOST_SIZE=k runs the same steps with "hosts" instead: each rank exports
 # NCCL_HOSTID=ep-host-<rank / k> (no NCCL_EP_NODE_SIZE, no P2P/SHM switches), so NCCL and this
 # library both take each block of k ranks for a host: the remote ranks come from the host table
-# that group creation all-gathers (docs/MULTINODE.md, "Who is remote").
+# that group creation all-gathers (docs/MULTINODE.md, "Who is remote"). Both modes set
+# NCCL_EP_DEBUG=INFO and check every rank's group-creation lines: each must report the ranks
+# outside its block remote ("[split]" lines of the summary).
 # Environment: MULTI_GPU_LAUNCHER=auto|mpirun|plain, MULTI_GPU_PROCS=0 (skip step 1),
 #   MULTI_GPU_THREADS=0 (skip step 2), MULTI_GPU_KILL=0|1|only (skip step 3 / run / run it
 #   alone), MULTI_GPU_TIMEOUT (seconds per step, default 900), MULTI_GPU_MPIRUN_ARGS (extra
@@ -83,6 +85,7 @@ if [[ -n "${MULTI_GPU_NODE_SIZE:-}" ]]; then
     exit 2
   fi
   export NCCL_EP_NODE_SIZE="$MULTI_GPU_NODE_SIZE" NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
+  split_size="$MULTI_GPU_NODE_SIZE" split_by="NCCL_EP_NODE_SIZE"
   split="nodes of $MULTI_GPU_NODE_SIZE rank(s): NCCL_EP_NODE_SIZE=$NCCL_EP_NODE_SIZE NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1"
 fi
 if [[ -n "${MULTI_GPU_HOST_SIZE:-}" ]]; then
@@ -92,11 +95,15 @@ if [[ -n "${MULTI_GPU_HOST_SIZE:-}" ]]; then
   fi
   unset NCCL_EP_NODE_SIZE NCCL_HOSTID
   export EP_HOST_SIZE="$MULTI_GPU_HOST_SIZE"   # read by the launch wrapper below, per rank
+  split_size="$MULTI_GPU_HOST_SIZE" split_by="hosts"
   split="hosts of $MULTI_GPU_HOST_SIZE rank(s): NCCL_HOSTID=ep-host-<rank / $MULTI_GPU_HOST_SIZE> per rank"
 fi
 if [[ -n "${split:-}" ]]; then
   export EP_MULTI_ONLY="${EP_MULTI_ONLY:-ll_matrix,ll_quant,ll_nvfp4,ll_send_only,ll_two_handles,ll_growth,ll_graph_replays,ll_mask_host,ht_rounds,ht_graph_replays,ht_growth}"
   : "${MULTI_GPU_THREADS:=0}" "${MULTI_GPU_KILL:=0}"
+  # Group creation then logs how many ranks it reaches remotely and what decided it; checked
+  # below on every rank (check_remote_sets), so a split that silently fell back to one node fails.
+  export NCCL_EP_DEBUG="${NCCL_EP_DEBUG:-INFO}"
   echo "== $split; steps: $EP_MULTI_ONLY"
 fi
 
@@ -199,6 +206,28 @@ run_plain() {
   done
 }
 
+# In a split run, every group a rank created must have found the other blocks' ranks remote: its
+# INFO line "group: rank R/N ..., M remote rank(s) (BY)" with M = N minus the rank's own block
+# and BY the split's source (NCCL_EP_NODE_SIZE or hosts).
+check_remote_sets() {
+  local prefix="$1" r log lines bad want start
+  [[ -n "${split_size:-}" ]] || return 0
+  for ((r = 0; r < N; r++)); do
+    log="$LOGDIR/${prefix}rank-$r.log"
+    start=$(( r / split_size * split_size ))
+    want=$(( N - (N - start < split_size ? N - start : split_size) ))
+    lines=$(grep -c "NCCL EP INFO group: rank $r/$N " "$log" 2>/dev/null || true)
+    bad=$(grep "NCCL EP INFO group: rank $r/$N " "$log" 2>/dev/null | grep -vc ", $want remote rank(s) ($split_by)" || true)
+    if [[ "${lines:-0}" -eq 0 || "${bad:-0}" -ne 0 ]]; then
+      summary+=("[split] rank $r/$N: FAIL: $lines group(s) logged, $bad without '$want remote rank(s) ($split_by)'")
+      grep -m3 "NCCL EP INFO group: rank $r/$N " "$log" 2>/dev/null | sed 's/^/    /'
+      rc=1
+    else
+      summary+=("[split] rank $r/$N: PASS ($lines group(s), each with $want remote rank(s) by $split_by)")
+    fi
+  done
+}
+
 fresh_bootstrap() {
   export EP_BOOTSTRAP_DIR="$LOGDIR/bootstrap-$1"
   EP_BOOTSTRAP_TAG="$$-$1-$(date +%s)"
@@ -243,12 +272,14 @@ if [[ "${MULTI_GPU_PROCS:-1}" != 0 && "$KILL" != only ]]; then
     for ((r = 0; r < N; r++)); do
       summarize "$LOGDIR/rank-$r.log" "[procs]" "$status"
     done
+    check_remote_sets ""
     [[ $status -eq 0 ]] || { echo "---- mpirun exit status $status; mpirun.log:"; tail -n 15 "$LOGDIR/mpirun.log"; rc=1; }
   else
     run_plain ""
     for ((r = 0; r < N; r++)); do
       summarize "$LOGDIR/rank-$r.log" "[procs]" "${statuses[$r]}"
     done
+    check_remote_sets ""
   fi
   rmdir "$EP_BOOTSTRAP_DIR" 2>/dev/null   # rank 0 removes the id file once every rank has joined
   echo "   ($(( $(date +%s) - start )) s)"
