@@ -198,6 +198,18 @@ mod tests {
     }
 
     #[test]
+    fn extents_are_kept_inline_up_to_max_dims() {
+        let x = t(&[2, 3, 4], dtype::FLOAT32);
+        assert_eq!((x.sizes(), x.ndim(), x.numel(), x.dim(2), x.dim(3)), (&[2, 3, 4][..], 3, 24, 4, 0));
+        assert_eq!(t(&[1; MAX_DIMS], dtype::FLOAT32).ndim(), MAX_DIMS);
+        let e = TensorView::new(dtype::FLOAT32.into(), [1; MAX_DIMS + 1], 0x1000).unwrap_err();
+        assert!(e.msg.contains("at most 8"), "{}", e.msg);
+        // The shape message still names both shapes (built only on failure).
+        let e = x.expect("x", &[Dim::Eq(2), Dim::AtLeast(4), Dim::Any], &[]).unwrap_err();
+        assert!(e.msg.contains("[2, >=4, *]") && e.msg.contains("[2, 3, 4]"), "{}", e.msg);
+    }
+
+    #[test]
     fn expect_checks_rank_extent_and_dtype() {
         let x = t(&[4, 128], dtype::BFLOAT16);
         assert!(x.expect("x", &[Dim::Eq(4), Dim::Eq(128)], &[dtype::BFLOAT16]).is_ok());
