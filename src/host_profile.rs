@@ -117,7 +117,11 @@ fn report(op: &str, labels: &[&str], samples: &[Vec<f64>]) -> String {
     for (i, l) in labels.iter().enumerate() {
         line += &format!(" {l} {:.2}", median(i));
     }
-    line += &format!(" | return {:.2} | total {:.2}", median(labels.len()), median(labels.len() + 1));
+    line += &format!(
+        " | return {:.2} | total {:.2}",
+        median(labels.len()),
+        median(labels.len() + 1)
+    );
     line
 }
 
@@ -127,7 +131,11 @@ mod tests {
 
     #[test]
     fn report_takes_each_segments_median() {
-        let rows = vec![vec![1.0, 2.0, 0.5, 3.5], vec![3.0, 4.0, 0.5, 7.5], vec![2.0, 3.0, 0.5, 5.5]];
+        let rows = vec![
+            vec![1.0, 2.0, 0.5, 3.5],
+            vec![3.0, 4.0, 0.5, 7.5],
+            vec![2.0, 3.0, 0.5, 5.5],
+        ];
         assert_eq!(
             report("ncclEpDispatch", &["read", "launched"], &rows),
             "NCCL EP HOST PROFILE ncclEpDispatch (3 calls, median µs): read 2.00 launched 3.00 | return 0.50 | total 5.50"

@@ -61,11 +61,7 @@ impl TensorView {
     /// count, or the byte count for a known type, does not fit in `usize`.
     pub fn new(raw_dtype: i32, sizes: impl AsRef<[usize]>, data: u64) -> Result<Self> {
         let sizes = sizes.as_ref();
-        crate::ensure_arg!(
-            sizes.len() <= MAX_DIMS,
-            "{} extents, at most {MAX_DIMS}",
-            sizes.len()
-        );
+        crate::ensure_arg!(sizes.len() <= MAX_DIMS, "{} extents, at most {MAX_DIMS}", sizes.len());
         let numel = sizes
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
@@ -200,13 +196,22 @@ mod tests {
     #[test]
     fn extents_are_kept_inline_up_to_max_dims() {
         let x = t(&[2, 3, 4], dtype::FLOAT32);
-        assert_eq!((x.sizes(), x.ndim(), x.numel(), x.dim(2), x.dim(3)), (&[2, 3, 4][..], 3, 24, 4, 0));
+        assert_eq!(
+            (x.sizes(), x.ndim(), x.numel(), x.dim(2), x.dim(3)),
+            (&[2, 3, 4][..], 3, 24, 4, 0)
+        );
         assert_eq!(t(&[1; MAX_DIMS], dtype::FLOAT32).ndim(), MAX_DIMS);
         let e = TensorView::new(dtype::FLOAT32.into(), [1; MAX_DIMS + 1], 0x1000).unwrap_err();
         assert!(e.msg.contains("at most 8"), "{}", e.msg);
         // The shape message still names both shapes (built only on failure).
-        let e = x.expect("x", &[Dim::Eq(2), Dim::AtLeast(4), Dim::Any], &[]).unwrap_err();
-        assert!(e.msg.contains("[2, >=4, *]") && e.msg.contains("[2, 3, 4]"), "{}", e.msg);
+        let e = x
+            .expect("x", &[Dim::Eq(2), Dim::AtLeast(4), Dim::Any], &[])
+            .unwrap_err();
+        assert!(
+            e.msg.contains("[2, >=4, *]") && e.msg.contains("[2, 3, 4]"),
+            "{}",
+            e.msg
+        );
     }
 
     #[test]
