@@ -8,7 +8,7 @@ use crate::cuda::module::Function;
 use ep_core::error::Result;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash};
 
 /// One module the runtime compiles: a kernel source file and its specialisation (LL's
 /// `LlKernel`, HT's `HtModule` implement it; this module names neither, so the cache sits below
@@ -23,29 +23,9 @@ pub trait CachedModule: Copy + Eq + Hash + Send + 'static {
     fn loaded() -> &'static Mutex<Map<Self>>;
 }
 
-/// FNV-1a: the keys are a few small integers and a kernel name, hashed on every launch;
-/// SipHash's protection against chosen keys buys nothing here and costs more.
-#[derive(Clone, Copy)]
-pub struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-}
-
-pub type Map<M> = HashMap<(M, &'static str, i32), Function, BuildHasherDefault<Fnv>>;
+/// Hashed with FNV-1a: the keys are a few small integers and a kernel name, hashed on every
+/// launch; SipHash's protection against chosen keys buys nothing here and costs more.
+pub type Map<M> = HashMap<(M, &'static str, i32), Function, BuildHasherDefault<ep_core::fnv::Fnv1a>>;
 
 /// The loaded kernel `name` of `module` on `device`. The first use of a module on a device
 /// compiles it (or reads the JIT's caches) and loads the code of *every* kernel in it: an

@@ -6,14 +6,8 @@
 //! set, which overrides both in NCCL too. Process: the pid together with the pid namespace, since
 //! processes in different containers of one host can have the same pid.
 
+use ep_core::fnv::fnv1a; // stable across processes (std's hasher is randomly keyed)
 use std::sync::OnceLock;
-
-/// FNV-1a over bytes: stable across processes (std's hasher is randomly keyed).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &c| {
-        (h ^ c as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
 
 /// The host hash of a host name, boot id and `NCCL_HOSTID` (pure, for tests).
 pub fn host_hash(hostname: &str, boot_id: Option<&str>, nccl_hostid: Option<&str>) -> u64 {
@@ -114,13 +108,6 @@ mod tests {
             assert_eq!(e.kind, ep_core::error::ErrorKind::InvalidArgument);
             assert!(e.msg.starts_with(&format!("NCCL_EP_NODE_SIZE={bad}: ")), "{}", e.msg);
         }
-    }
-
-    #[test]
-    fn fnv_reference_values() {
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod enums;
 pub mod error;
+pub mod fnv;
 pub mod handle_rules;
 pub mod ht_errors;
 pub mod ht_layout;
