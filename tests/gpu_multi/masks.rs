@@ -160,39 +160,65 @@ fn pair_without(
     })
 }
 
-/// See the module comment. Both layouts.
-pub fn ll_mask_silent(r: &Rank, t: &mut Tally) -> Result<(), String> {
+/// The frame of the tests that leave the last rank out (`ll_mask_silent`, `ll_mask_host`): with
+/// 2 ranks or more, for both layouts, a mask group (after a warm-up) and one exact round, then
+/// `left_out` (the test's own operation without rank N - 1, given that rank), then every rank
+/// cleans and three rounds must be exact; the group is destroyed before the next layout.
+fn leave_last_rank_out(
+    r: &Rank,
+    t: &mut Tally,
+    name: &str,
+    mut left_out: impl FnMut(&Group, &Stream, &Case, &mut SplitMix64, &mut Tally, usize) -> Result<(), String>,
+) -> Result<(), String> {
     let n = r.world;
     if n < 2 {
-        println!("{}: ll_mask_silent needs 2 ranks or more: skipped", r.who);
-        t.skipped.push("ll_mask_silent (1 rank)".into());
+        println!("{}: {name} needs 2 ranks or more: skipped", r.who);
+        t.skipped.push(format!("{name} (1 rank)"));
         return Ok(());
     }
-    let silent = n - 1;
-    let timeout = effective_timeout();
     for layout in [Layout::ExpertMajor, Layout::RankMajor] {
         let c = mask_case(r, layout);
-        let mut rng = r.rng("ll_mask_silent", layout.raw() as u64);
+        let mut rng = r.rng(name, layout.raw() as u64);
         warm_up(r, &c, &mut rng, t)?;
         let g = Group::new(r, &mask_config(&c, MASK_TIMEOUT_NS))?;
         let s = Stream::new(r.device)?;
         let bad = ll_round(r, &g, &s, &c, &mut rng)?;
-        t.record(r, &format!("ll_mask_silent {layout:?} first round"), bad)?;
+        t.record(r, &format!("{name} {layout:?} first round"), bad)?;
+        left_out(&g, &s, &c, &mut rng, t, n - 1)?;
+        // Every rank, the left-out one included, cleans (across nodes the remote part swaps
+        // epochs through NCCL); then all of them are exact again.
+        clean_then_rounds(r, &g, &s, &c, &mut rng, t, &format!("{name} {layout:?}"))?;
+        g.destroy()?;
+        r.barrier()?;
+    }
+    Ok(())
+}
+
+/// The rank that sits an operation out draws the same inputs as the others (the shared random
+/// stream stays in step) and launches nothing.
+fn draw_without_launching(c: &Case, rng: &mut SplitMix64) {
+    let world = c.world(rng);
+    let _ = combine_inputs(c, &world, rng);
+}
+
+/// See the module comment. Both layouts.
+pub fn ll_mask_silent(r: &Rank, t: &mut Tally) -> Result<(), String> {
+    let timeout = effective_timeout();
+    leave_last_rank_out(r, t, "ll_mask_silent", |g, s, c, rng, t, silent| {
+        let layout = c.layout;
         r.barrier()?;
         let mut bad = Vec::new();
         if r.rank == silent {
-            // Draws the same inputs as the others (the shared stream), launches nothing.
-            let world = c.world(&mut rng);
-            let _ = combine_inputs(&c, &world, &mut rng);
-            if let Err(e) = compare("silent rank's mask", &mask_now(r, &g, &s)?, &vec![1; n]) {
+            draw_without_launching(c, rng);
+            if let Err(e) = compare("silent rank's mask", &mask_now(r, g, s)?, &vec![1; r.world]) {
                 bad.push(e);
             }
-            if async_error_of(&g)? != 0 {
+            if async_error_of(g)? != 0 {
                 bad.push("the silent rank's async error flag is raised".into());
             }
             println!("{}: ll_mask_silent {layout:?}: silent for one dispatch/combine", r.who);
         } else {
-            let seen = pair_without(r, &g, &s, &c, silent, true, &mut rng, &mut bad)?;
+            let seen = pair_without(r, g, s, c, silent, true, rng, &mut bad)?;
             println!(
                 "{}: ll_mask_silent {layout:?}: dispatch without rank {silent} returned after {:.0} ms (timeout {:.0} ms), combine {:.1} ms",
                 r.who,
@@ -202,13 +228,8 @@ pub fn ll_mask_silent(r: &Rank, t: &mut Tally) -> Result<(), String> {
             );
         }
         t.record(r, &format!("ll_mask_silent {layout:?} rank {silent} silent"), bad)?;
-        r.barrier()?;
-        // Every rank, the silent one included, cleans; then all of them are exact again.
-        clean_then_rounds(r, &g, &s, &c, &mut rng, t, &format!("ll_mask_silent {layout:?}"))?;
-        g.destroy()?;
-        r.barrier()?;
-    }
-    Ok(())
+        r.barrier()
+    })
 }
 
 /// ncclEpMaskClean on this rank (every rank calls it), its mask all ones afterwards, then three
@@ -250,36 +271,21 @@ fn clean_then_rounds(
 
 /// See the module comment. Both layouts.
 pub fn ll_mask_host(r: &Rank, t: &mut Tally) -> Result<(), String> {
-    let n = r.world;
-    if n < 2 {
-        println!("{}: ll_mask_host needs 2 ranks or more: skipped", r.who);
-        t.skipped.push("ll_mask_host (1 rank)".into());
-        return Ok(());
-    }
-    let absent = n - 1;
-    for layout in [Layout::ExpertMajor, Layout::RankMajor] {
-        let c = mask_case(r, layout);
-        let mut rng = r.rng("ll_mask_host", layout.raw() as u64);
-        warm_up(r, &c, &mut rng, t)?;
-        let g = Group::new(r, &mask_config(&c, MASK_TIMEOUT_NS))?;
-        let s = Stream::new(r.device)?;
-        let bad = ll_round(r, &g, &s, &c, &mut rng)?;
-        t.record(r, &format!("ll_mask_host {layout:?} first round"), bad)?;
+    leave_last_rank_out(r, t, "ll_mask_host", |g, s, c, rng, t, absent| {
+        let layout = c.layout;
         // Every rank masks the absent one, the absent one too (it then launches nothing).
-        let mut mask = vec![1i32; n];
+        let mut mask = vec![1i32; r.world];
         mask[absent] = 0;
-        // SAFETY: `g.0` is live (destroyed below), `mask` holds n ints, `s` is a live stream of
-        // the group's device.
+        // SAFETY: `g.0` is live (destroyed by the caller), `mask` holds N ints, `s` is a live
+        // stream of the group's device.
         ep_ok!(unsafe { ncclEpMaskUpdate(g.0, mask.as_ptr(), s.raw()) });
         s.sync()?;
         r.barrier()?;
         let mut bad = Vec::new();
         if r.rank == absent {
-            // Draws the same inputs as the others (the shared stream), launches nothing.
-            let world = c.world(&mut rng);
-            let _ = combine_inputs(&c, &world, &mut rng);
+            draw_without_launching(c, rng);
         } else {
-            let seen = pair_without(r, &g, &s, &c, absent, false, &mut rng, &mut bad)?;
+            let seen = pair_without(r, g, s, c, absent, false, rng, &mut bad)?;
             println!(
                 "{}: ll_mask_host {layout:?}: without rank {absent}: dispatch {:.1} ms, combine {:.1} ms",
                 r.who,
@@ -292,14 +298,8 @@ pub fn ll_mask_host(r: &Rank, t: &mut Tally) -> Result<(), String> {
             &format!("ll_mask_host {layout:?} rank {absent} masked by every rank"),
             bad,
         )?;
-        r.barrier()?;
-        // Every rank, the absent one included, cleans (across nodes: the remote part swaps
-        // epochs through NCCL); then all of them are exact again.
-        clean_then_rounds(r, &g, &s, &c, &mut rng, t, &format!("ll_mask_host {layout:?}"))?;
-        g.destroy()?;
-        r.barrier()?;
-    }
-    Ok(())
+        r.barrier()
+    })
 }
 
 /// The run splits the ranks into nodes (`NCCL_EP_NODE_SIZE`, or scripts/multi_gpu.sh's
